@@ -1,0 +1,165 @@
+"""The audit chain: append events in the caller's transaction, verify the chain afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterator
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from model_registry.names import utcnow
+from model_registry.records import AuditEvent, AuditHead
+
+GENESIS = "0" * 64
+
+# Every action the core records; filters refuse names outside this list.
+ACTIONS = (
+    "training.requested", "training.started", "training.succeeded", "training.failed", "training.cancelled",
+    "version.exposed", "default.initialized",
+    "promotion.requested", "approval.granted", "approval.refused", "promotion.rejected", "promotion.approved",
+    "promotion.applying", "promotion.applied", "promotion.failed", "promotion.expired", "promotion.stale",
+    "promotion.reconciled", "rollback.requested",
+    "schedule.changed", "request.refused",
+)
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _time_text(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def event_hash(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(fields).encode("utf-8")).hexdigest()
+
+
+def hashed_fields(e: AuditEvent) -> dict[str, Any]:
+    return {
+        "seq": e.seq, "created_at": _time_text(e.created_at), "action": e.action, "actor": e.actor,
+        "actor_name": e.actor_name, "model": e.model, "version": e.version, "request_id": e.request_id,
+        "job_id": e.job_id, "channel": e.channel, "message_ts": e.message_ts, "details": e.details,
+        "prev_hash": e.prev_hash,
+    }
+
+
+def append(
+    session: Session,
+    action: str,
+    actor: str,
+    *,
+    model: str | None = None,
+    version: str | None = None,
+    request_id: int | None = None,
+    job_id: str | None = None,
+    channel: str | None = None,
+    message_ts: str | None = None,
+    actor_name: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Add one event to the chain inside the caller's transaction (it commits with the state change)."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown audit action {action!r}")
+    # Locking the head row serialises appenders on PostgreSQL; SQLite transactions begin IMMEDIATE.
+    head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
+    event = AuditEvent(
+        seq=head.seq + 1, created_at=utcnow(), action=action, actor=actor, actor_name=actor_name, model=model,
+        version=version, request_id=request_id, job_id=job_id, channel=channel, message_ts=message_ts,
+        details=canonical(details or {}), prev_hash=head.hash, hash="",
+    )
+    event.hash = event_hash(hashed_fields(event))
+    session.add(event)
+    session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=event.seq, hash=event.hash))
+    head.seq, head.hash = event.seq, event.hash
+    return event
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    events: int
+    head_hash: str
+    problem: str | None = None
+    first_bad_seq: int | None = None
+
+
+def iter_events(session: Session, batch: int = 5000) -> Iterator[AuditEvent]:
+    """All events in chain order, fetched in keyset pages so memory stays flat."""
+    last = 0
+    while True:
+        rows = session.execute(
+            select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
+        ).scalars().all()
+        if not rows:
+            return
+        for row in rows:
+            yield row
+        last = rows[-1].seq
+        session.expunge_all()
+
+
+def verify(session: Session) -> VerifyResult:
+    """Recompute the chain; name the first event that was edited, removed, reordered or forged."""
+    prev, expected, count = GENESIS, 1, 0
+    for e in iter_events(session):
+        if e.seq != expected:
+            return VerifyResult(False, count, prev, f"event #{expected} is missing (next is #{e.seq})", expected)
+        if e.prev_hash != prev:
+            return VerifyResult(False, count, prev, f"event #{e.seq} does not follow event #{e.seq - 1}", e.seq)
+        if event_hash(hashed_fields(e)) != e.hash:
+            return VerifyResult(False, count, prev, f"event #{e.seq} was altered after it was written", e.seq)
+        prev, expected, count = e.hash, expected + 1, count + 1
+    head = session.get(AuditHead, 1)
+    if head is not None and (head.seq != count or head.hash != prev):
+        return VerifyResult(
+            False, count, prev, f"the chain ends at event #{count} but its head says #{head.seq}", count + 1
+        )
+    return VerifyResult(True, count, prev)
+
+
+def details_of(e: AuditEvent) -> dict[str, Any]:
+    try:
+        value = json.loads(e.details or "{}")
+    except ValueError:
+        return {"raw": e.details}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def query(
+    session: Session,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    version: str | None = None,
+    limit: int = 50,
+    before_seq: int | None = None,
+) -> list[dict[str, Any]]:
+    """Events newest first, filtered; `before_seq` pages past the last one shown."""
+    if action is not None and action not in ACTIONS:
+        raise ValueError(action)
+    q = select(AuditEvent)
+    for column, value in ((AuditEvent.model, model), (AuditEvent.actor, actor), (AuditEvent.action, action),
+                          (AuditEvent.version, version)):
+        if value is not None:
+            q = q.where(column == value)
+    if since is not None:
+        q = q.where(AuditEvent.created_at >= since)
+    if until is not None:
+        q = q.where(AuditEvent.created_at < until)
+    if before_seq is not None:
+        q = q.where(AuditEvent.seq < before_seq)
+    rows = session.execute(q.order_by(AuditEvent.created_at.desc(), AuditEvent.seq.desc()).limit(limit)).scalars()
+    return [
+        {"seq": e.seq, "at": _time_text(e.created_at)[:19] + "Z", "action": e.action, "actor": e.actor,
+         "actor_name": e.actor_name, "model": e.model, "version": e.version, "request_id": e.request_id,
+         "job_id": e.job_id, "channel": e.channel, "message_ts": e.message_ts, "details": details_of(e)}
+        for e in rows
+    ]

@@ -1,0 +1,151 @@
+"""The embedded backend: trains in detached local processes and serves from a pointer file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from model_registry.backends.base import JobStatus, TrainingSpec
+from model_registry.backends.local_runner import proc_start_time
+from model_registry.errors import BackendError, NotFound
+from model_registry.packaging import Package
+from model_registry.records import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL
+from model_registry.storage import LocalStorage
+
+NEVER_STARTED_AFTER = 120.0  # seconds a job may wait for its runner before it is declared lost
+
+
+def _dt(epoch: float | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch, timezone.utc).replace(tzinfo=None) if epoch else None
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, home: Path, python: str | None = None) -> None:
+        self.home = home
+        self.jobs = home / "jobs"
+        self.serving = home / "serving"
+        self.python = python or os.environ.get("STARCHART_TRAINER_PYTHON") or sys.executable
+        self.storage = LocalStorage()
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.jobs / job_id
+
+    def stage_package(self, package: Package, train_path: str) -> str:
+        uri = self.storage.join(train_path, "packages", package.path.name)
+        self.storage.upload_file(package.path, uri)
+        return uri
+
+    def submit(self, spec: TrainingSpec) -> str:
+        job_dir = self._job_dir(spec.job_id)
+        job_dir.mkdir(parents=True, exist_ok=False)
+        tp = spec.train_path.rstrip("/")
+        env = {
+            "AIP_MODEL_DIR": f"{tp}/model/",
+            "AIP_CHECKPOINT_DIR": f"{tp}/checkpoints/",
+            "AIP_TENSORBOARD_LOG_DIR": f"{tp}/logs/",
+            "CLOUD_ML_JOB_ID": spec.job_id,
+        }
+        (job_dir / "spec.json").write_text(json.dumps({
+            "python": self.python, "module": spec.module, "args": list(spec.args), "package": spec.package_uri,
+            "workers": spec.workers, "env": env, "submitted_at": time.time(),
+        }))
+        starter = subprocess.run(
+            [sys.executable, "-m", "model_registry.backends.local_runner", str(job_dir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(job_dir / "runner.log", "ab"),
+        )
+        if starter.returncode != 0:
+            raise BackendError(f"could not start job {spec.job_id}", f"see {job_dir / 'runner.log'}")
+        return str(job_dir)
+
+    def _read_status(self, job_dir: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads((job_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _alive(self, status: dict[str, Any]) -> bool:
+        pid = status.get("pid")
+        return bool(pid) and proc_start_time(int(pid)) == status.get("pid_start")
+
+    def status(self, job_id: str, ref: str | None) -> JobStatus:
+        job_dir = self._job_dir(job_id)
+        if not (job_dir / "spec.json").exists():
+            return JobStatus(FAILED, error=f"the local backend has no record of {job_id} (STARCHART_HOME changed?)")
+        st = self._read_status(job_dir)
+        if st is None:
+            submitted = json.loads((job_dir / "spec.json").read_text()).get("submitted_at", 0)
+            if time.time() - submitted > NEVER_STARTED_AFTER:
+                return JobStatus(FAILED, error="the job's runner never started; see runner.log")
+            return JobStatus(QUEUED)
+        started, ended = _dt(st.get("started_at")), _dt(st.get("ended_at"))
+        if st["state"] in TERMINAL:
+            return JobStatus(st["state"], started, ended, st.get("error"))
+        if self._alive(st):
+            return JobStatus(RUNNING, started)
+        if (job_dir / "cancel").exists():
+            return JobStatus(CANCELLED, started, _dt(time.time()))
+        return JobStatus(FAILED, started, _dt(time.time()),
+                         "the job's runner stopped without a result (killed, or the machine restarted)")
+
+    def cancel(self, job_id: str, ref: str | None) -> None:
+        job_dir = self._job_dir(job_id)
+        if not job_dir.exists():
+            raise NotFound(f"the local backend has no job {job_id}")
+        (job_dir / "cancel").write_text(str(time.time()))
+        st = self._read_status(job_dir)
+        if st and self._alive(st):
+            try:
+                os.killpg(int(st["pid"]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str:
+        log = self._job_dir(job_id) / "train.log"
+        if not log.exists():
+            return ""
+        with open(log, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 256 * 1024))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+        return "\n".join(lines[-tail:]) if tail else "\n".join(lines)
+
+    def _pointer(self, model: str) -> Path:
+        return self.serving / f"{model}.json"
+
+    def _read_pointer(self, model: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._pointer(model).read_text())
+        except (OSError, ValueError):
+            return {"model": model, "default": None, "versions": {}}
+
+    def _write_pointer(self, model: str, data: dict[str, Any]) -> None:
+        self.serving.mkdir(parents=True, exist_ok=True)
+        tmp = self._pointer(model).with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self._pointer(model))
+
+    def register_version(self, model: str, version: dict[str, Any], first: bool) -> str | None:
+        data = self._read_pointer(model)
+        data["versions"][version["name"]] = version["deployment_uri"]
+        self._write_pointer(model, data)
+        return version["deployment_uri"]
+
+    def set_default(self, model: str, version: str, ref: str | None) -> None:
+        data = self._read_pointer(model)
+        if version not in data["versions"]:
+            raise BackendError(f"the local server does not know {model} {version}", "expose the version again")
+        data["default"] = version
+        self._write_pointer(model, data)
+
+    def current_default(self, model: str) -> str | None:
+        return self._read_pointer(model).get("default")

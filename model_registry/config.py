@@ -1,0 +1,177 @@
+"""Configuration: environment settings and starchart.yaml (project config and per-model policy)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from model_registry.errors import InvalidInput
+from model_registry.names import parse_duration, validate_model_name
+
+POLICY_KEYS = {
+    "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
+    "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
+    "machine_type", "executor_image", "endpoint",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process environment, as DESIGN.md names it."""
+
+    home: Path
+    database_url: str
+    backend: str
+    config_path: Path
+    bucket: str
+    gcp_project: str | None
+    gcp_region: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        home = Path(env.get("STARCHART_HOME") or "./.starchart").resolve()
+        backend = env.get("STARCHART_BACKEND") or "local"
+        if backend not in ("local", "vertex"):
+            raise InvalidInput(f"unknown STARCHART_BACKEND {backend!r}", "set it to 'local' or 'vertex'")
+        project = env.get("GCP_PROJECT_ID") or None
+        if env.get("STARCHART_BUCKET"):
+            bucket = env["STARCHART_BUCKET"]
+        elif backend == "vertex":
+            bucket = f"gs://{project}-ml" if project else ""
+        else:
+            bucket = str(home / "bucket")
+        return cls(
+            home=home,
+            database_url=env.get("DATABASE_URL") or f"sqlite:///{home / 'starchart.db'}",
+            backend=backend,
+            config_path=Path(env.get("STARCHART_CONFIG") or "./starchart.yaml").resolve(),
+            bucket=bucket,
+            gcp_project=project,
+            gcp_region=env.get("GCP_REGION") or "us-central1",
+        )
+
+
+@dataclass(frozen=True)
+class Gate:
+    metric: str
+    min_delta: float
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """Who may do what to one model, and how it trains by default."""
+
+    channel: str | None = None
+    operators: tuple[str, ...] = ()
+    approvers: tuple[str, ...] = ()
+    required_approvals: int = 1
+    allow_self_approval: bool = False
+    request_expiry: timedelta = timedelta(hours=72)
+    module: str = "trainer.task"
+    args: tuple[str, ...] = ()
+    schedule: dict[str, Any] | None = None
+    auto_expose: bool = False
+    auto_review: bool = False
+    gate: Gate | None = None
+    region: str | None = None
+    scale_tier: str | None = None
+    machine_type: str | None = None
+    executor_image: str | None = None
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """starchart.yaml, with relative paths resolved against its folder."""
+
+    path: Path | None
+    trainer_base: Path
+    model_files: Path
+    defaults: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    usergroups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    audit_checkpoint: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "ProjectConfig":
+        base = path.parent
+        if not path.exists():
+            return cls(path=None, trainer_base=(base / "trainers").resolve(), model_files=(base / "models").resolve())
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"cannot read {path}: {exc}", "fix the YAML syntax of the configuration file") from exc
+        return cls.from_dict(raw, base, path)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], base: Path, path: Path | None = None) -> "ProjectConfig":
+        if not isinstance(raw, Mapping):
+            raise InvalidInput(f"{path or 'configuration'} must be a mapping", "see starchart.yaml in the README")
+        models = raw.get("models") or {}
+        defaults = raw.get("defaults") or {}
+        for name, entry in models.items():
+            validate_model_name(str(name))
+            _check_policy_keys(entry or {}, f"models.{name}")
+        _check_policy_keys(defaults, "defaults")
+        groups = {str(k): tuple(str(u) for u in v or ()) for k, v in (raw.get("usergroups") or {}).items()}
+        cfg = cls(
+            path=path,
+            trainer_base=(base / str(raw.get("trainer_base", "trainers"))).resolve(),
+            model_files=(base / str(raw.get("model_files", "models"))).resolve(),
+            defaults=dict(defaults),
+            models={str(k): dict(v or {}) for k, v in models.items()},
+            usergroups=groups,
+            audit_checkpoint=dict(raw.get("audit_checkpoint") or {}),
+        )
+        for name in cfg.models:
+            cfg.policy(name)  # validate every model's policy up front
+        return cfg
+
+    def policy(self, model: str) -> ModelPolicy:
+        merged = {**self.defaults, **self.models.get(model, {})}
+        try:
+            gate = merged.get("gate")
+            return ModelPolicy(
+                channel=merged.get("channel"),
+                operators=tuple(str(u) for u in merged.get("operators") or ()),
+                approvers=tuple(str(u) for u in merged.get("approvers") or ()),
+                required_approvals=max(1, int(merged.get("required_approvals", 1))),
+                allow_self_approval=bool(merged.get("allow_self_approval", False)),
+                request_expiry=parse_duration(str(merged.get("request_expiry", "72h"))),
+                module=str(merged.get("module", "trainer.task")),
+                args=tuple(str(a) for a in merged.get("args") or ()),
+                schedule=merged.get("schedule"),
+                auto_expose=bool(merged.get("auto_expose", False)),
+                auto_review=bool(merged.get("auto_review", False)),
+                gate=Gate(str(gate["metric"]), float(gate.get("min_delta", 0.0))) if gate else None,
+                region=merged.get("region"),
+                scale_tier=merged.get("scale_tier"),
+                machine_type=merged.get("machine_type"),
+                executor_image=merged.get("executor_image"),
+            )
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc
+
+
+def _check_policy_keys(entry: Mapping[str, Any], where: str) -> None:
+    if not isinstance(entry, Mapping):
+        raise InvalidInput(f"{where} must be a mapping", "see starchart.yaml in the README")
+    unknown = set(entry) - POLICY_KEYS
+    if unknown:
+        raise InvalidInput(f"unknown key(s) {sorted(unknown)} in {where}", f"known keys: {', '.join(sorted(POLICY_KEYS))}")
+
+
+def default_user(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    if env.get("STARCHART_USER"):
+        return env["STARCHART_USER"]
+    try:
+        return f"local:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "local:unknown"

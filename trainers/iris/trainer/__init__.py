@@ -1,0 +1,1 @@
+"""StarChart iris trainer package (entry point: python -m trainer.task)."""

@@ -1,0 +1,243 @@
+"""Data loading, model definition, training and export for the iris trainer.
+
+Imported lazily by ``trainer.task`` so that flag errors are reported without
+paying for the TensorFlow import.  See ``trainer/task.py`` for the contract.
+"""
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+FEATURES = ['sepal_length', 'sepal_width', 'petal_length', 'petal_width']
+LABEL = 'species'
+NUM_CLASSES = 3
+CLASS_NAMES = ['setosa', 'versicolor', 'virginica']
+SEED = 42
+HOLDOUT_FRACTION = 0.2
+
+
+class DataError(ValueError):
+    """The training CSV is missing, malformed or has the wrong columns."""
+
+
+def load_csv(path):
+    """Read the iris CSV (local or gs://) into float32 features, int64 labels."""
+    try:
+        with tf.io.gfile.GFile(path, 'r') as f:
+            text = f.read()
+    except tf.errors.OpError as err:
+        raise DataError(f'cannot read {path}: {err.message}') from err
+    reader = csv.DictReader(io.StringIO(text))
+    expected = FEATURES + [LABEL]
+    missing = [c for c in expected if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f'{path}: missing column(s) {missing}; expected header '
+                        f'{",".join(expected)}')
+    xs, ys = [], []
+    for lineno, row in enumerate(reader, start=2):
+        try:
+            xs.append([float(row[c]) for c in FEATURES])
+            label = int(row[LABEL])
+        except (TypeError, ValueError) as err:
+            raise DataError(f'{path}:{lineno}: bad row {row}: {err}') from err
+        if not 0 <= label < NUM_CLASSES:
+            raise DataError(f'{path}:{lineno}: {LABEL} must be 0..'
+                            f'{NUM_CLASSES - 1}, got {label}')
+        ys.append(label)
+    if len(ys) < 10:
+        raise DataError(f'{path}: need at least 10 rows, got {len(ys)}')
+    return np.asarray(xs, np.float32), np.asarray(ys, np.int64)
+
+
+def holdout_split(x, y, fraction=HOLDOUT_FRACTION, seed=SEED):
+    order = np.random.RandomState(seed).permutation(len(y))
+    n_eval = max(1, int(round(len(y) * fraction)))
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    return (x[train_idx], y[train_idx]), (x[eval_idx], y[eval_idx])
+
+
+def make_dataset(x, y, batch_size, shuffle):
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(y), seed=SEED, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    options = tf.data.Options()
+    # In-memory data: shard by element across multi-worker replicas.
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return ds.with_options(options)
+
+
+def build_model(hidden_units, learning_rate, mean, variance):
+    inputs = keras.Input(shape=(len(FEATURES),), name='features')
+    h = keras.layers.Normalization(mean=mean, variance=variance,
+                                   name='normalize')(inputs)
+    for i, units in enumerate(hidden_units):
+        h = keras.layers.Dense(units, activation='relu', name=f'hidden_{i}')(h)
+    outputs = keras.layers.Dense(NUM_CLASSES, activation='softmax',
+                                 name='probabilities')(h)
+    model = keras.Model(inputs, outputs, name='iris_mlp')
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')])
+    return model
+
+
+def export_saved_model(model, path):
+    """Write a SavedModel whose serving_default takes one scalar per feature."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(sepal_length, sepal_width, petal_length, petal_width):
+        x = tf.stack([sepal_length, sepal_width, petal_length, petal_width],
+                     axis=1)
+        probabilities = model(x, training=False)
+        return {
+            'probabilities': probabilities,
+            'class_ids': tf.argmax(probabilities, axis=1,
+                                   output_type=tf.int64),
+        }
+
+    archive.add_endpoint(
+        name='serving_default', fn=serve,
+        input_signature=[tf.TensorSpec([None], tf.float32, name=name)
+                         for name in FEATURES])
+    archive.write_out(path, verbose=False)
+
+
+class ScalarSummaries(keras.callbacks.Callback):
+    """Per-epoch scalar summaries (loss/accuracy) in TensorBoard's layout.
+
+    Same event layout and tags as ``keras.callbacks.TensorBoard`` with
+    ``update_freq='epoch'`` (``train/`` and ``validation/`` runs, tags
+    ``epoch_loss``/``epoch_accuracy``), but written with the core
+    ``tf.summary.write`` op, so it does not need the ``tensorboard`` pip
+    package (tensorflow-cpu does not pull it in) and costs one small write
+    per epoch.
+    """
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self._log_dir = log_dir
+        self._writers = {}
+        self._metadata = tf.compat.v1.SummaryMetadata(
+            plugin_data=tf.compat.v1.SummaryMetadata.PluginData(
+                plugin_name='scalars')).SerializeToString()
+
+    def _writer(self, run):
+        if run not in self._writers:
+            self._writers[run] = tf.summary.create_file_writer(
+                os.path.join(self._log_dir, run))
+        return self._writers[run]
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            run, name = ('validation', key[4:]) if key.startswith('val_') \
+                else ('train', key)
+            with self._writer(run).as_default():
+                tf.summary.write(f'epoch_{name}',
+                                 tf.constant(float(value), tf.float32),
+                                 step=epoch, metadata=self._metadata)
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+
+
+def _cluster_role(strategy):
+    """(is_chief, task_type, task_id) for the current process."""
+    resolver = getattr(strategy, 'cluster_resolver', None)
+    task_type = getattr(resolver, 'task_type', None)
+    task_id = getattr(resolver, 'task_id', None) or 0
+    if task_type is None:
+        return True, None, 0
+    if task_type in ('chief', 'master'):
+        return True, task_type, task_id
+    cluster = resolver.cluster_spec().as_dict()
+    has_chief = 'chief' in cluster or 'master' in cluster
+    return (task_type == 'worker' and task_id == 0 and not has_chief,
+            task_type, task_id)
+
+
+def train_and_export(args, paths, environ, log):
+    strategy = None
+    if args.distribute == 'multiworker':
+        # Must exist before any other TF op runs (collective ops setup).
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        is_chief, task_type, task_id = _cluster_role(strategy)
+        log(f'multiworker: {strategy.num_replicas_in_sync} replica(s); this '
+            f'is {task_type}:{task_id} ({"chief" if is_chief else "non-chief"})')
+    else:
+        is_chief, task_id = True, 0
+
+    keras.utils.set_random_seed(SEED)
+
+    x, y = load_csv(args.train_data)
+    (x_train, y_train), (x_eval, y_eval) = holdout_split(x, y)
+    log(f'data: {len(y_train)} train / {len(y_eval)} held-out rows from '
+        f'{args.train_data}')
+
+    # Non-chief workers write everything to a throwaway local directory.
+    scratch = None
+    if not is_chief:
+        scratch = tempfile.mkdtemp(prefix=f'iris-worker{task_id}-')
+        paths = {
+            'model_dir': os.path.join(scratch, 'model'),
+            'metrics_path': os.path.join(scratch, 'metrics.json'),
+            'checkpoint_dir': paths['checkpoint_dir'] and os.path.join(
+                scratch, 'checkpoints'),
+            'tensorboard_dir': paths['tensorboard_dir'] and os.path.join(
+                scratch, 'tensorboard'),
+        }
+
+    try:
+        mean, variance = x_train.mean(axis=0), x_train.var(axis=0)
+        if strategy is not None:
+            with strategy.scope():
+                model = build_model(args.hidden_units, args.learning_rate,
+                                    mean, variance)
+        else:
+            model = build_model(args.hidden_units, args.learning_rate,
+                                mean, variance)
+
+        callbacks = []
+        if paths['checkpoint_dir']:
+            tf.io.gfile.makedirs(paths['checkpoint_dir'])
+            callbacks.append(keras.callbacks.ModelCheckpoint(
+                os.path.join(paths['checkpoint_dir'],
+                             'ckpt-{epoch:03d}.weights.h5'),
+                save_weights_only=True, save_freq='epoch'))
+        if paths['tensorboard_dir']:
+            callbacks.append(ScalarSummaries(paths['tensorboard_dir']))
+
+        train_ds = make_dataset(x_train, y_train, args.batch_size, True)
+        eval_ds = make_dataset(x_eval, y_eval, args.batch_size, False)
+        model.fit(train_ds, validation_data=eval_ds, epochs=args.epochs,
+                  callbacks=callbacks, shuffle=False, verbose=2)
+
+        results = model.evaluate(eval_ds, return_dict=True, verbose=0)
+        metrics = {'accuracy': float(results['accuracy']),
+                   'loss': float(results['loss'])}
+        log(f'held-out metrics: {json.dumps(metrics)}')
+
+        export_saved_model(model, paths['model_dir'])
+        log(f'SavedModel written to {paths["model_dir"]}')
+
+        parent = os.path.dirname(paths['metrics_path'])
+        if parent:
+            tf.io.gfile.makedirs(parent)
+        with tf.io.gfile.GFile(paths['metrics_path'], 'w') as f:
+            f.write(json.dumps(metrics))
+        log(f'metrics written to {paths["metrics_path"]}')
+        return metrics
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
