@@ -1,0 +1,179 @@
+"""Shared fixtures: databases (SQLite and PostgreSQL), trained SavedModels, registries on a temp home."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+PG_ADMIN_URL = os.environ.get("STARCHART_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+sys.path.insert(0, str(ROOT))
+
+
+def pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+_PG = pg_available()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'starchart.db'}"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    if not _PG:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 in CI")
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    import psycopg
+
+    name = f"starchart_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+def _train_once(out: Path, trainer: str, args: list[str]) -> Path:
+    """Really train one of the shipped models (TensorFlow), outside the platform, to replay later."""
+    model_dir = out / "model"
+    env = {**os.environ, "AIP_MODEL_DIR": f"{model_dir}/", "PYTHONPATH": str(ROOT / "trainers" / trainer),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-m", "trainer.task", *args], env=env, cwd=out, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (model_dir / "saved_model.pb").exists() and (out / "metrics.json").exists()
+    return out
+
+
+def _trained_set(factory: pytest.TempPathFactory, plan: dict[str, tuple[str, list[str]]]) -> dict[str, Path]:
+    shared = factory.getbasetemp().parent / "trained-models"
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "w") as lock:  # xdist workers share one training of each
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, (trainer, args) in plan.items():
+            out = shared / name
+            if not (out / ".done").exists():
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                _train_once(out, trainer, args)
+                (out / ".done").write_text("ok")
+    return {name: shared / name for name in plan}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """iris SavedModels trained once per test run: iris_a and iris_b differ in args, not signature."""
+    return _trained_set(tmp_path_factory, {
+        "iris_a": ("iris", ["--epochs=2", "--hidden_units=8"]),
+        "iris_b": ("iris", ["--epochs=4", "--hidden_units=16,8"]),
+    })
+
+
+@pytest.fixture(scope="session")
+def trained_sentiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sentiment SavedModel (string input): a different signature to diff against iris."""
+    return _trained_set(tmp_path_factory, {"sentiment": ("sentiment", ["--epochs=1"])})["sentiment"]
+
+
+def write_config(home: Path, trainer_base: Path, **overrides: Any) -> Path:
+    cfg: dict[str, Any] = {
+        "trainer_base": str(trainer_base),
+        "model_files": str(home / "models"),
+        "defaults": {"approvers": [], "required_approvals": 1, "allow_self_approval": False,
+                     "request_expiry": "72h"},
+        "models": {},
+    }
+    for key, value in overrides.items():
+        if key in ("defaults", "models") and isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    path = home / "starchart.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def replay_trainers(tmp_path: Path) -> Path:
+    """A trainer base where iris, other and sentiment are the replay trainer (no TensorFlow, fast)."""
+    base = tmp_path / "trainers"
+    for model in ("iris", "other", "sentiment"):
+        shutil.copytree(FIXTURES / "trainers" / "replay", base / model)
+    return base
+
+
+@pytest.fixture
+def make_registry(tmp_path: Path, replay_trainers: Path) -> Callable[..., Any]:
+    """make_registry(db_url, backend=None, **config) -> Registry on a fresh STARCHART_HOME."""
+    from model_registry.config import ProjectConfig, Settings
+    from model_registry.workflow import Registry
+
+    made = []
+
+    def make(db_url: str, backend: Any = None, trainer_base: Path | None = None, home: Path | None = None,
+             **config: Any) -> Registry:
+        home = home or tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        path = write_config(home, trainer_base or replay_trainers, **config)
+        settings = Settings.from_env({"STARCHART_HOME": str(home), "DATABASE_URL": db_url,
+                                      "STARCHART_CONFIG": str(path)})
+        reg = Registry(settings, ProjectConfig.load(path), backend=backend)
+        made.append(reg)
+        return reg
+
+    yield make
+    for reg in made:
+        reg.engine.dispose()
+
+
+def replay_args(source: Path, *extra: str) -> list[str]:
+    return [f"--source={source}", *extra]
+
+
+def train_and_wait(reg: Any, model: str, user: str, args: list[str], timeout: float = 120) -> dict[str, Any]:
+    job = reg.train(model, user, args=args)
+    return reg.wait(job["job_id"], timeout=timeout)
+
+
+@pytest.fixture
+def two_versions(make_registry: Callable[..., Any], db_url: str, trained: dict[str, Path]) -> Any:
+    """A registry where iris has two exposed versions: the first is the default."""
+    reg = make_registry(db_url)
+    for src, epochs in ((trained["iris_a"], "2"), (trained["iris_b"], "4")):
+        job = train_and_wait(reg, "iris", "U_TRAINER", replay_args(src, f"--epochs={epochs}"))
+        assert job["state"] == "SUCCEEDED", job
+    exposed = reg.expose("iris", "U_TRAINER")
+    assert len(exposed["exposed"]) == 2 and not exposed["errors"]
+    return reg
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
