@@ -137,7 +137,9 @@ def _string(buf: bytes, start: int, end: int) -> str:
         raise _DecodeError("string field is not valid UTF-8", start) from None
 
 
-def _map(buf: bytes, start: int, end: int, parse_value: Callable[[bytes, int, int], Any]):
+def _map(
+    buf: bytes, start: int, end: int, parse_value: Callable[[bytes, list[tuple[int, int]]], Any]
+) -> tuple[str, Any]:
     """Decode one map entry (key = 1: string, value = 2: message); returns (key, value)."""
     key, value_spans = "", []
     for number, wire, value, vpos in _fields(buf, start, end):
@@ -204,9 +206,12 @@ def _tensor_info(buf: bytes, spans: list[tuple[int, int]]) -> dict[str, Any]:
                 for _ in _fields(buf, vpos, value):
                     pass
                 encoding = "composite"
+    shape = _tensor_shape(buf, shape_spans)
+    if encoding == "composite" and not shape_spans:
+        shape = None  # TF leaves dtype/shape unset for composites; the type_spec has them.
     info: dict[str, Any] = {
         "dtype": DATA_TYPES.get(dtype, f"DT_UNKNOWN_{dtype}"),
-        "shape": _tensor_shape(buf, shape_spans),
+        "shape": shape,
         "tensor": tensor if encoding == "name" else None,
     }
     if encoding != "name":
@@ -297,7 +302,8 @@ def read_signature(
     Result: `{"method_name": str, "inputs": {key: tensor}, "outputs": {key: tensor}}` where a
     tensor is `{"dtype": "DT_FLOAT", "shape": [-1, 4] (None if rank unknown), "tensor":
     "serving_default_x:0"}`. Sparse/composite tensors have `"tensor": None` and an
-    `"encoding"` of "coo_sparse" or "composite". `tags` matches a meta graph's tag set
+    `"encoding"` of "coo_sparse" (plus `"components"`: its three tensor names) or "composite"
+    (dtype/shape as the proto carries them: TF leaves them unset). `tags` matches a meta graph's tag set
     exactly, ignoring order (a comma-separated string is accepted too, as saved_model_cli).
     """
     if isinstance(tags, str):
@@ -315,10 +321,15 @@ def read_signature(
         )
     signatures = meta_graph["signatures"]
     if signature_key not in signatures:
-        keys = ", ".join(repr(k) for k in sorted(signatures)) or "none"
+        # "__saved_model_init_op" is TF2's internal initializer entry, not a callable signature.
+        public = sorted(k for k in signatures if not k.startswith("__"))
+        hint = (
+            f"its signatures are: {', '.join(repr(k) for k in public)}" if public
+            else "it has no serving signatures; export it with signatures= (or keras model.export)"
+        )
         raise SignatureError(
             f"SavedModel has no signature {signature_key!r} in tag set {_tag_label(meta_graph['tags'])!r}",
-            f"its signatures are: {keys}",
+            hint,
         )
     return signatures[signature_key]
 

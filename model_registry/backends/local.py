@@ -58,10 +58,11 @@ class LocalBackend:
             "python": self.python, "module": spec.module, "args": list(spec.args), "package": spec.package_uri,
             "workers": spec.workers, "env": env, "submitted_at": time.time(),
         }))
-        starter = subprocess.run(
-            [sys.executable, "-m", "model_registry.backends.local_runner", str(job_dir)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(job_dir / "runner.log", "ab"),
-        )
+        with open(job_dir / "runner.log", "ab") as runner_log:
+            starter = subprocess.run(
+                [sys.executable, "-m", "model_registry.backends.local_runner", str(job_dir)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=runner_log,
+            )
         if starter.returncode != 0:
             raise BackendError(f"could not start job {spec.job_id}", f"see {job_dir / 'runner.log'}")
         return str(job_dir)

@@ -26,12 +26,13 @@ def write_status(job_dir: Path, status: dict[str, Any]) -> None:
 
 
 def proc_start_time(pid: int) -> str | None:
-    """The kernel's start time of a process, to tell a live runner from a reused pid."""
+    """The kernel's start time of a live process, to tell a running runner from a reused pid."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has finished: not alive
 
 
 def unpack(package: Path, dest: Path) -> Path:

@@ -1,0 +1,142 @@
+"""The local backend: staged sdist, Vertex environment, job states, logs, cancel, and surviving restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import read_json, replay_args, train_and_wait
+from model_registry.backends.local_runner import proc_start_time
+from model_registry.errors import InvalidInput, NotFound
+
+
+def test_job_runs_staged_sdist_with_vertex_environment(make_registry: Any, sqlite_url: str, trained: dict,
+                                                       tmp_path: Path) -> None:
+    reg = make_registry(sqlite_url)
+    dump = tmp_path / "env.json"
+    job = train_and_wait(reg, "iris", "U_T", replay_args(trained["iris_a"], f"--dump-env={dump}",
+                                                         "--job-dir=TRAIN_PATH"))
+    assert job["state"] == "SUCCEEDED"
+    seen = read_json(dump)
+    env, tp = seen["env"], job["train_path"]
+    assert tp == f"{reg.settings.bucket}/iris/{job['job_id'].rsplit('_', 1)[1]}"
+    assert env["AIP_MODEL_DIR"] == f"{tp}/model/"
+    assert env["AIP_CHECKPOINT_DIR"] == f"{tp}/checkpoints/"
+    assert env["AIP_TENSORBOARD_LOG_DIR"] == f"{tp}/logs/"
+    assert env["CLOUD_ML_JOB_ID"] == job["job_id"]
+    tf_config, cluster = json.loads(env["TF_CONFIG"]), json.loads(env["CLUSTER_SPEC"])
+    assert tf_config["task"] == {"type": "chief", "index": 0} and len(tf_config["cluster"]["chief"]) == 1
+    assert cluster["task"] == {"type": "workerpool0", "index": 0}
+    assert f"--job-dir={tp}" in seen["argv"], "the literal TRAIN_PATH is replaced in trainer args"
+    # the code that ran is the staged sdist, not the source folder
+    assert str(reg.settings.home / "jobs" / job["job_id"]) in seen["file"]
+    assert str(reg.config.trainer_base) not in seen["file"]
+    package = Path(job["package_uris"][0])
+    assert package.parent == Path(tp) / "packages" and package.name.endswith(".tar.gz")
+    with tarfile.open(package) as tar:
+        members = tar.getnames()
+    assert any(m.endswith("trainer/task.py") for m in members)
+    assert any(m.endswith("/setup.py") for m in members), "a minimal setup.py is generated when missing"
+    assert not (reg.config.trainer_base / "iris" / "setup.py").exists(), "the source folder is left untouched"
+    import hashlib
+
+    assert job["package_sha256"] == hashlib.sha256(package.read_bytes()).hexdigest()
+    assert "replay trainer: job" in reg.logs(job["job_id"])
+
+
+def test_crashing_trainer_fails_with_log_tail(make_registry: Any, sqlite_url: str) -> None:
+    reg = make_registry(sqlite_url)
+    job = train_and_wait(reg, "iris", "U_T", ["--crash"])
+    assert job["state"] == "FAILED"
+    assert "exited with code 3" in job["error"] and "crashed on purpose" in job["error"]
+    assert reg.audit_events(action="training.failed")[0]["job_id"] == job["job_id"]
+
+
+def test_exit_zero_without_saved_model_fails(make_registry: Any, sqlite_url: str) -> None:
+    reg = make_registry(sqlite_url)
+    job = train_and_wait(reg, "iris", "U_T", ["--no-model"])
+    assert job["state"] == "FAILED" and "no SavedModel" in job["error"]
+    assert reg.expose("iris", "U_T")["exposed"] == []
+
+
+def test_cancel_running_job(make_registry: Any, sqlite_url: str, trained: dict) -> None:
+    reg = make_registry(sqlite_url)
+    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=60"))
+    _wait_state(reg, job["job_id"], "RUNNING")
+    assert reg.cancel(job["job_id"], "U_T")["state"] == "CANCELLED"
+    pid = json.loads((reg.settings.home / "jobs" / job["job_id"] / "status.json").read_text())["pid"]
+    _wait_gone(pid)
+    assert reg.job(job["job_id"])["state"] == "CANCELLED"
+    with pytest.raises(InvalidInput):
+        reg.cancel(job["job_id"], "U_T")
+    assert "training.cancelled" in [e["action"] for e in reg.audit_events()]
+
+
+def test_job_survives_a_bot_restart(make_registry: Any, sqlite_url: str, trained: dict, tmp_path: Path) -> None:
+    reg = make_registry(sqlite_url)
+    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=1.5"))
+    reg.engine.dispose()
+    del reg  # the bot process is gone; the job goes on
+    again = make_registry(sqlite_url, home=tmp_path / "home")
+    assert again.wait(job["job_id"])["state"] == "SUCCEEDED"
+
+
+def test_killed_runner_is_marked_failed_not_stuck(make_registry: Any, sqlite_url: str, trained: dict) -> None:
+    reg = make_registry(sqlite_url)
+    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=60"))
+    _wait_state(reg, job["job_id"], "RUNNING")
+    status = json.loads((reg.settings.home / "jobs" / job["job_id"] / "status.json").read_text())
+    os.killpg(status["pid"], signal.SIGKILL)  # the machine "restarts": runner and trainer die at once
+    _wait_gone(status["pid"])
+    final = reg.wait(job["job_id"], timeout=30)
+    assert final["state"] == "FAILED" and "stopped without a result" in final["error"]
+
+
+def test_unknown_model_and_module_are_refused_before_anything_is_written(make_registry: Any,
+                                                                         sqlite_url: str) -> None:
+    reg = make_registry(sqlite_url)
+    with pytest.raises(NotFound) as model:
+        reg.train("irsi", "U_T")
+    assert "did you mean iris" in model.value.hint
+    with pytest.raises(NotFound) as module:
+        reg.train("iris", "U_T", module="trainer.nope")
+    assert "trainer.nope" in module.value.message
+    with pytest.raises(InvalidInput):
+        reg.train("iris", "U_T", module="trainer/task")
+    for bad in ("IRIS", "../etc", "x" * 64):
+        with pytest.raises(InvalidInput):
+            reg.train(bad, "U_T")
+    assert reg.audit_events() == []
+    assert not (reg.settings.home / "jobs").exists()
+
+
+def test_runner_pid_identity_uses_process_start_time() -> None:
+    assert proc_start_time(os.getpid()) is not None
+    assert proc_start_time(2 ** 22 + 12345) is None
+
+
+def _wait_state(reg: Any, job_id: str, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reg.refresh_jobs()
+        if reg.job(job_id)["state"] == state:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id} never reached {state}: {reg.job(job_id)}")
+
+
+def _wait_gone(pid: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
