@@ -315,8 +315,9 @@ class Registry:
 
     def wait(self, job_id: str, timeout: float = 3600.0, on_change: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
-        """Poll a job until it ends, backing off from 0.2 s to 2 s."""
-        deadline, delay, last = time.monotonic() + timeout, 0.2, None
+        """Poll a job until it ends, backing off between the backend's shortest and longest interval."""
+        delay, longest = self.backend.poll_interval
+        deadline, last = time.monotonic() + timeout, None
         while True:
             self.refresh_jobs(self.job(job_id)["model"])
             job = self.job(job_id)
@@ -329,7 +330,7 @@ class Registry:
                 raise BackendError(f"{job_id} is still {job['state']} after {timeout:.0f}s",
                                    f"follow it with `state {job['model']}`")
             time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            delay = min(delay * 1.5, longest)
 
     # ---------------------------------------------------------------- versions
 

@@ -39,6 +39,7 @@ class JobStatus:
 class Backend(Protocol):
     name: str
     storage: Storage
+    poll_interval: tuple[float, float]  # seconds: first and longest wait between status checks
 
     def stage_package(self, package: Package, train_path: str) -> str:
         """Copy the sdist to TRAIN_PATH/packages/ and return its URI."""
