@@ -20,7 +20,7 @@ def _say(line: str = "") -> None:
     print(line, flush=True)
 
 
-def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 8)) -> int:
+def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int:
     from model_registry.workflow import Registry
 
     home = home or Path(tempfile.mkdtemp(prefix="starchart-demo-"))

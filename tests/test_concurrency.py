@@ -1,0 +1,80 @@
+"""Invariants under concurrency, with several processes on one database (PostgreSQL and SQLite)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+from model_registry.config import ProjectConfig, Settings
+from model_registry.errors import Refused
+
+
+def _registry(home: str, db_url: str) -> Any:
+    from model_registry.workflow import Registry
+
+    settings = Settings.from_env({"STARCHART_HOME": home, "DATABASE_URL": db_url,
+                                  "STARCHART_CONFIG": str(Path(home) / "starchart.yaml")})
+    return Registry(settings, ProjectConfig.load(settings.config_path))
+
+
+def _decide_and_apply(args: tuple[str, str, int, str, Any]) -> str:
+    home, db_url, request_id, user, barrier = args
+    reg = _registry(home, db_url)
+    barrier.wait()
+    outcome = "refused"
+    try:
+        req = reg.decide(request_id, user, True)
+        outcome = "granted"
+    except Refused as exc:
+        outcome = f"refused:{exc.reason}"
+        req = reg.request(request_id)
+    if req["state"] in ("approved", "failed"):
+        reg.apply_request(request_id, actor=user)
+    reg.engine.dispose()
+    return outcome
+
+
+def _append_events(args: tuple[str, str, int]) -> None:
+    from model_registry import audit
+
+    home, db_url, n = args
+    reg = _registry(home, db_url)
+    for i in range(n):
+        with reg.unit_of_work() as s:
+            audit.append(s, "schedule.changed", f"proc-{mp.current_process().name}", details={"i": i})
+    reg.engine.dispose()
+
+
+def test_concurrent_clicks_give_one_decision_per_approver_and_one_application(two_versions: Any) -> None:
+    reg = two_versions
+    cand = reg.versions("iris")["versions"][0]["name"]
+    req = reg.promote("iris", cand, "U_REQ")
+    home, url = str(reg.settings.home), reg.settings.database_url
+    # the same approver double-clicks from 3 replicas; two other approvers click at the same time
+    users = ["U_A", "U_A", "U_A", "U_B", "U_C"]
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(len(users))
+        with ctx.Pool(len(users)) as pool:
+            outcomes = pool.map(_decide_and_apply, [(home, url, req["id"], u, barrier) for u in users])
+    final = reg.request(req["id"])
+    assert final["state"] == "applied"
+    assert reg.default_version("iris") == cand
+    per_user = [d["user"] for d in final["decisions"]]
+    assert len(per_user) == len(set(per_user)), "one decision per approver"
+    assert outcomes.count("granted") == 1, outcomes  # required_approvals is 1: the first wins, the rest are closed
+    applied = [e for e in reg.audit_events(limit=1000) if e["action"] == "promotion.applied"]
+    applying = [e for e in reg.audit_events(limit=1000) if e["action"] == "promotion.applying"]
+    assert len(applied) == 1 and len(applying) == 1, "one application per request"
+    assert reg.verify_audit().ok
+
+
+def test_concurrent_appends_keep_one_chain(make_registry: Any, db_url: str) -> None:
+    reg = make_registry(db_url)
+    home, url = str(reg.settings.home), reg.settings.database_url
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        pool.map(_append_events, [(home, url, 50)] * 4)
+    result = reg.verify_audit()
+    assert result.ok and result.events == 200, result

@@ -1,0 +1,24 @@
+"""The README's first command: `starchart demo` really trains iris twice and walks the review."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_demo_runs_the_whole_flow(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STARCHART_", "DATABASE_URL"))}
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert out.count("SUCCEEDED") >= 2
+    assert "exposed v" in out
+    assert "refused: U0REQUESTER requested this promotion" in out
+    assert "refused: U0TRAINER trained the candidate" in out
+    assert "— applied" in out
+    assert "promotion.applied" in out and "OK:" in out
+    assert not (tmp_path / ".starchart").exists(), "the demo uses a fresh temporary home"

@@ -1,0 +1,62 @@
+"""Schema migrations on both databases, and the import boundaries DESIGN.md sets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sqlalchemy import inspect
+
+from conftest import ROOT
+from model_registry.db import SCHEMA_HEAD, alembic_config, make_engine, migrate
+
+
+def test_schema_head_constant_matches_alembic(sqlite_url: str) -> None:
+    from alembic.script import ScriptDirectory
+
+    engine = make_engine(sqlite_url)
+    assert ScriptDirectory.from_config(alembic_config(engine)).get_current_head() == SCHEMA_HEAD
+
+
+def test_migrations_create_the_schema_and_are_idempotent(db_url: str) -> None:
+    engine = make_engine(db_url)
+    migrate(engine)
+    migrate(engine)  # a second start is a no-op
+    tables = set(inspect(engine).get_table_names())
+    assert {"jobs", "versions", "models", "promotion_requests", "approvals", "audit_events", "audit_head",
+            "schedules", "alembic_version"} <= tables
+    uniques = {tuple(u["column_names"]) for u in inspect(engine).get_unique_constraints("approvals")}
+    assert ("request_id", "approver") in uniques
+    engine.dispose()
+
+
+def test_concurrent_first_starts_migrate_once(db_url: str) -> None:
+    code = ("import sys; from model_registry.db import make_engine, migrate; "
+            "migrate(make_engine(sys.argv[1]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, db_url], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+
+
+def _imported_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_core_and_cli_never_import_tensorflow_slack_or_google() -> None:
+    loaded = _imported_after("import bot.cli, bot.demo, model_registry.workflow, model_registry.backends.local")
+    assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
+    assert not any(m.startswith(("slack_bolt", "slack_sdk")) for m in loaded)
+    assert "google.cloud.aiplatform" not in loaded and "google.cloud.storage" not in loaded
+
+
+def test_model_registry_source_has_no_slack_imports() -> None:
+    for path in (ROOT / "model_registry").rglob("*.py"):
+        text = path.read_text()
+        assert "slack_bolt" not in text and "slack_sdk" not in text, path
+        if "vertex" not in path.name and path.name != "gcs.py":
+            assert "import google.cloud" not in text and "from google.cloud" not in text, path
+        assert "import tensorflow" not in text, path
