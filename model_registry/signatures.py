@@ -14,14 +14,15 @@ themselves and pass them to `read_signature`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from model_registry.errors import ArtifactError
 
 __all__ = [
-    "SignatureError",
     "DATA_TYPES",
+    "SignatureError",
     "parse_saved_model",
     "read_signature",
     "read_signature_from_dir",
@@ -281,8 +282,6 @@ def parse_saved_model(data: bytes) -> dict[str, Any]:
                 meta_graphs.append(_meta_graph(data, vpos, value))
     except _DecodeError as e:
         raise SignatureError(f"saved_model.pb could not be decoded: {e}", _CORRUPT_HINT) from None
-    except RecursionError:  # not reachable with this fixed-depth schema; belt and braces
-        raise SignatureError("saved_model.pb is nested too deeply", _CORRUPT_HINT) from None
     if not meta_graphs:
         raise SignatureError("saved_model.pb contains no meta graphs: not a SavedModel", _CORRUPT_HINT)
     return {"schema_version": schema_version, "meta_graphs": meta_graphs}
