@@ -7,97 +7,14 @@ import csv
 import json
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from handlers.grammar import Usage, build_parser, model_of
 from model_registry.config import default_user
 from model_registry.errors import StarchartError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 4
-
-
-class Usage(Exception):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise Usage(f"{self.prog}: {message}")
-
-
-def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_pos", nargs="?", metavar="MODEL")
-    p.add_argument("-m", "--model", dest="model_opt", metavar="MODEL", help="model name (StarChart flag)")
-
-
-def build_parser() -> Parser:
-    parser = Parser(prog="starchart", description="Train, expose, review and apply TensorFlow models.")
-    parser.add_argument("--user", help="who is acting (default: $STARCHART_USER or local:<login>)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    p = sub.add_parser("train", help="start a training job: train MODEL [-M MODULE] [-- ARGS]")
-    _model_arg(p)
-    p.add_argument("-M", "--module", help="python module to run (default trainer.task)")
-    p.add_argument("-s", "--scale-tier", help="BASIC, STANDARD_1, PREMIUM_1, BASIC_GPU")
-    p.add_argument("-r", "--region")
-    p.add_argument("--machine-type")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--accelerator", help="TYPE:COUNT")
-    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    for name, help_text in (("state", "jobs of a model and their states"), ("jobs", "alias of state"),
-                            ("expose", "turn succeeded jobs into versions"), ("versions", "versions of a model"),
-                            ("requests", "promotion requests of a model")):
-        _model_arg(sub.add_parser(name, help=help_text))
-    p = sub.add_parser("logs", help="a job's log")
-    p.add_argument("job_id")
-    p.add_argument("--tail", type=int, default=40)
-    p = sub.add_parser("cancel", help="cancel a running job")
-    p.add_argument("job_id")
-    p = sub.add_parser("diff", help="diff MODEL [VERSION [BASE]]")
-    p.add_argument("model")
-    p.add_argument("version", nargs="?")
-    p.add_argument("base", nargs="?")
-    p = sub.add_parser("promote", help="open a promotion request for a version")
-    p.add_argument("model")
-    p.add_argument("version")
-    p.add_argument("--reason")
-    for name, help_text in (("apply", "request the version marked isDefault in models/MODEL.yaml"),
-                            ("rollback", "request the previous default back")):
-        p = sub.add_parser(name, help=help_text)
-        _model_arg(p)
-        p.add_argument("--reason")
-    p = sub.add_parser("approve", help="approve a promotion request")
-    p.add_argument("request", type=_request_id)
-    p = sub.add_parser("reject", help="reject a promotion request (a reason is required)")
-    p.add_argument("request", type=_request_id)
-    p.add_argument("--reason", required=True)
-    p = sub.add_parser("show", help="show a promotion request")
-    p.add_argument("request", type=_request_id)
-    p = sub.add_parser("audit", help="audit [MODEL] [filters] | audit verify")
-    p.add_argument("target", nargs="?", metavar="MODEL|verify")
-    p.add_argument("--since")
-    p.add_argument("--until")
-    p.add_argument("--actor", "--by", dest="actor", help="only events by this user")
-    p.add_argument("--action")
-    p.add_argument("--version")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--csv", action="store_true")
-    sub.add_parser("demo", help="the whole flow on a fresh temporary home")
-    return parser
-
-
-def _request_id(text: str) -> int:
-    value = text.lstrip("#").upper().removeprefix("R")
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid promotion request id {text!r} (use the number, e.g. 7)")
-    return int(value)
-
-
-def _model(args: argparse.Namespace) -> str:
-    model = args.model_opt or args.model_pos
-    if not model:
-        raise Usage(f"starchart {args.command}: a model is required (MODEL or -m MODEL)")
-    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bot.demo import run_demo
 
             return run_demo()
+        if args.command in ("serve", "socket", "console", "worker"):
+            return run_process(args)
         return run(args, trainer_args)
     except Usage as exc:
         print(f"{exc}\nRun `starchart --help` or `starchart COMMAND --help` for usage.", file=sys.stderr)
@@ -125,6 +44,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def run_process(args: argparse.Namespace) -> int:
+    """The long-running entry points: web, socket, console, worker."""
+    if args.command == "serve":
+        from bot.serve import serve
+
+        serve(port=args.port, workers=args.workers)
+    elif args.command == "socket":
+        from bot.serve import socket_mode
+
+        socket_mode()
+    elif args.command == "console":
+        from bot.console import run_console
+
+        return run_console(user=args.console_user or args.user or default_user())
+    elif args.command == "worker":
+        from bot.worker import run_worker
+
+        return run_worker(once=args.once)
+    return EXIT_OK
 
 
 def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any = None,
@@ -143,7 +83,7 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
     if cmd == "train":
         if trainer_args is not None and any(a == "--" for a in trainer_args):
             raise Usage("starchart train: only one `--` separates the trainer's arguments")
-        job = reg.train(_model(args), user, module=args.module, args=trainer_args, scale_tier=args.scale_tier,
+        job = reg.train(model_of(args), user, module=args.module, args=trainer_args, scale_tier=args.scale_tier,
                         region=args.region, machine_type=args.machine_type, workers=args.workers,
                         accelerator=args.accelerator)
         if not args.wait:
@@ -156,7 +96,7 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
         emit(job, lambda: f"Job {job['job_id']} {job['state']}" + (f"\n{job['error']}" if job["error"] else ""))
         return EXIT_OK if job["state"] == "SUCCEEDED" else EXIT_JOB_FAILED
     if cmd in ("state", "jobs"):
-        jobs = reg.state(_model(args))
+        jobs = reg.state(model_of(args))
         emit(jobs, lambda: text.table(jobs, [("job_id", "JOB"), ("state", "STATE"), ("created_at", "CREATED"),
                                              ("ended_at", "ENDED"), ("version", "VERSION"),
                                              ("requested_by", "BY"), ("args", "ARGS")]))
@@ -170,13 +110,13 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
         emit(job, lambda: f"Job {job['job_id']} {job['state']}")
         return EXIT_OK
     if cmd == "expose":
-        result = reg.expose(_model(args), user)
+        result = reg.expose(model_of(args), user)
         lines = [f"exposed {v['name']} from {v['job_id']}" for v in result["exposed"]] or ["nothing new to expose"]
         lines += [f"error: {e['error']}" for e in result["errors"]]
         emit(result, lambda: "\n".join(lines))
         return EXIT_ERROR if result["errors"] else EXIT_OK
     if cmd == "versions":
-        data = reg.versions(_model(args))
+        data = reg.versions(model_of(args))
         emit(data, lambda: text.table(data["versions"], [
             ("name", "VERSION"), ("is_default", "DEFAULT"), ("created_at", "CREATED"), ("job_id", "JOB"),
             ("trained_by", "TRAINED BY"), ("metrics", "METRICS")]))
@@ -189,7 +129,7 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
         if cmd == "promote":
             req = reg.promote(args.model, args.version, user, args.reason)
         else:
-            req = getattr(reg, cmd)(_model(args), user, args.reason)
+            req = getattr(reg, cmd)(model_of(args), user, args.reason)
         emit(req, lambda: "\n".join(text.request_lines(req) + [""] + text.diff_lines(req["diff"]) + [
             "", f"approve: starchart approve {req['id']} --user APPROVER"]))
         return EXIT_OK
@@ -204,7 +144,7 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
         emit(req, lambda: "\n".join(text.request_lines(req) + [""] + text.diff_lines(req["diff"])))
         return EXIT_OK
     if cmd == "requests":
-        reqs = reg.requests(_model(args))
+        reqs = reg.requests(model_of(args))
         emit(reqs, lambda: text.table(reqs, [("id", "ID"), ("kind", "KIND"), ("candidate", "CANDIDATE"),
                                              ("base", "BASE"), ("state", "STATE"), ("requested_by", "BY"),
                                              ("approvals", "APPROVALS"), ("created_at", "CREATED")]))

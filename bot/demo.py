@@ -37,7 +37,7 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
     _say(f"StarChart demo — home {home} (local backend, SQLite)")
 
     jobs = []
-    for n, (ep, lr) in enumerate(((epochs[0], 0.01), (epochs[1], 0.02)), start=1):
+    for ep, lr in ((epochs[0], 0.01), (epochs[1], 0.02)):
         _say(f"\n$ starchart train -m iris -- --epochs={ep} --learning_rate={lr}   (as {TRAINER})")
         job = reg.train("iris", TRAINER, args=[f"--epochs={ep}", f"--learning_rate={lr}"])
         job = reg.wait(job["job_id"], on_change=lambda j: _say(f"  {j['job_id']} {j['state']}"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]], empty: str = "(none)") -> str:

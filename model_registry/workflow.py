@@ -25,10 +25,27 @@ from model_registry.diffs import card_digest, diff_versions, version_digest
 from model_registry.errors import ArtifactError, BackendError, InvalidInput, NotFound, Refused, StarchartError
 from model_registry.model_files import marked_default, read_model_file, write_model_file
 from model_registry.packaging import build_sdist, check_module, trainer_dir
-from model_registry.policy import MembersOf, check_approver, check_operator
+from model_registry.policy import MembersOf, check_approver, check_operator, is_listed
 from model_registry.records import (
-    APPLIED, APPLYING, APPROVED, CANCELLED, FAILED, FAILED_APPLY, OPEN, QUEUED, REJECTED, RUNNING, STALE,
-    SUCCEEDED, TERMINAL, EXPIRED, Approval, Job, ModelRecord, PromotionRequest, Version,
+    APPLIED,
+    APPLYING,
+    APPROVED,
+    CANCELLED,
+    EXPIRED,
+    FAILED,
+    FAILED_APPLY,
+    OPEN,
+    QUEUED,
+    REJECTED,
+    RUNNING,
+    STALE,
+    SUCCEEDED,
+    TERMINAL,
+    Approval,
+    Job,
+    ModelRecord,
+    PromotionRequest,
+    Version,
 )
 from model_registry.signatures import read_signature
 
@@ -295,6 +312,17 @@ class Registry:
             if job is None:
                 raise NotFound(f"no job {job_id!r}", "list jobs with `state MODEL`")
             return job_view(job)
+
+    def job_metrics(self, job_id: str) -> dict[str, Any]:
+        """metrics.json of a finished job ({} when the trainer wrote none or it is unreadable)."""
+        job = self.job(job_id)
+        store = self.backend.storage
+        uri = store.join(job["train_path"], "metrics.json")
+        try:
+            raw = json.loads(store.read_bytes(uri)) if store.exists(uri) else {}
+        except (StarchartError, ValueError):
+            return {}
+        return {k: v for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
 
     def logs(self, job_id: str, tail: int = 40) -> str:
         job = self.job(job_id)
@@ -590,7 +618,7 @@ class Registry:
                 audit.append(s, "approval.refused", user, request_id=request_id, **ctx,
                              details={"reason": "not_found"})
             else:
-                refusal = self._decision_refusal(s, req, user, card_digest)
+                refusal = self._decision_refusal(s, req, user, card_digest, channel, message_ts)
                 if refusal is not None:
                     audit.append(s, "approval.refused", user, model=req.model, version=req.candidate_version,
                                  request_id=req.id, **ctx,
@@ -602,8 +630,15 @@ class Registry:
             raise refusal
         return self.request(request_id)
 
-    def _decision_refusal(self, s: Session, req: PromotionRequest, user: str, digest: str | None) -> Refused | None:
+    def _decision_refusal(self, s: Session, req: PromotionRequest, user: str, digest: str | None,
+                          channel: str | None = None, message_ts: str | None = None) -> Refused | None:
         now = names.utcnow()
+        clicked_elsewhere = message_ts is not None and req.message_ts is not None and (
+            message_ts != req.message_ts or (channel is not None and channel != req.channel))
+        if clicked_elsewhere or (digest is not None and digest != req.card_digest):
+            # a button copied to another message, or a value edited: refuse without touching the request
+            return Refused(f"that button does not belong to the card of promotion request #{req.id}",
+                           "use the buttons on the request's own card", reason="card_mismatch")
         if req.state != OPEN:
             return Refused(f"promotion request #{req.id} is already {req.state}", "nothing left to decide",
                            reason="closed")
@@ -626,8 +661,6 @@ class Registry:
             stale_why = f"the default moved from {req.base_version} to {current} since the card was posted"
         elif cand.digest != req.candidate_digest:
             stale_why = f"{req.candidate_version} changed since the card was posted"
-        elif digest is not None and digest != req.card_digest:
-            stale_why = "the card you clicked shows an older diff"
         if stale_why:
             req.state, req.decided_at = STALE, now
             audit.append(s, "promotion.stale", "system", model=req.model, version=req.candidate_version,
@@ -657,6 +690,29 @@ class Registry:
             req.state, req.decided_at = APPROVED, now
             audit.append(s, "promotion.approved", "system", model=req.model, version=req.candidate_version,
                          request_id=req.id, details={"approvals": granted, "required": req.required_approvals})
+
+    def record_refusal(self, actor: str, reason: str, message: str, *, model: str | None = None,
+                       request_id: int | None = None, channel: str | None = None, message_ts: str | None = None,
+                       details: dict[str, Any] | None = None) -> None:
+        """Record a refused request that changed nothing (forged, tampered, unauthorised)."""
+        with self.unit_of_work() as s:
+            audit.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
+                         message_ts=message_ts, details={"reason": reason, "message": message[:500],
+                                                         **(details or {})})
+
+    def retry_apply(self, request_id: int, user: str) -> dict[str, Any]:
+        """Apply a failed request again; only an approver of the model may ask."""
+        req = self.request(request_id)
+        policy = self.config.policy(req["model"])
+        if policy.approvers and not is_listed(user, policy.approvers, self.members_of):
+            self.record_refusal(user, "not_approver", f"{user} may not retry #{request_id}", model=req["model"],
+                                request_id=request_id)
+            raise Refused(f"{user} is not an approver of {req['model']}", "ask an approver to retry",
+                          reason="not_approver")
+        if req["state"] != FAILED_APPLY:
+            raise InvalidInput(f"promotion request #{request_id} is {req['state']}, not failed",
+                               "only a failed apply can be retried")
+        return self.apply_request(request_id, actor=user)
 
     def apply_request(self, request_id: int, actor: str = "system") -> dict[str, Any]:
         """Switch the default for an approved request: audit first, then the backend, then the result.

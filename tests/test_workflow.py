@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import replay_args, train_and_wait
 from sqlalchemy import select, text, update
 
-from conftest import replay_args, train_and_wait
 from model_registry import names
 from model_registry.errors import ArtifactError, InvalidInput, NotFound, Refused
 from model_registry.records import AuditEvent, PromotionRequest
@@ -159,11 +159,18 @@ def test_stale_card_is_refused_when_default_moved(two_versions: Any, trained: di
     assert exc.value.reason == "stale" and "default moved" in exc.value.message
     assert reg.request(second["id"])["state"] == "stale"
     assert reg.default_version("iris") == middle
-    # a card digest that does not match the request is stale too
+    # a click whose digest or message is not the request's own card is refused and changes nothing
     third = reg.promote("iris", newest, "U_REQ")
+    reg.set_card(third["id"], "C1", "111.222")
     with pytest.raises(Refused) as digest:
         reg.decide(third["id"], "U_OK", True, card_digest="0" * 64)
-    assert digest.value.reason == "stale"
+    assert digest.value.reason == "card_mismatch"
+    with pytest.raises(Refused) as elsewhere:
+        reg.decide(third["id"], "U_OK", True, card_digest=third["card_digest"], channel="C1", message_ts="999.0")
+    assert elsewhere.value.reason == "card_mismatch"
+    assert reg.request(third["id"])["state"] == "open"
+    assert reg.decide(third["id"], "U_OK", True, card_digest=third["card_digest"], channel="C1",
+                      message_ts="111.222")["state"] == "approved"
 
 
 def test_apply_from_model_file_and_rollback(two_versions: Any) -> None:

@@ -1,0 +1,113 @@
+"""Composition root: configuration, the Slack client, the core, the Bolt app and its listeners."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from slack_bolt import App
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+
+from bot import blocks
+from handlers.context import Deps
+from handlers.ml import register
+from model_registry.errors import InvalidInput
+
+log = logging.getLogger("starchart.bot")
+SLACK_API_DEFAULT = "https://slack.com/api/"
+
+
+class TtlCache:
+    """A small thread-safe cache for Slack look-ups (user-group members, display names)."""
+
+    def __init__(self, fetch: Callable[[str], Any], ttl: float) -> None:
+        self.fetch, self.ttl = fetch, ttl
+        self._values: dict[str, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._values.get(key)
+        if hit and now - hit[0] < self.ttl:
+            return hit[1]
+        value = self.fetch(key)
+        with self._lock:
+            self._values[key] = (now, value)
+        return value
+
+
+def slack_client(env: Mapping[str, str] | None = None, token: str | None = None) -> WebClient:
+    env = os.environ if env is None else env
+    base_url = env.get("SLACK_API_URL") or SLACK_API_DEFAULT
+    client = WebClient(token=token or env.get("SLACK_BOT_TOKEN"), base_url=base_url.rstrip("/") + "/")
+    client.retry_handlers.append(RateLimitErrorRetryHandler(max_retry_count=2))
+    return client
+
+
+def group_members(client: WebClient) -> Callable[[str], list[str]]:
+    def fetch(group: str) -> list[str]:
+        try:
+            return list(client.usergroups_users_list(usergroup=group)["users"])
+        except SlackApiError as exc:  # fail closed: an unreadable group grants nobody
+            log.warning("cannot read members of user group %s: %s", group, exc.response.get("error"))
+            return []
+
+    return TtlCache(fetch, ttl=60.0)
+
+
+def display_names(client: WebClient) -> Callable[[str], str | None]:
+    def fetch(user: str) -> str | None:
+        try:
+            info = client.users_info(user=user)["user"]
+        except SlackApiError:
+            return None
+        profile = info.get("profile") or {}
+        return profile.get("display_name") or info.get("real_name") or info.get("name")
+
+    return TtlCache(fetch, ttl=3600.0)
+
+
+@dataclass
+class Bot:
+    app: App
+    deps: Deps
+    registry: Any
+    client: WebClient
+    signing_secret: str
+
+
+def background_executor(max_workers: int = 16) -> Callable[[Callable[[], None]], None]:
+    pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="starchart-bg")
+    return lambda fn: pool.submit(fn) and None
+
+
+def create_bot(env: Mapping[str, str] | None = None, registry: Any = None,
+               background: Callable[[Callable[[], None]], None] | None = None,
+               follow_interval: float = 2.0) -> Bot:
+    """The Bolt app with every listener, wired to the core; nothing here imports TensorFlow."""
+    env = os.environ if env is None else env
+    token, secret = env.get("SLACK_BOT_TOKEN"), env.get("SLACK_SIGNING_SECRET")
+    if not token:
+        raise InvalidInput("SLACK_BOT_TOKEN is not set", "set it to the app's Bot User OAuth Token (xoxb-…)")
+    client = slack_client(env, token)
+    members = group_members(client)
+    if registry is None:
+        from model_registry.workflow import Registry
+
+        registry = Registry.from_env(members_of=members)
+    else:
+        registry._members_of = members
+    app = App(token=token, signing_secret=secret or "", client=client, token_verification_enabled=False,
+              request_verification_enabled=True, process_before_response=False)
+    deps = Deps(registry=registry, render=blocks, background=background or background_executor(),
+                user_name=display_names(client), follow_interval=follow_interval)
+    register(app, deps)
+    return Bot(app=app, deps=deps, registry=registry, client=client, signing_secret=secret or "")

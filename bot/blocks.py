@@ -1,0 +1,287 @@
+"""Block Kit rendering: the one module that owns Slack's size limits.
+
+Budget: at most 50 blocks, section text at most 3,000 characters, button values at most 2,000, and
+the whole message kept under MESSAGE_BUDGET characters. What does not fit is summarised, and the
+caller posts the full text to the thread and as a file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+from bot import text as plain
+
+MAX_BLOCKS = 50
+SECTION_TEXT = 3000
+BUTTON_VALUE = 2000
+MESSAGE_BUDGET = 11000
+LIST_ITEMS = 8  # rows of parameters, signature changes, metrics shown on a card before "and N more"
+
+APPROVE, REJECT, RETRY, AUDIT_NEXT = "review.approve", "review.reject", "review.retry", "audit.next"
+REJECT_VIEW = "review.reject_reason"
+
+Blocks = list[dict[str, Any]]
+
+
+def mrkdwn(text: str) -> dict[str, Any]:
+    return {"type": "mrkdwn", "text": text}
+
+
+def escape(text: Any) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def section(text: str) -> dict[str, Any]:
+    if len(text) > SECTION_TEXT:
+        text = text[: SECTION_TEXT - 2] + " …"
+    return {"type": "section", "text": mrkdwn(text)}
+
+
+def context(*texts: str) -> dict[str, Any]:
+    return {"type": "context", "elements": [mrkdwn(t[:SECTION_TEXT]) for t in texts[:10]]}
+
+
+def code_sections(body: str, limit_blocks: int = 10) -> tuple[Blocks, bool]:
+    """Monospace text split on line boundaries into sections; returns (blocks, truncated)."""
+    blocks: Blocks = []
+    chunk: list[str] = []
+    size = 0
+    budget = SECTION_TEXT - 8  # the ``` fences
+    lines = body.splitlines() or [""]
+    for i, line in enumerate(lines):
+        line = escape(line)[:budget]
+        if size + len(line) + 1 > budget:
+            blocks.append(section("```" + "\n".join(chunk) + "```"))
+            chunk, size = [], 0
+            if len(blocks) >= limit_blocks:
+                rest = len(lines) - i
+                blocks[-1] = section(blocks[-1]["text"]["text"][:-3] + f"\n… {rest} more lines```")
+                return blocks, True
+        chunk.append(line)
+        size += len(line) + 1
+    blocks.append(section("```" + "\n".join(chunk) + "```"))
+    return blocks, False
+
+
+def message_size(blocks: Blocks, fallback: str = "") -> int:
+    return len(json.dumps(blocks, ensure_ascii=False)) + len(fallback)
+
+
+def fits(blocks: Blocks, fallback: str = "") -> bool:
+    return len(blocks) <= MAX_BLOCKS and message_size(blocks, fallback) <= MESSAGE_BUDGET and all(
+        len(b.get("text", {}).get("text", "")) <= SECTION_TEXT for b in blocks)
+
+
+def button(label: str, action_id: str, value: dict[str, Any], style: str | None = None,
+           confirm: dict[str, Any] | None = None) -> dict[str, Any]:
+    encoded = json.dumps(value, separators=(",", ":"))
+    if len(encoded) > BUTTON_VALUE:
+        raise ValueError("button value over Slack's 2,000 characters")
+    b: dict[str, Any] = {"type": "button", "text": {"type": "plain_text", "text": label}, "action_id": action_id,
+                         "value": encoded}
+    if style:
+        b["style"] = style
+    if confirm:
+        b["confirm"] = confirm
+    return b
+
+
+# ------------------------------------------------------------------ simple messages
+
+def error(message: str, hint: str = "") -> tuple[str, Blocks]:
+    body = f":warning: {escape(message)}" + (f"\n_{escape(hint)}_" if hint else "")
+    return f"{message}" + (f" — {hint}" if hint else ""), [section(body)]
+
+
+def plain_text(title: str, body: str) -> tuple[str, Blocks]:
+    blocks, _ = code_sections(body, limit_blocks=MAX_BLOCKS - 2)
+    return title, [section(f"*{escape(title)}*"), *blocks]
+
+
+def table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]],
+          footer: str | None = None) -> tuple[str, Blocks, bool]:
+    body = plain.table(rows, columns)
+    blocks, truncated = code_sections(body, limit_blocks=12)
+    out = [section(f"*{escape(title)}*"), *blocks]
+    if footer:
+        out.append(context(footer))
+    return title, out, truncated
+
+
+def _elapsed(start: str | None, end: str | None = None) -> str:
+    if not start:
+        return ""
+    t0 = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    t1 = (datetime.strptime(end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+          if end else time.time())
+    seconds = max(0, int(t1 - t0))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def job_message(job: dict[str, Any], metrics: dict[str, Any] | None = None) -> tuple[str, Blocks]:
+    icon = {"QUEUED": ":hourglass:", "RUNNING": ":gear:", "SUCCEEDED": ":white_check_mark:",
+            "FAILED": ":x:", "CANCELLED": ":no_entry_sign:"}.get(job["state"], ":grey_question:")
+    head = f"{icon} Training *{escape(job['job_id'])}* — *{job['state'].lower()}*"
+    if job["state"] == "RUNNING":
+        head += f" ({_elapsed(job.get('started_at'))})"
+    elif job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") and job.get("started_at"):
+        head += f" after {_elapsed(job.get('started_at'), job.get('ended_at'))}"
+    blocks: Blocks = [section(head)]
+    args = " ".join(job.get("args") or []) or "(none)"
+    blocks.append(context(f"requested by <@{escape(job['requested_by'])}>", f"args: `{escape(args)[:500]}`"))
+    if metrics:
+        blocks.append(section(" · ".join(f"*{escape(k)}* {plain.fmt_number(v)}" for k, v in metrics.items())))
+    if job["state"] == "SUCCEEDED":
+        blocks.append(context(f"expose it: `/ml expose {job['model']}`"))
+    if job["state"] == "FAILED" and job.get("error"):
+        tail, _ = code_sections(job["error"][-2500:], limit_blocks=1)
+        blocks += tail
+    return f"Training {job['job_id']} {job['state'].lower()}", blocks
+
+
+# ------------------------------------------------------------------ review card
+
+def _limited(lines: list[str], limit: int = LIST_ITEMS) -> tuple[list[str], bool]:
+    if len(lines) <= limit:
+        return lines, False
+    return lines[:limit] + [f"… and {len(lines) - limit} more (full diff in the thread)"], True
+
+
+def card_value(req: dict[str, Any]) -> dict[str, Any]:
+    return {"r": req["id"], "m": req["model"], "d": req["card_digest"]}
+
+
+def review_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
+    """The review card for an open request; returns (fallback text, blocks, truncated)."""
+    diff = req["diff"]
+    cand, base = diff["candidate"], diff.get("base")
+    title = f"Review: {req['model']} {req['base'] or '(none)'} → {req['candidate']}"
+    blocks: Blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": title[:150]}},
+        section(f"*{req['kind'].capitalize()} request #{req['id']}* by <@{escape(req['requested_by'])}>"
+                + (f": {escape(req['reason'])[:500]}" if req.get("reason") else "")),
+        {"type": "section", "fields": [
+            mrkdwn(f"*Candidate*\n`{cand['name']}`\ntrained by <@{escape(cand['trained_by'])}>"),
+            mrkdwn(f"*Current default*\n`{base['name']}`\ntrained by <@{escape(base['trained_by'])}>" if base
+                   else "*Current default*\n(none)"),
+        ]},
+    ]
+    truncated = False
+    breaking = diff["signature"]["breaking"]
+    if breaking:
+        lines, cut = _limited([f"• {escape(b)}" for b in breaking])
+        truncated |= cut
+        blocks.append(section(":rotating_light: *Breaking signature changes*\n" + "\n".join(lines)))
+    sig_changes = [f"• {kind} `{escape(c['name'])}` {c['change']}" + (" (breaking)" if c.get("breaking") else "")
+                   for kind, key in (("input", "inputs"), ("output", "outputs"))
+                   for c in diff["signature"][key]]
+    if sig_changes and not breaking:
+        lines, cut = _limited(sig_changes)
+        truncated |= cut
+        blocks.append(section("*Signature*\n" + "\n".join(lines)))
+    elif not sig_changes:
+        blocks.append(section("*Signature* unchanged"))
+    params = [f"• `{escape(p['name'])}`: {escape(plain.fmt_number(p['base']))} → "
+              f"{escape(plain.fmt_number(p['candidate']))}" for p in diff["parameters"]]
+    lines, cut = _limited(params)
+    truncated |= cut
+    blocks.append(section("*Parameters*\n" + "\n".join(lines) if params else "*Parameters* unchanged"))
+    metrics = []
+    for m in diff["metrics"]:
+        arrow = "" if m["better"] is None else (" :arrow_up_small:" if m["better"] else " :small_red_triangle_down:")
+        delta = "" if m["delta"] is None else f" ({m['delta']:+.4f}, {m['direction']} is better){arrow}"
+        metrics.append(f"• `{escape(m['name'])}`: {plain.fmt_number(m['base'])} → "
+                       f"{plain.fmt_number(m['candidate'])}{delta}")
+    lines, cut = _limited(metrics)
+    truncated |= cut
+    blocks.append(section("*Metrics*\n" + "\n".join(lines) if metrics else "*Metrics* none reported"))
+    prog = diff["program"]
+    blocks.append(context(
+        f"program `{str(prog['candidate'])[:12]}`" + (f" (was `{str(prog['base'])[:12]}`)" if prog["changed"]
+                                                      else " unchanged" if base else ""),
+        f"module `{escape(prog['module'])}`", f"expires {req['expires_at']}",
+        f"approvals {req['approvals']}/{req['required_approvals']}"))
+    if truncated:
+        blocks.append(context(":thread: The full diff is in the thread and attached as a file."))
+    blocks.append({"type": "actions", "block_id": f"review-{req['id']}", "elements": [
+        button("Approve", APPROVE, card_value(req), style="primary", confirm={
+            "title": {"type": "plain_text", "text": "Approve this version?"},
+            "text": mrkdwn(f"`{req['candidate']}` becomes the default of *{req['model']}* once approvals are "
+                           f"complete."),
+            "confirm": {"type": "plain_text", "text": "Approve"},
+            "deny": {"type": "plain_text", "text": "Cancel"}}),
+        button("Reject", REJECT, card_value(req), style="danger"),
+    ]})
+    while not fits(blocks, title) and len(blocks) > 4:  # last resort: drop detail sections, keep the buttons
+        blocks.pop(-3)
+        truncated = True
+    return title, blocks, truncated
+
+
+def decided_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
+    """The card after a decision: buttons replaced by who decided when, then the outcome."""
+    title, blocks, truncated = review_card(req)
+    blocks = [b for b in blocks if b.get("type") != "actions"]
+    decisions = [f"{':white_check_mark:' if d['decision'] == 'approve' else ':x:'} {d['decision']}d by "
+                 f"<@{escape(d['user'])}> at {d['at']}" + (f": {escape(d['reason'])[:300]}" if d.get("reason")
+                                                            else "") for d in req["decisions"]]
+    if decisions:
+        blocks.append(section("\n".join(decisions)))
+    state = req["state"]
+    outcome = {
+        "open": f":hourglass: waiting for approvals ({req['approvals']}/{req['required_approvals']})",
+        "approved": ":hourglass_flowing_sand: approved — applying…",
+        "applying": ":hourglass_flowing_sand: applying…",
+        "applied": f":rocket: applied at {req.get('applied_at')}: `{req['candidate']}` is the default",
+        "failed": f":x: apply failed: {escape(req.get('error') or 'unknown error')[:1000]}",
+        "rejected": ":no_entry: rejected",
+        "expired": ":alarm_clock: expired",
+        "stale": ":warning: stale — the default or the candidate changed; open a new request",
+    }.get(state, state)
+    blocks.append(section(f"*Outcome:* {outcome}"))
+    if state == "open":
+        blocks.append({"type": "actions", "block_id": f"review-{req['id']}", "elements": [
+            button("Approve", APPROVE, card_value(req), style="primary"),
+            button("Reject", REJECT, card_value(req), style="danger")]})
+    elif state == "failed":
+        blocks.append({"type": "actions", "block_id": f"retry-{req['id']}",
+                       "elements": [button("Retry", RETRY, card_value(req))]})
+    return f"{title} — {state}", blocks[:MAX_BLOCKS], truncated
+
+
+def reject_modal(req_value: dict[str, Any], channel: str | None, message_ts: str | None) -> dict[str, Any]:
+    meta = json.dumps({**req_value, "c": channel, "t": message_ts}, separators=(",", ":"))
+    return {
+        "type": "modal", "callback_id": REJECT_VIEW, "private_metadata": meta,
+        "title": {"type": "plain_text", "text": "Reject promotion"},
+        "submit": {"type": "plain_text", "text": "Reject"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [{"type": "input", "block_id": "reason", "label": {"type": "plain_text", "text": "Why?"},
+                    "element": {"type": "plain_text_input", "action_id": "reason", "multiline": True,
+                                "max_length": 2000}}],
+    }
+
+
+def full_diff_text(req: dict[str, Any]) -> str:
+    return "\n".join(plain.request_lines(req) + [""] + plain.diff_lines(req["diff"]))
+
+
+def audit_table(events: Iterable[dict[str, Any]], title: str, next_value: dict[str, Any] | None
+                ) -> tuple[str, Blocks]:
+    rows = list(events)
+    _, blocks, _ = table(title, rows, [("at", "TIME"), ("action", "ACTION"), ("actor", "ACTOR"),
+                                       ("model", "MODEL"), ("version", "VERSION"), ("request_id", "REQ")])
+    if next_value is not None:
+        blocks.append({"type": "actions", "elements": [button("Next", AUDIT_NEXT, next_value)]})
+    return title, blocks
+
+
+def diff_message(title: str, diff: dict[str, Any]) -> tuple[str, Blocks]:
+    return plain_text(title, "\n".join(plain.diff_lines(diff)))
+
+
+def request_message(req: dict[str, Any]) -> tuple[str, Blocks]:
+    return plain_text(f"Promotion request #{req['id']}", full_diff_text(req))

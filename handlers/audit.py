@@ -1,0 +1,72 @@
+"""/ml audit [MODEL] [filters] [--csv], /ml audit verify, and the Next button."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from typing import Any
+
+from handlers.context import Ctx, Deps
+from model_registry.names import parse_time
+
+PAGE = 20
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.target, "since": args.since, "until": args.until, "actor": args.actor,
+            "action": args.action, "version": args.version}
+
+
+def _query(deps: Deps, filters: dict[str, Any], limit: int, before_seq: int | None = None) -> list[dict[str, Any]]:
+    return deps.registry.audit_events(
+        model=filters.get("model"), since=parse_time(filters["since"]) if filters.get("since") else None,
+        until=parse_time(filters["until"]) if filters.get("until") else None, actor=filters.get("actor"),
+        action=filters.get("action"), version=filters.get("version"), limit=limit, before_seq=before_seq)
+
+
+def audit(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
+    if args.target == "verify":
+        result = deps.registry.verify_audit()
+        text = (f":white_check_mark: Audit chain OK: {result.events} events, head `{result.head_hash[:16]}`"
+                if result.ok else f":rotating_light: Audit chain BROKEN: {result.problem}")
+        ctx.ephemeral(text, [deps.render.section(text)])
+        return
+    filters = _filters(args)
+    if args.csv:
+        events = _query(deps, filters, limit=1000)
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["seq", "at", "action", "actor", "actor_name", "model", "version", "request_id", "job_id",
+                         "channel", "message_ts", "details"])
+        for e in events:
+            writer.writerow([e["seq"], e["at"], e["action"], e["actor"], e["actor_name"], e["model"], e["version"],
+                             e["request_id"], e["job_id"], e["channel"], e["message_ts"],
+                             json.dumps(e["details"], sort_keys=True)])
+        ctx.client.files_upload_v2(channel=ctx.channel, content=buf.getvalue(), filename="audit.csv",
+                                   title=f"Audit events ({len(events)})")
+        ctx.ephemeral(f"Uploaded {len(events)} audit events as audit.csv.")
+        return
+    show_page(deps, ctx, filters, min(args.limit, PAGE))
+
+
+def show_page(deps: Deps, ctx: Ctx, filters: dict[str, Any], limit: int, before_seq: int | None = None) -> None:
+    events = _query(deps, filters, limit + 1, before_seq)
+    more = len(events) > limit
+    events = events[:limit]
+    next_value = {"f": filters, "l": limit, "b": events[-1]["seq"]} if more and events else None
+    text, blocks = deps.render.audit_table(events, "Audit events" + (f" of {filters['model']}" if filters.get(
+        "model") else ""), next_value)
+    ctx.ephemeral(text, blocks)
+
+
+def on_next(deps: Deps, ctx: Ctx, value: str | None) -> None:
+    try:
+        data = json.loads(value or "")
+        filters, limit, before = dict(data["f"]), int(data["l"]), int(data["b"])
+    except (ValueError, TypeError, KeyError):
+        from model_registry.errors import InvalidInput
+
+        raise InvalidInput("that Next button is malformed", "run the /ml audit command again") from None
+    show_page(deps, ctx, filters, limit, before)

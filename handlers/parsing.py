@@ -1,0 +1,72 @@
+"""From what a Slack client sends to a parsed command: entities, smart punctuation, mentions, quoting."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import re
+import shlex
+
+from handlers.grammar import Parser, Usage, build_parser
+from model_registry.errors import InvalidInput
+
+MAX_TEXT = 4000  # longer than any real /ml command; refuse rather than parse a pasted novel
+
+_MENTION = re.compile(r"<[@#!]([A-Z0-9]+)(?:\|[^>]*)?>")  # <@U123|name>, <#C123|general>, <!subteam^S1>
+_SUBTEAM = re.compile(r"<!subteam\^([A-Z0-9]+)(?:\|[^>]*)?>")
+_LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|[^>]*)?>")
+_SMART = str.maketrans({"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'", "‚": "'"})
+_DASHED_FLAG = re.compile(r"(^|\s)[—–―]{1,2}(?=\S|\s|$)")
+
+
+def normalize(text: str) -> str:
+    """Undo what Slack clients do to typed text: HTML entities, smart quotes and dashes, mention markup."""
+    text = _SUBTEAM.sub(r"\1", text)
+    text = _MENTION.sub(r"\1", text)
+    text = _LINK.sub(r"\1", text)
+    text = html.unescape(text).translate(_SMART)
+    text = _DASHED_FLAG.sub(lambda m: m.group(1) + "--", text)
+    return text.replace("\u00a0", " ").strip()
+
+
+def tokenize(text: str) -> list[str]:
+    if len(text) > MAX_TEXT:
+        raise InvalidInput(f"the command is {len(text):,} characters long (at most {MAX_TEXT:,})",
+                           "shorten it; put long trainer arguments in starchart.yaml under models.<model>.args")
+    try:
+        return shlex.split(normalize(text))
+    except ValueError as exc:
+        raise InvalidInput(f"cannot read the command: {exc}", "close every quote you open") from None
+
+
+_SLACK_PARSER: Parser | None = None
+
+
+def slack_parser() -> Parser:
+    global _SLACK_PARSER
+    if _SLACK_PARSER is None:
+        _SLACK_PARSER = build_parser(prog="/ml", cli=False)
+    return _SLACK_PARSER
+
+
+def subcommand_help(name: str | None) -> str:
+    parser = slack_parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    choices = actions[0].choices if actions else {}
+    if name and name in choices:
+        return choices[name].format_help()
+    return parser.format_help()
+
+
+def parse(text: str) -> tuple[argparse.Namespace, list[str] | None]:
+    """Parse `/ml` text into (args, trainer args after `--`). Raises Usage or InvalidInput."""
+    tokens = tokenize(text)
+    trainer_args = None
+    if "--" in tokens:
+        i = tokens.index("--")
+        tokens, trainer_args = tokens[:i], tokens[i + 1:]
+    if not tokens or tokens[0] in ("help", "-h", "--help"):
+        raise Usage(subcommand_help(tokens[1] if len(tokens) > 1 else None))
+    if any(t in ("-h", "--help") for t in tokens):
+        raise Usage(subcommand_help(tokens[0]))
+    return slack_parser().parse_args(tokens), trainer_args

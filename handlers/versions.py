@@ -1,0 +1,35 @@
+"""/ml expose, versions, diff."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from handlers.context import Ctx, Deps
+from handlers.grammar import model_of
+
+
+def expose(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
+    model = model_of(args)
+    result = deps.registry.expose(model, ctx.user)
+    lines = [f"• exposed `{v['name']}` from `{v['job_id']}` "
+             + " ".join(f"{k}={v2:.4g}" for k, v2 in v["metrics"].items()) for v in result["exposed"]]
+    lines += [f"• :warning: {e['error']}" for e in result["errors"]]
+    body = "\n".join(lines) or "Nothing new to expose: no succeeded job without a version."
+    ctx.ephemeral(f"Expose {model}", [deps.render.section(f"*Expose {model}*\n{body}")])
+
+
+def versions(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
+    data = deps.registry.versions(model_of(args))
+    text, blocks, _ = deps.render.table(
+        f"Versions of {data['model']} (default {data['default'] or 'none'})", data["versions"][:40],
+        [("name", "VERSION"), ("is_default", "DEFAULT"), ("created_at", "CREATED"), ("trained_by", "TRAINED BY"),
+         ("metrics", "METRICS")])
+    ctx.ephemeral(text, blocks)
+
+
+def diff(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
+    result = deps.registry.diff(args.model, args.version, args.base)
+    base = result["base"]["name"] if result.get("base") else "(none)"
+    text, blocks = deps.render.diff_message(f"{args.model}: {result['candidate']['name']} against {base}", result)
+    ctx.ephemeral(text, blocks)
