@@ -44,24 +44,28 @@ def context(*texts: str) -> dict[str, Any]:
     return {"type": "context", "elements": [mrkdwn(t[:SECTION_TEXT]) for t in texts[:10]]}
 
 
-def code_sections(body: str, limit_blocks: int = 10) -> tuple[Blocks, bool]:
-    """Monospace text split on line boundaries into sections; returns (blocks, truncated)."""
+def code_sections(body: str, limit_blocks: int = 10, limit_chars: int = MESSAGE_BUDGET - 1500
+                  ) -> tuple[Blocks, bool]:
+    """Monospace text split on line boundaries into sections, within a block and a character budget.
+
+    Returns (blocks, truncated); a truncated text ends with a line saying how many lines were left out.
+    """
+    lines = [escape(line)[: SECTION_TEXT - 40] for line in (body.splitlines() or [""])]
+    per_section = SECTION_TEXT - 40  # room for the fences and the "… N more lines" note
     blocks: Blocks = []
     chunk: list[str] = []
-    size = 0
-    budget = SECTION_TEXT - 8  # the ``` fences
-    lines = body.splitlines() or [""]
+    size = total = 0
     for i, line in enumerate(lines):
-        line = escape(line)[:budget]
-        if size + len(line) + 1 > budget:
+        if size + len(line) + 1 > per_section or total + len(line) + 1 > limit_chars:
             blocks.append(section("```" + "\n".join(chunk) + "```"))
             chunk, size = [], 0
-            if len(blocks) >= limit_blocks:
-                rest = len(lines) - i
-                blocks[-1] = section(blocks[-1]["text"]["text"][:-3] + f"\n… {rest} more lines```")
+            if len(blocks) >= limit_blocks or total + len(line) + 1 > limit_chars:
+                note = f"\n… {len(lines) - i} more lines"
+                blocks[-1] = section(blocks[-1]["text"]["text"][:-3] + note + "```")
                 return blocks, True
         chunk.append(line)
         size += len(line) + 1
+        total += len(line) + 1
     blocks.append(section("```" + "\n".join(chunk) + "```"))
     return blocks, False
 
@@ -225,7 +229,7 @@ def decided_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
     """The card after a decision: buttons replaced by who decided when, then the outcome."""
     title, blocks, truncated = review_card(req)
     blocks = [b for b in blocks if b.get("type") != "actions"]
-    decisions = [f"{':white_check_mark:' if d['decision'] == 'approve' else ':x:'} {d['decision']}d by "
+    decisions = [f"{':white_check_mark:' if d['decision'] == 'approve' else ':x:'} {d['decision'].rstrip('e')}ed by "
                  f"<@{escape(d['user'])}> at {d['at']}" + (f": {escape(d['reason'])[:300]}" if d.get("reason")
                                                             else "") for d in req["decisions"]]
     if decisions:

@@ -79,7 +79,7 @@ def request_lines(req: dict[str, Any]) -> list[str]:
             f"{req['candidate']} — {req['state']}")
     out = [head, f"Requested by {req['requested_by']}" + (f": {req['reason']}" if req.get("reason") else ""),
            f"Approvals {req['approvals']}/{req['required_approvals']}, expires {req['expires_at']}"]
-    out += [f"  {d['decision']}d by {d['user']} at {d['at']}" + (f": {d['reason']}" if d.get("reason") else "")
+    out += [f"  {d['decision'].rstrip('e')}ed by {d['user']} at {d['at']}" + (f": {d['reason']}" if d.get("reason") else "")
             for d in req.get("decisions", [])]
     if req.get("error"):
         out.append(f"Error: {req['error']}")

@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
-
 
 def test_demo_runs_the_whole_flow(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STARCHART_", "DATABASE_URL"))}

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import read_json, replay_args, train_and_wait
+
 from model_registry.backends.local_runner import proc_start_time
 from model_registry.errors import InvalidInput, NotFound
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from conftest import ROOT
 from sqlalchemy import inspect
 
-from conftest import ROOT
 from model_registry.db import SCHEMA_HEAD, alembic_config, make_engine, migrate
 
 

@@ -75,7 +75,7 @@ def make_dataset(x, y, batch_size, shuffle):
     return ds.with_options(options)
 
 
-def build_model(hidden_units, learning_rate, mean, variance):
+def build_model(hidden_units, mean, variance):
     inputs = keras.Input(shape=(len(FEATURES),), name='features')
     h = keras.layers.Normalization(mean=mean, variance=variance,
                                    name='normalize')(inputs)
@@ -83,12 +83,7 @@ def build_model(hidden_units, learning_rate, mean, variance):
         h = keras.layers.Dense(units, activation='relu', name=f'hidden_{i}')(h)
     outputs = keras.layers.Dense(NUM_CLASSES, activation='softmax',
                                  name='probabilities')(h)
-    model = keras.Model(inputs, outputs, name='iris_mlp')
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name='accuracy')])
-    return model
+    return keras.Model(inputs, outputs, name='iris_mlp')
 
 
 def export_saved_model(model, path):
@@ -113,41 +108,34 @@ def export_saved_model(model, path):
     archive.write_out(path, verbose=False)
 
 
-class ScalarSummaries(keras.callbacks.Callback):
-    """Per-epoch scalar summaries (loss/accuracy) in TensorBoard's layout.
+class ScalarSummaries:
+    """Per-epoch scalar summaries in the layout Keras' TensorBoard callback uses.
 
-    Same event layout and tags as ``keras.callbacks.TensorBoard`` with
-    ``update_freq='epoch'`` (``train/`` and ``validation/`` runs, tags
-    ``epoch_loss``/``epoch_accuracy``), but written with the core
-    ``tf.summary.write`` op, so it does not need the ``tensorboard`` pip
-    package (tensorflow-cpu does not pull it in) and costs one small write
-    per epoch.
+    ``train/`` and ``validation/`` runs with tags ``epoch_loss`` and
+    ``epoch_accuracy``, written with the core ``tf.summary.write`` op so the
+    ``tensorboard`` pip package is not needed (tensorflow-cpu does not pull it
+    in); one small write per epoch.
     """
 
     def __init__(self, log_dir):
-        super().__init__()
         self._log_dir = log_dir
         self._writers = {}
         self._metadata = tf.compat.v1.SummaryMetadata(
             plugin_data=tf.compat.v1.SummaryMetadata.PluginData(
                 plugin_name='scalars')).SerializeToString()
 
-    def _writer(self, run):
+    def write(self, run, step, values):
         if run not in self._writers:
             self._writers[run] = tf.summary.create_file_writer(
                 os.path.join(self._log_dir, run))
-        return self._writers[run]
-
-    def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            run, name = ('validation', key[4:]) if key.startswith('val_') \
-                else ('train', key)
-            with self._writer(run).as_default():
+        with self._writers[run].as_default():
+            for name, value in values.items():
                 tf.summary.write(f'epoch_{name}',
-                                 tf.constant(float(value), tf.float32),
-                                 step=epoch, metadata=self._metadata)
+                                 tf.constant(value, tf.float32), step=step,
+                                 metadata=self._metadata)
+        self._writers[run].flush()
 
-    def on_train_end(self, logs=None):
+    def close(self):
         for writer in self._writers.values():
             writer.close()
 
@@ -167,15 +155,68 @@ def _cluster_role(strategy):
             task_type, task_id)
 
 
+def _make_steps(strategy, model, optimizer):
+    """Distributed train/eval steps returning global (loss_sum, correct, n).
+
+    A custom loop instead of ``model.fit``: Keras 3's fit() does not work with
+    a multi-worker MultiWorkerMirroredStrategy (keras-team/keras#20585), and
+    one loop for every strategy keeps ``--distribute=none`` and
+    ``multiworker`` on the same code path.
+    """
+
+    def replica_step(x, y, training):
+        with tf.GradientTape() as tape:
+            probabilities = model(x, training=training)
+            per_example = keras.losses.sparse_categorical_crossentropy(
+                y, probabilities)
+            local_n = tf.cast(tf.shape(y)[0], tf.float32)
+            loss_sum = tf.reduce_sum(per_example)
+            if training:
+                # Mean over the *global* batch; the optimizer sums the
+                # replicas' gradients.
+                global_n = tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.SUM, local_n)
+                loss = loss_sum / tf.maximum(global_n, 1.0)
+        if training:
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        correct = tf.reduce_sum(tf.cast(
+            tf.equal(tf.argmax(probabilities, axis=1), y), tf.float32))
+        return loss_sum, correct, local_n
+
+    def make(training):
+        @tf.function(reduce_retracing=True)
+        def step(batch):
+            x, y = batch
+            per_replica = strategy.run(replica_step, args=(x, y, training))
+            return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                    for v in per_replica]
+        return step
+
+    return make(True), make(False)
+
+
+def _run_epoch(step, dist_ds):
+    loss_sum = correct = n = 0.0
+    for batch in dist_ds:
+        batch_loss, batch_correct, batch_n = step(batch)
+        loss_sum += float(batch_loss)
+        correct += float(batch_correct)
+        n += float(batch_n)
+    n = max(n, 1.0)
+    return {'loss': loss_sum / n, 'accuracy': correct / n}
+
+
 def train_and_export(args, paths, environ, log):
-    strategy = None
     if args.distribute == 'multiworker':
         # Must exist before any other TF op runs (collective ops setup).
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         is_chief, task_type, task_id = _cluster_role(strategy)
+        role = f'{task_type}:{task_id}' if task_type else 'single process'
         log(f'multiworker: {strategy.num_replicas_in_sync} replica(s); this '
-            f'is {task_type}:{task_id} ({"chief" if is_chief else "non-chief"})')
+            f'is {role} ({"chief" if is_chief else "non-chief"})')
     else:
+        strategy = tf.distribute.get_strategy()  # default (no distribution)
         is_chief, task_id = True, 0
 
     keras.utils.set_random_seed(SEED)
@@ -198,34 +239,42 @@ def train_and_export(args, paths, environ, log):
                 scratch, 'tensorboard'),
         }
 
+    summaries = None
     try:
-        mean, variance = x_train.mean(axis=0), x_train.var(axis=0)
-        if strategy is not None:
-            with strategy.scope():
-                model = build_model(args.hidden_units, args.learning_rate,
-                                    mean, variance)
-        else:
-            model = build_model(args.hidden_units, args.learning_rate,
-                                mean, variance)
+        with strategy.scope():
+            model = build_model(args.hidden_units, x_train.mean(axis=0),
+                                x_train.var(axis=0))
+            optimizer = keras.optimizers.Adam(learning_rate=args.learning_rate)
+            optimizer.build(model.trainable_variables)
+        train_step, eval_step = _make_steps(strategy, model, optimizer)
+        train_ds = strategy.experimental_distribute_dataset(
+            make_dataset(x_train, y_train, args.batch_size, shuffle=True))
+        eval_ds = strategy.experimental_distribute_dataset(
+            make_dataset(x_eval, y_eval, args.batch_size, shuffle=False))
 
-        callbacks = []
         if paths['checkpoint_dir']:
             tf.io.gfile.makedirs(paths['checkpoint_dir'])
-            callbacks.append(keras.callbacks.ModelCheckpoint(
-                os.path.join(paths['checkpoint_dir'],
-                             'ckpt-{epoch:03d}.weights.h5'),
-                save_weights_only=True, save_freq='epoch'))
         if paths['tensorboard_dir']:
-            callbacks.append(ScalarSummaries(paths['tensorboard_dir']))
+            summaries = ScalarSummaries(paths['tensorboard_dir'])
 
-        train_ds = make_dataset(x_train, y_train, args.batch_size, True)
-        eval_ds = make_dataset(x_eval, y_eval, args.batch_size, False)
-        model.fit(train_ds, validation_data=eval_ds, epochs=args.epochs,
-                  callbacks=callbacks, shuffle=False, verbose=2)
+        for epoch in range(args.epochs):
+            train_metrics = _run_epoch(train_step, train_ds)
+            eval_metrics = _run_epoch(eval_step, eval_ds)
+            log(f'epoch {epoch + 1}/{args.epochs}: '
+                f'loss={train_metrics["loss"]:.4f} '
+                f'accuracy={train_metrics["accuracy"]:.4f} '
+                f'val_loss={eval_metrics["loss"]:.4f} '
+                f'val_accuracy={eval_metrics["accuracy"]:.4f}')
+            if summaries is not None:
+                summaries.write('train', epoch, train_metrics)
+                summaries.write('validation', epoch, eval_metrics)
+            if paths['checkpoint_dir']:
+                model.save_weights(os.path.join(
+                    paths['checkpoint_dir'],
+                    f'ckpt-{epoch + 1:03d}.weights.h5'))
 
-        results = model.evaluate(eval_ds, return_dict=True, verbose=0)
-        metrics = {'accuracy': float(results['accuracy']),
-                   'loss': float(results['loss'])}
+        metrics = {'accuracy': float(eval_metrics['accuracy']),
+                   'loss': float(eval_metrics['loss'])}
         log(f'held-out metrics: {json.dumps(metrics)}')
 
         export_saved_model(model, paths['model_dir'])
@@ -239,5 +288,7 @@ def train_and_export(args, paths, environ, log):
         log(f'metrics written to {paths["metrics_path"]}')
         return metrics
     finally:
+        if summaries is not None:
+            summaries.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

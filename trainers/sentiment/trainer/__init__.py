@@ -1,0 +1,1 @@
+"""StarChart sentiment trainer package (entry point: python -m trainer.task)."""
