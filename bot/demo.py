@@ -1,4 +1,8 @@
-"""`starchart demo`: the whole StarChart flow on a fresh temporary home, nothing to set up."""
+"""`starchart demo`: the whole StarChart flow on a fresh temporary home, shown as the console renders Slack.
+
+Three people take part: a trainer, a requester and an approver. Nothing needs setting up: the local
+backend trains for real, SQLite records, and the same handlers Slack drives render the messages.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from bot import text
+from bot import blocks
+from bot.console import Console
 from model_registry.config import ProjectConfig, Settings
-from model_registry.errors import Refused
 
 PROJECT = Path(__file__).resolve().parents[1]
 TRAINER, REQUESTER, APPROVER = "U0TRAINER", "U0REQUESTER", "U0APPROVER"
-
-
-def _say(line: str = "") -> None:
-    print(line, flush=True)
 
 
 def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int:
@@ -31,60 +31,41 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
         "defaults": {"approvers": [APPROVER, REQUESTER, TRAINER], "required_approvals": 1,
                      "allow_self_approval": False, "request_expiry": "72h"},
     }))
-    env = {"STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config_path), "STARCHART_BACKEND": "local"}
-    settings = Settings.from_env({**os.environ, **env, "DATABASE_URL": f"sqlite:///{home / 'starchart.db'}"})
-    reg = Registry(settings, ProjectConfig.load(config_path))
-    _say(f"StarChart demo — home {home} (local backend, SQLite)")
+    env = {**os.environ, "STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config_path),
+           "STARCHART_BACKEND": "local", "DATABASE_URL": f"sqlite:///{home / 'starchart.db'}"}
+    reg = Registry(Settings.from_env(env), ProjectConfig.load(config_path))
+    console = Console(reg, TRAINER, follow_interval=0.5)
 
-    jobs = []
-    for ep, lr in ((epochs[0], 0.01), (epochs[1], 0.02)):
-        _say(f"\n$ starchart train -m iris -- --epochs={ep} --learning_rate={lr}   (as {TRAINER})")
-        job = reg.train("iris", TRAINER, args=[f"--epochs={ep}", f"--learning_rate={lr}"])
-        job = reg.wait(job["job_id"], on_change=lambda j: _say(f"  {j['job_id']} {j['state']}"))
-        if job["state"] != "SUCCEEDED":
-            _say(f"training failed:\n{job['error']}")
-            return 1
-        jobs.append(job)
+    def type_(user: str, line: str) -> None:
+        if console.user != user:
+            console.handle(f"/as {user}")
+        console.write(f"\n{user}> {line}")
+        console.handle(line)
 
-    _say("\n$ starchart state -m iris")
-    _say(text.table(reg.state("iris"), [("job_id", "JOB"), ("state", "STATE"), ("args", "ARGS")]))
-    _say("\n$ starchart expose -m iris")
-    result = reg.expose("iris", TRAINER)
-    for v in result["exposed"]:
-        _say(f"  exposed {v['name']} (accuracy {v['metrics'].get('accuracy', float('nan')):.3f})")
-    versions = reg.versions("iris")
-    _say(text.table(versions["versions"], [("name", "VERSION"), ("is_default", "DEFAULT"), ("metrics", "METRICS")]))
+    def click_approve(user: str) -> None:
+        number = max(i for i, b in enumerate(console.buttons, start=1) if b[0] == blocks.APPROVE)
+        type_(user, str(number))
 
-    candidate = versions["versions"][0]["name"]
-    _say(f"\n$ starchart promote iris {candidate} --reason 'more epochs'   (as {REQUESTER})")
-    req = reg.promote("iris", candidate, REQUESTER, "more epochs")
-    _say("\n".join(text.request_lines(req)))
-    _say("\n$ starchart diff iris")
-    _say("\n".join(text.diff_lines(req["diff"])))
-
-    for who in (REQUESTER, TRAINER):
-        _say(f"\n$ starchart approve {req['id']}   (as {who})")
-        try:
-            reg.decide(req["id"], who, True)
-            _say("  unexpectedly accepted")
-            return 1
-        except Refused as exc:
-            _say(f"  refused: {exc.message}")
-
-    _say(f"\n$ starchart approve {req['id']}   (as {APPROVER})")
-    reg.decide(req["id"], APPROVER, True)
-    req = reg.apply_request(req["id"], actor=APPROVER)
-    _say("\n".join(text.request_lines(req)))
-    if req["state"] != "applied":
+    console.write(f"StarChart demo — home {home} (local backend, SQLite); Slack messages rendered as the "
+                  f"console shows them")
+    type_(TRAINER, f"/ml train iris -- --epochs={epochs[0]} --learning_rate=0.01")
+    type_(TRAINER, f"/ml train iris -- --epochs={epochs[1]} --learning_rate=0.02")
+    if any(j["state"] != "SUCCEEDED" for j in reg.state("iris")):
+        console.write("a training failed; see above")
         return 1
-    _say(f"\nDefault of iris is now {reg.default_version('iris')} (served by the local backend: "
-         f"{reg.backend.current_default('iris')})")
-    _say("\n$ starchart audit iris")
-    events = reg.audit_events(model="iris", limit=30)
-    _say(text.table(reversed(events), [("at", "TIME"), ("action", "ACTION"), ("actor", "ACTOR"),
-                                       ("version", "VERSION"), ("request_id", "REQUEST")]))
-    check = reg.verify_audit()
-    _say(f"\n$ starchart audit verify\n  {'OK' if check.ok else 'BROKEN'}: {check.events} events"
-         + (f" — {check.problem}" if check.problem else ""))
-    _say(f"\nModel file: {reg.config.model_files / 'iris.yaml'}")
-    return 0 if check.ok else 1
+    type_(TRAINER, "/ml state iris")
+    type_(TRAINER, "/ml expose iris")
+    type_(TRAINER, "/ml versions iris")
+    candidate = reg.versions("iris")["versions"][0]["name"]
+    type_(REQUESTER, f"/ml promote iris {candidate} --reason \"more epochs\"")
+    type_(REQUESTER, "/ml diff iris")
+    click_approve(REQUESTER)  # refused: the requester may not approve
+    click_approve(TRAINER)    # refused: nor may whoever trained the candidate
+    click_approve(APPROVER)   # a second person: approved, then applied
+    type_(APPROVER, "/ml versions iris")
+    type_(APPROVER, "/ml audit iris --limit 20")
+    type_(APPROVER, "/ml audit verify")
+    switched = reg.default_version("iris") == candidate and reg.backend.current_default("iris") == candidate
+    console.write(f"\nDefault of iris: {reg.default_version('iris')} (local server: "
+                  f"{reg.backend.current_default('iris')}). Model file: {reg.config.model_files / 'iris.yaml'}")
+    return 0 if switched and reg.verify_audit().ok else 1

@@ -13,10 +13,11 @@ def test_demo_runs_the_whole_flow(tmp_path) -> None:
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    assert out.count("SUCCEEDED") >= 2
-    assert "exposed v" in out
-    assert "refused: U0REQUESTER requested this promotion" in out
-    assert "refused: U0TRAINER trained the candidate" in out
-    assert "— applied" in out
-    assert "promotion.applied" in out and "OK:" in out
+    assert out.count("*succeeded*") == 2
+    assert out.count("exposed `v") == 2
+    assert "== Review: iris" in out and "[1] Approve" in out and "Metrics" in out
+    assert "U0REQUESTER requested this promotion and may not approve it" in out
+    assert "U0TRAINER trained the candidate and may not approve it" in out
+    assert "approved by @U0APPROVER" in out and ":rocket: applied" in out
+    assert "promotion.applied" in out and "Audit chain OK" in out
     assert not (tmp_path / ".starchart").exists(), "the demo uses a fresh temporary home"
