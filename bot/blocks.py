@@ -289,3 +289,8 @@ def diff_message(title: str, diff: dict[str, Any]) -> tuple[str, Blocks]:
 
 def request_message(req: dict[str, Any]) -> tuple[str, Blocks]:
     return plain_text(f"Promotion request #{req['id']}", full_diff_text(req))
+
+
+def default_at_message(answer: dict[str, Any]) -> tuple[str, Blocks]:
+    lines = plain.default_at_lines(answer)
+    return lines[0], [section(escape(lines[0])), *code_sections("\n".join(lines[1:]), limit_blocks=2)[0]]

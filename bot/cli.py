@@ -150,11 +150,23 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
                                              ("approvals", "APPROVALS"), ("created_at", "CREATED")]))
         return EXIT_OK
     if cmd == "audit":
+        if args.target == "checkpoint":
+            cp = reg.audit_checkpoint()
+            emit(cp, lambda: f"checkpoint: {cp['count']} events, head {cp['head'][:16]} at {cp['at']}"
+                             + ("" if cp["sig"] else " (unsigned: set STARCHART_AUDIT_KEY)"))
+            return EXIT_OK
         if args.target == "verify":
             result = reg.verify_audit()
-            emit(result.__dict__, lambda: (f"audit chain OK: {result.events} events, head {result.head_hash[:16]}"
+            emit(result.__dict__, lambda: (f"audit chain OK: {result.events} events, head {result.head_hash[:16]}, "
+                                           f"{result.checkpoints} checkpoints matched"
                                            if result.ok else f"audit chain BROKEN: {result.problem}"))
             return EXIT_OK if result.ok else EXIT_ERROR
+        if args.at:
+            if not args.target:
+                raise Usage("starchart audit --at: a model is required (audit MODEL --at TIME)")
+            answer = reg.default_at(args.target, parse_time(args.at))
+            emit(answer, lambda: "\n".join(text.default_at_lines(answer)))
+            return EXIT_OK
         events = reg.audit_events(
             model=args.target, since=parse_time(args.since) if args.since else None,
             until=parse_time(args.until) if args.until else None, actor=args.actor, action=args.action,

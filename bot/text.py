@@ -84,3 +84,17 @@ def request_lines(req: dict[str, Any]) -> list[str]:
     if req.get("error"):
         out.append(f"Error: {req['error']}")
     return out
+
+
+def default_at_lines(answer: dict[str, Any]) -> list[str]:
+    """`audit MODEL --at T`: the default then, and the decisions and training behind it."""
+    out = [f"At {answer['at']} the default of {answer['model']} was {answer['version']} "
+           f"(since {answer['since']}, {answer['how']})"]
+    out.append(f"  requested by {answer.get('requested_by') or '-'}; approved by "
+               f"{', '.join(answer.get('approved_by') or []) or '- (first version of a new model)'}")
+    if answer.get("job_id"):
+        program = answer.get("program") or {}
+        out.append(f"  from job {answer['job_id']} trained by {answer.get('trained_by')}")
+        out.append(f"  args: {' '.join(answer.get('args') or []) or '(none)'}")
+        out.append(f"  program: {program.get('module')} sha256 {str(program.get('sha256'))[:16]}")
+    return out

@@ -66,7 +66,7 @@ def build_parser(prog: str = "starchart", cli: bool = True) -> Parser:
     p = sub.add_parser("show", help="show a promotion request")
     p.add_argument("request", type=_request_id)
     p = sub.add_parser("audit", help="audit [MODEL] [filters] | audit verify")
-    p.add_argument("target", nargs="?", metavar="MODEL|verify")
+    p.add_argument("target", nargs="?", metavar="MODEL|verify|checkpoint")
     p.add_argument("--since")
     p.add_argument("--until")
     p.add_argument("--actor", "--by", *([] if cli else ["--user"]), dest="actor", help="only events by this user")
@@ -74,6 +74,9 @@ def build_parser(prog: str = "starchart", cli: bool = True) -> Parser:
     p.add_argument("--version")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--csv", action="store_true")
+    p.add_argument("--at", help="which version was the default of MODEL at this time")
+    if not cli:
+        p.add_argument("--share", action="store_true", help="post the answer to the channel")
     if cli:
         sub.add_parser("demo", help="the whole flow on a fresh temporary home")
         p = sub.add_parser("serve", help="the Slack bot over HTTP (POST /slack/events, GET /healthz)")

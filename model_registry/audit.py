@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -86,6 +87,7 @@ class VerifyResult:
     head_hash: str
     problem: str | None = None
     first_bad_seq: int | None = None
+    checkpoints: int = 0
 
 
 def iter_events(session: Session, batch: int = 5000) -> Iterator[AuditEvent]:
@@ -103,8 +105,42 @@ def iter_events(session: Session, batch: int = 5000) -> Iterator[AuditEvent]:
         session.expunge_all()
 
 
-def verify(session: Session) -> VerifyResult:
-    """Recompute the chain; name the first event that was edited, removed, reordered or forged."""
+def sign_checkpoint(count: int, head: str, at: str, key: bytes | None) -> str | None:
+    if not key:
+        return None
+    return hmac.new(key, canonical({"count": count, "head": head, "at": at}).encode(), hashlib.sha256).hexdigest()
+
+
+def checkpoint(session: Session, key: bytes | None) -> dict[str, Any]:
+    """The chain's head now (count, head hash, time), signed so that a copy kept elsewhere can be trusted."""
+    head = session.get(AuditHead, 1)
+    count, head_hash = (head.seq, head.hash) if head else (0, GENESIS)
+    at = _time_text(utcnow())[:19] + "Z"
+    return {"count": count, "head": head_hash, "at": at, "sig": sign_checkpoint(count, head_hash, at, key)}
+
+
+def _checkpoint_problem(cp: dict[str, Any], count: int, hashes: dict[int, str], key: bytes | None) -> str | None:
+    try:
+        n, head, at = int(cp["count"]), str(cp["head"]), str(cp["at"])
+    except (KeyError, TypeError, ValueError):
+        return f"checkpoint {cp!r} is malformed"
+    if key and not hmac.compare_digest(str(cp.get("sig") or ""), sign_checkpoint(n, head, at, key) or ""):
+        return f"the checkpoint of {at} has a bad signature (forged, or signed with another key)"
+    if n > count:
+        return f"the chain ends at event #{count} but the checkpoint of {at} saw #{n}: events were removed"
+    if n and hashes.get(n) != head:
+        return f"event #{n} differs from the checkpoint of {at}: the chain was rewritten"
+    return None
+
+
+def verify(session: Session, checkpoints: Iterable[dict[str, Any]] = (), key: bytes | None = None) -> VerifyResult:
+    """Recompute the chain; name the first event that was edited, removed, reordered or forged.
+
+    Checkpoints kept outside the database also catch a rewritten chain and a truncated tail.
+    """
+    checkpoints = list(checkpoints)
+    wanted = {int(cp["count"]) for cp in checkpoints if isinstance(cp, dict) and str(cp.get("count", "")).isdigit()}
+    hashes: dict[int, str] = {}
     prev, expected, count = GENESIS, 1, 0
     for e in iter_events(session):
         if e.seq != expected:
@@ -113,13 +149,19 @@ def verify(session: Session) -> VerifyResult:
             return VerifyResult(False, count, prev, f"event #{e.seq} does not follow event #{e.seq - 1}", e.seq)
         if event_hash(hashed_fields(e)) != e.hash:
             return VerifyResult(False, count, prev, f"event #{e.seq} was altered after it was written", e.seq)
+        if e.seq in wanted:
+            hashes[e.seq] = e.hash
         prev, expected, count = e.hash, expected + 1, count + 1
+    for cp in sorted(checkpoints, key=lambda c: str(c.get("at", "")) if isinstance(c, dict) else ""):
+        problem = _checkpoint_problem(cp, count, hashes, key) if isinstance(cp, dict) else "malformed checkpoint"
+        if problem:
+            return VerifyResult(False, count, prev, problem, min(int(cp.get("count", 0) or 0), count + 1) or None)
     head = session.get(AuditHead, 1)
     if head is not None and (head.seq != count or head.hash != prev):
         return VerifyResult(
             False, count, prev, f"the chain ends at event #{count} but its head says #{head.seq}", count + 1
         )
-    return VerifyResult(True, count, prev)
+    return VerifyResult(True, count, prev, checkpoints=len(checkpoints))
 
 
 def details_of(e: AuditEvent) -> dict[str, Any]:
@@ -163,3 +205,16 @@ def query(
          "job_id": e.job_id, "channel": e.channel, "message_ts": e.message_ts, "details": details_of(e)}
         for e in rows
     ]
+
+
+def has_actor(session: Session, actor: str) -> bool:
+    return session.execute(select(AuditEvent.seq).where(AuditEvent.actor == actor).limit(1)).first() is not None
+
+
+def default_event_at(session: Session, model: str, at: datetime) -> AuditEvent | None:
+    """The event that made the default of `model` what it was at `at`."""
+    return session.execute(
+        select(AuditEvent).where(AuditEvent.model == model, AuditEvent.created_at <= at,
+                                 AuditEvent.action.in_(("default.initialized", "promotion.applied")))
+        .order_by(AuditEvent.created_at.desc(), AuditEvent.seq.desc()).limit(1)
+    ).scalar_one_or_none()

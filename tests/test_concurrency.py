@@ -75,6 +75,6 @@ def test_concurrent_appends_keep_one_chain(make_registry: Any, db_url: str) -> N
     home, url = str(reg.settings.home), reg.settings.database_url
     ctx = mp.get_context("spawn")
     with ctx.Pool(4) as pool:
-        pool.map(_append_events, [(home, url, 50)] * 4)
+        pool.map(_append_events, [(home, url, 250)] * 4)
     result = reg.verify_audit()
-    assert result.ok and result.events == 200, result
+    assert result.ok and result.events == 1000, result
