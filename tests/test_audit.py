@@ -108,11 +108,14 @@ def test_default_at_a_point_in_time(audited: Any) -> None:
     assert now["version"] == versions[0] and now["how"] == "promotion.applied"
     assert now["requested_by"] == "U_REQ" and now["approved_by"] == ["U_OK"]
     assert now["job_id"].startswith("iris_") and now["args"] and now["program"]["sha256"]
-    initial = reg.audit_events(action="default.initialized")[0]
-    from datetime import datetime
+    from model_registry.records import AuditEvent
 
-    then = reg.default_at("iris", datetime.strptime(initial["at"], "%Y-%m-%dT%H:%M:%SZ") + timedelta(seconds=0.9))
-    assert then["version"] in (versions[1], versions[0])
+    with reg.sessions() as s:
+        exact = {e.action: e.created_at for e in s.query(AuditEvent).filter(
+            AuditEvent.action.in_(["default.initialized", "promotion.applied"]))}
+    assert reg.default_at("iris", exact["default.initialized"])["version"] == versions[1]
+    before = reg.default_at("iris", exact["promotion.applied"] - timedelta(microseconds=1))
+    assert before["version"] == versions[1] and before["approved_by"] == []
     with pytest.raises(NotFound):
         reg.default_at("iris", names.utcnow() - timedelta(days=365))
 

@@ -23,9 +23,7 @@ TRAINERS = Path(__file__).resolve().parents[1] / "trainers"
 DATA_FILES = {"iris": "trainer/data/iris.csv", "sentiment": "trainer/data/reviews.csv"}
 TIMEOUT = 180
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed"
-)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
 
 IRIS_SAMPLE = {  # one setosa, one virginica
     "sepal_length": [5.1, 6.7],
@@ -58,9 +56,7 @@ print(json.dumps({
 
 def _env(**extra: str) -> dict[str, str]:
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("AIP_") and k not in ("TF_CONFIG", "CLOUD_ML_JOB_ID")
+        k: v for k, v in os.environ.items() if not k.startswith("AIP_") and k not in ("TF_CONFIG", "CLOUD_ML_JOB_ID")
     }
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -71,14 +67,21 @@ def _env(**extra: str) -> dict[str, str]:
 def _run_task(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trainer.task", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
 
 
 def _serve(model_dir: Path, inputs: object) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", SERVE_SCRIPT, str(model_dir), json.dumps(inputs)],
-        env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -96,13 +99,18 @@ def _build_and_extract(name: str, workdir: Path) -> Path:
     """``python setup.py sdist`` on a copy of trainers/<name>, extracted; returns the sdist root."""
     src = workdir / "src"
     shutil.copytree(
-        TRAINERS / name, src,
+        TRAINERS / name,
+        src,
         ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "dist", "build"),
     )
     dist = workdir / "dist"
     proc = subprocess.run(
         [sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)],
-        cwd=src, env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=src,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr
     (tarball,) = dist.glob("*.tar.gz")
@@ -139,7 +147,8 @@ def _assert_training_outputs(tmp_path: Path, proc: subprocess.CompletedProcess[s
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == metrics
     assert (tmp_path / "train" / "model" / "saved_model.pb").is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.weights.h5")) == [
-        "ckpt-001.weights.h5", "ckpt-002.weights.h5",
+        "ckpt-001.weights.h5",
+        "ckpt-002.weights.h5",
     ]
     for run in ("train", "validation"):
         assert list((tmp_path / "tensorboard" / run).glob("events.out.tfevents.*")), run
@@ -177,19 +186,6 @@ def test_sentiment_sdist_train_and_serve(sdists: dict[str, Path], tmp_path: Path
         assert label == ("positive" if p >= 0.5 else "negative")
 
 
-def test_sentiment_model_dir_and_job_dir_flags(sdists: dict[str, Path], tmp_path: Path) -> None:
-    """Without the AIP_* variables: --model-dir for the model, --job-dir for metrics.json."""
-    proc = _run_task(
-        sdists["sentiment"],
-        ["--epochs=1", f"--model-dir={tmp_path / 'out' / 'model'}", f"--job-dir={tmp_path / 'job'}"],
-        _env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "out" / "model" / "saved_model.pb").is_file()
-    _read_metrics(tmp_path / "job" / "metrics.json")
-    assert not (tmp_path / "out" / "metrics.json").exists()
-
-
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -202,6 +198,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def test_iris_multiworker_two_local_workers(sdists: dict[str, Path], tmp_path: Path) -> None:
+    """Two local MultiWorkerMirroredStrategy workers; paths from --model-dir/--job-dir instead of AIP_MODEL_DIR."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs, scratch = [], []
@@ -210,11 +207,28 @@ def test_iris_multiworker_two_local_workers(sdists: dict[str, Path], tmp_path: P
         tmpdir.mkdir()
         scratch.append(tmpdir)
         env = _vertex_env(tmp_path)
-        env.update(TMPDIR=str(tmpdir), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "trainer.task", "--distribute=multiworker", "--epochs=2"],
-            cwd=sdists["iris"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        del env["AIP_MODEL_DIR"]
+        env.update(
+            TMPDIR=str(tmpdir), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "trainer.task",
+                    "--distribute=multiworker",
+                    "--epochs=2",
+                    f"--model-dir={tmp_path / 'out' / 'model'}",
+                    f"--job-dir={tmp_path / 'job'}",
+                ],
+                cwd=sdists["iris"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     try:
         for proc in procs:
@@ -228,9 +242,11 @@ def test_iris_multiworker_two_local_workers(sdists: dict[str, Path], tmp_path: P
     for rc, out, err in results:
         assert rc == 0, out[-2000:] + err[-3000:]
     assert "(chief)" in results[0][1] and "(non-chief)" in results[1][1]
-    # The chief wrote to the real locations ...
-    assert (tmp_path / "train" / "model" / "saved_model.pb").is_file()
-    chief_metrics = _read_metrics(tmp_path / "train" / "metrics.json")
+    # The chief wrote to the real locations (metrics.json under --job-dir, not next to the model) ...
+    assert (tmp_path / "out" / "model" / "saved_model.pb").is_file()
+    chief_metrics = _read_metrics(tmp_path / "job" / "metrics.json")
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert len(list((tmp_path / "checkpoints").glob("ckpt-*.weights.h5"))) == 2
     # ... both workers computed the same (globally reduced) metrics ...
     assert json.loads(results[1][1].strip().splitlines()[-1]) == chief_metrics
     # ... and the non-chief's scratch directory is gone.
@@ -241,13 +257,18 @@ def test_iris_multiworker_two_local_workers(sdists: dict[str, Path], tmp_path: P
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--epochs=abc"], "--epochs: invalid int value: 'abc'"),
-        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-        (["--train_data=/nonexistent/train.csv"], "--train_data: file not found: /nonexistent/train.csv"),
+        pytest.param(["--epochs=abc"], "--epochs: invalid int value: 'abc'", id="bad-int"),
+        pytest.param(["--no-such-flag"], "unrecognized arguments: --no-such-flag", id="unknown-flag"),
+        pytest.param(
+            ["--train_data=/nonexistent/train.csv"],
+            "--train_data: file not found: /nonexistent/train.csv",
+            id="missing-train-data",
+        ),
     ],
 )
-def test_bad_arguments_fail_fast(sdists: dict[str, Path], tmp_path: Path, name: str, args: list[str],
-                                 message: str) -> None:
+def test_bad_arguments_fail_fast(
+    sdists: dict[str, Path], tmp_path: Path, name: str, args: list[str], message: str
+) -> None:
     proc = _run_task(sdists[name], args, _env(AIP_MODEL_DIR=str(tmp_path / "train" / "model")))
     assert proc.returncode != 0
     assert message in proc.stderr

@@ -179,7 +179,8 @@ def _make_steps(strategy, model, optimizer):
                 loss = loss_sum / tf.maximum(global_n, 1.0)
         if training:
             grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            optimizer.apply_gradients(
+                zip(grads, model.trainable_variables, strict=True))
         correct = tf.reduce_sum(tf.cast(
             tf.equal(tf.argmax(probabilities, axis=1), y), tf.float32))
         return loss_sum, correct, local_n

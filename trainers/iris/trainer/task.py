@@ -29,11 +29,15 @@ Serving signature ``serving_default``:
   (0 = setosa, 1 = versicolor, 2 = virginica)
 
 With ``--distribute=multiworker`` training runs under
-``tf.distribute.MultiWorkerMirroredStrategy`` driven by ``TF_CONFIG``; the
-chief (task type ``chief``/``master``, or ``worker`` 0 when the cluster has
-no chief) writes the SavedModel, checkpoints, TensorBoard logs and
-metrics.json to the real locations, the other workers write theirs to a
-local temporary directory which is deleted at exit.
+``tf.distribute.MultiWorkerMirroredStrategy`` driven by ``TF_CONFIG`` (no
+TF_CONFIG: a single local worker); the chief (task type ``chief``/``master``,
+or ``worker`` 0 when the cluster has no chief) writes the SavedModel,
+checkpoints, TensorBoard logs and metrics.json to the real locations, the
+other workers write theirs to a local temporary directory which is deleted
+at exit.  All workers report the same, globally reduced, metrics.  With the
+default ``--distribute=none`` TF_CONFIG is only logged.  Training uses a
+small custom loop (``model.py``) rather than ``Model.fit`` because Keras 3's
+fit() fails under a multi-worker strategy (keras-team/keras#20585).
 
 Exit status: 0 on success, 2 on bad flags/paths (argparse), 1 on bad data.
 """
@@ -54,7 +58,8 @@ def _positive_int(value):
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f'invalid int value: {value!r}')
+        raise argparse.ArgumentTypeError(
+            f'invalid int value: {value!r}') from None
     if number <= 0:
         raise argparse.ArgumentTypeError(f'must be > 0, got {number}')
     return number
@@ -64,7 +69,8 @@ def _positive_float(value):
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f'invalid float value: {value!r}')
+        raise argparse.ArgumentTypeError(
+            f'invalid float value: {value!r}') from None
     if not number > 0:
         raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
     return number
@@ -75,7 +81,8 @@ def _hidden_units(value):
         units = [int(part) for part in value.split(',') if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f'expected comma-separated ints like "16,8", got {value!r}')
+            f'expected comma-separated ints like "16,8", got {value!r}'
+        ) from None
     if not units or any(u <= 0 for u in units):
         raise argparse.ArgumentTypeError(
             f'expected comma-separated positive ints like "16,8", got {value!r}')
@@ -156,9 +163,14 @@ def main(argv=None, environ=None):
 
     from trainer import model  # imports TensorFlow
 
-    if '://' in args.train_data and not model.tf.io.gfile.exists(
-            args.train_data):
-        parser.error(f'--train_data: file not found: {args.train_data}')
+    if '://' in args.train_data:
+        try:
+            found = model.tf.io.gfile.exists(args.train_data)
+        except model.tf.errors.OpError as err:
+            parser.error(f'--train_data: cannot access {args.train_data}: '
+                         f'{err.message}')
+        if not found:
+            parser.error(f'--train_data: file not found: {args.train_data}')
 
     try:
         metrics = model.train_and_export(args, paths, environ, log)

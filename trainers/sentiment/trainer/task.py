@@ -53,7 +53,8 @@ def _positive_int(value):
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f'invalid int value: {value!r}')
+        raise argparse.ArgumentTypeError(
+            f'invalid int value: {value!r}') from None
     if number <= 0:
         raise argparse.ArgumentTypeError(f'must be > 0, got {number}')
     return number
@@ -63,7 +64,8 @@ def _positive_float(value):
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f'invalid float value: {value!r}')
+        raise argparse.ArgumentTypeError(
+            f'invalid float value: {value!r}') from None
     if not number > 0:
         raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
     return number
@@ -146,9 +148,14 @@ def main(argv=None, environ=None):
 
     from trainer import model  # imports TensorFlow
 
-    if '://' in args.train_data and not model.tf.io.gfile.exists(
-            args.train_data):
-        parser.error(f'--train_data: file not found: {args.train_data}')
+    if '://' in args.train_data:
+        try:
+            found = model.tf.io.gfile.exists(args.train_data)
+        except model.tf.errors.OpError as err:
+            parser.error(f'--train_data: cannot access {args.train_data}: '
+                         f'{err.message}')
+        if not found:
+            parser.error(f'--train_data: file not found: {args.train_data}')
 
     try:
         metrics = model.train_and_export(args, paths, environ, log)

@@ -1,0 +1,25 @@
+"""The benchmark scripts run and follow DESIGN.md's output contract (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_list_queries_smoke_prints_the_result_json_last() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "list_queries.py"), "--smoke"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-2000:]
+    result = json.loads(lines[-1])
+    assert {"benchmark", "ratio", "better", "measured", "baseline", "unit"} <= set(result)
+    assert result["benchmark"] == "list_queries"
+    assert result["better"] in ("lower", "higher")
+    assert isinstance(result["ratio"], (int, float)) and result["ratio"] > 0
+    assert result["measured"] > 0 and result["baseline"] > 0
+    assert set(result["ratios"]) == {"state/sqlite", "versions/sqlite"}
