@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sqlalchemy import func, select, update
+from sqlalchemy import String, func, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -55,7 +55,21 @@ LOG_TAIL_LINES = 20
 
 
 def iso(value: datetime | None) -> str | None:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+    return value.isoformat(timespec="seconds") + "Z" if value else None
+
+
+def _text(column: Any) -> Any:
+    """A timestamp column as the driver returns it, skipping SQLAlchemy's parsing (list queries)."""
+    return type_coerce(column, String)
+
+
+def iso_text(value: Any) -> str | None:
+    """A stored timestamp (SQLite text 'YYYY-mm-dd HH:MM:SS.ffffff' or a driver datetime) as ISO UTC."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return iso(value)
+    return f"{value[:10]}T{value[11:19]}Z"
 
 
 def job_view(j: Job) -> dict[str, Any]:
@@ -290,21 +304,24 @@ class Registry:
             return ""
 
     def state(self, model: str, limit: int | None = None) -> list[dict[str, Any]]:
-        with self.unit_of_work() as s:
-            self._require_model(model, s)
-        self.refresh_jobs(model)
         cols = Job.__table__.c
-        with self.unit_of_work() as s:
-            q = select(cols.job_id, cols.state, cols.created_at, cols.started_at, cols.ended_at, cols.requested_by,
-                       cols.version_name, cols.args, cols.error).where(cols.model == model).order_by(cols.ts.desc())
-            if limit:
-                q = q.limit(limit)
-            return [
-                {"job_id": r.job_id, "state": r.state, "created_at": iso(r.created_at),
-                 "started_at": iso(r.started_at), "ended_at": iso(r.ended_at), "requested_by": r.requested_by,
-                 "version": r.version_name, "args": r.args, "error": r.error}
-                for r in s.execute(q)
-            ]
+        q = select(cols.job_id, cols.state, _text(cols.created_at), _text(cols.started_at), _text(cols.ended_at),
+                   cols.requested_by, cols.version_name, cols.args, cols.error).where(cols.model == model)
+        q = q.order_by(cols.ts.desc()).limit(limit) if limit else q.order_by(cols.ts.desc())
+        for attempt in (1, 2):
+            with self.unit_of_work() as s:
+                self._require_model(model, s)
+                pending = attempt == 1 and s.execute(select(cols.job_id).where(
+                    cols.model == model, cols.state.in_([QUEUED, RUNNING])).limit(1)).first() is not None
+                if not pending:
+                    rows = s.execute(q).all()
+                    break
+            self.refresh_jobs(model)  # only unfinished jobs cost a backend call
+        return [
+            {"job_id": job_id, "state": state, "created_at": iso_text(created), "started_at": iso_text(started),
+             "ended_at": iso_text(ended), "requested_by": by, "version": version, "args": args, "error": error}
+            for job_id, state, created, started, ended, by, version, args, error in rows
+        ]
 
     def job(self, job_id: str) -> dict[str, Any]:
         names.split_job_id(job_id)
@@ -453,18 +470,17 @@ class Registry:
         cols = Version.__table__.c
         with self.unit_of_work() as s:
             self._require_model(model, s)
-            record = s.get(ModelRecord, model)
+            default = s.execute(select(ModelRecord.default_version).where(ModelRecord.name == model)).scalar()
             rows = s.execute(
-                select(cols.name, cols.job_id, cols.created_at, cols.trained_by, cols.metrics, cols.deployment_uri)
-                .where(cols.model == model).order_by(cols.name.desc())
+                select(cols.name, cols.job_id, _text(cols.created_at), cols.trained_by, cols.metrics,
+                       cols.deployment_uri).where(cols.model == model).order_by(cols.name.desc())
             ).all()
-        default = record.default_version if record else None
         return {
             "model": model, "default": default,
             "versions": [
-                {"name": r.name, "job_id": r.job_id, "created_at": iso(r.created_at), "trained_by": r.trained_by,
-                 "metrics": r.metrics, "deployment_uri": r.deployment_uri, "is_default": r.name == default}
-                for r in rows
+                {"name": name, "job_id": job_id, "created_at": iso_text(created), "trained_by": by,
+                 "metrics": metrics, "deployment_uri": uri, "is_default": name == default}
+                for name, job_id, created, by, metrics, uri in rows
             ],
         }
 

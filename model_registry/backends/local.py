@@ -28,7 +28,7 @@ def _dt(epoch: float | None) -> datetime | None:
 
 class LocalBackend:
     name = "local"
-    poll_interval = (0.1, 0.25)  # a status check is a file read: poll often, finish promptly
+    poll_interval = (0.05, 0.1)  # a status check is a file read: poll often, finish promptly
 
     def __init__(self, home: Path, python: str | None = None) -> None:
         self.home = home
