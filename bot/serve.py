@@ -25,7 +25,7 @@ def build_wsgi() -> Any:
     from bot.app import create_bot
     from bot.web import WebApp
 
-    bot = create_bot()
+    bot = create_bot(follow_interval=float(os.environ.get("STARCHART_FOLLOW_INTERVAL", "2")))
     bot.registry.reconcile()
     return WebApp(bot)
 
