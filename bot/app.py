@@ -75,6 +75,46 @@ def display_names(client: WebClient) -> Callable[[str], str | None]:
     return TtlCache(fetch, ttl=3600.0)
 
 
+class LazyRegistry:
+    """The core, loaded in a thread while the web process already acks (SQLAlchemy takes a while to import).
+
+    Attribute access waits for it; `ready()` tells /healthz whether it has loaded, and a load error
+    is raised again to every caller instead of being lost.
+    """
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+        def load() -> None:
+            try:
+                self._value = build()
+            except BaseException as exc:  # noqa: BLE001 - kept and re-raised to every caller
+                log.exception("the core failed to load")
+                self._error = exc
+            finally:
+                self._done.set()
+
+        threading.Thread(target=load, name="starchart-core-load", daemon=True).start()
+
+    def ready(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    def failed(self) -> BaseException | None:
+        return self._error if self._done.is_set() else None
+
+    def get(self, timeout: float | None = 120.0) -> Any:
+        if not self._done.wait(timeout):
+            raise TimeoutError("the core is still loading")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
 @dataclass
 class Bot:
     app: App
@@ -100,9 +140,14 @@ def create_bot(env: Mapping[str, str] | None = None, registry: Any = None,
     client = slack_client(env, token)
     members = group_members(client)
     if registry is None:
-        from model_registry.workflow import Registry
+        def build() -> Any:
+            from model_registry.workflow import Registry
 
-        registry = Registry.from_env(members_of=members)
+            reg = Registry.from_env(members_of=members)
+            reg.reconcile()  # an apply interrupted by the last stop ends applied or failed, never applying
+            return reg
+
+        registry = LazyRegistry(build)
     else:
         registry._members_of = members
     app = App(token=token, signing_secret=secret or "", client=client, token_verification_enabled=False,

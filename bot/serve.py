@@ -26,7 +26,6 @@ def build_wsgi() -> Any:
     from bot.web import WebApp
 
     bot = create_bot(follow_interval=float(os.environ.get("STARCHART_FOLLOW_INTERVAL", "2")))
-    bot.registry.reconcile()
     return WebApp(bot)
 
 
@@ -54,5 +53,4 @@ def socket_mode() -> None:
     if not app_token:
         raise InvalidInput("SLACK_APP_TOKEN is not set", "create an app-level token with connections:write")
     bot = create_bot()
-    bot.registry.reconcile()
     SocketModeHandler(bot.app, app_token).start()

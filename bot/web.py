@@ -37,11 +37,20 @@ class WebApp:
         return _reply(start_response, "404 Not Found", {"error": f"no route for {method} {path}"})
 
     def health(self, start_response: StartResponse) -> Iterable[bytes]:
+        """Healthy once Slack requests can be acked; the core may still be loading (work then waits for it)."""
+        registry = self.bot.registry
+        failed = getattr(registry, "failed", lambda: None)()
+        if failed is not None:
+            return _reply(start_response, "503 Service Unavailable", {"ok": False, "core": "failed",
+                                                                       "error": str(failed)[:300]})
+        if not getattr(registry, "ready", lambda: True)():
+            return _reply(start_response, "200 OK", {"ok": True, "core": "loading"})
         try:
-            self.bot.registry.default_version("healthz")
+            registry.default_version("healthz")
         except Exception as exc:  # the database is unreachable: not healthy
-            return _reply(start_response, "503 Service Unavailable", {"ok": False, "error": type(exc).__name__})
-        return _reply(start_response, "200 OK", {"ok": True})
+            return _reply(start_response, "503 Service Unavailable", {"ok": False, "core": "ready",
+                                                                       "error": type(exc).__name__})
+        return _reply(start_response, "200 OK", {"ok": True, "core": "ready"})
 
     def slack_events(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:

@@ -1,0 +1,199 @@
+"""Ack latency, start-up time and memory of the bot's web process against a bare Bolt app.
+
+Both run under the same gunicorn settings (gthread); signed requests go over loopback HTTP. The
+Web API and response_url calls the bot makes after acking go to a local sink that answers ok.
+
+    python benchmarks/slack_ack.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "bench-signing-secret"
+TOKEN = "xoxb-bench"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Sink(BaseHTTPRequestHandler):
+    """Slack's Web API and response_url, reduced to 'ok'."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"ok": True, "channel": "C0BENCH", "ts": f"{time.time():.6f}", "users": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def signed(body: str) -> dict[str, str]:
+    ts = str(int(time.time()))
+    sig = "v0=" + hmac.new(SECRET.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": sig,
+            "Content-Type": "application/x-www-form-urlencoded"}
+
+
+def command_body(sink: str) -> str:
+    return urllib.parse.urlencode({
+        "token": "x", "team_id": "T0BENCH", "team_domain": "bench", "channel_id": "C0BENCH", "channel_name": "b",
+        "user_id": "U0BENCH", "user_name": "bench", "command": "/ml", "text": "state iris", "api_app_id": "A0",
+        "response_url": f"{sink}/response", "trigger_id": "1.2.3"})
+
+
+def click_body(sink: str) -> str:
+    payload = {
+        "type": "block_actions", "user": {"id": "U0BENCH", "username": "bench", "team_id": "T0BENCH"},
+        "api_app_id": "A0", "token": "x", "team": {"id": "T0BENCH", "domain": "bench"},
+        "container": {"type": "message", "message_ts": "1.000001", "channel_id": "C0BENCH", "is_ephemeral": False},
+        "trigger_id": "1.2.3", "channel": {"id": "C0BENCH", "name": "b"},
+        "message": {"ts": "1.000001", "text": "card", "blocks": []}, "response_url": f"{sink}/response",
+        "actions": [{"action_id": "review.approve", "block_id": "review-999999", "type": "button",
+                     "value": json.dumps({"r": 999999, "m": "iris", "d": "0" * 64}), "action_ts": "1.2"}],
+    }
+    return urllib.parse.urlencode({"payload": json.dumps(payload)})
+
+
+def start(app: str, env: dict[str, str], port: int) -> tuple[subprocess.Popen[bytes], float]:
+    argv = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", "--workers", "2",
+            "--worker-class", "gthread", "--threads", "8", "--timeout", "30", "--log-level", "warning"]
+    t0 = time.perf_counter()
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+    url = f"http://127.0.0.1:{port}/healthz"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return proc, time.perf_counter() - t0
+        except OSError:
+            if proc.poll() is not None:
+                errors.seek(0)
+                raise RuntimeError(f"{app} exited: {errors.read().decode()[-2000:]}") from None
+            time.sleep(0.02)
+
+
+def rss_mb(proc: subprocess.Popen[bytes]) -> float:
+    """Resident memory of the gunicorn master and its workers together."""
+    pids = [proc.pid]
+    try:
+        pids += [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    except OSError:
+        pass
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def load(port: int, body: str, n: int, concurrency: int) -> list[float]:
+    url = f"http://127.0.0.1:{port}/slack/events"
+
+    def one(_: int) -> float:
+        req = urllib.request.Request(url, data=body.encode(), headers=signed(body), method="POST")
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+            assert resp.status == 200, resp.status
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    opts = ap.parse_args()
+    n, concurrency = (200, 20) if opts.quick else (500, 20)
+
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    sink_url = f"http://127.0.0.1:{sink.server_address[1]}"
+    home = Path(tempfile.mkdtemp(prefix="starchart-bench-"))
+    (home / "starchart.yaml").write_text(f"trainer_base: {ROOT / 'trainers'}\nmodel_files: models\n")
+    env = {**os.environ, "SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": sink_url + "/api/",
+           "STARCHART_HOME": str(home), "STARCHART_CONFIG": str(home / "starchart.yaml"),
+           "DATABASE_URL": f"sqlite:///{home / 'db.sqlite'}"}
+
+    sys.path.insert(0, str(ROOT))
+    from model_registry.db import make_engine, migrate
+
+    migrate(make_engine(env["DATABASE_URL"]))  # a deployed bot starts on an existing schema
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, app in (("bare", "benchmarks.bare_bolt:build()"), ("starchart", "bot.serve:build_wsgi()")):
+        port = free_port()
+        proc, startup = start(app, env, port)
+        try:
+            load(port, command_body(sink_url), 20, 5)  # warm up both workers
+            cmd = load(port, command_body(sink_url), n, concurrency)
+            click = load(port, click_body(sink_url), n, concurrency)
+            time.sleep(1.0)
+            rss = rss_mb(proc)  # after the load: the core and its caches are in memory
+            results[name] = {"startup_s": startup, "rss_mb": rss, "command_p99_ms": p99(cmd) * 1000,
+                             "click_p99_ms": p99(click) * 1000, "max_ms": max(cmd + click) * 1000}
+            log(f"{name}: {json.dumps({k: round(v, 2) for k, v in results[name].items()})}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    sink.shutdown()
+
+    bare, ours = results["bare"], results["starchart"]
+    ratios = {
+        "command_p99": ours["command_p99_ms"] / bare["command_p99_ms"],
+        "click_p99": ours["click_p99_ms"] / bare["click_p99_ms"],
+        "startup": ours["startup_s"] / bare["startup_s"],
+        "rss": ours["rss_mb"] / bare["rss_mb"],
+    }
+    worst_latency = max(ratios["command_p99"], ratios["click_p99"])
+    print(json.dumps({
+        "benchmark": "slack_ack", "ratio": round(worst_latency, 3), "better": "lower",
+        "measured": round(max(ours["command_p99_ms"], ours["click_p99_ms"]), 2),
+        "baseline": round(max(bare["command_p99_ms"], bare["click_p99_ms"]), 2), "unit": "ms (p99 ack latency)",
+        "targets": {"p99": 1.5, "startup": 2.0, "rss": 2.0, "max_ms": 3000},
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "over_3s": ours["max_ms"] > 3000, "requests": n, "concurrency": concurrency,
+        "starchart": {k: round(v, 2) for k, v in ours.items()}, "bare": {k: round(v, 2) for k, v in bare.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
