@@ -153,6 +153,7 @@ def create_bot(env: Mapping[str, str] | None = None, registry: Any = None,
     app = App(token=token, signing_secret=secret or "", client=client, token_verification_enabled=False,
               request_verification_enabled=True, process_before_response=False)
     deps = Deps(registry=registry, render=blocks, background=background or background_executor(),
+                watch=lambda fn: threading.Thread(target=fn, name="starchart-watch", daemon=True).start(),
                 user_name=display_names(client), follow_interval=follow_interval)
     register(app, deps)
     return Bot(app=app, deps=deps, registry=registry, client=client, signing_secret=secret or "")

@@ -19,6 +19,7 @@ class Deps:
     registry: Any          # model_registry.workflow.Registry
     render: Any            # bot.blocks: Block Kit rendering and Slack's size budget
     background: Callable[[Callable[[], None]], None]
+    watch: Callable[[Callable[[], None]], None] | None = None  # long waits (a training to its end); default: background
     user_name: Callable[[str], str | None] = lambda _user: None
     follow_interval: float = 2.0  # seconds between progress checks of a training message
     running_update_every: float = 15.0  # seconds between "running (elapsed)" edits
@@ -65,8 +66,8 @@ def _slack_hint(code: str) -> str:
     }.get(code, f"Slack answered '{code}'")
 
 
-def run_reported(deps: Deps, ctx: Ctx, work: Callable[[], None]) -> None:
-    """Run `work` in the background; any error reaches the user and the log."""
+def run_reported(deps: Deps, ctx: Ctx, work: Callable[[], None], long: bool = False) -> None:
+    """Run `work` in the background (`long`: on its own thread); any error reaches the user and the log."""
 
     def job() -> None:
         try:
@@ -74,4 +75,4 @@ def run_reported(deps: Deps, ctx: Ctx, work: Callable[[], None]) -> None:
         except BaseException as exc:  # noqa: BLE001 - every failure is reported, none swallowed
             report_error(deps, ctx, exc)
 
-    deps.background(job)
+    (deps.watch if long and deps.watch else deps.background)(job)

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from handlers.context import Ctx, Deps
+from handlers.context import Ctx, Deps, run_reported
 from handlers.grammar import model_of
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -18,7 +18,7 @@ def train(deps: Deps, ctx: Ctx, args: argparse.Namespace, trainer_args: list[str
                               workers=args.workers, accelerator=args.accelerator)
     text, blocks = deps.render.job_message(job)
     posted = ctx.client.chat_postMessage(channel=ctx.channel, text=text, blocks=blocks, unfurl_links=False)
-    follow(deps, ctx, job, posted["channel"], posted["ts"])
+    run_reported(deps, ctx, lambda: follow(deps, ctx, job, posted["channel"], posted["ts"]), long=True)
 
 
 def follow(deps: Deps, ctx: Ctx, job: dict[str, Any], channel: str, ts: str, timeout: float = 24 * 3600) -> None:
