@@ -1,0 +1,316 @@
+"""End to end over real HTTP: `starchart serve` (gunicorn, Bolt, slack_sdk) against a local fake of Slack.
+
+Signed slash commands, clicks and modal submissions go to the running server; everything the bot says
+to Slack lands in the fake, where the tests read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from conftest import ROOT, write_config
+from tests.fakes.slack_driver import SlackDriver
+from tests.fakes.slack_fake import SlackFake
+
+SECRET = "test-signing-secret"
+CHANNEL = "C0MLREVIEW"
+TRAINER, REQUESTER, APPROVER, GROUP_APPROVER, MALLORY = "U0ALICE", "U0BOB", "U0ERIN", "U0CAROL", "U0MALLORY"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `starchart serve` process (2 gunicorn workers)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bot.cli", "serve", "--port", str(self.port), "--workers", "2"],
+            cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=2).json().get("core") == "ready":
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"starchart serve did not become ready:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def slack() -> Iterator[SlackFake]:
+    fake = SlackFake(usergroups={"S0REVIEWERS": [GROUP_APPROVER]}, channels={CHANNEL: "ml-review"})
+    for user in (TRAINER, REQUESTER, APPROVER, GROUP_APPROVER, MALLORY):
+        fake.add_user(user, user.lower(), display_name=user[2:].capitalize())
+    with fake:
+        yield fake
+
+
+@pytest.fixture
+def bot_env(tmp_path: Path, replay_trainers: Path, slack: SlackFake, db_url: str) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir()
+    config = write_config(home, replay_trainers, defaults={
+        "channel": CHANNEL, "approvers": [APPROVER, "S0REVIEWERS", REQUESTER, TRAINER],
+        "required_approvals": 1})
+    return {**os.environ, "SLACK_BOT_TOKEN": slack.token, "SLACK_SIGNING_SECRET": SECRET,
+            "SLACK_API_URL": slack.base_url, "STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config),
+            "DATABASE_URL": db_url, "STARCHART_FOLLOW_INTERVAL": "0.1", "WEB_THREADS": "8"}
+
+
+@pytest.fixture
+def server(bot_env: dict[str, str], tmp_path: Path) -> Iterator[Server]:
+    srv = Server(bot_env, tmp_path / "serve.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def driver(server: Server, slack: SlackFake) -> Iterator[SlackDriver]:
+    d = SlackDriver(server.url, SECRET, response_urls=slack.response_url)
+    yield d
+    d.close()
+
+
+def registry(env: dict[str, str]) -> Any:
+    from model_registry.config import ProjectConfig, Settings
+    from model_registry.workflow import Registry
+
+    settings = Settings.from_env(env)
+    return Registry(settings, ProjectConfig.load(settings.config_path))
+
+
+def said_to(slack: SlackFake, user_text: str, timeout: float = 15) -> dict[str, Any]:
+    """The response_url post (ephemeral answer) whose text contains `user_text`."""
+    def find() -> Any:
+        for r in slack.responses:
+            if user_text in json.dumps(r["payload"]):
+                return r
+        return None
+    return slack.wait_for(find, timeout=timeout)
+
+
+def message_with(slack: SlackFake, needle: str, timeout: float = 30) -> tuple[tuple[str, str], dict[str, Any]]:
+    def find() -> Any:
+        for key, msg in slack.messages.items():
+            if needle in json.dumps(msg):
+                return key, msg
+        return None
+    return slack.wait_for(find, timeout=timeout)
+
+
+def buttons(message: dict[str, Any]) -> dict[str, str]:
+    return {e["action_id"]: e["value"] for b in message.get("blocks", []) if b.get("type") == "actions"
+            for e in b["elements"]}
+
+
+def acked(resp: Any) -> None:
+    assert resp.status == 200, (resp.status, resp.text)
+    assert resp.elapsed < 3.0, f"ack took {resp.elapsed:.2f}s"
+
+
+def train_expose_promote(driver: SlackDriver, slack: SlackFake, trained: dict, extra: str = ""
+                         ) -> tuple[tuple[str, str], dict[str, Any]]:
+    for src, tag in ((trained["iris_a"], "a"), (trained["iris_b"], "b")):
+        acked(driver.command(f"train iris — —source={src} —run={tag}", user_id=TRAINER, channel_id=CHANNEL))
+        (key, _msg) = message_with(slack, f"--run={tag}")
+        slack.wait_for(lambda key=key: "*succeeded*" in json.dumps(slack.messages[key]), timeout=60)
+    acked(driver.command("expose iris", user_id=TRAINER, channel_id=CHANNEL))
+    said_to(slack, "exposed `v")
+    reg = registry_from(slack)
+    newest = reg.versions("iris")["versions"][0]["name"]
+    acked(driver.command(f"promote iris {newest} --reason “better” {extra}".strip(), user_id=REQUESTER,
+                         channel_id=CHANNEL))
+    return message_with(slack, "Review: iris")
+
+
+_REGISTRIES: dict[int, Any] = {}
+
+
+def registry_from(slack: SlackFake) -> Any:
+    return _REGISTRIES[id(slack)]
+
+
+@pytest.fixture(autouse=True)
+def _registry_for(request: pytest.FixtureRequest) -> Iterator[None]:
+    if "bot_env" in request.fixturenames:
+        env = request.getfixturevalue("bot_env")
+        slack = request.getfixturevalue("slack")
+        _REGISTRIES[id(slack)] = registry(env)
+        yield
+        _REGISTRIES.pop(id(slack)).engine.dispose()
+    else:
+        yield
+
+
+def test_review_flow_end_to_end(driver: SlackDriver, slack: SlackFake, trained: dict, bot_env: dict) -> None:
+    (channel, ts), card = train_expose_promote(driver, slack, trained)
+    reg = registry_from(slack)
+    assert channel == CHANNEL
+    value = buttons(card)["review.approve"]
+    assert set(buttons(card)) == {"review.approve", "review.reject"}
+    text = json.dumps(card)
+    assert "Parameters" in text and "Metrics" in text and "trained by" in text and "confirm" in text
+    base = reg.default_version("iris")
+
+    acked(driver.block_action("review.approve", value, user_id=REQUESTER, channel_id=channel, message=card))
+    said_to(slack, "may not approve")  # the requester
+    acked(driver.block_action("review.approve", value, user_id=TRAINER, channel_id=channel, message=card))
+    said_to(slack, "trained the candidate")
+    acked(driver.block_action("review.approve", value, user_id=MALLORY, channel_id=channel, message=card))
+    said_to(slack, "is not an approver")
+    assert reg.default_version("iris") == base
+
+    acked(driver.block_action("review.approve", value, user_id=GROUP_APPROVER, channel_id=channel, message=card))
+    slack.wait_for(lambda: ":rocket: applied" in json.dumps(slack.messages[(channel, ts)]), timeout=20)
+    updated = slack.messages[(channel, ts)]
+    assert "approved by <@U0CAROL>" in json.dumps(updated)
+    assert "review.approve" not in buttons(updated), "buttons are replaced by the decision"
+    cand = reg.versions("iris")["versions"][0]["name"]
+    assert reg.default_version("iris") == cand and reg.backend.current_default("iris") == cand
+    granted = reg.audit_events(action="approval.granted")[0]
+    assert granted["actor"] == GROUP_APPROVER and granted["actor_name"] == "Carol"
+    assert granted["channel"] == channel and granted["message_ts"] == ts
+    refused = reg.audit_events(action="approval.refused")
+    assert sorted(e["details"]["reason"] for e in refused) == ["not_approver", "self_approval", "self_approval"]
+    # the same click again (a retry or a replay) changes nothing
+    acked(driver.block_action("review.approve", value, user_id=GROUP_APPROVER, channel_id=channel, message=card))
+    said_to(slack, "already applied")
+    assert [e["action"] for e in reg.audit_events(action="promotion.applied")] == ["promotion.applied"]
+
+
+def test_reject_opens_a_form_and_records_the_reason(driver: SlackDriver, slack: SlackFake, trained: dict) -> None:
+    (channel, ts), card = train_expose_promote(driver, slack, trained)
+    reg = registry_from(slack)
+    acked(driver.block_action("review.reject", buttons(card)["review.reject"], user_id=APPROVER,
+                              channel_id=channel, message=card, trigger_id=driver.trigger_id()))
+    view = slack.wait_for(lambda: [c for c in slack.calls_to("views.open")], timeout=10)[0].params["view"]
+    assert view["callback_id"] == "review.reject_reason"
+    empty = driver.view_submission(view["callback_id"], view["private_metadata"],
+                                   {"reason": {"reason": {"type": "plain_text_input", "value": " "}}},
+                                   user_id=APPROVER)
+    assert empty.status == 200 and empty.body["response_action"] == "errors"
+    acked(driver.view_submission(view["callback_id"], view["private_metadata"],
+                                 {"reason": {"reason": {"type": "plain_text_input", "value": "loss went up"}}},
+                                 user_id=APPROVER))
+    slack.wait_for(lambda: "rejected" in json.dumps(slack.messages[(channel, ts)]), timeout=10)
+    assert "loss went up" in json.dumps(slack.messages[(channel, ts)])
+    req = reg.requests("iris")[0]
+    assert req["state"] == "rejected" and req["decisions"][0]["reason"] == "loss went up"
+
+
+def test_large_diff_goes_to_thread_and_file(driver: SlackDriver, slack: SlackFake, trained: dict) -> None:
+    src = trained["iris_a"]
+    many = " ".join(f"—p{i:02d}={i}" for i in range(12))
+    acked(driver.command(f"train iris — —source={src} {many}", user_id=TRAINER, channel_id=CHANNEL))
+    (key, _m) = message_with(slack, "--p11=11")
+    slack.wait_for(lambda: "*succeeded*" in json.dumps(slack.messages[key]), timeout=60)
+    acked(driver.command(f"train iris — —source={src}", user_id=TRAINER, channel_id=CHANNEL))
+    slack.wait_for(lambda: len([m for m in slack.messages.values() if "*succeeded*" in json.dumps(m)]) == 2,
+                   timeout=60)
+    acked(driver.command("expose iris", user_id=TRAINER, channel_id=CHANNEL))
+    said_to(slack, "exposed `v")
+    reg = registry_from(slack)
+    newest = reg.versions("iris")["versions"][0]["name"]
+    acked(driver.command(f"promote iris {newest}", user_id=REQUESTER, channel_id=CHANNEL))
+    (channel, ts), card = message_with(slack, "Review: iris")
+    assert "and 4 more" in json.dumps(card)
+    upload = slack.wait_for(lambda: slack.uploads, timeout=10)[0]
+    assert upload["thread_ts"] == ts and b"p11" in upload["content"]
+
+
+def test_bad_requests_are_refused_and_recorded(driver: SlackDriver, slack: SlackFake, trained: dict,
+                                               server: Server) -> None:
+    reg = registry_from(slack)
+    for resp in (driver.send_forged(), driver.send_unsigned(), driver.send_stale()):
+        assert resp.status == 401
+    assert [e["details"]["reason"] for e in reg.audit_events(action="request.refused")] == ["bad_signature"] * 3
+    assert slack.calls_to("chat.postMessage") == []
+
+    acked(driver.command("traim iris", user_id=TRAINER, channel_id=CHANNEL))
+    said_to(slack, "did you mean train")
+    acked(driver.command("train irs", user_id=TRAINER, channel_id=CHANNEL))
+    said_to(slack, "did you mean iris")
+    acked(driver.command("train iris -- " + "x" * 40_000, user_id=TRAINER, channel_id=CHANNEL))
+    said_to(slack, "characters long")
+    acked(driver.command("promote iris v1 --reason \"unclosed", user_id=TRAINER, channel_id=CHANNEL))
+    said_to(slack, "close every quote")
+
+    (channel, ts), card = train_expose_promote(driver, slack, trained)
+    value = json.loads(buttons(card)["review.approve"])
+    before = len(reg.audit_events(limit=1000))
+    acked(driver.block_action("review.approve", "{not json", user_id=APPROVER, channel_id=channel, message=card))
+    said_to(slack, "malformed")
+    acked(driver.block_action("review.approve", json.dumps({**value, "m": "sentiment"}), user_id=APPROVER,
+                              channel_id=channel, message=card))
+    said_to(slack, "that button names sentiment")
+    acked(driver.block_action("review.approve", json.dumps({**value, "r": 424242}), user_id=APPROVER,
+                              channel_id=channel, message=card))
+    said_to(slack, "no promotion request #424242")
+    acked(driver.block_action("review.approve", json.dumps({**value, "d": "f" * 64}), user_id=APPROVER,
+                              channel_id=channel, message=card))
+    said_to(slack, "does not belong to the card")
+    acked(driver.block_action("review.nuke", "{}", user_id=APPROVER, channel_id=channel, message=card))
+    said_to(slack, "not one this bot knows")
+    slack.wait_for(lambda: len(reg.audit_events(limit=1000)) >= before + 5, timeout=10)
+    reasons = sorted(e["details"].get("reason") for e in reg.audit_events(limit=1000)[: len(
+        reg.audit_events(limit=1000)) - before])
+    assert reasons == ["card_mismatch", "malformed_value", "model_mismatch", "not_found", "unknown_action"]
+    assert reg.requests("iris")[0]["state"] == "open", "nothing changed"
+
+
+def test_several_bot_processes_apply_once(bot_env: dict, slack: SlackFake, trained: dict, tmp_path: Path,
+                                          server: Server, driver: SlackDriver) -> None:
+    second = Server(bot_env, tmp_path / "serve2.log")
+    try:
+        (channel, ts), card = train_expose_promote(driver, slack, trained)
+        value = buttons(card)["review.approve"]
+        other = SlackDriver(second.url, SECRET, response_urls=slack.response_url)
+        clicks = [(d, u) for u in (APPROVER, GROUP_APPROVER, APPROVER) for d in (driver, other)]
+        with ThreadPoolExecutor(len(clicks)) as pool:
+            results = list(pool.map(lambda du: du[0].block_action("review.approve", value, user_id=du[1],
+                                                                  channel_id=channel, message=card), clicks))
+        assert all(r.status == 200 and r.elapsed < 3 for r in results)
+        reg = registry_from(slack)
+        slack.wait_for(lambda: reg.requests("iris")[0]["state"] == "applied", timeout=20)
+        time.sleep(1.0)  # let every replica finish its background work
+        req = reg.requests("iris")[0]
+        assert len(req["decisions"]) == 1
+        assert len(reg.audit_events(action="promotion.applying")) == 1
+        assert len(reg.audit_events(action="promotion.applied")) == 1
+        assert reg.verify_audit().ok
+        other.close()
+    finally:
+        second.stop()
+
+
+def test_healthz_and_unknown_routes(server: Server) -> None:
+    assert requests.get(f"{server.url}/healthz", timeout=5).json() == {"ok": True, "core": "ready"}
+    assert requests.get(f"{server.url}/nope", timeout=5).status_code == 404
