@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from bot.console import Console
-from conftest import replay_args
 
 
 def _console(reg: Any, user: str, answers: list[str] | None = None) -> tuple[Console, list[str]]:

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 import pytest
 import requests
-
 from conftest import ROOT, write_config
+
 from tests.fakes.slack_driver import SlackDriver
 from tests.fakes.slack_fake import SlackFake
 
