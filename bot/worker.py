@@ -1,28 +1,65 @@
-"""`starchart worker`: keeps the records true while nobody is asking — jobs, interrupted applies, expiry."""
+"""`starchart worker`: keeps the records true while nobody is asking — jobs, interrupted applies, expiry,
+and the audit checkpoints posted to Slack on a schedule (`audit_checkpoint: {channel, every}`)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from datetime import datetime
+from typing import Any
 
 from model_registry.errors import StarchartError
+from model_registry.names import parse_duration, utcnow
 
 log = logging.getLogger("starchart.worker")
+
+
+def checkpoint_due(registry: Any, now: datetime) -> bool:
+    every = registry.config.audit_checkpoint.get("every")
+    if not every:
+        return False
+    last = max((str(cp.get("at", "")) for cp in registry.audit_checkpoints()), default="")
+    if not last:
+        return True
+    return now - datetime.strptime(last, "%Y-%m-%dT%H:%M:%SZ") >= parse_duration(str(every))
+
+
+def post_checkpoint(registry: Any, client: Any) -> dict[str, Any]:
+    """Record a checkpoint outside the database and post a copy to the configured Slack channel."""
+    cp = registry.audit_checkpoint()
+    channel = registry.config.audit_checkpoint.get("channel")
+    if client is not None and channel:
+        text = (f"Audit checkpoint: {cp['count']} events, head `{cp['head']}` at {cp['at']}"
+                + (f", signature `{cp['sig']}`" if cp["sig"] else " (unsigned)"))
+        client.chat_postMessage(channel=channel, text=text)
+    return cp
+
+
+def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
+    done = {"jobs": registry.refresh_jobs(), "reconciled": len(registry.reconcile()),
+            "expired": registry.expire_requests(), "checkpoints": 0}
+    if checkpoint_due(registry, utcnow()):
+        post_checkpoint(registry, client)
+        done["checkpoints"] = 1
+    return done
 
 
 def run_worker(once: bool = False, interval: float = 10.0) -> int:
     from model_registry.workflow import Registry
 
-    registry = Registry.from_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = Registry.from_env()
+    client = None
+    if os.environ.get("SLACK_BOT_TOKEN"):
+        from bot.app import slack_client
+
+        client = slack_client()
     while True:
         try:
-            changed = registry.refresh_jobs()
-            reconciled = registry.reconcile()
-            expired = registry.expire_requests()
-            if changed or reconciled or expired:
-                log.info("jobs changed: %d, applies reconciled: %d, requests expired: %d",
-                         changed, len(reconciled), expired)
+            done = one_pass(registry, client)
+            if any(done.values()):
+                log.info("worker pass: %s", done)
         except StarchartError as exc:
             log.warning("worker pass failed: %s", exc)
         except Exception:  # keep watching; the traceback is in the log

@@ -1,0 +1,45 @@
+"""`starchart worker`: jobs followed, interrupted applies reconciled, expiry, audit checkpoints posted."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+
+from bot.app import slack_client
+from bot.worker import one_pass
+from conftest import replay_args
+from model_registry import names
+from model_registry.records import PromotionRequest
+from tests.fakes.slack_fake import SlackFake
+
+
+def test_worker_pass(two_versions: Any, trained: dict, monkeypatch: Any) -> None:
+    reg = two_versions
+    monkeypatch.setenv("STARCHART_AUDIT_KEY", "k")
+    reg.config.audit_checkpoint.update({"channel": "C0AUDIT", "every": "1h"})
+    cand = reg.versions("iris")["versions"][0]["name"]
+    stuck = reg.promote("iris", cand, "U_REQ")
+    reg.decide(stuck["id"], "U_OK", True)
+    with reg.unit_of_work() as s:
+        s.execute(update(PromotionRequest).where(PromotionRequest.id == stuck["id"])
+                  .values(state="applying", apply_started_at=names.utcnow() - timedelta(minutes=10)))
+    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"]))
+    with SlackFake(channels={"C0AUDIT": "audit"}) as fake:
+        client = slack_client({"SLACK_API_URL": fake.base_url}, token=fake.token)
+        for _ in range(600):
+            done = one_pass(reg, client)
+            if reg.job(job["job_id"])["state"] == "SUCCEEDED":
+                break
+            time.sleep(0.05)
+        assert reg.job(job["job_id"])["state"] == "SUCCEEDED"
+        assert reg.request(stuck["id"])["state"] == "failed"  # reconciled: the backend never switched
+        posted = [c.params["text"] for c in fake.calls_to("chat.postMessage")]
+        assert len(posted) == 1 and "Audit checkpoint" in posted[0], "once per `every`, not every pass"
+        assert done["checkpoints"] == 0
+    cps = reg.audit_checkpoints()
+    assert len(cps) == 1 and cps[0]["sig"] and json.dumps(cps[0])
+    assert reg.verify_audit().ok
