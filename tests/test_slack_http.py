@@ -314,3 +314,14 @@ def test_several_bot_processes_apply_once(bot_env: dict, slack: SlackFake, train
 def test_healthz_and_unknown_routes(server: Server) -> None:
     assert requests.get(f"{server.url}/healthz", timeout=5).json() == {"ok": True, "core": "ready"}
     assert requests.get(f"{server.url}/nope", timeout=5).status_code == 404
+
+
+def test_unknown_channel_is_reported_and_nothing_is_lost(driver: SlackDriver, slack: SlackFake,
+                                                        trained: dict) -> None:
+    slack.strict_channels = True
+    reg = registry_from(slack)
+    acked(driver.command(f"train iris — —source={trained['iris_a']}", user_id=TRAINER, channel_id="C0GHOST"))
+    said_to(slack, "channel_not_found")
+    assert "the channel does not exist" in json.dumps(slack.responses)
+    job = reg.state("iris")[0]
+    assert job["state"] in ("QUEUED", "RUNNING", "SUCCEEDED"), "the job itself was started and is recorded"
