@@ -1,0 +1,106 @@
+"""The audit trail's use cases: filtered events, the default at a point in time, checkpoints, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import select
+
+from model_registry import audit, names
+from model_registry.errors import InvalidInput, NotFound
+from model_registry.records import (
+    PromotionRequest,
+    Version,
+)
+from model_registry.service import Service
+from model_registry.views import iso, request_view
+
+
+class AuditTrail(Service):
+
+    @property
+    def _checkpoint_file(self) -> Path:
+        return self.settings.home / "audit" / "checkpoints.jsonl"
+
+    def _audit_key(self) -> bytes | None:
+        key = os.environ.get("STARCHART_AUDIT_KEY") or os.environ.get("SLACK_SIGNING_SECRET")
+        return key.encode() if key else None
+
+    def audit_checkpoints(self) -> list[dict[str, Any]]:
+        """Checkpoints kept outside the database (one JSON object per line)."""
+        try:
+            lines = self._checkpoint_file.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"malformed": line[:100]})
+        return out
+
+    def audit_checkpoint(self) -> dict[str, Any]:
+        """Record the chain's head outside the database; the caller may also post it (e.g. to Slack)."""
+        with self.sessions() as s:
+            cp = audit.checkpoint(s, self._audit_key())
+        self._checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._checkpoint_file, "a") as fh:
+            fh.write(json.dumps(cp, sort_keys=True) + "\n")
+        return cp
+
+    def verify_audit(self, checkpoints: Iterable[dict[str, Any]] | None = None) -> audit.VerifyResult:
+        cps = self.audit_checkpoints() if checkpoints is None else list(checkpoints)
+        with self.sessions() as s:
+            return audit.verify(s, cps, self._audit_key())
+
+    def audit_events(self, *, model: str | None = None, since: datetime | None = None,
+                     until: datetime | None = None, actor: str | None = None, action: str | None = None,
+                     version: str | None = None, limit: int = 50, before_seq: int | None = None
+                     ) -> list[dict[str, Any]]:
+        if model is not None:
+            names.validate_model_name(model)
+        if action is not None and action not in audit.ACTIONS:
+            hint = names.suggest(action, list(audit.ACTIONS)) or "actions: " + ", ".join(audit.ACTIONS)
+            raise InvalidInput(f"unknown audit action {action!r}", hint)
+        if not 1 <= limit <= 1000:
+            raise InvalidInput(f"invalid --limit {limit}", "use a number from 1 to 1000 (or --csv for everything)")
+        if since is not None and until is not None and since >= until:
+            raise InvalidInput("--since is not before --until", "swap them, or drop one")
+        with self.sessions() as s:
+            rows = audit.query(s, model=model, since=since, until=until, actor=actor, action=action,
+                               version=version, limit=limit, before_seq=before_seq)
+            if not rows and actor is not None and not audit.has_actor(s, actor):
+                raise NotFound(f"no audit events by {actor!r}", "check the user id (in Slack, @mention the person)")
+            return rows
+
+    def default_at(self, model: str, at: datetime) -> dict[str, Any]:
+        """Which version was the default of `model` at `at`, who requested and approved it, from what."""
+        names.validate_model_name(model)
+        with self.sessions() as s:
+            self._require_model(model, s)
+            event = audit.default_event_at(s, model, at)
+            if event is None:
+                raise NotFound(f"{model} had no default version at {iso(at)}",
+                               f"its first version became the default later; see `audit {model}`")
+            answer: dict[str, Any] = {"model": model, "at": iso(at), "version": event.version,
+                                      "since": iso(event.created_at), "how": event.action, "event_seq": event.seq}
+            if event.request_id is not None:
+                req = s.get(PromotionRequest, event.request_id)
+                answer["request"] = request_view(req, self._approvals(s, req.id)) if req else None
+                answer["requested_by"] = req.requested_by if req else None
+                answer["approved_by"] = [a.approver for a in self._approvals(s, event.request_id)
+                                         if a.decision == "approve"]
+            else:
+                answer["requested_by"], answer["approved_by"] = event.actor, []
+            version = s.execute(select(Version).where(Version.model == model, Version.name == event.version)
+                                ).scalar_one_or_none()
+            if version is not None:
+                answer.update(job_id=version.job_id, args=list(version.args or []), program=version.program,
+                              trained_by=version.trained_by, metrics=version.metrics)
+            answer.pop("request", None)
+            return answer
