@@ -1,0 +1,462 @@
+#!/usr/bin/env python
+"""Benchmark: `Registry.audit_events(model=M, since=now-7d, limit=20)` (what `/ml audit M --since 7d --limit 20`
+and `starchart audit` run) on an audit trail of 1,000,000 events across 200 models spread over 60 days, against
+a hand-written indexed SQL query for the same rows through the raw DB-API cursor (sqlite3 for SQLite, psycopg
+for PostgreSQL at 127.0.0.1:5432, user postgres, database test; a temporary database is created and dropped):
+
+    SELECT <the columns the Registry returns> FROM audit_events
+    WHERE model = ? AND created_at >= ? ORDER BY created_at DESC, seq DESC LIMIT 20
+
+The Registry is built on a temporary STARCHART_HOME, so the migrations create the schema (indexes and
+append-only triggers included). The events are generated in Python with a valid hash chain (the encoding of
+model_registry.audit: `event_hash(hashed_fields(...))`, so `audit.verify` accepts them) and bulk inserted
+(executemany on SQLite, COPY on PostgreSQL); audit_head is set to the last event. Both sides are timed
+alternately on the same model each round (the model rotates over the 200), and the ratio of medians is reported
+per database; the headline ratio is the worst one. Target: <= 2.0 on each database.
+
+    python benchmarks/audit_queries.py [--quick | --smoke] [--events N] [--reps N] [--sqlite-only] [--profile]
+
+`--quick` uses 100,000 events (the JSON says so in "events"); `--smoke` 2,000 events, SQLite only. Progress goes
+to stderr; the last line of stdout is one JSON object (DESIGN.md, "Benchmarks").
+
+This module also holds the helpers (event generator, bulk loader, temporary databases, alternating timer)
+that benchmarks/audit_append.py and benchmarks/audit_verify.py import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import random
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET = 2.0
+MODELS = 200
+DAYS = 60
+PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+COLUMNS = ("seq", "created_at", "action", "actor", "actor_name", "model", "version", "request_id", "job_id",
+           "channel", "message_ts", "details", "prev_hash", "hash")
+# The bare select: the columns Registry.audit_events returns, its WHERE, ORDER BY and LIMIT.
+QUERY_SQL = ("SELECT seq, created_at, action, actor, actor_name, model, version, request_id, job_id, channel, "
+             "message_ts, details FROM audit_events WHERE model = {p} AND created_at >= {p} "
+             "ORDER BY created_at DESC, seq DESC LIMIT 20")
+
+_PREFIX = ["audit"]
+
+
+def log(msg: str) -> None:
+    print(f"[{_PREFIX[0]}] {msg}", file=sys.stderr, flush=True)
+
+
+def set_log_prefix(name: str) -> None:
+    _PREFIX[0] = name
+
+
+def model_name(i: int) -> str:
+    return f"m{i:03d}"
+
+
+# ---------------------------------------------------------------------- events with a valid chain
+
+
+def generate_events(n: int, end: datetime, *, models: int = MODELS, days: int = DAYS, seed: int = 7,
+                    start_seq: int = 1, prev_hash: str | None = None) -> Iterator[tuple]:
+    """n events (tuples in COLUMNS order) spread evenly over `days` days up to `end`, created_at increasing
+    with seq, each model drawn at random; prev_hash/hash form the chain model_registry.audit.verify checks."""
+    from model_registry import audit
+
+    rng = random.Random(seed)
+    canonical, event_hash, actions = audit.canonical, audit.event_hash, audit.ACTIONS
+    prev = prev_hash or audit.GENESIS
+    step = max(1, days * 86_400_000_000 // max(n, 1))  # microseconds between events
+    start = end - timedelta(days=days)
+    us = timedelta(microseconds=1)
+    for seq in range(start_seq, start_seq + n):
+        at = start + us * ((seq - start_seq) * step + rng.randrange(step))
+        m = rng.randrange(models)
+        action = actions[rng.randrange(len(actions))]
+        u = rng.randrange(60)
+        has_req = action.startswith(("promotion", "approval", "rollback"))
+        version = f"v2024{(seq % 12) + 1:02d}{(seq % 28) + 1:02d}{seq % 86400:06d}"
+        details = canonical({"reason": "scheduled retrain" if seq % 3 else "manual", "args": ["--epochs=10"],
+                             "n": seq % 1000})
+        row = {
+            "seq": seq, "created_at": at.isoformat(timespec="microseconds"), "action": action,
+            "actor": f"U{u:08d}", "actor_name": f"user{u}", "model": model_name(m), "version": version,
+            "request_id": (seq // 7) if has_req else None, "job_id": f"{model_name(m)}_{version[1:]}",
+            "channel": "C0AUDIT01", "message_ts": f"{1_700_000_000 + seq}.{seq % 1_000_000:06d}",
+            "details": details, "prev_hash": prev,
+        }
+        h = event_hash(row)
+        yield (seq, at, action, row["actor"], row["actor_name"], row["model"], version, row["request_id"],
+               row["job_id"], row["channel"], row["message_ts"], details, prev, h)
+        prev = h
+
+
+def _sqlite_time(at: datetime) -> str:
+    # SQLAlchemy's storage format for DateTime on SQLite
+    return at.isoformat(sep=" ", timespec="microseconds")
+
+
+def load_events(kind: str, connect: Callable[[], Any], n: int, end: datetime, table: str = "audit_events",
+                **kw: Any) -> tuple[int, str]:
+    """Bulk insert n chained events into an empty audit_events and point audit_head at the last one
+    (or into another table of the same shape, then audit_head is left alone)."""
+    last = [0, ""]
+
+    def tracked() -> Iterator[tuple]:
+        for row in generate_events(n, end, **kw):
+            last[0], last[1] = row[0], row[-1]
+            yield row
+
+    cols = ", ".join(COLUMNS)
+    if kind == "sqlite":
+        conn = connect()
+        try:
+            conn.isolation_level = None
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("PRAGMA cache_size=-400000")
+            conn.execute("BEGIN")
+            conn.executemany(
+                f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                ((r[0], _sqlite_time(r[1]), *r[2:]) for r in tracked()),
+            )
+            if table == "audit_events":
+                conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (last[0], last[1]))
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+    else:
+        conn = connect()
+        try:
+            with conn.transaction():
+                with conn.cursor() as cur:
+                    with cur.copy(f"COPY {table} ({cols}) FROM STDIN") as copy:
+                        for row in tracked():
+                            copy.write_row(row)
+                    if table == "audit_events":
+                        cur.execute("UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1", (last[0], last[1]))
+            conn.execute(f"VACUUM ANALYZE {table}")  # what autovacuum does after a bulk load
+        finally:
+            conn.close()
+    return last[0], last[1]
+
+
+# ---------------------------------------------------------------------- registry and databases
+
+
+def make_registry(home: Path, db_url: str, models: int = MODELS) -> Any:
+    from model_registry.config import ProjectConfig, Settings
+    from model_registry.workflow import Registry
+
+    home.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "trainer_base": str(home / "trainers"),
+        "model_files": str(home / "models"),
+        "defaults": {"approvers": [], "required_approvals": 1, "allow_self_approval": False, "request_expiry": "72h"},
+        "models": {model_name(i): {} for i in range(models)},
+    }
+    settings = Settings.from_env({"STARCHART_HOME": str(home), "DATABASE_URL": db_url,
+                                  "STARCHART_CONFIG": str(home / "starchart.yaml")})
+    return Registry(settings, ProjectConfig.from_dict(raw, home))
+
+
+def pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_DSN, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def sqlite_db(work: Path, name: str = "sqlite") -> Iterator[tuple[str, Callable[[], Any], str]]:
+    path = work / name / "starchart.db"
+    path.parent.mkdir(parents=True)
+    yield f"sqlite:///{path}", lambda: sqlite3.connect(str(path)), "?"
+
+
+@contextmanager
+def pg_db() -> Iterator[tuple[str, Callable[[], Any], str]]:
+    """A temporary PostgreSQL database, always dropped."""
+    import psycopg
+
+    name = f"starchart_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        dsn = f"host=127.0.0.1 port=5432 user=postgres dbname={name}"
+        yield PG_URL.format(name=name), lambda: psycopg.connect(dsn, autocommit=True), "%s"
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        log(f"dropped temporary database {name}")
+
+
+def databases(opts: Any, work: Path) -> tuple[list[tuple[str, Callable[[], Any]]], dict[str, str]]:
+    dbs: list[tuple[str, Callable[[], Any]]] = [("sqlite", lambda: sqlite_db(work))]
+    skipped: dict[str, str] = {}
+    if opts.smoke or opts.sqlite_only:
+        skipped["postgresql"] = "not requested"
+    elif pg_available():
+        dbs.append(("postgresql", pg_db))
+    else:
+        skipped["postgresql"] = "unreachable at 127.0.0.1:5432"
+        log("PostgreSQL is not reachable at 127.0.0.1:5432: measuring SQLite only")
+    return dbs, skipped
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def alternate(sides: dict[str, Callable[[int], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Time each side `reps` times, interleaved (each gets the round number); the first side rotates."""
+    for i in range(warmup):
+        for fn in sides.values():
+            fn(i)
+    names = list(sides)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    clock = time.perf_counter
+    for i in range(reps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            fn = sides[name]
+            t0 = clock()
+            fn(i)
+            times[name].append(clock() - t0)
+    return times
+
+
+def profile(fn: Callable[[int], Any], calls: int, label: str) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(calls):
+        fn(i)
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf).strip_dirs()
+    buf.write(f"==== cProfile of {label}, {calls} calls: by internal time ====\n")
+    stats.sort_stats("tottime").print_stats(15)
+    buf.write(f"==== cProfile of {label}: by cumulative time ====\n")
+    stats.sort_stats("cumulative").print_stats(25)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------- the query benchmark
+
+
+def explain(kind: str, cur: Any, sql: str, params: tuple) -> list[str]:
+    if kind == "sqlite":
+        cur.execute("EXPLAIN QUERY PLAN " + sql, params)
+        return [str(r[-1]) for r in cur.fetchall()]
+    cur.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) " + sql, params)
+    return [str(r[0]) for r in cur.fetchall()]
+
+
+def captured_sql(reg: Any, call: Callable[[], Any]) -> tuple[list[str], tuple[str, Any]]:
+    """What the engine does during `call` (statements, begin, rollback), and the audit select with its parameters."""
+    from sqlalchemy import event
+
+    seen: list[tuple[str, Any]] = []
+    sent: list[str] = []
+
+    def grab(_conn: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, _many: bool) -> None:
+        sent.append(" ".join(statement.split())[:60])
+        if "FROM audit_events" in statement and "ORDER BY" in statement:
+            seen.append((statement, parameters))
+
+    def begin(_conn: Any) -> None:
+        sent.append("(begin)")
+
+    def rollback(_conn: Any) -> None:
+        sent.append("(rollback)")
+
+    hooks = (("before_cursor_execute", grab), ("begin", begin), ("rollback", rollback))
+    for name, fn in hooks:
+        event.listen(reg.engine, name, fn)
+    try:
+        call()
+    finally:
+        for name, fn in hooks:
+            event.remove(reg.engine, name, fn)
+    return sent, seen[-1]
+
+
+def run_database(kind: str, db: Any, work: Path, events: int, reps: int, warmup: int, do_profile: bool
+                 ) -> dict[str, Any]:
+    url, connect, placeholder = db
+    t0 = time.perf_counter()
+    reg = make_registry(work / f"home-{kind}", url)
+    log(f"{kind}: registry ready (migrations) in {time.perf_counter() - t0:.2f}s; loading {events:,} events ...")
+    try:
+        now = datetime.now().replace(microsecond=0) - timedelta(hours=1)  # naive, like names.utcnow()
+        t0 = time.perf_counter()
+        load_events(kind, connect, events, now)
+        load_s = time.perf_counter() - t0
+        log(f"{kind}: {events:,} chained events across {MODELS} models over {DAYS} days loaded in {load_s:.1f}s")
+        since = now - timedelta(days=7)
+        since_param: Any = _sqlite_time(since) if kind == "sqlite" else since
+        sql = QUERY_SQL.format(p=placeholder)
+        conn = connect()
+        try:
+            cur = conn.cursor()
+            models = [model_name(i) for i in range(MODELS)]
+            random.Random(3).shuffle(models)
+
+            def project(i: int) -> list[dict[str, Any]]:
+                return reg.audit_events(model=models[i % MODELS], since=since, limit=20)
+
+            def bare(i: int) -> list[Any]:
+                cur.execute(sql, (models[i % MODELS], since_param))
+                return cur.fetchall()
+
+            keys = ("seq", "at", "action", "actor", "actor_name", "model", "version", "request_id", "job_id",
+                    "channel", "message_ts", "details")
+            loads = json.loads
+            if kind == "sqlite":  # sqlite3 hands back the stored text "YYYY-MM-DD HH:MM:SS.ffffff"
+                def at_text(v: str) -> str:
+                    return f"{v[:10]}T{v[11:19]}Z"
+            else:
+                def at_text(v: datetime) -> str:
+                    return v.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+            def bare_dicts(i: int) -> list[dict[str, Any]]:
+                """The bare select, then the same list of dicts the Registry returns (time text, details decoded)."""
+                cur.execute(sql, (models[i % MODELS], since_param))
+                return [dict(zip(keys, (r[0], at_text(r[1]), *r[2:11], loads(r[11])))) for r in cur.fetchall()]
+
+            from sqlalchemy import select
+
+            from model_registry.records import AuditEvent
+
+            def orm_rows(i: int) -> list[Any]:
+                """The Registry's session and ORM select, without building the answer's dicts."""
+                with reg.sessions() as s:
+                    return s.execute(
+                        select(AuditEvent).where(AuditEvent.model == models[i % MODELS], AuditEvent.created_at >= since)
+                        .order_by(AuditEvent.created_at.desc(), AuditEvent.seq.desc()).limit(20)).scalars().all()
+
+            for i in range(min(MODELS, 20)):  # same rows on every side
+                got_p, got_b = project(i), bare(i)
+                if [r["seq"] for r in got_p] != [r[0] for r in got_b]:
+                    raise SystemExit(f"{kind}: Registry returned seqs {[r['seq'] for r in got_p][:5]}..., "
+                                     f"bare select {[r[0] for r in got_b][:5]}...")
+                if got_p != bare_dicts(i) or [e.seq for e in orm_rows(i)] != [r[0] for r in got_b]:
+                    raise SystemExit(f"{kind}: the decomposition sides do not return what the Registry returns")
+            rows_per_call = len(bare(0))
+            plan_bare = explain(kind, cur, sql, (models[0], since_param))
+            statements, (orm_statement, orm_params) = captured_sql(reg, lambda: project(0))
+            plan_orm = explain(kind, cur, orm_statement, orm_params)
+            log(f"{kind}: plan of the bare select: {' | '.join(plan_bare)}")
+            log(f"{kind}: plan of the Registry's select: {' | '.join(plan_orm)}")
+            log(f"{kind}: statements the Registry sends per call: {statements}")
+            sides = {"registry": project, "bare": bare, "bare_dicts": bare_dicts, "orm_rows": orm_rows}
+            times = alternate(sides, reps, warmup)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            ratio = med["registry"] / med["bare"]
+            log(f"{kind:<10} Registry.audit_events {med['registry'] * 1000:7.3f} ms   bare select "
+                f"{med['bare'] * 1000:7.3f} ms   ratio {ratio:5.2f}  (min {min(times['registry']) * 1000:.3f} / "
+                f"{min(times['bare']) * 1000:.3f} ms, {reps} alternating reps, {rows_per_call} rows per call)")
+            log(f"{kind:<10} decomposition: bare select + the same dicts {med['bare_dicts'] * 1000:.3f} ms; "
+                f"session + ORM select, no dicts {med['orm_rows'] * 1000:.3f} ms")
+            result = {
+                "ratio": ratio, "measured_ms": med["registry"] * 1000, "baseline_ms": med["bare"] * 1000,
+                "ratio_of_minimums": min(times["registry"]) / min(times["bare"]), "rows_per_call": rows_per_call,
+                "load_s": load_s, "plan_bare": plan_bare, "plan_registry": plan_orm,
+                "medians_ms": {k: round(v * 1000, 4) for k, v in med.items()},
+                "statements_per_call": statements,
+            }
+            if do_profile:
+                print(profile(project, max(reps, 200), f"Registry.audit_events on {kind}"), file=sys.stderr)
+            cur.close()
+            return result
+        finally:
+            conn.close()
+    finally:
+        reg.engine.dispose()
+
+
+def main() -> int:
+    set_log_prefix("audit_queries")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="100,000 events, 100 reps (< 1 minute on 2 cores)")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for the test suite: 2,000 events, SQLite only")
+    ap.add_argument("--events", type=int, help="events in the trail (default 1,000,000)")
+    ap.add_argument("--reps", type=int, help="timed calls per side (default 300; 100 with --quick; 10 with --smoke)")
+    ap.add_argument("--sqlite-only", action="store_true", help="skip PostgreSQL even when it is reachable")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of Registry.audit_events to stderr")
+    opts = ap.parse_args()
+    events = opts.events or (2_000 if opts.smoke else 100_000 if opts.quick else 1_000_000)
+    reps = opts.reps or (10 if opts.smoke else 100 if opts.quick else 300)
+    warmup = 2 if opts.smoke else 10
+
+    work = Path(tempfile.mkdtemp(prefix="starchart-bench-audit-queries-"))
+    dbs, skipped = databases(opts, work)
+    log(f"work dir {work}; {events:,} events; {reps} alternating reps per side; databases "
+        f"{', '.join(k for k, _ in dbs)}")
+    per_db: dict[str, dict[str, Any]] = {}
+    try:
+        for kind, open_db in dbs:
+            with open_db() as db:
+                per_db[kind] = run_database(kind, db, work, events, reps, warmup, opts.profile)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    worst_kind = max(per_db, key=lambda k: per_db[k]["ratio"])
+    worst = per_db[worst_kind]
+    log("ratios: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in per_db.items())
+        + f"; worst {worst_kind} (target <= {TARGET})")
+    print(json.dumps({
+        "benchmark": "audit_queries",
+        "ratio": round(worst["ratio"], 4),
+        "better": "lower",
+        "measured": round(worst["measured_ms"], 4),
+        "baseline": round(worst["baseline_ms"], 4),
+        "unit": "ms",
+        "worst": worst_kind,
+        "target": TARGET,
+        "meets_target": all(v["ratio"] <= TARGET for v in per_db.values()),
+        "ratios": {k: round(v["ratio"], 3) for k, v in per_db.items()},
+        # bare_dicts: the bare select plus building the same answer (time text, details decoded);
+        # orm_rows: the Registry's session and ORM select without building the answer
+        "medians_ms": {k: v["medians_ms"] for k, v in per_db.items()},
+        "ratios_vs_bare_dicts": {k: round(v["medians_ms"]["registry"] / v["medians_ms"]["bare_dicts"], 3)
+                                 for k, v in per_db.items()},
+        "statements_per_call": {k: v["statements_per_call"] for k, v in per_db.items()},
+        "ratios_of_minimums": {k: round(v["ratio_of_minimums"], 3) for k, v in per_db.items()},
+        "plans": {k: {"bare": v["plan_bare"], "registry": v["plan_registry"]} for k, v in per_db.items()},
+        "load_s": {k: round(v["load_s"], 2) for k, v in per_db.items()},
+        "rows_per_call": {k: v["rows_per_call"] for k, v in per_db.items()},
+        "events": events,
+        "models": MODELS,
+        "days": DAYS,
+        "query": "model=M, since=now-7d, limit=20",
+        "runs": reps,
+        "skipped": skipped,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
