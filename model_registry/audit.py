@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from model_registry.names import utcnow
@@ -62,22 +62,30 @@ def append(
     message_ts: str | None = None,
     actor_name: str | None = None,
     details: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Add one event to the chain inside the caller's transaction (it commits with the state change)."""
+) -> dict[str, Any]:
+    """Add one event to the chain inside the caller's transaction (it commits with the state change).
+
+    Core statements, not ORM objects: an append is three statements and no flush bookkeeping.
+    """
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
     # Locking the head row serialises appenders on PostgreSQL; SQLite transactions begin IMMEDIATE.
-    head = session.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
-    event = AuditEvent(
-        seq=head.seq + 1, created_at=utcnow(), action=action, actor=actor, actor_name=actor_name, model=model,
-        version=version, request_id=request_id, job_id=job_id, channel=channel, message_ts=message_ts,
-        details=canonical(details or {}), prev_hash=head.hash, hash="",
-    )
-    event.hash = event_hash(hashed_fields(event))
-    session.add(event)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=event.seq, hash=event.hash))
-    head.seq, head.hash = event.seq, event.hash
-    return event
+    seq, prev = session.execute(_HEAD_FOR_UPDATE).one()
+    fields = {
+        "seq": seq + 1, "created_at": utcnow(), "action": action, "actor": actor, "actor_name": actor_name,
+        "model": model, "version": version, "request_id": request_id, "job_id": job_id, "channel": channel,
+        "message_ts": message_ts, "details": canonical(details or {}), "prev_hash": prev,
+    }
+    fields["hash"] = event_hash({**fields, "created_at": _time_text(fields["created_at"])})
+    session.execute(_INSERT_EVENT, fields)
+    session.execute(_MOVE_HEAD, {"seq": fields["seq"], "hash": fields["hash"]})
+    return fields
+
+
+_HEAD = AuditHead.__table__
+_HEAD_FOR_UPDATE = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_INSERT_EVENT = insert(AuditEvent.__table__)
+_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("seq"), hash=bindparam("hash"))
 
 
 @dataclass
@@ -164,12 +172,8 @@ def verify(session: Session, checkpoints: Iterable[dict[str, Any]] = (), key: by
     return VerifyResult(True, count, prev, checkpoints=len(checkpoints))
 
 
-def details_of(e: AuditEvent) -> dict[str, Any]:
-    try:
-        value = json.loads(e.details or "{}")
-    except ValueError:
-        return {"raw": e.details}
-    return value if isinstance(value, dict) else {"value": value}
+
+_COLUMNS = AuditEvent.__table__.c
 
 
 def query(
@@ -187,24 +191,33 @@ def query(
     """Events newest first, filtered; `before_seq` pages past the last one shown."""
     if action is not None and action not in ACTIONS:
         raise ValueError(action)
-    q = select(AuditEvent)
-    for column, value in ((AuditEvent.model, model), (AuditEvent.actor, actor), (AuditEvent.action, action),
-                          (AuditEvent.version, version)):
+    c = _COLUMNS
+    q = select(c.seq, c.created_at, c.action, c.actor, c.actor_name, c.model, c.version, c.request_id, c.job_id,
+               c.channel, c.message_ts, c.details)
+    for column, value in ((c.model, model), (c.actor, actor), (c.action, action), (c.version, version)):
         if value is not None:
             q = q.where(column == value)
     if since is not None:
-        q = q.where(AuditEvent.created_at >= since)
+        q = q.where(c.created_at >= since)
     if until is not None:
-        q = q.where(AuditEvent.created_at < until)
+        q = q.where(c.created_at < until)
     if before_seq is not None:
-        q = q.where(AuditEvent.seq < before_seq)
-    rows = session.execute(q.order_by(AuditEvent.created_at.desc(), AuditEvent.seq.desc()).limit(limit)).scalars()
+        q = q.where(c.seq < before_seq)
+    rows = session.execute(q.order_by(c.created_at.desc(), c.seq.desc()).limit(limit)).all()
     return [
-        {"seq": e.seq, "at": _time_text(e.created_at)[:19] + "Z", "action": e.action, "actor": e.actor,
-         "actor_name": e.actor_name, "model": e.model, "version": e.version, "request_id": e.request_id,
-         "job_id": e.job_id, "channel": e.channel, "message_ts": e.message_ts, "details": details_of(e)}
-        for e in rows
+        {"seq": seq, "at": at.isoformat(timespec="seconds") + "Z", "action": act, "actor": who,
+         "actor_name": name, "model": mdl, "version": ver, "request_id": req, "job_id": job, "channel": chan,
+         "message_ts": ts, "details": _details(details)}
+        for seq, at, act, who, name, mdl, ver, req, job, chan, ts, details in rows
     ]
+
+
+def _details(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {"raw": text}
+    return value if isinstance(value, dict) else {"value": value}
 
 
 def has_actor(session: Session, actor: str) -> bool:

@@ -46,7 +46,7 @@ class AuditTrail(Service):
 
     def audit_checkpoint(self) -> dict[str, Any]:
         """Record the chain's head outside the database; the caller may also post it (e.g. to Slack)."""
-        with self.sessions() as s:
+        with self.reads() as s:
             cp = audit.checkpoint(s, self._audit_key())
         self._checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self._checkpoint_file, "a") as fh:
@@ -55,7 +55,7 @@ class AuditTrail(Service):
 
     def verify_audit(self, checkpoints: Iterable[dict[str, Any]] | None = None) -> audit.VerifyResult:
         cps = self.audit_checkpoints() if checkpoints is None else list(checkpoints)
-        with self.sessions() as s:
+        with self.reads() as s:
             return audit.verify(s, cps, self._audit_key())
 
     def audit_events(self, *, model: str | None = None, since: datetime | None = None,
@@ -71,7 +71,7 @@ class AuditTrail(Service):
             raise InvalidInput(f"invalid --limit {limit}", "use a number from 1 to 1000 (or --csv for everything)")
         if since is not None and until is not None and since >= until:
             raise InvalidInput("--since is not before --until", "swap them, or drop one")
-        with self.sessions() as s:
+        with self.reads() as s:
             rows = audit.query(s, model=model, since=since, until=until, actor=actor, action=action,
                                version=version, limit=limit, before_seq=before_seq)
             if not rows and actor is not None and not audit.has_actor(s, actor):
@@ -81,7 +81,7 @@ class AuditTrail(Service):
     def default_at(self, model: str, at: datetime) -> dict[str, Any]:
         """Which version was the default of `model` at `at`, who requested and approved it, from what."""
         names.validate_model_name(model)
-        with self.sessions() as s:
+        with self.reads() as s:
             self._require_model(model, s)
             event = audit.default_event_at(s, model, at)
             if event is None:

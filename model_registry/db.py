@@ -42,7 +42,14 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("starchart_read") else "BEGIN IMMEDIATE")
+
+
+def reader(engine: Engine) -> Engine:
+    """The same database for read-only work: no write lock on SQLite, no transaction round trips on PostgreSQL."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(starchart_read=True)
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def alembic_config(engine: Engine) -> Any:

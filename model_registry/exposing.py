@@ -115,7 +115,7 @@ class Exposing(Service):
 
     def versions(self, model: str) -> dict[str, Any]:
         cols = Version.__table__.c
-        with self.unit_of_work() as s:
+        with self.reads() as s:
             self._require_model(model, s)
             default = s.execute(select(ModelRecord.default_version).where(ModelRecord.name == model)).scalar()
             rows = s.execute(
@@ -132,12 +132,12 @@ class Exposing(Service):
         }
 
     def default_version(self, model: str) -> str | None:
-        with self.unit_of_work() as s:
+        with self.reads() as s:
             record = s.get(ModelRecord, model)
             return record.default_version if record else None
 
     def diff(self, model: str, version: str | None = None, base: str | None = None) -> dict[str, Any]:
-        with self.unit_of_work() as s:
+        with self.reads() as s:
             self._require_model(model, s)
             record = s.get(ModelRecord, model)
             if version is None:

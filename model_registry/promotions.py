@@ -108,14 +108,14 @@ class Promotions(Service):
         return stack[-2]
 
     def request(self, request_id: int) -> dict[str, Any]:
-        with self.unit_of_work() as s:
+        with self.reads() as s:
             req = s.get(PromotionRequest, request_id)
             if req is None:
                 raise NotFound(f"no promotion request #{request_id}", "list them with `requests MODEL`")
             return request_view(req, self._approvals(s, req.id))
 
     def requests(self, model: str, open_only: bool = False) -> list[dict[str, Any]]:
-        with self.unit_of_work() as s:
+        with self.reads() as s:
             self._require_model(model, s)
             q = select(PromotionRequest).where(PromotionRequest.model == model)
             if open_only:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from model_registry import names
 from model_registry.backends.base import Backend
 from model_registry.config import ProjectConfig, Settings
-from model_registry.db import make_engine, migrate
+from model_registry.db import make_engine, migrate, reader
 from model_registry.errors import NotFound
 from model_registry.policy import MembersOf
 from model_registry.records import (
@@ -37,6 +37,7 @@ class Service:
         self.engine = make_engine(settings.database_url)
         migrate(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.reads = sessionmaker(reader(self.engine), expire_on_commit=False)  # read-only use cases
         self.backend = backend or self._make_backend()
         self._members_of = members_of
 

@@ -193,7 +193,7 @@ class Training(Service):
 
     def job(self, job_id: str) -> dict[str, Any]:
         names.split_job_id(job_id)
-        with self.unit_of_work() as s:
+        with self.reads() as s:
             job = s.get(Job, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id!r}", "list jobs with `state MODEL`")
