@@ -7,11 +7,11 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from conftest import replay_args
 from sqlalchemy import update
 
 from bot.app import slack_client
 from bot.worker import one_pass
-from conftest import replay_args
 from model_registry import names
 from model_registry.records import PromotionRequest
 from tests.fakes.slack_fake import SlackFake

@@ -91,12 +91,17 @@ def run(job_dir: Path) -> int:
         workers = int(spec.get("workers", 1))
         ports = free_ports(workers)
         for i in range(workers):
+            if cancelled or (job_dir / "cancel").exists():  # cancelled before its trainer started
+                cancelled = True
+                break
             env = {**os.environ, **spec["env"], **cluster_env(workers, i, ports)}
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
             log = open(job_dir / ("train.log" if i == 0 else f"worker-{i}.log"), "ab")
             argv = [spec["python"], "-m", spec["module"], *spec["args"]]
             children.append(subprocess.Popen(argv, cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT))
             log.close()
+            if cancelled:  # SIGTERM arrived while this child was starting
+                children[-1].terminate()
         codes = [child.wait() for child in children]
     except Exception as exc:  # a broken package or spec: the job fails with the reason, never stays RUNNING
         status.update(state="FAILED", ended_at=time.time(), error=f"runner failed: {exc!r}")

@@ -1,0 +1,666 @@
+"""A local Vertex AI: the v1 REST wire format the GAPIC REST transport speaks, with Vertex AI's rules.
+
+    with VertexFake() as fake:          # http://127.0.0.1:<port>; set VERTEX_API_ENDPOINT to fake.url
+        fake.fail_next("customJobs.create", 503, times=2)
+        ...
+        fake.set_job_state(job_name, "JOB_STATE_SUCCEEDED")
+        assert fake.count("customJobs.list") == 5
+
+Wire format (read from google/cloud/aiplatform_v1/services/*/transports/rest*.py): JSON with camelCase
+field names; the client sends enums as numbers and asks for `$alt=json;enum-encoding=int`, so enums
+are answered as numbers when asked. Request bodies are parsed strictly against the v1 protos (an
+unknown field is a 400, as on Vertex AI). Resource names come back with the project *number*.
+
+Rules kept: CustomJob validation (display name, pool 0 has one replica, machine types, labels),
+list filters (`labels.KEY="v"`, `display_name="v"`, `state=...`, joined by AND) with page tokens;
+model versions numbered per model from 1; aliases unique per model (setting one moves it);
+`default` is on the first version, moves, and can never be removed; uploads are long-running
+operations that finish after `operation_polls` GETs. Routes: customJobs.create/get/list/cancel,
+models.upload/get/listVersions/mergeVersionAliases, operations.get.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from google.cloud import aiplatform_v1 as aip
+from google.longrunning import operations_pb2
+from google.protobuf import json_format
+
+from .gcs_emulator import storage_client
+
+STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                503: "UNAVAILABLE"}
+DEFAULT_MESSAGES = {
+    403: "Permission 'aiplatform.customJobs.create' denied on resource (or it may not exist).",
+    404: "The requested resource was not found.",
+    429: "Quota exceeded for aiplatform.googleapis.com/online_prediction_requests_per_base_model per minute.",
+    503: "The service is currently unavailable.",
+    500: "Internal error encountered.",
+}
+TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED",
+            "JOB_STATE_PARTIALLY_SUCCEEDED"}
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+MODEL_ID = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+ALIAS = re.compile(r"^[a-z][a-zA-Z0-9-]{0,126}[a-z0-9]$")
+MACHINE_TYPE = re.compile(r"^[a-z][a-z0-9]*-[a-z0-9-]+$")
+MAX_PAGE = 100
+
+_P = r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("POST", re.compile(_P + r"/customJobs$"), "customJobs.create"),
+    ("GET", re.compile(_P + r"/customJobs$"), "customJobs.list"),
+    ("GET", re.compile(_P + r"/customJobs/(?P<job>[^/:]+)$"), "customJobs.get"),
+    ("POST", re.compile(_P + r"/customJobs/(?P<job>[^/:]+):cancel$"), "customJobs.cancel"),
+    ("POST", re.compile(_P + r"/models:upload$"), "models.upload"),
+    ("GET", re.compile(_P + r"/models/(?P<model>[^/:]+)$"), "models.get"),
+    ("GET", re.compile(_P + r"/models/(?P<model>[^/:]+):listVersions$"), "models.listVersions"),
+    ("POST", re.compile(_P + r"/models/(?P<model>[^/:]+):mergeVersionAliases$"), "models.mergeVersionAliases"),
+    ("GET", re.compile(r"/(?:v1|ui)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+                       r"(?:/models/(?P<model>[^/]+))?/operations/(?P<op>[^/:]+)$"), "operations.get"),
+]
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.reason = code, message, reason
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message,
+                               "status": STATUS_NAMES.get(self.code, "UNKNOWN")}
+        if self.reason:
+            err["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": self.reason,
+                               "domain": "aiplatform.googleapis.com", "metadata": {"service": "aiplatform.googleapis.com"}}]
+        return {"error": err}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the fake received it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    route: str
+
+
+@dataclass
+class Fault:
+    status: int
+    message: str
+    reason: str | None = None
+    after: bool = False  # apply the request first, then answer with the error (a lost reply)
+
+
+@dataclass
+class _Model:
+    model_id: str
+    location: str
+    create_time: str
+    versions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> version id
+    next_version: int = 1
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _pb_dict(cls: Any, data: Any, what: str) -> dict[str, Any]:
+    """Parse a JSON body strictly against a v1 message (unknown names are a 400); return it with enum names."""
+    pb = cls.meta.pb() if hasattr(cls, "meta") else cls()
+    try:
+        json_format.ParseDict(data if data is not None else {}, pb, ignore_unknown_fields=False)
+    except json_format.ParseError as exc:
+        raise ApiError(400, f"Invalid JSON payload received for {what}. {exc}") from exc
+    return json_format.MessageToDict(pb)
+
+
+def _wire(cls: Any, data: dict[str, Any], ints: bool) -> dict[str, Any]:
+    """A response as Vertex AI sends it: through the proto (so only real fields), enums as asked."""
+    pb = cls.meta.pb() if hasattr(cls, "meta") else cls()
+    json_format.ParseDict(data, pb)
+    return json_format.MessageToDict(pb, use_integers_for_enums=ints)
+
+
+def _check_labels(labels: dict[str, str], where: str) -> None:
+    if len(labels) > 64:
+        raise ApiError(400, f"{where}: at most 64 labels are allowed.")
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
+            raise ApiError(400, f"{where}: label {key!r}={value!r} is invalid: keys and values may contain only "
+                                "lowercase letters, numeric characters, underscores and dashes (at most 63 "
+                                "characters), and keys must start with a letter.")
+
+
+def _page(items: list[Any], query: dict[str, str]) -> tuple[list[Any], str | None]:
+    try:
+        size = int(query.get("pageSize") or MAX_PAGE)
+        offset = int(base64.urlsafe_b64decode(query["pageToken"]).decode()) if query.get("pageToken") else 0
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "Invalid page token or page size.") from exc
+    size = max(1, min(size, MAX_PAGE))
+    end = offset + size
+    token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < len(items) else None
+    return items[offset:end], token
+
+
+def _job_filter(text: str) -> Callable[[dict[str, Any]], bool]:
+    terms = [t for t in re.split(r"\s+AND\s+", text.strip()) if t] if text.strip() else []
+    checks: list[Callable[[dict[str, Any]], bool]] = []
+    for term in terms:
+        m = re.fullmatch(r'(labels\.[a-z][a-z0-9_-]*|display_name|state)\s*=\s*("([^"]*)"|(\S+))', term.strip())
+        if not m:
+            raise ApiError(400, f"Unsupported filter: {term!r}. Filters support display_name, state and labels.")
+        key, value = m.group(1), m.group(3) if m.group(3) is not None else m.group(4)
+        if key == "display_name":
+            checks.append(lambda j, v=value: j.get("displayName") == v)
+        elif key == "state":
+            checks.append(lambda j, v=value: j.get("state") == v)
+        else:
+            label = key.removeprefix("labels.")
+            checks.append(lambda j, k=label, v=value: j.get("labels", {}).get(k) == v)
+    return lambda job: all(check(job) for check in checks)
+
+
+class VertexFake:
+    """The server and its state; every request is recorded in `requests`."""
+
+    def __init__(self, project: str = "starchart-test", project_number: str = "123456789012",
+                 operation_polls: int = 1) -> None:
+        self.project, self.project_number = project, project_number
+        self.operation_polls = operation_polls
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.models: dict[tuple[str, str], _Model] = {}
+        self.operations: dict[str, dict[str, Any]] = {}
+        self.requests: list[Recorded] = []
+        self.runner: Callable[[dict[str, Any]], str | None] | None = None
+        self._faults: dict[str, list[Fault]] = {}
+        self._operation_faults: list[dict[str, Any]] = []
+        self._ids = itertools.count(1000)
+        self._lock = threading.RLock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start() the fake first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> "VertexFake":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                fake._handle(self)
+
+            def do_POST(self) -> None:
+                fake._handle(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="vertex-fake", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "VertexFake":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- test controls
+
+    def fail_next(self, route: str, status: int, times: int = 1, *, message: str | None = None,
+                  reason: str | None = None, after: bool = False) -> None:
+        """The next `times` calls of `route` answer `status` (after applying the request when `after`)."""
+        if route not in {r for _, _, r in ROUTES}:
+            raise ValueError(f"unknown route {route}")
+        with self._lock:
+            self._faults.setdefault(route, []).extend(
+                Fault(status, message or DEFAULT_MESSAGES.get(status, "injected error"), reason, after)
+                for _ in range(times))
+
+    def fail_next_operation(self, message: str = "Model artifact validation failed.", code: int = 3) -> None:
+        """The next upload's long-running operation ends with this error (and registers nothing)."""
+        with self._lock:
+            self._operation_faults.append({"code": code, "message": message})
+
+    def set_job_state(self, job: str, state: str, error: str | None = None) -> None:
+        """Drive a job (by resource name, id or display name) to `state` (a JobState name)."""
+        with self._lock:
+            data = self._job_by_any(job)
+            self._transition(data, state, error)
+
+    def add_jobs(self, count: int, model: str, location: str = "us-central1",
+                 state: str = "JOB_STATE_SUCCEEDED") -> list[str]:
+        """Seed jobs directly (no requests recorded), e.g. to list many of them."""
+        names = []
+        with self._lock:
+            for _ in range(count):
+                job_id = f"{model}_seed{next(self._ids)}"
+                data = {"displayName": job_id, "labels": {"model": model}, "jobSpec": {"workerPoolSpecs": [
+                    {"machineSpec": {"machineType": "n1-standard-4"}, "replicaCount": "1"}]}}
+                names.append(self._create_job(location, data, state)["name"])
+        return names
+
+    def count(self, route: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if route is None or r.route == route)
+
+    def calls(self, route: str) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.route == route]
+
+    def reset_requests(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def versions(self, model: str, location: str = "us-central1") -> dict[str, list[str]]:
+        """{version id: aliases} of a model, for assertions."""
+        with self._lock:
+            m = self.models[(location, model)]
+            return {vid: self._aliases_of(m, vid) for vid in m.versions}
+
+    # ---------------------------------------------------------------- HTTP plumbing
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        split = urlsplit(h.path)
+        path = unquote(split.path)
+        query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        route, params = "unknown", {}
+        for method, pattern, name in ROUTES:
+            m = pattern.match(path)
+            if m and method == h.command:
+                route, params = name, m.groupdict()
+                break
+        with self._lock:
+            self.requests.append(Recorded(h.command, path, query, body, route))
+            fault = self._faults.get(route, []).pop(0) if self._faults.get(route) else None
+        ints = "enum-encoding=int" in query.get("$alt", "")
+        try:
+            if route == "unknown":
+                raise ApiError(404, f"The URL {h.command} {path} is not a Vertex AI v1 method this fake knows.")
+            if fault is not None and not fault.after:
+                raise ApiError(fault.status, fault.message, fault.reason)
+            self._check_project(params["project"])
+            with self._lock:
+                status, answer = 200, getattr(self, "_" + route.replace(".", "_"))(params, query, body, ints)
+            if fault is not None:
+                raise ApiError(fault.status, fault.message, fault.reason)
+        except ApiError as exc:
+            status, answer = exc.code, exc.body()
+        data = json.dumps(answer).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json; charset=UTF-8")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _check_project(self, project: str) -> None:
+        if project not in (self.project, self.project_number):
+            raise ApiError(403, f"Permission denied on resource project {project}.", "CONSUMER_INVALID")
+
+    def _loc(self, location: str) -> str:
+        return f"projects/{self.project_number}/locations/{location}"
+
+    # ---------------------------------------------------------------- custom jobs
+
+    def _customJobs_create(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        data = _pb_dict(aip.CustomJob, body, "CustomJob")
+        for key in ("name", "state", "createTime", "startTime", "endTime", "updateTime", "error"):
+            if key in data:
+                raise ApiError(400, f"CustomJob.{key} is output only.")
+        if not data.get("displayName"):
+            raise ApiError(400, "CustomJob.display_name is required.")
+        if len(data["displayName"]) > 128:
+            raise ApiError(400, "CustomJob.display_name must be at most 128 characters.")
+        _check_labels(data.get("labels", {}), "CustomJob.labels")
+        spec = data.get("jobSpec", {})
+        pools = spec.get("workerPoolSpecs", [])
+        if not pools:
+            raise ApiError(400, "CustomJob.job_spec.worker_pool_specs must not be empty.")
+        for i, pool in enumerate(pools):
+            if not pool:
+                continue
+            machine = pool.get("machineSpec", {})
+            if not MACHINE_TYPE.match(machine.get("machineType", "")):
+                raise ApiError(400, f"worker_pool_specs[{i}].machine_spec.machine_type is required.")
+            if bool(machine.get("acceleratorCount")) != bool(machine.get("acceleratorType")):
+                raise ApiError(400, f"worker_pool_specs[{i}]: accelerator_type and accelerator_count go together.")
+            replicas = int(pool.get("replicaCount", "0"))
+            if i == 0 and replicas != 1:
+                raise ApiError(400, "worker_pool_specs[0].replica_count must be 1 (the chief).")
+            if replicas < 1:
+                raise ApiError(400, f"worker_pool_specs[{i}].replica_count must be positive.")
+            pkg = pool.get("pythonPackageSpec")
+            if pkg is not None:
+                if not pkg.get("executorImageUri") or not pkg.get("pythonModule"):
+                    raise ApiError(400, f"worker_pool_specs[{i}].python_package_spec needs executor_image_uri "
+                                        "and python_module.")
+                if not pkg.get("packageUris") or not all(u.startswith("gs://") for u in pkg["packageUris"]):
+                    raise ApiError(400, f"worker_pool_specs[{i}].python_package_spec.package_uris must be gs:// URIs.")
+            elif "containerSpec" not in pool:
+                raise ApiError(400, f"worker_pool_specs[{i}] needs a container_spec or a python_package_spec.")
+        out = spec.get("baseOutputDirectory", {}).get("outputUriPrefix")
+        if out is not None and not out.startswith("gs://"):
+            raise ApiError(400, "base_output_directory.output_uri_prefix must be a gs:// URI.")
+        return _wire(aip.CustomJob, self._create_job(p["location"], data, "JOB_STATE_PENDING"), ints)
+
+    def _create_job(self, location: str, data: dict[str, Any], state: str) -> dict[str, Any]:
+        stamp = now()
+        job = {**data, "name": f"{self._loc(location)}/customJobs/{next(self._ids)}", "state": state,
+               "createTime": stamp, "updateTime": stamp}
+        if state in TERMINAL:
+            job.update(startTime=stamp, endTime=stamp)
+        self.jobs[job["name"]] = job
+        return job
+
+    def _job(self, p: dict[str, str]) -> dict[str, Any]:
+        name = f"{self._loc(p['location'])}/customJobs/{p['job']}"
+        if name not in self.jobs:
+            raise ApiError(404, f"The CustomJob does not exist: {name}")
+        return self.jobs[name]
+
+    def _job_by_any(self, key: str) -> dict[str, Any]:
+        for name, job in self.jobs.items():
+            if key.rsplit("/", 1)[-1] == name.rsplit("/", 1)[-1] or key == job.get("displayName"):
+                return job
+        raise KeyError(key)
+
+    def _transition(self, job: dict[str, Any], state: str, error: str | None = None) -> None:
+        stamp = now()
+        job["state"], job["updateTime"] = state, stamp
+        if state in ("JOB_STATE_RUNNING",) or state in TERMINAL:
+            job.setdefault("startTime", stamp)
+        if state in TERMINAL:
+            job["endTime"] = stamp
+        if error:
+            job["error"] = {"code": 13, "message": error}
+
+    def _advance(self, job: dict[str, Any]) -> None:
+        """A GET moves a cancelling job to cancelled and, when a runner is set, a job through its life."""
+        state = job["state"]
+        if state == "JOB_STATE_CANCELLING":
+            self._transition(job, "JOB_STATE_CANCELLED")
+        elif self.runner is not None and state in ("JOB_STATE_QUEUED", "JOB_STATE_PENDING"):
+            self._transition(job, "JOB_STATE_RUNNING")
+        elif self.runner is not None and state == "JOB_STATE_RUNNING":
+            error = self.runner(job)
+            self._transition(job, "JOB_STATE_FAILED" if error else "JOB_STATE_SUCCEEDED", error)
+
+    def _customJobs_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        job = self._job(p)
+        self._advance(job)
+        return _wire(aip.CustomJob, job, ints)
+
+    def _customJobs_list(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        prefix = f"{self._loc(p['location'])}/customJobs/"
+        keep = _job_filter(q.get("filter", ""))
+        jobs = sorted((j for n, j in self.jobs.items() if n.startswith(prefix) and keep(j)),
+                      key=lambda j: (j["createTime"], j["name"]), reverse=True)
+        page, token = _page(jobs, q)
+        answer: dict[str, Any] = {"customJobs": page}
+        if token:
+            answer["nextPageToken"] = token
+        return _wire(aip.ListCustomJobsResponse, answer, ints)
+
+    def _customJobs_cancel(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        _pb_dict(aip.CancelCustomJobRequest, body, "CancelCustomJobRequest")
+        job = self._job(p)
+        if job["state"] in TERMINAL:
+            raise ApiError(400, f"Cannot cancel CustomJob {job['name']} in state {job['state']}.")
+        self._transition(job, "JOB_STATE_CANCELLING")
+        return {}
+
+    # ---------------------------------------------------------------- models
+
+    def _model(self, location: str, ref: str) -> tuple[_Model, str]:
+        """(model, version id) for 'id', 'id@versionId' or 'id@alias'; the bare id means the default version."""
+        model_id, _, version = ref.partition("@")
+        m = self.models.get((location, model_id))
+        if m is None:
+            raise ApiError(404, f"Model {self._loc(location)}/models/{model_id} does not exist.")
+        version = version or "default"
+        vid = version if version in m.versions else m.aliases.get(version)
+        if vid is None:
+            raise ApiError(404, f"Model version {self._loc(location)}/models/{ref} does not exist.")
+        return m, vid
+
+    def _aliases_of(self, m: _Model, vid: str) -> list[str]:
+        names = [a for a, v in m.aliases.items() if v == vid]
+        return sorted(names, key=lambda a: (a != "default",))
+
+    def _render(self, m: _Model, vid: str) -> dict[str, Any]:
+        v = m.versions[vid]
+        return {**v["fields"], "name": f"{self._loc(m.location)}/models/{m.model_id}", "versionId": vid,
+                "versionAliases": self._aliases_of(m, vid), "createTime": m.create_time,
+                "updateTime": v["updateTime"], "versionCreateTime": v["createTime"],
+                "versionUpdateTime": v["updateTime"], "etag": f"etag-{m.model_id}-{vid}-{len(m.aliases)}"}
+
+    def _check_aliases(self, aliases: list[str]) -> None:
+        for alias in aliases:
+            name = alias[1:] if alias.startswith("-") else alias
+            if not ALIAS.match(name) or name.isdigit():
+                raise ApiError(400, f"Invalid version alias {alias!r}: it must match "
+                                    "[a-z][a-zA-Z0-9-]{0,126}[a-z0-9] and must not be a version id.")
+
+    def _models_upload(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        req = _pb_dict(aip.UploadModelRequest, body, "UploadModelRequest")
+        loc, fields = p["location"], dict(req.get("model", {}))
+        if not fields.get("displayName"):
+            raise ApiError(400, "Model.display_name is required.")
+        if not fields.get("containerSpec", {}).get("imageUri"):
+            raise ApiError(400, "Model.container_spec.image_uri is required for a custom-trained model.")
+        if "artifactUri" in fields and not fields["artifactUri"].startswith("gs://"):
+            raise ApiError(400, "Model.artifact_uri must be a gs:// URI.")
+        for key in ("name", "versionId", "createTime", "updateTime", "versionCreateTime"):
+            if key in fields:
+                raise ApiError(400, f"Model.{key} is output only.")
+        _check_labels(fields.get("labels", {}), "Model.labels")
+        aliases = fields.pop("versionAliases", [])
+        self._check_aliases(aliases)
+        if any(a.startswith("-") for a in aliases):
+            raise ApiError(400, "An upload cannot remove version aliases.")
+        if req.get("modelId") and req.get("parentModel"):
+            raise ApiError(400, "model_id and parent_model cannot both be set.")
+        if req.get("parentModel"):
+            m = re.fullmatch(r"projects/([^/]+)/locations/([^/]+)/models/([^/@]+)", req["parentModel"])
+            if not m or m.group(2) != loc:
+                raise ApiError(400, f"parent_model {req['parentModel']!r} is not a model in {loc}.")
+            self._check_project(m.group(1))
+            if (loc, m.group(3)) not in self.models:
+                raise ApiError(404, f"Parent model {req['parentModel']} does not exist.")
+            model_id = m.group(3)
+        elif req.get("modelId"):
+            model_id = req["modelId"]
+            if not MODEL_ID.match(model_id):
+                raise ApiError(400, f"Invalid model_id {model_id!r}: use [a-z][a-z0-9_-]{{0,62}}.")
+            if (loc, model_id) in self.models or any(o["model_id"] == model_id for o in self.operations.values()
+                                                     if not o.get("done")):
+                raise ApiError(409, f"Model {self._loc(loc)}/models/{model_id} already exists.")
+        else:
+            model_id = str(next(self._ids))
+        op_name = f"{self._loc(loc)}/models/{model_id}/operations/{next(self._ids)}"
+        self.operations[op_name] = {
+            "location": loc, "model_id": model_id, "fields": fields, "aliases": aliases, "done": False,
+            "polls_left": self.operation_polls, "created": now(),
+            "fault": self._operation_faults.pop(0) if self._operation_faults else None,
+        }
+        return self._operation(op_name)
+
+    def _operation(self, name: str) -> dict[str, Any]:
+        op = self.operations[name]
+        answer: dict[str, Any] = {"name": name, "done": op["done"], "metadata": {
+            "@type": "type.googleapis.com/google.cloud.aiplatform.v1.UploadModelOperationMetadata",
+            "genericMetadata": {"createTime": op["created"], "updateTime": now()}}}
+        if op["done"] and op.get("error"):
+            answer["error"] = op["error"]
+        elif op["done"]:
+            answer["response"] = {"@type": "type.googleapis.com/google.cloud.aiplatform.v1.UploadModelResponse",
+                                  "model": f"{self._loc(op['location'])}/models/{op['model_id']}",
+                                  "modelVersionId": op["version_id"]}
+        json_format.ParseDict(answer, operations_pb2.Operation())  # only what the client can parse
+        return answer
+
+    def _finish_upload(self, op: dict[str, Any]) -> None:
+        op["done"] = True
+        if op["fault"]:
+            op["error"] = op["fault"]
+            return
+        key = (op["location"], op["model_id"])
+        stamp = now()
+        m = self.models.get(key)
+        if m is None:
+            m = self.models[key] = _Model(op["model_id"], op["location"], stamp)
+        vid = str(m.next_version)
+        m.next_version += 1
+        m.versions[vid] = {"fields": op["fields"], "createTime": stamp, "updateTime": stamp}
+        if not m.aliases:
+            m.aliases["default"] = vid
+        for alias in op["aliases"]:
+            m.aliases[alias] = vid  # an alias names one version: setting it moves it
+        op["version_id"] = vid
+
+    def _operations_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        name = f"{self._loc(p['location'])}" + (f"/models/{p['model']}" if p.get("model") else "") \
+            + f"/operations/{p['op']}"
+        op = self.operations.get(name)
+        if op is None:
+            raise ApiError(404, f"Operation {name} does not exist.")
+        if not op["done"]:
+            op["polls_left"] -= 1
+            if op["polls_left"] <= 0:
+                self._finish_upload(op)
+        return self._operation(name)
+
+    def _models_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        m, vid = self._model(p["location"], p["model"])
+        return _wire(aip.Model, self._render(m, vid), ints)
+
+    def _models_listVersions(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        if "@" in p["model"]:
+            raise ApiError(400, "listVersions takes a model name without a version.")
+        m, _ = self._model(p["location"], p["model"])
+        versions = [self._render(m, vid) for vid in sorted(m.versions, key=int)]
+        page, token = _page(versions, q)
+        answer: dict[str, Any] = {"models": page}
+        if token:
+            answer["nextPageToken"] = token
+        return _wire(aip.ListModelVersionsResponse, answer, ints)
+
+    def _models_mergeVersionAliases(self, p: dict[str, str], q: dict[str, str], body: Any,
+                                    ints: bool) -> dict[str, Any]:
+        req = _pb_dict(aip.MergeVersionAliasesRequest, body, "MergeVersionAliasesRequest")
+        m, vid = self._model(p["location"], p["model"])
+        aliases = req.get("versionAliases", [])
+        if not aliases:
+            raise ApiError(400, "version_aliases must not be empty.")
+        self._check_aliases(aliases)
+        for alias in aliases:  # all checked before any change: a refused merge changes nothing
+            if alias == "-default":
+                raise ApiError(400, "The default version alias cannot be removed; set it on another version.")
+            if alias.startswith("-") and m.aliases.get(alias[1:]) != vid:
+                raise ApiError(400, f"Version {vid} has no alias {alias[1:]!r}.")
+        for alias in aliases:
+            if alias.startswith("-"):
+                del m.aliases[alias[1:]]
+            else:
+                m.aliases[alias] = vid
+        stamp = now()
+        m.versions[vid]["updateTime"] = stamp
+        return _wire(aip.Model, self._render(m, vid), ints)
+
+
+# ---------------------------------------------------------------- helpers for tests
+
+
+def replay_runner(emulator_url: str) -> Callable[[dict[str, Any]], str | None]:
+    """A job runner that does what the replay trainer does, on the GCS emulator.
+
+    It reads the job's python_package_spec args: `--source=DIR` (copy DIR/model/ to <base>/model/ and
+    DIR/metrics.json to <base>/metrics.json), `--crash` (fail), `--no-model` (succeed, write nothing).
+    Like Vertex AI, it fails when a package URI does not exist.
+    """
+    client = storage_client(emulator_url)
+
+    def blob(uri: str) -> Any:
+        bucket, _, name = uri[len("gs://"):].partition("/")
+        return client.bucket(bucket).blob(name)
+
+    def run(job: dict[str, Any]) -> str | None:
+        spec = job["jobSpec"]
+        pkg = spec["workerPoolSpecs"][0].get("pythonPackageSpec", {})
+        for uri in pkg.get("packageUris", []):
+            if not blob(uri).exists():
+                return f"Package {uri} could not be downloaded: no such object."
+        args = pkg.get("args", [])
+        if "--crash" in args:
+            return "The replica workerpool0-0 exited with a non-zero status of 3."
+        if "--no-model" in args:
+            return None
+        source = next((a.split("=", 1)[1] for a in args if a.startswith("--source=")), None)
+        if source is None:
+            return "replay runner: no --source=DIR in the job's args"
+        base = spec["baseOutputDirectory"]["outputUriPrefix"].rstrip("/")
+        root = Path(source)
+        for path in sorted((root / "model").rglob("*")):
+            if path.is_file():
+                blob(f"{base}/model/{path.relative_to(root / 'model').as_posix()}").upload_from_filename(str(path))
+        if (root / "metrics.json").exists():
+            blob(f"{base}/metrics.json").upload_from_filename(str(root / "metrics.json"))
+        return None
+
+    return run
+
+
+def fast_backend(fake: VertexFake, bucket: str, **overrides: Any) -> Any:
+    """A VertexBackend pointed at the fake, with millisecond backoffs so tests never wait."""
+    from model_registry.backends.vertex import VertexBackend
+
+    options: dict[str, Any] = dict(api_endpoint=fake.url, poll_interval=(0.005, 0.02), retry_delays=(0.001, 0.005),
+                                   retry_deadline=5.0, operation_poll=(0.001, 0.005), operation_timeout=10.0)
+    options.update(overrides)
+    return VertexBackend(fake.project, "us-central1", bucket, **options)
+
+
+def use_bucket(registry: Any, bucket: str, project: str = "starchart-test") -> Any:
+    """Point a Registry made by conftest's make_registry at a gs:// bucket (its settings default to local)."""
+    from dataclasses import replace
+
+    registry.settings = replace(registry.settings, backend="vertex", bucket=bucket, gcp_project=project)
+    return registry

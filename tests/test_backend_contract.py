@@ -1,0 +1,154 @@
+"""One contract, two backends: what the workflow relies on holds for `local` and `vertex` alike.
+
+`local` runs the replay trainer in real processes; `vertex` goes through the real GAPIC clients to the
+Vertex AI fake, whose job runner does what the replay trainer does, on the GCS emulator. Both replay
+the iris SavedModels that TensorFlow trained once for the session (`trained`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import pytest
+from conftest import replay_args
+from fakes.gcs_emulator import new_bucket, shared_gcs_emulator
+from fakes.vertex_fake import VertexFake, fast_backend, replay_runner, use_bucket
+
+from model_registry.records import TERMINAL, Job, Version
+
+IRIS_INPUTS = {"sepal_length", "sepal_width", "petal_length", "petal_width"}
+
+
+@dataclass
+class World:
+    kind: str
+    registry: Any
+    break_set_default: Callable[[str, str], None]  # (model, version): the next switch to it fails
+    trainer_started: Callable[[str], bool]  # job id: its trainer code is running
+
+
+@pytest.fixture(params=["local", "vertex"])
+def world(request: pytest.FixtureRequest, make_registry: Any, sqlite_url: str,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    if request.param == "local":
+        reg = make_registry(sqlite_url)
+
+        def lose_pointer_entry(model: str, version: str) -> None:  # the serving pointer forgot the version
+            pointer = reg.backend.serving / f"{model}.json"
+            data = json.loads(pointer.read_text())
+            del data["versions"][version]
+            pointer.write_text(json.dumps(data))
+
+        def trainer_printed(job_id: str) -> bool:
+            # the local runner reports RUNNING before it starts the trainer, and a cancel in between is
+            # not seen until the trainer ends (local_runner.py): wait for the trainer's first line
+            return "replay trainer: job" in reg.backend.logs(job_id, None)
+
+        yield World("local", reg, lose_pointer_entry, trainer_printed)
+        return
+    url = shared_gcs_emulator()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    bucket = new_bucket(url)
+    with VertexFake() as fake:
+        fake.runner = replay_runner(url)
+        reg = use_bucket(make_registry(sqlite_url, backend=fast_backend(fake, bucket)), bucket)
+
+        def deny_alias_merge(model: str, version: str) -> None:
+            fake.fail_next("models.mergeVersionAliases", 403,
+                           message="Permission 'aiplatform.models.update' denied on resource.")
+
+        def running(job_id: str) -> bool:
+            reg.refresh_jobs("iris")
+            return reg.job(job_id)["state"] == "RUNNING"
+
+        yield World("vertex", reg, deny_alias_merge, running)
+
+
+def backend_ref(reg: Any, job_id: str) -> str | None:
+    with reg.sessions() as s:
+        return s.get(Job, job_id).backend_ref
+
+
+def train(reg: Any, *args: str) -> dict[str, Any]:
+    job = reg.train("iris", "U_TRAINER", args=list(args))
+    return reg.wait(job["job_id"], timeout=60)
+
+
+def two_versions(world: World, trained: dict) -> tuple[str, str]:
+    reg = world.registry
+    for source in (trained["iris_a"], trained["iris_b"]):
+        job = train(reg, *replay_args(source))
+        assert job["state"] == "SUCCEEDED", job
+        assert reg.backend.status(job["job_id"], backend_ref(reg, job["job_id"])).state == "SUCCEEDED"
+    exposed = reg.expose("iris", "U_TRAINER")
+    assert len(exposed["exposed"]) == 2 and not exposed["errors"], exposed
+    base, cand = sorted(v["name"] for v in exposed["exposed"])
+    return base, cand
+
+
+def test_train_expose_promote_apply(world: World, trained: dict) -> None:
+    reg = world.registry
+    base, cand = two_versions(world, trained)
+    assert reg.expose("iris", "U_TRAINER") == {"exposed": [], "errors": []}
+    with reg.sessions() as s:
+        versions = {v.name: v for v in s.query(Version).filter(Version.model == "iris")}
+    for name, source in ((base, trained["iris_a"]), (cand, trained["iris_b"])):
+        v = versions[name]
+        assert set(v.signature["inputs"]) == IRIS_INPUTS and v.signature["inputs"]["sepal_length"]["dtype"] == "DT_FLOAT"
+        expected = json.loads((source / "metrics.json").read_text())
+        assert v.metrics == pytest.approx({k: expected[k] for k in ("accuracy", "loss")})
+        assert v.deployment_uri.endswith("/model/") and v.deployment_uri.startswith(reg.settings.bucket)
+        assert v.backend_ref
+    assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+
+    req = reg.promote("iris", cand, "U_REQ", reason="more hidden units")
+    assert reg.decide(req["id"], "U_OK", True)["state"] == "approved"
+    assert reg.backend.current_default("iris") == base, "approval alone switches nothing"
+    applied = reg.apply_request(req["id"], actor="U_OK")
+    assert applied["state"] == "applied", applied
+    assert reg.default_version("iris") == cand and reg.backend.current_default("iris") == cand
+    assert reg.reconcile() == []
+    assert isinstance(reg.logs(versions[cand].job_id), str)
+
+
+def settle(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait for a process-backed state change with short, growing pauses."""
+    deadline, delay = time.monotonic() + timeout, 0.01
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def test_cancel_a_running_job(world: World, trained: dict) -> None:
+    reg = world.registry
+    job = reg.train("iris", "U_TRAINER", args=replay_args(trained["iris_a"], "--sleep=30"))
+    settle(lambda: world.trainer_started(job["job_id"]))
+    assert reg.cancel(job["job_id"], "U_TRAINER")["state"] == "CANCELLED"
+    ref = backend_ref(reg, job["job_id"])
+    settle(lambda: reg.backend.status(job["job_id"], ref).state in TERMINAL)
+    assert reg.backend.status(job["job_id"], ref).state == "CANCELLED"
+    assert reg.job(job["job_id"])["state"] == "CANCELLED"
+    assert "training.cancelled" in [e["action"] for e in reg.audit_events(model="iris")]
+
+
+def test_a_crashing_trainer_fails_the_job_with_a_reason(world: World) -> None:
+    job = train(world.registry, "--crash")
+    assert job["state"] == "FAILED" and job["error"]
+    assert ("exited with code 3" if world.kind == "local" else "non-zero status of 3") in job["error"]
+
+
+def test_a_failed_set_default_leaves_the_request_failed(world: World, trained: dict) -> None:
+    reg = world.registry
+    base, cand = two_versions(world, trained)
+    req = reg.promote("iris", cand, "U_REQ")
+    reg.decide(req["id"], "U_OK", True)
+    world.break_set_default("iris", cand)
+    failed = reg.apply_request(req["id"], actor="U_OK")
+    assert failed["state"] == "failed" and failed["error"], failed
+    assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    actions = [e["action"] for e in reg.audit_events(model="iris", limit=100)]
+    assert "promotion.failed" in actions and "promotion.applied" not in actions

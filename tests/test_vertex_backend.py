@@ -1,0 +1,527 @@
+"""The vertex backend through the real GAPIC clients (REST transport) against a local Vertex AI fake,
+and GcsStorage through google-cloud-storage against fake-gcs-server. Offline; no sleeps beyond
+millisecond backoffs. STARCHART_UPDATE_GOLDEN=1 rewrites tests/golden/vertex/*.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from conftest import ROOT, replay_args
+from fakes.gcs_emulator import new_bucket, shared_gcs_emulator, storage_client
+from fakes.vertex_fake import VertexFake, fast_backend, replay_runner, use_bucket
+
+from model_registry.backends.base import TrainingSpec
+from model_registry.backends.vertex import (
+    NoCredentials,
+    QuotaExhausted,
+    VertexBackend,
+    VertexNotFound,
+    VertexPermissionDenied,
+    VertexUnavailable,
+    worker_pools,
+)
+from model_registry.config import Settings
+from model_registry.errors import ArtifactError, BackendError, InvalidInput
+from model_registry.gcs import BucketNotFound, GcsStorage, ObjectNotFound, PreconditionFailed
+
+GOLDEN = ROOT / "tests" / "golden" / "vertex"
+TS = "20261127064910"
+TRAIN_PATH = f"gs://starchart-test-ml/iris/{TS}"
+
+
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch) -> str:
+    url = shared_gcs_emulator()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    return url
+
+
+@pytest.fixture
+def bucket(gcs: str) -> str:
+    return new_bucket(gcs)
+
+
+@pytest.fixture
+def fake() -> Iterator[VertexFake]:
+    with VertexFake() as f:
+        yield f
+
+
+@pytest.fixture
+def backend(fake: VertexFake) -> VertexBackend:
+    return fast_backend(fake, "gs://starchart-test-ml")
+
+
+def spec(**overrides: Any) -> TrainingSpec:
+    values: dict[str, Any] = dict(
+        job_id=f"iris_{TS}", model="iris", ts=TS, module="trainer.task",
+        args=("--epochs=5", f"--job-dir={TRAIN_PATH}"), package_uri=f"{TRAIN_PATH}/packages/iris_trainer-0.1.tar.gz",
+        train_path=TRAIN_PATH, labels={"model": "iris", "ts": TS},
+    )
+    values.update(overrides)
+    return TrainingSpec(**values)
+
+
+def version_view(name: str, job_ts: str = TS) -> dict[str, Any]:
+    return {"model": "iris", "name": name, "job_id": f"iris_{job_ts}", "trained_by": "U_TRAINER",
+            "deployment_uri": f"gs://starchart-test-ml/iris/{job_ts}/model/", "metrics": {"accuracy": 0.9666667,
+                                                                                       "loss": 0.1234},
+            "digest": "0123456789abcdef" * 4}
+
+
+def check_golden(name: str, request: Any) -> None:
+    """Compare a recorded request (method, path, query, body) with tests/golden/vertex/<name>.json."""
+    actual = {"method": request.method, "path": request.path, "query": request.query, "body": request.body}
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("STARCHART_UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(actual, indent=2, sort_keys=True) + "\n")
+    assert path.exists(), f"missing golden file {path}; run with STARCHART_UPDATE_GOLDEN=1 and review it"
+    assert actual == json.loads(path.read_text()), f"request differs from {path}"
+
+
+# ---------------------------------------------------------------- request bodies (golden files)
+
+
+@pytest.mark.parametrize("golden, overrides", [
+    ("custom_job_basic", {}),
+    ("custom_job_standard_1", {"scale_tier": "STANDARD_1"}),
+    ("custom_job_basic_gpu", {"scale_tier": "BASIC_GPU"}),
+    ("custom_job_override", {"workers": 3, "machine_type": "n1-highmem-8", "accelerator": "nvidia-tesla-t4:2",
+                             "executor_image": "europe-docker.pkg.dev/acme/train/tf:2.21"}),
+])
+def test_custom_job_request_bodies(backend: VertexBackend, fake: VertexFake, golden: str,
+                                   overrides: dict[str, Any]) -> None:
+    ref = backend.submit(spec(**overrides))
+    assert ref.startswith("projects/123456789012/locations/us-central1/customJobs/"), "the server's name is kept"
+    [create] = fake.calls("customJobs.create")
+    check_golden(golden, create)
+    body = create.body
+    assert body["displayName"] == f"iris_{TS}" and body["labels"] == {"model": "iris", "ts": TS}
+    assert body["jobSpec"]["baseOutputDirectory"] == {"outputUriPrefix": TRAIN_PATH}
+
+
+def test_scale_tiers_map_to_worker_pools() -> None:
+    pools = {t: [(p.machine_type, p.replicas, p.accelerator) for p in worker_pools(spec(scale_tier=t))]
+             for t in ("BASIC", "STANDARD_1", "PREMIUM_1", "BASIC_GPU")}
+    assert pools["BASIC"] == [("n1-standard-4", 1, None)]
+    assert pools["STANDARD_1"] == [("n1-highcpu-8", 1, None), ("n1-highcpu-8", 4, None)]
+    assert pools["PREMIUM_1"] == [("n1-highcpu-16", 1, None), ("n1-highcpu-16", 19, None)]
+    assert pools["BASIC_GPU"] == [("n1-standard-8", 1, "NVIDIA_TESLA_T4")]
+    assert [p.replicas for p in worker_pools(spec(scale_tier="STANDARD_1", workers=2))] == [1, 1]
+    assert [p.machine_type for p in worker_pools(spec(scale_tier="custom", machine_type="e2-standard-8"))] == [
+        "e2-standard-8"]
+    with pytest.raises(InvalidInput, match="unknown scale tier 'BASIC_TPU'.*BASIC, STANDARD_1"):
+        worker_pools(spec(scale_tier="BASIC_TPU"))
+    with pytest.raises(InvalidInput, match="unknown accelerator 'tesla-t5:1'"):
+        worker_pools(spec(accelerator="tesla-t5:1"))
+    with pytest.raises(InvalidInput, match="invalid accelerator count"):
+        worker_pools(spec(accelerator="NVIDIA_L4:0"))
+
+
+def test_version_request_bodies(backend: VertexBackend, fake: VertexFake) -> None:
+    first = backend.register_version("iris", version_view(f"v{TS}"), first=True)
+    assert first == "projects/123456789012/locations/us-central1/models/iris@1"
+    second = backend.register_version("iris", version_view("v20261128000000", "20261128000000"), first=False)
+    assert second.endswith("/models/iris@2")
+    backend.set_default("iris", "v20261128000000", second)
+    uploads = fake.calls("models.upload")
+    check_golden("upload_model_first", uploads[0])
+    check_golden("upload_model_version", uploads[1])
+    check_golden("merge_version_aliases", fake.calls("models.mergeVersionAliases")[0])
+    assert fake.count("operations.get") == 2, "each upload's operation was awaited"
+
+
+# ---------------------------------------------------------------- Vertex AI's rules, kept by the fake
+
+
+def test_versions_numbered_per_model_and_default_alias_moves_but_never_disappears(backend: VertexBackend,
+                                                                                  fake: VertexFake) -> None:
+    refs = [backend.register_version("iris", version_view(f"v2026112700000{i}", f"2026112700000{i}"), first=i == 1)
+            for i in (1, 2, 3)]
+    other = backend.register_version("other", {**version_view("v20261127000009"), "model": "other"}, first=True)
+    assert [r.rsplit("@", 1)[1] for r in refs] == ["1", "2", "3"] and other.endswith("/models/other@1")
+    assert fake.versions("iris") == {"1": ["default", "v20261127000001"], "2": ["v20261127000002"],
+                                     "3": ["v20261127000003"]}
+    assert backend.current_default("iris") == "v20261127000001"
+    backend.set_default("iris", "v20261127000003", refs[2])
+    assert fake.versions("iris")["1"] == ["v20261127000001"], "an alias names one version: it moved"
+    assert backend.current_default("iris") == "v20261127000003"
+    backend.set_default("iris", "v20261127000003", None)  # no reference kept: the alias names it too
+    assert backend.current_default("iris") == "v20261127000003"
+    client = backend._models()
+    from google.api_core import exceptions as gexc
+
+    with pytest.raises(gexc.BadRequest, match="default version alias cannot be removed"):
+        client.merge_version_aliases(name=refs[2], version_aliases=["-default"])
+    with pytest.raises(gexc.BadRequest, match="Invalid version alias"):
+        client.merge_version_aliases(name=refs[1], version_aliases=["42"])
+    assert fake.versions("iris")["3"] == ["default", "v20261127000003"], "a refused merge changed nothing"
+    assert [v["name"] for v in backend.list_versions("iris")] == [f"v2026112700000{i}" for i in (1, 2, 3)]
+    assert backend.list_versions("nomodel") == [] and backend.current_default("nomodel") is None
+
+
+def test_register_version_is_idempotent_and_heals_the_first_flag(backend: VertexBackend, fake: VertexFake) -> None:
+    view = version_view(f"v{TS}")
+    ref = backend.register_version("iris", view, first=False)  # no such model yet: created with model_id
+    assert ref.endswith("/models/iris@1")
+    assert backend.register_version("iris", view, first=True) == ref, "an interrupted expose finds its version"
+    assert fake.count("models.upload") == 2 and len(fake.versions("iris")) == 1
+    again = backend.register_version("iris", version_view("v20261128000000", "20261128000000"), first=True)
+    assert again.endswith("/models/iris@2"), "the model exists after all: uploaded as a new version"
+
+
+def test_an_upload_operation_that_fails_raises_and_registers_nothing(backend: VertexBackend,
+                                                                    fake: VertexFake) -> None:
+    fake.fail_next_operation("Model artifact validation failed: no saved_model.pb under the artifact URI.")
+    with pytest.raises(BackendError) as err:
+        backend.register_version("iris", version_view(f"v{TS}"), first=True)
+    assert "could not register iris v20261127064910: Model artifact validation failed" in err.value.message
+    assert "holds a SavedModel" in err.value.hint
+    assert ("us-central1", "iris") not in fake.models and backend.current_default("iris") is None
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@pytest.mark.parametrize("vertex_state, state", [
+    ("JOB_STATE_QUEUED", "QUEUED"), ("JOB_STATE_PENDING", "QUEUED"), ("JOB_STATE_RUNNING", "RUNNING"),
+    ("JOB_STATE_SUCCEEDED", "SUCCEEDED"), ("JOB_STATE_FAILED", "FAILED"), ("JOB_STATE_CANCELLING", "CANCELLED"),
+    ("JOB_STATE_CANCELLED", "CANCELLED"), ("JOB_STATE_EXPIRED", "FAILED"), ("JOB_STATE_PAUSED", "RUNNING"),
+])
+def test_job_states_map_to_starchart_states(backend: VertexBackend, fake: VertexFake, vertex_state: str,
+                                            state: str) -> None:
+    ref = backend.submit(spec())
+    fake.set_job_state(ref, vertex_state, error="OOM in workerpool0-0" if vertex_state.endswith("FAILED") else None)
+    st = backend.status(f"iris_{TS}", ref)
+    assert st.state == state
+    if state in ("RUNNING", "SUCCEEDED", "FAILED") and vertex_state != "JOB_STATE_PAUSED":
+        assert st.started_at is not None and st.started_at.tzinfo is None, "naive UTC"
+    if vertex_state == "JOB_STATE_FAILED":
+        assert st.error == "OOM in workerpool0-0" and st.ended_at is not None and st.ended_at.tzinfo is None
+    if vertex_state == "JOB_STATE_EXPIRED":
+        assert st.error == "the job expired"
+
+
+def test_status_without_a_reference_finds_the_job_by_display_name(backend: VertexBackend, fake: VertexFake) -> None:
+    ref = backend.submit(spec())
+    fake.set_job_state(ref, "JOB_STATE_RUNNING")
+    assert backend.status(f"iris_{TS}", None).state == "RUNNING"
+    assert backend.status("iris_20000101000000", None).state == "FAILED"
+    fake.jobs.clear()  # deleted in the console: never finishes, so it is failed, not queued forever
+    assert "no job" in backend.status(f"iris_{TS}", ref).error
+
+
+def test_cancel_logs_and_lost_reply_on_create(backend: VertexBackend, fake: VertexFake) -> None:
+    fake.fail_next("customJobs.create", 503, after=True)  # created, but the reply was lost
+    ref = backend.submit(spec())
+    assert len(fake.jobs) == 1, "the retry found the job the first attempt made"
+    backend.cancel(f"iris_{TS}", ref)
+    assert fake.jobs[ref]["state"] == "JOB_STATE_CANCELLING"
+    assert backend.status(f"iris_{TS}", ref).state == "CANCELLED"
+    with pytest.raises(BackendError, match="already ended on Vertex AI"):
+        backend.cancel(f"iris_{TS}", ref)
+    fake.set_job_state(ref, "JOB_STATE_FAILED", error="The replica workerpool0-0 exited with status 1")
+    text = backend.logs(f"iris_{TS}", ref)
+    job_number = ref.rsplit("/", 1)[1]
+    assert "https://console.cloud.google.com/logs/query;query=resource.type%3D%22ml_job%22" in text
+    assert f"resource.labels.job_id%3D%22{job_number}%22" in text and "project=starchart-test" in text
+    assert "error: The replica workerpool0-0 exited with status 1" in text
+
+
+def test_listing_500_jobs_costs_pages_not_jobs(backend: VertexBackend, fake: VertexFake) -> None:
+    fake.add_jobs(500, "iris")
+    fake.add_jobs(30, "other")
+    fake.reset_requests()
+    jobs = backend.list_jobs("iris")
+    assert len(jobs) == 500 and {j["state"] for j in jobs} == {"SUCCEEDED"}
+    assert fake.count("customJobs.list") == 5 and fake.count() == 5, "one request per page of 100"
+    assert all(r.query["filter"] == 'labels.model="iris"' for r in fake.calls("customJobs.list"))
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_429_and_503_are_retried_with_backoff(backend: VertexBackend, fake: VertexFake) -> None:
+    fake.fail_next("customJobs.create", 429, reason="RATE_LIMIT_EXCEEDED")
+    fake.fail_next("customJobs.create", 503)
+    ref = backend.submit(spec())
+    assert fake.count("customJobs.create") == 3 and len(fake.jobs) == 1
+    fake.fail_next("customJobs.get", 503, times=2)
+    assert backend.status(f"iris_{TS}", ref).state == "QUEUED"
+    assert fake.count("customJobs.get") == 3
+    backend.register_version("iris", version_view(f"v{TS}"), first=True)
+    fake.fail_next("models.mergeVersionAliases", 429, times=3)
+    backend.set_default("iris", f"v{TS}", None)
+    assert fake.count("models.mergeVersionAliases") == 4
+
+
+def test_unavailable_for_too_long_gives_a_clear_error(fake: VertexFake) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", retry_deadline=0.05)
+    fake.fail_next("customJobs.create", 503, times=1000)
+    with pytest.raises(VertexUnavailable, match="Vertex AI is unavailable after retrying"):
+        backend.submit(spec())
+    assert fake.jobs == {}
+
+
+def test_quota_exhausted_is_not_retried(backend: VertexBackend, fake: VertexFake) -> None:
+    fake.fail_next("customJobs.create", 429, reason="RESOURCE_QUOTA_EXCEEDED",
+                   message="Quota exceeded for aiplatform.googleapis.com/custom_model_training_cpus (n1) in "
+                           "region us-central1.")
+    with pytest.raises(QuotaExhausted) as err:
+        backend.submit(spec(scale_tier="PREMIUM_1"))
+    assert fake.count("customJobs.create") == 1
+    assert "quota exhausted in project starchart-test, region us-central1" in err.value.message
+    assert "custom_model_training_cpus" in err.value.message
+    assert "iam-admin/quotas?project=starchart-test" in err.value.hint
+
+
+@pytest.mark.parametrize("status, reason, error, words", [
+    (404, None, VertexNotFound, ["GCP_PROJECT_ID=starchart-test", "GCP_REGION=us-central1"]),
+    (403, None, VertexPermissionDenied, ["roles/aiplatform.user", "project starchart-test",
+                                         "roles/storage.objectAdmin on gs://starchart-test-ml"]),
+    (403, "SERVICE_DISABLED", VertexPermissionDenied, ["gcloud services enable aiplatform.googleapis.com "
+                                                       "--project=starchart-test"]),
+])
+def test_not_found_and_permission_denied_say_what_is_missing(backend: VertexBackend, fake: VertexFake, status: int,
+                                                             reason: str | None, error: type,
+                                                             words: list[str]) -> None:
+    fake.fail_next("customJobs.create", status, reason=reason)
+    with pytest.raises(error) as err:
+        backend.submit(spec())
+    text = str(err.value)
+    assert "could not start training job iris_20261127064910" in text
+    assert all(w in text for w in words), text
+    assert fake.count("customJobs.create") == 1, "not retried"
+
+
+def test_a_bad_request_names_the_server_reason(backend: VertexBackend, fake: VertexFake) -> None:
+    with pytest.raises(BackendError, match="worker_pool_specs.0..machine_spec.machine_type is required"):
+        backend.submit(spec(scale_tier="CUSTOM", machine_type="--bogus"))
+
+
+# ---------------------------------------------------------------- configuration and credentials
+
+
+def _settings(**env: str) -> Settings:
+    return Settings.from_env({"STARCHART_BACKEND": "vertex", "STARCHART_HOME": "/tmp/starchart-t", **env})
+
+
+@pytest.mark.parametrize("env, words", [
+    ({}, "GCP_PROJECT_ID is not set"),
+    ({"GCP_PROJECT_ID": "My Project"}, "is not a project id"),
+    ({"GCP_PROJECT_ID": "acme-ml", "GCP_REGION": "us central"}, "GCP_REGION 'us central' is not a region"),
+    ({"GCP_PROJECT_ID": "acme-ml", "STARCHART_BUCKET": "acme-bucket"}, "STARCHART_BUCKET=gs://acme-bucket"),
+])
+def test_missing_or_malformed_configuration_is_refused_clearly(env: dict[str, str], words: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        VertexBackend.from_settings(_settings(**env), env={})
+    assert words in str(err.value)
+
+
+def test_from_settings_defaults_and_endpoint_override(fake: VertexFake) -> None:
+    b = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="acme-ml", GCP_REGION="europe-west4"), env={})
+    assert (b.project, b.region, b.bucket, b.api_endpoint) == ("acme-ml", "europe-west4", "gs://acme-ml-ml", None)
+    assert b.name == "vertex" and isinstance(b.storage, GcsStorage) and b.poll_interval == (2.0, 30.0)
+    from google.auth.credentials import AnonymousCredentials
+
+    regional = VertexBackend("acme-ml", "europe-west4", "gs://b", credentials=AnonymousCredentials())
+    assert regional._jobs()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
+    assert regional._models()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
+    local = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="starchart-test"),
+                                        env={"VERTEX_API_ENDPOINT": fake.url,
+                                             "STARCHART_SERVING_IMAGE": "europe-docker.pkg.dev/acme/serve:1"})
+    assert local._jobs()._transport._host == fake.url and local.serving_image.endswith("serve:1")
+    assert local.current_default("iris") is None and fake.count("models.get") == 1
+
+
+def test_no_credentials_says_how_to_get_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "VERTEX_API_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud ADC file
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # and no metadata server
+    backend = VertexBackend("acme-ml", "us-central1", "gs://acme-ml-ml")
+    with pytest.raises(NoCredentials) as err:
+        backend.status(f"iris_{TS}", "projects/acme-ml/locations/us-central1/customJobs/1")
+    assert "no Google Cloud credentials" in err.value.message
+    assert "gcloud auth application-default login" in err.value.hint
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in err.value.hint
+    with pytest.raises(NoCredentials):
+        GcsStorage(project="acme-ml").read_bytes("gs://acme-ml-ml/iris/x/metrics.json")
+
+
+# ---------------------------------------------------------------- Cloud Storage (fake-gcs-server)
+
+
+def test_gcs_storage_round_trip_precondition_and_errors(bucket: str, gcs: str, tmp_path: Path) -> None:
+    store = GcsStorage(project="starchart-test")
+    record = store.join(bucket, "iris", TS, "starchart.json")
+    assert record == f"{bucket}/iris/{TS}/starchart.json" and store.join(bucket + "/", "/model/") == f"{bucket}/model"
+    assert not store.exists(record)
+    store.write_bytes(record, b'{"v": 1}', if_generation_match=0)
+    assert store.read_bytes(record) == b'{"v": 1}' and store.exists(record)
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        store.write_bytes(record, b'{"v": 2}', if_generation_match=0)
+    assert store.read_bytes(record) == b'{"v": 1}', "the refused write changed nothing"
+    store.write_bytes(record, b'{"v": 3}')  # unconditional writes replace
+    sdist = tmp_path / "iris_trainer-0.1.tar.gz"
+    sdist.write_bytes(b"\x1f\x8b fake sdist")
+    store.upload_file(sdist, store.join(bucket, "iris", TS, "packages", sdist.name))
+    blob = storage_client(gcs).bucket(bucket[5:]).get_blob(f"iris/{TS}/packages/{sdist.name}")
+    assert blob.size == sdist.stat().st_size and blob.content_type == "application/gzip"
+    with pytest.raises(ObjectNotFound) as missing:
+        store.read_bytes(store.join(bucket, "iris", TS, "metrics.json"))
+    assert isinstance(missing.value, ArtifactError) and "does not exist" in missing.value.message
+    with pytest.raises(BucketNotFound) as no_bucket:
+        store.read_bytes("gs://starchart-no-such-bucket/iris/x")
+    assert "gcloud storage buckets create gs://starchart-no-such-bucket" in no_bucket.value.hint
+    with pytest.raises(BucketNotFound):
+        store.upload_file(sdist, "gs://starchart-no-such-bucket/p/x.tar.gz")
+    assert store.bucket_exists(bucket) and not store.bucket_exists("gs://starchart-no-such-bucket")
+    with pytest.raises(ArtifactError, match="not a gs:// URI"):
+        store.read_bytes("/tmp/x")
+
+
+def test_storage_permission_denied_and_unreachable_say_what_to_do() -> None:
+    from google.api_core import exceptions as gexc
+
+    class Blob:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def download_as_bytes(self, **_: Any) -> bytes:
+            raise self.error
+
+    class Client:  # IAM is what fake-gcs-server does not emulate: a client that answers 403 / cannot connect
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def bucket(self, name: str) -> Any:
+            return type("Bucket", (), {"blob": lambda _self, n: Blob(self.error)})()
+
+    denied = GcsStorage(client=Client(gexc.Forbidden("GET http://x/o: caller does not have storage.objects.get")))
+    with pytest.raises(BackendError) as err:
+        denied.read_bytes("gs://acme-ml/iris/1/metrics.json")
+    assert type(err.value).__name__ == "StoragePermissionDenied"
+    assert "permission denied to read gs://acme-ml/iris/1/metrics.json: caller does not have" in err.value.message
+    assert "roles/storage.objectAdmin on gs://acme-ml" in err.value.hint
+    import requests
+
+    offline = GcsStorage(client=Client(requests.exceptions.ConnectionError("refused")))
+    with pytest.raises(BackendError, match="cannot reach Cloud Storage"):
+        offline.read_bytes("gs://acme-ml/iris/1/metrics.json")
+
+
+# ---------------------------------------------------------------- through the Registry
+
+
+def test_failed_alias_merge_during_a_promotion_leaves_it_failed_and_nothing_half_applied(
+        make_registry: Any, db_url: str, fake: VertexFake, bucket: str, gcs: str, trained: dict) -> None:
+    fake.runner = replay_runner(gcs)
+    reg = use_bucket(make_registry(db_url, backend=fast_backend(fake, bucket)), bucket)
+    for source in (trained["iris_a"], trained["iris_b"]):
+        job = reg.train("iris", "U_TRAINER", args=replay_args(source))
+        assert job["train_path"].startswith(f"{bucket}/iris/")
+        assert job["package_uris"][0].startswith(f"{job['train_path']}/packages/")
+        assert reg.wait(job["job_id"], timeout=20)["state"] == "SUCCEEDED"
+    exposed = reg.expose("iris", "U_TRAINER")
+    assert len(exposed["exposed"]) == 2 and not exposed["errors"], exposed
+    base, cand = sorted(v["name"] for v in exposed["exposed"])
+    assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    store, newest = reg.backend.storage, exposed["exposed"][1]
+    record = json.loads(store.read_bytes(store.join(reg.job(newest["job_id"])["train_path"], "starchart.json")))
+    assert record["name"] == newest["name"] and record["deployment_uri"].startswith(f"{bucket}/iris/")
+    assert set(record["signature"]["inputs"]) == {"sepal_length", "sepal_width", "petal_length", "petal_width"}
+
+    req = reg.promote("iris", cand, "U_REQ")
+    reg.decide(req["id"], "U_OK", True)
+    fake.fail_next("models.mergeVersionAliases", 403,
+                   message="Permission 'aiplatform.models.update' denied on resource.")
+    failed = reg.apply_request(req["id"], actor="U_OK")
+    assert failed["state"] == "failed"
+    assert "permission denied in project starchart-test" in failed["error"]
+    assert "aiplatform.models.update" in failed["error"]
+    assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    assert fake.versions("iris")["1"][0] == "default", "Vertex AI's default did not move"
+    actions = [e["action"] for e in reg.audit_events(model="iris", limit=100)]
+    assert "promotion.failed" in actions and "promotion.applied" not in actions
+
+    applied = reg.retry_apply(req["id"], "U_OK")
+    assert applied["state"] == "applied" and reg.default_version("iris") == cand
+    assert reg.backend.current_default("iris") == cand
+    assert [v["name"] for v in reg.backend.list_versions("iris")] == [base, cand]
+
+
+def test_registry_train_sends_the_job_it_describes(make_registry: Any, sqlite_url: str, fake: VertexFake,
+                                                  bucket: str) -> None:
+    reg = use_bucket(make_registry(sqlite_url, backend=fast_backend(fake, bucket)), bucket)
+    job = reg.train("iris", "U_TRAINER", args=["--epochs=5", "--job-dir=TRAIN_PATH"], scale_tier="STANDARD_1")
+    ts = job["job_id"].rsplit("_", 1)[1]
+    [create] = fake.calls("customJobs.create")
+    text = json.dumps(create.body).replace(ts, "TS").replace(bucket, "gs://BUCKET")  # volatile: time, bucket
+    check_golden("custom_job_from_registry", type(create)(create.method, create.path, create.query,
+                                                          json.loads(text), create.route))
+    assert reg.backend.storage.exists(job["package_uris"][0]), "the sdist was staged before the job was sent"
+
+
+def test_registry_from_env_selects_and_configures_the_vertex_backend(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, replay_trainers: Path, fake: VertexFake, bucket: str,
+        gcs: str, trained: dict) -> None:
+    from conftest import write_config
+
+    from model_registry.workflow import Registry
+
+    home = tmp_path / "envhome"
+    home.mkdir()
+    for key, value in {"STARCHART_BACKEND": "vertex", "GCP_PROJECT_ID": "starchart-test", "GCP_REGION": "us-central1",
+                       "STARCHART_BUCKET": bucket, "VERTEX_API_ENDPOINT": fake.url, "STARCHART_HOME": str(home),
+                       "DATABASE_URL": f"sqlite:///{home / 'db.sqlite'}",
+                       "STARCHART_CONFIG": str(write_config(home, replay_trainers))}.items():
+        monkeypatch.setenv(key, value)
+    fake.runner = replay_runner(gcs)
+    reg = Registry.from_env()
+    try:
+        assert isinstance(reg.backend, VertexBackend) and reg.backend.bucket == bucket
+        job = reg.train("iris", "U_TRAINER", args=replay_args(trained["iris_a"]))
+        assert job["train_path"].startswith(f"{bucket}/iris/") and fake.count("customJobs.create") == 1
+        reg.refresh_jobs("iris")  # the fake runs the job as it is polled: RUNNING, then SUCCEEDED
+        reg.refresh_jobs("iris")
+        assert reg.job(job["job_id"])["state"] == "SUCCEEDED"
+        assert [v["name"] for v in reg.expose("iris", "U_TRAINER")["exposed"]] == [reg.backend.current_default("iris")]
+    finally:
+        reg.engine.dispose()
+
+
+def test_training_into_a_missing_bucket_fails_before_any_job_is_sent(make_registry: Any, sqlite_url: str,
+                                                                    fake: VertexFake, gcs: str) -> None:
+    absent = "gs://starchart-absent-bucket"
+    reg = use_bucket(make_registry(sqlite_url, backend=fast_backend(fake, absent)), absent)
+    with pytest.raises(BucketNotFound) as err:
+        reg.train("iris", "U_TRAINER", args=["--epochs=1"])
+    assert "bucket gs://starchart-absent-bucket does not exist" in err.value.message
+    assert "gcloud storage buckets create gs://starchart-absent-bucket" in err.value.hint
+    [job] = reg.state("iris")
+    assert job["state"] == "FAILED" and "does not exist" in job["error"]
+    assert fake.count() == 0
+
+
+@pytest.mark.skipif(not (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") and
+                         os.environ.get("STARCHART_LIVE_GCP_PROJECT")),
+                    reason="live smoke test: set GOOGLE_APPLICATION_CREDENTIALS and STARCHART_LIVE_GCP_PROJECT")
+def test_live_smoke() -> None:  # pragma: no cover - needs a real project
+    project = os.environ["STARCHART_LIVE_GCP_PROJECT"]
+    settings = Settings.from_env({"STARCHART_BACKEND": "vertex", "GCP_PROJECT_ID": project,
+                                  "GCP_REGION": os.environ.get("GCP_REGION", "us-central1"),
+                                  "STARCHART_BUCKET": os.environ.get("STARCHART_BUCKET", "")})
+    backend = VertexBackend.from_settings(settings, env={})
+    backend.preflight()  # credentials, bucket, Vertex AI API and role, without starting anything billable
+    backend.list_jobs("iris")
+    assert backend.current_default("starchart_smoke_no_such_model") is None
+    probe = backend.storage.join(backend.bucket, "starchart-smoke", "probe.json")
+    backend.storage.write_bytes(probe, b"{}")
+    assert backend.storage.read_bytes(probe) == b"{}"
