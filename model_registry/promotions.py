@@ -271,7 +271,7 @@ class Promotions(Service):
         try:
             self.backend.set_default(model, version, ref)
         except Exception as exc:  # any backend failure leaves the request failed with the reason, nothing applied
-            reason = exc.message if isinstance(exc, StarchartError) else repr(exc)
+            reason = exc.message if isinstance(exc, StarchartError) else f"{type(exc).__name__}: {exc}"
             self._apply_result(request_id, actor, error=reason)
         else:
             self._apply_result(request_id, actor)

@@ -54,3 +54,50 @@ def test_console_review_flow(make_registry: Any, sqlite_url: str, trained: dict)
     console.handle("/ml nonsense")
     assert "unknown command 'nonsense'" in "\n".join(out)
     assert console.handle("/quit") is False
+
+
+def test_console_retry_after_a_failed_apply_and_audit_pages(make_registry: Any, sqlite_url: str,
+                                                            trained: dict) -> None:
+    from test_workflow import FailingBackend
+
+    reg = make_registry(sqlite_url, defaults={"approvers": ["U_BOB"], "required_approvals": 1})
+    for src in (trained["iris_a"], trained["iris_b"]):
+        job = reg.train("iris", "U_ALICE", args=[f"--source={src}"])
+        reg.wait(job["job_id"])
+    reg.expose("iris", "U_ALICE")
+    reg.backend = FailingBackend(reg.backend)
+    console, out = _console(reg, "U_ALICE")
+    newest = reg.versions("iris")["versions"][0]["name"]
+    console.handle(f"/ml promote iris {newest}")
+    console.handle("/as U_BOB")
+    out.clear()
+    console.handle("1")  # Approve: the backend fails half way
+    failed = "\n".join(out)
+    assert "apply failed: RuntimeError: 503 backend unavailable" in failed and "] Retry" in failed
+    retry = next(i for i, b in enumerate(console.buttons, start=1) if b[0] == "review.retry")
+    console.handle("/as U_ALICE")
+    out.clear()
+    console.handle(str(retry))
+    assert "not an approver" in "\n".join(out), "only an approver may retry"
+    reg.backend.fail = False
+    console.handle("/as U_BOB")
+    out.clear()
+    console.handle(str(retry))
+    assert ":rocket: applied" in "\n".join(out) and reg.default_version("iris") == newest
+    out.clear()
+    console.handle("/ml audit iris --limit 3")
+    first = "\n".join(out)
+    assert "] Next" in first
+    out.clear()
+    console.handle(str(next(i for i, b in enumerate(console.buttons, start=1) if b[0] == "audit.next")))
+    assert "Audit events of iris" in "\n".join(out)
+    out.clear()
+    console.handle("/ml audit iris --csv")
+    assert "[file audit.csv" in "\n".join(out) and "promotion.applied" in "\n".join(out)
+    out.clear()
+    from datetime import timedelta
+
+    from model_registry.names import utcnow
+
+    console.handle(f"/ml audit iris --at {(utcnow() + timedelta(seconds=2)).isoformat(timespec='seconds')}")
+    assert "approved by U_BOB" in "\n".join(out)
