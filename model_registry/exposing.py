@@ -22,7 +22,7 @@ from model_registry.records import (
 )
 from model_registry.service import Service
 from model_registry.signatures import read_signature
-from model_registry.views import iso, iso_text, text_column, version_view
+from model_registry.views import decoded, iso, iso_utc, raw_json, version_view
 
 
 class Exposing(Service):
@@ -119,14 +119,14 @@ class Exposing(Service):
             self._require_model(model, s)
             default = s.execute(select(ModelRecord.default_version).where(ModelRecord.name == model)).scalar()
             rows = s.execute(
-                select(cols.name, cols.job_id, text_column(cols.created_at), cols.trained_by, cols.metrics,
+                select(cols.name, cols.job_id, iso_utc(cols.created_at), cols.trained_by, raw_json(cols.metrics),
                        cols.deployment_uri).where(cols.model == model).order_by(cols.name.desc())
             ).all()
         return {
             "model": model, "default": default,
             "versions": [
-                {"name": name, "job_id": job_id, "created_at": iso_text(created), "trained_by": by,
-                 "metrics": metrics, "deployment_uri": uri, "is_default": name == default}
+                {"name": name, "job_id": job_id, "created_at": created, "trained_by": by,
+                 "metrics": decoded(metrics), "deployment_uri": uri, "is_default": name == default}
                 for name, job_id, created, by, metrics, uri in rows
             ],
         }

@@ -27,7 +27,7 @@ from model_registry.records import (
     ModelRecord,
 )
 from model_registry.service import Service
-from model_registry.views import iso_text, job_view, text_column
+from model_registry.views import decoded, iso_utc, job_view, raw_json
 
 LOG_TAIL_LINES = 20
 
@@ -173,11 +173,12 @@ class Training(Service):
 
     def state(self, model: str, limit: int | None = None) -> list[dict[str, Any]]:
         cols = Job.__table__.c
-        q = select(cols.job_id, cols.state, text_column(cols.created_at), text_column(cols.started_at), text_column(cols.ended_at),
-                   cols.requested_by, cols.version_name, cols.args, cols.error).where(cols.model == model)
+        q = select(cols.job_id, cols.state, iso_utc(cols.created_at), iso_utc(cols.started_at),
+                   iso_utc(cols.ended_at), cols.requested_by, cols.version_name, raw_json(cols.args),
+                   cols.error).where(cols.model == model)
         q = q.order_by(cols.ts.desc()).limit(limit) if limit else q.order_by(cols.ts.desc())
         for attempt in (1, 2):
-            with self.unit_of_work() as s:
+            with self.reads() as s:
                 self._require_model(model, s)
                 pending = attempt == 1 and s.execute(select(cols.job_id).where(
                     cols.model == model, cols.state.in_([QUEUED, RUNNING])).limit(1)).first() is not None
@@ -186,8 +187,8 @@ class Training(Service):
                     break
             self.refresh_jobs(model)  # only unfinished jobs cost a backend call
         return [
-            {"job_id": job_id, "state": state, "created_at": iso_text(created), "started_at": iso_text(started),
-             "ended_at": iso_text(ended), "requested_by": by, "version": version, "args": args, "error": error}
+            {"job_id": job_id, "state": state, "created_at": created, "started_at": started, "ended_at": ended,
+             "requested_by": by, "version": version, "args": decoded(args), "error": error}
             for job_id, state, created, started, ended, by, version, args, error in rows
         ]
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Iterable
 
 from sqlalchemy import String, type_coerce
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from model_registry.records import (
     Approval,
@@ -19,18 +22,30 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") + "Z" if value else None
 
 
-def text_column(column: Any) -> Any:
-    """A timestamp column as the driver returns it, skipping SQLAlchemy's parsing (list queries)."""
+class iso_utc(FunctionElement):  # noqa: N801 - reads as a SQL function in queries
+    """A timestamp column formatted as ISO UTC text by the database itself (list queries, no per-row Python)."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(iso_utc, "sqlite")
+def _iso_utc_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+    return f"strftime('%Y-%m-%dT%H:%M:%SZ', {compiler.process(element.clauses, **kw)})"
+
+
+@compiles(iso_utc, "postgresql")
+def _iso_utc_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
+    return f"to_char({compiler.process(element.clauses, **kw)}, 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+
+def raw_json(column: Any) -> Any:
+    """A JSON column as the driver returns it (text on SQLite, decoded on PostgreSQL); see `decoded`."""
     return type_coerce(column, String)
 
 
-def iso_text(value: Any) -> str | None:
-    """A stored timestamp (SQLite text 'YYYY-mm-dd HH:MM:SS.ffffff' or a driver datetime) as ISO UTC."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return iso(value)
-    return f"{value[:10]}T{value[11:19]}Z"
+def decoded(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def job_view(j: Job) -> dict[str, Any]:
