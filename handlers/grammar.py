@@ -6,7 +6,7 @@ import argparse
 
 
 class Usage(Exception):
-    pass
+    """A command that does not parse; its text is the usage to show."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
 class Base(DeclarativeBase):
-    pass
+    """The metadata every table (and Alembic) shares."""
 
 
 # Job states, as Vertex AI and Cloud ML Engine name them.
