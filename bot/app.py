@@ -122,11 +122,48 @@ class Bot:
     registry: Any
     client: WebClient
     signing_secret: str
+    gate: AckFirst
 
 
-def background_executor(max_workers: int = 16) -> Callable[[Callable[[], None]], None]:
+class AckFirst:
+    """Acks before background work: a queued task waits while Slack requests are being answered.
+
+    Work that competes for the GIL delays acks; Slack gives 3 s for an ack and none for the rest.
+    A task waits at most `patience` seconds, so a steady stream of requests cannot starve it.
+    """
+
+    def __init__(self, patience: float = 0.25) -> None:
+        self.patience = patience
+        self._inflight = 0
+        self._idle = threading.Condition()
+
+    def request_started(self) -> None:
+        with self._idle:
+            self._inflight += 1
+
+    def request_done(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def wait_for_gap(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=self.patience)
+
+
+def background_executor(gate: AckFirst | None = None, max_workers: int = 16) -> Callable[[Callable[[], None]], None]:
     pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="starchart-bg")
-    return lambda fn: pool.submit(fn) and None
+
+    def submit(fn: Callable[[], None]) -> None:
+        def task() -> None:
+            if gate is not None:
+                gate.wait_for_gap()
+            fn()
+
+        pool.submit(task)
+
+    return submit
 
 
 def create_bot(env: Mapping[str, str] | None = None, registry: Any = None,
@@ -150,10 +187,11 @@ def create_bot(env: Mapping[str, str] | None = None, registry: Any = None,
         registry = LazyRegistry(build)
     else:
         registry._members_of = members
+    gate = AckFirst()
     app = App(token=token, signing_secret=secret or "", client=client, token_verification_enabled=False,
               request_verification_enabled=True, process_before_response=False)
-    deps = Deps(registry=registry, render=blocks, background=background or background_executor(),
+    deps = Deps(registry=registry, render=blocks, background=background or background_executor(gate),
                 watch=lambda fn: threading.Thread(target=fn, name="starchart-watch", daemon=True).start(),
                 user_name=display_names(client), follow_interval=follow_interval)
     register(app, deps)
-    return Bot(app=app, deps=deps, registry=registry, client=client, signing_secret=secret or "")
+    return Bot(app=app, deps=deps, registry=registry, client=client, signing_secret=secret or "", gate=gate)

@@ -71,4 +71,8 @@ class WebApp:
                 log.exception("could not record a refused Slack request")
             return _reply(start_response, "401 Unauthorized", {"error": why})
         environ["wsgi.input"] = io.BytesIO(body)
-        return self.slack(environ, start_response)
+        self.bot.gate.request_started()
+        try:
+            return self.slack(environ, start_response)
+        finally:
+            self.bot.gate.request_done()
