@@ -84,6 +84,7 @@ class ModelPolicy:
     scale_tier: str | None = None
     machine_type: str | None = None
     executor_image: str | None = None
+    endpoint: dict[str, Any] | None = None  # Vertex AI: deploy the default to an endpoint (off by default)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class ProjectConfig:
                 scale_tier=merged.get("scale_tier"),
                 machine_type=merged.get("machine_type"),
                 executor_image=merged.get("executor_image"),
+                endpoint=dict(merged["endpoint"]) if merged.get("endpoint") else None,
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc

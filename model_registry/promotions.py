@@ -262,6 +262,12 @@ class Promotions(Service):
                 audit.append(s, "promotion.stale", "system", model=req.model, version=req.candidate_version,
                              request_id=req.id, details={"why": "the default moved before the apply"})
                 return request_view(req, self._approvals(s, req.id))
+            busy = s.execute(select(PromotionRequest.id).where(
+                PromotionRequest.model == req.model, PromotionRequest.state == APPLYING,
+                PromotionRequest.id != req.id).limit(1)).scalar()
+            if busy is not None:  # the model row is locked: one apply per model at a time
+                raise Refused(f"promotion request #{busy} of {req.model} is being applied right now",
+                              f"retry #{req.id} when it has finished", reason="busy")
             req.state, req.apply_started_at, req.error = APPLYING, names.utcnow(), None
             audit.append(s, "promotion.applying", actor, model=req.model, version=req.candidate_version,
                          request_id=req.id, channel=req.channel, message_ts=req.message_ts,
@@ -281,7 +287,8 @@ class Promotions(Service):
     def _apply_result(self, request_id: int, actor: str, error: str | None = None) -> None:
         with self.unit_of_work() as s:
             req = s.get(PromotionRequest, request_id, with_for_update=True)
-            if req.state != APPLYING:
+            late_success = error is None and req.state == FAILED_APPLY  # reconciled as failed, then it worked
+            if req.state != APPLYING and not late_success:
                 return  # reconciled by someone else meanwhile
             common = {"model": req.model, "version": req.candidate_version, "request_id": req.id,
                       "channel": req.channel, "message_ts": req.message_ts}
@@ -289,21 +296,31 @@ class Promotions(Service):
                 req.state, req.error = FAILED_APPLY, error
                 audit.append(s, "promotion.failed", actor, **common, details={"error": error})
                 return
-            s.execute(update(ModelRecord).where(ModelRecord.name == req.model)
-                      .values(default_version=req.candidate_version, updated_at=names.utcnow()))
+            base_is = (ModelRecord.default_version.is_(None) if req.base_version is None
+                       else ModelRecord.default_version == req.base_version)
+            moved = s.execute(update(ModelRecord).where(ModelRecord.name == req.model, base_is)
+                              .values(default_version=req.candidate_version, updated_at=names.utcnow())).rowcount
+            if not moved:  # cannot happen while one apply per model runs at a time; refuse rather than guess
+                req.state, req.error = FAILED_APPLY, "the default moved while this request was being applied"
+                audit.append(s, "promotion.failed", actor, **common, details={"error": req.error})
+                return
             req.state, req.applied_at = APPLIED, names.utcnow()
             audit.append(s, "promotion.applied", actor, **common,
                          details={"base": req.base_version, "kind": req.kind})
 
     def reconcile(self, older_than: timedelta = RECONCILE_AFTER) -> list[dict[str, Any]]:
         """Finish applies interrupted by a crash: applied if the backend has the candidate, else failed."""
-        cutoff = names.utcnow() - older_than
+        now = names.utcnow()
         with self.unit_of_work() as s:
-            stuck = s.execute(select(PromotionRequest.id, PromotionRequest.model, PromotionRequest.candidate_version)
+            stuck = s.execute(select(PromotionRequest.id, PromotionRequest.model, PromotionRequest.candidate_version,
+                                     PromotionRequest.apply_started_at)
                               .where(PromotionRequest.state == APPLYING,
-                                     PromotionRequest.apply_started_at <= cutoff)).all()
+                                     PromotionRequest.apply_started_at <= now - older_than)).all()
         results = []
-        for request_id, model, version in stuck:
+        apply_timeout = getattr(self.backend, "apply_timeout", lambda _model: 0.0)
+        for request_id, model, version, started in stuck:
+            if (now - started).total_seconds() < apply_timeout(model):
+                continue  # a slow switch (an endpoint deploy) may still be running in another process
             try:
                 current = self.backend.current_default(model)
             except StarchartError:

@@ -50,7 +50,8 @@ class Service:
         if self.settings.backend == "vertex":
             from model_registry.backends.vertex import VertexBackend  # google.cloud only when chosen
 
-            return VertexBackend.from_settings(self.settings)
+            endpoints = {m: p.endpoint for m in self.config.models if (p := self.config.policy(m)).endpoint}
+            return VertexBackend.from_settings(self.settings, endpoints=endpoints)
         from model_registry.backends.local import LocalBackend
 
         return LocalBackend(self.settings.home)

@@ -1,15 +1,16 @@
 """One contract, two backends: what the workflow relies on holds for `local` and `vertex` alike.
 
 `local` runs the replay trainer in real processes; `vertex` goes through the real GAPIC clients to the
-Vertex AI fake, whose job runner does what the replay trainer does, on the GCS emulator. Both replay
-the iris SavedModels that TensorFlow trained once for the session (`trained`).
+Vertex AI fake, whose job runner does what the replay trainer does, on the GCS emulator; `vertex-endpoint`
+is `vertex` with the model's endpoint enabled, so the default is also deployed (and must be served).
+Both replay the iris SavedModels that TensorFlow trained once for the session (`trained`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -28,9 +29,10 @@ class World:
     registry: Any
     break_set_default: Callable[[str, str], None]  # (model, version): the next switch to it fails
     trainer_started: Callable[[str], bool]  # job id: its trainer code is running
+    served: Callable[[str], list[str] | None] = field(default=lambda model: None)  # versions an endpoint serves
 
 
-@pytest.fixture(params=["local", "vertex"])
+@pytest.fixture(params=["local", "vertex", "vertex-endpoint"])
 def world(request: pytest.FixtureRequest, make_registry: Any, sqlite_url: str,
           monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     if request.param == "local":
@@ -54,17 +56,29 @@ def world(request: pytest.FixtureRequest, make_registry: Any, sqlite_url: str,
     bucket = new_bucket(url)
     with VertexFake() as fake:
         fake.runner = replay_runner(url)
-        reg = use_bucket(make_registry(sqlite_url, backend=fast_backend(fake, bucket)), bucket)
+        endpoint = request.param == "vertex-endpoint"
+        endpoints = {"iris": {"enabled": True, "machine_type": "n1-standard-2"}} if endpoint else None
+        reg = use_bucket(make_registry(sqlite_url, backend=fast_backend(fake, bucket, endpoints=endpoints)), bucket)
 
         def deny_alias_merge(model: str, version: str) -> None:
             fake.fail_next("models.mergeVersionAliases", 403,
                            message="Permission 'aiplatform.models.update' denied on resource.")
 
+        def fail_deploy(model: str, version: str) -> None:
+            fake.fail_next_operation("The serving container did not start.", route="endpoints.deployModel")
+
+        def served(model: str) -> list[str] | None:
+            names = {vid: next(a for a in aliases if a != "default") for vid, aliases in fake.versions(model).items()}
+            return [names[ref.split("@")[1]] for ref, _, traffic in fake.deployments(model) if traffic]
+
         def running(job_id: str) -> bool:
             reg.refresh_jobs("iris")
             return reg.job(job_id)["state"] == "RUNNING"
 
-        yield World("vertex", reg, deny_alias_merge, running)
+        if endpoint:
+            yield World("vertex", reg, fail_deploy, running, served)
+        else:
+            yield World("vertex", reg, deny_alias_merge, running)
 
 
 def backend_ref(reg: Any, job_id: str) -> str | None:
@@ -103,6 +117,7 @@ def test_train_expose_promote_apply(world: World, trained: dict) -> None:
         assert v.deployment_uri.endswith("/model/") and v.deployment_uri.startswith(reg.settings.bucket)
         assert v.backend_ref
     assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    assert world.served("iris") in (None, [base])
 
     req = reg.promote("iris", cand, "U_REQ", reason="more hidden units")
     assert reg.decide(req["id"], "U_OK", True)["state"] == "approved"
@@ -110,6 +125,7 @@ def test_train_expose_promote_apply(world: World, trained: dict) -> None:
     applied = reg.apply_request(req["id"], actor="U_OK")
     assert applied["state"] == "applied", applied
     assert reg.default_version("iris") == cand and reg.backend.current_default("iris") == cand
+    assert world.served("iris") in (None, [cand])
     assert reg.reconcile() == []
     assert isinstance(reg.logs(versions[cand].job_id), str)
 
@@ -150,5 +166,6 @@ def test_a_failed_set_default_leaves_the_request_failed(world: World, trained: d
     failed = reg.apply_request(req["id"], actor="U_OK")
     assert failed["state"] == "failed" and failed["error"], failed
     assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    assert world.served("iris") in (None, [base])
     actions = [e["action"] for e in reg.audit_events(model="iris", limit=100)]
     assert "promotion.failed" in actions and "promotion.applied" not in actions

@@ -525,3 +525,253 @@ def test_live_smoke() -> None:  # pragma: no cover - needs a real project
     probe = backend.storage.join(backend.bucket, "starchart-smoke", "probe.json")
     backend.storage.write_bytes(probe, b"{}")
     assert backend.storage.read_bytes(probe) == b"{}"
+
+
+# ---------------------------------------------------------------- endpoints (optional per model, off by default)
+
+
+ENDPOINT = {"enabled": True, "machine_type": "n1-standard-2", "min_replicas": 1, "max_replicas": 1}
+V1, V2, V3 = "v20261127000001", "v20261127000002", "v20261127000003"
+
+
+def endpoint_calls(fake: VertexFake) -> list[Any]:
+    return [r for r in fake.requests if "/endpoints" in r.path]
+
+
+def serving(fake: VertexFake, model: str = "iris") -> list[tuple[str, int]]:
+    """(model@version id, traffic %) of every deployment on the model's endpoint."""
+    return sorted((version, traffic) for version, _, traffic in fake.deployments(model))
+
+
+def versions_of(backend: VertexBackend, *names: str) -> list[str]:
+    return [backend.register_version("iris", version_view(n, n[1:]), first=i == 0) for i, n in enumerate(names)]
+
+
+@pytest.mark.parametrize("endpoints", [None, {"iris": {"enabled": False, "machine_type": "n1-standard-2"}},
+                                       {"iris": None, "other": ENDPOINT}, lambda model: None])
+def test_endpoints_are_off_by_default_and_cost_no_call(fake: VertexFake, endpoints: Any) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints=endpoints)
+    assert backend.endpoint_settings("iris") is None
+    refs = versions_of(backend, V1, V2)
+    backend.set_default("iris", V2, refs[1])
+    assert backend.current_default("iris") == V2
+    assert endpoint_calls(fake) == [] and fake.endpoints == {}, "no endpoint was looked up, created or deployed"
+
+
+def test_endpoint_settings_are_checked_when_the_backend_is_made(fake: VertexFake) -> None:
+    from model_registry.backends.vertex import EndpointSettings, endpoint_settings
+
+    assert endpoint_settings("iris", None) is None and endpoint_settings("iris", {"machine_type": "n1-standard-4"}) \
+        is None, "a mapping without enabled: true deploys nothing"
+    assert endpoint_settings("iris", True) == EndpointSettings("n1-standard-2", 1, 1, None)
+    assert endpoint_settings("iris", {"enabled": True, "min_replicas": 2, "accelerator": "nvidia-tesla-t4"}) == \
+        EndpointSettings("n1-standard-2", 2, 2, "NVIDIA_TESLA_T4:1")
+    for raw, words in [({"enabled": True, "replicas": 2}, "unknown key(s) ['replicas'] in models.iris.endpoint"),
+                       ({"enabled": "yes"}, "enabled must be true or false"),
+                       ({"enabled": True, "min_replicas": 2, "max_replicas": 1}, "need 1 <= min_replicas"),
+                       ({"enabled": True, "min_replicas": 0}, "need 1 <= min_replicas"),
+                       ({"enabled": True, "machine_type": "big one"}, "is not a machine type"),
+                       ("on", "must be a mapping")]:
+        with pytest.raises(InvalidInput) as err:
+            fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": raw})
+        assert words in err.value.message
+    settings = _settings(GCP_PROJECT_ID="starchart-test")
+    b = VertexBackend.from_settings(settings, env={"VERTEX_API_ENDPOINT": fake.url}, endpoints={"iris": ENDPOINT})
+    assert b.endpoint_settings("iris") == EndpointSettings() and b.endpoint_settings("other") is None
+    assert b.apply_timeout("iris") > 4 * b.operation_timeout > b.apply_timeout("other"), "deploys take minutes"
+    lazy = VertexBackend.from_settings(settings, env={}, endpoints=lambda m: {"enabled": True, "bogus": 1})
+    with pytest.raises(InvalidInput, match="bogus"):  # a callable is read (and checked) at each apply
+        lazy.set_default("iris", V1, None)
+
+
+def test_first_apply_creates_the_endpoint_and_deploys_with_all_the_traffic(fake: VertexFake) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
+    [ref] = versions_of(backend, V1)
+    fake.reset_requests()
+    backend.set_default("iris", V1, ref)
+    [endpoint] = fake.endpoints_of("iris")
+    assert endpoint["displayName"] == "iris" and endpoint["labels"] == {"model": "iris"}
+    assert serving(fake) == [("iris@1", 100)]
+    check_golden("create_endpoint", fake.calls("endpoints.create")[0])
+    [deploy] = fake.calls("endpoints.deployModel")
+    check_golden("deploy_model_first", deploy)
+    assert deploy.body["trafficSplit"] == {"0": 100}, "the endpoint served nothing: the new deployment takes all"
+    assert deploy.body["deployedModel"]["model"] == ref == "projects/123456789012/locations/us-central1/models/iris@1"
+    assert fake.count("endpoints.patch") == 0 and fake.count("endpoints.undeployModel") == 0
+    assert fake.count("operations.get") == 2, "the create and deploy operations were awaited"
+    assert backend.current_default("iris") == V1
+
+    fake.reset_requests()
+    backend.set_default("iris", V1, None)  # again (e.g. a reconcile): nothing to deploy, found by its alias
+    assert fake.count("endpoints.deployModel") == 0 and fake.count("endpoints.create") == 0
+    assert serving(fake) == [("iris@1", 100)]
+
+
+def test_next_apply_deploys_moves_the_traffic_then_undeploys_the_old_one(fake: VertexFake) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
+    refs = versions_of(backend, V1, V2, V3)
+    backend.set_default("iris", V1, refs[0])
+    [(_, old_id, _)] = fake.deployments("iris")
+    fake.reset_requests()
+    backend.set_default("iris", V2, refs[1])
+    assert serving(fake) == [("iris@2", 100)], "exactly one deployment: the new default, with all the traffic"
+    assert fake.versions("iris")["2"] == ["default", V2]
+    [deploy] = fake.calls("endpoints.deployModel")
+    check_golden("deploy_model_next", deploy)
+    assert deploy.body["trafficSplit"] == {old_id: 100, "0": 0}, "deployed without taking traffic"
+    [patch] = fake.calls("endpoints.patch")
+    check_golden("update_endpoint_traffic", patch)
+    [undeploy] = fake.calls("endpoints.undeployModel")
+    check_golden("undeploy_model", undeploy)
+    assert undeploy.body == {"deployedModelId": old_id}
+    order = [r.route for r in fake.requests if r.route != "operations.get"]
+    assert order.index("endpoints.deployModel") < order.index("endpoints.patch") \
+        < order.index("models.mergeVersionAliases") < order.index("endpoints.undeployModel")
+
+    backend.set_default("iris", V3, None)  # no reference kept: the version is found by its alias
+    assert serving(fake) == [("iris@3", 100)] and backend.current_default("iris") == V3
+    assert len(fake.endpoints) == 1, "one endpoint per model, found again by its label"
+
+
+def test_a_deploy_that_outlives_its_wait_is_used_by_the_retry(fake: VertexFake) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT}, operation_timeout=0.05)
+    refs = versions_of(backend, V1, V2)
+    backend.set_default("iris", V1, refs[0])
+    fake.operation_polls = 10**6
+    with pytest.raises(BackendError, match="took longer than 0s to deploy iris v20261127000002 to endpoint"):
+        backend.set_default("iris", V2, refs[1])
+    assert fake.finish_operations() == 1  # Vertex AI finishes it later: with no traffic, so nothing moved
+    fake.operation_polls = 1
+    assert serving(fake) == [("iris@1", 100), ("iris@2", 0)] and backend.current_default("iris") == V1
+    fake.reset_requests()
+    backend.set_default("iris", V2, refs[1])
+    assert fake.count("endpoints.deployModel") == 0, "the late deployment was used, not deployed again"
+    assert serving(fake) == [("iris@2", 100)] and backend.current_default("iris") == V2
+
+
+def test_a_failed_alias_move_puts_the_traffic_back_and_undeploys_the_new_one(fake: VertexFake) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
+    refs = versions_of(backend, V1, V2)
+    backend.set_default("iris", V1, refs[0])
+    before = fake.deployments("iris")
+    fake.fail_next("models.mergeVersionAliases", 403, message="Permission 'aiplatform.models.update' denied.")
+    with pytest.raises(VertexPermissionDenied, match="could not make v20261127000002 the default of iris"):
+        backend.set_default("iris", V2, refs[1])
+    assert fake.deployments("iris") == before, "traffic back on the old deployment, the new one undeployed"
+    assert backend.current_default("iris") == V1 and fake.count("endpoints.patch") == 2
+    backend.set_default("iris", V2, refs[1])
+    assert serving(fake) == [("iris@2", 100)] and backend.current_default("iris") == V2
+
+
+def test_a_failed_undeploy_of_the_old_one_does_not_fail_the_promotion(fake: VertexFake,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
+    refs = versions_of(backend, V1, V2, V3)
+    backend.set_default("iris", V1, refs[0])
+    fake.fail_next_operation("Internal error while undeploying.", code=13, route="endpoints.undeployModel")
+    backend.set_default("iris", V2, refs[1])  # committed when the alias moved; the clean-up is logged
+    assert backend.current_default("iris") == V2 and serving(fake) == [("iris@1", 0), ("iris@2", 100)]
+    assert "billed until the next promotion of iris removes it" in caplog.text
+    backend.set_default("iris", V3, refs[2])
+    assert serving(fake) == [("iris@3", 100)], "the next promotion removed the leftover too"
+
+
+def test_lost_replies_on_endpoint_create_and_deploy_make_one_of_each(fake: VertexFake) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
+    [ref] = versions_of(backend, V1)
+    fake.fail_next("endpoints.create", 503, after=True)
+    fake.fail_next("endpoints.deployModel", 503, after=True)
+    fake.fail_next("endpoints.list", 429, reason="RATE_LIMIT_EXCEEDED")
+    backend.set_default("iris", V1, ref)
+    assert len(fake.endpoints) == 1 and serving(fake) == [("iris@1", 100)]
+    assert fake.count("endpoints.create") == 1, "the retry found the endpoint the first attempt made"
+
+
+def test_the_fake_keeps_vertex_endpoint_rules(fake: VertexFake) -> None:
+    from google.api_core import exceptions as gexc
+    from google.cloud import aiplatform_v1 as aip
+    from google.protobuf import field_mask_pb2
+
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
+    refs = versions_of(backend, V1, V2)
+    backend.set_default("iris", V1, refs[0])
+    client, endpoint = backend._endpoints(), backend.find_endpoint("iris")
+    [(_, old_id, _)] = fake.deployments("iris")
+    resources = aip.DedicatedResources(machine_spec=aip.MachineSpec(machine_type="n1-standard-2"),
+                                       min_replica_count=1, max_replica_count=1)
+
+    def deploy(split: dict[str, int], model: str = refs[1], res: Any = resources) -> Any:
+        return client.deploy_model(endpoint=endpoint.name, traffic_split=split, deployed_model=aip.DeployedModel(
+            model=model, dedicated_resources=res)).result(timeout=5)
+
+    with pytest.raises(gexc.BadRequest, match="must add up to 100, not 90"):
+        deploy({old_id: 40, "0": 50})
+    with pytest.raises(gexc.BadRequest, match="refers to DeployedModel '42'"):
+        deploy({"42": 100})
+    with pytest.raises(gexc.NotFound, match="iris@7 does not exist"):
+        deploy({}, model=refs[1].replace("@2", "@7"))
+    with pytest.raises(gexc.BadRequest, match="min_replica_count must be at least 1"):
+        deploy({}, res=aip.DedicatedResources(machine_spec=aip.MachineSpec(machine_type="n1-standard-2")))
+    fake.fail_next_operation("Machine type n1-standard-2 is not available.", code=9, route="endpoints.deployModel")
+    with pytest.raises(gexc.GoogleAPICallError, match="not available"):
+        deploy({"0": 100, old_id: 0})
+    assert fake.deployments("iris") == [("iris@1", old_id, 100)], "refused and failed deploys changed nothing"
+    new_id = deploy({}).deployed_model.id  # an empty split leaves the endpoint's alone
+    assert serving(fake) == [("iris@1", 100), ("iris@2", 0)]
+    with pytest.raises(gexc.BadRequest, match=f"{old_id} has 100% of the traffic"):
+        client.undeploy_model(endpoint=endpoint.name, deployed_model_id=old_id)
+    with pytest.raises(gexc.BadRequest, match="update_mask is required"):
+        client.update_endpoint(endpoint=aip.Endpoint(name=endpoint.name, traffic_split={new_id: 100}))
+    with pytest.raises(gexc.NotFound, match="'7' is not deployed"):
+        client.undeploy_model(endpoint=endpoint.name, deployed_model_id="7")
+    client.update_endpoint(endpoint=aip.Endpoint(name=endpoint.name, traffic_split={new_id: 60, old_id: 40}),
+                           update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"]))
+    client.undeploy_model(endpoint=endpoint.name, deployed_model_id=old_id,
+                          traffic_split={new_id: 100}).result(timeout=5)  # takes the traffic away as it goes
+    assert serving(fake) == [("iris@2", 100)]
+    client.undeploy_model(endpoint=endpoint.name, deployed_model_id=new_id).result(timeout=5)  # the last one
+    assert client.get_endpoint(name=endpoint.name).traffic_split == {} and fake.deployments("iris") == []
+    found = client.list_endpoints(request=aip.ListEndpointsRequest(parent=backend._parent(),
+                                                                   filter='displayName="iris"'))
+    assert [e.name for e in found] == [endpoint.name]
+
+
+def test_a_failed_deploy_leaves_the_request_failed_and_nothing_moved_then_retry_succeeds(
+        make_registry: Any, sqlite_url: str, fake: VertexFake, bucket: str, gcs: str, trained: dict) -> None:
+    fake.runner = replay_runner(gcs)
+    backend = fast_backend(fake, bucket, endpoints={"iris": ENDPOINT}, retry_deadline=0.2)
+    reg = use_bucket(make_registry(sqlite_url, backend=backend), bucket)
+    for source in (trained["iris_a"], trained["iris_b"]):
+        job = reg.train("iris", "U_TRAINER", args=replay_args(source))
+        assert reg.wait(job["job_id"], timeout=20)["state"] == "SUCCEEDED"
+    exposed = reg.expose("iris", "U_TRAINER")
+    assert len(exposed["exposed"]) == 2 and not exposed["errors"], exposed
+    base, cand = sorted(v["name"] for v in exposed["exposed"])
+    before = fake.deployments("iris")
+    assert serving(fake) == [("iris@1", 100)], "the first default was deployed when it was initialised"
+
+    req = reg.promote("iris", cand, "U_REQ")
+    reg.decide(req["id"], "U_OK", True)
+    failures = [
+        (lambda: fake.fail_next("endpoints.deployModel", 503, times=1000), "Vertex AI is unavailable after retrying"),
+        (lambda: fake.fail_next("endpoints.deployModel", 403, message="Permission 'aiplatform.endpoints.deploy' "
+                                "denied on resource."), "permission denied in project starchart-test"),
+        (lambda: fake.fail_next_operation("Deploying the model failed: the serving container did not start.",
+                                          route="endpoints.deployModel"),
+         "Vertex AI could not deploy iris " + cand),
+    ]
+    for attempt, (inject, words) in enumerate(failures):
+        fake.clear_faults()
+        inject()
+        result = (reg.apply_request(req["id"], actor="U_OK") if attempt == 0 else reg.retry_apply(req["id"], "U_OK"))
+        assert result["state"] == "failed", result
+        assert words in result["error"] and f"deploy iris {cand} to endpoint" in result["error"], result["error"]
+        assert reg.default_version("iris") == base and backend.current_default("iris") == base
+        assert fake.deployments("iris") == before, "deployments and traffic unchanged"
+    fake.clear_faults()
+    actions = [e["action"] for e in reg.audit_events(model="iris", limit=100)]
+    assert actions.count("promotion.failed") == 3 and "promotion.applied" not in actions
+
+    applied = reg.retry_apply(req["id"], "U_OK")
+    assert applied["state"] == "applied" and reg.default_version("iris") == cand
+    assert backend.current_default("iris") == cand and serving(fake) == [("iris@2", 100)]

@@ -387,3 +387,25 @@ def test_train_path_substitution_and_defaults_from_config(make_registry: Any, sq
     job = reg.train("iris", "U_T")
     assert job["args"][1] == f"--job-dir={job['train_path']}"
     assert reg.wait(job["job_id"])["state"] == "SUCCEEDED"
+
+
+def test_one_apply_per_model_at_a_time(two_versions: Any, trained: dict) -> None:
+    """Two approved requests on the same base: the second waits for the first, then is stale."""
+    reg = two_versions
+    train_and_wait(reg, "iris", "U_TRAINER", replay_args(trained["iris_a"], "--epochs=9"))
+    reg.expose("iris", "U_TRAINER")
+    newest, middle = [v["name"] for v in reg.versions("iris")["versions"]][:2]
+    first, second = reg.promote("iris", middle, "U_REQ"), reg.promote("iris", newest, "U_REQ")
+    reg.decide(first["id"], "U_OK", True)
+    reg.decide(second["id"], "U_OK", True)
+    with reg.unit_of_work() as s:  # the first is in the middle of its backend call
+        s.execute(update(PromotionRequest).where(PromotionRequest.id == first["id"])
+                  .values(state="applying", apply_started_at=names.utcnow()))
+    with pytest.raises(Refused) as busy:
+        reg.apply_request(second["id"])
+    assert busy.value.reason == "busy" and reg.request(second["id"])["state"] == "approved"
+    assert reg.reconcile() == [], "a fresh apply is not reconciled"
+    assert reg.reconcile(older_than=timedelta(0))[0]["state"] == "failed"  # it never reached the backend
+    assert reg.apply_request(first["id"])["state"] == "applied"
+    assert reg.apply_request(second["id"])["state"] == "stale"
+    assert reg.default_version("iris") == middle

@@ -21,7 +21,24 @@ and `--accelerator TYPE:COUNT` apply to every pool.
 
 Versions. A model is one Vertex AI Model (model_id = the model name); each exposed version is a
 model version carrying its version name (v<TS>) as a version alias. The default version is the
-`default` alias, moved with merge_version_aliases. Deploying the default to an endpoint is not done.
+`default` alias, moved with merge_version_aliases; `current_default` reads the alias.
+
+Endpoints (optional per model, off by default: a deployed model bills per node hour). With
+`endpoint: {enabled: true, machine_type: n1-standard-2, min_replicas: 1, max_replicas: 1}` in the
+model's policy, `set_default` also serves the new default from an endpoint (display name = the
+model, label model=<model>), in an order where the `default` alias is the commit point:
+
+    1. find or create the endpoint                       (an empty endpoint costs nothing)
+    2. deploy the version with no traffic                (or all of it, if the endpoint serves nothing)
+    3. move all the traffic to it                        (one UpdateEndpoint: atomic, undoable)
+    4. move the `default` alias                          <- commit
+    5. undeploy the other deployments (none has traffic) (clean-up: a failure is logged, not raised)
+
+A failure in 1-2 changes nothing that serves; a failure in 3-4 puts the previous traffic split back
+and undeploys the new deployment; so a failed promotion leaves the alias, the traffic and the
+deployments as they were, and Retry starts over. A deployment of the version that is already there
+(an earlier attempt that timed out) is used rather than deployed again, and step 5 also removes
+deployments left behind by earlier failures.
 
 Failures. 429 (rate limits) and 503 are retried with exponential backoff; creating a job or a model
 version is made idempotent across those retries by looking for what the previous attempt made.
@@ -31,6 +48,7 @@ Everything else becomes a BackendError that says what is missing.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import re
 import threading
@@ -49,8 +67,10 @@ from google.api_core.retry import Retry
 from google.auth import exceptions as auth_exc
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import aiplatform_v1 as aip
+from google.cloud.aiplatform_v1.services.endpoint_service.transports.rest import EndpointServiceRestTransport
 from google.cloud.aiplatform_v1.services.job_service.transports.rest import JobServiceRestTransport
 from google.cloud.aiplatform_v1.services.model_service.transports.rest import ModelServiceRestTransport
+from google.protobuf import field_mask_pb2
 
 from model_registry.backends.base import JobStatus, TrainingSpec
 from model_registry.errors import BackendError, InvalidInput, StarchartError
@@ -59,6 +79,7 @@ from model_registry.packaging import Package
 from model_registry.records import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEFAULT_EXECUTOR_IMAGE = "us-docker.pkg.dev/vertex-ai/training/tf-cpu.2-17.py310:latest"
 DEFAULT_GPU_EXECUTOR_IMAGE = "us-docker.pkg.dev/vertex-ai/training/tf-gpu.2-17.py310:latest"
@@ -68,6 +89,8 @@ DEFAULT_ALIAS = "default"
 VERSION_ALIAS = re.compile(r"^v\d{14}$")
 PROJECT_ID = re.compile(r"^([a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 REGION = re.compile(r"^[a-z]+-[a-z]+\d+$")
+MACHINE_TYPE = re.compile(r"^[a-z][a-z0-9]*-[a-z0-9-]+$")
+VERSION_REF = re.compile(r"^projects/[^/]+/locations/[^/]+/models/[^/@]+@\d+$")
 ACCELERATORS = tuple(a.name for a in aip.AcceleratorType if a.value)
 
 _STATES = {
@@ -151,6 +174,72 @@ def worker_pools(spec: TrainingSpec) -> list[Pool]:
     return pools
 
 
+# ---------------------------------------------------------------- endpoint settings
+
+ENDPOINT_KEYS = ("enabled", "machine_type", "min_replicas", "max_replicas", "accelerator")
+ENDPOINT_EXAMPLE = "endpoint: {enabled: true, machine_type: n1-standard-2, min_replicas: 1, max_replicas: 1}"
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """How a model's default is served: dedicated machines on a Vertex AI endpoint."""
+
+    machine_type: str = "n1-standard-2"
+    min_replicas: int = 1
+    max_replicas: int = 1
+    accelerator: str | None = None  # TYPE:COUNT, e.g. NVIDIA_TESLA_T4:1
+
+
+def endpoint_settings(model: str, raw: Any) -> EndpointSettings | None:
+    """A model's `endpoint` policy: None unless it says `enabled: true` (deployments cost money)."""
+    where = f"models.{model}.endpoint"
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return EndpointSettings()
+    if not isinstance(raw, Mapping):
+        raise InvalidInput(f"{where} must be a mapping", f"e.g. {ENDPOINT_EXAMPLE}")
+    unknown = sorted(set(raw) - set(ENDPOINT_KEYS))
+    if unknown:
+        raise InvalidInput(f"unknown key(s) {unknown} in {where}", f"known keys: {', '.join(ENDPOINT_KEYS)}")
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise InvalidInput(f"{where}.enabled must be true or false, not {enabled!r}", f"e.g. {ENDPOINT_EXAMPLE}")
+    if not enabled:
+        return None
+    machine_type = str(raw.get("machine_type") or EndpointSettings.machine_type)
+    if not MACHINE_TYPE.match(machine_type):
+        raise InvalidInput(f"{where}.machine_type {machine_type!r} is not a machine type",
+                           "use a Vertex AI prediction machine type such as n1-standard-2")
+    try:
+        low = int(raw.get("min_replicas", 1))
+        high = int(raw.get("max_replicas", low))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{where}: min_replicas and max_replicas must be whole numbers",
+                           f"e.g. {ENDPOINT_EXAMPLE}") from exc
+    if low < 1 or high < low:
+        raise InvalidInput(f"{where}: need 1 <= min_replicas <= max_replicas (got {low} and {high})",
+                           "min_replicas machines run (and bill) all the time")
+    accelerator = raw.get("accelerator")
+    if accelerator:
+        kind, count = parse_accelerator(str(accelerator))
+        accelerator = f"{kind}:{count}"
+    return EndpointSettings(machine_type, low, high, accelerator or None)
+
+
+def _split(endpoint: aip.Endpoint) -> dict[str, int]:
+    """An endpoint's traffic split without the deployments that get nothing."""
+    return {k: int(v) for k, v in endpoint.traffic_split.items() if int(v)}
+
+
+def _deployment_of(endpoint: aip.Endpoint, model: str, version_id: str) -> aip.DeployedModel | None:
+    """A deployment of models/<model>@<version_id> on the endpoint, the one with the most traffic first."""
+    split = _split(endpoint)
+    found = [d for d in endpoint.deployed_models
+             if d.model.rsplit("/", 1)[-1].split("@")[0] == model and d.model_version_id == version_id]
+    return max(found, key=lambda d: split.get(d.id, 0), default=None)
+
+
 def label_value(value: str) -> str:
     """A Vertex AI label value: lowercase letters, digits, '_' and '-', at most 63 characters."""
     return re.sub(r"[^a-z0-9_-]", "_", str(value).lower())[:63]
@@ -225,6 +314,7 @@ class VertexBackend:
         operation_poll: tuple[float, float] = (1.0, 20.0),
         operation_timeout: float = 1800.0,
         page_size: int = 100,
+        endpoints: Mapping[str, Any] | Callable[[str], Any] | None = None,
     ) -> None:
         self.project, self.region, self.bucket = project, region, bucket.rstrip("/")
         self.api_endpoint = api_endpoint or None
@@ -233,6 +323,7 @@ class VertexBackend:
         self.serving_image = serving_image
         self.poll_interval = poll_interval
         self.rpc_timeout = rpc_timeout
+        self.retry_deadline = retry_deadline
         self.operation_timeout = operation_timeout
         self.page_size = page_size
         self.retry = Retry(predicate=retryable, initial=retry_delays[0], maximum=retry_delays[1], multiplier=2.0,
@@ -240,12 +331,24 @@ class VertexBackend:
         self.polling = polling.DEFAULT_POLLING.with_delay(initial=operation_poll[0], maximum=operation_poll[1])
         self.polling = self.polling.with_timeout(operation_timeout)
         self._credentials = credentials
-        self._clients: dict[str, tuple[aip.JobServiceClient, aip.ModelServiceClient]] = {}
+        self._clients: dict[str, tuple[aip.JobServiceClient, aip.ModelServiceClient, aip.EndpointServiceClient]] = {}
         self._lock = threading.Lock()
+        if endpoints is None or callable(endpoints):
+            self._endpoint_policy: Callable[[str], Any] = endpoints or (lambda model: None)
+        else:  # a mapping is checked now, so a typo in starchart.yaml is found at start, not at a promotion
+            settings = {str(m): endpoint_settings(str(m), raw) for m, raw in endpoints.items()}
+            self._endpoint_policy = settings.get
+
+    def endpoint_settings(self, model: str) -> EndpointSettings | None:
+        """How `model`'s default is served from an endpoint; None (the default) when it is not."""
+        raw = self._endpoint_policy(model)
+        return raw if isinstance(raw, EndpointSettings) or raw is None else endpoint_settings(model, raw)
 
     @classmethod
     def from_settings(cls, settings: Any, env: Mapping[str, str] | None = None, **kwargs: Any) -> "VertexBackend":
-        """Validate GCP_PROJECT_ID, GCP_REGION and STARCHART_BUCKET; nothing is contacted yet."""
+        """Validate GCP_PROJECT_ID, GCP_REGION and STARCHART_BUCKET; nothing is contacted yet.
+
+        `endpoints=` (model -> the `endpoint` policy, or a callable that gives it) is passed on."""
         env = os.environ if env is None else env
         project, region, bucket = settings.gcp_project, settings.gcp_region, settings.bucket
         if not project:
@@ -281,14 +384,16 @@ class VertexBackend:
     def _endpoint(self, region: str) -> str:
         return self.api_endpoint or f"{region}-aiplatform.googleapis.com"
 
-    def _clients_for(self, region: str | None) -> tuple[aip.JobServiceClient, aip.ModelServiceClient]:
+    def _clients_for(self, region: str | None) -> tuple[aip.JobServiceClient, aip.ModelServiceClient,
+                                                        aip.EndpointServiceClient]:
         region = region or self.region
         with self._lock:
             if region not in self._clients:
                 self._clients[region] = self._make_clients(region)
             return self._clients[region]
 
-    def _make_clients(self, region: str) -> tuple[aip.JobServiceClient, aip.ModelServiceClient]:
+    def _make_clients(self, region: str) -> tuple[aip.JobServiceClient, aip.ModelServiceClient,
+                                                  aip.EndpointServiceClient]:
         endpoint = self._endpoint(region)
         if endpoint.startswith("http://"):  # a local fake: REST without TLS, no credentials
             host = endpoint.removeprefix("http://").rstrip("/")
@@ -296,11 +401,14 @@ class VertexBackend:
             return (aip.JobServiceClient(transport=JobServiceRestTransport(host=host, credentials=creds,
                                                                            url_scheme="http")),
                     aip.ModelServiceClient(transport=ModelServiceRestTransport(host=host, credentials=creds,
-                                                                               url_scheme="http")))
+                                                                               url_scheme="http")),
+                    aip.EndpointServiceClient(transport=EndpointServiceRestTransport(host=host, credentials=creds,
+                                                                                     url_scheme="http")))
         options = ClientOptions(api_endpoint=endpoint.removeprefix("https://").rstrip("/"))
         creds = self._adc()
         return (aip.JobServiceClient(credentials=creds, transport="rest", client_options=options),
-                aip.ModelServiceClient(credentials=creds, transport="rest", client_options=options))
+                aip.ModelServiceClient(credentials=creds, transport="rest", client_options=options),
+                aip.EndpointServiceClient(credentials=creds, transport="rest", client_options=options))
 
     def _adc(self) -> Credentials:
         if self._credentials is None:
@@ -315,6 +423,9 @@ class VertexBackend:
 
     def _models(self) -> aip.ModelServiceClient:
         return self._clients_for(self.region)[1]
+
+    def _endpoints(self) -> aip.EndpointServiceClient:
+        return self._clients_for(self.region)[2]
 
     @contextmanager
     def _errors(self, action: str, missing: str, region: str | None = None) -> Iterator[None]:
@@ -583,7 +694,23 @@ class VertexBackend:
         return f"{result.model}@{result.model_version_id}"
 
     def set_default(self, model: str, version: str, ref: str | None) -> None:
-        """Move the `default` alias to the version; Vertex AI takes it from the previous default."""
+        """Move the `default` alias to the version (Vertex AI takes it from the previous default); with an
+        endpoint enabled for the model, serve the version from it first (see the module's docstring)."""
+        settings = self.endpoint_settings(model)
+        if settings is None:
+            self._move_alias(model, version, ref)
+            return
+        self._serve_and_move_alias(model, version, ref, settings)
+
+    def apply_timeout(self, model: str) -> float:
+        """An upper bound, in seconds, on how long set_default(model, ...) runs: with an endpoint it awaits
+        deployments (minutes each on Vertex AI), so an apply younger than this is not an interrupted one."""
+        call = self.retry_deadline + self.rpc_timeout
+        if self.endpoint_settings(model) is None:
+            return 2 * call
+        return 4 * self.operation_timeout + 12 * call  # create, deploy, undo or clean-up; lookups and traffic
+
+    def _move_alias(self, model: str, version: str, ref: str | None) -> None:
         name = ref or f"{self._model_path(model)}@{version}"
         with self._errors(f"make {version} the default of {model}", f"version {name}"):
             updated = self._models().merge_version_aliases(name=name, version_aliases=[DEFAULT_ALIAS],
@@ -591,6 +718,162 @@ class VertexBackend:
         if DEFAULT_ALIAS not in updated.version_aliases:
             raise BackendError(f"Vertex AI did not move the default alias of {model} to {version}",
                                "check the model's versions in the Vertex AI console")
+
+    # ---------------------------------------------------------------- endpoints
+
+    def _serve_and_move_alias(self, model: str, version: str, ref: str | None, settings: EndpointSettings) -> None:
+        version_name = self._version_name(model, version, ref)
+        endpoint = self.find_endpoint(model) or self._create_endpoint(model)
+        before = _split(endpoint)
+        deployed = self._deploy(model, version, version_name, endpoint, settings)
+        try:
+            with self._errors(f"read endpoint {endpoint.name}", f"endpoint {endpoint.name}"):
+                current = self._endpoints().get_endpoint(name=endpoint.name, retry=self.retry,
+                                                         timeout=self.rpc_timeout)
+            if _split(current) != {deployed: 100}:
+                self._set_traffic(endpoint.name, {deployed: 100}, f"move the traffic of endpoint {endpoint.name} "
+                                                                  f"to {model} {version}")
+            self._move_alias(model, version, ref)
+        except StarchartError as exc:
+            undo = self._undo_deploy(endpoint.name, deployed, before)
+            if undo:
+                raise type(exc)(f"{exc.message}; {undo}", exc.hint) from exc
+            raise
+        for other in current.deployed_models:  # after the commit: clean-up, not part of the promotion
+            if other.id != deployed:
+                try:
+                    self._undeploy(endpoint.name, other.id, f"undeploy {other.display_name or other.id} from "
+                                                            f"endpoint {endpoint.name}")
+                except StarchartError as exc:
+                    log.warning("%s is the default of %s, served by endpoint %s, but %s; that deployment has no "
+                                "traffic and is billed until the next promotion of %s removes it",
+                                version, model, endpoint.name, exc.message, model)
+
+    def _version_name(self, model: str, version: str, ref: str | None) -> str:
+        """models/<model>@<version id>: a deployment names a version by its id."""
+        if ref and VERSION_REF.match(ref):
+            return ref
+        with self._errors(f"look up {model} {version}", f"model {self._model_path(model)}"):
+            found = self._get_model(f"{self._model_path(model)}@{version}")
+        if found is None:
+            raise VertexNotFound(f"Vertex AI has no version {version} of {model}",
+                                 f"expose it first: `expose {model}`")
+        return f"{found.name}@{found.version_id}"
+
+    def find_endpoint(self, model: str) -> aip.Endpoint | None:
+        """The endpoint that serves `model` (labelled model=<model>, displayed as the model), oldest first."""
+        request = aip.ListEndpointsRequest(parent=self._parent(), filter=f'labels.model="{label_value(model)}"',
+                                           order_by="create_time", page_size=self.page_size)
+        with self._errors(f"look up the endpoint of {model}", f"project {self.project} in region {self.region}"):
+            for page in self._endpoints().list_endpoints(request=request, retry=self.retry,
+                                                         timeout=self.rpc_timeout).pages:
+                for endpoint in page.endpoints:
+                    if endpoint.display_name == model:
+                        return endpoint
+        return None
+
+    def _create_endpoint(self, model: str) -> aip.Endpoint:
+        body = aip.Endpoint(display_name=model, labels=_labels({"model": model}),
+                            description=f"StarChart: serves the default version of {model}")
+        client = self._endpoints()
+
+        def create() -> Any:
+            return client.create_endpoint(parent=self._parent(), endpoint=body, retry=None, timeout=self.rpc_timeout)
+
+        action = f"create the endpoint of {model}"
+        with self._errors(action, f"project {self.project} in region {self.region}"):
+            started = self._idempotent(create, lambda: self.find_endpoint(model))
+        if isinstance(started, aip.Endpoint):
+            return started
+        return self._await(started, action, "retry the request; the default did not move")
+
+    def _deploy(self, model: str, version: str, version_name: str, endpoint: aip.Endpoint,
+                settings: EndpointSettings) -> str:
+        """Deploy the version to the endpoint without taking traffic from what it serves; its deployed id."""
+        version_id = version_name.rsplit("@", 1)[1]
+        existing = _deployment_of(endpoint, model, version_id)
+        if existing is not None:  # an earlier attempt deployed it (and timed out, or failed later)
+            return existing.id
+        machine = aip.MachineSpec(machine_type=settings.machine_type)
+        if settings.accelerator:
+            kind, count = parse_accelerator(settings.accelerator)
+            machine.accelerator_type, machine.accelerator_count = aip.AcceleratorType[kind], count
+        before = _split(endpoint)
+        request = aip.DeployModelRequest(
+            endpoint=endpoint.name,
+            deployed_model=aip.DeployedModel(
+                model=version_name, display_name=version,
+                dedicated_resources=aip.DedicatedResources(machine_spec=machine,
+                                                           min_replica_count=settings.min_replicas,
+                                                           max_replica_count=settings.max_replicas)),
+            # "0" is the new deployment: no traffic while the endpoint serves something, else all of it
+            traffic_split={**before, "0": 0} if before else {"0": 100},
+        )
+        client = self._endpoints()
+
+        def create() -> Any:
+            return client.deploy_model(request=request, retry=None, timeout=self.rpc_timeout)
+
+        def find() -> aip.DeployedModel | None:
+            current = client.get_endpoint(name=endpoint.name, retry=None, timeout=self.rpc_timeout)
+            return _deployment_of(current, model, version_id)
+
+        action = f"deploy {model} {version} to endpoint {endpoint.name}"
+        with self._errors(action, f"endpoint {endpoint.name} or version {version_name}"):
+            started = self._idempotent(create, find)
+        if isinstance(started, aip.DeployedModel):
+            return started.id
+        result = self._await(started, action,
+                             f"check {settings.machine_type} and the serving image in region {self.region}, and the "
+                             f"serving quota; the default did not move, retry the request")
+        return result.deployed_model.id
+
+    def _set_traffic(self, endpoint_name: str, split: dict[str, int], action: str) -> None:
+        with self._errors(action, f"endpoint {endpoint_name}"):
+            self._endpoints().update_endpoint(endpoint=aip.Endpoint(name=endpoint_name, traffic_split=split),
+                                              update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"]),
+                                              retry=self.retry, timeout=self.rpc_timeout)
+
+    def _undeploy(self, endpoint_name: str, deployed_id: str, action: str) -> None:
+        request = aip.UndeployModelRequest(endpoint=endpoint_name, deployed_model_id=deployed_id)
+        client = self._endpoints()
+        with self._errors(action, f"endpoint {endpoint_name}"):
+            try:
+                started = client.undeploy_model(request=request, retry=self.retry, timeout=self.rpc_timeout)
+            except gexc.NotFound:  # already gone (an earlier attempt's reply was lost)
+                return
+        self._await(started, action, f"undeploy it in the Vertex AI console (endpoint {endpoint_name})")
+
+    def _undo_deploy(self, endpoint_name: str, deployed: str, before: dict[str, int]) -> str:
+        """Put the endpoint back as it was before `_deploy`; '' when done, else what is left (best effort)."""
+        try:
+            with self._errors(f"read endpoint {endpoint_name}", f"endpoint {endpoint_name}"):
+                current = self._endpoints().get_endpoint(name=endpoint_name, retry=self.retry,
+                                                         timeout=self.rpc_timeout)
+            last = [d.id for d in current.deployed_models] == [deployed]
+            if _split(current) != before and not (last and not before):  # undeploying the last one empties it
+                self._set_traffic(endpoint_name, before, f"put back the traffic split of endpoint {endpoint_name}")
+            if before.get(deployed, 0) == 0 and any(d.id == deployed for d in current.deployed_models):
+                self._undeploy(endpoint_name, deployed, f"undeploy the new deployment {deployed} from "
+                                                        f"endpoint {endpoint_name}")
+        except StarchartError as exc:
+            return (f"and putting endpoint {endpoint_name} back failed too ({exc.message}): check its traffic "
+                    f"split in the Vertex AI console (it was {before or 'empty'}) before you retry")
+        return ""
+
+    def _await(self, started: Any, action: str, hint: str) -> Any:
+        """The result of a long-running operation; a BackendError that says what failed if it did not end well."""
+        try:
+            return started.result(timeout=self.operation_timeout, polling=self.polling, retry=self.retry)
+        except concurrent.futures.TimeoutError as exc:
+            raise BackendError(f"Vertex AI took longer than {self.operation_timeout:.0f}s to {action} (it may still "
+                               "be at it)", f"retry later; {hint}") from exc
+        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+            op = started.operation
+            if op.done and op.HasField("error"):  # the operation itself failed, not a call to follow it
+                raise BackendError(f"Vertex AI could not {action}: {op.error.message}", hint) from exc
+            with self._errors(f"follow the operation to {action}", "operation"):
+                raise
 
     def current_default(self, model: str) -> str | None:
         with self._errors(f"read the default of {model}", f"model {model}"):

@@ -15,8 +15,19 @@ Rules kept: CustomJob validation (display name, pool 0 has one replica, machine 
 list filters (`labels.KEY="v"`, `display_name="v"`, `state=...`, joined by AND) with page tokens;
 model versions numbered per model from 1; aliases unique per model (setting one moves it);
 `default` is on the first version, moves, and can never be removed; uploads are long-running
-operations that finish after `operation_polls` GETs. Routes: customJobs.create/get/list/cancel,
-models.upload/get/listVersions/mergeVersionAliases, operations.get.
+operations that finish after `operation_polls` GETs.
+
+Endpoints: created with a long-running operation (the endpoint exists at once, the operation is
+done after `operation_polls` GETs); listed with the same filters as jobs (`displayName` too).
+deployModel and undeployModel are long-running operations whose change lands when they finish (a
+failed one changes nothing). Each DeployedModel gets a numeric id; `trafficSplit` maps ids to
+percentages that add up to 100, "0" meaning the model being deployed; an empty split on deploy
+leaves the endpoint's split alone. A model can be undeployed only when it has no traffic, when the
+request's `trafficSplit` takes its traffic away, or when it is the last one (the split is then
+emptied). PATCH (UpdateEndpoint) needs an updateMask and changes traffic at once.
+
+Routes: customJobs.create/get/list/cancel, models.upload/get/listVersions/mergeVersionAliases,
+endpoints.create/get/list/patch/deployModel/undeployModel, operations.get.
 """
 
 from __future__ import annotations
@@ -68,19 +79,29 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(_P + r"/models/(?P<model>[^/:]+)$"), "models.get"),
     ("GET", re.compile(_P + r"/models/(?P<model>[^/:]+):listVersions$"), "models.listVersions"),
     ("POST", re.compile(_P + r"/models/(?P<model>[^/:]+):mergeVersionAliases$"), "models.mergeVersionAliases"),
+    ("POST", re.compile(_P + r"/endpoints$"), "endpoints.create"),
+    ("GET", re.compile(_P + r"/endpoints$"), "endpoints.list"),
+    ("GET", re.compile(_P + r"/endpoints/(?P<endpoint>[^/:]+)$"), "endpoints.get"),
+    ("PATCH", re.compile(_P + r"/endpoints/(?P<endpoint>[^/:]+)$"), "endpoints.patch"),
+    ("POST", re.compile(_P + r"/endpoints/(?P<endpoint>[^/:]+):deployModel$"), "endpoints.deployModel"),
+    ("POST", re.compile(_P + r"/endpoints/(?P<endpoint>[^/:]+):undeployModel$"), "endpoints.undeployModel"),
     ("GET", re.compile(r"/(?:v1|ui)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
-                       r"(?:/models/(?P<model>[^/]+))?/operations/(?P<op>[^/:]+)$"), "operations.get"),
+                       r"(?:/(?P<kind>models|endpoints)/(?P<parent>[^/]+))?/operations/(?P<op>[^/:]+)$"),
+     "operations.get"),
 ]
+OPERATION_ROUTES = ("models.upload", "endpoints.create", "endpoints.deployModel", "endpoints.undeployModel")
+OPERATION_CODES = {400: 3, 403: 7, 404: 5, 409: 6, 412: 9, 429: 8, 500: 13, 503: 14}
+_MD = "type.googleapis.com/google.cloud.aiplatform.v1."
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+    def __init__(self, code: int, message: str, reason: str | None = None, status: str | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.reason = code, message, reason
+        self.status = status or STATUS_NAMES.get(code, "UNKNOWN")  # e.g. FAILED_PRECONDITION is a 400 too
 
     def body(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"code": self.code, "message": self.message,
-                               "status": STATUS_NAMES.get(self.code, "UNKNOWN")}
+        err: dict[str, Any] = {"code": self.code, "message": self.message, "status": self.status}
         if self.reason:
             err["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": self.reason,
                                "domain": "aiplatform.googleapis.com", "metadata": {"service": "aiplatform.googleapis.com"}}]
@@ -163,11 +184,12 @@ def _job_filter(text: str) -> Callable[[dict[str, Any]], bool]:
     terms = [t for t in re.split(r"\s+AND\s+", text.strip()) if t] if text.strip() else []
     checks: list[Callable[[dict[str, Any]], bool]] = []
     for term in terms:
-        m = re.fullmatch(r'(labels\.[a-z][a-z0-9_-]*|display_name|state)\s*=\s*("([^"]*)"|(\S+))', term.strip())
+        m = re.fullmatch(r'(labels\.[a-z][a-z0-9_-]*|display_name|displayName|state)\s*=\s*("([^"]*)"|(\S+))',
+                         term.strip())
         if not m:
             raise ApiError(400, f"Unsupported filter: {term!r}. Filters support display_name, state and labels.")
         key, value = m.group(1), m.group(3) if m.group(3) is not None else m.group(4)
-        if key == "display_name":
+        if key in ("display_name", "displayName"):
             checks.append(lambda j, v=value: j.get("displayName") == v)
         elif key == "state":
             checks.append(lambda j, v=value: j.get("state") == v)
@@ -187,10 +209,11 @@ class VertexFake:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.models: dict[tuple[str, str], _Model] = {}
         self.operations: dict[str, dict[str, Any]] = {}
+        self.endpoints: dict[str, dict[str, Any]] = {}  # name -> Endpoint (wire format)
         self.requests: list[Recorded] = []
         self.runner: Callable[[dict[str, Any]], str | None] | None = None
         self._faults: dict[str, list[Fault]] = {}
-        self._operation_faults: list[dict[str, Any]] = []
+        self._operation_faults: dict[str, list[dict[str, Any]]] = {}
         self._ids = itertools.count(1000)
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
@@ -213,6 +236,9 @@ class VertexFake:
                 fake._handle(self)
 
             def do_POST(self) -> None:
+                fake._handle(self)
+
+            def do_PATCH(self) -> None:
                 fake._handle(self)
 
             def log_message(self, *args: Any) -> None:
@@ -249,10 +275,27 @@ class VertexFake:
                 Fault(status, message or DEFAULT_MESSAGES.get(status, "injected error"), reason, after)
                 for _ in range(times))
 
-    def fail_next_operation(self, message: str = "Model artifact validation failed.", code: int = 3) -> None:
-        """The next upload's long-running operation ends with this error (and registers nothing)."""
+    def fail_next_operation(self, message: str = "Model artifact validation failed.", code: int = 3,
+                            route: str = "models.upload") -> None:
+        """The long-running operation of the next `route` call ends with this error (and changes nothing)."""
+        if route not in OPERATION_ROUTES:
+            raise ValueError(f"{route} starts no long-running operation; use one of {', '.join(OPERATION_ROUTES)}")
         with self._lock:
-            self._operation_faults.append({"code": code, "message": message})
+            self._operation_faults.setdefault(route, []).append({"code": code, "message": message})
+
+    def clear_faults(self) -> None:
+        """Forget the injected errors not yet used."""
+        with self._lock:
+            self._faults.clear()
+            self._operation_faults.clear()
+
+    def finish_operations(self) -> int:
+        """Finish every pending long-running operation now (as Vertex AI would, later); how many there were."""
+        with self._lock:
+            pending = [op for op in self.operations.values() if not op["done"]]
+            for op in pending:
+                self._finish(op)
+            return len(pending)
 
     def set_job_state(self, job: str, state: str, error: str | None = None) -> None:
         """Drive a job (by resource name, id or display name) to `state` (a JobState name)."""
@@ -289,6 +332,18 @@ class VertexFake:
         with self._lock:
             m = self.models[(location, model)]
             return {vid: self._aliases_of(m, vid) for vid in m.versions}
+
+    def endpoints_of(self, model: str) -> list[dict[str, Any]]:
+        """The endpoints labelled model=<model>, for assertions."""
+        with self._lock:
+            return [e for e in self.endpoints.values() if e.get("labels", {}).get("model") == model]
+
+    def deployments(self, model: str) -> list[tuple[str, str, int]]:
+        """(model id@version id, deployed model id, traffic %) on the endpoint(s) of a model, for assertions."""
+        with self._lock:
+            return [(f"{d['model'].rsplit('/', 1)[1]}@{d['modelVersionId']}", d["id"],
+                     e.get("trafficSplit", {}).get(d["id"], 0))
+                    for e in self.endpoints_of(model) for d in e.get("deployedModels", [])]
 
     # ---------------------------------------------------------------- HTTP plumbing
 
@@ -510,38 +565,50 @@ class VertexFake:
             model_id = req["modelId"]
             if not MODEL_ID.match(model_id):
                 raise ApiError(400, f"Invalid model_id {model_id!r}: use [a-z][a-z0-9_-]{{0,62}}.")
-            if (loc, model_id) in self.models or any(o["model_id"] == model_id for o in self.operations.values()
-                                                     if not o.get("done")):
+            if (loc, model_id) in self.models or any(o.get("model_id") == model_id
+                                                     for o in self.operations.values() if not o.get("done")):
                 raise ApiError(409, f"Model {self._loc(loc)}/models/{model_id} already exists.")
         else:
             model_id = str(next(self._ids))
-        op_name = f"{self._loc(loc)}/models/{model_id}/operations/{next(self._ids)}"
-        self.operations[op_name] = {
-            "location": loc, "model_id": model_id, "fields": fields, "aliases": aliases, "done": False,
-            "polls_left": self.operation_polls, "created": now(),
-            "fault": self._operation_faults.pop(0) if self._operation_faults else None,
+        upload = {"location": loc, "model_id": model_id, "fields": fields, "aliases": aliases}
+        return self._start_operation(f"{self._loc(loc)}/models/{model_id}", "models.upload",
+                                     "UploadModelOperationMetadata", lambda: self._finish_upload(upload),
+                                     model_id=model_id)
+
+    def _start_operation(self, parent: str, route: str, metadata: str, finish: Callable[[], dict[str, Any]],
+                         **extra: Any) -> dict[str, Any]:
+        """A long-running operation under `parent`: done after `operation_polls` GETs, when `finish` runs
+        (its answer is the response; an ApiError it raises, or an injected fault, is the error)."""
+        name = f"{parent}/operations/{next(self._ids)}"
+        faults = self._operation_faults.get(route)
+        self.operations[name] = {
+            **extra, "route": route, "metadata": metadata, "finish": finish, "done": False,
+            "polls_left": self.operation_polls, "created": now(), "fault": faults.pop(0) if faults else None,
         }
-        return self._operation(op_name)
+        return self._operation(name)
 
     def _operation(self, name: str) -> dict[str, Any]:
         op = self.operations[name]
         answer: dict[str, Any] = {"name": name, "done": op["done"], "metadata": {
-            "@type": "type.googleapis.com/google.cloud.aiplatform.v1.UploadModelOperationMetadata",
-            "genericMetadata": {"createTime": op["created"], "updateTime": now()}}}
+            "@type": _MD + op["metadata"], "genericMetadata": {"createTime": op["created"], "updateTime": now()}}}
         if op["done"] and op.get("error"):
             answer["error"] = op["error"]
         elif op["done"]:
-            answer["response"] = {"@type": "type.googleapis.com/google.cloud.aiplatform.v1.UploadModelResponse",
-                                  "model": f"{self._loc(op['location'])}/models/{op['model_id']}",
-                                  "modelVersionId": op["version_id"]}
+            answer["response"] = op["response"]
         json_format.ParseDict(answer, operations_pb2.Operation())  # only what the client can parse
         return answer
 
-    def _finish_upload(self, op: dict[str, Any]) -> None:
+    def _finish(self, op: dict[str, Any]) -> None:
         op["done"] = True
         if op["fault"]:
             op["error"] = op["fault"]
             return
+        try:
+            op["response"] = op["finish"]()
+        except ApiError as exc:
+            op["error"] = {"code": OPERATION_CODES.get(exc.code, 2), "message": exc.message}
+
+    def _finish_upload(self, op: dict[str, Any]) -> dict[str, Any]:
         key = (op["location"], op["model_id"])
         stamp = now()
         m = self.models.get(key)
@@ -554,10 +621,11 @@ class VertexFake:
             m.aliases["default"] = vid
         for alias in op["aliases"]:
             m.aliases[alias] = vid  # an alias names one version: setting it moves it
-        op["version_id"] = vid
+        return {"@type": _MD + "UploadModelResponse", "model": f"{self._loc(op['location'])}/models/{op['model_id']}",
+                "modelVersionId": vid}
 
     def _operations_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
-        name = f"{self._loc(p['location'])}" + (f"/models/{p['model']}" if p.get("model") else "") \
+        name = f"{self._loc(p['location'])}" + (f"/{p['kind']}/{p['parent']}" if p.get("kind") else "") \
             + f"/operations/{p['op']}"
         op = self.operations.get(name)
         if op is None:
@@ -565,7 +633,7 @@ class VertexFake:
         if not op["done"]:
             op["polls_left"] -= 1
             if op["polls_left"] <= 0:
-                self._finish_upload(op)
+                self._finish(op)
         return self._operation(name)
 
     def _models_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
@@ -604,6 +672,188 @@ class VertexFake:
         stamp = now()
         m.versions[vid]["updateTime"] = stamp
         return _wire(aip.Model, self._render(m, vid), ints)
+
+
+    # ---------------------------------------------------------------- endpoints
+
+    def _endpoint(self, p: dict[str, str]) -> dict[str, Any]:
+        name = f"{self._loc(p['location'])}/endpoints/{p['endpoint']}"
+        if name not in self.endpoints:
+            raise ApiError(404, f"Endpoint {name} does not exist.")
+        return self.endpoints[name]
+
+    @staticmethod
+    def _check_split(split: dict[str, int], ids: set[str], where: str) -> None:
+        """Keys name deployed models (or "0", when `ids` has it); percentages add up to 100."""
+        for key, pct in split.items():
+            if key not in ids:
+                raise ApiError(400, f"{where}: traffic_split refers to DeployedModel {key!r}, which is not "
+                                    "deployed on this endpoint.")
+            if not 0 <= int(pct) <= 100:
+                raise ApiError(400, f"{where}: traffic_split percentages must be between 0 and 100.")
+        if split and sum(int(v) for v in split.values()) != 100:
+            raise ApiError(400, f"{where}: traffic_split must add up to 100, not "
+                                f"{sum(int(v) for v in split.values())}.")
+
+    def _endpoints_create(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        data = _pb_dict(aip.Endpoint, body, "Endpoint")
+        for key in ("name", "deployedModels", "createTime", "updateTime", "etag"):
+            if key in data:
+                raise ApiError(400, f"Endpoint.{key} is output only.")
+        if not data.get("displayName") or len(data["displayName"]) > 128:
+            raise ApiError(400, "Endpoint.display_name is required (at most 128 characters).")
+        if data.get("trafficSplit"):
+            raise ApiError(400, "Endpoint.traffic_split must be empty: no model is deployed yet.")
+        _check_labels(data.get("labels", {}), "Endpoint.labels")
+        endpoint_id = q.get("endpointId") or str(next(self._ids))
+        if not re.fullmatch(r"[1-9][0-9]{0,18}|[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?", endpoint_id):
+            raise ApiError(400, f"Invalid endpoint_id {endpoint_id!r}.")
+        name = f"{self._loc(p['location'])}/endpoints/{endpoint_id}"
+        if name in self.endpoints:
+            raise ApiError(409, f"Endpoint {name} already exists.")
+        stamp = now()
+        endpoint = {**data, "name": name, "deployedModels": [], "trafficSplit": {}, "createTime": stamp,
+                    "updateTime": stamp, "etag": f"etag-{endpoint_id}-0"}
+        self.endpoints[name] = endpoint  # visible at once; the operation reports it when done
+
+        def finish() -> dict[str, Any]:
+            return {"@type": _MD + "Endpoint", **self._render_endpoint(endpoint)}
+
+        answer = self._start_operation(name, "endpoints.create", "CreateEndpointOperationMetadata", finish)
+        op = self.operations[answer["name"]]
+        if op["fault"]:  # a failed creation leaves no endpoint behind
+            op["finish"] = lambda: {}
+            self.endpoints.pop(name)
+        return answer
+
+    def _render_endpoint(self, e: dict[str, Any]) -> dict[str, Any]:
+        return json.loads(json.dumps(e))  # a copy: later changes do not leak into an answer
+
+    def _endpoints_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        return _wire(aip.Endpoint, self._render_endpoint(self._endpoint(p)), ints)
+
+    def _endpoints_list(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        prefix = f"{self._loc(p['location'])}/endpoints/"
+        keep = _job_filter(q.get("filter", ""))
+        found = sorted((e for n, e in self.endpoints.items() if n.startswith(prefix) and keep(e)),
+                       key=lambda e: (e["createTime"], e["name"]))
+        page, token = _page(found, q)
+        answer: dict[str, Any] = {"endpoints": [self._render_endpoint(e) for e in page]}
+        if token:
+            answer["nextPageToken"] = token
+        return _wire(aip.ListEndpointsResponse, answer, ints)
+
+    def _endpoints_patch(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        endpoint = self._endpoint(p)
+        data = _pb_dict(aip.Endpoint, body, "Endpoint")
+        fields = {"display_name": "displayName", "displayName": "displayName", "description": "description",
+                  "labels": "labels", "traffic_split": "trafficSplit", "trafficSplit": "trafficSplit"}
+        mask = [m for m in (q.get("updateMask") or "").split(",") if m]
+        if not mask:
+            raise ApiError(400, "update_mask is required.")
+        for path in mask:
+            if path not in fields:
+                raise ApiError(400, f"update_mask path {path!r} cannot be updated.")
+        changes = {fields[path]: data.get(fields[path], {} if fields[path] in ("labels", "trafficSplit") else "")
+                   for path in mask}
+        if "trafficSplit" in changes:
+            self._check_split(changes["trafficSplit"], {d["id"] for d in endpoint["deployedModels"]},
+                              "UpdateEndpoint")
+        if "labels" in changes:
+            _check_labels(changes["labels"], "Endpoint.labels")
+        if "displayName" in changes and not changes["displayName"]:
+            raise ApiError(400, "Endpoint.display_name is required.")
+        endpoint.update(changes)
+        self._touch(endpoint)
+        return _wire(aip.Endpoint, self._render_endpoint(endpoint), ints)
+
+    def _touch(self, endpoint: dict[str, Any]) -> None:
+        endpoint["updateTime"] = now()
+        serial = int(endpoint["etag"].rsplit("-", 1)[1]) + 1
+        endpoint["etag"] = f"{endpoint['etag'].rsplit('-', 1)[0]}-{serial}"
+
+    def _endpoints_deployModel(self, p: dict[str, str], q: dict[str, str], body: Any,
+                               ints: bool) -> dict[str, Any]:
+        req = _pb_dict(aip.DeployModelRequest, body, "DeployModelRequest")
+        endpoint = self._endpoint(p)
+        dm = dict(req.get("deployedModel") or {})
+        for key in ("id", "createTime", "modelVersionId", "status", "privateEndpoints"):
+            if key in dm:
+                raise ApiError(400, f"DeployedModel.{key} is output only here.")
+        m = re.fullmatch(r"projects/([^/]+)/locations/([^/]+)/models/([^/@]+(?:@[^/]+)?)", dm.get("model", ""))
+        if not m:
+            raise ApiError(400, "DeployedModel.model must be a model resource name "
+                                "(projects/*/locations/*/models/*[@version]).")
+        self._check_project(m.group(1))
+        if m.group(2) != p["location"]:
+            raise ApiError(400, f"Model {dm['model']} is not in the endpoint's location {p['location']}.")
+        model, vid = self._model(m.group(2), m.group(3))
+        if "automaticResources" in dm:
+            raise ApiError(400, "This Model does not support automatic resources: use dedicated_resources.")
+        res = dm.get("dedicatedResources")
+        if not res:
+            raise ApiError(400, "DeployedModel.dedicated_resources is required for a custom-trained model.")
+        machine = res.get("machineSpec", {})
+        if not MACHINE_TYPE.match(machine.get("machineType", "")):
+            raise ApiError(400, "dedicated_resources.machine_spec.machine_type is required.")
+        if bool(machine.get("acceleratorCount")) != bool(machine.get("acceleratorType")):
+            raise ApiError(400, "dedicated_resources.machine_spec: accelerator_type and accelerator_count go together.")
+        low, high = int(res.get("minReplicaCount", 0)), int(res.get("maxReplicaCount", 0))
+        if low < 1:
+            raise ApiError(400, "dedicated_resources.min_replica_count must be at least 1.")
+        if high and high < low:
+            raise ApiError(400, "dedicated_resources.max_replica_count must not be below min_replica_count.")
+        split = {k: int(v) for k, v in (req.get("trafficSplit") or {}).items()}
+        self._check_split(split, {d["id"] for d in endpoint["deployedModels"]} | {"0"}, "DeployModel")
+        new_id = str(next(self._ids))
+        deployed = {**dm, "id": new_id, "model": f"{self._loc(model.location)}/models/{model.model_id}",
+                    "modelVersionId": vid, "displayName": dm.get("displayName") or model.versions[vid]["fields"].get(
+                        "displayName", model.model_id)}
+
+        def finish() -> dict[str, Any]:
+            ids = {d["id"] for d in endpoint["deployedModels"]}
+            if any(k != "0" and k not in ids for k in split):
+                raise ApiError(412, "A DeployedModel in traffic_split was undeployed meanwhile.")
+            deployed["createTime"] = now()
+            endpoint["deployedModels"].append(deployed)
+            if split:
+                endpoint["trafficSplit"] = {(new_id if k == "0" else k): v for k, v in split.items()}
+            self._touch(endpoint)
+            return {"@type": _MD + "DeployModelResponse", "deployedModel": json.loads(json.dumps(deployed))}
+
+        return self._start_operation(endpoint["name"], "endpoints.deployModel", "DeployModelOperationMetadata",
+                                     finish)
+
+    def _endpoints_undeployModel(self, p: dict[str, str], q: dict[str, str], body: Any,
+                                 ints: bool) -> dict[str, Any]:
+        req = _pb_dict(aip.UndeployModelRequest, body, "UndeployModelRequest")
+        endpoint = self._endpoint(p)
+        target = req.get("deployedModelId", "")
+        ids = {d["id"] for d in endpoint["deployedModels"]}
+        if target not in ids:
+            raise ApiError(404, f"DeployedModel {target!r} is not deployed on Endpoint {endpoint['name']}.")
+        split = {k: int(v) for k, v in (req.get("trafficSplit") or {}).items()}
+        rest = ids - {target}
+        if split:
+            self._check_split(split, rest, "UndeployModel")
+        elif rest and endpoint.get("trafficSplit", {}).get(target, 0) > 0:
+            raise ApiError(400, f"DeployedModel {target} has {endpoint['trafficSplit'][target]}% of the traffic of "
+                                f"Endpoint {endpoint['name']}: update the traffic split to take it away before "
+                                "undeploying it.", status="FAILED_PRECONDITION")
+
+        def finish() -> dict[str, Any]:
+            endpoint["deployedModels"] = [d for d in endpoint["deployedModels"] if d["id"] != target]
+            if not endpoint["deployedModels"]:
+                endpoint["trafficSplit"] = {}
+            elif split:
+                endpoint["trafficSplit"] = split
+            else:
+                endpoint["trafficSplit"] = {k: v for k, v in endpoint.get("trafficSplit", {}).items() if k != target}
+            self._touch(endpoint)
+            return {"@type": _MD + "UndeployModelResponse"}
+
+        return self._start_operation(endpoint["name"], "endpoints.undeployModel", "UndeployModelOperationMetadata",
+                                     finish)
 
 
 # ---------------------------------------------------------------- helpers for tests
