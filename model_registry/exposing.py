@@ -22,7 +22,7 @@ from model_registry.records import (
 )
 from model_registry.service import Service
 from model_registry.signatures import read_signature
-from model_registry.views import decoded, iso, iso_utc, raw_json, version_view
+from model_registry.views import decoded_all, iso, iso_utc, raw_json, version_view
 
 
 class Exposing(Service):
@@ -122,12 +122,13 @@ class Exposing(Service):
                 select(cols.name, cols.job_id, iso_utc(cols.created_at), cols.trained_by, raw_json(cols.metrics),
                        cols.deployment_uri).where(cols.model == model).order_by(cols.name.desc())
             ).all()
+        all_metrics = decoded_all([row[4] for row in rows])
         return {
             "model": model, "default": default,
             "versions": [
                 {"name": name, "job_id": job_id, "created_at": created, "trained_by": by,
-                 "metrics": decoded(metrics), "deployment_uri": uri, "is_default": name == default}
-                for name, job_id, created, by, metrics, uri in rows
+                 "metrics": metrics, "deployment_uri": uri, "is_default": name == default}
+                for (name, job_id, created, by, _, uri), metrics in zip(rows, all_metrics)
             ],
         }
 

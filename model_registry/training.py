@@ -27,7 +27,7 @@ from model_registry.records import (
     ModelRecord,
 )
 from model_registry.service import Service
-from model_registry.views import decoded, iso_utc, job_view, raw_json
+from model_registry.views import decoded_all, iso_utc, job_view, raw_json
 
 LOG_TAIL_LINES = 20
 
@@ -186,10 +186,11 @@ class Training(Service):
                     rows = s.execute(q).all()
                     break
             self.refresh_jobs(model)  # only unfinished jobs cost a backend call
+        all_args = decoded_all([row[7] for row in rows])
         return [
             {"job_id": job_id, "state": state, "created_at": created, "started_at": started, "ended_at": ended,
-             "requested_by": by, "version": version, "args": decoded(args), "error": error}
-            for job_id, state, created, started, ended, by, version, args, error in rows
+             "requested_by": by, "version": version, "args": args, "error": error}
+            for (job_id, state, created, started, ended, by, version, _, error), args in zip(rows, all_args)
         ]
 
     def job(self, job_id: str) -> dict[str, Any]:
