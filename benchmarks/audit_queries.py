@@ -274,33 +274,60 @@ def explain(kind: str, cur: Any, sql: str, params: tuple) -> list[str]:
     return [str(r[0]) for r in cur.fetchall()]
 
 
-def captured_sql(reg: Any, call: Callable[[], Any]) -> tuple[list[str], tuple[str, Any]]:
-    """What the engine does during `call` (statements, begin, rollback), and the audit select with its parameters."""
+def captured_sql(reg: Any, call: Callable[[], Any]) -> list[str]:
+    """What reaches the database during `call`: the statements the driver runs (SQLite's trace callback; psycopg
+    cursors, with the BEGIN psycopg sends by itself), pool checkouts and check-ins, SQLAlchemy begin/rollback."""
     from sqlalchemy import event
 
-    seen: list[tuple[str, Any]] = []
     sent: list[str] = []
+    engine = reg.engine
+    sqlite = engine.dialect.name == "sqlite"
 
-    def grab(_conn: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, _many: bool) -> None:
-        sent.append(" ".join(statement.split())[:60])
-        if "FROM audit_events" in statement and "ORDER BY" in statement:
-            seen.append((statement, parameters))
+    def short(statement: str) -> str:
+        return " ".join(statement.split())[:60]
+
+    if not sqlite:
+        import psycopg
+
+        class Recording(psycopg.Cursor):  # type: ignore[type-arg]
+            def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
+                conn = self.connection
+                if not conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                    sent.append("BEGIN (psycopg)")
+                sent.append(short(str(query)))
+                return super().execute(query, params, **kw)
+
+    def checkout(dbapi_conn: Any, _rec: Any, _proxy: Any) -> None:
+        sent.append("(pool checkout)")
+        if sqlite:
+            dbapi_conn.set_trace_callback(lambda statement: sent.append(short(statement)))
+        else:
+            dbapi_conn.cursor_factory = Recording
+
+    def checkin(dbapi_conn: Any, _rec: Any) -> None:
+        sent.append("(pool checkin)")
+        if dbapi_conn is None:
+            return
+        if sqlite:
+            dbapi_conn.set_trace_callback(None)
+        else:
+            dbapi_conn.cursor_factory = psycopg.Cursor
 
     def begin(_conn: Any) -> None:
-        sent.append("(begin)")
+        sent.append("(sqlalchemy begin)")
 
     def rollback(_conn: Any) -> None:
-        sent.append("(rollback)")
+        sent.append("(sqlalchemy rollback)")
 
-    hooks = (("before_cursor_execute", grab), ("begin", begin), ("rollback", rollback))
+    hooks = (("checkout", checkout), ("checkin", checkin), ("begin", begin), ("rollback", rollback))
     for name, fn in hooks:
-        event.listen(reg.engine, name, fn)
+        event.listen(engine, name, fn)
     try:
         call()
     finally:
         for name, fn in hooks:
-            event.remove(reg.engine, name, fn)
-    return sent, seen[-1]
+            event.remove(engine, name, fn)
+    return sent
 
 
 def run_database(kind: str, db: Any, work: Path, events: int, reps: int, warmup: int, do_profile: bool
@@ -351,8 +378,10 @@ def run_database(kind: str, db: Any, work: Path, events: int, reps: int, warmup:
             from model_registry.records import AuditEvent
 
             def orm_rows(i: int) -> list[Any]:
-                """The Registry's session and ORM select, without building the answer's dicts."""
-                with reg.sessions() as s:
+                """A read-only session of the Registry (`reads`) and an ORM select, without building the answer's
+                dicts: what SQLAlchemy's session and ORM cost. Not a write session (`sessions`): its ROLLBACK would
+                make psycopg drop the prepared statements of the pooled connection the Registry reads with too."""
+                with reg.reads() as s:
                     return s.execute(
                         select(AuditEvent).where(AuditEvent.model == models[i % MODELS], AuditEvent.created_at >= since)
                         .order_by(AuditEvent.created_at.desc(), AuditEvent.seq.desc()).limit(20)).scalars().all()
@@ -366,8 +395,12 @@ def run_database(kind: str, db: Any, work: Path, events: int, reps: int, warmup:
                     raise SystemExit(f"{kind}: the decomposition sides do not return what the Registry returns")
             rows_per_call = len(bare(0))
             plan_bare = explain(kind, cur, sql, (models[0], since_param))
-            statements, (orm_statement, orm_params) = captured_sql(reg, lambda: project(0))
-            plan_orm = explain(kind, cur, orm_statement, orm_params)
+            from model_registry import audit
+
+            statements = captured_sql(reg, lambda: project(0))
+            registry_statement, registry_params = audit.events_statement(reg.engine.dialect, model=models[0],
+                                                                         since=since, limit=20)
+            plan_orm = explain(kind, cur, registry_statement, registry_params)
             log(f"{kind}: plan of the bare select: {' | '.join(plan_bare)}")
             log(f"{kind}: plan of the Registry's select: {' | '.join(plan_orm)}")
             log(f"{kind}: statements the Registry sends per call: {statements}")
@@ -439,7 +472,7 @@ def main() -> int:
         "meets_target": all(v["ratio"] <= TARGET for v in per_db.values()),
         "ratios": {k: round(v["ratio"], 3) for k, v in per_db.items()},
         # bare_dicts: the bare select plus building the same answer (time text, details decoded);
-        # orm_rows: the Registry's session and ORM select without building the answer
+        # orm_rows: a read-only session of the Registry and an ORM select, without building the answer
         "medians_ms": {k: v["medians_ms"] for k, v in per_db.items()},
         "ratios_vs_bare_dicts": {k: round(v["medians_ms"]["registry"] / v["medians_ms"]["bare_dicts"], 3)
                                  for k, v in per_db.items()},

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import DateTime, select
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import Session
 
+from model_registry.db import dbapi_error, read_raw
 from model_registry.names import utcnow
 from model_registry.records import AuditEvent, AuditHead
 
@@ -65,27 +68,129 @@ def append(
 ) -> dict[str, Any]:
     """Add one event to the chain inside the caller's transaction (it commits with the state change).
 
-    Core statements, not ORM objects: an append is three statements and no flush bookkeeping.
+    The statements go straight to the DB-API connection of the session's transaction (SQL strings built once
+    per dialect), not through SQLAlchemy's per-statement machinery.
+
+    SQLite: write transactions begin IMMEDIATE (model_registry.db), which serialises appenders across processes;
+    read the head, insert the event, move the head.
+
+    PostgreSQL: the head row's lock serialises appenders across processes; whoever holds it appends, and keeps it
+    until the caller's transaction ends. First try, in one statement, the head this process saw last: an UPDATE
+    that moves the head only if it still is that one (compare-and-set, which takes the row lock) with the INSERT
+    of the event riding on it. When another process appended since (or a transaction of ours rolled back, or this
+    process has not appended yet), nothing is written and the usual way follows: lock and read the head
+    (SELECT ... FOR UPDATE), then insert the event and move the head in one statement.
     """
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
-    # Locking the head row serialises appenders on PostgreSQL; SQLite transactions begin IMMEDIATE.
-    seq, prev = session.execute(_HEAD_FOR_UPDATE).one()
-    fields = {
-        "seq": seq + 1, "created_at": utcnow(), "action": action, "actor": actor, "actor_name": actor_name,
-        "model": model, "version": version, "request_id": request_id, "job_id": job_id, "channel": channel,
-        "message_ts": message_ts, "details": canonical(details or {}), "prev_hash": prev,
-    }
-    fields["hash"] = event_hash({**fields, "created_at": _time_text(fields["created_at"])})
-    session.execute(_INSERT_EVENT, fields)
-    session.execute(_MOVE_HEAD, {"seq": fields["seq"], "hash": fields["hash"]})
+    conn = session.connection()  # the caller's transaction (begins it, with BEGIN IMMEDIATE on SQLite)
+    dialect = conn.dialect
+    sql = _append_sql(dialect)
+    dbapi = conn.connection.driver_connection
+    if sql.postgresql:
+        if dbapi.autocommit:
+            raise RuntimeError("audit.append needs the caller's transaction, not an autocommit connection")
+    elif not dbapi.in_transaction:
+        raise RuntimeError("audit.append needs the caller's write transaction")
+    event = (action, actor, actor_name, model, version, request_id, job_id, channel, message_ts,
+             canonical(details or {}))
+    statement, params = sql.head, ()
+    cur = dbapi.cursor()
+    try:
+        if sql.postgresql:
+            last_seen = _HEADS.get(conn.engine.pool)
+            if last_seen is not None:
+                seq, prev = last_seen
+                fields, params = _event(sql, seq, prev, event)
+                statement, params = sql.insert_if_head, (seq + 1, fields["hash"], seq, prev, *params)
+                cur.execute(statement, params)
+                if cur.rowcount == 1:
+                    _HEADS[conn.engine.pool] = (seq + 1, fields["hash"])
+                    return fields
+            statement, params = sql.head, ()
+        cur.execute(statement, params)
+        head = cur.fetchone()
+        if head is None:
+            raise RuntimeError("audit_head has no row: the schema is not migrated")
+        seq, prev = head
+        fields, params = _event(sql, seq, prev, event)
+        statement = sql.insert_and_move
+        if sql.postgresql:  # one round trip: the INSERT rides in a CTE of the head's UPDATE
+            params = (*params, seq + 1, fields["hash"])
+            cur.execute(statement, params)
+            _HEADS[conn.engine.pool] = (seq + 1, fields["hash"])
+        else:
+            cur.execute(statement, params)
+            statement, params = sql.move_head, (seq + 1, fields["hash"])
+            cur.execute(statement, params)
+    except dialect.loaded_dbapi.Error as exc:
+        raise dbapi_error(exc, statement, params, dialect, dbapi) from exc
+    finally:
+        cur.close()
     return fields
 
 
-_HEAD = AuditHead.__table__
-_HEAD_FOR_UPDATE = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
-_INSERT_EVENT = insert(AuditEvent.__table__)
-_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("seq"), hash=bindparam("hash"))
+def _event(sql: _AppendSQL, seq: int, prev: str, event: tuple[Any, ...]) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """The event after head (seq, prev): its fields with the hash (as `append` returns them), and its row."""
+    action, actor, actor_name, model, version, request_id, job_id, channel, message_ts, details_text = event
+    created_at = utcnow()
+    fields = {
+        "seq": seq + 1, "created_at": _time_text(created_at), "action": action, "actor": actor,
+        "actor_name": actor_name, "model": model, "version": version, "request_id": request_id, "job_id": job_id,
+        "channel": channel, "message_ts": message_ts, "details": details_text, "prev_hash": prev,
+    }
+    digest = event_hash(fields)
+    fields["created_at"], fields["hash"] = created_at, digest
+    stored_at = sql.store_time(created_at) if sql.store_time else created_at
+    return fields, (seq + 1, stored_at, *event, prev, digest)
+
+
+@dataclass(frozen=True)
+class _AppendSQL:
+    postgresql: bool
+    head: str
+    insert_and_move: str
+    move_head: str
+    insert_if_head: str
+    store_time: Any  # the dialect's own DateTime bind processor (SQLite stores text), or None
+
+
+_EVENT_COLUMNS = ("seq", "created_at", "action", "actor", "actor_name", "model", "version", "request_id", "job_id",
+                  "channel", "message_ts", "details", "prev_hash", "hash")
+_APPEND_SQL: dict[str, _AppendSQL] = {}
+# PostgreSQL: per engine (pool), the head as this process last moved or read it; only ever a guess (see append)
+_HEADS: weakref.WeakKeyDictionary[Any, tuple[int, str]] = weakref.WeakKeyDictionary()
+
+
+def _append_sql(dialect: Dialect) -> _AppendSQL:
+    sql = _APPEND_SQL.get(dialect.name)
+    if sql is None:
+        cols = ", ".join(_EVENT_COLUMNS)
+        if dialect.name == "postgresql":
+            values = ", ".join(["%s"] * len(_EVENT_COLUMNS))
+            # INSERT ... SELECT types its values from the select list: spell out the non-text ones
+            typed = ", ".join({"seq": "%s::integer", "created_at": "%s::timestamp", "request_id": "%s::integer"}
+                              .get(c, "%s") for c in _EVENT_COLUMNS)
+            sql = _AppendSQL(
+                True, "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+                f"WITH event AS (INSERT INTO audit_events ({cols}) VALUES ({values})) "
+                "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
+                "",
+                "WITH head AS (UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1 AND seq = %s AND hash = %s "
+                f"RETURNING id) INSERT INTO audit_events ({cols}) SELECT {typed} FROM head",
+                None)
+        elif dialect.name == "sqlite":
+            values = ", ".join(["?"] * len(_EVENT_COLUMNS))
+            sql = _AppendSQL(
+                False, "SELECT seq, hash FROM audit_head WHERE id = 1",
+                f"INSERT INTO audit_events ({cols}) VALUES ({values})",
+                "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+                "",
+                DateTime().dialect_impl(dialect).bind_processor(dialect))
+        else:
+            raise NotImplementedError(f"audit chain on {dialect.name}")
+        _APPEND_SQL[dialect.name] = sql
+    return sql
 
 
 @dataclass
@@ -173,9 +278,6 @@ def verify(session: Session, checkpoints: Iterable[dict[str, Any]] = (), key: by
 
 
 
-_COLUMNS = AuditEvent.__table__.c
-
-
 def query(
     session: Session,
     *,
@@ -188,31 +290,168 @@ def query(
     limit: int = 50,
     before_seq: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Events newest first, filtered; `before_seq` pages past the last one shown."""
+    """Events newest first, filtered; `before_seq` pages past the last one shown (in the session's transaction)."""
+    conn = session.connection()
+    return _fetch(conn.connection.driver_connection, conn.dialect, model, since, until, actor, action, version,
+                  limit, before_seq)
+
+
+def query_engine(
+    engine: Engine,
+    *,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    version: str | None = None,
+    limit: int = 50,
+    before_seq: int | None = None,
+    actor_must_exist: bool = False,
+) -> list[dict[str, Any]] | None:
+    """`query` on a pooled connection without a transaction: one indexed SELECT, nothing else on the way.
+
+    With `actor_must_exist`, returns None when nothing matched and `actor` never did anything.
+    """
+    dialect = engine.dialect
+
+    def work(dbapi: Any) -> list[dict[str, Any]] | None:
+        rows = _fetch(dbapi, dialect, model, since, until, actor, action, version, limit, before_seq)
+        if not rows and actor_must_exist and actor is not None and not _has_actor(dbapi, dialect, actor):
+            return None
+        return rows
+
+    return read_raw(engine, work)
+
+
+def events_statement(dialect: Dialect, *, model: str | None = None, since: datetime | None = None,
+                     until: datetime | None = None, actor: str | None = None, action: str | None = None,
+                     version: str | None = None, limit: int = 50, before_seq: int | None = None
+                     ) -> tuple[str, tuple[Any, ...]]:
+    """The SQL and DB-API parameters `query` sends for these filters (benchmarks explain it)."""
+    return _statement(_query_sql(dialect), model, since, until, actor, action, version, limit, before_seq)
+
+
+def _statement(sql: _QuerySQL, model: str | None, since: datetime | None, until: datetime | None,
+               actor: str | None, action: str | None, version: str | None, limit: int, before_seq: int | None
+               ) -> tuple[str, tuple[Any, ...]]:
+    key = (model is not None, actor is not None, action is not None, version is not None, since is not None,
+           until is not None, before_seq is not None)
+    statement = sql.statements.get(key) or sql.build(key)
+    params: list[Any] = []
+    if model is not None:
+        params.append(model)
+    if actor is not None:
+        params.append(actor)
+    if action is not None:
+        params.append(action)
+    if version is not None:
+        params.append(version)
+    if since is not None:
+        params.append(sql.store_time(since) if sql.store_time else since)
+    if until is not None:
+        params.append(sql.store_time(until) if sql.store_time else until)
+    if before_seq is not None:
+        params.append(before_seq)
+    params.append(limit)
+    return statement, tuple(params)
+
+
+def _fetch(dbapi: Any, dialect: Dialect, model: str | None, since: datetime | None, until: datetime | None,
+           actor: str | None, action: str | None, version: str | None, limit: int, before_seq: int | None
+           ) -> list[dict[str, Any]]:
     if action is not None and action not in ACTIONS:
         raise ValueError(action)
-    c = _COLUMNS
-    q = select(c.seq, c.created_at, c.action, c.actor, c.actor_name, c.model, c.version, c.request_id, c.job_id,
-               c.channel, c.message_ts, c.details)
-    for column, value in ((c.model, model), (c.actor, actor), (c.action, action), (c.version, version)):
-        if value is not None:
-            q = q.where(column == value)
-    if since is not None:
-        q = q.where(c.created_at >= since)
-    if until is not None:
-        q = q.where(c.created_at < until)
-    if before_seq is not None:
-        q = q.where(c.seq < before_seq)
-    rows = session.execute(q.order_by(c.created_at.desc(), c.seq.desc()).limit(limit)).all()
+    sql = _query_sql(dialect)
+    statement, params = _statement(sql, model, since, until, actor, action, version, limit, before_seq)
+    try:
+        rows = dbapi.execute(statement, params).fetchall()
+    except dialect.loaded_dbapi.Error as exc:
+        raise dbapi_error(exc, statement, params, dialect, dbapi) from exc
+    details = _details
+    if sql.odd_at is None:  # PostgreSQL: `at` comes ready ("YYYY-MM-DDTHH:MM:SSZ") from to_char
+        return [
+            {"seq": seq, "at": at, "action": act, "actor": who, "actor_name": name, "model": mdl, "version": ver,
+             "request_id": req, "job_id": job, "channel": chan, "message_ts": ts, "details": details(text)}
+            for seq, at, act, who, name, mdl, ver, req, job, chan, ts, text in rows
+        ]
+    odd_at = sql.odd_at  # SQLite: what SQLAlchemy stores, "YYYY-MM-DD HH:MM:SS.ffffff", is sliced
     return [
-        {"seq": seq, "at": at.isoformat(timespec="seconds") + "Z", "action": act, "actor": who,
-         "actor_name": name, "model": mdl, "version": ver, "request_id": req, "job_id": job, "channel": chan,
-         "message_ts": ts, "details": _details(details)}
-        for seq, at, act, who, name, mdl, ver, req, job, chan, ts, details in rows
+        {"seq": seq, "at": f"{at[:10]}T{at[11:19]}Z" if len(at) == 26 and at[10] == " " and at[19] == "."
+         and at[20:].isdigit() else odd_at(at), "action": act, "actor": who, "actor_name": name, "model": mdl,
+         "version": ver, "request_id": req, "job_id": job, "channel": chan, "message_ts": ts,
+         "details": details(text)}
+        for seq, at, act, who, name, mdl, ver, req, job, chan, ts, text in rows
     ]
 
 
+def _has_actor(dbapi: Any, dialect: Dialect, actor: str) -> bool:
+    statement = "SELECT 1 FROM audit_events WHERE actor = %s LIMIT 1"
+    if dialect.name == "sqlite":
+        statement = statement.replace("%s", "?")
+    try:
+        return dbapi.execute(statement, (actor,)).fetchone() is not None
+    except dialect.loaded_dbapi.Error as exc:
+        raise dbapi_error(exc, statement, (actor,), dialect, dbapi) from exc
+
+
+class _QuerySQL:
+    """The filtered SELECT per combination of filters, in the dialect's paramstyle, built on first use.
+
+    PostgreSQL writes `at` as the answer shows it: to_char gives what `isoformat(timespec="seconds") + "Z"` gave,
+    without a datetime per row in Python. SQLite stores text; `_fetch` slices what SQLAlchemy writes and sends
+    anything else through SQLAlchemy's own parser, as when SQLAlchemy read the rows.
+    """
+
+    _SELECT = ("SELECT seq, {at}, action, actor, actor_name, model, version, request_id, job_id, channel, "
+               "message_ts, details FROM audit_events")
+    _FILTERS = ("model = {p}", "actor = {p}", "action = {p}", "version = {p}", "created_at >= {t}",
+                "created_at < {t}", "seq < {p}")
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.statements: dict[tuple[bool, ...], str] = {}
+        self.store_time: Any = None
+        self.odd_at: Any = None
+        if dialect.name == "sqlite":  # times are stored as text; bind and read them as SQLAlchemy does
+            self.placeholder, self.time_placeholder, at = "?", "?", "created_at"
+            self.store_time = DateTime().dialect_impl(dialect).bind_processor(dialect)
+            parse = DateTime().dialect_impl(dialect).result_processor(dialect, None)
+            self.odd_at = lambda stored: parse(stored).isoformat(timespec="seconds") + "Z"
+        elif dialect.name == "postgresql":
+            # a time binds as SQLAlchemy binds DateTime (an aware one is converted, not compared as timestamptz)
+            self.placeholder, self.time_placeholder = "%s", "%s::timestamp"
+            at = """to_char(created_at, 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
+        else:
+            raise NotImplementedError(f"audit queries on {dialect.name}")
+        self.select = self._SELECT.format(at=at)
+
+    def build(self, key: tuple[bool, ...]) -> str:
+        where = [f.format(p=self.placeholder, t=self.time_placeholder) for f, on in zip(self._FILTERS, key) if on]
+        statement = (self.select + (" WHERE " + " AND ".join(where) if where else "")
+                     + f" ORDER BY created_at DESC, seq DESC LIMIT {self.placeholder}")
+        self.statements[key] = statement
+        return statement
+
+
+_QUERY_SQL: dict[str, _QuerySQL] = {}
+
+
+def _query_sql(dialect: Dialect) -> _QuerySQL:
+    sql = _QUERY_SQL.get(dialect.name)
+    if sql is None:
+        sql = _QUERY_SQL[dialect.name] = _QuerySQL(dialect)
+    return sql
+
+
 def _details(text: str | None) -> dict[str, Any]:
+    # json.loads(text) without its Python layers when text is exactly one JSON object (as append stores it)
+    if text.__class__ is str:
+        try:
+            value, end = _scan_json(text, 0)
+        except (StopIteration, ValueError):
+            end = -1
+        if end == len(text) and value.__class__ is dict:
+            return value
     try:
         value = json.loads(text or "{}")
     except ValueError:
@@ -220,8 +459,12 @@ def _details(text: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
+_scan_json = json.JSONDecoder().scan_once
+
+
 def has_actor(session: Session, actor: str) -> bool:
-    return session.execute(select(AuditEvent.seq).where(AuditEvent.actor == actor).limit(1)).first() is not None
+    conn = session.connection()
+    return _has_actor(conn.connection.driver_connection, conn.dialect, actor)
 
 
 def default_event_at(session: Session, model: str, at: datetime) -> AuditEvent | None:

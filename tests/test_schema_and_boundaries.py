@@ -60,3 +60,30 @@ def test_model_registry_source_has_no_slack_imports() -> None:
         if "vertex" not in path.name and path.name != "gcs.py":
             assert "import google.cloud" not in text and "from google.cloud" not in text, path
         assert "import tensorflow" not in text, path
+
+
+def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> None:
+    """Without a ping on every checkout, a terminated session must still be noticed and replaced."""
+    import psycopg
+
+    from model_registry import audit
+    from model_registry.config import ProjectConfig, Settings
+    from model_registry.workflow import Registry
+
+    settings = Settings.from_env({"STARCHART_HOME": str(tmp_path), "DATABASE_URL": pg_url,
+                                  "STARCHART_CONFIG": str(tmp_path / "none.yaml")})
+    reg = Registry(settings, ProjectConfig.load(settings.config_path))
+    with reg.unit_of_work() as s:
+        audit.append(s, "schedule.changed", "U_T")
+    assert reg.audit_events(limit=5)[0]["action"] == "schedule.changed"
+    dbname = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,))
+    import time
+
+    time.sleep(0.2)
+    with reg.unit_of_work() as s:  # the pool hands out a fresh connection instead of the dead one
+        audit.append(s, "schedule.changed", "U_T")
+    assert len(reg.audit_events(limit=5)) == 2
+    assert reg.verify_audit().ok
+    reg.engine.dispose()
