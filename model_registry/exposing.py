@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from model_registry import audit, names
@@ -22,7 +22,7 @@ from model_registry.records import (
 )
 from model_registry.service import Service
 from model_registry.signatures import read_signature
-from model_registry.views import decoded_all, iso, iso_utc, raw_json, version_view
+from model_registry.views import decoded_all, iso, iso_text, iso_utc, raw_json, version_view
 
 
 class Exposing(Service):
@@ -114,21 +114,16 @@ class Exposing(Service):
         return view
 
     def versions(self, model: str) -> dict[str, Any]:
-        cols = Version.__table__.c
-        with self.reads() as s:
-            self._require_model(model, s)
-            default = s.execute(select(ModelRecord.default_version).where(ModelRecord.name == model)).scalar()
-            rows = s.execute(
-                select(cols.name, cols.job_id, iso_utc(cols.created_at), cols.trained_by, raw_json(cols.metrics),
-                       cols.deployment_uri).where(cols.model == model).order_by(cols.name.desc())
-            ).all()
+        self._require_model(model)
+        rows = self.read_rows(_VERSIONS, model=model)
+        default = rows[0][6] if rows else next(iter(self.read_rows(_DEFAULT, model=model)), (None,))[0]
         all_metrics = decoded_all([row[4] for row in rows])
         return {
             "model": model, "default": default,
             "versions": [
-                {"name": name, "job_id": job_id, "created_at": created, "trained_by": by,
+                {"name": name, "job_id": job_id, "created_at": iso_text(created), "trained_by": by,
                  "metrics": metrics, "deployment_uri": uri, "is_default": name == default}
-                for (name, job_id, created, by, _, uri), metrics in zip(rows, all_metrics)
+                for (name, job_id, created, by, _, uri, _default), metrics in zip(rows, all_metrics)
             ],
         }
 
@@ -158,3 +153,10 @@ class Exposing(Service):
                 select(Version).where(Version.model == model).order_by(Version.name)).scalars()]
             record = s.get(ModelRecord, model)
         return write_model_file(self.config.model_files, model, versions, record.default_version if record else None)
+
+
+_V = Version.__table__.c
+_DEFAULT = select(ModelRecord.__table__.c.default_version).where(ModelRecord.__table__.c.name == bindparam("model"))
+_VERSIONS = (select(_V.name, _V.job_id, iso_utc(_V.created_at), _V.trained_by, raw_json(_V.metrics), _V.deployment_uri,
+                    _DEFAULT.scalar_subquery())
+             .where(_V.model == bindparam("model")).order_by(_V.name.desc()))

@@ -7,7 +7,7 @@ import time
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,7 @@ from model_registry.records import (
     ModelRecord,
 )
 from model_registry.service import Service
-from model_registry.views import decoded_all, iso_utc, job_view, raw_json
+from model_registry.views import decoded_all, iso_text, iso_utc, job_view, raw_json
 
 LOG_TAIL_LINES = 20
 
@@ -172,23 +172,14 @@ class Training(Service):
             return ""
 
     def state(self, model: str, limit: int | None = None) -> list[dict[str, Any]]:
-        cols = Job.__table__.c
-        q = select(cols.job_id, cols.state, iso_utc(cols.created_at), iso_utc(cols.started_at),
-                   iso_utc(cols.ended_at), cols.requested_by, cols.version_name, raw_json(cols.args),
-                   cols.error).where(cols.model == model)
-        q = q.order_by(cols.ts.desc()).limit(limit) if limit else q.order_by(cols.ts.desc())
-        for attempt in (1, 2):
-            with self.reads() as s:
-                self._require_model(model, s)
-                pending = attempt == 1 and s.execute(select(cols.job_id).where(
-                    cols.model == model, cols.state.in_([QUEUED, RUNNING])).limit(1)).first() is not None
-                if not pending:
-                    rows = s.execute(q).all()
-                    break
-            self.refresh_jobs(model)  # only unfinished jobs cost a backend call
+        self._require_model(model)
+        rows = self.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)
+        if any(row[1] in (QUEUED, RUNNING) for row in rows) and self.refresh_jobs(model):
+            rows = self.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)  # only unfinished jobs are asked
         all_args = decoded_all([row[7] for row in rows])
         return [
-            {"job_id": job_id, "state": state, "created_at": created, "started_at": started, "ended_at": ended,
+            {"job_id": job_id, "state": state, "created_at": iso_text(created), "started_at": iso_text(started),
+             "ended_at": iso_text(ended),
              "requested_by": by, "version": version, "args": args, "error": error}
             for (job_id, state, created, started, ended, by, version, _, error), args in zip(rows, all_args)
         ]
@@ -247,3 +238,9 @@ class Training(Service):
                                    f"follow it with `state {job['model']}`")
             time.sleep(delay)
             delay = min(delay * 1.5, longest)
+
+
+_J = Job.__table__.c
+_JOBS = (select(_J.job_id, _J.state, iso_utc(_J.created_at), iso_utc(_J.started_at), iso_utc(_J.ended_at),
+                _J.requested_by, _J.version_name, raw_json(_J.args), _J.error)
+         .where(_J.model == bindparam("model")).order_by(_J.ts.desc()).limit(bindparam("limit")))
