@@ -132,7 +132,7 @@ class AckFirst:
     A task waits at most `patience` seconds, so a steady stream of requests cannot starve it.
     """
 
-    def __init__(self, patience: float = 0.25) -> None:
+    def __init__(self, patience: float = 1.0) -> None:
         self.patience = patience
         self._inflight = 0
         self._idle = threading.Condition()
