@@ -32,16 +32,15 @@ import json
 import pstats
 import random
 import shutil
-import sqlite3
 import statistics
 import sys
 import tempfile
 import time
-import uuid
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from support.databases import pg_available, pg_db, sqlite_db  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,8 +48,6 @@ sys.path.insert(0, str(ROOT))
 TARGET = 2.0
 MODELS = 200
 DAYS = 60
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 COLUMNS = ("seq", "created_at", "action", "actor", "actor_name", "model", "version", "request_id", "job_id",
            "channel", "message_ts", "details", "prev_hash", "hash")
@@ -178,40 +175,6 @@ def make_registry(home: Path, db_url: str, models: int = MODELS) -> Any:
     settings = Settings.from_env({"STARCHART_HOME": str(home), "DATABASE_URL": db_url,
                                   "STARCHART_CONFIG": str(home / "starchart.yaml")})
     return Registry(settings, ProjectConfig.from_dict(raw, home))
-
-
-def pg_available() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_DSN, connect_timeout=3):
-            return True
-    except Exception:
-        return False
-
-
-@contextmanager
-def sqlite_db(work: Path, name: str = "sqlite") -> Iterator[tuple[str, Callable[[], Any], str]]:
-    path = work / name / "starchart.db"
-    path.parent.mkdir(parents=True)
-    yield f"sqlite:///{path}", lambda: sqlite3.connect(str(path)), "?"
-
-
-@contextmanager
-def pg_db() -> Iterator[tuple[str, Callable[[], Any], str]]:
-    """A temporary PostgreSQL database, always dropped."""
-    import psycopg
-
-    name = f"starchart_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        dsn = f"host=127.0.0.1 port=5432 user=postgres dbname={name}"
-        yield PG_URL.format(name=name), lambda: psycopg.connect(dsn, autocommit=True), "%s"
-    finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        log(f"dropped temporary database {name}")
 
 
 def databases(opts: Any, work: Path) -> tuple[list[tuple[str, Callable[[], Any]]], dict[str, str]]:

@@ -25,16 +25,15 @@ import io
 import json
 import pstats
 import shutil
-import sqlite3
 import statistics
 import sys
 import tempfile
 import time
-import uuid
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+
+from support.databases import pg_available, pg_db, sqlite_db  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,8 +41,6 @@ sys.path.insert(0, str(ROOT))
 TARGET = 2.0
 MODEL = "iris"
 OTHER_MODEL = "sentiment"  # a second model's rows, so the WHERE clause has something to skip
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 # The bare selects: the columns, WHERE and ORDER BY of Registry.state / Registry.versions.
 STATE_SQL = ("SELECT job_id, state, created_at, started_at, ended_at, requested_by, version_name, args, error "
@@ -143,39 +140,6 @@ def make_registry(home: Path, db_url: str) -> Any:
 
 
 # ---------------------------------------------------------------------- databases
-
-
-def pg_available() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_DSN, connect_timeout=3):
-            return True
-    except Exception:
-        return False
-
-
-@contextmanager
-def sqlite_db(work: Path) -> Iterator[tuple[str, Callable[[], Any], str]]:
-    path = work / "sqlite" / "starchart.db"
-    path.parent.mkdir(parents=True)
-    yield f"sqlite:///{path}", lambda: sqlite3.connect(str(path)), "?"
-
-
-@contextmanager
-def pg_db() -> Iterator[tuple[str, Callable[[], Any], str]]:
-    import psycopg
-
-    name = f"starchart_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        dsn = f"host=127.0.0.1 port=5432 user=postgres dbname={name}"
-        yield PG_URL.format(name=name), lambda: psycopg.connect(dsn, autocommit=True), "%s"
-    finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        log(f"dropped temporary database {name}")
 
 
 # ---------------------------------------------------------------------- timing

@@ -159,7 +159,7 @@ def main() -> None:
     migrate(make_engine(env["DATABASE_URL"]))  # a deployed bot starts on an existing schema
 
     results: dict[str, dict[str, Any]] = {}
-    for name, app in (("bare", "benchmarks.bare_bolt:build()"), ("starchart", "bot.serve:build_wsgi()")):
+    for name, app in (("bare", "benchmarks.support.bare_bolt:build()"), ("starchart", "bot.serve:build_wsgi()")):
         port = free_port()
         proc, startup = start(app, env, port)
         try:
