@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_TOKEN = "xoxb-0000000000-0000000000000-fakefakefakefakefakefake"
+DEFAULT_APP_TOKEN = "xapp-1-A0FAKEAPP1-0000000000000-fakefakefakefakefakefakefakefakefakefakefakefake"
 TEAM_ID, TEAM_DOMAIN = "T0FAKE0001", "starchart-fake"
 BOT_USER_ID, BOT_ID, APP_ID = "U0BOTFAKE1", "B0BOTFAKE1", "A0FAKEAPP1"
 
@@ -238,10 +239,19 @@ class SlackFake:
                  users: Mapping[str, Mapping[str, Any]] | None = None,
                  usergroups: Mapping[str, Iterable[str]] | None = None,
                  channels: Mapping[str, str] | None = None,
-                 strict_channels: bool = False, delay_seconds: float = 0.0) -> None:
+                 strict_channels: bool = False, delay_seconds: float = 0.0,
+                 app_token: str | Iterable[str] = DEFAULT_APP_TOKEN) -> None:
         tokens = [token] if isinstance(token, str) else list(token)
         self.token: str = tokens[0]
         self.tokens: set[str] = set(tokens)
+        app_tokens = [app_token] if isinstance(app_token, str) else list(app_token)
+        if not app_tokens or not all(t.startswith("xapp-") for t in app_tokens):
+            raise ValueError("app-level tokens start with xapp-")
+        self.app_token: str = app_tokens[0]
+        self.app_tokens: set[str] = set(app_tokens)  # accepted by apps.connections.open (Socket Mode)
+        self._ws_server: Any = None
+        self._ws_thread: threading.Thread | None = None
+        self._ws_conns: list[Any] = []
         self.strict_channels = strict_channels
         self.delay_seconds = delay_seconds
         self._lock = threading.RLock()
@@ -263,6 +273,7 @@ class SlackFake:
             "conversations.info": self._conversations_info,
             "files.getUploadURLExternal": self._get_upload_url,
             "files.completeUploadExternal": self._complete_upload,
+            "apps.connections.open": self._connections_open,
         }
         self.clear()
         self.add_user(BOT_USER_ID, "starchart", real_name="StarChart", is_bot=True)
@@ -287,7 +298,8 @@ class SlackFake:
         return self
 
     def stop(self) -> None:
-        """Stop the server and wait for its thread."""
+        """Stop the server (and the Socket Mode server, if started) and wait for their threads."""
+        self._stop_socket_server()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -312,6 +324,91 @@ class SlackFake:
     def base_url(self) -> str:
         """The Web API base URL for WebClient(base_url=...); ends with "/api/"."""
         return f"{self.root_url}/api/"
+
+    # ----------------------------------------------------------------- Socket Mode
+
+    def socket_mode_server(self) -> str:
+        """Start (once) the local Socket Mode WebSocket server; its ws:// URL, as apps.connections.open gives.
+
+        On connect it sends Slack's {"type": "hello", ...}; socket_send() pushes envelopes to the client,
+        and every JSON message the client sends back is recorded (socket_acks: those with an envelope_id).
+        """
+        from websockets.sync.server import serve
+
+        with self._lock:
+            if self._ws_server is None:
+                self._ws_server = serve(self._ws_handler, "127.0.0.1", 0, ping_interval=None)
+                self._ws_thread = threading.Thread(target=self._ws_server.serve_forever, name="slack-fake-ws",
+                                                   daemon=True)
+                self._ws_thread.start()
+            port = self._ws_server.socket.getsockname()[1]
+        return f"ws://127.0.0.1:{port}/link/?ticket={uuid.uuid4()}&app_id={APP_ID}"
+
+    def socket_send(self, envelope: Mapping[str, Any], timeout: float = 5.0) -> str:
+        """Push an envelope to the newest Socket Mode connection (waiting up to `timeout` for one).
+
+        An envelope_id is added when missing; returns it."""
+        envelope = dict(envelope)
+        envelope.setdefault("envelope_id", str(uuid.uuid4()))
+        conn = self.wait_for(lambda: self._ws_conns[-1] if self._ws_conns else None, timeout=timeout)
+        conn.send(json.dumps(envelope))
+        return str(envelope["envelope_id"])
+
+    @property
+    def socket_connections(self) -> int:
+        """How many Socket Mode clients are connected now."""
+        with self._lock:
+            return len(self._ws_conns)
+
+    @property
+    def socket_received(self) -> list[dict[str, Any]]:
+        """Every JSON message Socket Mode clients sent, in order."""
+        with self._lock:
+            return copy.deepcopy(self._socket_received)
+
+    @property
+    def socket_acks(self) -> list[dict[str, Any]]:
+        """Acks received over Socket Mode: {"envelope_id": ..., "payload"?: ...}, each with "received_at"."""
+        with self._lock:
+            return copy.deepcopy([m for m in self._socket_received if "envelope_id" in m])
+
+    def _ws_handler(self, conn: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        with self._lock:
+            self._ws_conns.append(conn)
+        try:
+            conn.send(json.dumps({"type": "hello", "num_connections": len(self._ws_conns),
+                                  "debug_info": {"host": "applink-fake", "build_number": 1,
+                                                 "approximate_connection_time": 18060},
+                                  "connection_info": {"app_id": APP_ID}}))
+            for raw in conn:
+                try:
+                    message = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(message, dict):
+                    message["received_at"] = time.monotonic()
+                    with self._lock:
+                        self._socket_received.append(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            with self._lock:
+                if conn in self._ws_conns:
+                    self._ws_conns.remove(conn)
+
+    def _stop_socket_server(self) -> None:
+        with self._lock:
+            server, thread, conns = self._ws_server, self._ws_thread, list(self._ws_conns)
+            self._ws_server = self._ws_thread = None
+        if server is None:
+            return
+        server.shutdown()
+        for conn in conns:
+            conn.close()
+        if thread is not None:
+            thread.join(timeout=5)
 
     # ----------------------------------------------------------------- configuration
 
@@ -387,6 +484,7 @@ class SlackFake:
             self._responses: list[dict[str, Any]] = []
             self._response_urls: dict[str, tuple[str | None, str | None]] = {}
             self._used_triggers: set[str] = set()
+            self._socket_received: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- recorded state (copies)
 
@@ -481,10 +579,12 @@ class SlackFake:
             error = error or (injected.pop(0) if injected else None)
         if self.delay_seconds > 0:
             time.sleep(self.delay_seconds)
+        accepted = self.app_tokens if method == "apps.connections.open" else self.tokens
         if error is None and not token:
             error = SlackError("not_authed")
-        elif error is None and token not in self.tokens:
-            error = SlackError("invalid_auth")
+        elif error is None and token not in accepted:
+            wrong_type = token in self.tokens or token in self.app_tokens
+            error = SlackError("not_allowed_token_type" if wrong_type else "invalid_auth")
         result: dict[str, Any] = {}
         if error is None:
             with self._lock:
@@ -656,6 +756,9 @@ class SlackFake:
         if channel is None:
             raise SlackError("channel_not_found")
         return {"channel": copy.deepcopy(channel)}
+
+    def _connections_open(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"url": self.socket_mode_server()}
 
     def _get_upload_url(self, params: dict[str, Any]) -> dict[str, Any]:
         filename, length = params.get("filename"), str(params.get("length") or "")
