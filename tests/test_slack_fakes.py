@@ -7,6 +7,8 @@ import time
 from typing import Any, Iterator
 
 import pytest
+from fakes.slack_driver import SlackDriver, serve_wsgi
+from fakes.slack_fake import SlackFake
 from slack_bolt import App
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk import WebClient
@@ -14,9 +16,6 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.webhook import WebhookClient
-
-from tests.fakes.slack_driver import SlackDriver, serve_wsgi
-from tests.fakes.slack_fake import SlackFake
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 CHANNEL, GROUP = "C0GENERAL1", "S0MLTEAM01"

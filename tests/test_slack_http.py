@@ -19,9 +19,8 @@ from typing import Any, Iterator
 import pytest
 import requests
 from conftest import ROOT, write_config
-
-from tests.fakes.slack_driver import SlackDriver
-from tests.fakes.slack_fake import SlackFake
+from fakes.slack_driver import SlackDriver
+from fakes.slack_fake import SlackFake
 
 SECRET = "test-signing-secret"
 CHANNEL = "C0MLREVIEW"

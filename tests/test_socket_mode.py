@@ -15,8 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 from conftest import ROOT, write_config
-
-from tests.fakes.slack_fake import SlackFake
+from fakes.slack_fake import SlackFake
 
 CHANNEL, USER = "C0MLREVIEW", "U0ALICE"
 

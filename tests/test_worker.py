@@ -8,13 +8,13 @@ from datetime import timedelta
 from typing import Any
 
 from conftest import replay_args
+from fakes.slack_fake import SlackFake
 from sqlalchemy import update
 
 from bot.app import slack_client
 from bot.worker import one_pass
 from model_registry import names
 from model_registry.records import PromotionRequest
-from tests.fakes.slack_fake import SlackFake
 
 
 def test_worker_pass(two_versions: Any, trained: dict, monkeypatch: Any) -> None:
