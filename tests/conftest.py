@@ -132,19 +132,19 @@ def replay_trainers(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_registry(tmp_path: Path, replay_trainers: Path) -> Callable[..., Any]:
-    """make_registry(db_url, backend=None, **config) -> Registry on a fresh STARCHART_HOME."""
+    """make_registry(db_url, backend=None, env=None, **config) -> Registry on a fresh STARCHART_HOME."""
     from model_registry.config import ProjectConfig, Settings
     from model_registry.workflow import Registry
 
     made = []
 
     def make(db_url: str, backend: Any = None, trainer_base: Path | None = None, home: Path | None = None,
-             **config: Any) -> Registry:
+             env: dict[str, str] | None = None, **config: Any) -> Registry:
         home = home or tmp_path / "home"
         home.mkdir(exist_ok=True)
         path = write_config(home, trainer_base or replay_trainers, **config)
         settings = Settings.from_env({"STARCHART_HOME": str(home), "DATABASE_URL": db_url,
-                                      "STARCHART_CONFIG": str(path)})
+                                      "STARCHART_CONFIG": str(path), **(env or {})})
         reg = Registry(settings, ProjectConfig.load(path), backend=backend)
         made.append(reg)
         return reg

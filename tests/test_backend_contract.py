@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from conftest import replay_args
 from fakes.gcs_emulator import new_bucket, shared_gcs_emulator
-from fakes.vertex_fake import VertexFake, fast_backend, replay_runner, use_bucket
+from fakes.vertex_fake import VertexFake, fast_backend, replay_runner, vertex_env
 
 from model_registry.records import TERMINAL, Job, Version
 
@@ -58,7 +58,8 @@ def world(request: pytest.FixtureRequest, make_registry: Any, sqlite_url: str,
         fake.runner = replay_runner(url)
         endpoint = request.param == "vertex-endpoint"
         endpoints = {"iris": {"enabled": True, "machine_type": "n1-standard-2"}} if endpoint else None
-        reg = use_bucket(make_registry(sqlite_url, backend=fast_backend(fake, bucket, endpoints=endpoints)), bucket)
+        reg = make_registry(sqlite_url, backend=fast_backend(fake, bucket, endpoints=endpoints),
+                            env=vertex_env(bucket))
 
         def deny_alias_merge(model: str, version: str) -> None:
             fake.fail_next("models.mergeVersionAliases", 403,

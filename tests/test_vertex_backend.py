@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pytest
 from conftest import ROOT, replay_args
 from fakes.gcs_emulator import new_bucket, shared_gcs_emulator, storage_client
-from fakes.vertex_fake import VertexFake, fast_backend, replay_runner, use_bucket
+from fakes.vertex_fake import VertexFake, fast_backend, replay_runner, vertex_env
 
 from model_registry.backends.base import TrainingSpec
 from model_registry.backends.vertex import (
@@ -423,7 +423,7 @@ def test_storage_permission_denied_and_unreachable_say_what_to_do() -> None:
 def test_failed_alias_merge_during_a_promotion_leaves_it_failed_and_nothing_half_applied(
         make_registry: Any, db_url: str, fake: VertexFake, bucket: str, gcs: str, trained: dict) -> None:
     fake.runner = replay_runner(gcs)
-    reg = use_bucket(make_registry(db_url, backend=fast_backend(fake, bucket)), bucket)
+    reg = make_registry(db_url, backend=fast_backend(fake, bucket), env=vertex_env(bucket))
     for source in (trained["iris_a"], trained["iris_b"]):
         job = reg.train("iris", "U_TRAINER", args=replay_args(source))
         assert job["train_path"].startswith(f"{bucket}/iris/")
@@ -459,7 +459,7 @@ def test_failed_alias_merge_during_a_promotion_leaves_it_failed_and_nothing_half
 
 def test_registry_train_sends_the_job_it_describes(make_registry: Any, sqlite_url: str, fake: VertexFake,
                                                   bucket: str) -> None:
-    reg = use_bucket(make_registry(sqlite_url, backend=fast_backend(fake, bucket)), bucket)
+    reg = make_registry(sqlite_url, backend=fast_backend(fake, bucket), env=vertex_env(bucket))
     job = reg.train("iris", "U_TRAINER", args=["--epochs=5", "--job-dir=TRAIN_PATH"], scale_tier="STANDARD_1")
     ts = job["job_id"].rsplit("_", 1)[1]
     [create] = fake.calls("customJobs.create")
@@ -500,7 +500,7 @@ def test_registry_from_env_selects_and_configures_the_vertex_backend(
 def test_training_into_a_missing_bucket_fails_before_any_job_is_sent(make_registry: Any, sqlite_url: str,
                                                                     fake: VertexFake, gcs: str) -> None:
     absent = "gs://starchart-absent-bucket"
-    reg = use_bucket(make_registry(sqlite_url, backend=fast_backend(fake, absent)), absent)
+    reg = make_registry(sqlite_url, backend=fast_backend(fake, absent), env=vertex_env(absent))
     with pytest.raises(BucketNotFound) as err:
         reg.train("iris", "U_TRAINER", args=["--epochs=1"])
     assert "bucket gs://starchart-absent-bucket does not exist" in err.value.message
@@ -740,7 +740,7 @@ def test_a_failed_deploy_leaves_the_request_failed_and_nothing_moved_then_retry_
         make_registry: Any, sqlite_url: str, fake: VertexFake, bucket: str, gcs: str, trained: dict) -> None:
     fake.runner = replay_runner(gcs)
     backend = fast_backend(fake, bucket, endpoints={"iris": ENDPOINT}, retry_deadline=0.2)
-    reg = use_bucket(make_registry(sqlite_url, backend=backend), bucket)
+    reg = make_registry(sqlite_url, backend=backend, env=vertex_env(bucket))
     for source in (trained["iris_a"], trained["iris_b"]):
         job = reg.train("iris", "U_TRAINER", args=replay_args(source))
         assert reg.wait(job["job_id"], timeout=20)["state"] == "SUCCEEDED"

@@ -908,9 +908,6 @@ def fast_backend(fake: VertexFake, bucket: str, **overrides: Any) -> Any:
     return VertexBackend(fake.project, "us-central1", bucket, **options)
 
 
-def use_bucket(registry: Any, bucket: str, project: str = "starchart-test") -> Any:
-    """Point a Registry made by conftest's make_registry at a gs:// bucket (its settings default to local)."""
-    from dataclasses import replace
-
-    registry.settings = replace(registry.settings, backend="vertex", bucket=bucket, gcp_project=project)
-    return registry
+def vertex_env(bucket: str, project: str = "starchart-test") -> dict[str, str]:
+    """The settings of a vertex-backed Registry (for conftest's make_registry(env=...))."""
+    return {"STARCHART_BACKEND": "vertex", "STARCHART_BUCKET": bucket, "GCP_PROJECT_ID": project}
