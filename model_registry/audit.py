@@ -188,7 +188,7 @@ def _append_sql(dialect: Dialect) -> _AppendSQL:
                 "",
                 DateTime().dialect_impl(dialect).bind_processor(dialect))
         else:
-            raise NotImplementedError(f"audit chain on {dialect.name}")
+            raise ValueError(f"no audit chain for {dialect.name}: StarChart runs on SQLite or PostgreSQL")
         _APPEND_SQL[dialect.name] = sql
     return sql
 
@@ -422,7 +422,7 @@ class _QuerySQL:
             self.placeholder, self.time_placeholder = "%s", "%s::timestamp"
             at = """to_char(created_at, 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
         else:
-            raise NotImplementedError(f"audit queries on {dialect.name}")
+            raise ValueError(f"no audit queries for {dialect.name}: StarChart runs on SQLite or PostgreSQL")
         self.select = self._SELECT.format(at=at)
 
     def build(self, key: tuple[bool, ...]) -> str:

@@ -10,7 +10,9 @@ from typing import Any, Callable, TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Dialect, Engine, make_url
-from sqlalchemy.exc import DBAPIError, InvalidatePoolError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidatePoolError
+
+from model_registry.errors import InvalidInput
 
 T = TypeVar("T")
 
@@ -20,7 +22,14 @@ _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 
 
 def make_engine(url: str) -> Engine:
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InvalidInput(f"DATABASE_URL {url!r} is not a database URL",
+                           "use sqlite:///path/to.db or postgresql://user@host/db") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise InvalidInput(f"DATABASE_URL uses {parsed.get_backend_name()}, which StarChart does not support",
+                           "use SQLite (sqlite:///path/to.db) or PostgreSQL (postgresql://user@host/db)")
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,14 @@ def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> No
     assert len(reg.audit_events(limit=5)) == 2
     assert reg.verify_audit().ok
     reg.engine.dispose()
+
+
+def test_unsupported_database_urls_are_refused_clearly() -> None:
+    import pytest
+
+    from model_registry.errors import InvalidInput
+
+    for url, words in (("mysql://root@127.0.0.1/test", "does not support"), ("not a url", "not a database URL")):
+        with pytest.raises(InvalidInput) as exc:
+            make_engine(url)
+        assert words in exc.value.message
