@@ -46,6 +46,15 @@ def _imported_after(statement: str) -> set[str]:
     return set(out.stdout.split())
 
 
+def test_web_process_never_imports_tensorflow(tmp_path) -> None:
+    loaded = _imported_after(
+        f"import os; os.environ.update(SLACK_BOT_TOKEN='xoxb-t', SLACK_SIGNING_SECRET='s', STARCHART_HOME='{tmp_path}',"
+        f" STARCHART_CONFIG='{tmp_path}/none.yaml'); import bot.serve; app = bot.serve.build_wsgi();"
+        " app.bot.registry.get(timeout=60)")
+    assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
+    assert "bot.web" in loaded and "model_registry.workflow" in loaded
+
+
 def test_core_and_cli_never_import_tensorflow_slack_or_google() -> None:
     loaded = _imported_after("import bot.cli, bot.demo, model_registry.workflow, model_registry.backends.local")
     assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
