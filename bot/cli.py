@@ -59,7 +59,7 @@ def run_process(args: argparse.Namespace) -> int:
     elif args.command == "console":
         from bot.console import run_console
 
-        return run_console(user=args.console_user or args.user or default_user())
+        return run_console(user=args.user or default_user())
     elif args.command == "worker":
         from bot.worker import run_worker
 

@@ -26,6 +26,12 @@ def build_parser(prog: str = "starchart", cli: bool = True) -> Parser:
         parser.add_argument("--user", help="who is acting (default: $STARCHART_USER or local:<login>)")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    if cli:  # `starchart approve 3 --user U` as well as `starchart --user U approve 3`
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("--user", default=argparse.SUPPRESS, help="who is acting")
+        common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        plain_add = sub.add_parser
+        sub.add_parser = lambda *a, **k: plain_add(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     p = sub.add_parser("train", help="start a training job: train MODEL [-M MODULE] [-- ARGS]")
     _model_arg(p)
@@ -83,8 +89,7 @@ def build_parser(prog: str = "starchart", cli: bool = True) -> Parser:
         p.add_argument("--port", type=int)
         p.add_argument("--workers", type=int)
         sub.add_parser("socket", help="the Slack bot over Socket Mode")
-        p = sub.add_parser("console", help="type /ml commands in a terminal; cards render as text")
-        p.add_argument("--user", dest="console_user", help="who you are in the console")
+        sub.add_parser("console", help="type /ml commands in a terminal; cards render as text (--user U)")
         p = sub.add_parser("worker", help="follow jobs, reconcile interrupted applies, expire requests")
         p.add_argument("--once", action="store_true", help="one pass, then exit")
     return parser

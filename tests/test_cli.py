@@ -61,8 +61,9 @@ def test_starchart_flow_from_the_command_line(cli: Any, trained: dict) -> None:
     nothing = cli("apply", "-m", "iris", user="U_REQ", ok=None)
     assert nothing.returncode == 1 and "already the default" in nothing.stderr
     back = json.loads(cli("--json", "rollback", "iris", "--reason", "canary", user="U_REQ").stdout)
-    rejected = cli("reject", str(back["id"]), "--reason", "keep it", user="U_OK")
+    rejected = cli("reject", str(back["id"]), "--reason", "keep it", "--user", "U_OK")  # the word order
     assert "rejected" in rejected.stdout
+    assert json.loads(cli("audit", "--action", "promotion.rejected", "--json").stdout)[0]["actor"] == "U_OK"
     csv_out = cli("audit", "iris", "--csv").stdout.splitlines()
     assert csv_out[0].startswith("seq,at,action") and len(csv_out) > 10
 
