@@ -167,10 +167,11 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
             answer = reg.default_at(args.target, parse_time(args.at))
             emit(answer, lambda: "\n".join(text.default_at_lines(answer)))
             return EXIT_OK
-        events = reg.audit_events(
-            model=args.target, since=parse_time(args.since) if args.since else None,
-            until=parse_time(args.until) if args.until else None, actor=args.actor, action=args.action,
-            version=args.version, limit=args.limit)
+        filters = {"model": args.target, "since": parse_time(args.since) if args.since else None,
+                   "until": parse_time(args.until) if args.until else None, "actor": args.actor,
+                   "action": args.action, "version": args.version}
+        # --csv exports everything that matches; the table shows --limit rows
+        events = reg.all_audit_events(**filters) if args.csv else reg.audit_events(limit=args.limit, **filters)
         if args.csv:
             writer = csv.writer(sys.stdout)
             writer.writerow(["seq", "at", "action", "actor", "model", "version", "request_id", "job_id", "details"])

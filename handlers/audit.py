@@ -20,11 +20,14 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
             "action": args.action, "version": args.version}
 
 
+def _parsed(filters: dict[str, Any]) -> dict[str, Any]:
+    return {"model": filters.get("model"), "since": parse_time(filters["since"]) if filters.get("since") else None,
+            "until": parse_time(filters["until"]) if filters.get("until") else None, "actor": filters.get("actor"),
+            "action": filters.get("action"), "version": filters.get("version")}
+
+
 def _query(deps: Deps, filters: dict[str, Any], limit: int, before_seq: int | None = None) -> list[dict[str, Any]]:
-    return deps.registry.audit_events(
-        model=filters.get("model"), since=parse_time(filters["since"]) if filters.get("since") else None,
-        until=parse_time(filters["until"]) if filters.get("until") else None, actor=filters.get("actor"),
-        action=filters.get("action"), version=filters.get("version"), limit=limit, before_seq=before_seq)
+    return deps.registry.audit_events(limit=limit, before_seq=before_seq, **_parsed(filters))
 
 
 def audit(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
@@ -52,7 +55,7 @@ def audit(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) ->
         return
     filters = _filters(args)
     if args.csv:
-        events = _query(deps, filters, limit=1000)
+        events = list(deps.registry.all_audit_events(**_parsed(filters)))
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["seq", "at", "action", "actor", "actor_name", "model", "version", "request_id", "job_id",

@@ -6,7 +6,7 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy import select
 
@@ -77,6 +77,16 @@ class AuditTrail(Service):
         if rows is None:
             raise NotFound(f"no audit events by {actor!r}", "check the user id (in Slack, @mention the person)")
         return rows
+
+    def all_audit_events(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every event matching the filters, newest first, a page of 1,000 at a time (CSV exports)."""
+        before: int | None = None
+        while True:
+            page = self.audit_events(limit=1000, before_seq=before, **filters)
+            yield from page
+            if len(page) < 1000:
+                return
+            before = page[-1]["seq"]
 
     def default_at(self, model: str, at: datetime) -> dict[str, Any]:
         """Which version was the default of `model` at `at`, who requested and approved it, from what."""

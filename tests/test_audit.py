@@ -138,3 +138,15 @@ def test_filters_and_bad_input(audited: Any) -> None:
         names.parse_time("last tuesday")
     with pytest.raises(InvalidInput):
         reg.audit_events(since=names.utcnow(), until=names.utcnow() - timedelta(days=1))
+
+
+def test_csv_export_pages_through_everything(make_registry: Any, sqlite_url: str) -> None:
+    from model_registry import audit
+
+    reg = make_registry(sqlite_url)
+    with reg.unit_of_work() as s:
+        for i in range(2345):
+            audit.append(s, "schedule.changed", "U_T", details={"i": i})
+    every = list(reg.all_audit_events(actor="U_T"))
+    assert len(every) == 2345 and [e["seq"] for e in every] == sorted((e["seq"] for e in every), reverse=True)
+    assert len(reg.audit_events(actor="U_T", limit=1000)) == 1000
