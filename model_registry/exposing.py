@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from model_registry import audit, names
 from model_registry.diffs import diff_versions, version_digest
-from model_registry.errors import ArtifactError, NotFound, StarchartError
+from model_registry.errors import ArtifactError, InvalidInput, NotFound, StarchartError
 from model_registry.model_files import write_model_file
 from model_registry.policy import check_operator
 from model_registry.records import (
@@ -144,6 +144,9 @@ class Exposing(Service):
                 version = newest
             cand = version_view(self._version(s, model, version))
             base_name = base or (record.default_version if record else None)
+            if base_name == version:
+                raise InvalidInput(f"{version} is the default of {model}: there is nothing to compare it with",
+                                   f"name two versions: `diff {model} VERSION BASE` (see `versions {model}`)")
             base_view = version_view(self._version(s, model, base_name)) if base_name else None
         return diff_versions(cand, base_view)
 

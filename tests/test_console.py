@@ -101,3 +101,19 @@ def test_console_retry_after_a_failed_apply_and_audit_pages(make_registry: Any, 
 
     console.handle(f"/ml audit iris --at {(utcnow() + timedelta(seconds=2)).isoformat(timespec='seconds')}")
     assert "approved by U_BOB" in "\n".join(out)
+
+
+def test_console_job_and_version_commands(make_registry: Any, sqlite_url: str, trained: dict) -> None:
+    reg = make_registry(sqlite_url)
+    console, out = _console(reg, "U_ALICE")
+    console.handle(f"/ml train iris — —source={trained['iris_a']}")
+    job_id = reg.state("iris")[0]["job_id"]
+    for line, expected in ((f"/ml logs {job_id}", "replay trainer: job"), ("/ml jobs iris", "SUCCEEDED"),
+                           ("/ml expose iris", "exposed `v"), ("/ml versions iris", "(default v"),
+                           ("/ml requests iris", "(none)"), ("/ml logs nope", "invalid job id"),
+                           ("/ml cancel " + job_id, "already ended"), ("/ml diff iris", "nothing to compare it with"),
+                           ("/ml show 99", "no promotion request #99"), ("/ml help promote", "--reason"),
+                           ("/ml", "usage: /ml")):
+        out.clear()
+        console.handle(line)
+        assert expected in "\n".join(out), (line, out)
