@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bot.demo import run_demo
 
             return run_demo()
-        if args.command in ("serve", "socket", "console", "worker"):
+        if args.command in ("serve", "socket", "console", "worker", "clock"):
             return run_process(args)
         return run(args, trainer_args)
     except Usage as exc:
@@ -64,6 +64,10 @@ def run_process(args: argparse.Namespace) -> int:
         from bot.worker import run_worker
 
         return run_worker(once=args.once)
+    elif args.command == "clock":
+        from bot.worker import run_clock
+
+        return run_clock(once=args.once)
     return EXIT_OK
 
 
@@ -183,6 +187,19 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
                                                  ("model", "MODEL"), ("version", "VERSION"),
                                                  ("request_id", "REQUEST"), ("job_id", "JOB"),
                                                  ("details", "DETAILS")]))
+        return EXIT_OK
+    if cmd == "schedule":
+        if args.target in (None, "list"):
+            rows = reg.schedules()
+            emit(rows, lambda: text.table(rows, [("model", "MODEL"), ("cron", "CRON"), ("timezone", "TZ"),
+                                                 ("enabled", "ON"), ("next_run_at", "NEXT"), ("args", "ARGS")]))
+            return EXIT_OK
+        if args.cron is None:
+            raise Usage('starchart schedule MODEL "CRON" [-- ARGS] | schedule MODEL off | schedule list')
+        row = (reg.disable_schedule(args.target, user) if args.cron == "off"
+               else reg.set_schedule(args.target, args.cron, user, trainer_args, args.timezone))
+        emit(row, lambda: f"{row['model']}: {'every ' + row['cron'] + ' ' + row['timezone'] if row['enabled'] else 'off'}"
+                          + (f", next run {row['next_run_at']}" if row["next_run_at"] else ""))
         return EXIT_OK
     raise Usage(f"starchart: unknown command {cmd!r}")
 

@@ -67,3 +67,23 @@ def run_worker(once: bool = False, interval: float = 10.0) -> int:
         if once:
             return 0
         time.sleep(interval)
+
+
+def run_clock(once: bool = False, interval: float = 30.0) -> int:
+    """`starchart clock`: start scheduled trainings when they are due (several clocks never double-fire)."""
+    from model_registry.workflow import Registry
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = Registry.from_env()
+    registry.sync_configured_schedules()
+    while True:
+        try:
+            for job in registry.run_due_schedules():
+                log.info("scheduled training %s started", job["job_id"])
+        except StarchartError as exc:
+            log.warning("clock pass failed: %s", exc)
+        except Exception:  # keep ticking; the traceback is in the log
+            log.exception("clock pass failed")
+        if once:
+            return 0
+        time.sleep(interval)

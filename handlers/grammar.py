@@ -83,8 +83,14 @@ def build_parser(prog: str = "starchart", cli: bool = True) -> Parser:
     p.add_argument("--at", help="which version was the default of MODEL at this time")
     if not cli:
         p.add_argument("--share", action="store_true", help="post the answer to the channel")
+    p = sub.add_parser("schedule", help='schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off')
+    p.add_argument("target", nargs="?", metavar="list|MODEL")
+    p.add_argument("cron", nargs="?", metavar='"CRON"|off')
+    p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron (default UTC)")
     if cli:
         sub.add_parser("demo", help="the whole flow on a fresh temporary home")
+        p = sub.add_parser("clock", help="start scheduled trainings when they are due")
+        p.add_argument("--once", action="store_true", help="one pass, then exit")
         p = sub.add_parser("serve", help="the Slack bot over HTTP (POST /slack/events, GET /healthz)")
         p.add_argument("--port", type=int)
         p.add_argument("--workers", type=int)

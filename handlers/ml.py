@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from handlers import audit, reviews, training, versions
+from handlers import audit, reviews, schedules, training, versions
 from handlers.context import Ctx, Deps, report_error, run_reported
 from handlers.grammar import Usage
 from handlers.parsing import parse, slack_parser
@@ -16,7 +16,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "cancel": training.cancel, "expose": versions.expose, "versions": versions.versions, "diff": versions.diff,
     "promote": reviews.promote, "apply": reviews.promote, "rollback": reviews.promote,
     "approve": reviews.decide_command, "reject": reviews.decide_command, "show": reviews.show,
-    "requests": reviews.requests, "audit": audit.audit,
+    "requests": reviews.requests, "audit": audit.audit, "schedule": schedules.schedule,
 }
 
 

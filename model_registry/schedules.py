@@ -1,0 +1,115 @@
+"""Schedules: retrain a model on a cron, recorded like every other change (`schedule.changed`)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from sqlalchemy import select, update
+
+from model_registry import audit, names
+from model_registry.errors import InvalidInput, StarchartError
+from model_registry.packaging import trainer_dir
+from model_registry.policy import check_operator
+from model_registry.records import Schedule
+from model_registry.service import Service
+from model_registry.views import iso
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidInput(f"unknown time zone {name!r}", "use an IANA name such as UTC or Asia/Tokyo") from None
+
+
+def next_run(cron: str, tz: str, after: datetime) -> datetime:
+    """The first firing of `cron` (in `tz`) strictly after `after` (naive UTC in, naive UTC out)."""
+    local = after.replace(tzinfo=timezone.utc).astimezone(_zone(tz))
+    fire = croniter(cron, local).get_next(datetime)
+    return fire.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def schedule_view(row: Schedule) -> dict[str, Any]:
+    return {"model": row.model, "cron": row.cron, "timezone": row.timezone, "args": list(row.args or []),
+            "enabled": row.enabled, "last_run_at": iso(row.last_run_at), "updated_by": row.updated_by,
+            "next_run_at": iso(next_run(row.cron, row.timezone, row.last_run_at or row.updated_at))
+            if row.enabled else None}
+
+
+class Schedules(Service):
+    def set_schedule(self, model: str, cron: str, user: str, args: list[str] | None = None,
+                     tz: str = "UTC") -> dict[str, Any]:
+        names.validate_model_name(model)
+        trainer_dir(self.config.trainer_base, model)
+        check_operator(self.config.policy(model), user, self.members_of, "schedule", model)
+        if not croniter.is_valid(cron):
+            raise InvalidInput(f"invalid cron expression {cron!r}",
+                               'use five fields: minute hour day month weekday, e.g. "0 3 * * *"')
+        _zone(tz)
+        now = names.utcnow()
+        with self.unit_of_work() as s:
+            row = s.get(Schedule, model, with_for_update=True)
+            if row is None:
+                row = Schedule(model=model, cron=cron, timezone=tz, args=list(args or []), enabled=True,
+                               updated_by=user, updated_at=now)
+                s.add(row)
+            else:
+                row.cron, row.timezone, row.args, row.enabled = cron, tz, list(args or []), True
+                row.updated_by, row.updated_at = user, now
+            s.flush()
+            audit.append(s, "schedule.changed", user, model=model,
+                         details={"cron": cron, "timezone": tz, "args": list(args or []), "enabled": True})
+            return schedule_view(row)
+
+    def disable_schedule(self, model: str, user: str) -> dict[str, Any]:
+        names.validate_model_name(model)
+        check_operator(self.config.policy(model), user, self.members_of, "schedule", model)
+        with self.unit_of_work() as s:
+            row = s.get(Schedule, model, with_for_update=True)
+            if row is None or not row.enabled:
+                raise InvalidInput(f"{model} has no schedule to turn off", "see `schedule list`")
+            row.enabled, row.updated_by, row.updated_at = False, user, names.utcnow()
+            audit.append(s, "schedule.changed", user, model=model, details={"cron": row.cron, "enabled": False})
+            return schedule_view(row)
+
+    def sync_configured_schedules(self) -> None:
+        """starchart.yaml's `schedule:` entries become schedules (once: a change from chat wins afterwards)."""
+        for model in self.config.models:
+            spec = self.config.policy(model).schedule
+            if not spec or not spec.get("cron"):
+                continue
+            with self.unit_of_work() as s:
+                if s.get(Schedule, model) is not None:
+                    continue
+            self.set_schedule(model, str(spec["cron"]), "starchart.yaml", [str(a) for a in spec.get("args") or []],
+                              str(spec.get("timezone") or "UTC"))
+
+    def schedules(self) -> list[dict[str, Any]]:
+        with self.reads() as s:
+            return [schedule_view(row) for row in s.execute(select(Schedule).order_by(Schedule.model)).scalars()]
+
+    def run_due_schedules(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Start the trainings whose time has come. Several clocks may run: only one wins each firing."""
+        now = now or names.utcnow()
+        started = []
+        with self.reads() as s:
+            rows = [(r.model, r.cron, r.timezone, list(r.args or []), r.last_run_at, r.updated_at)
+                    for r in s.execute(select(Schedule).where(Schedule.enabled.is_(True))).scalars()]
+        for model, cron, tz, args, last, updated in rows:
+            if next_run(cron, tz, last or updated) > now:
+                continue
+            with self.unit_of_work() as s:
+                same = Schedule.last_run_at.is_(None) if last is None else Schedule.last_run_at == last
+                if not s.execute(update(Schedule).where(Schedule.model == model, same)
+                                 .values(last_run_at=now)).rowcount:
+                    continue  # another clock took this firing
+            try:
+                started.append(self.train(model, f"schedule:{model}", args=args or None))
+            except StarchartError as exc:  # recorded; the next firing tries again
+                with self.unit_of_work() as s:
+                    audit.append(s, "schedule.changed", "system", model=model,
+                                 details={"cron": cron, "failed_to_start": exc.message})
+        return started

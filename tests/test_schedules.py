@@ -1,0 +1,89 @@
+"""Schedules: set, list, turn off, fire once per firing (even with two clocks), recorded in the audit trail."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from conftest import replay_args
+
+from model_registry.errors import InvalidInput, NotFound, Refused
+from model_registry.schedules import next_run
+
+
+def test_next_run_honours_the_time_zone() -> None:
+    after = datetime(2026, 11, 27, 17, 0)  # 02:00 in Tokyo on the 28th
+    assert next_run("0 3 * * *", "Asia/Tokyo", after) == datetime(2026, 11, 27, 18, 0)
+    assert next_run("0 3 * * *", "UTC", after) == datetime(2026, 11, 28, 3, 0)
+
+
+def test_schedule_lifecycle_and_firing(make_registry: Any, db_url: str, trained: dict) -> None:
+    reg = make_registry(db_url)
+    view = reg.set_schedule("iris", "*/5 * * * *", "U_OPS", replay_args(trained["iris_a"]))
+    assert view["enabled"] and view["next_run_at"]
+    assert reg.audit_events(action="schedule.changed")[0]["details"]["cron"] == "*/5 * * * *"
+    later = datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1)
+    assert reg.run_due_schedules(later - timedelta(minutes=10)) == []
+    first = reg.run_due_schedules(later)
+    assert [j["requested_by"] for j in first] == ["schedule:iris"]
+    assert reg.run_due_schedules(later) == [], "one firing starts one training"
+    assert reg.wait(first[0]["job_id"])["state"] == "SUCCEEDED"
+    off = reg.disable_schedule("iris", "U_OPS")
+    assert not off["enabled"] and reg.run_due_schedules(later + timedelta(hours=1)) == []
+    assert [e["details"]["enabled"] for e in reg.audit_events(action="schedule.changed")] == [False, True]
+
+
+def test_schedule_bad_input(make_registry: Any, sqlite_url: str) -> None:
+    reg = make_registry(sqlite_url, defaults={"operators": ["U_OPS"]})
+    with pytest.raises(InvalidInput):
+        reg.set_schedule("iris", "every night", "U_OPS")
+    with pytest.raises(InvalidInput):
+        reg.set_schedule("iris", "0 3 * * *", "U_OPS", tz="Mars/Olympus")
+    with pytest.raises(NotFound):
+        reg.set_schedule("irsi", "0 3 * * *", "U_OPS")
+    with pytest.raises(Refused):
+        reg.set_schedule("iris", "0 3 * * *", "U_RANDOM")
+    with pytest.raises(InvalidInput):
+        reg.disable_schedule("iris", "U_OPS")
+
+
+def test_configured_schedules_are_synced_once(make_registry: Any, sqlite_url: str) -> None:
+    reg = make_registry(sqlite_url, models={"iris": {"schedule": {"cron": "0 3 * * *", "timezone": "Asia/Tokyo",
+                                                                   "args": ["--epochs=20"]}}})
+    reg.sync_configured_schedules()
+    reg.sync_configured_schedules()
+    (row,) = reg.schedules()
+    assert (row["cron"], row["timezone"], row["args"]) == ("0 3 * * *", "Asia/Tokyo", ["--epochs=20"])
+    assert len(reg.audit_events(action="schedule.changed")) == 1
+
+
+def test_schedule_from_chat_and_cli(make_registry: Any, sqlite_url: str, tmp_path: Any) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from bot.console import Console
+
+    reg = make_registry(sqlite_url)
+    out: list[str] = []
+    console = Console(reg, "U_OPS", write=out.append)
+    console.handle('/ml schedule iris “0 3 * * *” —timezone Asia/Tokyo — —epochs=20')
+    assert "trains at `0 3 * * *` (Asia/Tokyo)" in "\n".join(out)
+    console.handle("/ml schedule list")
+    assert "Asia/Tokyo" in out[-1] and "--epochs=20" in out[-1]
+    console.handle("/ml schedule iris")
+    assert "needs a cron or `off`" in out[-1]
+    console.handle("/ml schedule iris off")
+    assert "is off" in out[-1]
+    env = {**os.environ, "STARCHART_HOME": str(reg.settings.home), "DATABASE_URL": sqlite_url,
+           "STARCHART_CONFIG": str(reg.settings.config_path)}
+    listed = subprocess.run([sys.executable, "-m", "bot.cli", "--json", "schedule", "list"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, check=True)
+    assert json.loads(listed.stdout)[0]["enabled"] is False
+    clock = subprocess.run([sys.executable, "-m", "bot.cli", "clock", "--once"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert clock.returncode == 0, clock.stderr
