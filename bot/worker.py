@@ -1,5 +1,5 @@
 """`starchart worker`: keeps the records true while nobody is asking — jobs, interrupted applies, expiry,
-and the audit checkpoints posted to Slack on a schedule (`audit_checkpoint: {channel, every}`)."""
+scheduled retrains put up for review, and audit checkpoints posted to Slack (`audit_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -36,9 +36,28 @@ def post_checkpoint(registry: Any, client: Any) -> dict[str, Any]:
     return cp
 
 
+def post_review_cards(registry: Any, client: Any, requests: list[dict[str, Any]]) -> None:
+    """Review cards for promotion requests opened without a person (scheduled retrains)."""
+    from bot import blocks
+    from handlers.cards import post_card
+    from handlers.context import Ctx, Deps
+
+    deps = Deps(registry=registry, render=blocks, background=lambda fn: fn())
+    for req in requests:
+        if client is None or not req.get("channel"):
+            log.info("promotion request #%s of %s is open (no Slack channel to post its card)", req["id"], req["model"])
+            continue
+        ctx = Ctx(user=req["requested_by"], channel=req["channel"], client=client,
+                  respond=lambda text="", **_: log.info("%s", text))
+        post_card(deps, ctx, req)
+
+
 def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
     done = {"jobs": registry.refresh_jobs(), "reconciled": len(registry.reconcile()),
             "expired": registry.expire_requests(), "checkpoints": 0}
+    opened = registry.follow_scheduled()
+    post_review_cards(registry, client, opened)
+    done["reviews"] = len(opened)
     if checkpoint_due(registry, utcnow()):
         post_checkpoint(registry, client)
         done["checkpoints"] = 1

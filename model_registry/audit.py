@@ -27,7 +27,7 @@ ACTIONS = (
     "promotion.requested", "approval.granted", "approval.refused", "promotion.rejected", "promotion.approved",
     "promotion.applying", "promotion.applied", "promotion.failed", "promotion.expired", "promotion.stale",
     "promotion.reconciled", "rollback.requested",
-    "schedule.changed", "request.refused",
+    "schedule.changed", "request.refused", "review.skipped",
 )
 
 

@@ -13,7 +13,7 @@ from model_registry import audit, names
 from model_registry.errors import InvalidInput, StarchartError
 from model_registry.packaging import trainer_dir
 from model_registry.policy import check_operator
-from model_registry.records import Schedule
+from model_registry.records import SUCCEEDED, Job, Schedule
 from model_registry.service import Service
 from model_registry.views import iso
 
@@ -113,3 +113,48 @@ class Schedules(Service):
                     audit.append(s, "schedule.changed", "system", model=model,
                                  details={"cron": cron, "failed_to_start": exc.message})
         return started
+
+    def follow_scheduled(self) -> list[dict[str, Any]]:
+        """Nightly retrains, continued: expose succeeded scheduled jobs (`auto_expose`) and open a review
+        for them (`auto_review`) unless the `gate` metric fell. Returns the promotion requests opened."""
+        self.refresh_jobs()
+        with self.reads() as s:
+            jobs = s.execute(select(Job.model, Job.job_id).where(
+                Job.state == SUCCEEDED, Job.version_name.is_(None),
+                Job.requested_by == "schedule:" + Job.model)).all()
+        opened = []
+        for model in sorted({m for m, _ in jobs}):
+            policy = self.config.policy(model)
+            if not policy.auto_expose:
+                continue
+            actor = f"schedule:{model}"
+            result = self.expose(model, actor)
+            if not policy.auto_review:
+                continue
+            for version in result["exposed"]:
+                if version["trained_by"] != actor or self.default_version(model) == version["name"]:
+                    continue
+                why = self._gate_refusal(model, version, policy.gate)
+                if why:
+                    with self.unit_of_work() as s:
+                        audit.append(s, "review.skipped", actor, model=model, version=version["name"],
+                                     details={"why": why})
+                    continue
+                opened.append(self.promote(model, version["name"], actor, reason="scheduled retrain"))
+        return opened
+
+    def _gate_refusal(self, model: str, version: dict[str, Any], gate: Any) -> str | None:
+        """Why a scheduled candidate gets no review (its gate metric fell too far), or None."""
+        if gate is None:
+            return None
+        diff = self.diff(model, version["name"])
+        metric = next((m for m in diff["metrics"] if m["name"] == gate.metric), None)
+        if metric is None or metric["candidate"] is None:
+            return f"{gate.metric} is missing from the candidate's metrics"
+        if metric["delta"] is None:
+            return None
+        change = metric["delta"] if metric["direction"] == "higher" else -metric["delta"]
+        if change < gate.min_delta:
+            return (f"{gate.metric} changed by {metric['delta']:+.4f} "
+                    f"(the gate allows {gate.min_delta:+.4f} in the better direction)")
+        return None

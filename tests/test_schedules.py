@@ -87,3 +87,47 @@ def test_schedule_from_chat_and_cli(make_registry: Any, sqlite_url: str, tmp_pat
     clock = subprocess.run([sys.executable, "-m", "bot.cli", "clock", "--once"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=60)
     assert clock.returncode == 0, clock.stderr
+
+
+def test_scheduled_retrain_arrives_as_a_review_card(make_registry: Any, sqlite_url: str, trained: dict) -> None:
+    from datetime import datetime, timedelta
+
+    from fakes.slack_fake import SlackFake
+
+    from bot.app import slack_client
+    from bot.worker import one_pass
+
+    reg = make_registry(sqlite_url, defaults={"channel": "C0NIGHTLY"}, models={"iris": {
+        "auto_expose": True, "auto_review": True, "gate": {"metric": "accuracy", "min_delta": -0.5}}})
+    first = reg.train("iris", "U_T", args=replay_args(trained["iris_a"]))  # today's default, trained by hand
+    reg.wait(first["job_id"])
+    reg.expose("iris", "U_T")
+    view = reg.set_schedule("iris", "0 3 * * *", "U_OPS", replay_args(trained["iris_b"]))
+    (job,) = reg.run_due_schedules(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
+    reg.wait(job["job_id"])
+    with SlackFake(channels={"C0NIGHTLY": "nightly"}) as fake:
+        client = slack_client({"SLACK_API_URL": fake.base_url}, token=fake.token)
+        assert one_pass(reg, client)["reviews"] == 1
+        assert one_pass(reg, client)["reviews"] == 0, "one card per scheduled training"
+        (card,) = [c for c in fake.calls_to("chat.postMessage") if "Review: iris" in c.params.get("text", "")]
+        assert card.params["channel"] == "C0NIGHTLY"
+    (req,) = reg.requests("iris")
+    assert req["requested_by"] == "schedule:iris" and req["message_ts"]
+    assert reg.decide(req["id"], "U_HUMAN", True)["state"] == "approved", "a person approves the nightly card"
+
+
+def test_gate_skips_the_review_of_a_worse_retrain(make_registry: Any, sqlite_url: str, trained: dict) -> None:
+    from datetime import datetime, timedelta
+
+    reg = make_registry(sqlite_url, models={"iris": {
+        "auto_expose": True, "auto_review": True, "gate": {"metric": "accuracy", "min_delta": 0.5}}})
+    first = reg.train("iris", "U_T", args=replay_args(trained["iris_a"]))
+    reg.wait(first["job_id"])
+    reg.expose("iris", "U_T")
+    view = reg.set_schedule("iris", "0 3 * * *", "U_OPS", replay_args(trained["iris_a"]))
+    (job,) = reg.run_due_schedules(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
+    reg.wait(job["job_id"])
+    assert reg.follow_scheduled() == []
+    skipped = reg.audit_events(action="review.skipped")
+    assert len(skipped) == 1 and "accuracy changed by +0.0000" in skipped[0]["details"]["why"]
+    assert len(reg.versions("iris")["versions"]) == 2, "exposed all the same"
