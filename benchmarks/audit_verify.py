@@ -22,6 +22,7 @@ Progress goes to stderr; the last line of stdout is one JSON object (DESIGN.md, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -44,13 +45,11 @@ def log(msg: str) -> None:
 
 
 def _status_kb(field: str) -> int | None:
-    try:
+    with contextlib.suppress(OSError):  # not Linux: no /proc, no number
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
-    except OSError:
-        pass
     return None
 
 

@@ -9,6 +9,7 @@ Web API and response_url calls the bot makes after acking go to a local sink tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import hmac
 import json
@@ -52,7 +53,7 @@ class Sink(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, *_: Any) -> None:
-        pass
+        """Quiet: one line per request would drown the benchmark's own output."""
 
 
 def free_port() -> int:
@@ -130,10 +131,8 @@ def ready(port: int, timeout: float = 60.0) -> None:
 def rss_mb(proc: subprocess.Popen[bytes]) -> float:
     """Resident memory of the gunicorn master and its workers together."""
     pids = [proc.pid]
-    try:
+    with contextlib.suppress(OSError):  # no workers (yet): the master alone
         pids += [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    except OSError:
-        pass
     total = 0
     for pid in pids:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

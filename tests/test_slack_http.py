@@ -6,6 +6,7 @@ to Slack lands in the fake, where the tests read it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -45,11 +46,9 @@ class Server:
             cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(requests.RequestException, ValueError):  # not listening yet
                 if requests.get(f"{self.url}/healthz", timeout=2).json().get("core") == "ready":
                     return
-            except (requests.RequestException, ValueError):
-                pass
             if self.proc.poll() is not None:
                 break
             time.sleep(0.1)

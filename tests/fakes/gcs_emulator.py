@@ -10,6 +10,7 @@ isolate themselves with their own bucket names (`new_bucket()`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import socket
@@ -48,12 +49,10 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"fake-gcs-server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
+        with contextlib.suppress(urllib.error.URLError, OSError):  # not listening yet
             with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1) as resp:
                 if resp.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
-            pass
         time.sleep(delay)  # startup only: a few tens of milliseconds
         delay = min(delay * 2, 0.1)
     raise RuntimeError(f"fake-gcs-server did not answer on {url} within {timeout}s")

@@ -392,7 +392,7 @@ class SlackFake:
                     with self._lock:
                         self._socket_received.append(message)
         except ConnectionClosed:
-            pass
+            return  # the bot hung up: that is how a session ends
         finally:
             with self._lock:
                 if conn in self._ws_conns:

@@ -242,7 +242,7 @@ class VertexFake:
                 fake._handle(self)
 
             def log_message(self, *args: Any) -> None:
-                pass
+                """Quiet: the fake records requests itself (`fake.requests`)."""
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
