@@ -278,24 +278,6 @@ def verify(session: Session, checkpoints: Iterable[dict[str, Any]] = (), key: by
 
 
 
-def query(
-    session: Session,
-    *,
-    model: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    actor: str | None = None,
-    action: str | None = None,
-    version: str | None = None,
-    limit: int = 50,
-    before_seq: int | None = None,
-) -> list[dict[str, Any]]:
-    """Events newest first, filtered; `before_seq` pages past the last one shown (in the session's transaction)."""
-    conn = session.connection()
-    return _fetch(conn.connection.driver_connection, conn.dialect, model, since, until, actor, action, version,
-                  limit, before_seq)
-
-
 def query_engine(
     engine: Engine,
     *,
@@ -309,7 +291,7 @@ def query_engine(
     before_seq: int | None = None,
     actor_must_exist: bool = False,
 ) -> list[dict[str, Any]] | None:
-    """`query` on a pooled connection without a transaction: one indexed SELECT, nothing else on the way.
+    """Filtered events, newest first, on a pooled connection without a transaction: one indexed SELECT.
 
     With `actor_must_exist`, returns None when nothing matched and `actor` never did anything.
     """
@@ -328,7 +310,7 @@ def events_statement(dialect: Dialect, *, model: str | None = None, since: datet
                      until: datetime | None = None, actor: str | None = None, action: str | None = None,
                      version: str | None = None, limit: int = 50, before_seq: int | None = None
                      ) -> tuple[str, tuple[Any, ...]]:
-    """The SQL and DB-API parameters `query` sends for these filters (benchmarks explain it)."""
+    """The SQL and DB-API parameters `query_engine` sends for these filters (benchmarks explain it)."""
     return _statement(_query_sql(dialect), model, since, until, actor, action, version, limit, before_seq)
 
 
@@ -460,11 +442,6 @@ def _details(text: str | None) -> dict[str, Any]:
 
 
 _scan_json = json.JSONDecoder().scan_once
-
-
-def has_actor(session: Session, actor: str) -> bool:
-    conn = session.connection()
-    return _has_actor(conn.connection.driver_connection, conn.dialect, actor)
 
 
 def default_event_at(session: Session, model: str, at: datetime) -> AuditEvent | None:
