@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from model_registry.errors import StarchartError
 from model_registry.names import parse_duration, utcnow
@@ -74,15 +74,24 @@ def run_worker(once: bool = False, interval: float = 10.0) -> int:
         from bot.app import slack_client
 
         client = slack_client()
+
+    def work() -> None:
+        done = one_pass(registry, client)
+        if any(done.values()):
+            log.info("worker pass: %s", done)
+
+    return _every(interval, work, "worker", once)
+
+
+def _every(interval: float, work: Callable[[], None], name: str, once: bool) -> int:
+    """Run `work` every `interval` seconds; a failed pass is logged and the next one comes all the same."""
     while True:
         try:
-            done = one_pass(registry, client)
-            if any(done.values()):
-                log.info("worker pass: %s", done)
+            work()
         except StarchartError as exc:
-            log.warning("worker pass failed: %s", exc)
-        except Exception:  # keep watching; the traceback is in the log
-            log.exception("worker pass failed")
+            log.warning("%s pass failed: %s", name, exc)
+        except Exception:  # keep going; the traceback is in the log
+            log.exception("%s pass failed", name)
         if once:
             return 0
         time.sleep(interval)
@@ -95,14 +104,9 @@ def run_clock(once: bool = False, interval: float = 30.0) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = Registry.from_env()
     registry.sync_configured_schedules()
-    while True:
-        try:
-            for job in registry.run_due_schedules():
-                log.info("scheduled training %s started", job["job_id"])
-        except StarchartError as exc:
-            log.warning("clock pass failed: %s", exc)
-        except Exception:  # keep ticking; the traceback is in the log
-            log.exception("clock pass failed")
-        if once:
-            return 0
-        time.sleep(interval)
+
+    def work() -> None:
+        for job in registry.run_due_schedules():
+            log.info("scheduled training %s started", job["job_id"])
+
+    return _every(interval, work, "clock", once)
