@@ -67,7 +67,7 @@ def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
 def run_worker(once: bool = False, interval: float = 10.0) -> int:
     from model_registry.workflow import Registry
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_progress()
     registry = Registry.from_env()
     client = None
     if os.environ.get("SLACK_BOT_TOKEN"):
@@ -81,6 +81,12 @@ def run_worker(once: bool = False, interval: float = 10.0) -> int:
             log.info("worker pass: %s", done)
 
     return _every(interval, work, "worker", once)
+
+
+def _log_progress() -> None:
+    """Long-running processes say what they do (the CLI configures logging for warnings only)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("starchart").setLevel(logging.INFO)
 
 
 def _every(interval: float, work: Callable[[], None], name: str, once: bool) -> int:
@@ -101,7 +107,7 @@ def run_clock(once: bool = False, interval: float = 30.0) -> int:
     """`starchart clock`: start scheduled trainings when they are due (several clocks never double-fire)."""
     from model_registry.workflow import Registry
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_progress()
     registry = Registry.from_env()
     registry.sync_configured_schedules()
 
