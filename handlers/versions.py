@@ -13,7 +13,8 @@ def expose(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -
     model = model_of(args)
     result = deps.registry.expose(model, ctx.user)
     lines = [f"• exposed `{v['name']}` from `{v['job_id']}` "
-             + " ".join(f"{k}={v2:.4g}" for k, v2 in v["metrics"].items()) for v in result["exposed"]]
+             + " ".join(f"{k}={'-' if v2 is None else format(v2, '.4g')}" for k, v2 in v["metrics"].items())
+             for v in result["exposed"]]
     lines += [f"• :warning: {e['error']}" for e in result["errors"]]
     body = "\n".join(lines) or "Nothing new to expose: no succeeded job without a version."
     ctx.ephemeral(f"Expose {model}", [deps.render.section(f"*Expose {model}*\n{body}")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,10 @@ class Exposing(Service):
                                     'the trainer must write {"name": number}') from exc
             if not isinstance(raw, dict):
                 raise ArtifactError(f"{job.job_id}: metrics.json is not an object", 'write {"name": number}')
-            metrics = {str(k): v for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            # a diverged run writes NaN or Infinity (Python's json allows them; PostgreSQL's json type does not):
+            # kept as null, so the version is still recorded and its review shows the metric as missing
+            metrics = {str(k): v if math.isfinite(v) else None for k, v in raw.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return signature, metrics
 
     def _expose_job(self, job: Job, user: str) -> dict[str, Any] | None:

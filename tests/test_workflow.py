@@ -409,3 +409,26 @@ def test_one_apply_per_model_at_a_time(two_versions: Any, trained: dict) -> None
     assert reg.apply_request(first["id"])["state"] == "applied"
     assert reg.apply_request(second["id"])["state"] == "stale"
     assert reg.default_version("iris") == middle
+
+
+def test_diverged_training_with_nan_metrics_is_exposed_and_listed(make_registry: Any, db_url: str, trained: dict,
+                                                                   tmp_path: Path) -> None:
+    """A run whose loss went to NaN still becomes a version: PostgreSQL's json type refuses NaN, so it is kept as null."""
+    import shutil
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(trained["iris_a"], diverged)
+    # what json.dump writes for a diverged Keras run (Python emits the non-standard NaN/Infinity tokens)
+    (diverged / "metrics.json").write_text('{"accuracy": 0.33, "loss": NaN, "val_loss": Infinity}')
+    reg = make_registry(db_url)
+    good = train_and_wait(reg, "iris", "U_T", replay_args(trained["iris_a"]))
+    bad = train_and_wait(reg, "iris", "U_T", replay_args(diverged))
+    assert good["state"] == bad["state"] == "SUCCEEDED"
+    result = reg.expose("iris", "U_T")
+    assert not result["errors"], result["errors"]
+    listed = {v["job_id"]: v for v in reg.versions("iris")["versions"]}
+    assert listed[bad["job_id"]]["metrics"] == {"accuracy": 0.33, "loss": None, "val_loss": None}
+    request = reg.promote("iris", listed[bad["job_id"]]["name"], "U_REQ")
+    loss = next(m for m in request["diff"]["metrics"] if m["name"] == "loss")
+    assert loss["candidate"] is None and loss["delta"] is None
+    assert reg.verify_audit().ok
