@@ -17,7 +17,7 @@ from model_registry.errors import InvalidInput
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
-SCHEMA_HEAD = "0001"  # the newest migration's revision; tests check it against Alembic's head
+SCHEMA_HEAD = "0002"  # the newest migration's revision; tests check it against Alembic's head
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 
 

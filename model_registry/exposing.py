@@ -23,7 +23,7 @@ from model_registry.records import (
 )
 from model_registry.service import Service
 from model_registry.signatures import read_signature
-from model_registry.views import decoded_all, iso, iso_text, iso_utc, raw_json, version_view
+from model_registry.views import decoded_all, iso, iso_utc, raw_json, version_view
 
 
 class Exposing(Service):
@@ -125,8 +125,8 @@ class Exposing(Service):
         return {
             "model": model, "default": default,
             "versions": [
-                {"name": name, "job_id": job_id, "created_at": iso_text(created), "trained_by": by,
-                 "metrics": metrics, "deployment_uri": uri, "is_default": name == default}
+                {"name": name, "job_id": job_id, "created_at": created, "trained_by": by, "metrics": metrics,
+                 "deployment_uri": uri, "is_default": name == default}
                 for (name, job_id, created, by, _, uri, _default), metrics in zip(rows, all_metrics)
             ],
         }

@@ -27,7 +27,7 @@ from model_registry.records import (
     ModelRecord,
 )
 from model_registry.service import Service
-from model_registry.views import decoded_all, iso_text, iso_utc, job_view, raw_json
+from model_registry.views import decoded_all, iso_utc, job_view, raw_json
 
 LOG_TAIL_LINES = 20
 
@@ -178,8 +178,7 @@ class Training(Service):
             rows = self.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)  # only unfinished jobs are asked
         all_args = decoded_all([row[7] for row in rows])
         return [
-            {"job_id": job_id, "state": state, "created_at": iso_text(created), "started_at": iso_text(started),
-             "ended_at": iso_text(ended),
+            {"job_id": job_id, "state": state, "created_at": created, "started_at": started, "ended_at": ended,
              "requested_by": by, "version": version, "args": args, "error": error}
             for (job_id, state, created, started, ended, by, version, _, error), args in zip(rows, all_args)
         ]

@@ -6,6 +6,8 @@ import json
 from datetime import datetime
 from typing import Any, Iterable
 
+import orjson
+
 from sqlalchemy import String, type_coerce
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -23,7 +25,10 @@ def iso(value: datetime | None) -> str | None:
 
 
 class iso_utc(FunctionElement):  # noqa: N801 - reads as a SQL function in queries
-    """A timestamp column formatted as ISO UTC text by the database itself (list queries, no per-row Python)."""
+    """A `records.UtcSeconds` column as ISO UTC text ('2026-11-27T09:30:00Z'), with no per-row Python.
+
+    Only for UtcSeconds columns: SQLite stores them as that text already, PostgreSQL formats them.
+    """
 
     type = String()
     inherit_cache = True
@@ -31,8 +36,6 @@ class iso_utc(FunctionElement):  # noqa: N801 - reads as a SQL function in queri
 
 @compiles(iso_utc, "sqlite")
 def _iso_utc_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
-    # SQLite returns SQLAlchemy's stored text ('YYYY-mm-dd HH:MM:SS.ffffff'); `iso_text` cuts it in Python,
-    # cheaper than any SQL string function over a thousand rows
     return compiler.process(element.clauses, **kw)
 
 
@@ -41,23 +44,26 @@ def _iso_utc_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
     return f"to_char({compiler.process(element.clauses, **kw)}, 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 
 
-def iso_text(value: str | None) -> str | None:
-    """An `iso_utc` column value as ISO UTC text, whichever way the database gave it."""
-    if value is None or value[10:11] == "T":
-        return value
-    return f"{value[:10]}T{value[11:19]}Z"
-
-
 def raw_json(column: Any) -> Any:
     """A JSON column as the driver returns it (text on SQLite, decoded on PostgreSQL); see `decoded`."""
     return type_coerce(column, String)
 
 
 def decoded_all(values: list[Any]) -> list[Any]:
-    """Decode many JSON texts with one parse (a per-value json.loads costs more than the parsing itself)."""
-    if values and all(isinstance(v, str) for v in values):
-        return json.loads("[" + ",".join(values) + "]")
-    return [json.loads(v) if isinstance(v, str) else v for v in values]
+    """Decode many JSON texts with one parse (a per-value loads costs more than the parsing itself).
+
+    orjson parses the thousand small documents of a list query about three times faster than the json module;
+    text orjson refuses (the NaN and Infinity tokens Python's json writes, in rows stored before expose turned
+    them into null) is parsed by the json module instead.
+    """
+    try:
+        document = "[" + ",".join(values) + "]"
+    except TypeError:  # PostgreSQL: psycopg decoded them already (or a NULL among them)
+        return [json.loads(v) if isinstance(v, str) else v for v in values]
+    try:
+        return orjson.loads(document)
+    except orjson.JSONDecodeError:
+        return json.loads(document)
 
 
 def job_view(j: Job) -> dict[str, Any]:

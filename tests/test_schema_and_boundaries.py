@@ -30,6 +30,42 @@ def test_migrations_create_the_schema_and_are_idempotent(db_url: str) -> None:
     engine.dispose()
 
 
+def test_job_and_version_times_stored_before_0002_are_rewritten_as_iso_text(db_url: str) -> None:
+    """0002: on SQLite, job and version times become the ISO UTC text list queries return as they are."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import select, text
+
+    from model_registry.records import Job, Version
+    from model_registry.views import iso_utc
+
+    engine = make_engine(db_url)
+    command.upgrade(alembic_config(engine), "0001")
+    old = "2026-11-27 09:30:00.654321"
+    with engine.begin() as conn:  # rows as a 0001 database held them (SQLAlchemy's default SQLite text)
+        conn.execute(text(
+            "INSERT INTO jobs (job_id, model, ts, state, module, args, workers, package_uris, train_path, backend, "
+            "requested_by, created_at, started_at, ended_at) VALUES ('iris_20261127093000', 'iris', "
+            "'20261127093000', 'SUCCEEDED', 'trainer.task', '[]', 1, '[]', '/t', 'local', 'U1', :c, :c, NULL)"),
+            {"c": old})
+        conn.execute(text(
+            "INSERT INTO versions (model, name, job_id, deployment_uri, created_at, trained_by, exposed_by, program, "
+            "args, metrics, signature, job, digest) VALUES ('iris', 'v20261127093000', 'iris_20261127093000', "
+            "'/t/model/', :c, 'U1', 'U1', '{}', '[]', '{}', '{}', '{}', 'd')"), {"c": old})
+    migrate(engine)
+    with engine.connect() as conn:
+        got = conn.execute(select(iso_utc(Job.created_at), iso_utc(Job.started_at), iso_utc(Job.ended_at),
+                                  iso_utc(Version.created_at)).join(Version, Version.job_id == Job.job_id)).one()
+        assert tuple(got) == ("2026-11-27T09:30:00Z", "2026-11-27T09:30:00Z", None, "2026-11-27T09:30:00Z")
+        orm = conn.execute(select(Job.created_at, Job.ended_at)).one()
+        assert orm.created_at.replace(microsecond=0) == datetime(2026, 11, 27, 9, 30) and orm.ended_at is None
+        if engine.dialect.name == "sqlite":
+            raw = conn.execute(text("SELECT created_at FROM versions")).scalar()
+            assert raw == "2026-11-27T09:30:00Z"
+    engine.dispose()
+
+
 def test_concurrent_first_starts_migrate_once(db_url: str) -> None:
     code = ("import sys; from model_registry.db import make_engine, migrate; "
             "migrate(make_engine(sys.argv[1]))")

@@ -432,3 +432,17 @@ def test_diverged_training_with_nan_metrics_is_exposed_and_listed(make_registry:
     loss = next(m for m in request["diff"]["metrics"] if m["name"] == "loss")
     assert loss["candidate"] is None and loss["delta"] is None
     assert reg.verify_audit().ok
+
+
+def test_metrics_stored_with_nan_before_the_fix_still_list(two_versions: Any) -> None:
+    """Rows written before expose turned NaN into null hold Python's NaN token: the fast parser refuses it, the
+    listing falls back to the json module instead of failing (SQLite only: PostgreSQL never accepted such rows)."""
+    reg = two_versions
+    if reg.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's json type never stored NaN")
+    newest = reg.versions("iris")["versions"][0]["name"]
+    with reg.engine.begin() as conn:
+        conn.execute(text("UPDATE versions SET metrics = '{\"loss\": NaN}' WHERE name = :n"), {"n": newest})
+    listed = reg.versions("iris")["versions"]
+    assert listed[0]["name"] == newest and listed[0]["metrics"]["loss"] != listed[0]["metrics"]["loss"]  # NaN
+    assert all(isinstance(v["metrics"], dict) for v in listed)
