@@ -13,11 +13,15 @@ def expose(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -
     model = model_of(args)
     result = deps.registry.expose(model, ctx.user)
     lines = [f"• exposed `{v['name']}` from `{v['job_id']}` "
-             + " ".join(f"{k}={'-' if v2 is None else format(v2, '.4g')}" for k, v2 in v["metrics"].items())
-             for v in result["exposed"]]
+             + " ".join(f"{k}={_number(v2)}" for k, v2 in v["metrics"].items()) for v in result["exposed"]]
     lines += [f"• :warning: {e['error']}" for e in result["errors"]]
     body = "\n".join(lines) or "Nothing new to expose: no succeeded job without a version."
     ctx.ephemeral(f"Expose {model}", [deps.render.section(f"*Expose {model}*\n{body}")])
+
+
+def _number(value: Any) -> str:
+    """A metric value: a number, or the "NaN"/"Infinity" text a diverged run leaves (see Registry.expose)."""
+    return format(value, ".4g") if isinstance(value, (int, float)) else str(value)
 
 
 def versions(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:

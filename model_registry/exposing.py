@@ -65,9 +65,9 @@ class Exposing(Service):
                                     'the trainer must write {"name": number}') from exc
             if not isinstance(raw, dict):
                 raise ArtifactError(f"{job.job_id}: metrics.json is not an object", 'write {"name": number}')
-            # a diverged run writes NaN or Infinity (Python's json allows them; PostgreSQL's json type does not):
-            # kept as null, so the version is still recorded and its review shows the metric as missing
-            metrics = {str(k): v if math.isfinite(v) else None for k, v in raw.items()
+            # a diverged run writes NaN or Infinity, which PostgreSQL's json type refuses: kept as the strings
+            # "NaN", "Infinity", "-Infinity" (as proto3's JSON mapping spells them), so the review shows them
+            metrics = {str(k): v if math.isfinite(v) else _NON_FINITE[str(v)] for k, v in raw.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return signature, metrics
 
@@ -163,6 +163,7 @@ class Exposing(Service):
 
 
 _V = Version.__table__.c
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _DEFAULT = select(ModelRecord.__table__.c.default_version).where(ModelRecord.__table__.c.name == bindparam("model"))
 _VERSIONS = (select(_V.name, _V.job_id, iso_utc(_V.created_at), _V.trained_by, raw_json(_V.metrics), _V.deployment_uri,
                     _DEFAULT.scalar_subquery())

@@ -151,6 +151,8 @@ class Schedules(Service):
         metric = next((m for m in diff["metrics"] if m["name"] == gate.metric), None)
         if metric is None or metric["candidate"] is None:
             return f"{gate.metric} is missing from the candidate's metrics"
+        if isinstance(metric["candidate"], str):  # NaN or Infinity: the run diverged
+            return f"{gate.metric} is {metric['candidate']} (the training diverged)"
         if metric["delta"] is None:
             return None
         change = metric["delta"] if metric["direction"] == "higher" else -metric["delta"]

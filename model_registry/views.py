@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any, Iterable
 
 import orjson
-
 from sqlalchemy import String, type_coerce
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement

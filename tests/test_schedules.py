@@ -131,3 +131,24 @@ def test_gate_skips_the_review_of_a_worse_retrain(make_registry: Any, sqlite_url
     skipped = reg.audit_events(action="review.skipped")
     assert len(skipped) == 1 and "accuracy changed by +0.0000" in skipped[0]["details"]["why"]
     assert len(reg.versions("iris")["versions"]) == 2, "exposed all the same"
+
+
+def test_gate_skips_a_retrain_whose_gate_metric_diverged(make_registry: Any, sqlite_url: str, trained: dict,
+                                                          tmp_path: Any) -> None:
+    import shutil
+    from datetime import datetime, timedelta
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(trained["iris_a"], diverged)
+    (diverged / "metrics.json").write_text('{"accuracy": NaN, "loss": NaN}')
+    reg = make_registry(sqlite_url, models={"iris": {
+        "auto_expose": True, "auto_review": True, "gate": {"metric": "accuracy", "min_delta": -1.0}}})
+    first = reg.train("iris", "U_T", args=replay_args(trained["iris_a"]))
+    reg.wait(first["job_id"])
+    reg.expose("iris", "U_T")
+    view = reg.set_schedule("iris", "0 3 * * *", "U_OPS", replay_args(diverged))
+    (job,) = reg.run_due_schedules(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
+    reg.wait(job["job_id"])
+    assert reg.follow_scheduled() == [], "a NaN accuracy is no candidate, whatever the gate allows"
+    (skipped,) = reg.audit_events(action="review.skipped")
+    assert "accuracy is NaN" in skipped["details"]["why"]

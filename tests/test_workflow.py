@@ -413,7 +413,8 @@ def test_one_apply_per_model_at_a_time(two_versions: Any, trained: dict) -> None
 
 def test_diverged_training_with_nan_metrics_is_exposed_and_listed(make_registry: Any, db_url: str, trained: dict,
                                                                    tmp_path: Path) -> None:
-    """A run whose loss went to NaN still becomes a version: PostgreSQL's json type refuses NaN, so it is kept as null."""
+    """A run whose loss went to NaN still becomes a version: PostgreSQL's json type refuses NaN, so it is kept as
+    the string "NaN" (proto3's JSON spelling), and the review shows it with no delta."""
     import shutil
 
     diverged = tmp_path / "diverged"
@@ -424,13 +425,16 @@ def test_diverged_training_with_nan_metrics_is_exposed_and_listed(make_registry:
     good = train_and_wait(reg, "iris", "U_T", replay_args(trained["iris_a"]))
     bad = train_and_wait(reg, "iris", "U_T", replay_args(diverged))
     assert good["state"] == bad["state"] == "SUCCEEDED"
-    result = reg.expose("iris", "U_T")
-    assert not result["errors"], result["errors"]
+    from bot.console import Console
+
+    shown: list[str] = []
+    Console(reg, "U_T", write=shown.append).handle("/ml expose iris")  # what the trainer sees in Slack
+    assert "loss=NaN" in "\n".join(shown) and ":warning:" not in "\n".join(shown)
     listed = {v["job_id"]: v for v in reg.versions("iris")["versions"]}
-    assert listed[bad["job_id"]]["metrics"] == {"accuracy": 0.33, "loss": None, "val_loss": None}
+    assert listed[bad["job_id"]]["metrics"] == {"accuracy": 0.33, "loss": "NaN", "val_loss": "Infinity"}
     request = reg.promote("iris", listed[bad["job_id"]]["name"], "U_REQ")
     loss = next(m for m in request["diff"]["metrics"] if m["name"] == "loss")
-    assert loss["candidate"] is None and loss["delta"] is None
+    assert loss["candidate"] == "NaN" and loss["delta"] is None and loss["better"] is None
     assert reg.verify_audit().ok
 
 
