@@ -235,7 +235,7 @@ class Training(Service):
             if time.monotonic() > deadline:
                 raise BackendError(f"{job_id} is still {job['state']} after {timeout:.0f}s",
                                    f"follow it with `state {job['model']}`")
-            time.sleep(delay)
+            self.backend.wait_for_change(job_id, delay)
             delay = min(delay * 1.5, longest)
 
 

@@ -79,6 +79,19 @@ def test_cancel_running_job(make_registry: Any, sqlite_url: str, trained: dict) 
     assert "training.cancelled" in [e["action"] for e in reg.audit_events()]
 
 
+def test_waiting_wakes_when_the_runner_exits(make_registry: Any, sqlite_url: str, trained: dict) -> None:
+    """`wait_for_change` sleeps on the runner's pidfd: it returns when the job ends, not at the end of its period."""
+    reg = make_registry(sqlite_url)
+    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=1"))
+    _wait_state(reg, job["job_id"], "RUNNING")
+    t0 = time.monotonic()
+    reg.backend.wait_for_change(job["job_id"], 600)
+    assert time.monotonic() - t0 < 300, "slept the whole period instead of waking when the runner exited"
+    assert reg.backend.status(job["job_id"], None).state == "SUCCEEDED"
+    reg.backend.wait_for_change(job["job_id"], 600)  # an ended job: no runner to watch, returns at once
+    assert reg.wait(job["job_id"])["state"] == "SUCCEEDED"
+
+
 def test_job_survives_a_bot_restart(make_registry: Any, sqlite_url: str, trained: dict, tmp_path: Path) -> None:
     reg = make_registry(sqlite_url)
     job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=1.5"))

@@ -49,6 +49,9 @@ class Backend(Protocol):
 
     def status(self, job_id: str, ref: str | None) -> JobStatus: ...
 
+    def wait_for_change(self, job_id: str, seconds: float) -> None:
+        """Block for up to `seconds` between status checks; may return early when the job has ended."""
+
     def cancel(self, job_id: str, ref: str | None) -> None: ...
 
     def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from model_registry.backends import local_runner
 from model_registry.backends.base import JobStatus, TrainingSpec
 from model_registry.backends.local_runner import proc_start_time
 from model_registry.errors import BackendError, NotFound
@@ -60,8 +62,8 @@ class LocalBackend:
             "workers": spec.workers, "env": env, "submitted_at": time.time(),
         }))
         with open(job_dir / "runner.log", "ab") as runner_log:
-            starter = subprocess.run(
-                [sys.executable, "-m", "model_registry.backends.local_runner", str(job_dir)],
+            starter = subprocess.run(  # the runner is stdlib only: -S skips site-packages' start-up cost
+                [sys.executable, "-S", local_runner.__file__, str(job_dir)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=runner_log,
             )
         if starter.returncode != 0:
@@ -97,6 +99,26 @@ class LocalBackend:
             return JobStatus(CANCELLED, started, _dt(time.time()))
         return JobStatus(FAILED, started, _dt(time.time()),
                          "the job's runner stopped without a result (killed, or the machine restarted)")
+
+    def wait_for_change(self, job_id: str, seconds: float) -> None:
+        """Sleep up to `seconds`, but wake the moment the job's runner exits (a Linux pidfd), so `wait` returns as
+        soon as the training ends rather than at the next poll."""
+        st = self._read_status(self._job_dir(job_id))
+        if st and st.get("state") in TERMINAL:
+            return
+        if not (st and st.get("pid")) or not hasattr(os, "pidfd_open"):  # queued: no runner yet to watch
+            time.sleep(seconds)
+            return
+        pid = int(st["pid"])
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # the runner has exited already: the next status check tells how
+            return
+        try:
+            if proc_start_time(pid) == st.get("pid_start"):  # else the pid was reused: the runner is gone
+                select.select([fd], [], [], seconds)
+        finally:
+            os.close(fd)
 
     def cancel(self, job_id: str, ref: str | None) -> None:
         job_dir = self._job_dir(job_id)
