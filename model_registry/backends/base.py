@@ -62,5 +62,9 @@ class Backend(Protocol):
     def set_default(self, model: str, version: str, ref: str | None) -> None:
         """Switch the version services use. Called only after the approvals are committed."""
 
+    def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """TF Serving's predict (`body` has "instances" or "inputs") on the default or the given version;
+        returns (the version that answered, the answer)."""
+
     def current_default(self, model: str) -> str | None:
         """The version the serving side uses now (to reconcile an interrupted apply)."""

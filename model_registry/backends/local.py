@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,12 +20,18 @@ from typing import Any
 from model_registry.backends import local_runner
 from model_registry.backends.base import JobStatus, TrainingSpec
 from model_registry.backends.local_runner import proc_start_time
-from model_registry.errors import BackendError, NotFound
+from model_registry.errors import BackendError, InvalidInput, NotFound
 from model_registry.packaging import Package
 from model_registry.records import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL
 from model_registry.storage import LocalStorage
 
 NEVER_STARTED_AFTER = 120.0  # seconds a job may wait for its runner before it is declared lost
+SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it loads TensorFlow lazily)
+PREDICT_TIMEOUT = 120.0  # seconds for one predict, the first load of a SavedModel included
+
+
+def local_serving_file() -> str:
+    return str(Path(local_runner.__file__).with_name("local_serving.py"))
 
 
 def _dt(epoch: float | None) -> datetime | None:
@@ -173,3 +183,95 @@ class LocalBackend:
 
     def current_default(self, model: str) -> str | None:
         return self._read_pointer(model).get("default")
+
+    # ---------------------------------------------------------------- serving (the local prediction API)
+
+    def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """TF Serving's REST predict on the local model server (started on first use); (version, answer)."""
+        path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
+        data = json.dumps(body).encode()
+        attempt = 0
+        while True:  # a server that went away (idle exit, killed) is started again, once
+            attempt += 1
+            port = self.ensure_server()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=PREDICT_TIMEOUT) as resp:
+                    return resp.headers.get("X-Model-Version") or version or "", json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                try:
+                    message = json.loads(exc.read()).get("error") or exc.reason
+                except ValueError:
+                    message = str(exc.reason)
+                if exc.code == 404:
+                    raise NotFound(message, f"list versions with `versions {model}`") from None
+                if exc.code in (400, 413):
+                    raise InvalidInput(message, 'send {"instances": [{INPUT: VALUE, ...}, ...]}; '
+                                                f"`diff {model}` shows the signature's inputs") from None
+                raise BackendError(f"the local model server failed: {message}",
+                                   f"see {self.serving / 'server.log'}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                if attempt == 2:
+                    raise BackendError(f"the local model server did not answer: {exc}",
+                                       f"see {self.serving / 'server.log'}") from exc
+                self._forget_server()
+
+    def ensure_server(self) -> int:
+        """The port of the running model server, starting one if none answers (one per STARCHART_HOME)."""
+        port = self._server_port()
+        if port:
+            return port
+        self.serving.mkdir(parents=True, exist_ok=True)
+        with open(self.serving / "server.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first predicts (web workers) start one server
+            port = self._server_port()
+            if port:
+                return port
+            self._forget_server()
+            with open(self.serving / "server.log", "ab") as log:
+                proc = subprocess.Popen(  # by file: the serving Python may be another environment (TensorFlow's)
+                    [self.python, local_serving_file(), str(self.serving)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                )
+            threading.Thread(target=proc.wait, name="model-server-reaper", daemon=True).start()
+            deadline = time.monotonic() + SERVER_START_TIMEOUT
+            while time.monotonic() < deadline:
+                port = self._server_port(pid=proc.pid)
+                if port:
+                    return port
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            proc.kill()
+            raise BackendError("the local model server did not start", f"see {self.serving / 'server.log'}")
+
+    def stop_server(self) -> bool:
+        """Stop this home's model server, if one runs; True when one was stopped."""
+        info = self._server_info()
+        alive = bool(info) and proc_start_time(int(info["pid"])) == info.get("pid_start")
+        if alive:
+            os.kill(int(info["pid"]), signal.SIGTERM)
+        self._forget_server()
+        return alive
+
+    def _server_info(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.serving / "server.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _server_port(self, pid: int | None = None) -> int | None:
+        info = self._server_info()
+        if not info or (pid is not None and info.get("pid") != pid):
+            return None
+        if proc_start_time(int(info["pid"])) != info.get("pid_start"):
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{info['port']}/healthz", timeout=5) as resp:
+                return int(info["port"]) if json.loads(resp.read()).get("pid") == info["pid"] else None
+        except (OSError, ValueError):
+            return None
+
+    def _forget_server(self) -> None:
+        (self.serving / "server.json").unlink(missing_ok=True)
