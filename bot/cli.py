@@ -26,7 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, trainer_args = argv[:i], argv[i + 1:]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        argv, instances = _json_argument(argv)
         args = build_parser().parse_args(argv)
+        if instances is not None:
+            args.instances = instances
         if args.command is None:
             build_parser().print_help()
             return EXIT_USAGE
@@ -45,6 +48,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _json_argument(argv: list[str]) -> tuple[list[str], str | None]:
+    """predict's JSON argument taken out before parsing, so flags may come before or after it (argparse cannot
+    match an optional positional that follows a flag)."""
+    if "predict" not in argv:
+        return argv, None
+    for i in range(argv.index("predict") + 1, len(argv)):
+        if argv[i][:1] in ("{", "[") or argv[i] == "-":
+            return argv[:i] + argv[i + 1:], argv[i]
+    return argv, None
 
 
 def entry() -> None:
@@ -200,6 +214,12 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
                                                  ("model", "MODEL"), ("version", "VERSION"),
                                                  ("request_id", "REQUEST"), ("job_id", "JOB"),
                                                  ("details", "DETAILS")]))
+        return EXIT_OK
+    if cmd == "predict":
+        payload = args.instances if args.instances not in (None, "-") else sys.stdin.read()
+        answer = reg.predict(args.model, payload, version=args.version)
+        emit(answer, lambda: f"{answer['model']} {answer['version']}:\n" + json.dumps(
+            {k: v for k, v in answer.items() if k in ("predictions", "outputs")}, indent=2))
         return EXIT_OK
     if cmd == "schedule":
         if args.target in (None, "list"):

@@ -1,17 +1,29 @@
-"""The bot's web process (WSGI): POST /slack/events, GET /healthz. Signature checks are recorded."""
+"""The bot's web process (WSGI): POST /slack/events, GET /healthz, and the local prediction API.
+
+Slack signature checks are recorded. The prediction API has TF Serving's REST shape
+(`POST /v1/models/<model>[/versions/<version>]:predict`, `GET /v1/models/<model>`); this process does not
+import TensorFlow: the core hands predictions to the backend (the local model server).
+"""
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import logging
+import os
+import re
 from typing import Any, Callable, Iterable
 
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk.signature import SignatureVerifier
 
+from model_registry.errors import StarchartError
+
 log = logging.getLogger("starchart.web")
 MAX_BODY = 1024 * 1024
+PREDICT_ROUTE = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<verb>:predict)?$")
+ERROR_STATUS = {"NotFound": "404 Not Found", "InvalidInput": "400 Bad Request", "Refused": "403 Forbidden"}
 
 StartResponse = Callable[..., Any]
 
@@ -34,6 +46,9 @@ class WebApp:
             return self.health(start_response)
         if path == "/slack/events" and method == "POST":
             return self.slack_events(environ, start_response)
+        route = PREDICT_ROUTE.match(path)
+        if route and method == ("POST" if route["verb"] else "GET"):
+            return self.prediction(environ, start_response, route["model"], route["version"], bool(route["verb"]))
         return _reply(start_response, "404 Not Found", {"error": f"no route for {method} {path}"})
 
     def health(self, start_response: StartResponse) -> Iterable[bytes]:
@@ -51,6 +66,33 @@ class WebApp:
             return _reply(start_response, "503 Service Unavailable", {"ok": False, "core": "ready",
                                                                        "error": type(exc).__name__})
         return _reply(start_response, "200 OK", {"ok": True, "core": "ready"})
+
+    def prediction(self, environ: dict[str, Any], start_response: StartResponse, model: str,
+                   version: str | None, predict: bool) -> Iterable[bytes]:
+        """TF Serving's REST API for the served versions; a bearer token when STARCHART_PREDICT_TOKEN is set."""
+        token = os.environ.get("STARCHART_PREDICT_TOKEN")
+        given = environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ").strip()
+        if token and not hmac.compare_digest(given.encode(), token.encode()):
+            return _reply(start_response, "401 Unauthorized",
+                          {"error": "send the prediction token: Authorization: Bearer $STARCHART_PREDICT_TOKEN"})
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > MAX_BODY:
+            return _reply(start_response, "413 Payload Too Large", {"error": "request body too large"})
+        try:
+            if not predict:
+                status = self.bot.registry.served(model, version)
+                return _reply(start_response, "200 OK", {"model_version_status": [
+                    {"version": status["version"], "state": "AVAILABLE",
+                     "status": {"error_code": "OK", "error_message": ""}}]})
+            body = environ["wsgi.input"].read(length) if length else b""
+            answer = self.bot.registry.predict(model, body, version=version)
+        except StarchartError as exc:
+            status_line = ERROR_STATUS.get(type(exc).__name__, "503 Service Unavailable")
+            return _reply(start_response, status_line, {"error": exc.message + (f" ({exc.hint})" if exc.hint else "")})
+        return _reply(start_response, "200 OK", {k: v for k, v in answer.items() if k in ("predictions", "outputs")})
 
     def slack_events(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:

@@ -83,6 +83,12 @@ def build_parser(prog: str = "starchart", cli: bool = True) -> Parser:
     p.add_argument("--at", help="which version was the default of MODEL at this time")
     if not cli:
         p.add_argument("--share", action="store_true", help="post the answer to the channel")
+    p = sub.add_parser("predict", help="predict MODEL [--version V] JSON: predictions of the served model")
+    p.add_argument("model")
+    p.add_argument("--version", help="a version (default: the model's default)")
+    p.add_argument("instances", nargs="?", metavar="JSON",
+                   help='an instance {"input": value, ...}, a list of them, or {"instances": [...]}'
+                        + (" (- or nothing: read standard input)" if cli else ""))
     p = sub.add_parser("schedule", help='schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off')
     p.add_argument("target", nargs="?", metavar="list|MODEL")
     p.add_argument("cron", nargs="?", metavar='"CRON"|off')

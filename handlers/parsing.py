@@ -58,8 +58,22 @@ def subcommand_help(name: str | None) -> str:
     return parser.format_help()
 
 
+_JSON_COMMANDS = ("predict",)  # commands whose last argument is JSON, taken as typed rather than split by shlex
+
+
+def _json_tail(text: str) -> tuple[str, str | None]:
+    """`predict iris --version v1 {"a": 1}` -> ('predict iris --version v1', '{"a": 1}')."""
+    clean = normalize(text)
+    if clean.split(maxsplit=1)[:1] and clean.split(maxsplit=1)[0] in _JSON_COMMANDS:
+        starts = [i for i in (clean.find("{"), clean.find("[")) if i >= 0]
+        if starts:
+            return clean[:min(starts)], clean[min(starts):].strip()
+    return text, None
+
+
 def parse(text: str) -> tuple[argparse.Namespace, list[str] | None]:
     """Parse `/ml` text into (args, trainer args after `--`). Raises Usage or InvalidInput."""
+    text, json_tail = _json_tail(text)
     tokens = tokenize(text)
     trainer_args = None
     if "--" in tokens:
@@ -69,4 +83,7 @@ def parse(text: str) -> tuple[argparse.Namespace, list[str] | None]:
         raise Usage(subcommand_help(tokens[1] if len(tokens) > 1 else None))
     if any(t in ("-h", "--help") for t in tokens):
         raise Usage(subcommand_help(tokens[0]))
-    return slack_parser().parse_args(tokens), trainer_args
+    args = slack_parser().parse_args(tokens)
+    if json_tail is not None:
+        args.instances = json_tail
+    return args, trainer_args

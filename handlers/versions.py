@@ -1,8 +1,9 @@
-"""/ml expose, versions, diff."""
+"""/ml expose, versions, diff, predict."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from handlers.context import Ctx, Deps
@@ -38,3 +39,11 @@ def diff(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> 
     base = result["base"]["name"] if result.get("base") else "(none)"
     text, blocks = deps.render.diff_message(f"{args.model}: {result['candidate']['name']} against {base}", result)
     ctx.ephemeral(text, blocks)
+
+
+def predict(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
+    answer = deps.registry.predict(args.model, args.instances or "", version=args.version)
+    result = {k: v for k, v in answer.items() if k in ("predictions", "outputs")}
+    count = len(answer["predictions"]) if "predictions" in answer else None
+    title = f"Predictions of {answer['model']} {answer['version']}" + (f" ({count})" if count is not None else "")
+    ctx.ephemeral(*deps.render.plain_text(title, json.dumps(result, indent=1)))

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from model_registry import names
-from model_registry.errors import InvalidInput
+from model_registry.errors import InvalidInput, NotFound
 from model_registry.service import Service
 
 MAX_INSTANCES = 1000
@@ -56,3 +56,15 @@ class Serving(Service):
                 self._version(s, model, version)
         answered, answer = self.backend.predict(model, version, body)
         return {"model": model, "version": answered, **answer}
+
+    def served(self, model: str, version: str | None = None) -> dict[str, Any]:
+        """Which version answers `model`'s predictions: the serving side's default, or `version` if it exists."""
+        names.validate_model_name(model)
+        with self.reads() as s:
+            self._require_model(model, s)
+            if version is not None:
+                return {"model": model, "version": self._version(s, model, version).name}
+        default = self.backend.current_default(model)
+        if default is None:
+            raise NotFound(f"{model} has no default version yet", f"expose a version of {model}, then apply it")
+        return {"model": model, "version": default}

@@ -1,0 +1,126 @@
+"""The local prediction API: real SavedModels served by the local model server (TensorFlow), reached from
+the core, the CLI and /ml predict. The web process's HTTP routes are covered in test_slack_http."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from conftest import ROOT, replay_args, train_and_wait
+
+from bot.console import Console
+from handlers.parsing import parse
+from model_registry.errors import InvalidInput, NotFound
+
+FLOWER = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+
+
+@pytest.fixture
+def served(make_registry: Any, sqlite_url: str, trained: dict, trained_sentiment: Path) -> Iterator[Any]:
+    """iris with two versions (the first is the default) and sentiment with one, on a fresh home."""
+    reg = make_registry(sqlite_url)
+    for src in (trained["iris_a"], trained["iris_b"]):
+        assert train_and_wait(reg, "iris", "U_T", replay_args(src))["state"] == "SUCCEEDED"
+    assert train_and_wait(reg, "sentiment", "U_T", replay_args(trained_sentiment))["state"] == "SUCCEEDED"
+    reg.expose("iris", "U_T")
+    reg.expose("sentiment", "U_T")
+    yield reg
+    reg.backend.stop_server()
+
+
+def _probabilities_ok(p: dict[str, Any]) -> bool:
+    return p["class_ids"] in (0, 1, 2) and len(p["probabilities"]) == 3 and math.isclose(sum(p["probabilities"]), 1,
+                                                                                          rel_tol=1e-4)
+
+
+def test_predictions_of_default_and_named_versions(served: Any) -> None:
+    reg = served
+    old, new = [v["name"] for v in reversed(reg.versions("iris")["versions"])]
+    answer = reg.predict("iris", json.dumps(FLOWER))
+    assert answer["model"] == "iris" and answer["version"] == old == reg.default_version("iris")
+    (one,) = answer["predictions"]
+    assert _probabilities_ok(one)
+    many = reg.predict("iris", [FLOWER, {**FLOWER, "petal_length": 5.2, "petal_width": 2.3}], version=new)
+    assert many["version"] == new and len(many["predictions"]) == 2 and all(map(_probabilities_ok, many["predictions"]))
+    columnar = reg.predict("iris", {"inputs": {k: [v] for k, v in FLOWER.items()}})
+    assert columnar["outputs"]["class_ids"] == [one["class_ids"]]
+    assert reg.served("iris") == {"model": "iris", "version": old}
+    # a string input, one per instance, given bare (the signature has one input)
+    text = reg.predict("sentiment", ["a wonderful, moving film", "dull and far too long"])
+    assert len(text["predictions"]) == 2
+
+
+def test_bad_prediction_requests_say_what_is_wrong(served: Any) -> None:
+    reg = served
+    cases = {
+        '{"sepal_length": 5.1': "not valid JSON",
+        "": "no instances",
+        "[]": "non-empty list",
+        "42": "bare int",
+        json.dumps({"sepal_length": 5.1}): "missing input(s) petal_length, petal_width, sepal_width",
+        json.dumps({**FLOWER, "colour": "blue"}): "unknown input(s) colour",
+        json.dumps({**FLOWER, "sepal_length": "long"}): "sepal_length: expected float32",
+        json.dumps({"instances": [FLOWER], "inputs": {}}): "either",
+    }
+    for payload, expected in cases.items():
+        with pytest.raises(InvalidInput) as exc:
+            reg.predict("iris", payload)
+        assert expected in exc.value.message, (payload, exc.value.message)
+    with pytest.raises(NotFound) as version:
+        reg.predict("iris", FLOWER, version="v20990101000000")
+    assert "recent versions" in version.value.hint
+    with pytest.raises(NotFound):
+        reg.predict("irsi", FLOWER)
+    # after all of that, the server still answers
+    assert _probabilities_ok(reg.predict("iris", FLOWER)["predictions"][0])
+
+
+def test_the_model_server_is_started_again_when_it_went_away(served: Any) -> None:
+    reg = served
+    reg.predict("iris", FLOWER)
+    first = json.loads((reg.backend.serving / "server.json").read_text())["pid"]
+    assert reg.backend.stop_server()
+    assert _probabilities_ok(reg.predict("iris", FLOWER)["predictions"][0])
+    assert json.loads((reg.backend.serving / "server.json").read_text())["pid"] != first
+
+
+def test_cli_and_slack_predict(served: Any) -> None:
+    reg = served
+    env = {"STARCHART_HOME": str(reg.settings.home), "DATABASE_URL": reg.settings.database_url,
+           "STARCHART_CONFIG": str(reg.settings.config_path), "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "bot.cli", "predict", "iris"]
+    ok = subprocess.run([*run, "--json", json.dumps(FLOWER)], env=env, cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert _probabilities_ok(json.loads(ok.stdout)["predictions"][0])
+    piped = subprocess.run([*run, "-"], input=json.dumps([FLOWER, FLOWER]), env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.startswith("iris v"), piped.stderr
+    bad = subprocess.run([*run, "{oops"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "not valid JSON" in bad.stderr and "hint:" in bad.stderr
+
+    out: list[str] = []
+    console = Console(reg, "U_ANYONE", write=out.append)
+    # as a Slack client sends it: smart quotes, and the JSON taken as typed rather than split into words
+    console.handle("/ml predict iris {“sepal_length”: 5.1, “sepal_width”: 3.5, “petal_length”: 1.4, "
+                   "“petal_width”: 0.2}")
+    shown = "\n".join(out)
+    assert "Predictions of iris v" in shown and "probabilities" in shown
+    out.clear()
+    console.handle("/ml predict iris")
+    assert "no instances to predict" in "\n".join(out)
+
+
+def test_slack_text_keeps_the_json_of_predict_whole() -> None:
+    args, _ = parse('predict iris --version v20260101000000 [{"a b": "c  d"}, {"e": 1}]')
+    assert (args.model, args.version, json.loads(args.instances)) == ("iris", "v20260101000000",
+                                                                      [{"a b": "c  d"}, {"e": 1}])
+    args, _ = parse("predict iris")
+    assert args.instances is None
+    args, _ = parse("versions iris")  # other commands are split as before
+    assert args.command == "versions"
