@@ -327,3 +327,56 @@ def test_unknown_channel_is_reported_and_nothing_is_lost(driver: SlackDriver, sl
     assert "the channel does not exist" in json.dumps(slack.responses)
     job = reg.state("iris")[0]
     assert job["state"] in ("QUEUED", "RUNNING", "SUCCEEDED"), "the job itself was started and is recorded"
+
+
+def test_prediction_api_and_slash_predict_over_http(driver: SlackDriver, slack: SlackFake, trained: dict,
+                                                    server: Server) -> None:
+    """TF Serving's REST shape on `starchart serve` (which never imports TensorFlow: the local model server
+    answers), and /ml predict as a Slack client sends it."""
+    reg = registry_from(slack)
+    job = reg.train("iris", TRAINER, args=[f"--source={trained['iris_a']}"])
+    assert reg.wait(job["job_id"])["state"] == "SUCCEEDED"
+    reg.expose("iris", TRAINER)
+    version = reg.default_version("iris")
+    flower = {"sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2, "petal_width": 2.3}
+    try:
+        ok = requests.post(f"{server.url}/v1/models/iris:predict", json={"instances": [flower, flower]}, timeout=120)
+        assert ok.status_code == 200, ok.text
+        preds = ok.json()["predictions"]
+        assert len(preds) == 2 and preds[0]["class_ids"] in (0, 1, 2) and len(preds[0]["probabilities"]) == 3
+        named = requests.post(f"{server.url}/v1/models/iris/versions/{version}:predict", json={"instances": [flower]},
+                              timeout=60)
+        assert named.json()["predictions"] == preds[:1]
+        status = requests.get(f"{server.url}/v1/models/iris", timeout=30).json()
+        assert status["model_version_status"][0]["version"] == version
+        bad = requests.post(f"{server.url}/v1/models/iris:predict", data=b'{"instances": [', timeout=30)
+        assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
+        missing = requests.post(f"{server.url}/v1/models/iris:predict", json={"instances": [{"sepal_length": 1}]},
+                                timeout=30)
+        assert missing.status_code == 400 and "missing input(s)" in missing.json()["error"]
+        assert requests.post(f"{server.url}/v1/models/nosuch:predict", json={"instances": [1]},
+                             timeout=30).status_code == 404
+        assert requests.post(f"{server.url}/v1/models/iris/versions/v20990101000000:predict",
+                             json={"instances": [flower]}, timeout=30).status_code == 404
+
+        acked(driver.command("predict iris {“sepal_length”: 6.7, “sepal_width”: 3.0, “petal_length”: 5.2, "
+                             "“petal_width”: 2.3}", user_id=MALLORY, channel_id=CHANNEL))
+        answer = said_to(slack, f"Predictions of iris {version}", timeout=60)
+        assert answer["payload"].get("response_type", "ephemeral") == "ephemeral"
+        assert "probabilities" in json.dumps(answer["payload"])
+    finally:
+        reg.backend.stop_server()
+
+
+def test_prediction_api_token(bot_env: dict, tmp_path: Path) -> None:
+    """With STARCHART_PREDICT_TOKEN set, the prediction routes want it (checked before any work)."""
+    srv = Server({**bot_env, "STARCHART_PREDICT_TOKEN": "s3cret"}, tmp_path / "serve-token.log")
+    try:
+        refused = requests.get(f"{srv.url}/v1/models/iris", timeout=30)
+        assert refused.status_code == 401 and "Bearer" in refused.json()["error"]
+        wrong = requests.get(f"{srv.url}/v1/models/iris", headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401
+        allowed = requests.get(f"{srv.url}/v1/models/iris", headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert allowed.status_code == 404 and "no default version" in allowed.json()["error"]
+    finally:
+        srv.stop()
