@@ -221,6 +221,12 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
         emit(answer, lambda: f"{answer['model']} {answer['version']}:\n" + json.dumps(
             {k: v for k, v in answer.items() if k in ("predictions", "outputs")}, indent=2))
         return EXIT_OK
+    if cmd == "pull":
+        pulled = reg.pull(args.model, args.version, args.to)
+        emit(pulled, lambda: f"pulled {pulled['model']} {pulled['version']} into {pulled['path']} "
+                             f"({pulled['files']} files, {pulled['bytes']:,} bytes)\n"
+                             f"  load it: tf.saved_model.load({pulled['path']!r}).signatures['serving_default']")
+        return EXIT_OK
     if cmd == "schedule":
         if args.target in (None, "list"):
             rows = reg.schedules()

@@ -6,6 +6,8 @@ import itertools
 import json
 import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 from bot import blocks
@@ -72,9 +74,16 @@ class ConsoleClient:
         self._show(f"[only {user} sees this]", channel, "", text, blocks)
         return {"ok": True, "message_ts": ""}
 
-    def files_upload_v2(self, content: str = "", filename: str = "file.txt", title: str = "", **_: Any
-                        ) -> dict[str, Any]:
-        self.console.write(f"[file {filename}: {title}]\n{content}")
+    def files_upload_v2(self, content: str = "", filename: str = "file.txt", title: str = "",
+                        file: bytes | None = None, initial_comment: str = "", **_: Any) -> dict[str, Any]:
+        if file is None:
+            self.console.write(f"[file {filename}: {title}]\n{content}")
+            return {"ok": True, "files": [{"name": filename}]}
+        path = Path.cwd() / filename  # a binary file (a pulled model) is saved where the console runs
+        if path.exists():
+            path = Path(tempfile.mkdtemp(prefix="starchart-console-")) / filename
+        path.write_bytes(file)
+        self.console.write(f"[file {filename}: {len(file):,} bytes, saved as {path}]\n{initial_comment}")
         return {"ok": True, "files": [{"name": filename}]}
 
     def views_open(self, trigger_id: str | None, view: dict[str, Any], **_: Any) -> dict[str, Any]:

@@ -89,6 +89,12 @@ def build_parser(prog: str = "starchart", cli: bool = True) -> Parser:
     p.add_argument("instances", nargs="?", metavar="JSON",
                    help='an instance {"input": value, ...}, a list of them, or {"instances": [...]}'
                         + (" (- or nothing: read standard input)" if cli else ""))
+    p = sub.add_parser("pull", help="pull MODEL [VERSION]: the SavedModel of a version (default: the default), "
+                                    + ("into a folder" if cli else "as a .tar.gz file"))
+    p.add_argument("model")
+    p.add_argument("version", nargs="?")
+    if cli:
+        p.add_argument("--to", metavar="DIR", help="folder to create (default ./MODEL-VERSION)")
     p = sub.add_parser("schedule", help='schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off')
     p.add_argument("target", nargs="?", metavar="list|MODEL")
     p.add_argument("cron", nargs="?", metavar='"CRON"|off')

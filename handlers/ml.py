@@ -17,7 +17,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "promote": reviews.promote, "apply": reviews.promote, "rollback": reviews.promote,
     "approve": reviews.decide_command, "reject": reviews.decide_command, "show": reviews.show,
     "requests": reviews.requests, "audit": audit.audit, "schedule": schedules.schedule,
-    "predict": versions.predict,
+    "predict": versions.predict, "pull": versions.pull,
 }
 
 

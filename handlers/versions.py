@@ -1,4 +1,4 @@
-"""/ml expose, versions, diff, predict."""
+"""/ml expose, versions, diff, predict, pull."""
 
 from __future__ import annotations
 
@@ -47,3 +47,13 @@ def predict(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) 
     count = len(answer["predictions"]) if "predictions" in answer else None
     title = f"Predictions of {answer['model']} {answer['version']}" + (f" ({count})" if count is not None else "")
     ctx.ephemeral(*deps.render.plain_text(title, json.dumps(result, indent=1)))
+
+
+def pull(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
+    """The version's SavedModel as a .tar.gz in the conversation, for use on a laptop or in a client."""
+    pulled = deps.registry.pull_archive(args.model, args.version)
+    inputs = ", ".join(sorted((pulled["signature"].get("inputs") or {}))) or "-"
+    comment = (f"{pulled['model']} {pulled['version']} — SavedModel ({pulled['files']} files), serving_default "
+               f"inputs: {inputs}. Unpack it and load it with tf.saved_model.load(FOLDER).")
+    ctx.client.files_upload_v2(channel=ctx.channel, file=pulled["data"], filename=pulled["filename"],
+                               title=pulled["filename"], initial_comment=comment)

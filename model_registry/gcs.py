@@ -133,6 +133,23 @@ class GcsStorage:
                 out = f"{out}/{part}"
         return out
 
+    def list_files(self, prefix: str) -> list[str]:
+        bucket, name = split_uri(prefix)
+        folder = name.rstrip("/") + "/" if name.strip("/") else ""
+        try:
+            blobs = self.client.list_blobs(bucket, prefix=folder, timeout=self.timeout)
+            return sorted(b.name[len(folder):] for b in blobs if not b.name.endswith("/"))
+        except Exception as exc:
+            self._fail(exc, prefix, "list")
+
+    def download_file(self, uri: str, local_path: Path) -> None:
+        bucket, name = split_uri(uri)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.bucket(bucket).blob(name).download_to_filename(str(local_path), timeout=self.timeout)
+        except Exception as exc:
+            self._fail(exc, uri, "download")
+
     # ---------------------------------------------------------------- extras
 
     def bucket_exists(self, bucket: str) -> bool:

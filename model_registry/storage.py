@@ -17,6 +17,11 @@ class Storage(Protocol):
     def upload_file(self, local_path: Path, uri: str) -> None: ...
     def join(self, base: str, *parts: str) -> str: ...
 
+    def list_files(self, prefix: str) -> list[str]:
+        """Paths of the files under the folder `prefix`, relative to it (sorted)."""
+
+    def download_file(self, uri: str, local_path: Path) -> None: ...
+
 
 class LocalStorage:
     """The embedded backend's bucket: plain files under $STARCHART_HOME/bucket."""
@@ -47,6 +52,17 @@ class LocalStorage:
 
     def join(self, base: str, *parts: str) -> str:
         return str(Path(base, *parts))
+
+    def list_files(self, prefix: str) -> list[str]:
+        root = Path(prefix)
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+    def download_file(self, uri: str, local_path: Path) -> None:
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(uri, local_path)
+        except OSError as exc:
+            raise ArtifactError(f"cannot copy {uri}: {exc.strerror}", "check that the file is there") from exc
 
 
 def storage_for(uri: str) -> Storage:

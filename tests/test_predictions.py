@@ -124,3 +124,71 @@ def test_slack_text_keeps_the_json_of_predict_whole() -> None:
     assert args.instances is None
     args, _ = parse("versions iris")  # other commands are split as before
     assert args.command == "versions"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_pull_copies_the_saved_model_for_local_use(served: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    reg = served
+    default = reg.default_version("iris")
+    source = Path(next(v for v in reg.versions("iris")["versions"] if v["name"] == default)["deployment_uri"])
+    pulled = reg.pull("iris", dest=tmp_path / "here")
+    assert pulled["version"] == default and pulled["path"] == str(tmp_path / "here")
+    got = _files(tmp_path / "here")
+    info = json.loads(got.pop("starchart-version.json"))
+    assert got == _files(source), "the SavedModel, byte for byte"
+    assert info["name"] == default and set(info["signature"]["inputs"]) == set(FLOWER)
+    # a program loads it without StarChart (here in a fresh interpreter) and gets what the server answers
+    code = ("import json, sys, tensorflow as tf; fn = tf.saved_model.load(sys.argv[1]).signatures['serving_default'];"
+            "out = fn(**{k: tf.constant([v], tf.float32) for k, v in json.loads(sys.argv[2]).items()});"
+            "print(int(out['class_ids'].numpy()[0]))")
+    local = subprocess.run([sys.executable, "-c", code, pulled["path"], json.dumps(FLOWER)], capture_output=True,
+                           text=True, timeout=120)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert int(local.stdout.split()[-1]) == reg.predict("iris", FLOWER)["predictions"][0]["class_ids"]
+
+    with pytest.raises(InvalidInput, match="already exists"):
+        reg.pull("iris", dest=tmp_path / "here")
+    assert _files(tmp_path / "here") == {**got, "starchart-version.json": json.dumps(info, indent=2,
+                                                                                     sort_keys=True).encode()}
+    (tmp_path / "empty").mkdir()
+    older = reg.versions("iris")["versions"][0]["name"]
+    assert reg.pull("iris", older, tmp_path / "empty")["version"] == older
+    with pytest.raises(NotFound):
+        reg.pull("iris", "v20990101000000", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+    # files gone from the version's storage: a clear error, and no half-pulled folder
+    (source / "saved_model.pb").rename(source / "saved_model.pb.moved")
+    try:
+        with pytest.raises(Exception, match="holds no SavedModel"):
+            reg.pull("iris", default, tmp_path / "broken")
+    finally:
+        (source / "saved_model.pb.moved").rename(source / "saved_model.pb")
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".broken.partial-*"))
+
+    # the console (the Slack handler) hands the model over as a .tar.gz file
+    monkeypatch.chdir(tmp_path)
+    out: list[str] = []
+    Console(reg, "U_ANYONE", write=out.append).handle("/ml pull iris")
+    assert f"iris-{default}.tar.gz" in "\n".join(out) and "serving_default inputs" in "\n".join(out)
+    import tarfile
+
+    with tarfile.open(tmp_path / f"iris-{default}.tar.gz") as tar:
+        assert f"iris-{default}/saved_model.pb" in tar.getnames()
+
+
+def test_cli_pull(served: Any, tmp_path: Path) -> None:
+    reg = served
+    env = {"STARCHART_HOME": str(reg.settings.home), "DATABASE_URL": reg.settings.database_url,
+           "STARCHART_CONFIG": str(reg.settings.config_path), "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([sys.executable, "-m", "bot.cli", "pull", "iris", "--to", str(tmp_path / "m"), "--json"],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["path"] == str(tmp_path / "m") and (tmp_path / "m" / "saved_model.pb").exists()
+    again = subprocess.run([sys.executable, "-m", "bot.cli", "pull", "iris", "--to", str(tmp_path / "m")],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "already exists" in again.stderr

@@ -364,6 +364,15 @@ def test_prediction_api_and_slash_predict_over_http(driver: SlackDriver, slack: 
         answer = said_to(slack, f"Predictions of iris {version}", timeout=60)
         assert answer["payload"].get("response_type", "ephemeral") == "ephemeral"
         assert "probabilities" in json.dumps(answer["payload"])
+
+        acked(driver.command("pull iris", user_id=MALLORY, channel_id=CHANNEL))
+        upload = slack.wait_for(lambda: [u for u in slack.uploads if u["filename"].endswith(".tar.gz")], timeout=60)[0]
+        assert upload["filename"] == f"iris-{version}.tar.gz" and upload["channel"] == CHANNEL
+        import io
+        import tarfile
+
+        with tarfile.open(fileobj=io.BytesIO(upload["content"])) as tar:
+            assert f"iris-{version}/saved_model.pb" in tar.getnames()
     finally:
         reg.backend.stop_server()
 

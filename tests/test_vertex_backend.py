@@ -387,6 +387,24 @@ def test_gcs_storage_round_trip_precondition_and_errors(bucket: str, gcs: str, t
         store.read_bytes("/tmp/x")
 
 
+def test_gcs_storage_lists_and_downloads_a_folder(bucket: str, gcs: str, tmp_path: Path) -> None:
+    """What `pull` uses on Vertex AI: the files of a SavedModel folder, relative to it, then each downloaded."""
+    store = GcsStorage(project="starchart-test")
+    model = store.join(bucket, "iris", TS, "model")
+    for name, data in (("saved_model.pb", b"pb"), ("variables/variables.index", b"ix"),
+                       ("variables/variables.data-00000-of-00001", b"data")):
+        store.write_bytes(store.join(model, name), data)
+    store.write_bytes(store.join(bucket, "iris", TS, "model-other", "x"), b"not in the folder")
+    files = store.list_files(model + "/")
+    assert files == ["saved_model.pb", "variables/variables.data-00000-of-00001", "variables/variables.index"]
+    for name in files:
+        store.download_file(store.join(model, name), tmp_path / name)
+    assert (tmp_path / "variables" / "variables.index").read_bytes() == b"ix"
+    assert store.list_files(store.join(bucket, "nothing-here")) == []
+    with pytest.raises(ObjectNotFound):
+        store.download_file(store.join(model, "missing.pb"), tmp_path / "missing.pb")
+
+
 def test_storage_permission_denied_and_unreachable_say_what_to_do() -> None:
     from google.api_core import exceptions as gexc
 
