@@ -26,7 +26,7 @@ from model_registry.backends.vertex import (
     worker_pools,
 )
 from model_registry.config import Settings
-from model_registry.errors import ArtifactError, BackendError, InvalidInput
+from model_registry.errors import ArtifactError, BackendError, InvalidInput, NotFound, Refused
 from model_registry.gcs import BucketNotFound, GcsStorage, ObjectNotFound, PreconditionFailed
 
 GOLDEN = ROOT / "tests" / "golden" / "vertex"
@@ -623,6 +623,38 @@ def test_first_apply_creates_the_endpoint_and_deploys_with_all_the_traffic(fake:
     backend.set_default("iris", V1, None)  # again (e.g. a reconcile): nothing to deploy, found by its alias
     assert fake.count("endpoints.deployModel") == 0 and fake.count("endpoints.create") == 0
     assert serving(fake) == [("iris@1", 100)]
+
+
+def test_predictions_go_to_the_endpoint_that_serves_the_default(fake: VertexFake) -> None:
+    """PredictionService over REST: the instances reach the endpoint as Vertex AI's wire format has them, and
+    the deployment that answered is named by its version."""
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
+    refs = versions_of(backend, V1, V2)
+    flower = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+    with pytest.raises(NotFound, match="no endpoint serves iris yet"):
+        backend.predict("iris", None, {"instances": [flower]})
+    backend.set_default("iris", V1, refs[0])
+    fake.reset_requests()
+    version, answer = backend.predict("iris", None, {"instances": [flower, {**flower, "petal_width": 2}]})
+    [call] = fake.calls("endpoints.predict")
+    assert call.body == {"instances": [flower, {**flower, "petal_width": 2}]}
+    [(_, deployed_id, _)] = fake.deployments("iris")
+    assert version == V1 and answer["predictions"][1] == {"deployedModelId": deployed_id,
+                                                           "instance": {**flower, "petal_width": 2}}
+    assert backend.predict("iris", V1, {"instances": [flower]})[0] == V1
+    with pytest.raises(Refused, match=f"serves {V1}, not {V2}"):
+        backend.predict("iris", V2, {"instances": [flower]})
+    with pytest.raises(InvalidInput, match="columnar"):
+        backend.predict("iris", None, {"inputs": {"sepal_length": [1.0]}})
+    fake.fail_next("endpoints.predict", 400, message="Expected a float for sepal_length.")
+    with pytest.raises(InvalidInput, match="Expected a float"):
+        backend.predict("iris", None, {"instances": [flower]})
+    fake.fail_next("endpoints.predict", 503, times=2)  # retried like every other call
+    assert backend.predict("iris", None, {"instances": [flower]})[0] == V1
+    off = fast_backend(fake, "gs://starchart-test-ml")
+    with pytest.raises(Refused, match="not served from a Vertex AI endpoint") as refused:
+        off.predict("iris", None, {"instances": [flower]})
+    assert "enabled: true" in refused.value.hint and "pull iris" in refused.value.hint
 
 
 def test_next_apply_deploys_moves_the_traffic_then_undeploys_the_old_one(fake: VertexFake) -> None:

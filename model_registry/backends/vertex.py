@@ -71,14 +71,16 @@ from google.cloud import aiplatform_v1 as aip
 from google.cloud.aiplatform_v1.services.endpoint_service.transports.rest import EndpointServiceRestTransport
 from google.cloud.aiplatform_v1.services.job_service.transports.rest import JobServiceRestTransport
 from google.cloud.aiplatform_v1.services.model_service.transports.rest import ModelServiceRestTransport
-from google.protobuf import field_mask_pb2
+from google.cloud.aiplatform_v1.services.prediction_service.transports.rest import PredictionServiceRestTransport
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 from model_registry.backends.base import JobStatus, TrainingSpec
-from model_registry.errors import BackendError, InvalidInput, StarchartError
+from model_registry.errors import BackendError, InvalidInput, NotFound, Refused, StarchartError
 from model_registry.gcs import CREDENTIALS_HINT, GcsStorage, NoCredentials
 from model_registry.packaging import Package
 from model_registry.records import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 
+Clients = tuple[aip.JobServiceClient, aip.ModelServiceClient, aip.EndpointServiceClient, aip.PredictionServiceClient]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -332,7 +334,7 @@ class VertexBackend:
         self.polling = polling.DEFAULT_POLLING.with_delay(initial=operation_poll[0], maximum=operation_poll[1])
         self.polling = self.polling.with_timeout(operation_timeout)
         self._credentials = credentials
-        self._clients: dict[str, tuple[aip.JobServiceClient, aip.ModelServiceClient, aip.EndpointServiceClient]] = {}
+        self._clients: dict[str, Clients] = {}
         self._lock = threading.Lock()
         if endpoints is None or callable(endpoints):
             self._endpoint_policy: Callable[[str], Any] = endpoints or (lambda model: None)
@@ -385,16 +387,14 @@ class VertexBackend:
     def _endpoint(self, region: str) -> str:
         return self.api_endpoint or f"{region}-aiplatform.googleapis.com"
 
-    def _clients_for(self, region: str | None) -> tuple[aip.JobServiceClient, aip.ModelServiceClient,
-                                                        aip.EndpointServiceClient]:
+    def _clients_for(self, region: str | None) -> Clients:
         region = region or self.region
         with self._lock:
             if region not in self._clients:
                 self._clients[region] = self._make_clients(region)
             return self._clients[region]
 
-    def _make_clients(self, region: str) -> tuple[aip.JobServiceClient, aip.ModelServiceClient,
-                                                  aip.EndpointServiceClient]:
+    def _make_clients(self, region: str) -> Clients:
         endpoint = self._endpoint(region)
         if endpoint.startswith("http://"):  # a local fake: REST without TLS, no credentials
             host = endpoint.removeprefix("http://").rstrip("/")
@@ -404,12 +404,15 @@ class VertexBackend:
                     aip.ModelServiceClient(transport=ModelServiceRestTransport(host=host, credentials=creds,
                                                                                url_scheme="http")),
                     aip.EndpointServiceClient(transport=EndpointServiceRestTransport(host=host, credentials=creds,
-                                                                                     url_scheme="http")))
+                                                                                     url_scheme="http")),
+                    aip.PredictionServiceClient(transport=PredictionServiceRestTransport(
+                        host=host, credentials=creds, url_scheme="http")))
         options = ClientOptions(api_endpoint=endpoint.removeprefix("https://").rstrip("/"))
         creds = self._adc()
         return (aip.JobServiceClient(credentials=creds, transport="rest", client_options=options),
                 aip.ModelServiceClient(credentials=creds, transport="rest", client_options=options),
-                aip.EndpointServiceClient(credentials=creds, transport="rest", client_options=options))
+                aip.EndpointServiceClient(credentials=creds, transport="rest", client_options=options),
+                aip.PredictionServiceClient(credentials=creds, transport="rest", client_options=options))
 
     def _adc(self) -> Credentials:
         if self._credentials is None:
@@ -427,6 +430,9 @@ class VertexBackend:
 
     def _endpoints(self) -> aip.EndpointServiceClient:
         return self._clients_for(self.region)[2]
+
+    def _predictions(self) -> aip.PredictionServiceClient:
+        return self._clients_for(self.region)[3]
 
     @contextmanager
     def _errors(self, action: str, missing: str, region: str | None = None) -> Iterator[None]:
@@ -763,6 +769,38 @@ class VertexBackend:
             raise VertexNotFound(f"Vertex AI has no version {version} of {model}",
                                  f"expose it first: `expose {model}`")
         return f"{found.name}@{found.version_id}"
+
+    def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Predictions from the endpoint that serves `model`'s default (see `endpoint` in the module's docstring).
+
+        Vertex AI answers with the deployment its traffic split picks; a named version is accepted when it is
+        the one the endpoint serves (any other version: pull it and load it locally)."""
+        if "instances" not in body:
+            raise InvalidInput("Vertex AI endpoints take a list of instances, not TF Serving's columnar inputs",
+                               'send {"instances": [{INPUT: VALUE, ...}, ...]}')
+        if self.endpoint_settings(model) is None:
+            raise Refused(f"{model} is not served from a Vertex AI endpoint",
+                          f"enable one in starchart.yaml (models.{model}.{ENDPOINT_EXAMPLE}) and apply a version; "
+                          f"or `pull {model}` and load the SavedModel locally")
+        endpoint = self.find_endpoint(model)
+        serving = {d.id: d.display_name for d in endpoint.deployed_models} if endpoint else {}
+        live = [serving.get(i, i) for i in _split(endpoint)] if endpoint else []
+        if not live:
+            raise NotFound(f"no endpoint serves {model} yet", f"apply a version of {model}: it deploys the default")
+        if version is not None and version not in live:
+            raise Refused(f"the endpoint of {model} serves {', '.join(live)}, not {version}",
+                          f"`pull {model} {version}` and load it locally, or promote it")
+        instances = [json_format.ParseDict(i, struct_pb2.Value()) for i in body["instances"]]
+        with self._errors(f"predict with {model}", f"endpoint {endpoint.name}"):
+            try:
+                answer = self._predictions().predict(endpoint=endpoint.name, instances=instances, retry=self.retry,
+                                                     timeout=self.rpc_timeout)
+            except gexc.BadRequest as exc:
+                raise InvalidInput(f"the endpoint of {model} refused the instances: {_server_message(exc)}",
+                                   f"`diff {model}` shows the signature's inputs") from exc
+        response = json_format.MessageToDict(type(answer).pb(answer))
+        return (serving.get(answer.deployed_model_id) or version or live[0],
+                {"predictions": response.get("predictions", [])})
 
     def find_endpoint(self, model: str) -> aip.Endpoint | None:
         """The endpoint that serves `model` (labelled model=<model>, displayed as the model), oldest first."""

@@ -27,7 +27,11 @@ request's `trafficSplit` takes its traffic away, or when it is the last one (the
 emptied). PATCH (UpdateEndpoint) needs an updateMask and changes traffic at once.
 
 Routes: customJobs.create/get/list/cancel, models.upload/get/listVersions/mergeVersionAliases,
-endpoints.create/get/list/patch/deployModel/undeployModel, operations.get.
+endpoints.create/get/list/patch/deployModel/undeployModel/predict, operations.get.
+
+endpoints.predict picks the deployment with the most traffic and, having no model to run, answers each
+instance with {"deployedModelId": ID, "instance": INSTANCE}, so tests see which deployment answered and
+that the instances crossed the wire intact; an endpoint that serves nothing answers FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("PATCH", re.compile(_P + r"/endpoints/(?P<endpoint>[^/:]+)$"), "endpoints.patch"),
     ("POST", re.compile(_P + r"/endpoints/(?P<endpoint>[^/:]+):deployModel$"), "endpoints.deployModel"),
     ("POST", re.compile(_P + r"/endpoints/(?P<endpoint>[^/:]+):undeployModel$"), "endpoints.undeployModel"),
+    ("POST", re.compile(_P + r"/endpoints/(?P<endpoint>[^/:]+):predict$"), "endpoints.predict"),
     ("GET", re.compile(r"/(?:v1|ui)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
                        r"(?:/(?P<kind>models|endpoints)/(?P<parent>[^/]+))?/operations/(?P<op>[^/:]+)$"),
      "operations.get"),
@@ -731,6 +736,21 @@ class VertexFake:
 
     def _endpoints_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
         return _wire(aip.Endpoint, self._render_endpoint(self._endpoint(p)), ints)
+
+    def _endpoints_predict(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        endpoint = self._endpoint(p)
+        instances = (body or {}).get("instances") if isinstance(body, dict) else None
+        if not isinstance(instances, list) or not instances:
+            raise ApiError(400, "PredictRequest.instances is required: a non-empty list.")
+        split = {k: int(v) for k, v in endpoint.get("trafficSplit", {}).items() if int(v)}
+        if not split:
+            raise ApiError(400, f"Endpoint {endpoint['name']} does not have any deployed model with traffic.",
+                           status="FAILED_PRECONDITION")
+        chosen = max(split, key=lambda k: (split[k], k))
+        deployed = next(d for d in endpoint["deployedModels"] if d["id"] == chosen)
+        return {"predictions": [{"deployedModelId": chosen, "instance": i} for i in instances],
+                "deployedModelId": chosen, "model": deployed["model"], "modelVersionId": deployed["modelVersionId"],
+                "modelDisplayName": deployed["model"].rsplit("/", 1)[1]}
 
     def _endpoints_list(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
         prefix = f"{self._loc(p['location'])}/endpoints/"
