@@ -23,3 +23,12 @@ def test_list_queries_smoke_prints_the_result_json_last() -> None:
     assert isinstance(result["ratio"], (int, float)) and result["ratio"] > 0
     assert result["measured"] > 0 and result["baseline"] > 0
     assert set(result["ratios"]) == {"state/sqlite", "versions/sqlite"}
+
+
+def test_predict_overhead_smoke_prints_the_result_json_last() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "predict_overhead.py"), "--reps", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "predict_overhead" and result["better"] == "lower" and result["runs"] == 3
+    assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0

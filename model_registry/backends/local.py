@@ -48,6 +48,7 @@ class LocalBackend:
         self.serving = home / "serving"
         self.python = python or os.environ.get("STARCHART_TRAINER_PYTHON") or sys.executable
         self.storage = LocalStorage()
+        self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
 
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs / job_id
@@ -218,7 +219,14 @@ class LocalBackend:
                 self._forget_server()
 
     def ensure_server(self) -> int:
-        """The port of the running model server, starting one if none answers (one per STARCHART_HOME)."""
+        """The port of the running model server, starting one if none answers (one per STARCHART_HOME).
+
+        A server this process has seen answer is trusted while its process lives and server.json still names
+        it (no health request per prediction); one that stopped answering is forgotten by `predict`.
+        """
+        known = self._known_server
+        if known and self._server_info() == known and proc_start_time(int(known["pid"])) == known.get("pid_start"):
+            return int(known["port"])
         port = self._server_port()
         if port:
             return port
@@ -269,9 +277,13 @@ class LocalBackend:
             return None
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{info['port']}/healthz", timeout=5) as resp:
-                return int(info["port"]) if json.loads(resp.read()).get("pid") == info["pid"] else None
+                if json.loads(resp.read()).get("pid") != info["pid"]:
+                    return None
         except (OSError, ValueError):
             return None
+        self._known_server = info
+        return int(info["port"])
 
     def _forget_server(self) -> None:
+        self._known_server = None
         (self.serving / "server.json").unlink(missing_ok=True)
