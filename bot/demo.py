@@ -1,6 +1,7 @@
 """`starchart demo`: the whole StarChart flow on a fresh temporary home, shown as the console renders Slack.
 
-Three people take part: a trainer, a requester and an approver. Nothing needs setting up: the local
+Three people take part: a trainer, a requester and an approver; at the end the new default answers a
+prediction. Nothing needs setting up: the local
 backend trains for real, SQLite records, and the same handlers Slack drives render the messages.
 """
 
@@ -63,6 +64,12 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
     click_approve(TRAINER)    # refused: nor may whoever trained the candidate
     click_approve(APPROVER)   # a second person: approved, then applied
     type_(APPROVER, "/ml versions iris")
+    # what services get now: the new default answers (the local model server starts on this first prediction)
+    try:
+        type_(APPROVER, '/ml predict iris {"sepal_length": 6.1, "sepal_width": 2.8, "petal_length": 4.7, '
+                        '"petal_width": 1.2}')
+    finally:
+        reg.backend.stop_server()
     type_(APPROVER, "/ml audit iris --limit 20")
     type_(APPROVER, "/ml audit verify")
     switched = reg.default_version("iris") == candidate and reg.backend.current_default("iris") == candidate

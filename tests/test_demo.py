@@ -20,4 +20,6 @@ def test_demo_runs_the_whole_flow(tmp_path) -> None:
     assert "U0TRAINER trained the candidate and may not approve it" in out
     assert "approved by @U0APPROVER" in out and ":rocket: applied" in out
     assert "promotion.applied" in out and "Audit chain OK" in out
+    new_default = out.rsplit("Default of iris: ", 1)[1].split()[0]
+    assert f"Predictions of iris {new_default} (1)" in out and "probabilities" in out, "the new default answers"
     assert not (tmp_path / ".starchart").exists(), "the demo uses a fresh temporary home"
