@@ -18,12 +18,11 @@ from typing import Any, Callable, Iterable
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk.signature import SignatureVerifier
 
-from model_registry.errors import StarchartError
+from model_registry.errors import InvalidInput, NotFound, Refused, StarchartError
 
 log = logging.getLogger("starchart.web")
 MAX_BODY = 1024 * 1024
 PREDICT_ROUTE = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<verb>:predict)?$")
-ERROR_STATUS = {"NotFound": "404 Not Found", "InvalidInput": "400 Bad Request", "Refused": "403 Forbidden"}
 
 StartResponse = Callable[..., Any]
 
@@ -32,6 +31,15 @@ def _reply(start_response: StartResponse, status: str, body: dict[str, Any]) -> 
     data = json.dumps(body).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
     return [data]
+
+
+def _prediction_status(exc: StarchartError) -> str:
+    """TF Serving's statuses: bad instances 400; no such servable 404 (a model or version not served, too)."""
+    if isinstance(exc, InvalidInput):
+        return "400 Bad Request"
+    if isinstance(exc, (NotFound, Refused)):
+        return "404 Not Found"
+    return "503 Service Unavailable"
 
 
 class WebApp:
@@ -90,8 +98,8 @@ class WebApp:
             body = environ["wsgi.input"].read(length) if length else b""
             answer = self.bot.registry.predict(model, body, version=version)
         except StarchartError as exc:
-            status_line = ERROR_STATUS.get(type(exc).__name__, "503 Service Unavailable")
-            return _reply(start_response, status_line, {"error": exc.message + (f" ({exc.hint})" if exc.hint else "")})
+            return _reply(start_response, _prediction_status(exc),
+                          {"error": exc.message + (f" ({exc.hint})" if exc.hint else "")})
         return _reply(start_response, "200 OK", {k: v for k, v in answer.items() if k in ("predictions", "outputs")})
 
     def slack_events(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

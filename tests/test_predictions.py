@@ -192,3 +192,17 @@ def test_cli_pull(served: Any, tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "-m", "bot.cli", "pull", "iris", "--to", str(tmp_path / "m")],
                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_prediction_route_statuses_follow_the_error_kind() -> None:
+    """TF Serving's statuses, subclasses included (a Vertex AI 'no such version' is a NotFound too)."""
+    from bot.web import _prediction_status
+    from model_registry.errors import BackendError, Refused
+
+    class NoSuchThing(NotFound):
+        pass
+
+    assert _prediction_status(InvalidInput("bad")) == "400 Bad Request"
+    assert _prediction_status(NoSuchThing("gone")) == "404 Not Found"
+    assert _prediction_status(Refused("not served from an endpoint")) == "404 Not Found"
+    assert _prediction_status(BackendError("down")) == "503 Service Unavailable"
