@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -86,7 +87,18 @@ def test_the_model_server_is_started_again_when_it_went_away(served: Any) -> Non
     first = json.loads((reg.backend.serving / "server.json").read_text())["pid"]
     assert reg.backend.stop_server()
     assert _probabilities_ok(reg.predict("iris", FLOWER)["predictions"][0])
-    assert json.loads((reg.backend.serving / "server.json").read_text())["pid"] != first
+    second = json.loads((reg.backend.serving / "server.json").read_text())["pid"]
+    assert second != first
+    import os
+    import signal
+
+    os.kill(second, signal.SIGKILL)  # dies without cleaning up: server.json still names it
+    from model_registry.backends.local_runner import proc_start_time
+
+    while proc_start_time(second) is not None:  # None once it is a zombie or gone
+        time.sleep(0.05)
+    assert _probabilities_ok(reg.predict("iris", FLOWER)["predictions"][0])
+    assert json.loads((reg.backend.serving / "server.json").read_text())["pid"] not in (first, second)
 
 
 def test_cli_and_slack_predict(served: Any) -> None:

@@ -213,7 +213,8 @@ class LocalBackend:
                 raise BackendError(f"the local model server failed: {message}",
                                    f"see {self.serving / 'server.log'}") from None
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                if attempt == 2:
+                gone = isinstance(getattr(exc, "reason", exc), ConnectionError)  # not a slow answer: a dead server
+                if attempt == 2 or not gone:
                     raise BackendError(f"the local model server did not answer: {exc}",
                                        f"see {self.serving / 'server.log'}") from exc
                 self._forget_server()
