@@ -218,3 +218,18 @@ def test_prediction_route_statuses_follow_the_error_kind() -> None:
     assert _prediction_status(NoSuchThing("gone")) == "404 Not Found"
     assert _prediction_status(Refused("not served from an endpoint")) == "404 Not Found"
     assert _prediction_status(BackendError("down")) == "503 Service Unavailable"
+
+
+def test_a_serving_python_without_tensorflow_is_reported(tmp_path: Path) -> None:
+    """STARCHART_TRAINER_PYTHON without TensorFlow: the model server refuses to start and says why."""
+    from model_registry.backends.local import LocalBackend
+    from model_registry.errors import BackendError
+
+    no_tf = tmp_path / "python-without-site"
+    no_tf.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')  # -S: no site-packages, so no TensorFlow
+    no_tf.chmod(0o755)
+    backend = LocalBackend(tmp_path / "home", python=str(no_tf))
+    with pytest.raises(BackendError) as exc:
+        backend.predict("iris", None, {"instances": [FLOWER]})
+    assert "TensorFlow is not importable" in exc.value.message and "STARCHART_TRAINER_PYTHON" in exc.value.message
+    assert "server.log" in exc.value.hint

@@ -253,7 +253,9 @@ class LocalBackend:
                     break
                 time.sleep(0.05)
             proc.kill()
-            raise BackendError("the local model server did not start", f"see {self.serving / 'server.log'}")
+            lines = (self.serving / "server.log").read_text(errors="replace").strip().splitlines()
+            why = lines[-1] if proc.returncode is not None and lines else "it did not listen in time"
+            raise BackendError(f"the local model server did not start: {why}", f"see {self.serving / 'server.log'}")
 
     def stop_server(self) -> bool:
         """Stop this home's model server, if one runs; True when one was stopped."""

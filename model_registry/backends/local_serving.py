@@ -219,6 +219,12 @@ class Handler(BaseHTTPRequestHandler):
 def main() -> None:
     serving_dir = Path(sys.argv[1])
     serving_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import tensorflow  # noqa: F401 - at start: a server that cannot load a model should not listen
+    except ImportError as exc:
+        sys.stderr.write(f"cannot serve: TensorFlow is not importable by {sys.executable} ({exc}); install it there "
+                         "(pip install '.[train]') or set STARCHART_TRAINER_PYTHON to a Python that has it\n")
+        sys.exit(3)
     Handler.models = Models(serving_dir)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
