@@ -207,12 +207,12 @@ def test_cli_pull(served: Any, tmp_path: Path) -> None:
 
 
 def test_prediction_route_statuses_follow_the_error_kind() -> None:
-    """TF Serving's statuses, subclasses included (a Vertex AI 'no such version' is a NotFound too)."""
+    """TF Serving's statuses, decided by the kind of error, so subclasses of NotFound map like NotFound."""
     from bot.web import _prediction_status
     from model_registry.errors import BackendError, Refused
 
     class NoSuchThing(NotFound):
-        pass
+        """A more specific NotFound, as a backend might raise."""
 
     assert _prediction_status(InvalidInput("bad")) == "400 Bad Request"
     assert _prediction_status(NoSuchThing("gone")) == "404 Not Found"

@@ -63,6 +63,11 @@ def test_job_and_version_times_stored_before_0002_are_rewritten_as_iso_text(db_u
         if engine.dialect.name == "sqlite":
             raw = conn.execute(text("SELECT created_at FROM versions")).scalar()
             assert raw == "2026-11-27T09:30:00Z"
+    if engine.dialect.name == "sqlite":  # and back: SQLAlchemy's default text again (the fraction is gone)
+        command.downgrade(alembic_config(engine), "0001")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT created_at, ended_at FROM jobs")).one() == ("2026-11-27 09:30:00.000000",
+                                                                                       None)
     engine.dispose()
 
 

@@ -20,19 +20,20 @@ depends_on = None
 COLUMNS = {"jobs": ("created_at", "started_at", "ended_at"), "versions": ("created_at",)}
 
 
-def upgrade() -> None:
+def _rewrite(separator: str, suffix: str, old_separator: str) -> None:
+    """Rewrite the SQLite text of every time column whose date/time separator is `old_separator`."""
     if op.get_bind().dialect.name != "sqlite":
         return
     for table, columns in COLUMNS.items():
         for column in columns:
-            op.execute(f"UPDATE {table} SET {column} = substr({column}, 1, 10) || 'T' || substr({column}, 12, 8) "
-                       f"|| 'Z' WHERE {column} IS NOT NULL AND substr({column}, 11, 1) = ' '")
+            op.execute(f"UPDATE {table} SET {column} = substr({column}, 1, 10) || '{separator}' || "
+                       f"substr({column}, 12, 8) || '{suffix}' "
+                       f"WHERE {column} IS NOT NULL AND substr({column}, 11, 1) = '{old_separator}'")
+
+
+def upgrade() -> None:
+    _rewrite("T", "Z", " ")  # '2026-11-27 09:30:00.123456' -> '2026-11-27T09:30:00Z'
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "sqlite":
-        return
-    for table, columns in COLUMNS.items():
-        for column in columns:
-            op.execute(f"UPDATE {table} SET {column} = substr({column}, 1, 10) || ' ' || substr({column}, 12, 8) "
-                       f"|| '.000000' WHERE {column} IS NOT NULL AND substr({column}, 11, 1) = 'T'")
+    _rewrite(" ", ".000000", "T")  # back to SQLAlchemy's default text (the fraction was not kept)
