@@ -30,8 +30,7 @@ SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it 
 PREDICT_TIMEOUT = 120.0  # seconds for one predict, the first load of a SavedModel included
 
 
-def local_serving_file() -> str:
-    return str(Path(local_runner.__file__).with_name("local_serving.py"))
+LOCAL_SERVING = str(Path(__file__).with_name("local_serving.py"))  # the model server, run by file
 
 
 def _dt(epoch: float | None) -> datetime | None:
@@ -240,7 +239,7 @@ class LocalBackend:
             self._forget_server()
             with open(self.serving / "server.log", "ab") as log:
                 proc = subprocess.Popen(  # by file: the serving Python may be another environment (TensorFlow's)
-                    [self.python, local_serving_file(), str(self.serving)],
+                    [self.python, LOCAL_SERVING, str(self.serving)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 )
             threading.Thread(target=proc.wait, name="model-server-reaper", daemon=True).start()
