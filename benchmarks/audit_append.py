@@ -104,7 +104,7 @@ def run_database(kind: str, db: Any, work: Path, events: int, rounds: int, batch
         def chain_one() -> None:
             i = counters["chain"]
             counters["chain"] += 1
-            with reg.unit_of_work() as s:
+            with reg.db.unit_of_work() as s:
                 audit.append(s, **fields[i])
 
         cols = ", ".join(common.COLUMNS)
@@ -141,7 +141,7 @@ def run_database(kind: str, db: Any, work: Path, events: int, rounds: int, batch
 
         def sqlalchemy_plain_one() -> None:
             row = dict(zip(common.COLUMNS, plain_row("sqlalchemy_plain")))
-            with reg.unit_of_work() as s:
+            with reg.db.unit_of_work() as s:
                 s.execute(plain_stmt, row)
 
         one = {"chain": chain_one, "plain": plain_one, "sqlalchemy_plain": sqlalchemy_plain_one}
@@ -170,14 +170,14 @@ def run_database(kind: str, db: Any, work: Path, events: int, rounds: int, batch
                   "ratio_vs_sqlalchemy_plain": rates["chain"] / rates["sqlalchemy_plain"],
                   "ms_per_event": {n: 1000 / v for n, v in rates.items()}}
         if check:
-            v = reg.verify_audit(checkpoints=[])
+            v = reg.audit.verify(checkpoints=[])
             if not v.ok or v.events != events + counters["chain"]:
                 raise SystemExit(f"{kind}: the chain does not verify after the appends: {v}")
             result["verified_events"] = v.events
             log(f"{kind}: chain of {v.events:,} events verifies after the appends")
         return result
     finally:
-        reg.engine.dispose()
+        reg.db.engine.dispose()
 
 
 def main() -> int:

@@ -162,8 +162,8 @@ def load_events(kind: str, connect: Callable[[], Any], n: int, end: datetime, ta
 
 
 def make_registry(home: Path, db_url: str, models: int = MODELS) -> Any:
+    from model_registry.bootstrap import bootstrap
     from model_registry.config import ProjectConfig, Settings
-    from model_registry.workflow import Registry
 
     home.mkdir(parents=True, exist_ok=True)
     raw = {
@@ -174,7 +174,7 @@ def make_registry(home: Path, db_url: str, models: int = MODELS) -> Any:
     }
     settings = Settings.from_env({"STARCHART_HOME": str(home), "DATABASE_URL": db_url,
                                   "STARCHART_CONFIG": str(home / "starchart.yaml")})
-    return Registry(settings, ProjectConfig.from_dict(raw, home))
+    return bootstrap(settings, ProjectConfig.from_dict(raw, home))
 
 
 def databases(opts: Any, work: Path) -> tuple[list[tuple[str, Callable[[], Any]]], dict[str, str]]:
@@ -243,7 +243,7 @@ def captured_sql(reg: Any, call: Callable[[], Any]) -> list[str]:
     from sqlalchemy import event
 
     sent: list[str] = []
-    engine = reg.engine
+    engine = reg.db.engine
     sqlite = engine.dialect.name == "sqlite"
 
     def short(statement: str) -> str:
@@ -315,7 +315,7 @@ def run_database(kind: str, db: Any, work: Path, events: int, reps: int, warmup:
             random.Random(3).shuffle(models)
 
             def project(i: int) -> list[dict[str, Any]]:
-                return reg.audit_events(model=models[i % MODELS], since=since, limit=20)
+                return reg.audit.events(model=models[i % MODELS], since=since, limit=20)
 
             def bare(i: int) -> list[Any]:
                 cur.execute(sql, (models[i % MODELS], since_param))
@@ -344,7 +344,7 @@ def run_database(kind: str, db: Any, work: Path, events: int, reps: int, warmup:
                 """A read-only session of the Registry (`reads`) and an ORM select, without building the answer's
                 dicts: what SQLAlchemy's session and ORM cost. Not a write session (`sessions`): its ROLLBACK would
                 make psycopg drop the prepared statements of the pooled connection the Registry reads with too."""
-                with reg.reads() as s:
+                with reg.db.reads() as s:
                     return s.execute(
                         select(AuditEvent).where(AuditEvent.model == models[i % MODELS], AuditEvent.created_at >= since)
                         .order_by(AuditEvent.created_at.desc(), AuditEvent.seq.desc()).limit(20)).scalars().all()
@@ -361,7 +361,7 @@ def run_database(kind: str, db: Any, work: Path, events: int, reps: int, warmup:
             from model_registry import audit
 
             statements = captured_sql(reg, lambda: project(0))
-            registry_statement, registry_params = audit.events_statement(reg.engine.dialect, model=models[0],
+            registry_statement, registry_params = audit.events_statement(reg.db.engine.dialect, model=models[0],
                                                                          since=since, limit=20)
             plan_orm = explain(kind, cur, registry_statement, registry_params)
             log(f"{kind}: plan of the bare select: {' | '.join(plan_bare)}")
@@ -390,7 +390,7 @@ def run_database(kind: str, db: Any, work: Path, events: int, reps: int, warmup:
         finally:
             conn.close()
     finally:
-        reg.engine.dispose()
+        reg.db.engine.dispose()
 
 
 def main() -> int:

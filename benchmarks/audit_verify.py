@@ -60,7 +60,7 @@ def child(home: str, url: str, expect: int) -> int:
     from model_registry.records import AuditEvent
 
     reg = common.make_registry(Path(home), url)
-    with reg.sessions() as s:  # warm up: mapper configured, connection open, statement caches primed
+    with reg.db.sessions() as s:  # warm up: mapper configured, connection open, statement caches primed
         s.execute(select(AuditEvent).where(AuditEvent.seq > 0).order_by(AuditEvent.seq).limit(1)).scalars().all()
     reset = True
     try:
@@ -71,10 +71,10 @@ def child(home: str, url: str, expect: int) -> int:
     rss_before = _status_kb("VmRSS") or 0
     hwm_before = _status_kb("VmHWM") or 0
     t0 = time.perf_counter()
-    result = reg.verify_audit(checkpoints=[])
+    result = reg.audit.verify(checkpoints=[])
     seconds = time.perf_counter() - t0
     hwm_after = _status_kb("VmHWM") or 0
-    reg.engine.dispose()
+    reg.db.engine.dispose()
     if not result.ok or result.events != expect:
         print(json.dumps({"error": f"verify said ok={result.ok}, events={result.events} ({result.problem}); "
                                    f"expected {expect} valid events"}))
@@ -89,7 +89,7 @@ def measure(kind: str, db: Any, work: Path, events: int) -> dict[str, Any]:
     url, connect, _ph = db
     home = work / f"home-{kind}-{events}"
     reg = common.make_registry(home, url)  # the migrations create the schema
-    reg.engine.dispose()
+    reg.db.engine.dispose()
     t0 = time.perf_counter()
     common.load_events(kind, connect, events, datetime.now().replace(microsecond=0) - timedelta(hours=1))
     log(f"{kind}: {events:,} chained events loaded in {time.perf_counter() - t0:.1f}s; verifying in a fresh process")

@@ -4,7 +4,7 @@
 through the raw DB-API cursor: sqlite3 for SQLite, psycopg for PostgreSQL (when a server answers at
 127.0.0.1:5432, user postgres, database test; a temporary database is created and dropped).
 
-The Registry is built as tests/conftest.py make_registry does (`Registry(settings, config)` on a
+The Registry is built as tests/conftest.py make_registry does (`bootstrap(settings, config)` on a
 temporary STARCHART_HOME, so the migrations run); the rows are inserted with SQLAlchemy into the
 jobs, versions and models tables, all jobs SUCCEEDED (so `state` has nothing to ask the backend).
 Each call is timed many times, project and baseline alternating, and the ratio of medians is
@@ -103,7 +103,7 @@ def populate(reg: Any, n: int) -> None:
     from model_registry.records import Job, ModelRecord, Version
 
     start = datetime(2024, 1, 1)
-    with reg.unit_of_work() as s:
+    with reg.db.unit_of_work() as s:
         for model, count in ((MODEL, n), (OTHER_MODEL, max(1, n // 5))):
             jobs, versions = make_rows(model, count, start, reg.settings.bucket, reg.settings.home)
             s.execute(insert(Job), jobs)
@@ -129,14 +129,14 @@ def write_config(home: Path) -> Path:
 
 
 def make_registry(home: Path, db_url: str) -> Any:
+    from model_registry.bootstrap import bootstrap
     from model_registry.config import ProjectConfig, Settings
-    from model_registry.workflow import Registry
 
     home.mkdir(parents=True, exist_ok=True)
     path = write_config(home)
     settings = Settings.from_env({"STARCHART_HOME": str(home), "DATABASE_URL": db_url,
                                   "STARCHART_CONFIG": str(path)})
-    return Registry(settings, ProjectConfig.load(path))
+    return bootstrap(settings, ProjectConfig.load(path))
 
 
 # ---------------------------------------------------------------------- databases
@@ -209,8 +209,8 @@ def run_database(kind: str, db: Any, work: Path, rows: int, reps: int, warmup: i
                 return run_decoded
 
             cases = {
-                "state": (lambda: reg.state(MODEL), STATE_SQL, 7),  # 7, 4: the JSON column (args, metrics)
-                "versions": (lambda: reg.versions(MODEL), VERSIONS_SQL, 4),
+                "state": (lambda: reg.jobs.state(MODEL), STATE_SQL, 7),  # 7, 4: the JSON column (args, metrics)
+                "versions": (lambda: reg.versions.of_model(MODEL), VERSIONS_SQL, 4),
             }
             results = {}
             for query, (project, sql, json_col) in cases.items():
@@ -246,7 +246,7 @@ def run_database(kind: str, db: Any, work: Path, rows: int, reps: int, warmup: i
             conn.close()
         return results
     finally:
-        reg.engine.dispose()
+        reg.db.engine.dispose()
 
 
 def main() -> int:

@@ -58,21 +58,21 @@ def prepare(home: Path) -> dict[str, str]:
     """A home where iris has one exposed version (the default), trained for real."""
     import yaml
 
+    from model_registry.bootstrap import bootstrap
     from model_registry.config import ProjectConfig, Settings
-    from model_registry.workflow import Registry
 
     home.mkdir(parents=True)
     config = home / "starchart.yaml"
     config.write_text(yaml.safe_dump({"trainer_base": str(ROOT / "trainers"), "model_files": str(home / "models")}))
     env = {"STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config),
            "DATABASE_URL": f"sqlite:///{home / 'starchart.db'}"}
-    reg = Registry(Settings.from_env(env), ProjectConfig.load(config))
+    reg = bootstrap(Settings.from_env(env), ProjectConfig.load(config))
     t0 = time.perf_counter()
-    job = reg.wait(reg.train("iris", "bench", args=["--epochs=3"])["job_id"])
+    job = reg.jobs.wait(reg.jobs.train("iris", "bench", args=["--epochs=3"])["job_id"])
     if job["state"] != "SUCCEEDED":
         raise SystemExit(f"training failed: {job}")
-    reg.expose("iris", "bench")
-    reg.engine.dispose()
+    reg.versions.expose("iris", "bench")
+    reg.db.engine.dispose()
     log(f"trained and exposed iris in {time.perf_counter() - t0:.1f}s")
     return env
 

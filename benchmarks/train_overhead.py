@@ -178,7 +178,7 @@ class Bench:
         return {
             "python_startup": timed([py, "-c", "pass"], self.env),
             "import_bot_cli": timed([py, "-c", "import bot.cli"], self.env),
-            "import_workflow": timed([py, "-c", "import bot.cli, model_registry.workflow"], self.env),
+            "import_workflow": timed([py, "-c", "import bot.cli, model_registry.bootstrap"], self.env),
             "starchart_state_cli": timed([*self.cli, "state", MODEL], self.env),
             "local_runner_starter": timed([py, "-c", "import model_registry.backends.local_runner"], self.env),
         }

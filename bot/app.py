@@ -166,7 +166,7 @@ def background_executor(gate: AckFirst | None = None, max_workers: int = 16) -> 
     return submit
 
 
-def create_bot(env: Mapping[str, str] | None = None, registry: Any = None,
+def create_bot(env: Mapping[str, str] | None = None,
                background: Callable[[Callable[[], None]], None] | None = None,
                follow_interval: float = 2.0) -> Bot:
     """The Bolt app with every listener, wired to the core; nothing here imports TensorFlow."""
@@ -176,17 +176,15 @@ def create_bot(env: Mapping[str, str] | None = None, registry: Any = None,
         raise InvalidInput("SLACK_BOT_TOKEN is not set", "set it to the app's Bot User OAuth Token (xoxb-…)")
     client = slack_client(env, token)
     members = group_members(client)
-    if registry is None:
-        def build() -> Any:
-            from model_registry.workflow import Registry
 
-            reg = Registry.from_env(members_of=members)
-            reg.reconcile()  # an apply interrupted by the last stop ends applied or failed, never applying
-            return reg
+    def build() -> Any:
+        from model_registry.bootstrap import Core
 
-        registry = LazyRegistry(build)
-    else:
-        registry._members_of = members
+        core = Core.from_env(members_of=members)
+        core.promotions.reconcile()  # an apply interrupted by the last stop ends applied or failed, never applying
+        return core
+
+    registry = LazyRegistry(build)
     gate = AckFirst()
     app = App(token=token, signing_secret=secret or "", client=client, token_verification_enabled=False,
               request_verification_enabled=True, process_before_response=False)

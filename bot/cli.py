@@ -101,10 +101,10 @@ def run_process(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any = None,
         out: Callable[[str], None] = print) -> int:
     from bot import text
+    from model_registry.bootstrap import Core
     from model_registry.names import parse_time
-    from model_registry.workflow import Registry
 
-    reg = registry or Registry.from_env()
+    reg = registry or Core.from_env()
     user = args.user or default_user()
     cmd = args.command
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
     if cmd == "train":
         if trainer_args is not None and any(a == "--" for a in trainer_args):
             raise Usage("starchart train: only one `--` separates the trainer's arguments")
-        job = reg.train(model_of(args), user, module=args.module, args=trainer_args, scale_tier=args.scale_tier,
+        job = reg.jobs.train(model_of(args), user, module=args.module, args=trainer_args, scale_tier=args.scale_tier,
                         region=args.region, machine_type=args.machine_type, workers=args.workers,
                         accelerator=args.accelerator)
         if not args.wait:
@@ -123,71 +123,71 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
             return EXIT_OK
         if not args.json:
             out(f"Job {job['job_id']} submitted; train path {job['train_path']}")
-        job = reg.wait(job["job_id"], on_change=None if args.json else lambda j: out(f"  {j['state']}"))
+        job = reg.jobs.wait(job["job_id"], on_change=None if args.json else lambda j: out(f"  {j['state']}"))
         emit(job, lambda: f"Job {job['job_id']} {job['state']}" + (f"\n{job['error']}" if job["error"] else ""))
         return EXIT_OK if job["state"] == "SUCCEEDED" else EXIT_JOB_FAILED
     if cmd in ("state", "jobs"):
-        jobs = reg.state(model_of(args))
+        jobs = reg.jobs.state(model_of(args))
         emit(jobs, lambda: text.table(jobs, [("job_id", "JOB"), ("state", "STATE"), ("created_at", "CREATED"),
                                              ("ended_at", "ENDED"), ("version", "VERSION"),
                                              ("requested_by", "BY"), ("args", "ARGS")]))
         return EXIT_OK
     if cmd == "logs":
-        log = reg.logs(args.job_id, tail=args.tail)
+        log = reg.jobs.logs(args.job_id, tail=args.tail)
         emit({"job_id": args.job_id, "log": log}, lambda: log)
         return EXIT_OK
     if cmd == "cancel":
-        job = reg.cancel(args.job_id, user)
+        job = reg.jobs.cancel(args.job_id, user)
         emit(job, lambda: f"Job {job['job_id']} {job['state']}")
         return EXIT_OK
     if cmd == "expose":
-        result = reg.expose(model_of(args), user)
+        result = reg.versions.expose(model_of(args), user)
         lines = [f"exposed {v['name']} from {v['job_id']}" for v in result["exposed"]] or ["nothing new to expose"]
         lines += [f"error: {e['error']}" for e in result["errors"]]
         emit(result, lambda: "\n".join(lines))
         return EXIT_ERROR if result["errors"] else EXIT_OK
     if cmd == "versions":
-        data = reg.versions(model_of(args))
+        data = reg.versions.of_model(model_of(args))
         emit(data, lambda: text.table(data["versions"], [
             ("name", "VERSION"), ("is_default", "DEFAULT"), ("created_at", "CREATED"), ("job_id", "JOB"),
             ("trained_by", "TRAINED BY"), ("metrics", "METRICS")]))
         return EXIT_OK
     if cmd == "diff":
-        diff = reg.diff(args.model, args.version, args.base)
+        diff = reg.versions.diff(args.model, args.version, args.base)
         emit(diff, lambda: "\n".join(text.diff_lines(diff)))
         return EXIT_OK
     if cmd in ("promote", "apply", "rollback"):
         if cmd == "promote":
-            req = reg.promote(args.model, args.version, user, args.reason)
+            req = reg.promotions.promote(args.model, args.version, user, args.reason)
         else:
-            req = getattr(reg, cmd)(model_of(args), user, args.reason)
+            req = getattr(reg.promotions, cmd)(model_of(args), user, args.reason)
         emit(req, lambda: "\n".join(text.request_lines(req) + [""] + text.diff_lines(req["diff"]) + [
             "", f"approve: starchart approve {req['id']} --user APPROVER"]))
         return EXIT_OK
     if cmd in ("approve", "reject"):
-        req = reg.decide(args.request, user, cmd == "approve", reason=getattr(args, "reason", None))
+        req = reg.promotions.decide(args.request, user, cmd == "approve", reason=getattr(args, "reason", None))
         if req["state"] == "approved":
-            req = reg.apply_request(req["id"], actor=user)
+            req = reg.promotions.apply_request(req["id"], actor=user)
         emit(req, lambda: "\n".join(text.request_lines(req)))
         return EXIT_ERROR if req["state"] == "failed" else EXIT_OK
     if cmd == "show":
-        req = reg.request(args.request)
+        req = reg.promotions.get(args.request)
         emit(req, lambda: "\n".join(text.request_lines(req) + [""] + text.diff_lines(req["diff"])))
         return EXIT_OK
     if cmd == "requests":
-        reqs = reg.requests(model_of(args))
+        reqs = reg.promotions.of_model(model_of(args))
         emit(reqs, lambda: text.table(reqs, [("id", "ID"), ("kind", "KIND"), ("candidate", "CANDIDATE"),
                                              ("base", "BASE"), ("state", "STATE"), ("requested_by", "BY"),
                                              ("approvals", "APPROVALS"), ("created_at", "CREATED")]))
         return EXIT_OK
     if cmd == "audit":
         if args.target == "checkpoint":
-            cp = reg.audit_checkpoint()
+            cp = reg.audit.checkpoint()
             emit(cp, lambda: f"checkpoint: {cp['count']} events, head {cp['head'][:16]} at {cp['at']}"
                              + ("" if cp["sig"] else " (unsigned: set STARCHART_AUDIT_KEY)"))
             return EXIT_OK
         if args.target == "verify":
-            result = reg.verify_audit()
+            result = reg.audit.verify()
             emit(result.__dict__, lambda: (f"audit chain OK: {result.events} events, head {result.head_hash[:16]}, "
                                            f"{result.checkpoints} checkpoints matched"
                                            if result.ok else f"audit chain BROKEN: {result.problem}"))
@@ -195,14 +195,14 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
         if args.at:
             if not args.target:
                 raise Usage("starchart audit --at: a model is required (audit MODEL --at TIME)")
-            answer = reg.default_at(args.target, parse_time(args.at))
+            answer = reg.audit.default_at(args.target, parse_time(args.at))
             emit(answer, lambda: "\n".join(text.default_at_lines(answer)))
             return EXIT_OK
         filters = {"model": args.target, "since": parse_time(args.since) if args.since else None,
                    "until": parse_time(args.until) if args.until else None, "actor": args.actor,
                    "action": args.action, "version": args.version}
         # --csv exports everything that matches; the table shows --limit rows
-        events = reg.all_audit_events(**filters) if args.csv else reg.audit_events(limit=args.limit, **filters)
+        events = reg.audit.all_events(**filters) if args.csv else reg.audit.events(limit=args.limit, **filters)
         if args.csv:
             writer = csv.writer(sys.stdout)
             writer.writerow(["seq", "at", "action", "actor", "model", "version", "request_id", "job_id", "details"])
@@ -217,26 +217,26 @@ def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any 
         return EXIT_OK
     if cmd == "predict":
         payload = args.instances if args.instances not in (None, "-") else sys.stdin.read()
-        answer = reg.predict(args.model, payload, version=args.version)
+        answer = reg.predictions.predict(args.model, payload, version=args.version)
         emit(answer, lambda: f"{answer['model']} {answer['version']}:\n" + json.dumps(
             {k: v for k, v in answer.items() if k in ("predictions", "outputs")}, indent=2))
         return EXIT_OK
     if cmd == "pull":
-        pulled = reg.pull(args.model, args.version, args.to)
+        pulled = reg.predictions.pull(args.model, args.version, args.to)
         emit(pulled, lambda: f"pulled {pulled['model']} {pulled['version']} into {pulled['path']} "
                              f"({pulled['files']} files, {pulled['bytes']:,} bytes)\n"
                              f"  load it: tf.saved_model.load({pulled['path']!r}).signatures['serving_default']")
         return EXIT_OK
     if cmd == "schedule":
         if args.target in (None, "list"):
-            rows = reg.schedules()
+            rows = reg.schedules.all()
             emit(rows, lambda: text.table(rows, [("model", "MODEL"), ("cron", "CRON"), ("timezone", "TZ"),
                                                  ("enabled", "ON"), ("next_run_at", "NEXT"), ("args", "ARGS")]))
             return EXIT_OK
         if args.cron is None:
             raise Usage('starchart schedule MODEL "CRON" [-- ARGS] | schedule MODEL off | schedule list')
-        row = (reg.disable_schedule(args.target, user) if args.cron == "off"
-               else reg.set_schedule(args.target, args.cron, user, trainer_args, args.timezone))
+        row = (reg.schedules.disable(args.target, user) if args.cron == "off"
+               else reg.schedules.set(args.target, args.cron, user, trainer_args, args.timezone))
         emit(row, lambda: f"{row['model']}: {'every ' + row['cron'] + ' ' + row['timezone'] if row['enabled'] else 'off'}"
                           + (f", next run {row['next_run_at']}" if row["next_run_at"] else ""))
         return EXIT_OK

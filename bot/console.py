@@ -156,9 +156,9 @@ class Console:
 
 
 def run_console(user: str) -> int:
-    from model_registry.workflow import Registry
+    from model_registry.bootstrap import Core
 
-    console = Console(Registry.from_env(), user)
+    console = Console(Core.from_env(), user)
     console.write(f"StarChart console — you are {user}. Type /ml help; /as USER switches user; a number clicks "
                   f"that button; /quit leaves.")
     while True:

@@ -22,7 +22,7 @@ TRAINER, REQUESTER, APPROVER = "U0TRAINER", "U0REQUESTER", "U0APPROVER"
 
 
 def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int:
-    from model_registry.workflow import Registry
+    from model_registry.bootstrap import bootstrap
 
     home = home or Path(tempfile.mkdtemp(prefix="starchart-demo-"))
     config_path = home / "starchart.yaml"
@@ -34,7 +34,7 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
     }))
     env = {**os.environ, "STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config_path),
            "STARCHART_BACKEND": "local", "DATABASE_URL": f"sqlite:///{home / 'starchart.db'}"}
-    reg = Registry(Settings.from_env(env), ProjectConfig.load(config_path))
+    reg = bootstrap(Settings.from_env(env), ProjectConfig.load(config_path))
     console = Console(reg, TRAINER, follow_interval=0.5)
 
     def type_(user: str, line: str) -> None:
@@ -51,13 +51,13 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
                   f"console shows them")
     type_(TRAINER, f"/ml train iris -- --epochs={epochs[0]} --learning_rate=0.01")
     type_(TRAINER, f"/ml train iris -- --epochs={epochs[1]} --learning_rate=0.02")
-    if any(j["state"] != "SUCCEEDED" for j in reg.state("iris")):
+    if any(j["state"] != "SUCCEEDED" for j in reg.jobs.state("iris")):
         console.write("a training failed; see above")
         return 1
     type_(TRAINER, "/ml state iris")
     type_(TRAINER, "/ml expose iris")
     type_(TRAINER, "/ml versions iris")
-    candidate = reg.versions("iris")["versions"][0]["name"]
+    candidate = reg.versions.of_model("iris")["versions"][0]["name"]
     type_(REQUESTER, f"/ml promote iris {candidate} --reason \"more epochs\"")
     type_(REQUESTER, "/ml diff iris")
     click_approve(REQUESTER)  # refused: the requester may not approve
@@ -72,7 +72,7 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
         reg.backend.stop_server()
     type_(APPROVER, "/ml audit iris --limit 20")
     type_(APPROVER, "/ml audit verify")
-    switched = reg.default_version("iris") == candidate and reg.backend.current_default("iris") == candidate
-    console.write(f"\nDefault of iris: {reg.default_version('iris')} (local server: "
+    switched = reg.versions.default("iris") == candidate and reg.backend.current_default("iris") == candidate
+    console.write(f"\nDefault of iris: {reg.versions.default('iris')} (local server: "
                   f"{reg.backend.current_default('iris')}). Model file: {reg.config.model_files / 'iris.yaml'}")
-    return 0 if switched and reg.verify_audit().ok else 1
+    return 0 if switched and reg.audit.verify().ok else 1

@@ -69,7 +69,7 @@ class WebApp:
         if not getattr(registry, "ready", lambda: True)():
             return _reply(start_response, "200 OK", {"ok": True, "core": "loading"})
         try:
-            registry.default_version("healthz")
+            registry.versions.default("healthz")
         except Exception as exc:  # the database is unreachable: not healthy
             return _reply(start_response, "503 Service Unavailable", {"ok": False, "core": "ready",
                                                                        "error": type(exc).__name__})
@@ -91,12 +91,12 @@ class WebApp:
             return _reply(start_response, "413 Payload Too Large", {"error": "request body too large"})
         try:
             if not predict:
-                status = self.bot.registry.served(model, version)
+                status = self.bot.registry.predictions.served(model, version)
                 return _reply(start_response, "200 OK", {"model_version_status": [
                     {"version": status["version"], "state": "AVAILABLE",
                      "status": {"error_code": "OK", "error_message": ""}}]})
             body = environ["wsgi.input"].read(length) if length else b""
-            answer = self.bot.registry.predict(model, body, version=version)
+            answer = self.bot.registry.predictions.predict(model, body, version=version)
         except StarchartError as exc:
             return _reply(start_response, _prediction_status(exc),
                           {"error": exc.message + (f" ({exc.hint})" if exc.hint else "")})
@@ -115,7 +115,7 @@ class WebApp:
         if not self.verifier.is_valid(body=body, timestamp=timestamp, signature=signature):
             why = "missing signature" if not (timestamp and signature) else "invalid or expired signature"
             try:
-                self.bot.registry.record_refusal("unknown", "bad_signature", why,
+                self.bot.registry.audit.record_refusal("unknown", "bad_signature", why,
                                                  details={"remote_addr": environ.get("REMOTE_ADDR")})
             except Exception:  # recording must never turn a refusal into an acceptance
                 log.exception("could not record a refused Slack request")

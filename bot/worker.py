@@ -19,7 +19,7 @@ def checkpoint_due(registry: Any, now: datetime) -> bool:
     every = registry.config.audit_checkpoint.get("every")
     if not every:
         return False
-    last = max((str(cp.get("at", "")) for cp in registry.audit_checkpoints()), default="")
+    last = max((str(cp.get("at", "")) for cp in registry.audit.checkpoints()), default="")
     if not last:
         return True
     return now - datetime.strptime(last, "%Y-%m-%dT%H:%M:%SZ") >= parse_duration(str(every))
@@ -27,7 +27,7 @@ def checkpoint_due(registry: Any, now: datetime) -> bool:
 
 def post_checkpoint(registry: Any, client: Any) -> dict[str, Any]:
     """Record a checkpoint outside the database and post a copy to the configured Slack channel."""
-    cp = registry.audit_checkpoint()
+    cp = registry.audit.checkpoint()
     channel = registry.config.audit_checkpoint.get("channel")
     if client is not None and channel:
         text = (f"Audit checkpoint: {cp['count']} events, head `{cp['head']}` at {cp['at']}"
@@ -53,9 +53,9 @@ def post_review_cards(registry: Any, client: Any, requests: list[dict[str, Any]]
 
 
 def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
-    done = {"jobs": registry.refresh_jobs(), "reconciled": len(registry.reconcile()),
-            "expired": registry.expire_requests(), "checkpoints": 0}
-    opened = registry.follow_scheduled()
+    done = {"jobs": registry.jobs.refresh(), "reconciled": len(registry.promotions.reconcile()),
+            "expired": registry.promotions.expire(), "checkpoints": 0}
+    opened = registry.schedules.follow_scheduled()
     post_review_cards(registry, client, opened)
     done["reviews"] = len(opened)
     if checkpoint_due(registry, utcnow()):
@@ -65,10 +65,10 @@ def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
 
 
 def run_worker(once: bool = False, interval: float = 10.0) -> int:
-    from model_registry.workflow import Registry
+    from model_registry.bootstrap import Core
 
     _log_progress()
-    registry = Registry.from_env()
+    registry = Core.from_env()
     client = None
     if os.environ.get("SLACK_BOT_TOKEN"):
         from bot.app import slack_client
@@ -105,14 +105,14 @@ def _every(interval: float, work: Callable[[], None], name: str, once: bool) -> 
 
 def run_clock(once: bool = False, interval: float = 30.0) -> int:
     """`starchart clock`: start scheduled trainings when they are due (several clocks never double-fire)."""
-    from model_registry.workflow import Registry
+    from model_registry.bootstrap import Core
 
     _log_progress()
-    registry = Registry.from_env()
-    registry.sync_configured_schedules()
+    registry = Core.from_env()
+    registry.schedules.sync_configured()
 
     def work() -> None:
-        for job in registry.run_due_schedules():
+        for job in registry.schedules.run_due():
             log.info("scheduled training %s started", job["job_id"])
 
     return _every(interval, work, "clock", once)

@@ -27,12 +27,12 @@ def _parsed(filters: dict[str, Any]) -> dict[str, Any]:
 
 
 def _query(deps: Deps, filters: dict[str, Any], limit: int, before_seq: int | None = None) -> list[dict[str, Any]]:
-    return deps.registry.audit_events(limit=limit, before_seq=before_seq, **_parsed(filters))
+    return deps.registry.audit.events(limit=limit, before_seq=before_seq, **_parsed(filters))
 
 
 def audit(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
     if args.target == "checkpoint":
-        cp = deps.registry.audit_checkpoint()
+        cp = deps.registry.audit.checkpoint()
         channel = deps.registry.config.audit_checkpoint.get("channel") or ctx.channel
         text = (f"Audit checkpoint: {cp['count']} events, head `{cp['head']}` at {cp['at']}"
                 + (f", signature `{cp['sig']}`" if cp["sig"] else " (unsigned)"))
@@ -40,7 +40,7 @@ def audit(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) ->
         ctx.ephemeral(f"Checkpoint posted to <#{channel}>.")
         return
     if args.target == "verify":
-        result = deps.registry.verify_audit()
+        result = deps.registry.audit.verify()
         text = (f":white_check_mark: Audit chain OK: {result.events} events, head `{result.head_hash[:16]}`, "
                 f"{result.checkpoints} checkpoints matched"
                 if result.ok else f":rotating_light: Audit chain BROKEN: {result.problem}")
@@ -49,13 +49,13 @@ def audit(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) ->
     if args.at:
         if not args.target:
             raise InvalidInput("audit --at needs a model", "e.g. /ml audit iris --at 2026-11-01T09:00")
-        answer = deps.registry.default_at(args.target, parse_time(args.at))
+        answer = deps.registry.audit.default_at(args.target, parse_time(args.at))
         text, blocks = deps.render.default_at_message(answer)
         _answer(ctx, text, blocks, args.share)
         return
     filters = _filters(args)
     if args.csv:
-        events = list(deps.registry.all_audit_events(**_parsed(filters)))
+        events = list(deps.registry.audit.all_events(**_parsed(filters)))
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["seq", "at", "action", "actor", "actor_name", "model", "version", "request_id", "job_id",

@@ -16,7 +16,7 @@ def post_card(deps: Deps, ctx: Ctx, req: dict[str, Any]) -> dict[str, Any]:
     text, blocks, truncated = deps.render.review_card(req)
     posted = ctx.client.chat_postMessage(channel=channel, text=text, blocks=blocks, unfurl_links=False)
     channel, ts = posted["channel"], posted["ts"]
-    deps.registry.set_card(req["id"], channel, ts)
+    deps.registry.promotions.set_card(req["id"], channel, ts)
     req = {**req, "channel": channel, "message_ts": ts}
     if truncated:
         full = deps.render.full_diff_text(req)
@@ -40,10 +40,10 @@ def decide_and_apply(deps: Deps, ctx: Ctx, request_id: int, approve: bool, *, re
                      message_ts: str | None = None) -> dict[str, Any]:
     """One decision, then (if it completed the approvals) the application, the card updated after each."""
     reg = deps.registry
-    req = reg.decide(request_id, ctx.user, approve, reason=reason, card_digest=card_digest, channel=channel,
+    req = reg.promotions.decide(request_id, ctx.user, approve, reason=reason, card_digest=card_digest, channel=channel,
                      message_ts=message_ts, actor_name=deps.user_name(ctx.user))
     refresh_card(deps, ctx, req)
     if req["state"] == "approved":
-        req = reg.apply_request(request_id, actor=ctx.user)
+        req = reg.promotions.apply_request(request_id, actor=ctx.user)
         refresh_card(deps, ctx, req)
     return req

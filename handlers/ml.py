@@ -90,7 +90,7 @@ def register(app: Any, deps: Deps) -> None:
         ctx = action_ctx(body, client, respond)
 
         def refuse() -> None:
-            deps.registry.record_refusal(ctx.user, "unknown_action", f"action id {str(action.get('action_id'))[:100]!r}",
+            deps.registry.audit.record_refusal(ctx.user, "unknown_action", f"action id {str(action.get('action_id'))[:100]!r}",
                                          channel=ctx.channel, message_ts=ctx.message_ts)
             ctx.ephemeral(*render.error("that button is not one this bot knows", "use the buttons of a current card"))
 

@@ -11,7 +11,7 @@ from model_registry.errors import InvalidInput
 def schedule(deps: Deps, ctx: Ctx, args: argparse.Namespace, trainer_args: list[str] | None = None) -> None:
     reg = deps.registry
     if args.target in (None, "list"):
-        text, blocks, _ = deps.render.table("Schedules", reg.schedules(), [
+        text, blocks, _ = deps.render.table("Schedules", reg.schedules.all(), [
             ("model", "MODEL"), ("cron", "CRON"), ("timezone", "TZ"), ("enabled", "ON"), ("next_run_at", "NEXT"),
             ("args", "ARGS")])
         ctx.ephemeral(text, blocks)
@@ -19,8 +19,8 @@ def schedule(deps: Deps, ctx: Ctx, args: argparse.Namespace, trainer_args: list[
     if args.cron is None:
         raise InvalidInput("a schedule needs a cron or `off`", 'e.g. /ml schedule iris "0 3 * * *" -- --epochs=20')
     if args.cron == "off":
-        row = reg.disable_schedule(args.target, ctx.user)
+        row = reg.schedules.disable(args.target, ctx.user)
         ctx.ephemeral(f"The schedule of {row['model']} is off.")
         return
-    row = reg.set_schedule(args.target, args.cron, ctx.user, trainer_args, args.timezone)
+    row = reg.schedules.set(args.target, args.cron, ctx.user, trainer_args, args.timezone)
     ctx.ephemeral(f"{row['model']} trains at `{row['cron']}` ({row['timezone']}); next run {row['next_run_at']}.")

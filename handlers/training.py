@@ -13,7 +13,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 def train(deps: Deps, ctx: Ctx, args: argparse.Namespace, trainer_args: list[str] | None) -> None:
-    job = deps.registry.train(model_of(args), ctx.user, module=args.module, args=trainer_args,
+    job = deps.registry.jobs.train(model_of(args), ctx.user, module=args.module, args=trainer_args,
                               scale_tier=args.scale_tier, region=args.region, machine_type=args.machine_type,
                               workers=args.workers, accelerator=args.accelerator)
     text, blocks = deps.render.job_message(job)
@@ -27,11 +27,11 @@ def follow(deps: Deps, ctx: Ctx, job: dict[str, Any], channel: str, ts: str, tim
     shown, last_edit, deadline = job["state"], time.monotonic(), time.monotonic() + timeout
     while job["state"] not in TERMINAL and time.monotonic() < deadline:
         time.sleep(deps.follow_interval)
-        reg.refresh_jobs(job["model"])
-        job = reg.job(job["job_id"])
+        reg.jobs.refresh(job["model"])
+        job = reg.jobs.get(job["job_id"])
         due = job["state"] == "RUNNING" and time.monotonic() - last_edit >= deps.running_update_every
         if job["state"] != shown or due:
-            metrics = reg.job_metrics(job["job_id"]) if job["state"] == "SUCCEEDED" else None
+            metrics = reg.jobs.metrics(job["job_id"]) if job["state"] == "SUCCEEDED" else None
             text, blocks = deps.render.job_message(job, metrics)
             ctx.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
             shown, last_edit = job["state"], time.monotonic()
@@ -39,7 +39,7 @@ def follow(deps: Deps, ctx: Ctx, job: dict[str, Any], channel: str, ts: str, tim
 
 def state(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
     model = model_of(args)
-    jobs = deps.registry.state(model, limit=40)
+    jobs = deps.registry.jobs.state(model, limit=40)
     text, blocks, truncated = deps.render.table(
         f"Jobs of {model}", jobs, [("job_id", "JOB"), ("state", "STATE"), ("created_at", "CREATED"),
                                    ("version", "VERSION"), ("requested_by", "BY"), ("args", "ARGS")],
@@ -48,10 +48,10 @@ def state(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) ->
 
 
 def logs(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
-    text, blocks = deps.render.plain_text(f"Log of {args.job_id}", deps.registry.logs(args.job_id, tail=args.tail))
+    text, blocks = deps.render.plain_text(f"Log of {args.job_id}", deps.registry.jobs.logs(args.job_id, tail=args.tail))
     ctx.ephemeral(text, blocks)
 
 
 def cancel(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
-    job = deps.registry.cancel(args.job_id, ctx.user)
+    job = deps.registry.jobs.cancel(args.job_id, ctx.user)
     ctx.ephemeral(f"Job {job['job_id']} {job['state'].lower()}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -11,26 +10,40 @@ from typing import Any, Iterable, Iterator
 from sqlalchemy import select
 
 from model_registry import audit, names
+from model_registry.config import Settings
 from model_registry.errors import InvalidInput, NotFound
 from model_registry.records import (
     PromotionRequest,
     Version,
 )
-from model_registry.service import Service
+from model_registry.service import Catalog, Database
 from model_registry.views import iso, request_view
 
 
-class AuditTrail(Service):
+class AuditTrail:
+    """The audit chain as people ask about it, and the refusals recorded outside any other change."""
+
+    def __init__(self, db: Database, catalog: Catalog, settings: Settings) -> None:
+        self.db, self.catalog, self.settings = db, catalog, settings
 
     @property
     def _checkpoint_file(self) -> Path:
         return self.settings.home / "audit" / "checkpoints.jsonl"
 
     def _audit_key(self) -> bytes | None:
-        key = os.environ.get("STARCHART_AUDIT_KEY") or os.environ.get("SLACK_SIGNING_SECRET")
+        key = self.settings.audit_key
         return key.encode() if key else None
 
-    def audit_checkpoints(self) -> list[dict[str, Any]]:
+    def record_refusal(self, actor: str, reason: str, message: str, *, model: str | None = None,
+                       request_id: int | None = None, channel: str | None = None, message_ts: str | None = None,
+                       details: dict[str, Any] | None = None) -> None:
+        """Record a refused request that changed nothing (forged, tampered, unauthorised)."""
+        with self.db.unit_of_work() as s:
+            audit.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
+                         message_ts=message_ts, details={"reason": reason, "message": message[:500],
+                                                         **(details or {})})
+
+    def checkpoints(self) -> list[dict[str, Any]]:
         """Checkpoints kept outside the database (one JSON object per line)."""
         try:
             lines = self._checkpoint_file.read_text().splitlines()
@@ -44,21 +57,21 @@ class AuditTrail(Service):
                 out.append({"malformed": line[:100]})
         return out
 
-    def audit_checkpoint(self) -> dict[str, Any]:
+    def checkpoint(self) -> dict[str, Any]:
         """Record the chain's head outside the database; the caller may also post it (e.g. to Slack)."""
-        with self.reads() as s:
+        with self.db.reads() as s:
             cp = audit.checkpoint(s, self._audit_key())
         self._checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self._checkpoint_file, "a") as fh:
             fh.write(json.dumps(cp, sort_keys=True) + "\n")
         return cp
 
-    def verify_audit(self, checkpoints: Iterable[dict[str, Any]] | None = None) -> audit.VerifyResult:
-        cps = self.audit_checkpoints() if checkpoints is None else list(checkpoints)
-        with self.reads() as s:
+    def verify(self, checkpoints: Iterable[dict[str, Any]] | None = None) -> audit.VerifyResult:
+        cps = self.checkpoints() if checkpoints is None else list(checkpoints)
+        with self.db.reads() as s:
             return audit.verify(s, cps, self._audit_key())
 
-    def audit_events(self, *, model: str | None = None, since: datetime | None = None,
+    def events(self, *, model: str | None = None, since: datetime | None = None,
                      until: datetime | None = None, actor: str | None = None, action: str | None = None,
                      version: str | None = None, limit: int = 50, before_seq: int | None = None
                      ) -> list[dict[str, Any]]:
@@ -72,17 +85,17 @@ class AuditTrail(Service):
         if since is not None and until is not None and since >= until:
             raise InvalidInput("--since is not before --until", "swap them, or drop one")
         # one indexed SELECT on a pooled connection, outside any transaction (a read needs none)
-        rows = audit.query_engine(self.engine, model=model, since=since, until=until, actor=actor, action=action,
+        rows = audit.query_engine(self.db.engine, model=model, since=since, until=until, actor=actor, action=action,
                                   version=version, limit=limit, before_seq=before_seq, actor_must_exist=True)
         if rows is None:
             raise NotFound(f"no audit events by {actor!r}", "check the user id (in Slack, @mention the person)")
         return rows
 
-    def all_audit_events(self, **filters: Any) -> Iterator[dict[str, Any]]:
+    def all_events(self, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every event matching the filters, newest first, a page of 1,000 at a time (CSV exports)."""
         before: int | None = None
         while True:
-            page = self.audit_events(limit=1000, before_seq=before, **filters)
+            page = self.events(limit=1000, before_seq=before, **filters)
             yield from page
             if len(page) < 1000:
                 return
@@ -91,8 +104,8 @@ class AuditTrail(Service):
     def default_at(self, model: str, at: datetime) -> dict[str, Any]:
         """Which version was the default of `model` at `at`, who requested and approved it, from what."""
         names.validate_model_name(model)
-        with self.reads() as s:
-            self._require_model(model, s)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
             event = audit.default_event_at(s, model, at)
             if event is None:
                 raise NotFound(f"{model} had no default version at {iso(at)}",
@@ -101,9 +114,9 @@ class AuditTrail(Service):
                                       "since": iso(event.created_at), "how": event.action, "event_seq": event.seq}
             if event.request_id is not None:
                 req = s.get(PromotionRequest, event.request_id)
-                answer["request"] = request_view(req, self._approvals(s, req.id)) if req else None
+                answer["request"] = request_view(req, self.catalog.approvals(s, req.id)) if req else None
                 answer["requested_by"] = req.requested_by if req else None
-                answer["approved_by"] = [a.approver for a in self._approvals(s, event.request_id)
+                answer["approved_by"] = [a.approver for a in self.catalog.approvals(s, event.request_id)
                                          if a.decision == "approve"]
             else:
                 answer["requested_by"], answer["approved_by"] = event.actor, []

@@ -32,6 +32,7 @@ class Settings:
     bucket: str
     gcp_project: str | None
     gcp_region: str
+    audit_key: str | None = None  # signs audit checkpoints (STARCHART_AUDIT_KEY, else the Slack signing secret)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -55,6 +56,7 @@ class Settings:
             bucket=bucket,
             gcp_project=project,
             gcp_region=env.get("GCP_REGION") or "us-central1",
+            audit_key=env.get("STARCHART_AUDIT_KEY") or env.get("SLACK_SIGNING_SECRET") or None,
         )
 
 

@@ -11,6 +11,8 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from model_registry import audit, names
+from model_registry.backends.base import Backend
+from model_registry.config import ProjectConfig
 from model_registry.diffs import diff_versions, version_digest
 from model_registry.errors import ArtifactError, InvalidInput, NotFound, StarchartError
 from model_registry.model_files import write_model_file
@@ -21,20 +23,25 @@ from model_registry.records import (
     ModelRecord,
     Version,
 )
-from model_registry.service import Service
+from model_registry.service import Catalog, Database
 from model_registry.signatures import read_signature
+from model_registry.training import Jobs
 from model_registry.views import decoded_all, iso, iso_utc, raw_json, version_view
 
 
-class Exposing(Service):
+class Versions:
+    """Versions of every model: made from succeeded jobs, listed, compared, written to the model files."""
+
+    def __init__(self, db: Database, catalog: Catalog, config: ProjectConfig, backend: Backend, jobs: Jobs) -> None:
+        self.db, self.catalog, self.config, self.backend, self.jobs = db, catalog, config, backend, jobs
 
     def expose(self, model: str, user: str) -> dict[str, Any]:
         """Turn every succeeded, unexposed job into a version. Returns {'exposed': [...], 'errors': [...]}."""
         names.validate_model_name(model)
-        self._require_model(model)
-        check_operator(self.config.policy(model), user, self.members_of, "expose", model)
-        self.refresh_jobs(model)
-        with self.unit_of_work() as s:
+        self.catalog.require_model(model)
+        check_operator(self.config.policy(model), user, self.catalog.members_of, "expose", model)
+        self.jobs.refresh(model)
+        with self.db.unit_of_work() as s:
             jobs = s.execute(select(Job).where(Job.model == model, Job.state == SUCCEEDED,
                                                Job.version_name.is_(None)).order_by(Job.ts)).scalars().all()
         exposed, errors = [], []
@@ -87,12 +94,12 @@ class Exposing(Service):
         view = version_view(version)
         version.digest = version_digest(view)
         view["digest"] = version.digest
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             first = s.execute(select(func.count()).select_from(Version).where(Version.model == job.model)).scalar() == 0
         ref = self.backend.register_version(job.model, view, first)
         initialized = False
         try:
-            with self.unit_of_work() as s:
+            with self.db.unit_of_work() as s:
                 if not s.execute(update(Job).where(Job.job_id == job.job_id, Job.version_name.is_(None))
                                  .values(version_name=version.name)).rowcount:
                     return None  # another process exposed it first
@@ -117,10 +124,10 @@ class Exposing(Service):
         self.backend.storage.write_bytes(record_uri, json.dumps(view, indent=2, sort_keys=True).encode())
         return view
 
-    def versions(self, model: str) -> dict[str, Any]:
-        self._require_model(model)
-        rows = self.read_rows(_VERSIONS, model=model)
-        default = rows[0][6] if rows else next(iter(self.read_rows(_DEFAULT, model=model)), (None,))[0]
+    def of_model(self, model: str) -> dict[str, Any]:
+        self.catalog.require_model(model)
+        rows = self.db.read_rows(_VERSIONS, model=model)
+        default = rows[0][6] if rows else next(iter(self.db.read_rows(_DEFAULT, model=model)), (None,))[0]
         all_metrics = decoded_all([row[4] for row in rows])
         return {
             "model": model, "default": default,
@@ -131,14 +138,14 @@ class Exposing(Service):
             ],
         }
 
-    def default_version(self, model: str) -> str | None:
-        with self.reads() as s:
+    def default(self, model: str) -> str | None:
+        with self.db.reads() as s:
             record = s.get(ModelRecord, model)
             return record.default_version if record else None
 
     def diff(self, model: str, version: str | None = None, base: str | None = None) -> dict[str, Any]:
-        with self.reads() as s:
-            self._require_model(model, s)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
             record = s.get(ModelRecord, model)
             if version is None:
                 newest = s.execute(select(Version.name).where(Version.model == model)
@@ -146,16 +153,16 @@ class Exposing(Service):
                 if newest is None:
                     raise NotFound(f"{model} has no versions", f"train it, then run `expose {model}`")
                 version = newest
-            cand = version_view(self._version(s, model, version))
+            cand = version_view(self.catalog.version(s, model, version))
             base_name = base or (record.default_version if record else None)
             if base_name == version:
                 raise InvalidInput(f"{version} is the default of {model}: there is nothing to compare it with",
                                    f"name two versions: `diff {model} VERSION BASE` (see `versions {model}`)")
-            base_view = version_view(self._version(s, model, base_name)) if base_name else None
+            base_view = version_view(self.catalog.version(s, model, base_name)) if base_name else None
         return diff_versions(cand, base_view)
 
     def write_model_file(self, model: str) -> Path:
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             versions = [version_view(v) for v in s.execute(
                 select(Version).where(Version.model == model).order_by(Version.name)).scalars()]
             record = s.get(ModelRecord, model)

@@ -11,8 +11,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from model_registry import audit, names
+from model_registry.audit_trail import AuditTrail
+from model_registry.backends.base import Backend
+from model_registry.config import ProjectConfig
 from model_registry.diffs import card_digest, diff_versions
 from model_registry.errors import InvalidInput, NotFound, Refused, StarchartError
+from model_registry.exposing import Versions
 from model_registry.model_files import marked_default, read_model_file
 from model_registry.policy import check_approver, check_operator, is_listed
 from model_registry.records import (
@@ -28,22 +32,28 @@ from model_registry.records import (
     ModelRecord,
     PromotionRequest,
 )
-from model_registry.service import Service
+from model_registry.service import Catalog, Database
 from model_registry.views import iso, request_view, version_view
 
 RECONCILE_AFTER = timedelta(minutes=2)  # an apply older than this with no result was interrupted
 
 
-class Promotions(Service):
+class Promotions:
+    """Promotion requests of every model, from opening to the switch of the default."""
+
+    def __init__(self, db: Database, catalog: Catalog, config: ProjectConfig, backend: Backend, versions: Versions,
+                 audit_trail: AuditTrail) -> None:
+        self.db, self.catalog, self.config, self.backend = db, catalog, config, backend
+        self.versions, self.audit = versions, audit_trail
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
                 channel: str | None = None) -> dict[str, Any]:
         names.validate_model_name(model)
         policy = self.config.policy(model)
-        check_operator(policy, user, self.members_of, "request a promotion of", model)
-        with self.unit_of_work() as s:
-            self._require_model(model, s)
-            cand = self._version(s, model, version)
+        check_operator(policy, user, self.catalog.members_of, "request a promotion of", model)
+        with self.db.unit_of_work() as s:
+            self.catalog.require_model(model, s)
+            cand = self.catalog.version(s, model, version)
             record = s.get(ModelRecord, model)
             base_name = record.default_version if record else None
             if base_name == version:
@@ -53,9 +63,9 @@ class Promotions(Service):
                 PromotionRequest.base_version == base_name, PromotionRequest.state == OPEN,
                 PromotionRequest.expires_at > names.utcnow())).scalar_one_or_none()
             if existing is not None:  # a retried command finds the open request instead of a twin
-                return request_view(existing, self._approvals(s, existing.id))
+                return request_view(existing, self.catalog.approvals(s, existing.id))
             cand_view = version_view(cand)
-            base_view = version_view(self._version(s, model, base_name)) if base_name else None
+            base_view = version_view(self.catalog.version(s, model, base_name)) if base_name else None
             diff = diff_versions(cand_view, base_view)
             now = names.utcnow()
             req = PromotionRequest(
@@ -77,15 +87,15 @@ class Promotions(Service):
     def apply(self, model: str, user: str, reason: str | None = None) -> dict[str, Any]:
         """StarChart's apply: request the version marked isDefault in models/<model>.yaml."""
         names.validate_model_name(model)
-        self._require_model(model)
+        self.catalog.require_model(model)
         doc = read_model_file(self.config.model_files, model)
         wanted = marked_default(doc, str(self.config.model_files / f"{model}.yaml"))
         return self.promote(model, wanted, user, reason, kind="apply")
 
     def rollback(self, model: str, user: str, reason: str | None = None) -> dict[str, Any]:
         names.validate_model_name(model)
-        with self.unit_of_work() as s:
-            self._require_model(model, s)
+        with self.db.unit_of_work() as s:
+            self.catalog.require_model(model, s)
             target = self._previous_default(s, model)
         return self.promote(model, target, user, reason, kind="rollback")
 
@@ -107,24 +117,24 @@ class Promotions(Service):
                                f"promote a version instead: `promote {model} VERSION`")
         return stack[-2]
 
-    def request(self, request_id: int) -> dict[str, Any]:
-        with self.reads() as s:
+    def get(self, request_id: int) -> dict[str, Any]:
+        with self.db.reads() as s:
             req = s.get(PromotionRequest, request_id)
             if req is None:
                 raise NotFound(f"no promotion request #{request_id}", "list them with `requests MODEL`")
-            return request_view(req, self._approvals(s, req.id))
+            return request_view(req, self.catalog.approvals(s, req.id))
 
-    def requests(self, model: str, open_only: bool = False) -> list[dict[str, Any]]:
-        with self.reads() as s:
-            self._require_model(model, s)
+    def of_model(self, model: str, open_only: bool = False) -> list[dict[str, Any]]:
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
             q = select(PromotionRequest).where(PromotionRequest.model == model)
             if open_only:
                 q = q.where(PromotionRequest.state.in_([OPEN, APPROVED, APPLYING, FAILED_APPLY]))
-            return [request_view(r, self._approvals(s, r.id)) for r in
+            return [request_view(r, self.catalog.approvals(s, r.id)) for r in
                     s.execute(q.order_by(PromotionRequest.id.desc()).limit(50)).scalars()]
 
     def set_card(self, request_id: int, channel: str, message_ts: str) -> None:
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             s.execute(update(PromotionRequest).where(PromotionRequest.id == request_id)
                       .values(channel=channel, message_ts=message_ts))
 
@@ -136,7 +146,7 @@ class Promotions(Service):
             raise InvalidInput("a rejection needs a reason", "say why, e.g. --reason 'accuracy dropped'")
         refusal: Refused | None = None
         ctx = {"channel": channel, "message_ts": message_ts, "actor_name": actor_name}
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             req = s.get(PromotionRequest, request_id, with_for_update=True)
             if req is None:
                 refusal = Refused(f"no promotion request #{request_id}", "it may have been removed; open a new one",
@@ -154,7 +164,7 @@ class Promotions(Service):
                     self._record_decision(s, req, user, approve, reason, ctx)
         if refusal is not None:
             raise refusal
-        return self.request(request_id)
+        return self.get(request_id)
 
     def _decision_refusal(self, s: Session, req: PromotionRequest, user: str, digest: str | None,
                           channel: str | None = None, message_ts: str | None = None) -> Refused | None:
@@ -174,9 +184,9 @@ class Promotions(Service):
                          request_id=req.id)
             return Refused(f"promotion request #{req.id} expired at {iso(req.expires_at)}",
                            f"open a new one: `promote {req.model} {req.candidate_version}`", reason="expired")
-        cand = self._version(s, req.model, req.candidate_version)
+        cand = self.catalog.version(s, req.model, req.candidate_version)
         try:
-            check_approver(self.config.policy(req.model), user, self.members_of, req.requested_by, cand.trained_by,
+            check_approver(self.config.policy(req.model), user, self.catalog.members_of, req.requested_by, cand.trained_by,
                            req.model)
         except Refused as exc:
             return exc
@@ -217,21 +227,12 @@ class Promotions(Service):
             audit.append(s, "promotion.approved", "system", model=req.model, version=req.candidate_version,
                          request_id=req.id, details={"approvals": granted, "required": req.required_approvals})
 
-    def record_refusal(self, actor: str, reason: str, message: str, *, model: str | None = None,
-                       request_id: int | None = None, channel: str | None = None, message_ts: str | None = None,
-                       details: dict[str, Any] | None = None) -> None:
-        """Record a refused request that changed nothing (forged, tampered, unauthorised)."""
-        with self.unit_of_work() as s:
-            audit.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
-                         message_ts=message_ts, details={"reason": reason, "message": message[:500],
-                                                         **(details or {})})
-
-    def retry_apply(self, request_id: int, user: str) -> dict[str, Any]:
+    def retry(self, request_id: int, user: str) -> dict[str, Any]:
         """Apply a failed request again; only an approver of the model may ask."""
-        req = self.request(request_id)
+        req = self.get(request_id)
         policy = self.config.policy(req["model"])
-        if policy.approvers and not is_listed(user, policy.approvers, self.members_of):
-            self.record_refusal(user, "not_approver", f"{user} may not retry #{request_id}", model=req["model"],
+        if policy.approvers and not is_listed(user, policy.approvers, self.catalog.members_of):
+            self.audit.record_refusal(user, "not_approver", f"{user} may not retry #{request_id}", model=req["model"],
                                 request_id=request_id)
             raise Refused(f"{user} is not an approver of {req['model']}", "ask an approver to retry",
                           reason="not_approver")
@@ -245,12 +246,12 @@ class Promotions(Service):
 
         Only one caller wins the APPROVED/FAILED -> APPLYING transition; the others get the request as it is.
         """
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             req = s.get(PromotionRequest, request_id, with_for_update=True)
             if req is None:
                 raise NotFound(f"no promotion request #{request_id}")
             if req.state not in (APPROVED, FAILED_APPLY):
-                return request_view(req, self._approvals(s, req.id))
+                return request_view(req, self.catalog.approvals(s, req.id))
             granted = s.execute(select(func.count()).select_from(Approval).where(
                 Approval.request_id == req.id, Approval.decision == "approve")).scalar() or 0
             if granted < req.required_approvals:
@@ -261,7 +262,7 @@ class Promotions(Service):
                 req.state = STALE
                 audit.append(s, "promotion.stale", "system", model=req.model, version=req.candidate_version,
                              request_id=req.id, details={"why": "the default moved before the apply"})
-                return request_view(req, self._approvals(s, req.id))
+                return request_view(req, self.catalog.approvals(s, req.id))
             busy = s.execute(select(PromotionRequest.id).where(
                 PromotionRequest.model == req.model, PromotionRequest.state == APPLYING,
                 PromotionRequest.id != req.id).limit(1)).scalar()
@@ -272,7 +273,7 @@ class Promotions(Service):
             audit.append(s, "promotion.applying", actor, model=req.model, version=req.candidate_version,
                          request_id=req.id, channel=req.channel, message_ts=req.message_ts,
                          details={"base": req.base_version, "backend": self.backend.name})
-            cand = self._version(s, req.model, req.candidate_version)
+            cand = self.catalog.version(s, req.model, req.candidate_version)
             model, version, ref = req.model, req.candidate_version, cand.backend_ref
         try:
             self.backend.set_default(model, version, ref)
@@ -281,11 +282,11 @@ class Promotions(Service):
             self._apply_result(request_id, actor, error=reason)
         else:
             self._apply_result(request_id, actor)
-        self.write_model_file(model)
-        return self.request(request_id)
+        self.versions.write_model_file(model)
+        return self.get(request_id)
 
     def _apply_result(self, request_id: int, actor: str, error: str | None = None) -> None:
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             req = s.get(PromotionRequest, request_id, with_for_update=True)
             late_success = error is None and req.state == FAILED_APPLY  # reconciled as failed, then it worked
             if req.state != APPLYING and not late_success:
@@ -311,7 +312,7 @@ class Promotions(Service):
     def reconcile(self, older_than: timedelta = RECONCILE_AFTER) -> list[dict[str, Any]]:
         """Finish applies interrupted by a crash: applied if the backend has the candidate, else failed."""
         now = names.utcnow()
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             stuck = s.execute(select(PromotionRequest.id, PromotionRequest.model, PromotionRequest.candidate_version,
                                      PromotionRequest.apply_started_at)
                               .where(PromotionRequest.state == APPLYING,
@@ -330,16 +331,16 @@ class Promotions(Service):
             else:
                 self._apply_result(request_id, "system",
                                    error="interrupted before the backend switched the default; retry to apply")
-            with self.unit_of_work() as s:
+            with self.db.unit_of_work() as s:
                 audit.append(s, "promotion.reconciled", "system", model=model, version=version,
                              request_id=request_id, details={"backend_default": current})
-            results.append(self.request(request_id))
-            self.write_model_file(model)
+            results.append(self.get(request_id))
+            self.versions.write_model_file(model)
         return results
 
-    def expire_requests(self) -> int:
+    def expire(self) -> int:
         now = names.utcnow()
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             old = s.execute(select(PromotionRequest).where(PromotionRequest.state == OPEN,
                                                            PromotionRequest.expires_at < now)).scalars().all()
             for req in old:

@@ -10,11 +10,15 @@ from croniter import croniter
 from sqlalchemy import select, update
 
 from model_registry import audit, names
+from model_registry.config import ProjectConfig
 from model_registry.errors import InvalidInput, StarchartError
+from model_registry.exposing import Versions
 from model_registry.packaging import trainer_dir
 from model_registry.policy import check_operator
+from model_registry.promotions import Promotions
 from model_registry.records import SUCCEEDED, Job, Schedule
-from model_registry.service import Service
+from model_registry.service import Catalog, Database
+from model_registry.training import Jobs
 from model_registry.views import iso
 
 
@@ -39,18 +43,24 @@ def schedule_view(row: Schedule) -> dict[str, Any]:
             if row.enabled else None}
 
 
-class Schedules(Service):
-    def set_schedule(self, model: str, cron: str, user: str, args: list[str] | None = None,
+class Schedules:
+    """Retraining on a cron, and the nightly follow-up: expose, gate, open the review."""
+
+    def __init__(self, db: Database, catalog: Catalog, config: ProjectConfig, jobs: Jobs, versions: Versions,
+                 promotions: Promotions) -> None:
+        self.db, self.catalog, self.config = db, catalog, config
+        self.jobs, self.versions, self.promotions = jobs, versions, promotions
+    def set(self, model: str, cron: str, user: str, args: list[str] | None = None,
                      tz: str = "UTC") -> dict[str, Any]:
         names.validate_model_name(model)
         trainer_dir(self.config.trainer_base, model)
-        check_operator(self.config.policy(model), user, self.members_of, "schedule", model)
+        check_operator(self.config.policy(model), user, self.catalog.members_of, "schedule", model)
         if not croniter.is_valid(cron):
             raise InvalidInput(f"invalid cron expression {cron!r}",
                                'use five fields: minute hour day month weekday, e.g. "0 3 * * *"')
         _zone(tz)
         now = names.utcnow()
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             row = s.get(Schedule, model, with_for_update=True)
             if row is None:
                 row = Schedule(model=model, cron=cron, timezone=tz, args=list(args or []), enabled=True,
@@ -64,10 +74,10 @@ class Schedules(Service):
                          details={"cron": cron, "timezone": tz, "args": list(args or []), "enabled": True})
             return schedule_view(row)
 
-    def disable_schedule(self, model: str, user: str) -> dict[str, Any]:
+    def disable(self, model: str, user: str) -> dict[str, Any]:
         names.validate_model_name(model)
-        check_operator(self.config.policy(model), user, self.members_of, "schedule", model)
-        with self.unit_of_work() as s:
+        check_operator(self.config.policy(model), user, self.catalog.members_of, "schedule", model)
+        with self.db.unit_of_work() as s:
             row = s.get(Schedule, model, with_for_update=True)
             if row is None or not row.enabled:
                 raise InvalidInput(f"{model} has no schedule to turn off", "see `schedule list`")
@@ -75,41 +85,41 @@ class Schedules(Service):
             audit.append(s, "schedule.changed", user, model=model, details={"cron": row.cron, "enabled": False})
             return schedule_view(row)
 
-    def sync_configured_schedules(self) -> None:
+    def sync_configured(self) -> None:
         """starchart.yaml's `schedule:` entries become schedules (once: a change from chat wins afterwards)."""
         for model in self.config.models:
             spec = self.config.policy(model).schedule
             if not spec or not spec.get("cron"):
                 continue
-            with self.unit_of_work() as s:
+            with self.db.unit_of_work() as s:
                 if s.get(Schedule, model) is not None:
                     continue
-            self.set_schedule(model, str(spec["cron"]), "starchart.yaml", [str(a) for a in spec.get("args") or []],
+            self.set(model, str(spec["cron"]), "starchart.yaml", [str(a) for a in spec.get("args") or []],
                               str(spec.get("timezone") or "UTC"))
 
-    def schedules(self) -> list[dict[str, Any]]:
-        with self.reads() as s:
+    def all(self) -> list[dict[str, Any]]:
+        with self.db.reads() as s:
             return [schedule_view(row) for row in s.execute(select(Schedule).order_by(Schedule.model)).scalars()]
 
-    def run_due_schedules(self, now: datetime | None = None) -> list[dict[str, Any]]:
+    def run_due(self, now: datetime | None = None) -> list[dict[str, Any]]:
         """Start the trainings whose time has come. Several clocks may run: only one wins each firing."""
         now = now or names.utcnow()
         started = []
-        with self.reads() as s:
+        with self.db.reads() as s:
             rows = [(r.model, r.cron, r.timezone, list(r.args or []), r.last_run_at, r.updated_at)
                     for r in s.execute(select(Schedule).where(Schedule.enabled.is_(True))).scalars()]
         for model, cron, tz, args, last, updated in rows:
             if next_run(cron, tz, last or updated) > now:
                 continue
-            with self.unit_of_work() as s:
+            with self.db.unit_of_work() as s:
                 same = Schedule.last_run_at.is_(None) if last is None else Schedule.last_run_at == last
                 if not s.execute(update(Schedule).where(Schedule.model == model, same)
                                  .values(last_run_at=now)).rowcount:
                     continue  # another clock took this firing
             try:
-                started.append(self.train(model, f"schedule:{model}", args=args or None))
+                started.append(self.jobs.train(model, f"schedule:{model}", args=args or None))
             except StarchartError as exc:  # recorded; the next firing tries again
-                with self.unit_of_work() as s:
+                with self.db.unit_of_work() as s:
                     audit.append(s, "schedule.changed", "system", model=model,
                                  details={"cron": cron, "failed_to_start": exc.message})
         return started
@@ -117,8 +127,8 @@ class Schedules(Service):
     def follow_scheduled(self) -> list[dict[str, Any]]:
         """Nightly retrains, continued: expose succeeded scheduled jobs (`auto_expose`) and open a review
         for them (`auto_review`) unless the `gate` metric fell. Returns the promotion requests opened."""
-        self.refresh_jobs()
-        with self.reads() as s:
+        self.jobs.refresh()
+        with self.db.reads() as s:
             jobs = s.execute(select(Job.model, Job.job_id).where(
                 Job.state == SUCCEEDED, Job.version_name.is_(None),
                 Job.requested_by == "schedule:" + Job.model)).all()
@@ -128,26 +138,26 @@ class Schedules(Service):
             if not policy.auto_expose:
                 continue
             actor = f"schedule:{model}"
-            result = self.expose(model, actor)
+            result = self.versions.expose(model, actor)
             if not policy.auto_review:
                 continue
             for version in result["exposed"]:
-                if version["trained_by"] != actor or self.default_version(model) == version["name"]:
+                if version["trained_by"] != actor or self.versions.default(model) == version["name"]:
                     continue
                 why = self._gate_refusal(model, version, policy.gate)
                 if why:
-                    with self.unit_of_work() as s:
+                    with self.db.unit_of_work() as s:
                         audit.append(s, "review.skipped", actor, model=model, version=version["name"],
                                      details={"why": why})
                     continue
-                opened.append(self.promote(model, version["name"], actor, reason="scheduled retrain"))
+                opened.append(self.promotions.promote(model, version["name"], actor, reason="scheduled retrain"))
         return opened
 
     def _gate_refusal(self, model: str, version: dict[str, Any], gate: Any) -> str | None:
         """Why a scheduled candidate gets no review (its gate metric fell too far), or None."""
         if gate is None:
             return None
-        diff = self.diff(model, version["name"])
+        diff = self.versions.diff(model, version["name"])
         metric = next((m for m in diff["metrics"] if m["name"] == gate.metric), None)
         if metric is None or metric["candidate"] is None:
             return f"{gate.metric} is missing from the candidate's metrics"

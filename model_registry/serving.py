@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from model_registry import names
+from model_registry.backends.base import Backend
 from model_registry.errors import ArtifactError, InvalidInput, NotFound, Refused
 from model_registry.records import ModelRecord
-from model_registry.service import Service
+from model_registry.service import Catalog, Database
 from model_registry.views import version_view
 
 MAX_INSTANCES = 1000
@@ -51,7 +52,11 @@ def predict_body(payload: Any) -> dict[str, Any]:
     return body
 
 
-class Serving(Service):
+class Predictions:
+    """Answers of a model's served versions, and copies of a version for local use."""
+
+    def __init__(self, db: Database, catalog: Catalog, backend: Backend) -> None:
+        self.db, self.catalog, self.backend = db, catalog, backend
     def predict(self, model: str, payload: Any, version: str | None = None) -> dict[str, Any]:
         """Predictions of `model`'s default version (or `version`) for the given instances.
 
@@ -60,20 +65,20 @@ class Serving(Service):
         """
         names.validate_model_name(model)
         body = predict_body(payload)
-        with self.reads() as s:
-            self._require_model(model, s)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
             if version is not None:
-                self._version(s, model, version)
+                self.catalog.version(s, model, version)
         answered, answer = self.backend.predict(model, version, body)
         return {"model": model, "version": answered, **answer}
 
     def served(self, model: str, version: str | None = None) -> dict[str, Any]:
         """Which version answers `model`'s predictions: the serving side's default, or `version` if it exists."""
         names.validate_model_name(model)
-        with self.reads() as s:
-            self._require_model(model, s)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
             if version is not None:
-                return {"model": model, "version": self._version(s, model, version).name}
+                return {"model": model, "version": self.catalog.version(s, model, version).name}
         default = self.backend.current_default(model)
         if default is None:
             raise NotFound(f"{model} has no default version yet", f"expose a version of {model}, then apply it")
@@ -86,14 +91,14 @@ class Serving(Service):
         It is filled under a temporary name and renamed at the end: an interrupted pull leaves no half model.
         """
         names.validate_model_name(model)
-        with self.reads() as s:
-            self._require_model(model, s)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
             if version is None:
                 record = s.get(ModelRecord, model)
                 version = record.default_version if record else None
                 if version is None:
                     raise NotFound(f"{model} has no default version yet", f"name one of `versions {model}`")
-            view = version_view(self._version(s, model, version))
+            view = version_view(self.catalog.version(s, model, version))
         target = Path(dest or f"{model}-{version}").resolve()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise InvalidInput(f"{target} already exists", "pull into another folder (--to DIR), or remove it")

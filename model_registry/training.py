@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from model_registry import audit, names
-from model_registry.backends.base import TrainingSpec
+from model_registry.backends.base import Backend, TrainingSpec
+from model_registry.config import ProjectConfig, Settings
 from model_registry.errors import BackendError, InvalidInput, NotFound, StarchartError
 from model_registry.packaging import build_sdist, check_module, trainer_dir
 from model_registry.policy import check_operator
@@ -26,7 +27,7 @@ from model_registry.records import (
     Job,
     ModelRecord,
 )
-from model_registry.service import Service
+from model_registry.service import Catalog, Database
 from model_registry.views import decoded_all, iso_utc, job_view, raw_json
 
 LOG_TAIL_LINES = 20
@@ -35,7 +36,12 @@ def substitute_train_path(args: Iterable[str], train_path: str) -> tuple[str, ..
     return tuple(a.replace("TRAIN_PATH", train_path) for a in args)
 
 
-class Training(Service):
+class Jobs:
+    """Training jobs of every model, on the configured backend."""
+
+    def __init__(self, db: Database, catalog: Catalog, config: ProjectConfig, settings: Settings,
+                 backend: Backend) -> None:
+        self.db, self.catalog, self.config, self.settings, self.backend = db, catalog, config, settings, backend
 
     def train(
         self,
@@ -53,7 +59,7 @@ class Training(Service):
         names.validate_model_name(model)
         source = trainer_dir(self.config.trainer_base, model)
         policy = self.config.policy(model)
-        check_operator(policy, user, self.members_of, "train", model)
+        check_operator(policy, user, self.catalog.members_of, "train", model)
         module = module or policy.module
         check_module(source, module)
         if workers < 1 or workers > 64:
@@ -64,7 +70,7 @@ class Training(Service):
         ts = names.timestamp()
         for _ in range(60):  # two trainings in the same second get consecutive timestamps
             try:
-                with self.unit_of_work() as s:
+                with self.db.unit_of_work() as s:
                     job = self._new_job(s, model, ts, module, raw_args, user, package.sha256,
                                         scale_tier or policy.scale_tier, region or policy.region,
                                         machine_type or policy.machine_type, workers)
@@ -90,7 +96,7 @@ class Training(Service):
             self._finish_job(job.job_id, FAILED, error=f"could not start: {exc!r}", actor=user)
             raise BackendError(f"the {self.backend.name} backend could not start {job.job_id}: {exc}",
                                "see the job's error with `state`; fix the backend and train again") from exc
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             s.execute(update(Job).where(Job.job_id == job.job_id).values(package_uris=[package_uri], backend_ref=ref))
             job = s.get(Job, job.job_id)
             return job_view(job)
@@ -116,7 +122,7 @@ class Training(Service):
     def _finish_job(self, job_id: str, state: str, *, error: str | None = None, actor: str = "system",
                     expected: Iterable[str] = (QUEUED, RUNNING), started: datetime | None = None,
                     ended: datetime | None = None) -> bool:
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             values: dict[str, Any] = {"state": state, "error": error, "ended_at": ended or names.utcnow()}
             if started:
                 values["started_at"] = started
@@ -129,9 +135,9 @@ class Training(Service):
                              details={"error": (error or "")[-500:]} if error else {})
             return bool(done)
 
-    def refresh_jobs(self, model: str | None = None) -> int:
+    def refresh(self, model: str | None = None) -> int:
         """Ask the backend about every unfinished job; record what changed. Returns how many changed."""
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             q = select(Job.job_id, Job.state, Job.backend_ref, Job.train_path, Job.model).where(
                 Job.state.in_([QUEUED, RUNNING]))
             if model:
@@ -146,7 +152,7 @@ class Training(Service):
             if st.state == state or (st.state == QUEUED):
                 continue
             if st.state == RUNNING:
-                with self.unit_of_work() as s:
+                with self.db.unit_of_work() as s:
                     if s.execute(update(Job).where(Job.job_id == job_id, Job.state == QUEUED)
                                  .values(state=RUNNING, started_at=st.started_at or names.utcnow())).rowcount:
                         audit.append(s, "training.started", "system", model=job_model, job_id=job_id)
@@ -172,10 +178,10 @@ class Training(Service):
             return ""
 
     def state(self, model: str, limit: int | None = None) -> list[dict[str, Any]]:
-        self._require_model(model)
-        rows = self.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)
-        if any(row[1] in (QUEUED, RUNNING) for row in rows) and self.refresh_jobs(model):
-            rows = self.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)  # only unfinished jobs are asked
+        self.catalog.require_model(model)
+        rows = self.db.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)
+        if any(row[1] in (QUEUED, RUNNING) for row in rows) and self.refresh(model):
+            rows = self.db.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)  # only unfinished jobs are asked
         all_args = decoded_all([row[7] for row in rows])
         return [
             {"job_id": job_id, "state": state, "created_at": created, "started_at": started, "ended_at": ended,
@@ -183,17 +189,17 @@ class Training(Service):
             for (job_id, state, created, started, ended, by, version, _, error), args in zip(rows, all_args)
         ]
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> dict[str, Any]:
         names.split_job_id(job_id)
-        with self.reads() as s:
+        with self.db.reads() as s:
             job = s.get(Job, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id!r}", "list jobs with `state MODEL`")
             return job_view(job)
 
-    def job_metrics(self, job_id: str) -> dict[str, Any]:
+    def metrics(self, job_id: str) -> dict[str, Any]:
         """metrics.json of a finished job ({} when the trainer wrote none or it is unreadable)."""
-        job = self.job(job_id)
+        job = self.get(job_id)
         store = self.backend.storage
         uri = store.join(job["train_path"], "metrics.json")
         try:
@@ -203,21 +209,21 @@ class Training(Service):
         return {k: v for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
 
     def logs(self, job_id: str, tail: int = 40) -> str:
-        job = self.job(job_id)
-        with self.unit_of_work() as s:
+        job = self.get(job_id)
+        with self.db.unit_of_work() as s:
             ref = s.get(Job, job_id).backend_ref
         return self.backend.logs(job_id, ref, tail=tail) or (job["error"] or "(no log yet)")
 
     def cancel(self, job_id: str, user: str) -> dict[str, Any]:
-        job = self.job(job_id)
-        check_operator(self.config.policy(job["model"]), user, self.members_of, "cancel jobs of", job["model"])
+        job = self.get(job_id)
+        check_operator(self.config.policy(job["model"]), user, self.catalog.members_of, "cancel jobs of", job["model"])
         if job["state"] in TERMINAL:
             raise InvalidInput(f"{job_id} already ended ({job['state']})", "only QUEUED or RUNNING jobs can be cancelled")
-        with self.unit_of_work() as s:
+        with self.db.unit_of_work() as s:
             ref = s.get(Job, job_id).backend_ref
         self.backend.cancel(job_id, ref)
         self._finish_job(job_id, CANCELLED, actor=user)
-        return self.job(job_id)
+        return self.get(job_id)
 
     def wait(self, job_id: str, timeout: float = 3600.0, on_change: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
@@ -225,8 +231,8 @@ class Training(Service):
         delay, longest = self.backend.poll_interval
         deadline, last = time.monotonic() + timeout, None
         while True:
-            self.refresh_jobs(self.job(job_id)["model"])
-            job = self.job(job_id)
+            self.refresh(self.get(job_id)["model"])
+            job = self.get(job_id)
             if on_change and job["state"] != last:
                 on_change(job)
             last = job["state"]

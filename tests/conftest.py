@@ -132,26 +132,33 @@ def replay_trainers(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_registry(tmp_path: Path, replay_trainers: Path) -> Callable[..., Any]:
-    """make_registry(db_url, backend=None, env=None, **config) -> Registry on a fresh STARCHART_HOME."""
+    """make_registry(db_url, backend=None, env=None, **config) -> Core on a fresh STARCHART_HOME."""
+    from model_registry.bootstrap import Core, bootstrap
     from model_registry.config import ProjectConfig, Settings
-    from model_registry.workflow import Registry
 
     made = []
 
     def make(db_url: str, backend: Any = None, trainer_base: Path | None = None, home: Path | None = None,
-             env: dict[str, str] | None = None, **config: Any) -> Registry:
+             env: dict[str, str] | None = None, **config: Any) -> Core:
         home = home or tmp_path / "home"
         home.mkdir(exist_ok=True)
         path = write_config(home, trainer_base or replay_trainers, **config)
         settings = Settings.from_env({"STARCHART_HOME": str(home), "DATABASE_URL": db_url,
                                       "STARCHART_CONFIG": str(path), **(env or {})})
-        reg = Registry(settings, ProjectConfig.load(path), backend=backend)
+        reg = bootstrap(settings, ProjectConfig.load(path), backend=backend)
         made.append(reg)
         return reg
 
     yield make
     for reg in made:
-        reg.engine.dispose()
+        reg.close()
+
+
+def with_backend(reg: Any, backend: Any) -> Any:
+    """The same records and configuration, served by another backend (e.g. one that fails on purpose)."""
+    from model_registry.bootstrap import bootstrap
+
+    return bootstrap(reg.settings, reg.config, backend=backend)
 
 
 def replay_args(source: Path, *extra: str) -> list[str]:
@@ -159,18 +166,22 @@ def replay_args(source: Path, *extra: str) -> list[str]:
 
 
 def train_and_wait(reg: Any, model: str, user: str, args: list[str], timeout: float = 120) -> dict[str, Any]:
-    job = reg.train(model, user, args=args)
-    return reg.wait(job["job_id"], timeout=timeout)
+    job = reg.jobs.train(model, user, args=args)
+    return reg.jobs.wait(job["job_id"], timeout=timeout)
 
 
 @pytest.fixture
 def two_versions(make_registry: Callable[..., Any], db_url: str, trained: dict[str, Path]) -> Any:
     """A registry where iris has two exposed versions: the first is the default."""
-    reg = make_registry(db_url)
+    return expose_two_versions(make_registry(db_url), trained)
+
+
+def expose_two_versions(reg: Any, trained: dict[str, Path]) -> Any:
+    """Train iris twice (replaying iris_a, then iris_b) and expose both: the first becomes the default."""
     for src, epochs in ((trained["iris_a"], "2"), (trained["iris_b"], "4")):
         job = train_and_wait(reg, "iris", "U_TRAINER", replay_args(src, f"--epochs={epochs}"))
         assert job["state"] == "SUCCEEDED", job
-    exposed = reg.expose("iris", "U_TRAINER")
+    exposed = reg.versions.expose("iris", "U_TRAINER")
     assert len(exposed["exposed"]) == 2 and not exposed["errors"]
     return reg
 

@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from conftest import expose_two_versions
 from sqlalchemy import text
 
 from model_registry import names
@@ -14,8 +15,8 @@ from model_registry.errors import InvalidInput, NotFound
 
 def _unguard(reg: Any) -> None:
     """What an attacker with database access does first: switch the append-only triggers off."""
-    with reg.engine.begin() as conn:
-        if reg.engine.dialect.name == "postgresql":
+    with reg.db.engine.begin() as conn:
+        if reg.db.engine.dialect.name == "postgresql":
             conn.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
         else:
             conn.execute(text("DROP TRIGGER audit_events_no_update"))
@@ -23,27 +24,26 @@ def _unguard(reg: Any) -> None:
 
 
 def _sql(reg: Any, *statements: str) -> None:
-    with reg.engine.begin() as conn:
+    with reg.db.engine.begin() as conn:
         for stmt in statements:
             conn.execute(text(stmt))
 
 
 @pytest.fixture
-def audited(two_versions: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("STARCHART_AUDIT_KEY", "test-key")
-    reg = two_versions
-    cand = reg.versions("iris")["versions"][0]["name"]
-    req = reg.promote("iris", cand, "U_REQ")
-    reg.decide(req["id"], "U_OK", True)
-    reg.apply_request(req["id"])
-    assert reg.verify_audit().ok
+def audited(make_registry: Any, db_url: str, trained: dict) -> Any:
+    reg = expose_two_versions(make_registry(db_url, env={"STARCHART_AUDIT_KEY": "test-key"}), trained)
+    cand = reg.versions.of_model("iris")["versions"][0]["name"]
+    req = reg.promotions.promote("iris", cand, "U_REQ")
+    reg.promotions.decide(req["id"], "U_OK", True)
+    reg.promotions.apply_request(req["id"])
+    assert reg.audit.verify().ok
     return reg
 
 
 def test_deleted_row_is_found(audited: Any) -> None:
     _unguard(audited)
     _sql(audited, "DELETE FROM audit_events WHERE seq = 4")
-    result = audited.verify_audit()
+    result = audited.audit.verify()
     assert not result.ok and result.first_bad_seq == 4 and "missing" in result.problem
 
 
@@ -51,7 +51,7 @@ def test_swapped_rows_are_found(audited: Any) -> None:
     _unguard(audited)
     _sql(audited, "UPDATE audit_events SET seq = -5 WHERE seq = 5", "UPDATE audit_events SET seq = 5 WHERE seq = 6",
          "UPDATE audit_events SET seq = 6 WHERE seq = -5")
-    result = audited.verify_audit()
+    result = audited.audit.verify()
     assert not result.ok and result.first_bad_seq == 5
 
 
@@ -59,17 +59,17 @@ def test_forged_row_with_a_valid_looking_hash_is_caught_by_the_checkpoint(audite
     from model_registry import audit
     from model_registry.records import AuditEvent
 
-    cp = audited.audit_checkpoint()
+    cp = audited.audit.checkpoint()
     # the attacker rewrites history from event 3 on, recomputing every hash with the public algorithm
     _unguard(audited)
-    with audited.sessions() as s:
+    with audited.db.sessions() as s:
         events = [audit.hashed_fields(e) for e in s.query(AuditEvent).order_by(AuditEvent.seq)]
     forged = dict(events[2], actor="U_MALLORY")
     _sql(audited, "DELETE FROM audit_events WHERE seq >= 3")
-    with audited.sessions() as s:
+    with audited.db.sessions() as s:
         prev = s.get(AuditEvent, 2).hash
     rows = [forged, *events[3:]]
-    with audited.engine.begin() as conn:
+    with audited.db.engine.begin() as conn:
         for fields in rows:
             fields = dict(fields, prev_hash=prev)
             digest = audit.event_hash(fields)
@@ -80,73 +80,73 @@ def test_forged_row_with_a_valid_looking_hash_is_caught_by_the_checkpoint(audite
                 ":hash)"), {**fields, "created_at": fields["created_at"].replace("T", " "), "hash": digest})
             prev = digest
         conn.execute(text("UPDATE audit_head SET hash = :h"), {"h": prev})
-    assert audited.verify_audit(checkpoints=[]).ok, "without a copy of the head, a full rewrite is invisible"
-    result = audited.verify_audit()
+    assert audited.audit.verify(checkpoints=[]).ok, "without a copy of the head, a full rewrite is invisible"
+    result = audited.audit.verify()
     assert not result.ok and "rewritten" in result.problem and result.first_bad_seq == cp["count"]
 
 
 def test_truncated_tail_below_the_checkpoint_is_found(audited: Any) -> None:
-    cp = audited.audit_checkpoint()
+    cp = audited.audit.checkpoint()
     _unguard(audited)
     _sql(audited, f"DELETE FROM audit_events WHERE seq > {cp['count'] - 3}",
          f"UPDATE audit_head SET seq = {cp['count'] - 3}, hash = (SELECT hash FROM audit_events WHERE seq = "
          f"{cp['count'] - 3})")
-    result = audited.verify_audit()
+    result = audited.audit.verify()
     assert not result.ok and "removed" in result.problem
 
 
 def test_forged_checkpoint_is_refused(audited: Any) -> None:
-    cp = audited.audit_checkpoint()
-    result = audited.verify_audit(checkpoints=[dict(cp, count=cp["count"] + 5)])
+    cp = audited.audit.checkpoint()
+    result = audited.audit.verify(checkpoints=[dict(cp, count=cp["count"] + 5)])
     assert not result.ok and "bad signature" in result.problem
 
 
 def test_default_at_a_point_in_time(audited: Any) -> None:
     reg = audited
-    versions = [v["name"] for v in reg.versions("iris")["versions"]]
-    now = reg.default_at("iris", names.utcnow() + timedelta(seconds=1))
+    versions = [v["name"] for v in reg.versions.of_model("iris")["versions"]]
+    now = reg.audit.default_at("iris", names.utcnow() + timedelta(seconds=1))
     assert now["version"] == versions[0] and now["how"] == "promotion.applied"
     assert now["requested_by"] == "U_REQ" and now["approved_by"] == ["U_OK"]
     assert now["job_id"].startswith("iris_") and now["args"] and now["program"]["sha256"]
     from model_registry.records import AuditEvent
 
-    with reg.sessions() as s:
+    with reg.db.sessions() as s:
         exact = {e.action: e.created_at for e in s.query(AuditEvent).filter(
             AuditEvent.action.in_(["default.initialized", "promotion.applied"]))}
-    assert reg.default_at("iris", exact["default.initialized"])["version"] == versions[1]
-    before = reg.default_at("iris", exact["promotion.applied"] - timedelta(microseconds=1))
+    assert reg.audit.default_at("iris", exact["default.initialized"])["version"] == versions[1]
+    before = reg.audit.default_at("iris", exact["promotion.applied"] - timedelta(microseconds=1))
     assert before["version"] == versions[1] and before["approved_by"] == []
     with pytest.raises(NotFound):
-        reg.default_at("iris", names.utcnow() - timedelta(days=365))
+        reg.audit.default_at("iris", names.utcnow() - timedelta(days=365))
 
 
 def test_filters_and_bad_input(audited: Any) -> None:
     reg = audited
-    assert [e["action"] for e in reg.audit_events(model="iris", action="promotion.applied")] == ["promotion.applied"]
-    assert all(e["actor"] == "U_REQ" for e in reg.audit_events(actor="U_REQ"))
-    page1 = reg.audit_events(limit=3)
-    page2 = reg.audit_events(limit=3, before_seq=page1[-1]["seq"])
+    assert [e["action"] for e in reg.audit.events(model="iris", action="promotion.applied")] == ["promotion.applied"]
+    assert all(e["actor"] == "U_REQ" for e in reg.audit.events(actor="U_REQ"))
+    page1 = reg.audit.events(limit=3)
+    page2 = reg.audit.events(limit=3, before_seq=page1[-1]["seq"])
     assert len(page1) == 3 and page2[0]["seq"] < page1[-1]["seq"]
     for bad in (0, -1, 10_000_000):
         with pytest.raises(InvalidInput):
-            reg.audit_events(limit=bad)
+            reg.audit.events(limit=bad)
     with pytest.raises(InvalidInput):
-        reg.audit_events(action="promotion.done")
+        reg.audit.events(action="promotion.done")
     with pytest.raises(NotFound):
-        reg.audit_events(actor="U_NOBODY")
+        reg.audit.events(actor="U_NOBODY")
     with pytest.raises(InvalidInput):
         names.parse_time("last tuesday")
     with pytest.raises(InvalidInput):
-        reg.audit_events(since=names.utcnow(), until=names.utcnow() - timedelta(days=1))
+        reg.audit.events(since=names.utcnow(), until=names.utcnow() - timedelta(days=1))
 
 
 def test_csv_export_pages_through_everything(make_registry: Any, sqlite_url: str) -> None:
     from model_registry import audit
 
     reg = make_registry(sqlite_url)
-    with reg.unit_of_work() as s:
+    with reg.db.unit_of_work() as s:
         for i in range(2345):
             audit.append(s, "schedule.changed", "U_T", details={"i": i})
-    every = list(reg.all_audit_events(actor="U_T"))
+    every = list(reg.audit.all_events(actor="U_T"))
     assert len(every) == 2345 and [e["seq"] for e in every] == sorted((e["seq"] for e in every), reverse=True)
-    assert len(reg.audit_events(actor="U_T", limit=1000)) == 1000
+    assert len(reg.audit.events(actor="U_T", limit=1000)) == 1000

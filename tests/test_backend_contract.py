@@ -73,8 +73,8 @@ def world(request: pytest.FixtureRequest, make_registry: Any, sqlite_url: str,
             return [names[ref.split("@")[1]] for ref, _, traffic in fake.deployments(model) if traffic]
 
         def running(job_id: str) -> bool:
-            reg.refresh_jobs("iris")
-            return reg.job(job_id)["state"] == "RUNNING"
+            reg.jobs.refresh("iris")
+            return reg.jobs.get(job_id)["state"] == "RUNNING"
 
         if endpoint:
             yield World("vertex", reg, fail_deploy, running, served)
@@ -83,13 +83,13 @@ def world(request: pytest.FixtureRequest, make_registry: Any, sqlite_url: str,
 
 
 def backend_ref(reg: Any, job_id: str) -> str | None:
-    with reg.sessions() as s:
+    with reg.db.sessions() as s:
         return s.get(Job, job_id).backend_ref
 
 
 def train(reg: Any, *args: str) -> dict[str, Any]:
-    job = reg.train("iris", "U_TRAINER", args=list(args))
-    return reg.wait(job["job_id"], timeout=60)
+    job = reg.jobs.train("iris", "U_TRAINER", args=list(args))
+    return reg.jobs.wait(job["job_id"], timeout=60)
 
 
 def two_versions(world: World, trained: dict) -> tuple[str, str]:
@@ -98,7 +98,7 @@ def two_versions(world: World, trained: dict) -> tuple[str, str]:
         job = train(reg, *replay_args(source))
         assert job["state"] == "SUCCEEDED", job
         assert reg.backend.status(job["job_id"], backend_ref(reg, job["job_id"])).state == "SUCCEEDED"
-    exposed = reg.expose("iris", "U_TRAINER")
+    exposed = reg.versions.expose("iris", "U_TRAINER")
     assert len(exposed["exposed"]) == 2 and not exposed["errors"], exposed
     base, cand = sorted(v["name"] for v in exposed["exposed"])
     return base, cand
@@ -107,8 +107,8 @@ def two_versions(world: World, trained: dict) -> tuple[str, str]:
 def test_train_expose_promote_apply(world: World, trained: dict) -> None:
     reg = world.registry
     base, cand = two_versions(world, trained)
-    assert reg.expose("iris", "U_TRAINER") == {"exposed": [], "errors": []}
-    with reg.sessions() as s:
+    assert reg.versions.expose("iris", "U_TRAINER") == {"exposed": [], "errors": []}
+    with reg.db.sessions() as s:
         versions = {v.name: v for v in s.query(Version).filter(Version.model == "iris")}
     for name, source in ((base, trained["iris_a"]), (cand, trained["iris_b"])):
         v = versions[name]
@@ -117,18 +117,18 @@ def test_train_expose_promote_apply(world: World, trained: dict) -> None:
         assert v.metrics == pytest.approx({k: expected[k] for k in ("accuracy", "loss")})
         assert v.deployment_uri.endswith("/model/") and v.deployment_uri.startswith(reg.settings.bucket)
         assert v.backend_ref
-    assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    assert reg.versions.default("iris") == base and reg.backend.current_default("iris") == base
     assert world.served("iris") in (None, [base])
 
-    req = reg.promote("iris", cand, "U_REQ", reason="more hidden units")
-    assert reg.decide(req["id"], "U_OK", True)["state"] == "approved"
+    req = reg.promotions.promote("iris", cand, "U_REQ", reason="more hidden units")
+    assert reg.promotions.decide(req["id"], "U_OK", True)["state"] == "approved"
     assert reg.backend.current_default("iris") == base, "approval alone switches nothing"
-    applied = reg.apply_request(req["id"], actor="U_OK")
+    applied = reg.promotions.apply_request(req["id"], actor="U_OK")
     assert applied["state"] == "applied", applied
-    assert reg.default_version("iris") == cand and reg.backend.current_default("iris") == cand
+    assert reg.versions.default("iris") == cand and reg.backend.current_default("iris") == cand
     assert world.served("iris") in (None, [cand])
-    assert reg.reconcile() == []
-    assert isinstance(reg.logs(versions[cand].job_id), str)
+    assert reg.promotions.reconcile() == []
+    assert isinstance(reg.jobs.logs(versions[cand].job_id), str)
 
 
 def settle(check: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -142,14 +142,14 @@ def settle(check: Callable[[], bool], timeout: float = 20.0) -> None:
 
 def test_cancel_a_running_job(world: World, trained: dict) -> None:
     reg = world.registry
-    job = reg.train("iris", "U_TRAINER", args=replay_args(trained["iris_a"], "--sleep=30"))
+    job = reg.jobs.train("iris", "U_TRAINER", args=replay_args(trained["iris_a"], "--sleep=30"))
     settle(lambda: world.trainer_started(job["job_id"]))
-    assert reg.cancel(job["job_id"], "U_TRAINER")["state"] == "CANCELLED"
+    assert reg.jobs.cancel(job["job_id"], "U_TRAINER")["state"] == "CANCELLED"
     ref = backend_ref(reg, job["job_id"])
     settle(lambda: reg.backend.status(job["job_id"], ref).state in TERMINAL)
     assert reg.backend.status(job["job_id"], ref).state == "CANCELLED"
-    assert reg.job(job["job_id"])["state"] == "CANCELLED"
-    assert "training.cancelled" in [e["action"] for e in reg.audit_events(model="iris")]
+    assert reg.jobs.get(job["job_id"])["state"] == "CANCELLED"
+    assert "training.cancelled" in [e["action"] for e in reg.audit.events(model="iris")]
 
 
 def test_a_crashing_trainer_fails_the_job_with_a_reason(world: World) -> None:
@@ -161,12 +161,12 @@ def test_a_crashing_trainer_fails_the_job_with_a_reason(world: World) -> None:
 def test_a_failed_set_default_leaves_the_request_failed(world: World, trained: dict) -> None:
     reg = world.registry
     base, cand = two_versions(world, trained)
-    req = reg.promote("iris", cand, "U_REQ")
-    reg.decide(req["id"], "U_OK", True)
+    req = reg.promotions.promote("iris", cand, "U_REQ")
+    reg.promotions.decide(req["id"], "U_OK", True)
     world.break_set_default("iris", cand)
-    failed = reg.apply_request(req["id"], actor="U_OK")
+    failed = reg.promotions.apply_request(req["id"], actor="U_OK")
     assert failed["state"] == "failed" and failed["error"], failed
-    assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    assert reg.versions.default("iris") == base and reg.backend.current_default("iris") == base
     assert world.served("iris") in (None, [base])
-    actions = [e["action"] for e in reg.audit_events(model="iris", limit=100)]
+    actions = [e["action"] for e in reg.audit.events(model="iris", limit=100)]
     assert "promotion.failed" in actions and "promotion.applied" not in actions

@@ -11,11 +11,11 @@ from model_registry.errors import Refused
 
 
 def _registry(home: str, db_url: str) -> Any:
-    from model_registry.workflow import Registry
+    from model_registry.bootstrap import bootstrap
 
     settings = Settings.from_env({"STARCHART_HOME": home, "DATABASE_URL": db_url,
                                   "STARCHART_CONFIG": str(Path(home) / "starchart.yaml")})
-    return Registry(settings, ProjectConfig.load(settings.config_path))
+    return bootstrap(settings, ProjectConfig.load(settings.config_path))
 
 
 def _decide_and_apply(args: tuple[str, str, int, str, Any]) -> str:
@@ -24,14 +24,14 @@ def _decide_and_apply(args: tuple[str, str, int, str, Any]) -> str:
     barrier.wait()
     outcome = "refused"
     try:
-        req = reg.decide(request_id, user, True)
+        req = reg.promotions.decide(request_id, user, True)
         outcome = "granted"
     except Refused as exc:
         outcome = f"refused:{exc.reason}"
-        req = reg.request(request_id)
+        req = reg.promotions.get(request_id)
     if req["state"] in ("approved", "failed"):
-        reg.apply_request(request_id, actor=user)
-    reg.engine.dispose()
+        reg.promotions.apply_request(request_id, actor=user)
+    reg.db.engine.dispose()
     return outcome
 
 
@@ -41,15 +41,15 @@ def _append_events(args: tuple[str, str, int]) -> None:
     home, db_url, n = args
     reg = _registry(home, db_url)
     for i in range(n):
-        with reg.unit_of_work() as s:
+        with reg.db.unit_of_work() as s:
             audit.append(s, "schedule.changed", f"proc-{mp.current_process().name}", details={"i": i})
-    reg.engine.dispose()
+    reg.db.engine.dispose()
 
 
 def test_concurrent_clicks_give_one_decision_per_approver_and_one_application(two_versions: Any) -> None:
     reg = two_versions
-    cand = reg.versions("iris")["versions"][0]["name"]
-    req = reg.promote("iris", cand, "U_REQ")
+    cand = reg.versions.of_model("iris")["versions"][0]["name"]
+    req = reg.promotions.promote("iris", cand, "U_REQ")
     home, url = str(reg.settings.home), reg.settings.database_url
     # the same approver double-clicks from 3 replicas; two other approvers click at the same time
     users = ["U_A", "U_A", "U_A", "U_B", "U_C"]
@@ -58,16 +58,16 @@ def test_concurrent_clicks_give_one_decision_per_approver_and_one_application(tw
         barrier = manager.Barrier(len(users))
         with ctx.Pool(len(users)) as pool:
             outcomes = pool.map(_decide_and_apply, [(home, url, req["id"], u, barrier) for u in users])
-    final = reg.request(req["id"])
+    final = reg.promotions.get(req["id"])
     assert final["state"] == "applied"
-    assert reg.default_version("iris") == cand
+    assert reg.versions.default("iris") == cand
     per_user = [d["user"] for d in final["decisions"]]
     assert len(per_user) == len(set(per_user)), "one decision per approver"
     assert outcomes.count("granted") == 1, outcomes  # required_approvals is 1: the first wins, the rest are closed
-    applied = [e for e in reg.audit_events(limit=1000) if e["action"] == "promotion.applied"]
-    applying = [e for e in reg.audit_events(limit=1000) if e["action"] == "promotion.applying"]
+    applied = [e for e in reg.audit.events(limit=1000) if e["action"] == "promotion.applied"]
+    applying = [e for e in reg.audit.events(limit=1000) if e["action"] == "promotion.applying"]
     assert len(applied) == 1 and len(applying) == 1, "one application per request"
-    assert reg.verify_audit().ok
+    assert reg.audit.verify().ok
 
 
 def test_concurrent_appends_keep_one_chain(make_registry: Any, db_url: str) -> None:
@@ -76,5 +76,5 @@ def test_concurrent_appends_keep_one_chain(make_registry: Any, db_url: str) -> N
     ctx = mp.get_context("spawn")
     with ctx.Pool(4) as pool:
         pool.map(_append_events, [(home, url, 250)] * 4)
-    result = reg.verify_audit()
+    result = reg.audit.verify()
     assert result.ok and result.events == 1000, result

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from conftest import with_backend
+
 from bot.console import Console
 
 
@@ -22,7 +24,7 @@ def test_console_review_flow(make_registry: Any, sqlite_url: str, trained: dict)
     text = "\n".join(out)
     assert text.count("succeeded") >= 2 and "accuracy" in text
     console.handle("/ml expose iris")
-    newest = reg.versions("iris")["versions"][0]["name"]
+    newest = reg.versions.of_model("iris")["versions"][0]["name"]
     out.clear()
     console.handle(f"/ml promote iris {newest} --reason “better”")
     card = "\n".join(out)
@@ -39,12 +41,12 @@ def test_console_review_flow(make_registry: Any, sqlite_url: str, trained: dict)
     console.handle("2")  # Reject opens the form, Bob gives a reason
     after = "\n".join(out)
     assert "rejected by @U_BOB" in after and "loss is worse" in after
-    assert reg.request(1)["state"] == "rejected"
+    assert reg.promotions.get(1)["state"] == "rejected"
     out.clear()
     console.handle(f"/ml promote iris {newest}")
     console.handle("/as U_CAROL")
     console.handle(str(len(console.buttons) - 1))  # Approve on the new card
-    assert reg.default_version("iris") == newest
+    assert reg.versions.default("iris") == newest
     assert "applied" in "\n".join(out)
     out.clear()
     console.handle("/ml audit iris --action approval.refused")
@@ -62,12 +64,12 @@ def test_console_retry_after_a_failed_apply_and_audit_pages(make_registry: Any, 
 
     reg = make_registry(sqlite_url, defaults={"approvers": ["U_BOB"], "required_approvals": 1})
     for src in (trained["iris_a"], trained["iris_b"]):
-        job = reg.train("iris", "U_ALICE", args=[f"--source={src}"])
-        reg.wait(job["job_id"])
-    reg.expose("iris", "U_ALICE")
-    reg.backend = FailingBackend(reg.backend)
+        job = reg.jobs.train("iris", "U_ALICE", args=[f"--source={src}"])
+        reg.jobs.wait(job["job_id"])
+    reg.versions.expose("iris", "U_ALICE")
+    reg = with_backend(reg, FailingBackend(reg.backend))
     console, out = _console(reg, "U_ALICE")
-    newest = reg.versions("iris")["versions"][0]["name"]
+    newest = reg.versions.of_model("iris")["versions"][0]["name"]
     console.handle(f"/ml promote iris {newest}")
     console.handle("/as U_BOB")
     out.clear()
@@ -83,7 +85,7 @@ def test_console_retry_after_a_failed_apply_and_audit_pages(make_registry: Any, 
     console.handle("/as U_BOB")
     out.clear()
     console.handle(str(retry))
-    assert ":rocket: applied" in "\n".join(out) and reg.default_version("iris") == newest
+    assert ":rocket: applied" in "\n".join(out) and reg.versions.default("iris") == newest
     out.clear()
     console.handle("/ml audit iris --limit 3")
     first = "\n".join(out)
@@ -107,7 +109,7 @@ def test_console_job_and_version_commands(make_registry: Any, sqlite_url: str, t
     reg = make_registry(sqlite_url)
     console, out = _console(reg, "U_ALICE")
     console.handle(f"/ml train iris — —source={trained['iris_a']}")
-    job_id = reg.state("iris")[0]["job_id"]
+    job_id = reg.jobs.state("iris")[0]["job_id"]
     for line, expected in ((f"/ml logs {job_id}", "replay trainer: job"), ("/ml jobs iris", "SUCCEEDED"),
                            ("/ml expose iris", "exposed `v"), ("/ml versions iris", "(default v"),
                            ("/ml requests iris", "(none)"), ("/ml logs nope", "invalid job id"),

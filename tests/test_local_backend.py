@@ -48,7 +48,7 @@ def test_job_runs_staged_sdist_with_vertex_environment(make_registry: Any, sqlit
     import hashlib
 
     assert job["package_sha256"] == hashlib.sha256(package.read_bytes()).hexdigest()
-    assert "replay trainer: job" in reg.logs(job["job_id"])
+    assert "replay trainer: job" in reg.jobs.logs(job["job_id"])
 
 
 def test_crashing_trainer_fails_with_log_tail(make_registry: Any, sqlite_url: str) -> None:
@@ -56,59 +56,59 @@ def test_crashing_trainer_fails_with_log_tail(make_registry: Any, sqlite_url: st
     job = train_and_wait(reg, "iris", "U_T", ["--crash"])
     assert job["state"] == "FAILED"
     assert "exited with code 3" in job["error"] and "crashed on purpose" in job["error"]
-    assert reg.audit_events(action="training.failed")[0]["job_id"] == job["job_id"]
+    assert reg.audit.events(action="training.failed")[0]["job_id"] == job["job_id"]
 
 
 def test_exit_zero_without_saved_model_fails(make_registry: Any, sqlite_url: str) -> None:
     reg = make_registry(sqlite_url)
     job = train_and_wait(reg, "iris", "U_T", ["--no-model"])
     assert job["state"] == "FAILED" and "no SavedModel" in job["error"]
-    assert reg.expose("iris", "U_T")["exposed"] == []
+    assert reg.versions.expose("iris", "U_T")["exposed"] == []
 
 
 def test_cancel_running_job(make_registry: Any, sqlite_url: str, trained: dict) -> None:
     reg = make_registry(sqlite_url)
-    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=60"))
+    job = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=60"))
     _wait_state(reg, job["job_id"], "RUNNING")
-    assert reg.cancel(job["job_id"], "U_T")["state"] == "CANCELLED"
+    assert reg.jobs.cancel(job["job_id"], "U_T")["state"] == "CANCELLED"
     pid = json.loads((reg.settings.home / "jobs" / job["job_id"] / "status.json").read_text())["pid"]
     _wait_gone(pid)
-    assert reg.job(job["job_id"])["state"] == "CANCELLED"
+    assert reg.jobs.get(job["job_id"])["state"] == "CANCELLED"
     with pytest.raises(InvalidInput):
-        reg.cancel(job["job_id"], "U_T")
-    assert "training.cancelled" in [e["action"] for e in reg.audit_events()]
+        reg.jobs.cancel(job["job_id"], "U_T")
+    assert "training.cancelled" in [e["action"] for e in reg.audit.events()]
 
 
 def test_waiting_wakes_when_the_runner_exits(make_registry: Any, sqlite_url: str, trained: dict) -> None:
     """`wait_for_change` sleeps on the runner's pidfd: it returns when the job ends, not at the end of its period."""
     reg = make_registry(sqlite_url)
-    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=1"))
+    job = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=1"))
     _wait_state(reg, job["job_id"], "RUNNING")
     t0 = time.monotonic()
     reg.backend.wait_for_change(job["job_id"], 600)
     assert time.monotonic() - t0 < 300, "slept the whole period instead of waking when the runner exited"
     assert reg.backend.status(job["job_id"], None).state == "SUCCEEDED"
     reg.backend.wait_for_change(job["job_id"], 600)  # an ended job: no runner to watch, returns at once
-    assert reg.wait(job["job_id"])["state"] == "SUCCEEDED"
+    assert reg.jobs.wait(job["job_id"])["state"] == "SUCCEEDED"
 
 
 def test_job_survives_a_bot_restart(make_registry: Any, sqlite_url: str, trained: dict, tmp_path: Path) -> None:
     reg = make_registry(sqlite_url)
-    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=1.5"))
-    reg.engine.dispose()
+    job = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=1.5"))
+    reg.db.engine.dispose()
     del reg  # the bot process is gone; the job goes on
     again = make_registry(sqlite_url, home=tmp_path / "home")
-    assert again.wait(job["job_id"])["state"] == "SUCCEEDED"
+    assert again.jobs.wait(job["job_id"])["state"] == "SUCCEEDED"
 
 
 def test_killed_runner_is_marked_failed_not_stuck(make_registry: Any, sqlite_url: str, trained: dict) -> None:
     reg = make_registry(sqlite_url)
-    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=60"))
+    job = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"], "--sleep=60"))
     _wait_state(reg, job["job_id"], "RUNNING")
     status = json.loads((reg.settings.home / "jobs" / job["job_id"] / "status.json").read_text())
     os.killpg(status["pid"], signal.SIGKILL)  # the machine "restarts": runner and trainer die at once
     _wait_gone(status["pid"])
-    final = reg.wait(job["job_id"], timeout=30)
+    final = reg.jobs.wait(job["job_id"], timeout=30)
     assert final["state"] == "FAILED" and "stopped without a result" in final["error"]
 
 
@@ -116,17 +116,17 @@ def test_unknown_model_and_module_are_refused_before_anything_is_written(make_re
                                                                          sqlite_url: str) -> None:
     reg = make_registry(sqlite_url)
     with pytest.raises(NotFound) as model:
-        reg.train("irsi", "U_T")
+        reg.jobs.train("irsi", "U_T")
     assert "did you mean iris" in model.value.hint
     with pytest.raises(NotFound) as module:
-        reg.train("iris", "U_T", module="trainer.nope")
+        reg.jobs.train("iris", "U_T", module="trainer.nope")
     assert "trainer.nope" in module.value.message
     with pytest.raises(InvalidInput):
-        reg.train("iris", "U_T", module="trainer/task")
+        reg.jobs.train("iris", "U_T", module="trainer/task")
     for bad in ("IRIS", "../etc", "x" * 64):
         with pytest.raises(InvalidInput):
-            reg.train(bad, "U_T")
-    assert reg.audit_events() == []
+            reg.jobs.train(bad, "U_T")
+    assert reg.audit.events() == []
     assert not (reg.settings.home / "jobs").exists()
 
 
@@ -138,11 +138,11 @@ def test_runner_pid_identity_uses_process_start_time() -> None:
 def _wait_state(reg: Any, job_id: str, state: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        reg.refresh_jobs()
-        if reg.job(job_id)["state"] == state:
+        reg.jobs.refresh()
+        if reg.jobs.get(job_id)["state"] == state:
             return
         time.sleep(0.1)
-    raise AssertionError(f"{job_id} never reached {state}: {reg.job(job_id)}")
+    raise AssertionError(f"{job_id} never reached {state}: {reg.jobs.get(job_id)}")
 
 
 def _wait_gone(pid: int, timeout: float = 15) -> None:

@@ -28,8 +28,8 @@ def served(make_registry: Any, sqlite_url: str, trained: dict, trained_sentiment
     for src in (trained["iris_a"], trained["iris_b"]):
         assert train_and_wait(reg, "iris", "U_T", replay_args(src))["state"] == "SUCCEEDED"
     assert train_and_wait(reg, "sentiment", "U_T", replay_args(trained_sentiment))["state"] == "SUCCEEDED"
-    reg.expose("iris", "U_T")
-    reg.expose("sentiment", "U_T")
+    reg.versions.expose("iris", "U_T")
+    reg.versions.expose("sentiment", "U_T")
     yield reg
     reg.backend.stop_server()
 
@@ -41,18 +41,18 @@ def _probabilities_ok(p: dict[str, Any]) -> bool:
 
 def test_predictions_of_default_and_named_versions(served: Any) -> None:
     reg = served
-    old, new = [v["name"] for v in reversed(reg.versions("iris")["versions"])]
-    answer = reg.predict("iris", json.dumps(FLOWER))
-    assert answer["model"] == "iris" and answer["version"] == old == reg.default_version("iris")
+    old, new = [v["name"] for v in reversed(reg.versions.of_model("iris")["versions"])]
+    answer = reg.predictions.predict("iris", json.dumps(FLOWER))
+    assert answer["model"] == "iris" and answer["version"] == old == reg.versions.default("iris")
     (one,) = answer["predictions"]
     assert _probabilities_ok(one)
-    many = reg.predict("iris", [FLOWER, {**FLOWER, "petal_length": 5.2, "petal_width": 2.3}], version=new)
+    many = reg.predictions.predict("iris", [FLOWER, {**FLOWER, "petal_length": 5.2, "petal_width": 2.3}], version=new)
     assert many["version"] == new and len(many["predictions"]) == 2 and all(map(_probabilities_ok, many["predictions"]))
-    columnar = reg.predict("iris", {"inputs": {k: [v] for k, v in FLOWER.items()}})
+    columnar = reg.predictions.predict("iris", {"inputs": {k: [v] for k, v in FLOWER.items()}})
     assert columnar["outputs"]["class_ids"] == [one["class_ids"]]
-    assert reg.served("iris") == {"model": "iris", "version": old}
+    assert reg.predictions.served("iris") == {"model": "iris", "version": old}
     # a string input, one per instance, given bare (the signature has one input)
-    text = reg.predict("sentiment", ["a wonderful, moving film", "dull and far too long"])
+    text = reg.predictions.predict("sentiment", ["a wonderful, moving film", "dull and far too long"])
     assert len(text["predictions"]) == 2
 
 
@@ -70,23 +70,23 @@ def test_bad_prediction_requests_say_what_is_wrong(served: Any) -> None:
     }
     for payload, expected in cases.items():
         with pytest.raises(InvalidInput) as exc:
-            reg.predict("iris", payload)
+            reg.predictions.predict("iris", payload)
         assert expected in exc.value.message, (payload, exc.value.message)
     with pytest.raises(NotFound) as version:
-        reg.predict("iris", FLOWER, version="v20990101000000")
+        reg.predictions.predict("iris", FLOWER, version="v20990101000000")
     assert "recent versions" in version.value.hint
     with pytest.raises(NotFound):
-        reg.predict("irsi", FLOWER)
+        reg.predictions.predict("irsi", FLOWER)
     # after all of that, the server still answers
-    assert _probabilities_ok(reg.predict("iris", FLOWER)["predictions"][0])
+    assert _probabilities_ok(reg.predictions.predict("iris", FLOWER)["predictions"][0])
 
 
 def test_the_model_server_is_started_again_when_it_went_away(served: Any) -> None:
     reg = served
-    reg.predict("iris", FLOWER)
+    reg.predictions.predict("iris", FLOWER)
     first = json.loads((reg.backend.serving / "server.json").read_text())["pid"]
     assert reg.backend.stop_server()
-    assert _probabilities_ok(reg.predict("iris", FLOWER)["predictions"][0])
+    assert _probabilities_ok(reg.predictions.predict("iris", FLOWER)["predictions"][0])
     second = json.loads((reg.backend.serving / "server.json").read_text())["pid"]
     assert second != first
     import os
@@ -97,7 +97,7 @@ def test_the_model_server_is_started_again_when_it_went_away(served: Any) -> Non
 
     while proc_start_time(second) is not None:  # None once it is a zombie or gone
         time.sleep(0.05)
-    assert _probabilities_ok(reg.predict("iris", FLOWER)["predictions"][0])
+    assert _probabilities_ok(reg.predictions.predict("iris", FLOWER)["predictions"][0])
     assert json.loads((reg.backend.serving / "server.json").read_text())["pid"] not in (first, second)
 
 
@@ -145,9 +145,9 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_pull_copies_the_saved_model_for_local_use(served: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                     ) -> None:
     reg = served
-    default = reg.default_version("iris")
-    source = Path(next(v for v in reg.versions("iris")["versions"] if v["name"] == default)["deployment_uri"])
-    pulled = reg.pull("iris", dest=tmp_path / "here")
+    default = reg.versions.default("iris")
+    source = Path(next(v for v in reg.versions.of_model("iris")["versions"] if v["name"] == default)["deployment_uri"])
+    pulled = reg.predictions.pull("iris", dest=tmp_path / "here")
     assert pulled["version"] == default and pulled["path"] == str(tmp_path / "here")
     got = _files(tmp_path / "here")
     info = json.loads(got.pop("starchart-version.json"))
@@ -160,24 +160,24 @@ def test_pull_copies_the_saved_model_for_local_use(served: Any, tmp_path: Path, 
     local = subprocess.run([sys.executable, "-c", code, pulled["path"], json.dumps(FLOWER)], capture_output=True,
                            text=True, timeout=120)
     assert local.returncode == 0, local.stderr[-2000:]
-    assert int(local.stdout.split()[-1]) == reg.predict("iris", FLOWER)["predictions"][0]["class_ids"]
+    assert int(local.stdout.split()[-1]) == reg.predictions.predict("iris", FLOWER)["predictions"][0]["class_ids"]
 
     with pytest.raises(InvalidInput, match="already exists"):
-        reg.pull("iris", dest=tmp_path / "here")
+        reg.predictions.pull("iris", dest=tmp_path / "here")
     assert _files(tmp_path / "here") == {**got, "starchart-version.json": json.dumps(info, indent=2,
                                                                                      sort_keys=True).encode()}
     (tmp_path / "empty").mkdir()
-    older = reg.versions("iris")["versions"][0]["name"]
-    assert reg.pull("iris", older, tmp_path / "empty")["version"] == older
+    older = reg.versions.of_model("iris")["versions"][0]["name"]
+    assert reg.predictions.pull("iris", older, tmp_path / "empty")["version"] == older
     with pytest.raises(NotFound):
-        reg.pull("iris", "v20990101000000", tmp_path / "x")
+        reg.predictions.pull("iris", "v20990101000000", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
     # files gone from the version's storage: a clear error, and no half-pulled folder
     (source / "saved_model.pb").rename(source / "saved_model.pb.moved")
     try:
         with pytest.raises(Exception, match="holds no SavedModel"):
-            reg.pull("iris", default, tmp_path / "broken")
+            reg.predictions.pull("iris", default, tmp_path / "broken")
     finally:
         (source / "saved_model.pb.moved").rename(source / "saved_model.pb")
     assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".broken.partial-*"))

@@ -20,42 +20,42 @@ def test_next_run_honours_the_time_zone() -> None:
 
 def test_schedule_lifecycle_and_firing(make_registry: Any, db_url: str, trained: dict) -> None:
     reg = make_registry(db_url)
-    view = reg.set_schedule("iris", "*/5 * * * *", "U_OPS", replay_args(trained["iris_a"]))
+    view = reg.schedules.set("iris", "*/5 * * * *", "U_OPS", replay_args(trained["iris_a"]))
     assert view["enabled"] and view["next_run_at"]
-    assert reg.audit_events(action="schedule.changed")[0]["details"]["cron"] == "*/5 * * * *"
+    assert reg.audit.events(action="schedule.changed")[0]["details"]["cron"] == "*/5 * * * *"
     later = datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1)
-    assert reg.run_due_schedules(later - timedelta(minutes=10)) == []
-    first = reg.run_due_schedules(later)
+    assert reg.schedules.run_due(later - timedelta(minutes=10)) == []
+    first = reg.schedules.run_due(later)
     assert [j["requested_by"] for j in first] == ["schedule:iris"]
-    assert reg.run_due_schedules(later) == [], "one firing starts one training"
-    assert reg.wait(first[0]["job_id"])["state"] == "SUCCEEDED"
-    off = reg.disable_schedule("iris", "U_OPS")
-    assert not off["enabled"] and reg.run_due_schedules(later + timedelta(hours=1)) == []
-    assert [e["details"]["enabled"] for e in reg.audit_events(action="schedule.changed")] == [False, True]
+    assert reg.schedules.run_due(later) == [], "one firing starts one training"
+    assert reg.jobs.wait(first[0]["job_id"])["state"] == "SUCCEEDED"
+    off = reg.schedules.disable("iris", "U_OPS")
+    assert not off["enabled"] and reg.schedules.run_due(later + timedelta(hours=1)) == []
+    assert [e["details"]["enabled"] for e in reg.audit.events(action="schedule.changed")] == [False, True]
 
 
 def test_schedule_bad_input(make_registry: Any, sqlite_url: str) -> None:
     reg = make_registry(sqlite_url, defaults={"operators": ["U_OPS"]})
     with pytest.raises(InvalidInput):
-        reg.set_schedule("iris", "every night", "U_OPS")
+        reg.schedules.set("iris", "every night", "U_OPS")
     with pytest.raises(InvalidInput):
-        reg.set_schedule("iris", "0 3 * * *", "U_OPS", tz="Mars/Olympus")
+        reg.schedules.set("iris", "0 3 * * *", "U_OPS", tz="Mars/Olympus")
     with pytest.raises(NotFound):
-        reg.set_schedule("irsi", "0 3 * * *", "U_OPS")
+        reg.schedules.set("irsi", "0 3 * * *", "U_OPS")
     with pytest.raises(Refused):
-        reg.set_schedule("iris", "0 3 * * *", "U_RANDOM")
+        reg.schedules.set("iris", "0 3 * * *", "U_RANDOM")
     with pytest.raises(InvalidInput):
-        reg.disable_schedule("iris", "U_OPS")
+        reg.schedules.disable("iris", "U_OPS")
 
 
 def test_configured_schedules_are_synced_once(make_registry: Any, sqlite_url: str) -> None:
     reg = make_registry(sqlite_url, models={"iris": {"schedule": {"cron": "0 3 * * *", "timezone": "Asia/Tokyo",
                                                                    "args": ["--epochs=20"]}}})
-    reg.sync_configured_schedules()
-    reg.sync_configured_schedules()
-    (row,) = reg.schedules()
+    reg.schedules.sync_configured()
+    reg.schedules.sync_configured()
+    (row,) = reg.schedules.all()
     assert (row["cron"], row["timezone"], row["args"]) == ("0 3 * * *", "Asia/Tokyo", ["--epochs=20"])
-    assert len(reg.audit_events(action="schedule.changed")) == 1
+    assert len(reg.audit.events(action="schedule.changed")) == 1
 
 
 def test_schedule_from_chat_and_cli(make_registry: Any, sqlite_url: str, tmp_path: Any) -> None:
@@ -99,21 +99,21 @@ def test_scheduled_retrain_arrives_as_a_review_card(make_registry: Any, sqlite_u
 
     reg = make_registry(sqlite_url, defaults={"channel": "C0NIGHTLY"}, models={"iris": {
         "auto_expose": True, "auto_review": True, "gate": {"metric": "accuracy", "min_delta": -0.5}}})
-    first = reg.train("iris", "U_T", args=replay_args(trained["iris_a"]))  # today's default, trained by hand
-    reg.wait(first["job_id"])
-    reg.expose("iris", "U_T")
-    view = reg.set_schedule("iris", "0 3 * * *", "U_OPS", replay_args(trained["iris_b"]))
-    (job,) = reg.run_due_schedules(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
-    reg.wait(job["job_id"])
+    first = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"]))  # today's default, trained by hand
+    reg.jobs.wait(first["job_id"])
+    reg.versions.expose("iris", "U_T")
+    view = reg.schedules.set("iris", "0 3 * * *", "U_OPS", replay_args(trained["iris_b"]))
+    (job,) = reg.schedules.run_due(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
+    reg.jobs.wait(job["job_id"])
     with SlackFake(channels={"C0NIGHTLY": "nightly"}) as fake:
         client = slack_client({"SLACK_API_URL": fake.base_url}, token=fake.token)
         assert one_pass(reg, client)["reviews"] == 1
         assert one_pass(reg, client)["reviews"] == 0, "one card per scheduled training"
         (card,) = [c for c in fake.calls_to("chat.postMessage") if "Review: iris" in c.params.get("text", "")]
         assert card.params["channel"] == "C0NIGHTLY"
-    (req,) = reg.requests("iris")
+    (req,) = reg.promotions.of_model("iris")
     assert req["requested_by"] == "schedule:iris" and req["message_ts"]
-    assert reg.decide(req["id"], "U_HUMAN", True)["state"] == "approved", "a person approves the nightly card"
+    assert reg.promotions.decide(req["id"], "U_HUMAN", True)["state"] == "approved", "a person approves the nightly card"
 
 
 def test_gate_skips_the_review_of_a_worse_retrain(make_registry: Any, sqlite_url: str, trained: dict) -> None:
@@ -121,16 +121,16 @@ def test_gate_skips_the_review_of_a_worse_retrain(make_registry: Any, sqlite_url
 
     reg = make_registry(sqlite_url, models={"iris": {
         "auto_expose": True, "auto_review": True, "gate": {"metric": "accuracy", "min_delta": 0.5}}})
-    first = reg.train("iris", "U_T", args=replay_args(trained["iris_a"]))
-    reg.wait(first["job_id"])
-    reg.expose("iris", "U_T")
-    view = reg.set_schedule("iris", "0 3 * * *", "U_OPS", replay_args(trained["iris_a"]))
-    (job,) = reg.run_due_schedules(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
-    reg.wait(job["job_id"])
-    assert reg.follow_scheduled() == []
-    skipped = reg.audit_events(action="review.skipped")
+    first = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"]))
+    reg.jobs.wait(first["job_id"])
+    reg.versions.expose("iris", "U_T")
+    view = reg.schedules.set("iris", "0 3 * * *", "U_OPS", replay_args(trained["iris_a"]))
+    (job,) = reg.schedules.run_due(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
+    reg.jobs.wait(job["job_id"])
+    assert reg.schedules.follow_scheduled() == []
+    skipped = reg.audit.events(action="review.skipped")
     assert len(skipped) == 1 and "accuracy changed by +0.0000" in skipped[0]["details"]["why"]
-    assert len(reg.versions("iris")["versions"]) == 2, "exposed all the same"
+    assert len(reg.versions.of_model("iris")["versions"]) == 2, "exposed all the same"
 
 
 def test_gate_skips_a_retrain_whose_gate_metric_diverged(make_registry: Any, sqlite_url: str, trained: dict,
@@ -143,12 +143,12 @@ def test_gate_skips_a_retrain_whose_gate_metric_diverged(make_registry: Any, sql
     (diverged / "metrics.json").write_text('{"accuracy": NaN, "loss": NaN}')
     reg = make_registry(sqlite_url, models={"iris": {
         "auto_expose": True, "auto_review": True, "gate": {"metric": "accuracy", "min_delta": -1.0}}})
-    first = reg.train("iris", "U_T", args=replay_args(trained["iris_a"]))
-    reg.wait(first["job_id"])
-    reg.expose("iris", "U_T")
-    view = reg.set_schedule("iris", "0 3 * * *", "U_OPS", replay_args(diverged))
-    (job,) = reg.run_due_schedules(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
-    reg.wait(job["job_id"])
-    assert reg.follow_scheduled() == [], "a NaN accuracy is no candidate, whatever the gate allows"
-    (skipped,) = reg.audit_events(action="review.skipped")
+    first = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"]))
+    reg.jobs.wait(first["job_id"])
+    reg.versions.expose("iris", "U_T")
+    view = reg.schedules.set("iris", "0 3 * * *", "U_OPS", replay_args(diverged))
+    (job,) = reg.schedules.run_due(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
+    reg.jobs.wait(job["job_id"])
+    assert reg.schedules.follow_scheduled() == [], "a NaN accuracy is no candidate, whatever the gate allows"
+    (skipped,) = reg.audit.events(action="review.skipped")
     assert "accuracy is NaN" in skipped["details"]["why"]

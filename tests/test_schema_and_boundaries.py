@@ -93,11 +93,11 @@ def test_web_process_never_imports_tensorflow(tmp_path) -> None:
         f" STARCHART_CONFIG='{tmp_path}/none.yaml'); import bot.serve; app = bot.serve.build_wsgi();"
         " app.bot.registry.get(timeout=60)")
     assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
-    assert "bot.web" in loaded and "model_registry.workflow" in loaded
+    assert "bot.web" in loaded and "model_registry.bootstrap" in loaded
 
 
 def test_core_and_cli_never_import_tensorflow_slack_or_google() -> None:
-    loaded = _imported_after("import bot.cli, bot.demo, model_registry.workflow, model_registry.backends.local, "
+    loaded = _imported_after("import bot.cli, bot.demo, model_registry.bootstrap, model_registry.backends.local, "
                              "model_registry.backends.local_serving")
     assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
     assert not any(m.startswith(("slack_bolt", "slack_sdk")) for m in loaded)
@@ -119,26 +119,26 @@ def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> No
     import psycopg
 
     from model_registry import audit
+    from model_registry.bootstrap import bootstrap
     from model_registry.config import ProjectConfig, Settings
-    from model_registry.workflow import Registry
 
     settings = Settings.from_env({"STARCHART_HOME": str(tmp_path), "DATABASE_URL": pg_url,
                                   "STARCHART_CONFIG": str(tmp_path / "none.yaml")})
-    reg = Registry(settings, ProjectConfig.load(settings.config_path))
-    with reg.unit_of_work() as s:
+    reg = bootstrap(settings, ProjectConfig.load(settings.config_path))
+    with reg.db.unit_of_work() as s:
         audit.append(s, "schedule.changed", "U_T")
-    assert reg.audit_events(limit=5)[0]["action"] == "schedule.changed"
+    assert reg.audit.events(limit=5)[0]["action"] == "schedule.changed"
     dbname = pg_url.rsplit("/", 1)[1]
     with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,))
     import time
 
     time.sleep(0.2)
-    with reg.unit_of_work() as s:  # the pool hands out a fresh connection instead of the dead one
+    with reg.db.unit_of_work() as s:  # the pool hands out a fresh connection instead of the dead one
         audit.append(s, "schedule.changed", "U_T")
-    assert len(reg.audit_events(limit=5)) == 2
-    assert reg.verify_audit().ok
-    reg.engine.dispose()
+    assert len(reg.audit.events(limit=5)) == 2
+    assert reg.audit.verify().ok
+    reg.db.engine.dispose()
 
 
 def test_unsupported_database_urls_are_refused_clearly() -> None:

@@ -98,11 +98,11 @@ def driver(server: Server, slack: SlackFake) -> Iterator[SlackDriver]:
 
 
 def registry(env: dict[str, str]) -> Any:
+    from model_registry.bootstrap import bootstrap
     from model_registry.config import ProjectConfig, Settings
-    from model_registry.workflow import Registry
 
     settings = Settings.from_env(env)
-    return Registry(settings, ProjectConfig.load(settings.config_path))
+    return bootstrap(settings, ProjectConfig.load(settings.config_path))
 
 
 def said_to(slack: SlackFake, user_text: str, timeout: float = 15) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def train_expose_promote(driver: SlackDriver, slack: SlackFake, trained: dict, e
     acked(driver.command("expose iris", user_id=TRAINER, channel_id=CHANNEL))
     said_to(slack, "exposed `v")
     reg = registry_from(slack)
-    newest = reg.versions("iris")["versions"][0]["name"]
+    newest = reg.versions.of_model("iris")["versions"][0]["name"]
     acked(driver.command(f"promote iris {newest} --reason “better” {extra}".strip(), user_id=REQUESTER,
                          channel_id=CHANNEL))
     return message_with(slack, "Review: iris")
@@ -163,7 +163,7 @@ def _registry_for(request: pytest.FixtureRequest) -> Iterator[None]:
         slack = request.getfixturevalue("slack")
         _REGISTRIES[id(slack)] = registry(env)
         yield
-        _REGISTRIES.pop(id(slack)).engine.dispose()
+        _REGISTRIES.pop(id(slack)).close()
     else:
         yield
 
@@ -176,7 +176,7 @@ def test_review_flow_end_to_end(driver: SlackDriver, slack: SlackFake, trained: 
     assert set(buttons(card)) == {"review.approve", "review.reject"}
     text = json.dumps(card)
     assert "Parameters" in text and "Metrics" in text and "trained by" in text and "confirm" in text
-    base = reg.default_version("iris")
+    base = reg.versions.default("iris")
 
     acked(driver.block_action("review.approve", value, user_id=REQUESTER, channel_id=channel, message=card))
     said_to(slack, "may not approve")  # the requester
@@ -184,24 +184,24 @@ def test_review_flow_end_to_end(driver: SlackDriver, slack: SlackFake, trained: 
     said_to(slack, "trained the candidate")
     acked(driver.block_action("review.approve", value, user_id=MALLORY, channel_id=channel, message=card))
     said_to(slack, "is not an approver")
-    assert reg.default_version("iris") == base
+    assert reg.versions.default("iris") == base
 
     acked(driver.block_action("review.approve", value, user_id=GROUP_APPROVER, channel_id=channel, message=card))
     slack.wait_for(lambda: ":rocket: applied" in json.dumps(slack.messages[(channel, ts)]), timeout=20)
     updated = slack.messages[(channel, ts)]
     assert "approved by <@U0CAROL>" in json.dumps(updated)
     assert "review.approve" not in buttons(updated), "buttons are replaced by the decision"
-    cand = reg.versions("iris")["versions"][0]["name"]
-    assert reg.default_version("iris") == cand and reg.backend.current_default("iris") == cand
-    granted = reg.audit_events(action="approval.granted")[0]
+    cand = reg.versions.of_model("iris")["versions"][0]["name"]
+    assert reg.versions.default("iris") == cand and reg.backend.current_default("iris") == cand
+    granted = reg.audit.events(action="approval.granted")[0]
     assert granted["actor"] == GROUP_APPROVER and granted["actor_name"] == "Carol"
     assert granted["channel"] == channel and granted["message_ts"] == ts
-    refused = reg.audit_events(action="approval.refused")
+    refused = reg.audit.events(action="approval.refused")
     assert sorted(e["details"]["reason"] for e in refused) == ["not_approver", "self_approval", "self_approval"]
     # the same click again (a retry or a replay) changes nothing
     acked(driver.block_action("review.approve", value, user_id=GROUP_APPROVER, channel_id=channel, message=card))
     said_to(slack, "already applied")
-    assert [e["action"] for e in reg.audit_events(action="promotion.applied")] == ["promotion.applied"]
+    assert [e["action"] for e in reg.audit.events(action="promotion.applied")] == ["promotion.applied"]
 
 
 def test_reject_opens_a_form_and_records_the_reason(driver: SlackDriver, slack: SlackFake, trained: dict) -> None:
@@ -220,7 +220,7 @@ def test_reject_opens_a_form_and_records_the_reason(driver: SlackDriver, slack: 
                                  user_id=APPROVER))
     slack.wait_for(lambda: "rejected" in json.dumps(slack.messages[(channel, ts)]), timeout=10)
     assert "loss went up" in json.dumps(slack.messages[(channel, ts)])
-    req = reg.requests("iris")[0]
+    req = reg.promotions.of_model("iris")[0]
     assert req["state"] == "rejected" and req["decisions"][0]["reason"] == "loss went up"
 
 
@@ -236,7 +236,7 @@ def test_large_diff_goes_to_thread_and_file(driver: SlackDriver, slack: SlackFak
     acked(driver.command("expose iris", user_id=TRAINER, channel_id=CHANNEL))
     said_to(slack, "exposed `v")
     reg = registry_from(slack)
-    newest = reg.versions("iris")["versions"][0]["name"]
+    newest = reg.versions.of_model("iris")["versions"][0]["name"]
     acked(driver.command(f"promote iris {newest}", user_id=REQUESTER, channel_id=CHANNEL))
     (channel, ts), card = message_with(slack, "Review: iris")
     assert "and 4 more" in json.dumps(card)
@@ -249,7 +249,7 @@ def test_bad_requests_are_refused_and_recorded(driver: SlackDriver, slack: Slack
     reg = registry_from(slack)
     for resp in (driver.send_forged(), driver.send_unsigned(), driver.send_stale()):
         assert resp.status == 401
-    assert [e["details"]["reason"] for e in reg.audit_events(action="request.refused")] == ["bad_signature"] * 3
+    assert [e["details"]["reason"] for e in reg.audit.events(action="request.refused")] == ["bad_signature"] * 3
     assert slack.calls_to("chat.postMessage") == []
 
     acked(driver.command("traim iris", user_id=TRAINER, channel_id=CHANNEL))
@@ -263,7 +263,7 @@ def test_bad_requests_are_refused_and_recorded(driver: SlackDriver, slack: Slack
 
     (channel, ts), card = train_expose_promote(driver, slack, trained)
     value = json.loads(buttons(card)["review.approve"])
-    before = len(reg.audit_events(limit=1000))
+    before = len(reg.audit.events(limit=1000))
     acked(driver.block_action("review.approve", "{not json", user_id=APPROVER, channel_id=channel, message=card))
     said_to(slack, "malformed")
     acked(driver.block_action("review.approve", json.dumps({**value, "m": "sentiment"}), user_id=APPROVER,
@@ -277,11 +277,11 @@ def test_bad_requests_are_refused_and_recorded(driver: SlackDriver, slack: Slack
     said_to(slack, "does not belong to the card")
     acked(driver.block_action("review.nuke", "{}", user_id=APPROVER, channel_id=channel, message=card))
     said_to(slack, "not one this bot knows")
-    slack.wait_for(lambda: len(reg.audit_events(limit=1000)) >= before + 5, timeout=10)
-    reasons = sorted(e["details"].get("reason") for e in reg.audit_events(limit=1000)[: len(
-        reg.audit_events(limit=1000)) - before])
+    slack.wait_for(lambda: len(reg.audit.events(limit=1000)) >= before + 5, timeout=10)
+    reasons = sorted(e["details"].get("reason") for e in reg.audit.events(limit=1000)[: len(
+        reg.audit.events(limit=1000)) - before])
     assert reasons == ["card_mismatch", "malformed_value", "model_mismatch", "not_found", "unknown_action"]
-    assert reg.requests("iris")[0]["state"] == "open", "nothing changed"
+    assert reg.promotions.of_model("iris")[0]["state"] == "open", "nothing changed"
 
 
 def test_several_bot_processes_apply_once(bot_env: dict, slack: SlackFake, trained: dict, tmp_path: Path,
@@ -297,13 +297,13 @@ def test_several_bot_processes_apply_once(bot_env: dict, slack: SlackFake, train
                                                                   channel_id=channel, message=card), clicks))
         assert all(r.status == 200 and r.elapsed < 3 for r in results)
         reg = registry_from(slack)
-        slack.wait_for(lambda: reg.requests("iris")[0]["state"] == "applied", timeout=20)
+        slack.wait_for(lambda: reg.promotions.of_model("iris")[0]["state"] == "applied", timeout=20)
         time.sleep(1.0)  # let every replica finish its background work
-        req = reg.requests("iris")[0]
+        req = reg.promotions.of_model("iris")[0]
         assert len(req["decisions"]) == 1
-        assert len(reg.audit_events(action="promotion.applying")) == 1
-        assert len(reg.audit_events(action="promotion.applied")) == 1
-        assert reg.verify_audit().ok
+        assert len(reg.audit.events(action="promotion.applying")) == 1
+        assert len(reg.audit.events(action="promotion.applied")) == 1
+        assert reg.audit.verify().ok
         other.close()
     finally:
         second.stop()
@@ -325,7 +325,7 @@ def test_unknown_channel_is_reported_and_nothing_is_lost(driver: SlackDriver, sl
     acked(driver.command(f"train iris — —source={trained['iris_a']}", user_id=TRAINER, channel_id="C0GHOST"))
     said_to(slack, "channel_not_found")
     assert "the channel does not exist" in json.dumps(slack.responses)
-    job = reg.state("iris")[0]
+    job = reg.jobs.state("iris")[0]
     assert job["state"] in ("QUEUED", "RUNNING", "SUCCEEDED"), "the job itself was started and is recorded"
 
 
@@ -334,10 +334,10 @@ def test_prediction_api_and_slash_predict_over_http(driver: SlackDriver, slack: 
     """TF Serving's REST shape on `starchart serve` (which never imports TensorFlow: the local model server
     answers), and /ml predict as a Slack client sends it."""
     reg = registry_from(slack)
-    job = reg.train("iris", TRAINER, args=[f"--source={trained['iris_a']}"])
-    assert reg.wait(job["job_id"])["state"] == "SUCCEEDED"
-    reg.expose("iris", TRAINER)
-    version = reg.default_version("iris")
+    job = reg.jobs.train("iris", TRAINER, args=[f"--source={trained['iris_a']}"])
+    assert reg.jobs.wait(job["job_id"])["state"] == "SUCCEEDED"
+    reg.versions.expose("iris", TRAINER)
+    version = reg.versions.default("iris")
     flower = {"sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2, "petal_width": 2.3}
     try:
         ok = requests.post(f"{server.url}/v1/models/iris:predict", json={"instances": [flower, flower]}, timeout=120)

@@ -443,34 +443,34 @@ def test_failed_alias_merge_during_a_promotion_leaves_it_failed_and_nothing_half
     fake.runner = replay_runner(gcs)
     reg = make_registry(db_url, backend=fast_backend(fake, bucket), env=vertex_env(bucket))
     for source in (trained["iris_a"], trained["iris_b"]):
-        job = reg.train("iris", "U_TRAINER", args=replay_args(source))
+        job = reg.jobs.train("iris", "U_TRAINER", args=replay_args(source))
         assert job["train_path"].startswith(f"{bucket}/iris/")
         assert job["package_uris"][0].startswith(f"{job['train_path']}/packages/")
-        assert reg.wait(job["job_id"], timeout=20)["state"] == "SUCCEEDED"
-    exposed = reg.expose("iris", "U_TRAINER")
+        assert reg.jobs.wait(job["job_id"], timeout=20)["state"] == "SUCCEEDED"
+    exposed = reg.versions.expose("iris", "U_TRAINER")
     assert len(exposed["exposed"]) == 2 and not exposed["errors"], exposed
     base, cand = sorted(v["name"] for v in exposed["exposed"])
-    assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    assert reg.versions.default("iris") == base and reg.backend.current_default("iris") == base
     store, newest = reg.backend.storage, exposed["exposed"][1]
-    record = json.loads(store.read_bytes(store.join(reg.job(newest["job_id"])["train_path"], "starchart.json")))
+    record = json.loads(store.read_bytes(store.join(reg.jobs.get(newest["job_id"])["train_path"], "starchart.json")))
     assert record["name"] == newest["name"] and record["deployment_uri"].startswith(f"{bucket}/iris/")
     assert set(record["signature"]["inputs"]) == {"sepal_length", "sepal_width", "petal_length", "petal_width"}
 
-    req = reg.promote("iris", cand, "U_REQ")
-    reg.decide(req["id"], "U_OK", True)
+    req = reg.promotions.promote("iris", cand, "U_REQ")
+    reg.promotions.decide(req["id"], "U_OK", True)
     fake.fail_next("models.mergeVersionAliases", 403,
                    message="Permission 'aiplatform.models.update' denied on resource.")
-    failed = reg.apply_request(req["id"], actor="U_OK")
+    failed = reg.promotions.apply_request(req["id"], actor="U_OK")
     assert failed["state"] == "failed"
     assert "permission denied in project starchart-test" in failed["error"]
     assert "aiplatform.models.update" in failed["error"]
-    assert reg.default_version("iris") == base and reg.backend.current_default("iris") == base
+    assert reg.versions.default("iris") == base and reg.backend.current_default("iris") == base
     assert fake.versions("iris")["1"][0] == "default", "Vertex AI's default did not move"
-    actions = [e["action"] for e in reg.audit_events(model="iris", limit=100)]
+    actions = [e["action"] for e in reg.audit.events(model="iris", limit=100)]
     assert "promotion.failed" in actions and "promotion.applied" not in actions
 
-    applied = reg.retry_apply(req["id"], "U_OK")
-    assert applied["state"] == "applied" and reg.default_version("iris") == cand
+    applied = reg.promotions.retry(req["id"], "U_OK")
+    assert applied["state"] == "applied" and reg.versions.default("iris") == cand
     assert reg.backend.current_default("iris") == cand
     assert [v["name"] for v in reg.backend.list_versions("iris")] == [base, cand]
 
@@ -478,7 +478,7 @@ def test_failed_alias_merge_during_a_promotion_leaves_it_failed_and_nothing_half
 def test_registry_train_sends_the_job_it_describes(make_registry: Any, sqlite_url: str, fake: VertexFake,
                                                   bucket: str) -> None:
     reg = make_registry(sqlite_url, backend=fast_backend(fake, bucket), env=vertex_env(bucket))
-    job = reg.train("iris", "U_TRAINER", args=["--epochs=5", "--job-dir=TRAIN_PATH"], scale_tier="STANDARD_1")
+    job = reg.jobs.train("iris", "U_TRAINER", args=["--epochs=5", "--job-dir=TRAIN_PATH"], scale_tier="STANDARD_1")
     ts = job["job_id"].rsplit("_", 1)[1]
     [create] = fake.calls("customJobs.create")
     text = json.dumps(create.body).replace(ts, "TS").replace(bucket, "gs://BUCKET")  # volatile: time, bucket
@@ -492,7 +492,7 @@ def test_registry_from_env_selects_and_configures_the_vertex_backend(
         gcs: str, trained: dict) -> None:
     from conftest import write_config
 
-    from model_registry.workflow import Registry
+    from model_registry.bootstrap import Core
 
     home = tmp_path / "envhome"
     home.mkdir()
@@ -502,17 +502,17 @@ def test_registry_from_env_selects_and_configures_the_vertex_backend(
                        "STARCHART_CONFIG": str(write_config(home, replay_trainers))}.items():
         monkeypatch.setenv(key, value)
     fake.runner = replay_runner(gcs)
-    reg = Registry.from_env()
+    reg = Core.from_env()
     try:
         assert isinstance(reg.backend, VertexBackend) and reg.backend.bucket == bucket
-        job = reg.train("iris", "U_TRAINER", args=replay_args(trained["iris_a"]))
+        job = reg.jobs.train("iris", "U_TRAINER", args=replay_args(trained["iris_a"]))
         assert job["train_path"].startswith(f"{bucket}/iris/") and fake.count("customJobs.create") == 1
-        reg.refresh_jobs("iris")  # the fake runs the job as it is polled: RUNNING, then SUCCEEDED
-        reg.refresh_jobs("iris")
-        assert reg.job(job["job_id"])["state"] == "SUCCEEDED"
-        assert [v["name"] for v in reg.expose("iris", "U_TRAINER")["exposed"]] == [reg.backend.current_default("iris")]
+        reg.jobs.refresh("iris")  # the fake runs the job as it is polled: RUNNING, then SUCCEEDED
+        reg.jobs.refresh("iris")
+        assert reg.jobs.get(job["job_id"])["state"] == "SUCCEEDED"
+        assert [v["name"] for v in reg.versions.expose("iris", "U_TRAINER")["exposed"]] == [reg.backend.current_default("iris")]
     finally:
-        reg.engine.dispose()
+        reg.db.engine.dispose()
 
 
 def test_training_into_a_missing_bucket_fails_before_any_job_is_sent(make_registry: Any, sqlite_url: str,
@@ -520,10 +520,10 @@ def test_training_into_a_missing_bucket_fails_before_any_job_is_sent(make_regist
     absent = "gs://starchart-absent-bucket"
     reg = make_registry(sqlite_url, backend=fast_backend(fake, absent), env=vertex_env(absent))
     with pytest.raises(BucketNotFound) as err:
-        reg.train("iris", "U_TRAINER", args=["--epochs=1"])
+        reg.jobs.train("iris", "U_TRAINER", args=["--epochs=1"])
     assert "bucket gs://starchart-absent-bucket does not exist" in err.value.message
     assert "gcloud storage buckets create gs://starchart-absent-bucket" in err.value.hint
-    [job] = reg.state("iris")
+    [job] = reg.jobs.state("iris")
     assert job["state"] == "FAILED" and "does not exist" in job["error"]
     assert fake.count() == 0
 
@@ -792,16 +792,16 @@ def test_a_failed_deploy_leaves_the_request_failed_and_nothing_moved_then_retry_
     backend = fast_backend(fake, bucket, endpoints={"iris": ENDPOINT}, retry_deadline=0.2)
     reg = make_registry(sqlite_url, backend=backend, env=vertex_env(bucket))
     for source in (trained["iris_a"], trained["iris_b"]):
-        job = reg.train("iris", "U_TRAINER", args=replay_args(source))
-        assert reg.wait(job["job_id"], timeout=20)["state"] == "SUCCEEDED"
-    exposed = reg.expose("iris", "U_TRAINER")
+        job = reg.jobs.train("iris", "U_TRAINER", args=replay_args(source))
+        assert reg.jobs.wait(job["job_id"], timeout=20)["state"] == "SUCCEEDED"
+    exposed = reg.versions.expose("iris", "U_TRAINER")
     assert len(exposed["exposed"]) == 2 and not exposed["errors"], exposed
     base, cand = sorted(v["name"] for v in exposed["exposed"])
     before = fake.deployments("iris")
     assert serving(fake) == [("iris@1", 100)], "the first default was deployed when it was initialised"
 
-    req = reg.promote("iris", cand, "U_REQ")
-    reg.decide(req["id"], "U_OK", True)
+    req = reg.promotions.promote("iris", cand, "U_REQ")
+    reg.promotions.decide(req["id"], "U_OK", True)
     failures = [
         (lambda: fake.fail_next("endpoints.deployModel", 503, times=1000), "Vertex AI is unavailable after retrying"),
         (lambda: fake.fail_next("endpoints.deployModel", 403, message="Permission 'aiplatform.endpoints.deploy' "
@@ -813,15 +813,15 @@ def test_a_failed_deploy_leaves_the_request_failed_and_nothing_moved_then_retry_
     for attempt, (inject, words) in enumerate(failures):
         fake.clear_faults()
         inject()
-        result = (reg.apply_request(req["id"], actor="U_OK") if attempt == 0 else reg.retry_apply(req["id"], "U_OK"))
+        result = (reg.promotions.apply_request(req["id"], actor="U_OK") if attempt == 0 else reg.promotions.retry(req["id"], "U_OK"))
         assert result["state"] == "failed", result
         assert words in result["error"] and f"deploy iris {cand} to endpoint" in result["error"], result["error"]
-        assert reg.default_version("iris") == base and backend.current_default("iris") == base
+        assert reg.versions.default("iris") == base and backend.current_default("iris") == base
         assert fake.deployments("iris") == before, "deployments and traffic unchanged"
     fake.clear_faults()
-    actions = [e["action"] for e in reg.audit_events(model="iris", limit=100)]
+    actions = [e["action"] for e in reg.audit.events(model="iris", limit=100)]
     assert actions.count("promotion.failed") == 3 and "promotion.applied" not in actions
 
-    applied = reg.retry_apply(req["id"], "U_OK")
-    assert applied["state"] == "applied" and reg.default_version("iris") == cand
+    applied = reg.promotions.retry(req["id"], "U_OK")
+    assert applied["state"] == "applied" and reg.versions.default("iris") == cand
     assert backend.current_default("iris") == cand and serving(fake) == [("iris@2", 100)]

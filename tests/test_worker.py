@@ -7,7 +7,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from conftest import replay_args
+from conftest import expose_two_versions, replay_args
 from fakes.slack_fake import SlackFake
 from sqlalchemy import update
 
@@ -17,30 +17,29 @@ from model_registry import names
 from model_registry.records import PromotionRequest
 
 
-def test_worker_pass(two_versions: Any, trained: dict, monkeypatch: Any) -> None:
-    reg = two_versions
-    monkeypatch.setenv("STARCHART_AUDIT_KEY", "k")
+def test_worker_pass(make_registry: Any, db_url: str, trained: dict) -> None:
+    reg = expose_two_versions(make_registry(db_url, env={"STARCHART_AUDIT_KEY": "k"}), trained)
     reg.config.audit_checkpoint.update({"channel": "C0AUDIT", "every": "1h"})
-    cand = reg.versions("iris")["versions"][0]["name"]
-    stuck = reg.promote("iris", cand, "U_REQ")
-    reg.decide(stuck["id"], "U_OK", True)
-    with reg.unit_of_work() as s:
+    cand = reg.versions.of_model("iris")["versions"][0]["name"]
+    stuck = reg.promotions.promote("iris", cand, "U_REQ")
+    reg.promotions.decide(stuck["id"], "U_OK", True)
+    with reg.db.unit_of_work() as s:
         s.execute(update(PromotionRequest).where(PromotionRequest.id == stuck["id"])
                   .values(state="applying", apply_started_at=names.utcnow() - timedelta(minutes=10)))
-    job = reg.train("iris", "U_T", args=replay_args(trained["iris_a"]))
+    job = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"]))
     with SlackFake(channels={"C0AUDIT": "audit"}) as fake:
         client = slack_client({"SLACK_API_URL": fake.base_url}, token=fake.token)
         for _ in range(600):
             one_pass(reg, client)
-            if reg.job(job["job_id"])["state"] == "SUCCEEDED":
+            if reg.jobs.get(job["job_id"])["state"] == "SUCCEEDED":
                 break
             time.sleep(0.05)
-        assert reg.job(job["job_id"])["state"] == "SUCCEEDED"
-        assert reg.request(stuck["id"])["state"] == "failed"  # reconciled: the backend never switched
+        assert reg.jobs.get(job["job_id"])["state"] == "SUCCEEDED"
+        assert reg.promotions.get(stuck["id"])["state"] == "failed"  # reconciled: the backend never switched
         again = one_pass(reg, client)
         posted = [c.params["text"] for c in fake.calls_to("chat.postMessage")]
         assert len(posted) == 1 and "Audit checkpoint" in posted[0], "once per `every`, not every pass"
         assert again["checkpoints"] == 0
-    cps = reg.audit_checkpoints()
+    cps = reg.audit.checkpoints()
     assert len(cps) == 1 and cps[0]["sig"] and json.dumps(cps[0])
-    assert reg.verify_audit().ok
+    assert reg.audit.verify().ok

@@ -1,0 +1,77 @@
+"""The core, built once per process: each group of use cases receives what it uses, nothing reaches for more.
+
+    core = bootstrap(Settings.from_env(), ProjectConfig.load(path))
+    core.jobs.train("iris", "U123", args=["--epochs=5"])
+
+CLI, console, Slack handlers, worker and clock all hold one `Core`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model_registry.audit_trail import AuditTrail
+from model_registry.backends.base import Backend
+from model_registry.config import ProjectConfig, Settings
+from model_registry.exposing import Versions
+from model_registry.policy import MembersOf
+from model_registry.promotions import Promotions
+from model_registry.schedules import Schedules
+from model_registry.service import Catalog, Database
+from model_registry.serving import Predictions
+from model_registry.training import Jobs
+
+
+@dataclass(frozen=True)
+class Core:
+    """Every use case of the product, grouped by what it is about."""
+
+    settings: Settings
+    config: ProjectConfig
+    db: Database
+    backend: Backend
+    catalog: Catalog
+    jobs: Jobs
+    versions: Versions
+    promotions: Promotions
+    audit: AuditTrail
+    schedules: Schedules
+    predictions: Predictions
+
+    @classmethod
+    def from_env(cls, members_of: MembersOf | None = None) -> Core:
+        settings = Settings.from_env()
+        return bootstrap(settings, ProjectConfig.load(settings.config_path), members_of=members_of)
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+def make_backend(settings: Settings, config: ProjectConfig) -> Backend:
+    """The backend STARCHART_BACKEND names; Google's libraries load only when it is `vertex`."""
+    if settings.backend == "vertex":
+        from model_registry.backends.vertex import VertexBackend
+
+        endpoints = {m: p.endpoint for m in config.models if (p := config.policy(m)).endpoint}
+        return VertexBackend.from_settings(settings, endpoints=endpoints)
+    from model_registry.backends.local import LocalBackend
+
+    return LocalBackend(settings.home)
+
+
+def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None = None,
+              members_of: MembersOf | None = None) -> Core:
+    """Open the database (migrating it), choose the backend, and wire the groups of use cases."""
+    db = Database(settings.database_url)
+    backend = backend or make_backend(settings, config)
+    catalog = Catalog(db, config, members_of)
+    audit_trail = AuditTrail(db, catalog, settings)
+    jobs = Jobs(db, catalog, config, settings, backend)
+    versions = Versions(db, catalog, config, backend, jobs)
+    promotions = Promotions(db, catalog, config, backend, versions, audit_trail)
+    return Core(
+        settings=settings, config=config, db=db, backend=backend, catalog=catalog, jobs=jobs, versions=versions,
+        promotions=promotions, audit=audit_trail,
+        schedules=Schedules(db, catalog, config, jobs, versions, promotions),
+        predictions=Predictions(db, catalog, backend),
+    )
