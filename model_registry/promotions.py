@@ -7,10 +7,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from model_registry import audit, names
+from model_registry import promotion_rules as rules
 from model_registry.audit_trail import AuditTrail
 from model_registry.backends.base import Backend
 from model_registry.config import ProjectConfig
@@ -18,22 +19,19 @@ from model_registry.diffs import card_digest, diff_versions
 from model_registry.errors import InvalidInput, NotFound, Refused, StarchartError
 from model_registry.exposing import Versions
 from model_registry.model_files import marked_default, read_model_file
-from model_registry.policy import check_approver, check_operator, is_listed
+from model_registry.policy import check_operator
 from model_registry.records import (
     APPLIED,
     APPLYING,
     APPROVED,
-    EXPIRED,
     FAILED_APPLY,
     OPEN,
-    REJECTED,
-    STALE,
     Approval,
     ModelRecord,
     PromotionRequest,
 )
 from model_registry.service import Catalog, Database
-from model_registry.views import iso, request_view, version_view
+from model_registry.views import request_view, version_view
 
 RECONCILE_AFTER = timedelta(minutes=2)  # an apply older than this with no result was interrupted
 
@@ -142,103 +140,41 @@ class Promotions:
                card_digest: str | None = None, channel: str | None = None, message_ts: str | None = None,
                actor_name: str | None = None) -> dict[str, Any]:
         """Record one approver's decision. A refusal is recorded in the audit trail, then raised."""
-        if not approve and not (reason or "").strip():
-            raise InvalidInput("a rejection needs a reason", "say why, e.g. --reason 'accuracy dropped'")
-        refusal: Refused | None = None
-        ctx = {"channel": channel, "message_ts": message_ts, "actor_name": actor_name}
+        rules.require_reason(approve, reason)
+        person = {"channel": channel, "message_ts": message_ts, "actor_name": actor_name}
         with self.db.unit_of_work() as s:
-            req = s.get(PromotionRequest, request_id, with_for_update=True)
-            if req is None:
+            row = s.get(PromotionRequest, request_id, with_for_update=True)
+            if row is None:
                 refusal = Refused(f"no promotion request #{request_id}", "it may have been removed; open a new one",
                                   reason="not_found")
-                audit.append(s, "approval.refused", user, request_id=request_id, **ctx,
+                audit.append(s, "approval.refused", user, request_id=request_id, **person,
                              details={"reason": "not_found"})
             else:
-                refusal = self._decision_refusal(s, req, user, card_digest, channel, message_ts)
-                if refusal is not None:
-                    audit.append(s, "approval.refused", user, model=req.model, version=req.candidate_version,
-                                 request_id=req.id, **ctx,
-                                 details={"reason": refusal.reason, "message": refusal.message,
-                                          "decision": "approve" if approve else "reject"})
-                else:
-                    self._record_decision(s, req, user, approve, reason, ctx)
+                req = self._domain(s, row)
+                cand = self.catalog.version(s, row.model, row.candidate_version)
+                facts = rules.Facts(now=names.utcnow(), current_default=self._default_of(s, row.model),
+                                    candidate_digest=cand.digest, trained_by=cand.trained_by)
+                outcome = req.decide(user, approve, facts, self.config.policy(row.model), self.catalog.members_of,
+                                     reason=reason, click=rules.Click(card_digest, channel, message_ts))
+                self._store(s, row, req, outcome, person)
+                refusal = outcome.refusal
         if refusal is not None:
             raise refusal
         return self.get(request_id)
 
-    def _decision_refusal(self, s: Session, req: PromotionRequest, user: str, digest: str | None,
-                          channel: str | None = None, message_ts: str | None = None) -> Refused | None:
-        now = names.utcnow()
-        clicked_elsewhere = message_ts is not None and req.message_ts is not None and (
-            message_ts != req.message_ts or (channel is not None and channel != req.channel))
-        if clicked_elsewhere or (digest is not None and digest != req.card_digest):
-            # a button copied to another message, or a value edited: refuse without touching the request
-            return Refused(f"that button does not belong to the card of promotion request #{req.id}",
-                           "use the buttons on the request's own card", reason="card_mismatch")
-        if req.state != OPEN:
-            return Refused(f"promotion request #{req.id} is already {req.state}", "nothing left to decide",
-                           reason="closed")
-        if now > req.expires_at:
-            req.state, req.decided_at = EXPIRED, now
-            audit.append(s, "promotion.expired", "system", model=req.model, version=req.candidate_version,
-                         request_id=req.id)
-            return Refused(f"promotion request #{req.id} expired at {iso(req.expires_at)}",
-                           f"open a new one: `promote {req.model} {req.candidate_version}`", reason="expired")
-        cand = self.catalog.version(s, req.model, req.candidate_version)
-        try:
-            check_approver(self.config.policy(req.model), user, self.catalog.members_of, req.requested_by, cand.trained_by,
-                           req.model)
-        except Refused as exc:
-            return exc
-        record = s.get(ModelRecord, req.model)
-        current = record.default_version if record else None
-        stale_why = None
-        if current != req.base_version:
-            stale_why = f"the default moved from {req.base_version} to {current} since the card was posted"
-        elif cand.digest != req.candidate_digest:
-            stale_why = f"{req.candidate_version} changed since the card was posted"
-        if stale_why:
-            req.state, req.decided_at = STALE, now
-            audit.append(s, "promotion.stale", "system", model=req.model, version=req.candidate_version,
-                         request_id=req.id, details={"why": stale_why})
-            return Refused(f"promotion request #{req.id} is stale: {stale_why}",
-                           f"open a new one: `promote {req.model} {req.candidate_version}`", reason="stale")
-        if s.execute(select(Approval.id).where(Approval.request_id == req.id, Approval.approver == user)).first():
-            return Refused(f"{user} already decided on promotion request #{req.id}", "one decision per approver",
-                           reason="duplicate")
-        return None
-
-    def _record_decision(self, s: Session, req: PromotionRequest, user: str, approve: bool, reason: str | None,
-                         ctx: dict[str, Any]) -> None:
-        now = names.utcnow()
-        s.add(Approval(request_id=req.id, approver=user, decision="approve" if approve else "reject",
-                       reason=reason, card_digest=req.card_digest, created_at=now))
-        s.flush()
-        common = {"model": req.model, "version": req.candidate_version, "request_id": req.id, **ctx}
-        if not approve:
-            req.state, req.decided_at = REJECTED, now
-            audit.append(s, "promotion.rejected", user, **common, details={"reason": reason})
-            return
-        audit.append(s, "approval.granted", user, **common, details={"card_digest": req.card_digest})
-        granted = s.execute(select(func.count()).select_from(Approval).where(
-            Approval.request_id == req.id, Approval.decision == "approve")).scalar() or 0
-        if granted >= req.required_approvals:
-            req.state, req.decided_at = APPROVED, now
-            audit.append(s, "promotion.approved", "system", model=req.model, version=req.candidate_version,
-                         request_id=req.id, details={"approvals": granted, "required": req.required_approvals})
-
     def retry(self, request_id: int, user: str) -> dict[str, Any]:
         """Apply a failed request again; only an approver of the model may ask."""
-        req = self.get(request_id)
-        policy = self.config.policy(req["model"])
-        if policy.approvers and not is_listed(user, policy.approvers, self.catalog.members_of):
-            self.audit.record_refusal(user, "not_approver", f"{user} may not retry #{request_id}", model=req["model"],
-                                request_id=request_id)
-            raise Refused(f"{user} is not an approver of {req['model']}", "ask an approver to retry",
-                          reason="not_approver")
-        if req["state"] != FAILED_APPLY:
-            raise InvalidInput(f"promotion request #{request_id} is {req['state']}, not failed",
-                               "only a failed apply can be retried")
+        with self.db.reads() as s:
+            row = s.get(PromotionRequest, request_id)
+            if row is None:
+                raise NotFound(f"no promotion request #{request_id}", "list them with `requests MODEL`")
+            req = self._domain(s, row)
+        refusal = req.retry_refusal(user, self.config.policy(req.model), self.catalog.members_of)
+        if isinstance(refusal, Refused):
+            self.audit.record_refusal(user, refusal.reason, f"{user} may not retry #{request_id}", model=req.model,
+                                      request_id=request_id)
+        if refusal is not None:
+            raise refusal
         return self.apply_request(request_id, actor=user)
 
     def apply_request(self, request_id: int, actor: str = "system") -> dict[str, Any]:
@@ -247,34 +183,25 @@ class Promotions:
         Only one caller wins the APPROVED/FAILED -> APPLYING transition; the others get the request as it is.
         """
         with self.db.unit_of_work() as s:
-            req = s.get(PromotionRequest, request_id, with_for_update=True)
-            if req is None:
+            row = s.get(PromotionRequest, request_id, with_for_update=True)
+            if row is None:
                 raise NotFound(f"no promotion request #{request_id}")
-            if req.state not in (APPROVED, FAILED_APPLY):
-                return request_view(req, self.catalog.approvals(s, req.id))
-            granted = s.execute(select(func.count()).select_from(Approval).where(
-                Approval.request_id == req.id, Approval.decision == "approve")).scalar() or 0
-            if granted < req.required_approvals:
-                raise Refused(f"promotion request #{req.id} has {granted} of {req.required_approvals} approvals",
-                              "wait for more approvals", reason="not_approved")
-            record = s.get(ModelRecord, req.model, with_for_update=True)
-            if (record.default_version if record else None) != req.base_version:
-                req.state = STALE
-                audit.append(s, "promotion.stale", "system", model=req.model, version=req.candidate_version,
-                             request_id=req.id, details={"why": "the default moved before the apply"})
-                return request_view(req, self.catalog.approvals(s, req.id))
+            req = self._domain(s, row)
+            if row.state in rules.APPLICABLE:
+                s.get(ModelRecord, row.model, with_for_update=True)  # one apply per model: the model row is locked
             busy = s.execute(select(PromotionRequest.id).where(
-                PromotionRequest.model == req.model, PromotionRequest.state == APPLYING,
-                PromotionRequest.id != req.id).limit(1)).scalar()
-            if busy is not None:  # the model row is locked: one apply per model at a time
-                raise Refused(f"promotion request #{busy} of {req.model} is being applied right now",
-                              f"retry #{req.id} when it has finished", reason="busy")
-            req.state, req.apply_started_at, req.error = APPLYING, names.utcnow(), None
-            audit.append(s, "promotion.applying", actor, model=req.model, version=req.candidate_version,
-                         request_id=req.id, channel=req.channel, message_ts=req.message_ts,
-                         details={"base": req.base_version, "backend": self.backend.name})
-            cand = self.catalog.version(s, req.model, req.candidate_version)
-            model, version, ref = req.model, req.candidate_version, cand.backend_ref
+                PromotionRequest.model == row.model, PromotionRequest.state == APPLYING,
+                PromotionRequest.id != row.id).limit(1)).scalar()
+            outcome = req.start_apply(actor, rules.Facts(now=names.utcnow(),
+                                                         current_default=self._default_of(s, row.model)),
+                                      self.backend.name, busy_with=busy)
+            self._store(s, row, req, outcome)
+            if outcome.refusal is not None:
+                raise outcome.refusal
+            if not outcome.started:
+                return request_view(row, self.catalog.approvals(s, row.id))
+            model, version = row.model, row.candidate_version
+            ref = self.catalog.version(s, model, version).backend_ref
         try:
             self.backend.set_default(model, version, ref)
         except Exception as exc:  # any backend failure leaves the request failed with the reason, nothing applied
@@ -287,27 +214,18 @@ class Promotions:
 
     def _apply_result(self, request_id: int, actor: str, error: str | None = None) -> None:
         with self.db.unit_of_work() as s:
-            req = s.get(PromotionRequest, request_id, with_for_update=True)
-            late_success = error is None and req.state == FAILED_APPLY  # reconciled as failed, then it worked
-            if req.state != APPLYING and not late_success:
-                return  # reconciled by someone else meanwhile
-            common = {"model": req.model, "version": req.candidate_version, "request_id": req.id,
-                      "channel": req.channel, "message_ts": req.message_ts}
-            if error is not None:
-                req.state, req.error = FAILED_APPLY, error
-                audit.append(s, "promotion.failed", actor, **common, details={"error": error})
-                return
-            base_is = (ModelRecord.default_version.is_(None) if req.base_version is None
-                       else ModelRecord.default_version == req.base_version)
-            moved = s.execute(update(ModelRecord).where(ModelRecord.name == req.model, base_is)
-                              .values(default_version=req.candidate_version, updated_at=names.utcnow())).rowcount
-            if not moved:  # cannot happen while one apply per model runs at a time; refuse rather than guess
-                req.state, req.error = FAILED_APPLY, "the default moved while this request was being applied"
-                audit.append(s, "promotion.failed", actor, **common, details={"error": req.error})
-                return
-            req.state, req.applied_at = APPLIED, names.utcnow()
-            audit.append(s, "promotion.applied", actor, **common,
-                         details={"base": req.base_version, "kind": req.kind})
+            row = s.get(PromotionRequest, request_id, with_for_update=True)
+            req = self._domain(s, row)
+
+            def switch_default() -> bool:
+                base_is = (ModelRecord.default_version.is_(None) if row.base_version is None
+                           else ModelRecord.default_version == row.base_version)
+                return bool(s.execute(update(ModelRecord).where(ModelRecord.name == row.model, base_is)
+                                      .values(default_version=row.candidate_version, updated_at=names.utcnow())
+                                      ).rowcount)
+
+            events = req.finish_apply(actor, names.utcnow(), error, switch_default)
+            self._store(s, row, req, rules.Outcome(events))
 
     def reconcile(self, older_than: timedelta = RECONCILE_AFTER) -> list[dict[str, Any]]:
         """Finish applies interrupted by a crash: applied if the backend has the candidate, else failed."""
@@ -339,12 +257,49 @@ class Promotions:
         return results
 
     def expire(self) -> int:
+        """Close open requests past their expiry (the worker calls this)."""
         now = names.utcnow()
         with self.db.unit_of_work() as s:
-            old = s.execute(select(PromotionRequest).where(PromotionRequest.state == OPEN,
-                                                           PromotionRequest.expires_at < now)).scalars().all()
-            for req in old:
-                req.state, req.decided_at = EXPIRED, now
-                audit.append(s, "promotion.expired", "system", model=req.model, version=req.candidate_version,
-                             request_id=req.id)
-            return len(old)
+            rows = s.execute(select(PromotionRequest).where(PromotionRequest.state == OPEN,
+                                                            PromotionRequest.expires_at < now)).scalars().all()
+            for row in rows:
+                req = self._domain(s, row)
+                self._store(s, row, req, rules.Outcome(req.expire(now)))
+            return len(rows)
+
+    # ---------------------------------------------------------------- between records and rules
+
+    @staticmethod
+    def _default_of(s: Session, model: str) -> str | None:
+        record = s.get(ModelRecord, model)
+        return record.default_version if record else None
+
+    def _domain(self, s: Session, row: PromotionRequest) -> rules.PromotionRequest:
+        return rules.PromotionRequest(
+            id=row.id, model=row.model, kind=row.kind, candidate=row.candidate_version, base=row.base_version,
+            candidate_digest=row.candidate_digest, card_digest=row.card_digest, requested_by=row.requested_by,
+            required_approvals=row.required_approvals, expires_at=row.expires_at, state=row.state,
+            decisions=[rules.Decision(a.approver, a.decision, a.reason, a.created_at, a.card_digest)
+                       for a in self.catalog.approvals(s, row.id)],
+            decided_at=row.decided_at, apply_started_at=row.apply_started_at, applied_at=row.applied_at,
+            error=row.error, channel=row.channel, message_ts=row.message_ts)
+
+    @staticmethod
+    def _store(s: Session, row: PromotionRequest, req: rules.PromotionRequest, outcome: rules.Outcome,
+               person: dict[str, Any] | None = None) -> None:
+        """Persist what a rule did, in the caller's transaction: the request, a new decision, its audit events."""
+        row.state, row.decided_at, row.error = req.state, req.decided_at, req.error
+        row.apply_started_at, row.applied_at = req.apply_started_at, req.applied_at
+        if outcome.decision is not None:
+            d = outcome.decision
+            s.add(Approval(request_id=row.id, approver=d.approver, decision=d.decision, reason=d.reason,
+                           card_digest=d.card_digest, created_at=d.at))
+            s.flush()  # the unique (request, approver) constraint speaks before any event is written
+        for event in outcome.events:
+            where: dict[str, Any] = {}
+            if event.by_person:
+                where = dict(person or {})
+            elif event.on_card:
+                where = {"channel": row.channel, "message_ts": row.message_ts}
+            audit.append(s, event.action, event.actor, model=row.model, version=row.candidate_version,
+                         request_id=row.id, **where, details=event.details)
