@@ -23,7 +23,7 @@ from model_registry.records import (
     ModelRecord,
     Version,
 )
-from model_registry.service import Catalog, Database
+from model_registry.service import Catalog, Database, rows_changed
 from model_registry.signatures import read_signature
 from model_registry.training import Jobs
 from model_registry.views import decoded_all, iso, iso_utc, raw_json, version_view
@@ -100,8 +100,8 @@ class Versions:
         initialized = False
         try:
             with self.db.unit_of_work() as s:
-                if not s.execute(update(Job).where(Job.job_id == job.job_id, Job.version_name.is_(None))
-                                 .values(version_name=version.name)).rowcount:
+                if not rows_changed(s.execute(update(Job).where(Job.job_id == job.job_id, Job.version_name.is_(None))
+                                              .values(version_name=version.name))):
                     return None  # another process exposed it first
                 version.backend_ref = ref
                 s.add(version)

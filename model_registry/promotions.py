@@ -30,7 +30,7 @@ from model_registry.records import (
     ModelRecord,
     PromotionRequest,
 )
-from model_registry.service import Catalog, Database
+from model_registry.service import Catalog, Database, rows_changed
 from model_registry.views import request_view, version_view
 
 RECONCILE_AFTER = timedelta(minutes=2)  # an apply older than this with no result was interrupted
@@ -68,7 +68,7 @@ class Promotions:
             now = names.utcnow()
             req = PromotionRequest(
                 model=model, kind=kind, candidate_version=version, base_version=base_name,
-                candidate_digest=cand.digest, card_digest=card_digest(cand.digest, base_view and base_view["digest"],
+                candidate_digest=cand.digest, card_digest=card_digest(cand.digest, base_view["digest"] if base_view else None,
                                                                       diff),
                 diff=diff, requested_by=user, reason=reason, state=OPEN,
                 required_approvals=policy.required_approvals, created_at=now, expires_at=now + policy.request_expiry,
@@ -144,6 +144,7 @@ class Promotions:
         person = {"channel": channel, "message_ts": message_ts, "actor_name": actor_name}
         with self.db.unit_of_work() as s:
             row = s.get(PromotionRequest, request_id, with_for_update=True)
+            refusal: Refused | None
             if row is None:
                 refusal = Refused(f"no promotion request #{request_id}", "it may have been removed; open a new one",
                                   reason="not_found")
@@ -214,15 +215,15 @@ class Promotions:
 
     def _apply_result(self, request_id: int, actor: str, error: str | None = None) -> None:
         with self.db.unit_of_work() as s:
-            row = s.get(PromotionRequest, request_id, with_for_update=True)
+            row = s.get_one(PromotionRequest, request_id, with_for_update=True)
             req = self._domain(s, row)
 
             def switch_default() -> bool:
                 base_is = (ModelRecord.default_version.is_(None) if row.base_version is None
                            else ModelRecord.default_version == row.base_version)
-                return bool(s.execute(update(ModelRecord).where(ModelRecord.name == row.model, base_is)
-                                      .values(default_version=row.candidate_version, updated_at=names.utcnow())
-                                      ).rowcount)
+                return bool(rows_changed(s.execute(
+                    update(ModelRecord).where(ModelRecord.name == row.model, base_is)
+                    .values(default_version=row.candidate_version, updated_at=names.utcnow()))))
 
             events = req.finish_apply(actor, names.utcnow(), error, switch_default)
             self._store(s, row, req, rules.Outcome(events))
@@ -238,7 +239,7 @@ class Promotions:
         results = []
         apply_timeout = getattr(self.backend, "apply_timeout", lambda _model: 0.0)
         for request_id, model, version, started in stuck:
-            if (now - started).total_seconds() < apply_timeout(model):
+            if started is None or (now - started).total_seconds() < apply_timeout(model):
                 continue  # a slow switch (an endpoint deploy) may still be running in another process
             try:
                 current = self.backend.current_default(model)

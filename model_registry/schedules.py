@@ -17,7 +17,7 @@ from model_registry.packaging import trainer_dir
 from model_registry.policy import check_operator
 from model_registry.promotions import Promotions
 from model_registry.records import SUCCEEDED, Job, Schedule
-from model_registry.service import Catalog, Database
+from model_registry.service import Catalog, Database, rows_changed
 from model_registry.training import Jobs
 from model_registry.views import iso
 
@@ -113,8 +113,8 @@ class Schedules:
                 continue
             with self.db.unit_of_work() as s:
                 same = Schedule.last_run_at.is_(None) if last is None else Schedule.last_run_at == last
-                if not s.execute(update(Schedule).where(Schedule.model == model, same)
-                                 .values(last_run_at=now)).rowcount:
+                if not rows_changed(s.execute(update(Schedule).where(Schedule.model == model, same)
+                                              .values(last_run_at=now))):
                     continue  # another clock took this firing
             try:
                 started.append(self.jobs.train(model, f"schedule:{model}", args=args or None))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import CursorResult, Result, bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from model_registry import names
@@ -63,6 +63,11 @@ class Database:
                 cursor.close()
 
         return read_raw(self.engine, work)
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """How many rows an UPDATE changed: the conditional updates that make a transition happen once."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 class Catalog:

@@ -27,7 +27,7 @@ from model_registry.records import (
     Job,
     ModelRecord,
 )
-from model_registry.service import Catalog, Database
+from model_registry.service import Catalog, Database, rows_changed
 from model_registry.views import decoded_all, iso_utc, job_view, raw_json
 
 LOG_TAIL_LINES = 20
@@ -98,8 +98,7 @@ class Jobs:
                                "see the job's error with `state`; fix the backend and train again") from exc
         with self.db.unit_of_work() as s:
             s.execute(update(Job).where(Job.job_id == job.job_id).values(package_uris=[package_uri], backend_ref=ref))
-            job = s.get(Job, job.job_id)
-            return job_view(job)
+            return job_view(s.get_one(Job, job.job_id))
 
     def _new_job(self, s: Session, model: str, ts: str, module: str, raw_args: tuple[str, ...], user: str,
                  sha256: str, scale_tier: str | None, region: str | None, machine_type: str | None,
@@ -126,11 +125,10 @@ class Jobs:
             values: dict[str, Any] = {"state": state, "error": error, "ended_at": ended or names.utcnow()}
             if started:
                 values["started_at"] = started
-            done = s.execute(
-                update(Job).where(Job.job_id == job_id, Job.state.in_(list(expected))).values(**values)
-            ).rowcount
+            done = rows_changed(s.execute(
+                update(Job).where(Job.job_id == job_id, Job.state.in_(list(expected))).values(**values)))
             if done:
-                job = s.get(Job, job_id)
+                job = s.get_one(Job, job_id)
                 audit.append(s, f"training.{state.lower()}", actor, model=job.model, job_id=job_id,
                              details={"error": (error or "")[-500:]} if error else {})
             return bool(done)
@@ -153,8 +151,8 @@ class Jobs:
                 continue
             if st.state == RUNNING:
                 with self.db.unit_of_work() as s:
-                    if s.execute(update(Job).where(Job.job_id == job_id, Job.state == QUEUED)
-                                 .values(state=RUNNING, started_at=st.started_at or names.utcnow())).rowcount:
+                    if rows_changed(s.execute(update(Job).where(Job.job_id == job_id, Job.state == QUEUED)
+                                              .values(state=RUNNING, started_at=st.started_at or names.utcnow()))):
                         audit.append(s, "training.started", "system", model=job_model, job_id=job_id)
                         changed += 1
                 continue
@@ -211,7 +209,7 @@ class Jobs:
     def logs(self, job_id: str, tail: int = 40) -> str:
         job = self.get(job_id)
         with self.db.unit_of_work() as s:
-            ref = s.get(Job, job_id).backend_ref
+            ref = s.get_one(Job, job_id).backend_ref
         return self.backend.logs(job_id, ref, tail=tail) or (job["error"] or "(no log yet)")
 
     def cancel(self, job_id: str, user: str) -> dict[str, Any]:
@@ -220,7 +218,7 @@ class Jobs:
         if job["state"] in TERMINAL:
             raise InvalidInput(f"{job_id} already ended ({job['state']})", "only QUEUED or RUNNING jobs can be cancelled")
         with self.db.unit_of_work() as s:
-            ref = s.get(Job, job_id).backend_ref
+            ref = s.get_one(Job, job_id).backend_ref
         self.backend.cancel(job_id, ref)
         self._finish_job(job_id, CANCELLED, actor=user)
         return self.get(job_id)
