@@ -124,6 +124,15 @@ def test_scale_tiers_map_to_worker_pools() -> None:
         worker_pools(spec(accelerator="NVIDIA_L4:0"))
 
 
+def test_accelerator_names_are_the_client_librarys() -> None:
+    """The configuration checks accelerators without importing Google's libraries: its list must be theirs."""
+    from google.cloud import aiplatform_v1 as aip
+
+    from model_registry.backends.vertex_settings import ACCELERATORS
+
+    assert ACCELERATORS == tuple(a.name for a in aip.AcceleratorType if a.value)
+
+
 def test_version_request_bodies(backend: VertexBackend, fake: VertexFake) -> None:
     first = backend.register_version("iris", version_view(f"v{TS}"), first=True)
     assert first == "projects/123456789012/locations/us-central1/models/iris@1"
@@ -154,7 +163,7 @@ def test_versions_numbered_per_model_and_default_alias_moves_but_never_disappear
     assert backend.current_default("iris") == "v20261127000003"
     backend.set_default("iris", "v20261127000003", None)  # no reference kept: the alias names it too
     assert backend.current_default("iris") == "v20261127000003"
-    client = backend._models()
+    client = backend.api.models()
     from google.api_core import exceptions as gexc
 
     with pytest.raises(gexc.BadRequest, match="default version alias cannot be removed"):
@@ -331,12 +340,12 @@ def test_from_settings_defaults_and_endpoint_override(fake: VertexFake) -> None:
     from google.auth.credentials import AnonymousCredentials
 
     regional = VertexBackend("acme-ml", "europe-west4", "gs://b", credentials=AnonymousCredentials())
-    assert regional._jobs()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
-    assert regional._models()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
+    assert regional.api.jobs()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
+    assert regional.api.models()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
     local = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="starchart-test"),
                                         env={"VERTEX_API_ENDPOINT": fake.url,
                                              "STARCHART_SERVING_IMAGE": "europe-docker.pkg.dev/acme/serve:1"})
-    assert local._jobs()._transport._host == fake.url and local.serving_image.endswith("serve:1")
+    assert local.api.jobs()._transport._host == fake.url and local.serving_image.endswith("serve:1")
     assert local.current_default("iris") is None and fake.count("models.get") == 1
 
 
@@ -745,7 +754,7 @@ def test_the_fake_keeps_vertex_endpoint_rules(fake: VertexFake) -> None:
     backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
     refs = versions_of(backend, V1, V2)
     backend.set_default("iris", V1, refs[0])
-    client, endpoint = backend._endpoints(), backend.find_endpoint("iris")
+    client, endpoint = backend.api.endpoints(), backend.endpoints.find("iris")
     [(_, old_id, _)] = fake.deployments("iris")
     resources = aip.DedicatedResources(machine_spec=aip.MachineSpec(machine_type="n1-standard-2"),
                                        min_replica_count=1, max_replica_count=1)
@@ -781,7 +790,7 @@ def test_the_fake_keeps_vertex_endpoint_rules(fake: VertexFake) -> None:
     assert serving(fake) == [("iris@2", 100)]
     client.undeploy_model(endpoint=endpoint.name, deployed_model_id=new_id).result(timeout=5)  # the last one
     assert client.get_endpoint(name=endpoint.name).traffic_split == {} and fake.deployments("iris") == []
-    found = client.list_endpoints(request=aip.ListEndpointsRequest(parent=backend._parent(),
+    found = client.list_endpoints(request=aip.ListEndpointsRequest(parent=backend.api.parent(),
                                                                    filter='displayName="iris"'))
     assert [e.name for e in found] == [endpoint.name]
 
