@@ -171,8 +171,8 @@ def test_versions_numbered_per_model_and_default_alias_moves_but_never_disappear
     with pytest.raises(gexc.BadRequest, match="Invalid version alias"):
         client.merge_version_aliases(name=refs[1], version_aliases=["42"])
     assert fake.versions("iris")["3"] == ["default", "v20261127000003"], "a refused merge changed nothing"
-    assert [v["name"] for v in backend.list_versions("iris")] == [f"v2026112700000{i}" for i in (1, 2, 3)]
-    assert backend.list_versions("nomodel") == [] and backend.current_default("nomodel") is None
+    assert fake.version_names("iris") == [f"v2026112700000{i}" for i in (1, 2, 3)]
+    assert fake.version_names("nomodel") == [] and backend.current_default("nomodel") is None
 
 
 def test_register_version_is_idempotent_and_heals_the_first_flag(backend: VertexBackend, fake: VertexFake) -> None:
@@ -243,14 +243,16 @@ def test_cancel_logs_and_lost_reply_on_create(backend: VertexBackend, fake: Vert
     assert "error: The replica workerpool0-0 exited with status 1" in text
 
 
-def test_listing_500_jobs_costs_pages_not_jobs(backend: VertexBackend, fake: VertexFake) -> None:
+def test_finding_a_job_among_500_costs_one_list_not_one_per_job(backend: VertexBackend, fake: VertexFake) -> None:
     fake.add_jobs(500, "iris")
+    ref = backend.submit(spec())
     fake.add_jobs(30, "other")
+    fake.set_job_state(ref, "JOB_STATE_SUCCEEDED")
     fake.reset_requests()
-    jobs = backend.list_jobs("iris")
-    assert len(jobs) == 500 and {j["state"] for j in jobs} == {"SUCCEEDED"}
-    assert fake.count("customJobs.list") == 5 and fake.count() == 5, "one request per page of 100"
-    assert all(r.query["filter"] == 'labels.model="iris"' for r in fake.calls("customJobs.list"))
+    assert backend.status(f"iris_{TS}", None).state == "SUCCEEDED"  # no reference kept: found by display name
+    assert fake.count("customJobs.list") == 1 and fake.count() == 2, "one filtered list, then the job itself"
+    [found] = fake.calls("customJobs.list")
+    assert found.query["filter"] == f'display_name="iris_{TS}"', "the server filters, not this process"
 
 
 # ---------------------------------------------------------------- failures
@@ -481,7 +483,7 @@ def test_failed_alias_merge_during_a_promotion_leaves_it_failed_and_nothing_half
     applied = reg.retry_apply(req["id"], "U_OK")
     assert applied["state"] == "applied" and reg.default_version("iris") == cand
     assert reg.backend.current_default("iris") == cand
-    assert [v["name"] for v in reg.backend.list_versions("iris")] == [base, cand]
+    assert fake.version_names("iris") == [base, cand]
 
 
 def test_registry_train_sends_the_job_it_describes(make_registry: Any, sqlite_url: str, fake: VertexFake,
@@ -547,7 +549,7 @@ def test_live_smoke() -> None:  # pragma: no cover - needs a real project
                                   "STARCHART_BUCKET": os.environ.get("STARCHART_BUCKET", "")})
     backend = VertexBackend.from_settings(settings, env={})
     backend.preflight()  # credentials, bucket, Vertex AI API and role, without starting anything billable
-    backend.list_jobs("iris")
+    assert backend.status("starchart_smoke_20000101000000", None).state == "FAILED"  # listed by name: none
     assert backend.current_default("starchart_smoke_no_such_model") is None
     probe = backend.storage.join(backend.bucket, "starchart-smoke", "probe.json")
     backend.storage.write_bytes(probe, b"{}")

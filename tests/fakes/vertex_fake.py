@@ -338,6 +338,15 @@ class VertexFake:
             m = self.models[(location, model)]
             return {vid: self._aliases_of(m, vid) for vid in m.versions}
 
+    def version_names(self, model: str, location: str = "us-central1") -> list[str]:
+        """The version names (v<TS> aliases) of a model's versions in version-id order; [] for no such model."""
+        with self._lock:
+            m = self.models.get((location, model))
+            if m is None:
+                return []
+            return [next((a for a in self._aliases_of(m, vid) if a != "default"), "")
+                    for vid in sorted(m.versions, key=int)]
+
     def endpoints_of(self, model: str) -> list[dict[str, Any]]:
         """The endpoints labelled model=<model>, for assertions."""
         with self._lock:

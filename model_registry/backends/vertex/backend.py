@@ -126,16 +126,10 @@ class VertexBackend:
     def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str:
         return self.training.logs(job_id, ref, tail)
 
-    def list_jobs(self, model: str, region: str | None = None) -> list[dict[str, Any]]:
-        return self.training.list_jobs(model, region)
-
     # ---------------------------------------------------------------- versions and the default
 
     def register_version(self, model: str, version: dict[str, Any], first: bool) -> str | None:
         return self.versions.register_version(model, version, first)
-
-    def list_versions(self, model: str) -> list[dict[str, Any]]:
-        return self.versions.list_versions(model)
 
     def current_default(self, model: str) -> str | None:
         return self.versions.current_default(model)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Any
 from urllib.parse import quote
 
 from google.api_core import exceptions as gexc
 from google.cloud import aiplatform_v1 as aip
 
 from model_registry.backends.base import JobStatus, TrainingSpec
-from model_registry.backends.vertex.clients import REGION, VertexApi, label_value, labels
+from model_registry.backends.vertex.clients import REGION, VertexApi, labels
 from model_registry.backends.vertex.errors import VertexNotFound
 from model_registry.backends.vertex.pools import worker_pools
 from model_registry.errors import BackendError, InvalidInput, StarchartError
@@ -173,21 +172,3 @@ class Training:
         lines.append(f"job: https://console.cloud.google.com/vertex-ai/locations/{region}/training/{numeric}/cpu"
                      f"?project={project}")
         return "\n".join(lines)
-
-    def list_jobs(self, model: str, region: str | None = None) -> list[dict[str, Any]]:
-        """A model's jobs, newest first, fetched page by page (one request per page, not per job)."""
-        api = self.api
-        request = aip.ListCustomJobsRequest(parent=api.parent(region), filter=f'labels.model="{label_value(model)}"',
-                                            page_size=api.page_size)
-        out = []
-        with api.errors(f"list the jobs of {model}", f"project {api.project} in region {region or api.region}",
-                        region):
-            for page in api.jobs(region).list_custom_jobs(request=request, retry=api.retry,
-                                                          timeout=api.rpc_timeout).pages:
-                for job in page.custom_jobs:
-                    state = aip.JobState(job.state).name
-                    out.append({"job_id": job.display_name, "ref": job.name, "state": STATES.get(state, QUEUED),
-                                "vertex_state": state, "created_at": naive_utc(job.create_time),
-                                "started_at": naive_utc(job.start_time), "ended_at": naive_utc(job.end_time),
-                                "error": job.error.message or None})
-        return out

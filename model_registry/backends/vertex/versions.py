@@ -17,7 +17,6 @@ from google.cloud import aiplatform_v1 as aip
 
 from model_registry.backends.vertex.clients import VertexApi, labels
 from model_registry.backends.vertex.errors import VertexNotFound
-from model_registry.backends.vertex.training import naive_utc
 from model_registry.errors import BackendError
 
 DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
@@ -113,22 +112,3 @@ class Versions:
             raise VertexNotFound(f"Vertex AI has no version {version} of {model}",
                                  f"expose it first: `expose {model}`")
         return f"{found.name}@{found.version_id}"
-
-    def list_versions(self, model: str) -> list[dict[str, Any]]:
-        """The model's versions on Vertex AI (page by page): id, aliases, artifact URI, creation time."""
-        api = self.api
-        out = []
-        request = aip.ListModelVersionsRequest(name=api.model_path(model), page_size=api.page_size)
-        with api.errors(f"list the versions of {model}", f"model {model}"):
-            try:
-                pages = api.models().list_model_versions(request=request, retry=api.retry,
-                                                         timeout=api.rpc_timeout).pages
-                for page in pages:
-                    for m in page.models:
-                        out.append({"version_id": m.version_id, "aliases": list(m.version_aliases),
-                                    "name": next((a for a in m.version_aliases if VERSION_ALIAS.match(a)), None),
-                                    "artifact_uri": m.artifact_uri,
-                                    "created_at": naive_utc(m.version_create_time)})
-            except gexc.NotFound:
-                return []
-        return out
