@@ -32,6 +32,11 @@ class Settings:
     bucket: str
     gcp_project: str | None
     gcp_region: str
+    # Vertex AI and Cloud Storage: handed to the vertex backend and GcsStorage (read in from_env's marked block)
+    vertex_api_endpoint: str | None = None  # VERTEX_API_ENDPOINT; http://... means REST without TLS (a local fake)
+    executor_image: str | None = None  # STARCHART_EXECUTOR_IMAGE: training container (default: the backend's)
+    serving_image: str | None = None  # STARCHART_SERVING_IMAGE: serving container (default: the backend's)
+    storage_emulator_host: str | None = None  # STORAGE_EMULATOR_HOST: a Cloud Storage emulator, no credentials
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -47,6 +52,12 @@ class Settings:
             bucket = f"gs://{project}-ml" if project else ""
         else:
             bucket = str(home / "bucket")
+        # ---- Vertex AI and Cloud Storage: the vertex backend and GcsStorage receive these
+        vertex_api_endpoint = env.get("VERTEX_API_ENDPOINT") or None
+        executor_image = env.get("STARCHART_EXECUTOR_IMAGE") or None
+        serving_image = env.get("STARCHART_SERVING_IMAGE") or None
+        storage_emulator_host = env.get("STORAGE_EMULATOR_HOST") or None
+        # ----
         return cls(
             home=home,
             database_url=env.get("DATABASE_URL") or f"sqlite:///{home / 'starchart.db'}",
@@ -55,6 +66,8 @@ class Settings:
             bucket=bucket,
             gcp_project=project,
             gcp_region=env.get("GCP_REGION") or "us-central1",
+            vertex_api_endpoint=vertex_api_endpoint, executor_image=executor_image, serving_image=serving_image,
+            storage_emulator_host=storage_emulator_host,
         )
 
 

@@ -331,12 +331,12 @@ def _settings(**env: str) -> Settings:
 ])
 def test_missing_or_malformed_configuration_is_refused_clearly(env: dict[str, str], words: str) -> None:
     with pytest.raises(InvalidInput) as err:
-        VertexBackend.from_settings(_settings(**env), env={})
+        VertexBackend.from_settings(_settings(**env))
     assert words in str(err.value)
 
 
 def test_from_settings_defaults_and_endpoint_override(fake: VertexFake) -> None:
-    b = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="acme-ml", GCP_REGION="europe-west4"), env={})
+    b = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="acme-ml", GCP_REGION="europe-west4"))
     assert (b.project, b.region, b.bucket, b.api_endpoint) == ("acme-ml", "europe-west4", "gs://acme-ml-ml", None)
     assert b.name == "vertex" and isinstance(b.storage, GcsStorage) and b.poll_interval == (2.0, 30.0)
     from google.auth.credentials import AnonymousCredentials
@@ -344,11 +344,28 @@ def test_from_settings_defaults_and_endpoint_override(fake: VertexFake) -> None:
     regional = VertexBackend("acme-ml", "europe-west4", "gs://b", credentials=AnonymousCredentials())
     assert regional.api.jobs()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
     assert regional.api.models()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
-    local = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="starchart-test"),
-                                        env={"VERTEX_API_ENDPOINT": fake.url,
-                                             "STARCHART_SERVING_IMAGE": "europe-docker.pkg.dev/acme/serve:1"})
+    local = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="starchart-test", VERTEX_API_ENDPOINT=fake.url,
+                                                  STARCHART_SERVING_IMAGE="europe-docker.pkg.dev/acme/serve:1"))
     assert local.api.jobs()._transport._host == fake.url and local.serving_image.endswith("serve:1")
     assert local.current_default("iris") is None and fake.count("models.get") == 1
+
+
+def test_settings_reach_the_backend_and_its_storage_without_the_environment(
+        monkeypatch: pytest.MonkeyPatch, fake: VertexFake, bucket: str, gcs: str) -> None:
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # only Settings.from_env reads it; what it read is passed in
+    settings = _settings(GCP_PROJECT_ID="starchart-test", STARCHART_BUCKET=bucket, VERTEX_API_ENDPOINT=fake.url,
+                         STORAGE_EMULATOR_HOST=gcs, STARCHART_EXECUTOR_IMAGE="europe-docker.pkg.dev/acme/train:2")
+    assert (settings.vertex_api_endpoint, settings.storage_emulator_host) == (fake.url, gcs)
+    b = VertexBackend.from_settings(settings)
+    assert isinstance(b.storage, GcsStorage) and b.storage.emulator_host == gcs
+    record = b.storage.join(bucket, "iris", TS, "starchart.json")
+    b.storage.write_bytes(record, b"{}")
+    assert b.storage.read_bytes(record) == b"{}" and storage_client(gcs).bucket(bucket[5:]).get_blob(
+        f"iris/{TS}/starchart.json") is not None, "written to the emulator the settings named"
+    b.submit(spec())
+    [create] = fake.calls("customJobs.create")
+    assert create.body["jobSpec"]["workerPoolSpecs"][0]["pythonPackageSpec"]["executorImageUri"] == \
+        "europe-docker.pkg.dev/acme/train:2"
 
 
 def test_no_credentials_says_how_to_get_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -370,7 +387,7 @@ def test_no_credentials_says_how_to_get_them(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_gcs_storage_round_trip_precondition_and_errors(bucket: str, gcs: str, tmp_path: Path) -> None:
-    store = GcsStorage(project="starchart-test")
+    store = GcsStorage(project="starchart-test", emulator_host=gcs)
     record = store.join(bucket, "iris", TS, "starchart.json")
     assert record == f"{bucket}/iris/{TS}/starchart.json" and store.join(bucket + "/", "/model/") == f"{bucket}/model"
     assert not store.exists(record)
@@ -400,7 +417,7 @@ def test_gcs_storage_round_trip_precondition_and_errors(bucket: str, gcs: str, t
 
 def test_gcs_storage_lists_and_downloads_a_folder(bucket: str, gcs: str, tmp_path: Path) -> None:
     """What `pull` uses on Vertex AI: the files of a SavedModel folder, relative to it, then each downloaded."""
-    store = GcsStorage(project="starchart-test")
+    store = GcsStorage(project="starchart-test", emulator_host=gcs)
     model = store.join(bucket, "iris", TS, "model")
     for name, data in (("saved_model.pb", b"pb"), ("variables/variables.index", b"ix"),
                        ("variables/variables.data-00000-of-00001", b"data")):
@@ -547,7 +564,7 @@ def test_live_smoke() -> None:  # pragma: no cover - needs a real project
     settings = Settings.from_env({"STARCHART_BACKEND": "vertex", "GCP_PROJECT_ID": project,
                                   "GCP_REGION": os.environ.get("GCP_REGION", "us-central1"),
                                   "STARCHART_BUCKET": os.environ.get("STARCHART_BUCKET", "")})
-    backend = VertexBackend.from_settings(settings, env={})
+    backend = VertexBackend.from_settings(settings)
     backend.preflight()  # credentials, bucket, Vertex AI API and role, without starting anything billable
     assert backend.status("starchart_smoke_20000101000000", None).state == "FAILED"  # listed by name: none
     assert backend.current_default("starchart_smoke_no_such_model") is None
@@ -604,11 +621,11 @@ def test_endpoint_settings_are_checked_when_the_backend_is_made(fake: VertexFake
         with pytest.raises(InvalidInput) as err:
             fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": raw})
         assert words in err.value.message
-    settings = _settings(GCP_PROJECT_ID="starchart-test")
-    b = VertexBackend.from_settings(settings, env={"VERTEX_API_ENDPOINT": fake.url}, endpoints={"iris": ENDPOINT})
+    settings = _settings(GCP_PROJECT_ID="starchart-test", VERTEX_API_ENDPOINT=fake.url)
+    b = VertexBackend.from_settings(settings, endpoints={"iris": ENDPOINT})
     assert b.endpoint_settings("iris") == EndpointSettings() and b.endpoint_settings("other") is None
     assert b.apply_timeout("iris") > 4 * b.operation_timeout > b.apply_timeout("other"), "deploys take minutes"
-    lazy = VertexBackend.from_settings(settings, env={}, endpoints=lambda m: {"enabled": True, "bogus": 1})
+    lazy = VertexBackend.from_settings(settings, endpoints=lambda m: {"enabled": True, "bogus": 1})
     with pytest.raises(InvalidInput, match="bogus"):  # a callable is read (and checked) at each apply
         lazy.set_default("iris", V1, None)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any, Mapping
+from typing import Any
 
 from google.auth.credentials import Credentials
 from google.cloud import aiplatform_v1 as aip
@@ -15,6 +14,7 @@ from model_registry.backends.vertex.endpoints import EndpointPolicy, Endpoints
 from model_registry.backends.vertex.training import DEFAULT_EXECUTOR_IMAGE, DEFAULT_GPU_EXECUTOR_IMAGE, Training
 from model_registry.backends.vertex.versions import DEFAULT_SERVING_IMAGE, Versions
 from model_registry.backends.vertex_settings import EndpointSettings
+from model_registry.config import Settings
 from model_registry.errors import BackendError, InvalidInput
 from model_registry.gcs import GcsStorage
 from model_registry.packaging import Package
@@ -58,11 +58,11 @@ class VertexBackend:
         self.endpoints = Endpoints(self.api, self.versions, endpoints)
 
     @classmethod
-    def from_settings(cls, settings: Any, env: Mapping[str, str] | None = None, **kwargs: Any) -> "VertexBackend":
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> "VertexBackend":
         """Validate GCP_PROJECT_ID, GCP_REGION and STARCHART_BUCKET; nothing is contacted yet.
 
-        `endpoints=` (model -> the `endpoint` policy, or a callable that gives it) is passed on."""
-        env = os.environ if env is None else env
+        The API endpoint, images and Cloud Storage emulator come from `settings` too; `endpoints=` (model -> the
+        `endpoint` policy, or a callable that gives it) and other keyword arguments are passed on."""
         project, region, bucket = settings.gcp_project, settings.gcp_region, settings.bucket
         if not project:
             raise InvalidInput("GCP_PROJECT_ID is not set", "set it to the Google Cloud project that runs Vertex AI "
@@ -80,11 +80,11 @@ class VertexBackend:
             raise InvalidInput(f"STARCHART_BUCKET {bucket!r} is not a gs:// bucket",
                                f"the vertex backend keeps its files on Cloud Storage: "
                                f"STARCHART_BUCKET=gs://{bucket.removeprefix('gs://').strip('/') or project + '-ml'}")
-        for key, env_name in (("serving_image", "STARCHART_SERVING_IMAGE"),
-                              ("executor_image", "STARCHART_EXECUTOR_IMAGE")):
-            if env.get(env_name):
-                kwargs.setdefault(key, env[env_name])
-        return cls(project, region, bucket, api_endpoint=env.get("VERTEX_API_ENDPOINT") or None, **kwargs)
+        for key, value in (("serving_image", settings.serving_image), ("executor_image", settings.executor_image)):
+            if value:
+                kwargs.setdefault(key, value)
+        kwargs.setdefault("storage", GcsStorage(project=project, emulator_host=settings.storage_emulator_host))
+        return cls(project, region, bucket, api_endpoint=settings.vertex_api_endpoint, **kwargs)
 
     # ---------------------------------------------------------------- what the tests and operators look at
 
