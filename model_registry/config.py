@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from model_registry.backends.vertex_settings import EndpointSettings, endpoint_settings
 from model_registry.errors import InvalidInput
 from model_registry.names import parse_duration, validate_model_name
 
@@ -97,7 +98,7 @@ class ModelPolicy:
     scale_tier: str | None = None
     machine_type: str | None = None
     executor_image: str | None = None
-    endpoint: dict[str, Any] | None = None  # Vertex AI: deploy the default to an endpoint (off by default)
+    endpoint: EndpointSettings | None = None  # Vertex AI: deploy the default to an endpoint (off by default)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class ProjectConfig:
                 scale_tier=merged.get("scale_tier"),
                 machine_type=merged.get("machine_type"),
                 executor_image=merged.get("executor_image"),
-                endpoint=dict(merged["endpoint"]) if merged.get("endpoint") else None,
+                endpoint=endpoint_settings(model, merged.get("endpoint")),  # checked here: a bad one fails the load
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc

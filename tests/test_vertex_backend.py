@@ -630,6 +630,29 @@ def test_endpoint_settings_are_checked_when_the_backend_is_made(fake: VertexFake
         lazy.set_default("iris", V1, None)
 
 
+def test_a_bad_endpoint_block_is_refused_when_the_configuration_loads(tmp_path: Path, fake: VertexFake) -> None:
+    from model_registry.backends.vertex import EndpointSettings
+    from model_registry.config import ProjectConfig
+
+    path = tmp_path / "starchart.yaml"
+    for block, words, hint in [("{enabled: true, min_replicas: 0}", "models.iris.endpoint: need 1 <= min_replicas",
+                                "bill"),
+                               ("{enabled: true, accelerator: tesla-t5}", "unknown accelerator 'tesla-t5'", "TYPE:COUNT"),
+                               ("{enabled: 'yes'}", "models.iris.endpoint.enabled must be true or false", "enabled: true"),
+                               ("{enabled: true, replica: 2}", "unknown key(s) ['replica']", "known keys")]:
+        path.write_text(f"models:\n  iris:\n    endpoint: {block}\n")
+        with pytest.raises(InvalidInput) as err:
+            ProjectConfig.load(path)
+        assert words in err.value.message and hint in err.value.hint, (block, err.value)
+    path.write_text("models:\n  iris:\n    endpoint: {enabled: true, machine_type: n1-standard-4}\n  other: {}\n")
+    config = ProjectConfig.load(path)
+    assert config.policy("iris").endpoint == EndpointSettings("n1-standard-4", 1, 1, None)
+    assert config.policy("other").endpoint is None
+    backend = fast_backend(fake, "gs://starchart-test-ml",
+                           endpoints={m: config.policy(m).endpoint for m in config.models})
+    assert backend.endpoint_settings("iris") == EndpointSettings("n1-standard-4", 1, 1, None)
+
+
 def test_first_apply_creates_the_endpoint_and_deploys_with_all_the_traffic(fake: VertexFake) -> None:
     backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
     [ref] = versions_of(backend, V1)

@@ -52,12 +52,16 @@ class EndpointSettings:
 
 
 def endpoint_settings(model: str, raw: Any) -> EndpointSettings | None:
-    """A model's `endpoint` policy: None unless it says `enabled: true` (deployments cost money)."""
+    """A model's `endpoint` policy: None unless it says `enabled: true` (deployments cost money).
+
+    Settings already checked (an EndpointSettings, as the configuration holds them) are returned as they are."""
     where = f"models.{model}.endpoint"
     if raw is None or raw is False:
         return None
     if raw is True:
         return EndpointSettings()
+    if isinstance(raw, EndpointSettings):
+        return raw
     if not isinstance(raw, Mapping):
         raise InvalidInput(f"{where} must be a mapping", f"e.g. {ENDPOINT_EXAMPLE}")
     unknown = sorted(set(raw) - set(ENDPOINT_KEYS))
