@@ -337,7 +337,7 @@ def test_missing_or_malformed_configuration_is_refused_clearly(env: dict[str, st
 
 def test_from_settings_defaults_and_endpoint_override(fake: VertexFake) -> None:
     b = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="acme-ml", GCP_REGION="europe-west4"))
-    assert (b.project, b.region, b.bucket, b.api_endpoint) == ("acme-ml", "europe-west4", "gs://acme-ml-ml", None)
+    assert (b.project, b.region, b.bucket, b.api.api_endpoint) == ("acme-ml", "europe-west4", "gs://acme-ml-ml", None)
     assert b.name == "vertex" and isinstance(b.storage, GcsStorage) and b.poll_interval == (2.0, 30.0)
     from google.auth.credentials import AnonymousCredentials
 
@@ -346,7 +346,7 @@ def test_from_settings_defaults_and_endpoint_override(fake: VertexFake) -> None:
     assert regional.api.models()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
     local = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="starchart-test", VERTEX_API_ENDPOINT=fake.url,
                                                   STARCHART_SERVING_IMAGE="europe-docker.pkg.dev/acme/serve:1"))
-    assert local.api.jobs()._transport._host == fake.url and local.serving_image.endswith("serve:1")
+    assert local.api.jobs()._transport._host == fake.url and local.versions.serving_image.endswith("serve:1")
     assert local.current_default("iris") is None and fake.count("models.get") == 1
 
 
@@ -597,7 +597,7 @@ def versions_of(backend: VertexBackend, *names: str) -> list[str]:
                                        {"iris": None, "other": ENDPOINT}, lambda model: None])
 def test_endpoints_are_off_by_default_and_cost_no_call(fake: VertexFake, endpoints: Any) -> None:
     backend = fast_backend(fake, "gs://starchart-test-ml", endpoints=endpoints)
-    assert backend.endpoint_settings("iris") is None
+    assert backend.endpoints.settings("iris") is None
     refs = versions_of(backend, V1, V2)
     backend.set_default("iris", V2, refs[1])
     assert backend.current_default("iris") == V2
@@ -623,8 +623,8 @@ def test_endpoint_settings_are_checked_when_the_backend_is_made(fake: VertexFake
         assert words in err.value.message
     settings = _settings(GCP_PROJECT_ID="starchart-test", VERTEX_API_ENDPOINT=fake.url)
     b = VertexBackend.from_settings(settings, endpoints={"iris": ENDPOINT})
-    assert b.endpoint_settings("iris") == EndpointSettings() and b.endpoint_settings("other") is None
-    assert b.apply_timeout("iris") > 4 * b.operation_timeout > b.apply_timeout("other"), "deploys take minutes"
+    assert b.endpoints.settings("iris") == EndpointSettings() and b.endpoints.settings("other") is None
+    assert b.apply_timeout("iris") > 4 * b.api.operation_timeout > b.apply_timeout("other"), "deploys take minutes"
     lazy = VertexBackend.from_settings(settings, endpoints=lambda m: {"enabled": True, "bogus": 1})
     with pytest.raises(InvalidInput, match="bogus"):  # a callable is read (and checked) at each apply
         lazy.set_default("iris", V1, None)
@@ -650,7 +650,7 @@ def test_a_bad_endpoint_block_is_refused_when_the_configuration_loads(tmp_path: 
     assert config.policy("other").endpoint is None
     backend = fast_backend(fake, "gs://starchart-test-ml",
                            endpoints={m: config.policy(m).endpoint for m in config.models})
-    assert backend.endpoint_settings("iris") == EndpointSettings("n1-standard-4", 1, 1, None)
+    assert backend.endpoints.settings("iris") == EndpointSettings("n1-standard-4", 1, 1, None)
 
 
 def test_first_apply_creates_the_endpoint_and_deploys_with_all_the_traffic(fake: VertexFake) -> None:

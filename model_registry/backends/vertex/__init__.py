@@ -8,6 +8,9 @@
     endpoints.py  optional per model: deploy, traffic split, the switch (commit point: the alias), predict
     backend.py    VertexBackend: the Backend protocol over the parts above
 
+and, beside the package, ../vertex_settings.py: the `endpoint:` policy and accelerator names, without any
+Google import, so the configuration checks them when it loads.
+
 Failures. 429 (rate limits) and 503 are retried with exponential backoff; creating a job, a model
 version, an endpoint or a deployment is made idempotent across those retries by looking for what the
 previous attempt made. Everything else becomes a BackendError that says what is missing.
@@ -19,14 +22,12 @@ from model_registry.backends.vertex.errors import (
     VertexNotFound,
     VertexPermissionDenied,
     VertexUnavailable,
-    retryable,
 )
-from model_registry.backends.vertex.pools import SCALE_TIERS, Pool, worker_pools
-from model_registry.backends.vertex_settings import EndpointSettings, endpoint_settings, parse_accelerator
+from model_registry.backends.vertex.pools import worker_pools
+from model_registry.backends.vertex_settings import EndpointSettings, endpoint_settings
 from model_registry.gcs import NoCredentials
 
 __all__ = [
-    "SCALE_TIERS", "EndpointSettings", "NoCredentials", "Pool", "QuotaExhausted", "VertexBackend", "VertexNotFound",
-    "VertexPermissionDenied", "VertexUnavailable", "endpoint_settings", "parse_accelerator", "retryable",
-    "worker_pools",
+    "EndpointSettings", "NoCredentials", "QuotaExhausted", "VertexBackend", "VertexNotFound", "VertexPermissionDenied",
+    "VertexUnavailable", "endpoint_settings", "worker_pools",
 ]

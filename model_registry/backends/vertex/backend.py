@@ -13,7 +13,6 @@ from model_registry.backends.vertex.clients import PROJECT_ID, REGION, VertexApi
 from model_registry.backends.vertex.endpoints import EndpointPolicy, Endpoints
 from model_registry.backends.vertex.training import DEFAULT_EXECUTOR_IMAGE, DEFAULT_GPU_EXECUTOR_IMAGE, Training
 from model_registry.backends.vertex.versions import DEFAULT_SERVING_IMAGE, Versions
-from model_registry.backends.vertex_settings import EndpointSettings
 from model_registry.config import Settings
 from model_registry.errors import BackendError, InvalidInput
 from model_registry.gcs import GcsStorage
@@ -85,24 +84,6 @@ class VertexBackend:
                 kwargs.setdefault(key, value)
         kwargs.setdefault("storage", GcsStorage(project=project, emulator_host=settings.storage_emulator_host))
         return cls(project, region, bucket, api_endpoint=settings.vertex_api_endpoint, **kwargs)
-
-    # ---------------------------------------------------------------- what the tests and operators look at
-
-    @property
-    def api_endpoint(self) -> str | None:
-        return self.api.api_endpoint
-
-    @property
-    def operation_timeout(self) -> float:
-        return self.api.operation_timeout
-
-    @property
-    def serving_image(self) -> str:
-        return self.versions.serving_image
-
-    def endpoint_settings(self, model: str) -> EndpointSettings | None:
-        """How `model`'s default is served from an endpoint; None (the default) when it is not."""
-        return self.endpoints.settings(model)
 
     # ---------------------------------------------------------------- training
 
