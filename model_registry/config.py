@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from model_registry.backends.vertex_settings import EndpointSettings, endpoint_settings
 from model_registry.errors import InvalidInput
 from model_registry.names import parse_duration, validate_model_name
 
@@ -33,6 +34,11 @@ class Settings:
     gcp_project: str | None
     gcp_region: str
     audit_key: str | None = None  # signs audit checkpoints (STARCHART_AUDIT_KEY, else the Slack signing secret)
+    # Vertex AI and Cloud Storage: handed to the vertex backend and GcsStorage (read in from_env's marked block)
+    vertex_api_endpoint: str | None = None  # VERTEX_API_ENDPOINT; http://... means REST without TLS (a local fake)
+    executor_image: str | None = None  # STARCHART_EXECUTOR_IMAGE: training container (default: the backend's)
+    serving_image: str | None = None  # STARCHART_SERVING_IMAGE: serving container (default: the backend's)
+    storage_emulator_host: str | None = None  # STORAGE_EMULATOR_HOST: a Cloud Storage emulator, no credentials
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -48,6 +54,12 @@ class Settings:
             bucket = f"gs://{project}-ml" if project else ""
         else:
             bucket = str(home / "bucket")
+        # ---- Vertex AI and Cloud Storage: the vertex backend and GcsStorage receive these
+        vertex_api_endpoint = env.get("VERTEX_API_ENDPOINT") or None
+        executor_image = env.get("STARCHART_EXECUTOR_IMAGE") or None
+        serving_image = env.get("STARCHART_SERVING_IMAGE") or None
+        storage_emulator_host = env.get("STORAGE_EMULATOR_HOST") or None
+        # ----
         return cls(
             home=home,
             database_url=env.get("DATABASE_URL") or f"sqlite:///{home / 'starchart.db'}",
@@ -57,6 +69,8 @@ class Settings:
             gcp_project=project,
             gcp_region=env.get("GCP_REGION") or "us-central1",
             audit_key=env.get("STARCHART_AUDIT_KEY") or env.get("SLACK_SIGNING_SECRET") or None,
+            vertex_api_endpoint=vertex_api_endpoint, executor_image=executor_image, serving_image=serving_image,
+            storage_emulator_host=storage_emulator_host,
         )
 
 
@@ -86,7 +100,7 @@ class ModelPolicy:
     scale_tier: str | None = None
     machine_type: str | None = None
     executor_image: str | None = None
-    endpoint: dict[str, Any] | None = None  # Vertex AI: deploy the default to an endpoint (off by default)
+    endpoint: EndpointSettings | None = None  # Vertex AI: deploy the default to an endpoint (off by default)
 
 
 @dataclass(frozen=True)
@@ -157,7 +171,7 @@ class ProjectConfig:
                 scale_tier=merged.get("scale_tier"),
                 machine_type=merged.get("machine_type"),
                 executor_image=merged.get("executor_image"),
-                endpoint=dict(merged["endpoint"]) if merged.get("endpoint") else None,
+                endpoint=endpoint_settings(model, merged.get("endpoint")),  # checked here: a bad one fails the load
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc

@@ -1,12 +1,11 @@
 """Google Cloud Storage behind the Storage protocol: gs://bucket/path URIs through google-cloud-storage.
 
-Credentials are Application Default Credentials, except when STORAGE_EMULATOR_HOST is set: then the
-client talks to the emulator anonymously, as google-cloud-storage itself does.
+Credentials are Application Default Credentials, except with an emulator (STORAGE_EMULATOR_HOST, passed in
+as `emulator_host`): then the client talks to it anonymously, as google-cloud-storage itself does.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,9 +69,11 @@ def _content_type(uri: str) -> str:
 class GcsStorage:
     """Storage over Cloud Storage; the client is created on first use (and its credentials looked up then)."""
 
-    def __init__(self, project: str | None = None, client: storage.Client | None = None, timeout: float = 60.0) -> None:
-        self.project = project or os.environ.get("GCP_PROJECT_ID") or None
+    def __init__(self, project: str | None = None, client: storage.Client | None = None, timeout: float = 60.0,
+                 emulator_host: str | None = None) -> None:
+        self.project = project or None
         self.timeout = timeout
+        self.emulator_host = emulator_host or None
         self._client = client
         self._lock = threading.Lock()
 
@@ -84,10 +85,10 @@ class GcsStorage:
             return self._client
 
     def _make_client(self) -> storage.Client:
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         try:
-            if emulator:
-                return storage.Client(project=self.project or "starchart-emulator", credentials=AnonymousCredentials())
+            if self.emulator_host:
+                return storage.Client(project=self.project or "starchart-emulator", credentials=AnonymousCredentials(),
+                                      client_options={"api_endpoint": self.emulator_host})
             return storage.Client(project=self.project)
         except auth_exc.DefaultCredentialsError as exc:
             raise NoCredentials("no Google Cloud credentials found for Cloud Storage", CREDENTIALS_HINT) from exc
@@ -190,7 +191,7 @@ class GcsStorage:
         if isinstance(exc, (gexc.Unauthorized, auth_exc.RefreshError)):
             return NoCredentials(f"Cloud Storage rejected the credentials: {exc}", CREDENTIALS_HINT)
         if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, auth_exc.TransportError)):
-            where = os.environ.get("STORAGE_EMULATOR_HOST") or "storage.googleapis.com"
+            where = self.emulator_host or "storage.googleapis.com"
             return StorageUnavailable(f"cannot reach Cloud Storage at {where} to {action} {uri}",
                                       "check the network (or that the emulator runs), then retry")
         if isinstance(exc, gexc.GoogleAPICallError):

@@ -237,9 +237,8 @@ class Promotions:
                               .where(PromotionRequest.state == APPLYING,
                                      PromotionRequest.apply_started_at <= now - older_than)).all()
         results = []
-        apply_timeout = getattr(self.backend, "apply_timeout", lambda _model: 0.0)
         for request_id, model, version, started in stuck:
-            if started is None or (now - started).total_seconds() < apply_timeout(model):
+            if started is None or (now - started).total_seconds() < self.backend.apply_timeout(model):
                 continue  # a slow switch (an endpoint deploy) may still be running in another process
             try:
                 current = self.backend.current_default(model)

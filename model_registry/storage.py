@@ -64,10 +64,3 @@ class LocalStorage:
         except OSError as exc:
             raise ArtifactError(f"cannot copy {uri}: {exc.strerror}", "check that the file is there") from exc
 
-
-def storage_for(uri: str) -> Storage:
-    if uri.startswith("gs://"):
-        from model_registry.gcs import GcsStorage  # google.cloud only where a bucket is used
-
-        return GcsStorage()
-    return LocalStorage()

@@ -8,9 +8,12 @@ Both replay the iris SavedModels that TensorFlow trained once for the session (`
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -170,3 +173,47 @@ def test_a_failed_set_default_leaves_the_request_failed(world: World, trained: d
     assert world.served("iris") in (None, [base])
     actions = [e["action"] for e in reg.audit.events(model="iris", limit=100)]
     assert "promotion.failed" in actions and "promotion.applied" not in actions
+
+
+def protocol_members() -> dict[str, Any]:
+    """The Backend protocol's attributes (annotations) and methods (with their signatures)."""
+    from model_registry.backends.base import Backend
+
+    members: dict[str, Any] = {name: None for name in Backend.__annotations__}
+    members.update({name: inspect.signature(fn) for name, fn in vars(Backend).items()
+                    if inspect.isfunction(fn) and not name.startswith("_")})
+    return members
+
+
+def test_every_backend_has_every_member_of_the_protocol(tmp_path: Path) -> None:
+    from model_registry.backends.local import LocalBackend
+    from model_registry.backends.vertex import VertexBackend
+
+    members = protocol_members()
+    assert {"name", "storage", "poll_interval", "apply_timeout", "set_default", "current_default"} <= set(members)
+    backends = [LocalBackend(tmp_path), VertexBackend("starchart-test", "us-central1", "gs://starchart-test-ml")]
+    for backend in backends:
+        for name, signature in members.items():
+            assert hasattr(backend, name), f"{type(backend).__name__} lacks {name}"
+            if signature is None:
+                continue
+            method = getattr(type(backend), name)
+            assert callable(method), f"{type(backend).__name__}.{name} is not a method"
+            ours = [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
+            theirs = [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+            assert ours == theirs, f"{type(backend).__name__}.{name}{inspect.signature(method)} is not {signature}"
+    assert backends[0].apply_timeout("iris") == 0.0, "a local switch is never long-running"
+
+
+def test_the_protocol_declares_what_the_core_and_bot_use_of_a_backend() -> None:
+    from conftest import ROOT
+
+    used: dict[str, set[str]] = {}
+    for folder in ("model_registry", "bot", "handlers"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if "backends" not in path.parts:
+                for name in re.findall(r"\bbackend\.([a-z_]+)", path.read_text()):
+                    used.setdefault(name, set()).add(path.name)
+    only_in_the_demo = {"stop_server"}  # the local model server's, called by the demo (always local)
+    assert used.get("stop_server", set()) <= {"demo.py"}
+    assert set(used) - only_in_the_demo <= set(protocol_members()), used

@@ -124,6 +124,15 @@ def test_scale_tiers_map_to_worker_pools() -> None:
         worker_pools(spec(accelerator="NVIDIA_L4:0"))
 
 
+def test_accelerator_names_are_the_client_librarys() -> None:
+    """The configuration checks accelerators without importing Google's libraries: its list must be theirs."""
+    from google.cloud import aiplatform_v1 as aip
+
+    from model_registry.backends.vertex_settings import ACCELERATORS
+
+    assert ACCELERATORS == tuple(a.name for a in aip.AcceleratorType if a.value)
+
+
 def test_version_request_bodies(backend: VertexBackend, fake: VertexFake) -> None:
     first = backend.register_version("iris", version_view(f"v{TS}"), first=True)
     assert first == "projects/123456789012/locations/us-central1/models/iris@1"
@@ -154,7 +163,7 @@ def test_versions_numbered_per_model_and_default_alias_moves_but_never_disappear
     assert backend.current_default("iris") == "v20261127000003"
     backend.set_default("iris", "v20261127000003", None)  # no reference kept: the alias names it too
     assert backend.current_default("iris") == "v20261127000003"
-    client = backend._models()
+    client = backend.api.models()
     from google.api_core import exceptions as gexc
 
     with pytest.raises(gexc.BadRequest, match="default version alias cannot be removed"):
@@ -162,8 +171,8 @@ def test_versions_numbered_per_model_and_default_alias_moves_but_never_disappear
     with pytest.raises(gexc.BadRequest, match="Invalid version alias"):
         client.merge_version_aliases(name=refs[1], version_aliases=["42"])
     assert fake.versions("iris")["3"] == ["default", "v20261127000003"], "a refused merge changed nothing"
-    assert [v["name"] for v in backend.list_versions("iris")] == [f"v2026112700000{i}" for i in (1, 2, 3)]
-    assert backend.list_versions("nomodel") == [] and backend.current_default("nomodel") is None
+    assert fake.version_names("iris") == [f"v2026112700000{i}" for i in (1, 2, 3)]
+    assert fake.version_names("nomodel") == [] and backend.current_default("nomodel") is None
 
 
 def test_register_version_is_idempotent_and_heals_the_first_flag(backend: VertexBackend, fake: VertexFake) -> None:
@@ -234,14 +243,16 @@ def test_cancel_logs_and_lost_reply_on_create(backend: VertexBackend, fake: Vert
     assert "error: The replica workerpool0-0 exited with status 1" in text
 
 
-def test_listing_500_jobs_costs_pages_not_jobs(backend: VertexBackend, fake: VertexFake) -> None:
+def test_finding_a_job_among_500_costs_one_list_not_one_per_job(backend: VertexBackend, fake: VertexFake) -> None:
     fake.add_jobs(500, "iris")
+    ref = backend.submit(spec())
     fake.add_jobs(30, "other")
+    fake.set_job_state(ref, "JOB_STATE_SUCCEEDED")
     fake.reset_requests()
-    jobs = backend.list_jobs("iris")
-    assert len(jobs) == 500 and {j["state"] for j in jobs} == {"SUCCEEDED"}
-    assert fake.count("customJobs.list") == 5 and fake.count() == 5, "one request per page of 100"
-    assert all(r.query["filter"] == 'labels.model="iris"' for r in fake.calls("customJobs.list"))
+    assert backend.status(f"iris_{TS}", None).state == "SUCCEEDED"  # no reference kept: found by display name
+    assert fake.count("customJobs.list") == 1 and fake.count() == 2, "one filtered list, then the job itself"
+    [found] = fake.calls("customJobs.list")
+    assert found.query["filter"] == f'display_name="iris_{TS}"', "the server filters, not this process"
 
 
 # ---------------------------------------------------------------- failures
@@ -320,24 +331,41 @@ def _settings(**env: str) -> Settings:
 ])
 def test_missing_or_malformed_configuration_is_refused_clearly(env: dict[str, str], words: str) -> None:
     with pytest.raises(InvalidInput) as err:
-        VertexBackend.from_settings(_settings(**env), env={})
+        VertexBackend.from_settings(_settings(**env))
     assert words in str(err.value)
 
 
 def test_from_settings_defaults_and_endpoint_override(fake: VertexFake) -> None:
-    b = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="acme-ml", GCP_REGION="europe-west4"), env={})
-    assert (b.project, b.region, b.bucket, b.api_endpoint) == ("acme-ml", "europe-west4", "gs://acme-ml-ml", None)
+    b = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="acme-ml", GCP_REGION="europe-west4"))
+    assert (b.project, b.region, b.bucket, b.api.api_endpoint) == ("acme-ml", "europe-west4", "gs://acme-ml-ml", None)
     assert b.name == "vertex" and isinstance(b.storage, GcsStorage) and b.poll_interval == (2.0, 30.0)
     from google.auth.credentials import AnonymousCredentials
 
     regional = VertexBackend("acme-ml", "europe-west4", "gs://b", credentials=AnonymousCredentials())
-    assert regional._jobs()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
-    assert regional._models()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
-    local = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="starchart-test"),
-                                        env={"VERTEX_API_ENDPOINT": fake.url,
-                                             "STARCHART_SERVING_IMAGE": "europe-docker.pkg.dev/acme/serve:1"})
-    assert local._jobs()._transport._host == fake.url and local.serving_image.endswith("serve:1")
+    assert regional.api.jobs()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
+    assert regional.api.models()._transport._host == "https://europe-west4-aiplatform.googleapis.com"
+    local = VertexBackend.from_settings(_settings(GCP_PROJECT_ID="starchart-test", VERTEX_API_ENDPOINT=fake.url,
+                                                  STARCHART_SERVING_IMAGE="europe-docker.pkg.dev/acme/serve:1"))
+    assert local.api.jobs()._transport._host == fake.url and local.versions.serving_image.endswith("serve:1")
     assert local.current_default("iris") is None and fake.count("models.get") == 1
+
+
+def test_settings_reach_the_backend_and_its_storage_without_the_environment(
+        monkeypatch: pytest.MonkeyPatch, fake: VertexFake, bucket: str, gcs: str) -> None:
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # only Settings.from_env reads it; what it read is passed in
+    settings = _settings(GCP_PROJECT_ID="starchart-test", STARCHART_BUCKET=bucket, VERTEX_API_ENDPOINT=fake.url,
+                         STORAGE_EMULATOR_HOST=gcs, STARCHART_EXECUTOR_IMAGE="europe-docker.pkg.dev/acme/train:2")
+    assert (settings.vertex_api_endpoint, settings.storage_emulator_host) == (fake.url, gcs)
+    b = VertexBackend.from_settings(settings)
+    assert isinstance(b.storage, GcsStorage) and b.storage.emulator_host == gcs
+    record = b.storage.join(bucket, "iris", TS, "starchart.json")
+    b.storage.write_bytes(record, b"{}")
+    assert b.storage.read_bytes(record) == b"{}" and storage_client(gcs).bucket(bucket[5:]).get_blob(
+        f"iris/{TS}/starchart.json") is not None, "written to the emulator the settings named"
+    b.submit(spec())
+    [create] = fake.calls("customJobs.create")
+    assert create.body["jobSpec"]["workerPoolSpecs"][0]["pythonPackageSpec"]["executorImageUri"] == \
+        "europe-docker.pkg.dev/acme/train:2"
 
 
 def test_no_credentials_says_how_to_get_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -359,7 +387,7 @@ def test_no_credentials_says_how_to_get_them(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_gcs_storage_round_trip_precondition_and_errors(bucket: str, gcs: str, tmp_path: Path) -> None:
-    store = GcsStorage(project="starchart-test")
+    store = GcsStorage(project="starchart-test", emulator_host=gcs)
     record = store.join(bucket, "iris", TS, "starchart.json")
     assert record == f"{bucket}/iris/{TS}/starchart.json" and store.join(bucket + "/", "/model/") == f"{bucket}/model"
     assert not store.exists(record)
@@ -389,7 +417,7 @@ def test_gcs_storage_round_trip_precondition_and_errors(bucket: str, gcs: str, t
 
 def test_gcs_storage_lists_and_downloads_a_folder(bucket: str, gcs: str, tmp_path: Path) -> None:
     """What `pull` uses on Vertex AI: the files of a SavedModel folder, relative to it, then each downloaded."""
-    store = GcsStorage(project="starchart-test")
+    store = GcsStorage(project="starchart-test", emulator_host=gcs)
     model = store.join(bucket, "iris", TS, "model")
     for name, data in (("saved_model.pb", b"pb"), ("variables/variables.index", b"ix"),
                        ("variables/variables.data-00000-of-00001", b"data")):
@@ -472,7 +500,7 @@ def test_failed_alias_merge_during_a_promotion_leaves_it_failed_and_nothing_half
     applied = reg.promotions.retry(req["id"], "U_OK")
     assert applied["state"] == "applied" and reg.versions.default("iris") == cand
     assert reg.backend.current_default("iris") == cand
-    assert [v["name"] for v in reg.backend.list_versions("iris")] == [base, cand]
+    assert fake.version_names("iris") == [base, cand]
 
 
 def test_registry_train_sends_the_job_it_describes(make_registry: Any, sqlite_url: str, fake: VertexFake,
@@ -536,9 +564,9 @@ def test_live_smoke() -> None:  # pragma: no cover - needs a real project
     settings = Settings.from_env({"STARCHART_BACKEND": "vertex", "GCP_PROJECT_ID": project,
                                   "GCP_REGION": os.environ.get("GCP_REGION", "us-central1"),
                                   "STARCHART_BUCKET": os.environ.get("STARCHART_BUCKET", "")})
-    backend = VertexBackend.from_settings(settings, env={})
+    backend = VertexBackend.from_settings(settings)
     backend.preflight()  # credentials, bucket, Vertex AI API and role, without starting anything billable
-    backend.list_jobs("iris")
+    assert backend.status("starchart_smoke_20000101000000", None).state == "FAILED"  # listed by name: none
     assert backend.current_default("starchart_smoke_no_such_model") is None
     probe = backend.storage.join(backend.bucket, "starchart-smoke", "probe.json")
     backend.storage.write_bytes(probe, b"{}")
@@ -569,7 +597,7 @@ def versions_of(backend: VertexBackend, *names: str) -> list[str]:
                                        {"iris": None, "other": ENDPOINT}, lambda model: None])
 def test_endpoints_are_off_by_default_and_cost_no_call(fake: VertexFake, endpoints: Any) -> None:
     backend = fast_backend(fake, "gs://starchart-test-ml", endpoints=endpoints)
-    assert backend.endpoint_settings("iris") is None
+    assert backend.endpoints.settings("iris") is None
     refs = versions_of(backend, V1, V2)
     backend.set_default("iris", V2, refs[1])
     assert backend.current_default("iris") == V2
@@ -593,13 +621,36 @@ def test_endpoint_settings_are_checked_when_the_backend_is_made(fake: VertexFake
         with pytest.raises(InvalidInput) as err:
             fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": raw})
         assert words in err.value.message
-    settings = _settings(GCP_PROJECT_ID="starchart-test")
-    b = VertexBackend.from_settings(settings, env={"VERTEX_API_ENDPOINT": fake.url}, endpoints={"iris": ENDPOINT})
-    assert b.endpoint_settings("iris") == EndpointSettings() and b.endpoint_settings("other") is None
-    assert b.apply_timeout("iris") > 4 * b.operation_timeout > b.apply_timeout("other"), "deploys take minutes"
-    lazy = VertexBackend.from_settings(settings, env={}, endpoints=lambda m: {"enabled": True, "bogus": 1})
+    settings = _settings(GCP_PROJECT_ID="starchart-test", VERTEX_API_ENDPOINT=fake.url)
+    b = VertexBackend.from_settings(settings, endpoints={"iris": ENDPOINT})
+    assert b.endpoints.settings("iris") == EndpointSettings() and b.endpoints.settings("other") is None
+    assert b.apply_timeout("iris") > 4 * b.api.operation_timeout > b.apply_timeout("other"), "deploys take minutes"
+    lazy = VertexBackend.from_settings(settings, endpoints=lambda m: {"enabled": True, "bogus": 1})
     with pytest.raises(InvalidInput, match="bogus"):  # a callable is read (and checked) at each apply
         lazy.set_default("iris", V1, None)
+
+
+def test_a_bad_endpoint_block_is_refused_when_the_configuration_loads(tmp_path: Path, fake: VertexFake) -> None:
+    from model_registry.backends.vertex import EndpointSettings
+    from model_registry.config import ProjectConfig
+
+    path = tmp_path / "starchart.yaml"
+    for block, words, hint in [("{enabled: true, min_replicas: 0}", "models.iris.endpoint: need 1 <= min_replicas",
+                                "bill"),
+                               ("{enabled: true, accelerator: tesla-t5}", "unknown accelerator 'tesla-t5'", "TYPE:COUNT"),
+                               ("{enabled: 'yes'}", "models.iris.endpoint.enabled must be true or false", "enabled: true"),
+                               ("{enabled: true, replica: 2}", "unknown key(s) ['replica']", "known keys")]:
+        path.write_text(f"models:\n  iris:\n    endpoint: {block}\n")
+        with pytest.raises(InvalidInput) as err:
+            ProjectConfig.load(path)
+        assert words in err.value.message and hint in err.value.hint, (block, err.value)
+    path.write_text("models:\n  iris:\n    endpoint: {enabled: true, machine_type: n1-standard-4}\n  other: {}\n")
+    config = ProjectConfig.load(path)
+    assert config.policy("iris").endpoint == EndpointSettings("n1-standard-4", 1, 1, None)
+    assert config.policy("other").endpoint is None
+    backend = fast_backend(fake, "gs://starchart-test-ml",
+                           endpoints={m: config.policy(m).endpoint for m in config.models})
+    assert backend.endpoints.settings("iris") == EndpointSettings("n1-standard-4", 1, 1, None)
 
 
 def test_first_apply_creates_the_endpoint_and_deploys_with_all_the_traffic(fake: VertexFake) -> None:
@@ -745,7 +796,7 @@ def test_the_fake_keeps_vertex_endpoint_rules(fake: VertexFake) -> None:
     backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})
     refs = versions_of(backend, V1, V2)
     backend.set_default("iris", V1, refs[0])
-    client, endpoint = backend._endpoints(), backend.find_endpoint("iris")
+    client, endpoint = backend.api.endpoints(), backend.endpoints.find("iris")
     [(_, old_id, _)] = fake.deployments("iris")
     resources = aip.DedicatedResources(machine_spec=aip.MachineSpec(machine_type="n1-standard-2"),
                                        min_replica_count=1, max_replica_count=1)
@@ -781,7 +832,7 @@ def test_the_fake_keeps_vertex_endpoint_rules(fake: VertexFake) -> None:
     assert serving(fake) == [("iris@2", 100)]
     client.undeploy_model(endpoint=endpoint.name, deployed_model_id=new_id).result(timeout=5)  # the last one
     assert client.get_endpoint(name=endpoint.name).traffic_split == {} and fake.deployments("iris") == []
-    found = client.list_endpoints(request=aip.ListEndpointsRequest(parent=backend._parent(),
+    found = client.list_endpoints(request=aip.ListEndpointsRequest(parent=backend.api.parent(),
                                                                    filter='displayName="iris"'))
     assert [e.name for e in found] == [endpoint.name]
 

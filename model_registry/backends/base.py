@@ -37,6 +37,9 @@ class JobStatus:
 
 
 class Backend(Protocol):
+    """Everything the core asks of a backend. Extras only one backend has and only one adapter calls stay off it
+    (the local model server's `stop_server`, used by the demo; Vertex AI's `preflight`, its live smoke check)."""
+
     name: str
     storage: Storage
     poll_interval: tuple[float, float]  # seconds: first and longest wait between status checks
@@ -61,6 +64,10 @@ class Backend(Protocol):
 
     def set_default(self, model: str, version: str, ref: str | None) -> None:
         """Switch the version services use. Called only after the approvals are committed."""
+
+    def apply_timeout(self, model: str) -> float:
+        """Seconds a set_default(model, ...) may run: an apply younger than this may still be running elsewhere,
+        so reconciling leaves it alone."""
 
     def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """TF Serving's predict (`body` has "instances" or "inputs") on the default or the given version;

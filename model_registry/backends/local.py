@@ -181,6 +181,9 @@ class LocalBackend:
         data["default"] = version
         self._write_pointer(model, data)
 
+    def apply_timeout(self, model: str) -> float:
+        return 0.0  # a local switch is one pointer-file write: an apply still in progress later was interrupted
+
     def current_default(self, model: str) -> str | None:
         return self._read_pointer(model).get("default")
 

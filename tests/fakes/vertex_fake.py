@@ -338,6 +338,15 @@ class VertexFake:
             m = self.models[(location, model)]
             return {vid: self._aliases_of(m, vid) for vid in m.versions}
 
+    def version_names(self, model: str, location: str = "us-central1") -> list[str]:
+        """The version names (v<TS> aliases) of a model's versions in version-id order; [] for no such model."""
+        with self._lock:
+            m = self.models.get((location, model))
+            if m is None:
+                return []
+            return [next((a for a in self._aliases_of(m, vid) if a != "default"), "")
+                    for vid in sorted(m.versions, key=int)]
+
     def endpoints_of(self, model: str) -> list[dict[str, Any]]:
         """The endpoints labelled model=<model>, for assertions."""
         with self._lock:
@@ -919,11 +928,16 @@ def replay_runner(emulator_url: str) -> Callable[[dict[str, Any]], str | None]:
 
 
 def fast_backend(fake: VertexFake, bucket: str, **overrides: Any) -> Any:
-    """A VertexBackend pointed at the fake, with millisecond backoffs so tests never wait."""
+    """A VertexBackend pointed at the fake, with millisecond backoffs so tests never wait; its storage uses the
+    Cloud Storage emulator the test's environment names (STORAGE_EMULATOR_HOST, read as the product reads it)."""
     from model_registry.backends.vertex import VertexBackend
+    from model_registry.config import Settings
+    from model_registry.gcs import GcsStorage
 
+    storage = GcsStorage(project=fake.project, emulator_host=Settings.from_env().storage_emulator_host)
     options: dict[str, Any] = dict(api_endpoint=fake.url, poll_interval=(0.005, 0.02), retry_delays=(0.001, 0.005),
-                                   retry_deadline=5.0, operation_poll=(0.001, 0.005), operation_timeout=10.0)
+                                   retry_deadline=5.0, operation_poll=(0.001, 0.005), operation_timeout=10.0,
+                                   storage=storage)
     options.update(overrides)
     return VertexBackend(fake.project, "us-central1", bucket, **options)
 
