@@ -56,7 +56,7 @@ def make_backend(settings: Settings, config: ProjectConfig) -> Backend:
         return VertexBackend.from_settings(settings, endpoints=endpoints)
     from model_registry.backends.local import LocalBackend
 
-    return LocalBackend(settings.home)
+    return LocalBackend(settings.home, python=settings.trainer_python)
 
 
 def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None = None,

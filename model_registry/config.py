@@ -33,6 +33,7 @@ class Settings:
     bucket: str
     gcp_project: str | None
     gcp_region: str
+    trainer_python: str | None = None  # STARCHART_TRAINER_PYTHON: runs local trainers and the model server
     audit_key: str | None = None  # signs audit checkpoints (STARCHART_AUDIT_KEY, else the Slack signing secret)
     # Vertex AI and Cloud Storage: handed to the vertex backend and GcsStorage (read in from_env's marked block)
     vertex_api_endpoint: str | None = None  # VERTEX_API_ENDPOINT; http://... means REST without TLS (a local fake)
@@ -68,6 +69,7 @@ class Settings:
             bucket=bucket,
             gcp_project=project,
             gcp_region=env.get("GCP_REGION") or "us-central1",
+            trainer_python=env.get("STARCHART_TRAINER_PYTHON") or None,
             audit_key=env.get("STARCHART_AUDIT_KEY") or env.get("SLACK_SIGNING_SECRET") or None,
             vertex_api_endpoint=vertex_api_endpoint, executor_image=executor_image, serving_image=serving_image,
             storage_emulator_host=storage_emulator_host,

@@ -45,7 +45,7 @@ class LocalBackend:
         self.home = home
         self.jobs = home / "jobs"
         self.serving = home / "serving"
-        self.python = python or os.environ.get("STARCHART_TRAINER_PYTHON") or sys.executable
+        self.python = python or sys.executable
         self.storage = LocalStorage()
         self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
 
