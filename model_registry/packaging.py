@@ -15,9 +15,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import build
-import build.env
-
 from model_registry.errors import InvalidInput, NotFound
 
 MINIMAL_SETUP = """from setuptools import find_packages, setup
@@ -101,6 +98,8 @@ def _run_hook(cmd: Sequence[str], cwd: str | None = None, extra_environ: Mapping
 
 def _unmet(requirements: set[str]) -> list[str]:
     """The requirements (PEP 508) that the running Python does not satisfy, with their own dependencies."""
+    import build
+
     try:
         return sorted(req for req in requirements if any(build.check_dependency(req)))
     except ValueError as exc:  # packaging's InvalidRequirement
@@ -116,6 +115,9 @@ def _build(work: Path, dist: Path, source: Path) -> Path:
     no network). Only when some are missing is an isolated build environment created and they are
     installed into it from the package index, as `python -m build --sdist` would.
     """
+    import build  # imported here: a cached sdist, the common case, needs no frontend
+    import build.env
+
     try:
         builder = build.ProjectBuilder(work, runner=_run_hook)
         missing = _unmet(builder.build_system_requires)
@@ -147,6 +149,8 @@ def _build(work: Path, dist: Path, source: Path) -> Path:
 
 def _output(exc: BaseException) -> str:
     """': ' and the last lines a failed hook or install printed ('' when it printed none)."""
+    import build
+
     if isinstance(exc, build.FailedProcessError):
         exc = exc.exception
     if isinstance(exc, subprocess.TimeoutExpired):
