@@ -1,11 +1,26 @@
 """Read a TensorFlow SavedModel's input/output signature without importing TensorFlow.
 
-`saved_model.pb` is a serialized `tensorflow.SavedModel` protocol buffer. This module decodes
-just the fields needed for the signatures with a small stdlib-only wire-format reader (no
-tensorflow, no google.protobuf). Everything else, including the large `graph_def` and
-`object_graph_def`, is skipped over by length without being decoded. Field numbers are from
-tensorflow/core/protobuf/{saved_model,meta_graph}.proto and
-tensorflow/core/framework/{tensor_shape,types}.proto (TensorFlow 2.21).
+`saved_model.pb` is a serialized `tensorflow.SavedModel` protocol buffer; `google.protobuf` decodes it
+against the subset of TensorFlow's schema that holds the signatures (tensorflow/core/protobuf/
+{saved_model,meta_graph}.proto, tensorflow/core/framework/{tensor_shape,types}.proto, TensorFlow 2.21:
+the same package, message names and field numbers). Everything outside the subset, the large `graph_def`
+and `object_graph_def` included, stays an unknown field: framed, skipped, never decoded.
+
+The subset is built in code as a `FileDescriptorProto` in a private descriptor pool rather than compiled
+from a vendored `.proto` to a generated `_pb2` module: there is no generated file to keep in step with the
+protobuf runtime (generated code pins the runtime version it may run on), no protoc in the build, and a TF
+process that has its own `tensorflow.*` messages loaded sees no clash. Two deliberate departures, neither
+visible on the wire: string fields are `bytes` (so invalid UTF-8 is reported by field, not as a bare parse
+error), and each `map<string, …>` is its repeated `…Entry` message without the map option (upb drops a map
+entry that carries an unknown field, where TensorFlow's C++ loader keeps it; and repeated entries keep the
+file's order, the last duplicate key winning as in a map). tests/test_signatures.py checks the subset
+against TensorFlow's own descriptors.
+
+Hostile input: the subset has no recursive message (`TensorInfo.CompositeTensor` is left empty, its
+`components` would nest TensorInfo), so nesting is bounded by the schema; unknown groups nest at most to
+upb's depth limit (100), past which protobuf refuses the bytes. Input over protobuf's 2 GiB message limit
+is refused before parsing. Any refusal becomes a `SignatureError`; when protobuf refuses, a framing walk
+over the same subset says what is wrong and at which byte.
 
 Callers that keep models in Google Cloud Storage download the `saved_model.pb` bytes
 themselves and pass them to `read_signature`.
@@ -13,8 +28,8 @@ themselves and pass them to `read_signature`.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +41,7 @@ __all__ = [
     "parse_saved_model",
     "read_signature",
     "read_signature_from_dir",
+    "saved_model_schema",
     "signature_summary",
 ]
 
@@ -52,24 +68,103 @@ DATA_TYPES: dict[int, str] = {
     **{n + 100: f"{name}_REF" for n, name in _BASE_DATA_TYPES.items() if n},
 }
 
-_VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
-_MAX_FIELD_NUMBER = (1 << 29) - 1
+# The schema subset: message -> [(field, number, type[, oneof])], in package `tensorflow`. A type is a
+# scalar, "DataType", or a message of this table; "repeated " marks a repeated field.
+_PACKAGE = "tensorflow"
+_MESSAGES: dict[str, list[tuple[Any, ...]]] = {
+    "SavedModel": [("saved_model_schema_version", 1, "int64"), ("meta_graphs", 2, "repeated MetaGraphDef")],
+    "MetaGraphDef": [
+        ("meta_info_def", 1, "MetaGraphDef.MetaInfoDef"),
+        ("signature_def", 5, "repeated MetaGraphDef.SignatureDefEntry"),
+    ],
+    "MetaGraphDef.MetaInfoDef": [("tags", 4, "repeated bytes")],
+    "MetaGraphDef.SignatureDefEntry": [("key", 1, "bytes"), ("value", 2, "SignatureDef")],
+    "SignatureDef": [
+        ("inputs", 1, "repeated SignatureDef.InputsEntry"),
+        ("outputs", 2, "repeated SignatureDef.OutputsEntry"),
+        ("method_name", 3, "bytes"),
+    ],
+    "SignatureDef.InputsEntry": [("key", 1, "bytes"), ("value", 2, "TensorInfo")],
+    "SignatureDef.OutputsEntry": [("key", 1, "bytes"), ("value", 2, "TensorInfo")],
+    "TensorInfo": [
+        ("name", 1, "bytes", "encoding"),
+        ("coo_sparse", 4, "TensorInfo.CooSparse", "encoding"),
+        ("composite_tensor", 5, "TensorInfo.CompositeTensor", "encoding"),
+        ("dtype", 2, "DataType"),
+        ("tensor_shape", 3, "TensorShapeProto"),
+    ],
+    "TensorInfo.CooSparse": [
+        ("values_tensor_name", 1, "bytes"),
+        ("indices_tensor_name", 2, "bytes"),
+        ("dense_shape_tensor_name", 3, "bytes"),
+    ],
+    "TensorInfo.CompositeTensor": [],  # type_spec (1) and components (2) stay unknown: never read, not recursive
+    "TensorShapeProto": [("dim", 2, "repeated TensorShapeProto.Dim"), ("unknown_rank", 3, "bool")],
+    "TensorShapeProto.Dim": [("size", 1, "int64"), ("name", 2, "bytes")],
+}
+_SCALARS = {"int64": 3, "bool": 8, "bytes": 12}  # FieldDescriptorProto.Type numbers
+_MAX_BYTES = (1 << 31) - 1  # protobuf's message size limit; TensorFlow refuses to write a larger SavedModel
 _CORRUPT_HINT = (
     "the file is truncated, corrupt, or not a binary SavedModel; re-export the model "
     "(tf.saved_model.save or keras model.export) and upload saved_model.pb again"
 )
 
 
-class _DecodeError(Exception):
+def saved_model_schema() -> Any:
+    """The schema subset as a `google.protobuf.descriptor_pb2.FileDescriptorProto` (TensorFlow's names and numbers)."""
+    from google.protobuf import descriptor_pb2  # imported on first use: importing this module stays light
+
+    field_type = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="starchart/saved_model_subset.proto", package=_PACKAGE, syntax="proto3")
+    enum = proto.enum_type.add(name="DataType")
+    for number, name in sorted(DATA_TYPES.items()):
+        enum.value.add(name=name, number=number)
+    made: dict[str, Any] = {}
+    for full_name, fields in _MESSAGES.items():  # parents come before their nested messages
+        parent, _, name = full_name.rpartition(".")
+        message = (made[parent].nested_type if parent else proto.message_type).add(name=name)
+        made[full_name] = message
+        oneofs: list[str] = []
+        for field, number, kind, *oneof in fields:
+            repeated = kind.startswith("repeated ")
+            kind = kind.removeprefix("repeated ")
+            spec = message.field.add(
+                name=field, number=number,
+                label=field_type.LABEL_REPEATED if repeated else field_type.LABEL_OPTIONAL)
+            if kind in _SCALARS:
+                spec.type = _SCALARS[kind]
+            else:
+                spec.type = field_type.TYPE_ENUM if kind == "DataType" else field_type.TYPE_MESSAGE
+                spec.type_name = f".{_PACKAGE}.{kind}"
+            if oneof:
+                if oneof[0] not in oneofs:
+                    oneofs.append(oneof[0])
+                    message.oneof_decl.add(name=oneof[0])
+                spec.oneof_index = oneofs.index(oneof[0])
+    return proto
+
+
+@functools.cache
+def _saved_model_class() -> Any:
+    """The message class for `tensorflow.SavedModel`, built once from `saved_model_schema()`."""
+    from google.protobuf import descriptor_pool, message_factory
+
+    pool = descriptor_pool.DescriptorPool()  # private: a TF process's own tensorflow.* messages never clash
+    pool.Add(saved_model_schema())
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.SavedModel"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Why protobuf refused the bytes: a walk of the framing (tags and lengths) over the same subset, run
+# only after a refusal, so the message can say what is wrong and where. It decodes no values.
+
+
+class _Fault(Exception):
     """Internal: malformed wire data at byte offset `pos`."""
 
     def __init__(self, what: str, pos: int) -> None:
         super().__init__(f"{what} at byte {pos}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Wire format. Every reader works on the whole buffer with absolute [pos, end) bounds, so
-# nothing is copied and errors carry a real file offset.
 
 
 def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -78,178 +173,109 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     start = pos
     while True:
         if pos >= end:
-            raise _DecodeError("truncated varint", start)
+            raise _Fault("truncated varint", start)
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
-            return result & 0xFFFFFFFFFFFFFFFF, pos
+            return result, pos
         shift += 7
         if shift >= 70:
-            raise _DecodeError("varint longer than 10 bytes", start)
+            raise _Fault("varint longer than 10 bytes", start)
 
 
-def _int64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _int32(value: int) -> int:
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def _fields(buf: bytes, pos: int, end: int):
-    """Yield (field_number, wire_type, value, value_pos) for each field in buf[pos:end].
-
-    `value` is the integer for varints, and the end offset for length-delimited fields (whose
-    payload is buf[value_pos:value]). Fixed 32/64-bit fields yield value None (we need none).
-    """
-    while pos < end:
-        tag_pos = pos
-        tag, pos = _varint(buf, pos, end)
-        if tag > 0xFFFFFFFF:
-            raise _DecodeError("tag out of range", tag_pos)
-        number, wire = tag >> 3, tag & 7
-        if number == 0 or number > _MAX_FIELD_NUMBER:
-            raise _DecodeError(f"invalid field number {number}", tag_pos)
-        if wire == _VARINT:
-            value, next_pos = _varint(buf, pos, end)
-        elif wire == _LEN:
-            length, pos = _varint(buf, pos, end)
-            value = next_pos = pos + length
-            if next_pos > end:
-                raise _DecodeError(f"field {number} runs past the end of its message", tag_pos)
-        elif wire == _I64 or wire == _I32:
-            value, next_pos = None, pos + (8 if wire == _I64 else 4)
-            if next_pos > end:
-                raise _DecodeError(f"field {number} runs past the end of its message", tag_pos)
-        elif wire in (_SGROUP, _EGROUP):
-            raise _DecodeError("group fields are not used by SavedModel", tag_pos)
-        else:
-            raise _DecodeError(f"invalid wire type {wire}", tag_pos)
-        yield number, wire, value, pos
-        pos = next_pos
-
-
-def _string(buf: bytes, start: int, end: int) -> str:
-    try:
-        return bytes(buf[start:end]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise _DecodeError("string field is not valid UTF-8", start) from None
-
-
-def _map(
-    buf: bytes, start: int, end: int, parse_value: Callable[[bytes, list[tuple[int, int]]], Any]
-) -> tuple[str, Any]:
-    """Decode one map entry (key = 1: string, value = 2: message); returns (key, value)."""
-    key, value_spans = "", []
-    for number, wire, value, vpos in _fields(buf, start, end):
-        if wire != _LEN:
-            continue
-        if number == 1:
-            key = _string(buf, vpos, value)
-        elif number == 2:
-            value_spans.append((vpos, value))
-    # A repeated singular message field merges; parse_value accepts a list of spans for that.
-    return key, parse_value(buf, value_spans)
-
-
-# ---------------------------------------------------------------------------------------------
-# Messages. A singular message field seen more than once is merged (protobuf semantics), so
-# these parsers take a list of (start, end) spans and fold them into one result.
-
-
-def _tensor_shape(buf: bytes, spans: list[tuple[int, int]]) -> list[int] | None:
-    """TensorShapeProto: dim = 2 (Dim: size = 1 int64, name = 2), unknown_rank = 3."""
-    dims: list[int] = []
-    unknown_rank = False
-    for start, end in spans:
-        for number, wire, value, vpos in _fields(buf, start, end):
-            if number == 2 and wire == _LEN:
-                size = 0
-                for dnum, dwire, dvalue, _ in _fields(buf, vpos, value):
-                    if dnum == 1 and dwire == _VARINT:
-                        size = _int64(dvalue)
-                dims.append(size)
-            elif number == 3 and wire == _VARINT:
-                unknown_rank = bool(value)
-    return None if unknown_rank else dims
-
-
-def _coo_sparse(buf: bytes, start: int, end: int) -> dict[str, str]:
-    """TensorInfo.CooSparse: values = 1, indices = 2, dense_shape = 3 tensor names."""
-    names = {1: "values", 2: "indices", 3: "dense_shape"}
-    out = dict.fromkeys(names.values(), "")
-    for number, wire, value, vpos in _fields(buf, start, end):
-        if number in names and wire == _LEN:
-            out[names[number]] = _string(buf, vpos, value)
+@functools.cache
+def _children(message: str) -> dict[int, str]:
+    """Field number -> message type, for the message-typed fields of `message` in the subset."""
+    out = {}
+    for _field, number, kind, *_ in _MESSAGES[message]:
+        kind = kind.removeprefix("repeated ")
+        if kind in _MESSAGES:
+            out[number] = kind
     return out
 
 
-def _tensor_info(buf: bytes, spans: list[tuple[int, int]]) -> dict[str, Any]:
-    """TensorInfo: oneof encoding {name = 1, coo_sparse = 4, composite_tensor = 5},
-    dtype = 2 (DataType enum), tensor_shape = 3."""
-    encoding, tensor, sparse = "name", "", None
-    dtype = 0
-    shape_spans: list[tuple[int, int]] = []
-    for start, end in spans:
-        for number, wire, value, vpos in _fields(buf, start, end):
-            if number == 1 and wire == _LEN:
-                encoding, tensor = "name", _string(buf, vpos, value)
-            elif number == 2 and wire == _VARINT:
-                dtype = _int32(value)
-            elif number == 3 and wire == _LEN:
-                shape_spans.append((vpos, value))
-            elif number == 4 and wire == _LEN:
-                encoding, sparse = "coo_sparse", _coo_sparse(buf, vpos, value)
-            elif number == 5 and wire == _LEN:
-                # Validate the framing of the nested message even though we don't report it.
-                for _ in _fields(buf, vpos, value):
-                    pass
-                encoding = "composite"
-    shape = _tensor_shape(buf, shape_spans)
-    if encoding == "composite" and not shape_spans:
-        shape = None  # TF leaves dtype/shape unset for composites; the type_spec has them.
-    info: dict[str, Any] = {
-        "dtype": DATA_TYPES.get(dtype, f"DT_UNKNOWN_{dtype}"),
-        "shape": shape,
-        "tensor": tensor if encoding == "name" else None,
+def _framing_fault(buf: bytes, pos: int, end: int, message: str = "SavedModel") -> None:
+    """Raise _Fault at the first framing error in buf[pos:end], read as `message` (depth bounded by the subset)."""
+    while pos < end:
+        tag_pos = pos
+        tag, pos = _varint(buf, pos, end)
+        number, wire = tag >> 3, tag & 7
+        if tag > 0xFFFFFFFF or number == 0 or number >= 1 << 29:
+            raise _Fault(f"invalid field number {number}", tag_pos)
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise _Fault(f"field {number} runs past the end of its message", tag_pos)
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise _Fault(f"field {number} runs past the end of its message", tag_pos)
+            if number in _children(message):
+                _framing_fault(buf, pos, pos + length, _children(message)[number])
+            pos += length
+        elif wire in (3, 4):
+            raise _Fault("group fields are not used by SavedModel", tag_pos)
+        else:
+            raise _Fault(f"invalid wire type {wire}", tag_pos)
+
+
+def _refusal(data: bytes, error: Exception) -> SignatureError:
+    try:
+        _framing_fault(data, 0, len(data))
+        why = str(error).rpartition(": ")[2] or "malformed protocol buffer data"  # upb's own reason
+    except _Fault as fault:
+        why = str(fault)
+    return SignatureError(f"saved_model.pb could not be decoded: {why}", _CORRUPT_HINT)
+
+
+# ---------------------------------------------------------------------------------------------
+# From messages to the dicts stored with versions and compared by diffs.
+
+
+def _text(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SignatureError(
+            f"saved_model.pb could not be decoded: {what} {value[:40]!r} is not valid UTF-8", _CORRUPT_HINT
+        ) from None
+
+
+def _tensor(info: Any) -> dict[str, Any]:
+    """TensorInfo -> {"dtype", "shape", "tensor"} (+ "encoding", "components" when not a named tensor)."""
+    encoding = info.WhichOneof("encoding") or "name"
+    shape = info.tensor_shape
+    dims = None if shape.unknown_rank else [d.size for d in shape.dim]
+    if encoding == "composite_tensor" and not info.HasField("tensor_shape"):
+        dims = None  # TF leaves dtype/shape unset for composites; the type_spec has them.
+    out: dict[str, Any] = {
+        "dtype": DATA_TYPES.get(info.dtype, f"DT_UNKNOWN_{info.dtype}"),
+        "shape": dims,
+        "tensor": _text(info.name, "tensor name") if encoding == "name" else None,
     }
-    if encoding != "name":
-        info["encoding"] = encoding
-    if sparse is not None:
-        info["components"] = sparse
-    return info
+    if encoding == "coo_sparse":
+        sparse = info.coo_sparse
+        out["encoding"] = "coo_sparse"
+        out["components"] = {
+            "values": _text(sparse.values_tensor_name, "tensor name"),
+            "indices": _text(sparse.indices_tensor_name, "tensor name"),
+            "dense_shape": _text(sparse.dense_shape_tensor_name, "tensor name"),
+        }
+    elif encoding == "composite_tensor":
+        out["encoding"] = "composite"
+    return out
 
 
-def _signature_def(buf: bytes, spans: list[tuple[int, int]]) -> dict[str, Any]:
-    """SignatureDef: inputs = 1, outputs = 2 (map<string, TensorInfo>), method_name = 3."""
-    sig: dict[str, Any] = {"method_name": "", "inputs": {}, "outputs": {}}
-    for start, end in spans:
-        for number, wire, value, vpos in _fields(buf, start, end):
-            if number in (1, 2) and wire == _LEN:
-                key, info = _map(buf, vpos, value, _tensor_info)
-                sig["inputs" if number == 1 else "outputs"][key] = info
-            elif number == 3 and wire == _LEN:
-                sig["method_name"] = _string(buf, vpos, value)
-    return sig
-
-
-def _meta_graph(buf: bytes, start: int, end: int) -> dict[str, Any]:
-    """MetaGraphDef: meta_info_def = 1 (MetaInfoDef: tags = 4), signature_def = 5 (map)."""
-    tags: list[str] = []
-    signatures: dict[str, Any] = {}
-    for number, wire, value, vpos in _fields(buf, start, end):
-        if number == 1 and wire == _LEN:
-            for inum, iwire, ivalue, ivpos in _fields(buf, vpos, value):
-                if inum == 4 and iwire == _LEN:
-                    tags.append(_string(buf, ivpos, ivalue))
-        elif number == 5 and wire == _LEN:
-            key, sig = _map(buf, vpos, value, _signature_def)
-            signatures[key] = sig
-        # graph_def (2), saver_def (3), collection_def (4), asset_file_def (6) and
-        # object_graph_def (7) are skipped by length, never decoded.
-    return {"tags": tags, "signatures": signatures}
+def _signature(sig: Any) -> dict[str, Any]:
+    # Entries in file order; a repeated key replaces the earlier value in place, as a map does.
+    return {
+        "method_name": _text(sig.method_name, "method name"),
+        "inputs": {_text(e.key, "input key"): _tensor(e.value) for e in sig.inputs},
+        "outputs": {_text(e.key, "output key"): _tensor(e.value) for e in sig.outputs},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,24 +293,32 @@ def parse_saved_model(data: bytes) -> dict[str, Any]:
     data = bytes(data) if isinstance(data, memoryview) else data
     if not data:
         raise SignatureError("saved_model.pb is empty", _CORRUPT_HINT)
+    if len(data) > _MAX_BYTES:
+        raise SignatureError(
+            f"saved_model.pb is {len(data)} bytes, over protobuf's 2 GiB limit: not a SavedModel TensorFlow wrote",
+            _CORRUPT_HINT,
+        )
     if data[:256].lstrip().startswith((b"saved_model_schema_version", b"meta_graphs")):
         raise SignatureError(
             "this looks like a text-format SavedModel (saved_model.pbtxt), which is not supported",
             "export the model in binary form (saved_model.pb)",
         )
-    schema_version = 0
-    meta_graphs: list[dict[str, Any]] = []
+    from google.protobuf.message import DecodeError
+
     try:
-        for number, wire, value, vpos in _fields(data, 0, len(data)):
-            if number == 1 and wire == _VARINT:
-                schema_version = _int64(value)
-            elif number == 2 and wire == _LEN:
-                meta_graphs.append(_meta_graph(data, vpos, value))
-    except _DecodeError as e:
-        raise SignatureError(f"saved_model.pb could not be decoded: {e}", _CORRUPT_HINT) from None
-    if not meta_graphs:
+        model = _saved_model_class().FromString(data)
+    except DecodeError as e:
+        raise _refusal(data, e) from None
+    if not model.meta_graphs:
         raise SignatureError("saved_model.pb contains no meta graphs: not a SavedModel", _CORRUPT_HINT)
-    return {"schema_version": schema_version, "meta_graphs": meta_graphs}
+    meta_graphs = [
+        {
+            "tags": [_text(tag, "meta graph tag") for tag in meta_graph.meta_info_def.tags],
+            "signatures": {_text(e.key, "signature key"): _signature(e.value) for e in meta_graph.signature_def},
+        }
+        for meta_graph in model.meta_graphs
+    ]
+    return {"schema_version": model.saved_model_schema_version, "meta_graphs": meta_graphs}
 
 
 def _tag_label(tags: list[str] | tuple[str, ...]) -> str:

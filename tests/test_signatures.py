@@ -1,12 +1,14 @@
-"""model_registry.signatures: a stdlib SavedModel signature reader, checked against saved_model_cli.
+"""model_registry.signatures: a SavedModel signature reader on google.protobuf, checked against saved_model_cli.
 
 SavedModels are built once per module by a TensorFlow subprocess (so this test process never
-imports TensorFlow), then every signature is compared with `saved_model_cli show` output.
+imports TensorFlow), then every signature is compared with `saved_model_cli show` output, and the
+schema subset the reader decodes with is compared with TensorFlow's own descriptors.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import re
@@ -15,16 +17,20 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from model_registry import signatures
 from model_registry.errors import ArtifactError
 from model_registry.signatures import (
+    DATA_TYPES,
     SignatureError,
     parse_saved_model,
     read_signature,
     read_signature_from_dir,
+    saved_model_schema,
     signature_summary,
 )
 
@@ -500,6 +506,110 @@ def test_fuzz_single_byte_mutations(models):
     assert sum(outcomes.values()) == 300 and outcomes["refused"] > 0
 
 
+def test_every_refusal_names_its_fault():
+    """When protobuf refuses the bytes, the framing walk says what is wrong and where (never a bare parse error)."""
+    rng = random.Random(77)
+    base = synthetic_saved_model()
+    decoded_refusals = 0
+    for i in range(3000):
+        if i % 3 == 0:
+            data = rng.randbytes(rng.choice([2, 9, 100, 1000]))
+        else:
+            mutated = bytearray(base)
+            for _ in range(rng.randint(1, 3)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            data = bytes(mutated[: rng.randrange(1, len(mutated) + 1)] if i % 3 == 2 else mutated)
+        try:
+            read_signature(data, tags=SYNTHETIC_TAGS)
+        except SignatureError as e:
+            assert e.message and e.hint
+            if "could not be decoded" in e.message:
+                decoded_refusals += 1
+                assert re.search(r"at byte \d+$|is not valid UTF-8$", e.message), e.message
+    assert decoded_refusals > 500
+
+
+def test_hostile_nesting_is_refused_or_skipped_quickly():
+    start = time.monotonic()
+    # Start-group tags nested far past protobuf's depth limit, at the top and inside a signature.
+    assert_refused(b"\x1b" * 200_000, match="group fields are not used by SavedModel at byte 0")
+    inside = ld(2, ld(1, ld(4, "serve")) + ld(5, entry("serving_default", ld(1, entry("x", b"\x1b" * 5000)))))
+    at = inside.index(b"\x1b")
+    assert_refused(inside, match=f"group fields are not used by SavedModel at byte {at} ")
+    # Length-delimited nesting below a field the schema subset leaves unknown (a composite's components):
+    # never descended into, so it costs one skip, whatever its depth.
+    nested = b""
+    for _ in range(3000):
+        nested = ld(5, ld(2, nested))
+    data = ld(2, ld(1, ld(4, "serve")) + ld(5, entry("serving_default", ld(1, entry("c", nested)))))
+    assert read_signature(data)["inputs"]["c"] == {
+        "dtype": "DT_INVALID", "shape": None, "tensor": None, "encoding": "composite"}
+    assert time.monotonic() - start < 10
+
+
+def test_well_formed_unknown_group_is_ignored():
+    """A group in an unknown field is ignored like any unknown field, as TensorFlow's own parser does."""
+    group = _key(1004, 3) + vint(1, 5) + ld(2, "g") + _key(1004, 4)
+    plain = ld(2, ld(1, ld(4, "serve")) + ld(5, entry("serving_default", ld(3, "m"))))
+    grouped = group + ld(2, ld(1, group + ld(4, "serve")) + group + ld(5, entry("serving_default", ld(3, "m") + group)))
+    assert read_signature(grouped) == read_signature(plain) == {"method_name": "m", "inputs": {}, "outputs": {}}
+
+
+def test_input_over_protobufs_size_limit_is_refused(monkeypatch):
+    data = synthetic_saved_model()
+    monkeypatch.setattr(signatures, "_MAX_BYTES", len(data) - 1)
+    assert_refused(data, match="over protobuf's 2 GiB limit")
+    monkeypatch.setattr(signatures, "_MAX_BYTES", len(data))
+    assert read_signature(data, tags=SYNTHETIC_TAGS)["method_name"] == "tensorflow/serving/regress"
+
+
+# Runs in a TensorFlow subprocess: TensorFlow's descriptors for the messages of the reader's subset.
+TF_SCHEMA_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from google.protobuf import descriptor_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+    mine = descriptor_pb2.FileDescriptorProto.FromString(open(sys.argv[1], "rb").read())
+    pool = saved_model_pb2.DESCRIPTOR.pool
+    def walk(messages, prefix):
+        for m in messages:
+            yield prefix + m.name
+            yield from walk(m.nested_type, prefix + m.name + ".")
+    out = {"messages": {}, "enum": {v.name: v.number for v in pool.FindEnumTypeByName("tensorflow.DataType").values}}
+    for name in walk(mine.message_type, mine.package + "."):
+        d = pool.FindMessageTypeByName(name)
+        out["messages"][name] = {f.name: [f.number, f.type, f.is_repeated, f.message_type and f.message_type.full_name,
+                                         f.enum_type and f.enum_type.full_name,
+                                         f.containing_oneof and f.containing_oneof.name] for f in d.fields}
+    print(json.dumps(out))
+""")
+
+
+@needs_tf
+def test_schema_subset_matches_tensorflows_descriptors(tmp_path):
+    """Every message, field number, type and oneof of the subset is TensorFlow's; strings are read as bytes."""
+    from google.protobuf import descriptor_pool
+
+    schema = saved_model_schema()
+    (tmp_path / "subset.pb").write_bytes(schema.SerializeToString())
+    proc = subprocess.run([sys.executable, "-c", TF_SCHEMA_SCRIPT, str(tmp_path / "subset.pb")], env=TF_ENV,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert theirs["enum"] == {name: number for number, name in DATA_TYPES.items()}
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    string, bytes_ = 9, 12  # FieldDescriptor.TYPE_STRING, TYPE_BYTES
+    for name, tf_fields in theirs["messages"].items():
+        for field in pool.FindMessageTypeByName(name).fields:
+            ours = [field.number, field.type, field.is_repeated,
+                    field.message_type and field.message_type.full_name, field.enum_type and field.enum_type.full_name,
+                    field.containing_oneof and field.containing_oneof.name]
+            expected = tf_fields[field.name]
+            if expected[1] == string:
+                expected[1] = bytes_
+            assert ours == expected, f"{name}.{field.name}"
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -518,7 +628,8 @@ def test_reading_does_not_load_tensorflow(models):
     code = (
         "import sys; from model_registry.signatures import read_signature_from_dir; "
         f"read_signature_from_dir({str(models / 'keras')!r}); "
-        "assert 'tensorflow' not in sys.modules and 'google.protobuf' not in sys.modules"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'tensorflow'], 'tensorflow loaded'; "
+        "assert 'google.protobuf.message_factory' in sys.modules, 'not decoded by google.protobuf'"
     )
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -1,8 +1,8 @@
 """End-to-end tests for the StarChart training packages in trainers/ (iris, sentiment).
 
-Each trainer is built with ``python setup.py sdist``, extracted, and run as
-``python -m trainer.task`` from the extracted folder, exactly as the training
-service does it.  TensorFlow is only imported by the subprocesses.
+Each trainer is packaged by ``model_registry.packaging.build_sdist`` (the ``build``
+frontend), extracted, and run as ``python -m trainer.task`` from the extracted folder,
+exactly as the training service does it.  TensorFlow is only imported by the subprocesses.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from model_registry.packaging import build_sdist
 
 TRAINERS = Path(__file__).resolve().parents[1] / "trainers"
 DATA_FILES = {"iris": "trainer/data/iris.csv", "sentiment": "trainer/data/reviews.csv"}
@@ -96,24 +97,8 @@ def _read_metrics(path: Path) -> dict:
 
 
 def _build_and_extract(name: str, workdir: Path) -> Path:
-    """``python setup.py sdist`` on a copy of trainers/<name>, extracted; returns the sdist root."""
-    src = workdir / "src"
-    shutil.copytree(
-        TRAINERS / name,
-        src,
-        ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "dist", "build"),
-    )
-    dist = workdir / "dist"
-    proc = subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)],
-        cwd=src,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (tarball,) = dist.glob("*.tar.gz")
+    """``build_sdist`` of trainers/<name>, as the training service packages it, extracted; returns the sdist root."""
+    tarball = build_sdist(TRAINERS / name, workdir / "cache", name).path
     with tarfile.open(tarball) as tar:
         names = tar.getnames()
         root = names[0].split("/")[0]
