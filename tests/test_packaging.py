@@ -46,11 +46,11 @@ def test_pyproject_only_trainer_trains_end_to_end(make_registry: Any, sqlite_url
     assert "replay_pep621_trainer-0.2.0/trainer/task.py" in names
     assert not any(m.endswith("/setup.py") for m in names), "nothing is generated for a pyproject.toml trainer"
     assert job["package_sha256"] == hashlib.sha256(package.read_bytes()).hexdigest()
-    log = reg.logs(job["job_id"])
+    log = reg.jobs.logs(job["job_id"])
     # the staged sdist ran, not the source folder
     assert "pep621 replay trainer: job" in log and str(reg.settings.home / "jobs" / job["job_id"]) in log
     assert not (base / "iris" / "setup.py").exists() and not list((base / "iris").glob("*.egg-info"))
-    exposed = reg.expose("iris", "U_T")
+    exposed = reg.versions.expose("iris", "U_T")
     assert len(exposed["exposed"]) == 1 and not exposed["errors"]
 
 
