@@ -22,3 +22,4 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check bot handlers model_registry tests benchmarks
+	$(VENV)/bin/mypy

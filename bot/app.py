@@ -1,55 +1,41 @@
-"""Composition root: configuration, the Slack client, the core, the Bolt app and its listeners."""
+"""Composition root: the Slack client, the core, the Bolt app and its listeners, one listener executor."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, cast
 
-from slack_bolt import App
+from cachetools import TTLCache, cached
+from slack_bolt import App, BoltRequest, BoltResponse
+from slack_bolt.middleware.request_verification import RequestVerification
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
-from bot import blocks
-from handlers.context import Deps
-from handlers.ml import register
+from bot.slack_output import SlackOutput
+from handlers.chat import Deps, report_error
+from handlers.follow import Follower
+from handlers.listeners import register, where
+from model_registry.config import SlackSettings
 from model_registry.errors import InvalidInput
 
 log = logging.getLogger("starchart.bot")
-SLACK_API_DEFAULT = "https://slack.com/api/"
+REMOTE_ADDR_HEADER = "x-starchart-remote-addr"  # set by bot.web from the connection, never taken from the client
 
 
-class TtlCache:
-    """A small thread-safe cache for Slack look-ups (user-group members, display names)."""
-
-    def __init__(self, fetch: Callable[[str], Any], ttl: float) -> None:
-        self.fetch, self.ttl = fetch, ttl
-        self._values: dict[str, tuple[float, Any]] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, key: str) -> Any:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._values.get(key)
-        if hit and now - hit[0] < self.ttl:
-            return hit[1]
-        value = self.fetch(key)
-        with self._lock:
-            self._values[key] = (now, value)
-        return value
-
-
-def slack_client(env: Mapping[str, str] | None = None, token: str | None = None) -> WebClient:
-    env = os.environ if env is None else env
-    base_url = env.get("SLACK_API_URL") or SLACK_API_DEFAULT
-    client = WebClient(token=token or env.get("SLACK_BOT_TOKEN"), base_url=base_url.rstrip("/") + "/")
+def slack_client(slack: SlackSettings) -> WebClient:
+    client = WebClient(token=slack.bot_token, base_url=slack.api_url)
     client.retry_handlers.append(RateLimitErrorRetryHandler(max_retry_count=2))
     return client
+
+
+def _cached(fetch: Callable[[str], Any], ttl: float) -> Callable[[str], Any]:
+    """Slack look-ups kept for `ttl` seconds; the lock makes the cache safe across listener threads."""
+    return cached(TTLCache(maxsize=4096, ttl=ttl), lock=threading.Lock())(fetch)
 
 
 def group_members(client: WebClient) -> Callable[[str], list[str]]:
@@ -60,7 +46,7 @@ def group_members(client: WebClient) -> Callable[[str], list[str]]:
             log.warning("cannot read members of user group %s: %s", group, exc.response.get("error"))
             return []
 
-    return TtlCache(fetch, ttl=60.0)
+    return _cached(fetch, ttl=60.0)
 
 
 def display_names(client: WebClient) -> Callable[[str], str | None]:
@@ -72,7 +58,7 @@ def display_names(client: WebClient) -> Callable[[str], str | None]:
         profile = info.get("profile") or {}
         return profile.get("display_name") or info.get("real_name") or info.get("name")
 
-    return TtlCache(fetch, ttl=3600.0)
+    return _cached(fetch, ttl=3600.0)
 
 
 class LazyRegistry:
@@ -115,26 +101,50 @@ class LazyRegistry:
         return getattr(self.get(), name)
 
 
-@dataclass
-class Bot:
-    app: App
-    deps: Deps
-    registry: Any
-    client: WebClient
-    signing_secret: str
-    gate: AckFirst
+class RecordedRequestVerification(RequestVerification):
+    """Bolt's signature check, with every refusal recorded in the audit trail (reason bad_signature) and 401.
+
+    It is the app's one verification: Bolt's built-in one is turned off, this runs in its place (before
+    authorization); Socket Mode requests skip it as Bolt's would.
+    """
+
+    def __init__(self, signing_secret: str, registry: Any) -> None:
+        super().__init__(signing_secret)
+        self.registry = registry
+
+    def process(self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]) -> BoltResponse:
+        if self._can_skip(req.mode, req.body):
+            return next()
+        timestamp = req.headers.get("x-slack-request-timestamp", [""])[0]
+        signature = req.headers.get("x-slack-signature", [""])[0]
+        try:
+            valid = bool(timestamp and signature) and self.verifier.is_valid(req.raw_body, timestamp, signature)
+        except ValueError:  # a timestamp that is not a number
+            valid = False
+        if valid:
+            return next()
+        why = "missing signature" if not (timestamp and signature) else "invalid or expired signature"
+        try:
+            self.registry.audit.record_refusal("unknown", "bad_signature", why, details={
+                "remote_addr": req.headers.get(REMOTE_ADDR_HEADER, [None])[0]})
+        except Exception:  # recording must never turn a refusal into an acceptance
+            log.exception("could not record a refused Slack request")
+        return BoltResponse(status=401, body={"error": why})
 
 
 class AckFirst:
-    """Acks before background work: a queued task waits while Slack requests are being answered.
+    """Acks before background work: a listener's work waits for a quiet moment in the Slack requests.
 
-    Work that competes for the GIL delays acks; Slack gives 3 s for an ack and none for the rest.
-    A task waits at most `patience` seconds, so a steady stream of requests cannot starve it.
+    Work that competes for the GIL delays acks; Slack gives 3 s for an ack and none for the rest. Acks take
+    well under a millisecond, so "no request in flight" happens between two requests of a burst: the gap must
+    also have lasted `quiet` seconds. A task waits at most `patience` seconds, so a steady stream of requests
+    cannot starve it.
     """
 
-    def __init__(self, patience: float = 1.0) -> None:
-        self.patience = patience
+    def __init__(self, patience: float = 1.0, quiet: float = 0.05) -> None:
+        self.patience, self.quiet = patience, quiet
         self._inflight = 0
+        self._last_done = 0.0
         self._idle = threading.Condition()
 
     def request_started(self) -> None:
@@ -144,52 +154,61 @@ class AckFirst:
     def request_done(self) -> None:
         with self._idle:
             self._inflight -= 1
+            self._last_done = time.monotonic()
             if self._inflight == 0:
                 self._idle.notify_all()
 
     def wait_for_gap(self) -> None:
+        deadline = time.monotonic() + self.patience
         with self._idle:
-            self._idle.wait_for(lambda: self._inflight == 0, timeout=self.patience)
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    return
+                if self._inflight == 0 and now - self._last_done >= self.quiet:
+                    return
+                wait = self.quiet - (now - self._last_done) if self._inflight == 0 else deadline - now
+                self._idle.wait(timeout=max(0.001, min(wait, deadline - now)))
 
 
-def background_executor(gate: AckFirst | None = None, max_workers: int = 16) -> Callable[[Callable[[], None]], None]:
-    pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="starchart-bg")
-
-    def submit(fn: Callable[[], None]) -> None:
-        def task() -> None:
-            if gate is not None:
-                gate.wait_for_gap()
-            fn()
-
-        pool.submit(task)
-
-    return submit
+@dataclass
+class Bot:
+    app: App
+    deps: Deps
+    registry: Any
+    client: WebClient
+    gate: AckFirst
 
 
-def create_bot(env: Mapping[str, str] | None = None,
-               background: Callable[[Callable[[], None]], None] | None = None,
-               follow_interval: float = 2.0) -> Bot:
-    """The Bolt app with every listener, wired to the core; nothing here imports TensorFlow."""
-    env = os.environ if env is None else env
-    token, secret = env.get("SLACK_BOT_TOKEN"), env.get("SLACK_SIGNING_SECRET")
-    if not token:
+def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callable[[], Any] | None = None,
+               listener_threads: int = 16) -> Bot:
+    """The Bolt app with every listener, wired to the core (`build`, loaded lazily); nothing here imports TensorFlow."""
+    if not slack.bot_token:
         raise InvalidInput("SLACK_BOT_TOKEN is not set", "set it to the app's Bot User OAuth Token (xoxb-…)")
-    client = slack_client(env, token)
+    client = slack_client(slack)
     members = group_members(client)
 
-    def build() -> Any:
+    def build_core() -> Any:
         from model_registry.bootstrap import Core
 
         core = Core.from_env(members_of=members)
         core.promotions.reconcile()  # an apply interrupted by the last stop ends applied or failed, never applying
         return core
 
-    registry = LazyRegistry(build)
-    gate = AckFirst()
-    app = App(token=token, signing_secret=secret or "", client=client, token_verification_enabled=False,
-              request_verification_enabled=True, process_before_response=False)
-    deps = Deps(registry=registry, render=blocks, background=background or background_executor(gate),
-                watch=lambda fn: threading.Thread(target=fn, name="starchart-watch", daemon=True).start(),
-                user_name=display_names(client), follow_interval=follow_interval)
-    register(app, deps)
-    return Bot(app=app, deps=deps, registry=registry, client=client, signing_secret=secret or "", gate=gate)
+    registry = LazyRegistry(build or build_core)
+    secret = slack.signing_secret or ""
+    # Background work is the listeners' own, on Bolt's listener executor: one pool in the process.
+    app = App(token=slack.bot_token, signing_secret=secret, client=client, token_verification_enabled=False,
+              request_verification_enabled=False, before_authorize=RecordedRequestVerification(secret, registry),
+              process_before_response=False,
+              listener_executor=ThreadPoolExecutor(max_workers=listener_threads, thread_name_prefix="starchart-bolt"))
+    follower = Follower(lambda: registry, interval=follow_interval, report=report_error)
+    gate = AckFirst()  # bot.web counts the Slack requests in flight
+    # the lazily loaded core stands in for Core: attribute access waits for it
+    deps = Deps(core=cast(Any, registry), follower=follower, user_name=display_names(client), pace=gate.wait_for_gap)
+
+    def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> SlackOutput:
+        return SlackOutput(web, respond, user=where(body)[0], channel=channel, trigger_id=body.get("trigger_id"))
+
+    register(app, deps, outputs)
+    return Bot(app=app, deps=deps, registry=registry, client=client, gate=gate)

@@ -8,11 +8,15 @@ caller posts the full text to the thread and as a file.
 from __future__ import annotations
 
 import json
-import time
-from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from functools import singledispatch
+from typing import Any, Iterable, Mapping, Sequence
 
 from bot import text as plain
+from handlers import results as r
+from handlers.audit import AUDIT_NEXT
+from handlers.output import Upload
+from handlers.reviews import APPROVE, REJECT, REJECT_VIEW, RETRY, card_value, form_metadata
 
 MAX_BLOCKS = 50
 SECTION_TEXT = 3000
@@ -20,8 +24,7 @@ BUTTON_VALUE = 2000
 MESSAGE_BUDGET = 11000
 LIST_ITEMS = 8  # rows of parameters, signature changes, metrics shown on a card before "and N more"
 
-APPROVE, REJECT, RETRY, AUDIT_NEXT = "review.approve", "review.reject", "review.retry", "audit.next"
-REJECT_VIEW = "review.reject_reason"
+__all__ = ["APPROVE", "AUDIT_NEXT", "REJECT", "REJECT_VIEW", "RETRY", "render"]
 
 Blocks = list[dict[str, Any]]
 
@@ -105,7 +108,7 @@ def plain_text(title: str, body: str) -> tuple[str, Blocks]:
     return title, [section(f"*{escape(title)}*"), *blocks]
 
 
-def table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]],
+def table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]],
           footer: str | None = None) -> tuple[str, Blocks, bool]:
     body = plain.table(rows, columns)
     blocks, truncated = code_sections(body, limit_blocks=12)
@@ -115,24 +118,14 @@ def table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[st
     return title, out, truncated
 
 
-def _elapsed(start: str | None, end: str | None = None) -> str:
-    if not start:
-        return ""
-    t0 = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
-    t1 = (datetime.strptime(end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
-          if end else time.time())
-    seconds = max(0, int(t1 - t0))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 def job_message(job: dict[str, Any], metrics: dict[str, Any] | None = None) -> tuple[str, Blocks]:
     icon = {"QUEUED": ":hourglass:", "RUNNING": ":gear:", "SUCCEEDED": ":white_check_mark:",
             "FAILED": ":x:", "CANCELLED": ":no_entry_sign:"}.get(job["state"], ":grey_question:")
     head = f"{icon} Training *{escape(job['job_id'])}* — *{job['state'].lower()}*"
     if job["state"] == "RUNNING":
-        head += f" ({_elapsed(job.get('started_at'))})"
+        head += f" ({plain.elapsed(job.get('started_at'))})"
     elif job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") and job.get("started_at"):
-        head += f" after {_elapsed(job.get('started_at'), job.get('ended_at'))}"
+        head += f" after {plain.elapsed(job.get('started_at'), job.get('ended_at'))}"
     blocks: Blocks = [section(head)]
     args = " ".join(job.get("args") or []) or "(none)"
     blocks.append(context(f"requested by <@{escape(job['requested_by'])}>", f"args: `{escape(args)[:500]}`"))
@@ -152,10 +145,6 @@ def _limited(lines: list[str], limit: int = LIST_ITEMS) -> tuple[list[str], bool
     if len(lines) <= limit:
         return lines, False
     return lines[:limit] + [f"… and {len(lines) - limit} more (full diff in the thread)"], True
-
-
-def card_value(req: dict[str, Any]) -> dict[str, Any]:
-    return {"r": req["id"], "m": req["model"], "d": req["card_digest"]}
 
 
 def review_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
@@ -256,10 +245,9 @@ def decided_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
     return f"{title} — {state}", blocks[:MAX_BLOCKS], truncated
 
 
-def reject_modal(req_value: dict[str, Any], channel: str | None, message_ts: str | None) -> dict[str, Any]:
-    meta = json.dumps({**req_value, "c": channel, "t": message_ts}, separators=(",", ":"))
+def reject_modal(form: r.RejectForm) -> dict[str, Any]:
     return {
-        "type": "modal", "callback_id": REJECT_VIEW, "private_metadata": meta,
+        "type": "modal", "callback_id": REJECT_VIEW, "private_metadata": form_metadata(form),
         "title": {"type": "plain_text", "text": "Reject promotion"},
         "submit": {"type": "plain_text", "text": "Reject"},
         "close": {"type": "plain_text", "text": "Cancel"},
@@ -273,7 +261,7 @@ def full_diff_text(req: dict[str, Any]) -> str:
     return "\n".join(plain.request_lines(req) + [""] + plain.diff_lines(req["diff"]))
 
 
-def audit_table(events: Iterable[dict[str, Any]], title: str, next_value: dict[str, Any] | None
+def audit_table(events: Iterable[Mapping[str, Any]], title: str, next_value: dict[str, Any] | None
                 ) -> tuple[str, Blocks]:
     rows = list(events)
     _, blocks, _ = table(title, rows, [("at", "TIME"), ("action", "ACTION"), ("actor", "ACTOR"),
@@ -294,3 +282,177 @@ def request_message(req: dict[str, Any]) -> tuple[str, Blocks]:
 def default_at_message(answer: dict[str, Any]) -> tuple[str, Blocks]:
     lines = plain.default_at_lines(answer)
     return lines[0], [section(escape(lines[0])), *code_sections("\n".join(lines[1:]), limit_blocks=2)[0]]
+
+
+# ------------------------------------------------------------------ results as Slack messages
+
+@dataclass(frozen=True)
+class Rendered:
+    """A Slack message: fallback text, blocks (None: text only), and a file for what did not fit."""
+
+    text: str
+    blocks: Blocks | None = None
+    attachment: Upload | None = None
+
+
+def _said(text: str) -> Rendered:
+    return Rendered(text, [section(text)])
+
+
+@singledispatch
+def render(result: r.Result) -> Rendered:
+    """A result without a Block Kit form of its own: its text, as the console shows it."""
+    shown = plain.render(result, plain.CHAT)
+    return Rendered(shown.title, [section(escape(shown.body))])
+
+
+@render.register
+def _training(result: r.TrainingMessage) -> Rendered:
+    return Rendered(*job_message(dict(result.job), dict(result.metrics) if result.metrics else None))
+
+
+@render.register
+def _jobs(result: r.Jobs) -> Rendered:
+    shown = 40
+    text, blocks, _ = table(f"Jobs of {result.model}", result.jobs[:shown], [
+        ("job_id", "JOB"), ("state", "STATE"), ("created_at", "CREATED"), ("version", "VERSION"),
+        ("requested_by", "BY"), ("args", "ARGS")], footer=f"newest {shown} shown" if len(result.jobs) > shown else None)
+    return Rendered(text, blocks)
+
+
+@render.register
+def _log(result: r.Log) -> Rendered:
+    return Rendered(*plain_text(f"Log of {result.job_id}", result.log))
+
+
+@render.register
+def _cancelled(result: r.JobCancelled) -> Rendered:
+    return Rendered(f"Job {result.job['job_id']} {result.job['state'].lower()}")
+
+
+@render.register
+def _exposed(result: r.Exposed) -> Rendered:
+    lines = [f"• exposed `{v['name']}` from `{v['job_id']}` " + " ".join(f"{k}={plain.number(m)}"
+                                                                        for k, m in v["metrics"].items())
+             for v in result.result["exposed"]]
+    lines += [f"• :warning: {e['error']}" for e in result.result["errors"]]
+    body = "\n".join(lines) or "Nothing new to expose: no succeeded job without a version."
+    return Rendered(f"Expose {result.model}", [section(f"*Expose {result.model}*\n{body}")])
+
+
+@render.register
+def _versions(result: r.Versions) -> Rendered:
+    data = result.listing
+    text, blocks, _ = table(f"Versions of {data['model']} (default {data['default'] or 'none'})",
+                            data["versions"][:40], [("name", "VERSION"), ("is_default", "DEFAULT"),
+                                                    ("created_at", "CREATED"), ("trained_by", "TRAINED BY"),
+                                                    ("metrics", "METRICS")])
+    return Rendered(text, blocks)
+
+
+@render.register
+def _diff(result: r.Diff) -> Rendered:
+    return Rendered(*diff_message(plain.render(result).title, dict(result.diff)))
+
+
+@render.register
+def _predictions(result: r.Predictions) -> Rendered:
+    shown = {k: v for k, v in result.answer.items() if k in ("predictions", "outputs")}
+    return Rendered(*plain_text(plain.render(result).title, json.dumps(shown, indent=1)))
+
+
+@render.register
+def _shown(result: r.RequestShown) -> Rendered:
+    return Rendered(*request_message(dict(result.request)))
+
+
+@render.register
+def _card(result: r.ReviewCard) -> Rendered:
+    req = dict(result.request)
+    if plain.decided(req):
+        text, blocks, _ = decided_card(req)
+        return Rendered(text, blocks)
+    text, blocks, truncated = review_card(req)
+    full = Upload(f"{req['model']}-request-{req['id']}-diff.txt", f"Full diff of promotion request #{req['id']}",
+                  content=full_diff_text(req)) if truncated else None
+    return Rendered(text, blocks, full)
+
+
+@render.register
+def _card_posted(result: r.CardPosted) -> Rendered:
+    return Rendered(f"Promotion request #{result.request['id']} is open for review in <#{result.request['channel']}>.")
+
+
+@render.register
+def _request_state(result: r.RequestState) -> Rendered:
+    return Rendered(f"Promotion request #{result.request['id']} is {result.request['state']}.")
+
+
+@render.register
+def _requests(result: r.Requests) -> Rendered:
+    text, blocks, _ = table(f"Promotion requests of {result.model}", result.requests, [
+        ("id", "ID"), ("kind", "KIND"), ("candidate", "CANDIDATE"), ("base", "BASE"), ("state", "STATE"),
+        ("requested_by", "BY"), ("approvals", "APPROVALS")])
+    return Rendered(text, blocks)
+
+
+@render.register
+def _audit_page(result: r.AuditPage) -> Rendered:
+    return Rendered(*audit_table(result.events, plain.render(result).title, dict(result.next) if result.next else None))
+
+
+@render.register
+def _verified(result: r.AuditVerified) -> Rendered:
+    v = result.verify
+    return _said(f":white_check_mark: Audit chain OK: {v.events} events, head `{v.head_hash[:16]}`, "
+                 f"{v.checkpoints} checkpoints matched" if v.ok else f":rotating_light: Audit chain BROKEN: {v.problem}")
+
+
+@render.register
+def _checkpoint(result: r.Checkpoint) -> Rendered:
+    cp = result.checkpoint
+    return _said(f"Audit checkpoint: {cp['count']} events, head `{cp['head']}` at {cp['at']}"
+                 + (f", signature `{cp['sig']}`" if cp["sig"] else " (unsigned)"))
+
+
+@render.register
+def _checkpoint_posted(result: r.CheckpointPosted) -> Rendered:
+    return Rendered(f"Checkpoint posted to <#{result.channel}>.")
+
+
+@render.register
+def _default_at(result: r.DefaultAt) -> Rendered:
+    return Rendered(*default_at_message(dict(result.answer)))
+
+
+@render.register
+def _schedules(result: r.Schedules) -> Rendered:
+    text, blocks, _ = table("Schedules", result.schedules, [
+        ("model", "MODEL"), ("cron", "CRON"), ("timezone", "TZ"), ("enabled", "ON"), ("next_run_at", "NEXT"),
+        ("args", "ARGS")])
+    return Rendered(text, blocks)
+
+
+@render.register
+def _schedule_changed(result: r.ScheduleChanged) -> Rendered:
+    row = result.schedule
+    if not row["enabled"]:
+        return Rendered(f"The schedule of {row['model']} is off.")
+    return Rendered(f"{row['model']} trains at `{row['cron']}` ({row['timezone']}); next run {row['next_run_at']}.")
+
+
+@render.register
+def _help(result: r.Help) -> Rendered:
+    return Rendered(*plain_text("/ml", result.text))
+
+
+@render.register
+def _failure(result: r.Failure) -> Rendered:
+    return Rendered(*error(result.message, result.hint))
+
+
+@render.register(r.Notice)
+@render.register(r.Uploaded)
+@render.register(r.PulledArchive)
+def _text_only(result: r.Result) -> Rendered:
+    return Rendered(plain.render(result, plain.CHAT).body)

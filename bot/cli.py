@@ -1,24 +1,104 @@
-"""`starchart`: the StarChart command line, plus the entry points of the bot's processes."""
+"""`starchart`: the StarChart command line — every command from the table, plus the entry points of the
+bot's processes."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from handlers.grammar import Usage, build_parser, model_of
+from handlers.commands import TABLE
+from handlers.grammar import Usage, build_parser
+from handlers.results import JobProgress, JobSubmitted, Result
+from handlers.table import Arguments, Invocation, Surface, no_arguments
 from model_registry.config import default_user
 from model_registry.errors import StarchartError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_JOB_FAILED = 0, 1, 2, 4
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# ---------------------------------------------------------------- the processes (not chat commands)
+
+def _once(p: argparse.ArgumentParser, _cli: bool) -> None:
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+
+
+def _serve_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+
+
+@dataclass(frozen=True)
+class Process:
+    """A long-running entry point: declared like a command, started by main() rather than run through the table."""
+
+    name: str
+    help: str
+    start: Callable[[argparse.Namespace], int | None]
+    arguments: Arguments = no_arguments
+    aliases: tuple[str, ...] = ()
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    from bot.demo import run_demo
+
+    return run_demo()
+
+
+def _serve(args: argparse.Namespace) -> int | None:
+    from bot.serve import serve
+
+    serve(port=args.port, workers=args.workers)
+    return None
+
+
+def _socket(_args: argparse.Namespace) -> int | None:
+    from bot.serve import socket_mode
+
+    socket_mode()
+    return None
+
+
+def _console(args: argparse.Namespace) -> int:
+    from bot.console import run_console
+
+    return run_console(user=args.user or default_user())
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from bot.worker import run_worker
+
+    return run_worker(once=args.once)
+
+
+def _clock(args: argparse.Namespace) -> int:
+    from bot.worker import run_clock
+
+    return run_clock(once=args.once)
+
+
+PROCESSES = {p.name: p for p in (
+    Process("demo", "the whole flow on a fresh temporary home", _demo),
+    Process("clock", "start scheduled trainings when they are due", _clock, _once),
+    Process("serve", "the Slack bot over HTTP (POST /slack/events, GET /healthz)", _serve, _serve_arguments),
+    Process("socket", "the Slack bot over Socket Mode", _socket),
+    Process("console", "type /ml commands in a terminal; cards render as text (--user U)", _console),
+    Process("worker", "follow jobs, reconcile interrupted applies, expire requests", _worker, _once),
+)}
+
+
+def parser() -> argparse.ArgumentParser:
+    return build_parser(TABLE, extra=PROCESSES.values())
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: Sequence[str] | None = None, core: Any = None, out: Callable[[str], None] = print) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     trainer_args: list[str] | None = None
     if "--" in argv:
@@ -27,19 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         argv, instances = _json_argument(argv)
-        args = build_parser().parse_args(argv)
+        args = parser().parse_args(argv)
         if instances is not None:
             args.instances = instances
         if args.command is None:
-            build_parser().print_help()
+            parser().print_help()
             return EXIT_USAGE
-        if args.command == "demo":
-            from bot.demo import run_demo
-
-            return run_demo()
-        if args.command in ("serve", "socket", "console", "worker", "clock"):
-            return run_process(args)
-        return run(args, trainer_args)
+        if args.command in PROCESSES:
+            return PROCESSES[args.command].start(args) or EXIT_OK
+        return run(args, trainer_args, core, out)
     except Usage as exc:
         print(f"{exc}\nRun `starchart --help` or `starchart COMMAND --help` for usage.", file=sys.stderr)
         return EXIT_USAGE
@@ -61,6 +137,27 @@ def _json_argument(argv: list[str]) -> tuple[list[str], str | None]:
     return argv, None
 
 
+def run(args: argparse.Namespace, trainer_args: list[str] | None, core: Any = None,
+        out: Callable[[str], None] = print) -> int:
+    """One command from the table: its result printed as text (or its data as JSON); the exit code is the result's."""
+    from bot import text
+
+    if core is None:
+        from model_registry.bootstrap import Core
+
+        core = Core.from_env()
+
+    def progress(result: Result) -> None:  # `train --wait`: submitted, then each state
+        if not args.json and isinstance(result, (JobSubmitted, JobProgress)):
+            out(text.render(result).body)
+
+    inv = Invocation(core=core, user=args.user or default_user(), args=args, trainer_args=trainer_args,
+                     surface=Surface.CLI, progress=progress, read_stdin=sys.stdin.read)
+    result = TABLE.run(inv)
+    out(json.dumps(result.data, indent=2, default=str) if args.json else text.render(result).body)
+    return result.exit_code
+
+
 def entry() -> None:
     """The `starchart` command: main(), then an exit that skips the interpreter's final garbage collections.
 
@@ -71,176 +168,6 @@ def entry() -> None:
     code = main()
     gc.freeze()
     sys.exit(code)
-
-
-def run_process(args: argparse.Namespace) -> int:
-    """The long-running entry points: web, socket, console, worker."""
-    if args.command == "serve":
-        from bot.serve import serve
-
-        serve(port=args.port, workers=args.workers)
-    elif args.command == "socket":
-        from bot.serve import socket_mode
-
-        socket_mode()
-    elif args.command == "console":
-        from bot.console import run_console
-
-        return run_console(user=args.user or default_user())
-    elif args.command == "worker":
-        from bot.worker import run_worker
-
-        return run_worker(once=args.once)
-    elif args.command == "clock":
-        from bot.worker import run_clock
-
-        return run_clock(once=args.once)
-    return EXIT_OK
-
-
-def run(args: argparse.Namespace, trainer_args: list[str] | None, registry: Any = None,
-        out: Callable[[str], None] = print) -> int:
-    from bot import text
-    from model_registry.bootstrap import Core
-    from model_registry.names import parse_time
-
-    reg = registry or Core.from_env()
-    user = args.user or default_user()
-    cmd = args.command
-
-    def emit(data: Any, render: Callable[[], str]) -> None:
-        out(json.dumps(data, indent=2, default=str) if args.json else render())
-
-    if cmd == "train":
-        if trainer_args is not None and any(a == "--" for a in trainer_args):
-            raise Usage("starchart train: only one `--` separates the trainer's arguments")
-        job = reg.jobs.train(model_of(args), user, module=args.module, args=trainer_args, scale_tier=args.scale_tier,
-                        region=args.region, machine_type=args.machine_type, workers=args.workers,
-                        accelerator=args.accelerator)
-        if not args.wait:
-            emit(job, lambda: f"Job {job['job_id']} {job['state']}\n  train path: {job['train_path']}\n"
-                              f"  follow it: starchart state {job['model']}")
-            return EXIT_OK
-        if not args.json:
-            out(f"Job {job['job_id']} submitted; train path {job['train_path']}")
-        job = reg.jobs.wait(job["job_id"], on_change=None if args.json else lambda j: out(f"  {j['state']}"))
-        emit(job, lambda: f"Job {job['job_id']} {job['state']}" + (f"\n{job['error']}" if job["error"] else ""))
-        return EXIT_OK if job["state"] == "SUCCEEDED" else EXIT_JOB_FAILED
-    if cmd in ("state", "jobs"):
-        jobs = reg.jobs.state(model_of(args))
-        emit(jobs, lambda: text.table(jobs, [("job_id", "JOB"), ("state", "STATE"), ("created_at", "CREATED"),
-                                             ("ended_at", "ENDED"), ("version", "VERSION"),
-                                             ("requested_by", "BY"), ("args", "ARGS")]))
-        return EXIT_OK
-    if cmd == "logs":
-        log = reg.jobs.logs(args.job_id, tail=args.tail)
-        emit({"job_id": args.job_id, "log": log}, lambda: log)
-        return EXIT_OK
-    if cmd == "cancel":
-        job = reg.jobs.cancel(args.job_id, user)
-        emit(job, lambda: f"Job {job['job_id']} {job['state']}")
-        return EXIT_OK
-    if cmd == "expose":
-        result = reg.versions.expose(model_of(args), user)
-        lines = [f"exposed {v['name']} from {v['job_id']}" for v in result["exposed"]] or ["nothing new to expose"]
-        lines += [f"error: {e['error']}" for e in result["errors"]]
-        emit(result, lambda: "\n".join(lines))
-        return EXIT_ERROR if result["errors"] else EXIT_OK
-    if cmd == "versions":
-        data = reg.versions.of_model(model_of(args))
-        emit(data, lambda: text.table(data["versions"], [
-            ("name", "VERSION"), ("is_default", "DEFAULT"), ("created_at", "CREATED"), ("job_id", "JOB"),
-            ("trained_by", "TRAINED BY"), ("metrics", "METRICS")]))
-        return EXIT_OK
-    if cmd == "diff":
-        diff = reg.versions.diff(args.model, args.version, args.base)
-        emit(diff, lambda: "\n".join(text.diff_lines(diff)))
-        return EXIT_OK
-    if cmd in ("promote", "apply", "rollback"):
-        if cmd == "promote":
-            req = reg.promotions.promote(args.model, args.version, user, args.reason)
-        else:
-            req = getattr(reg.promotions, cmd)(model_of(args), user, args.reason)
-        emit(req, lambda: "\n".join(text.request_lines(req) + [""] + text.diff_lines(req["diff"]) + [
-            "", f"approve: starchart approve {req['id']} --user APPROVER"]))
-        return EXIT_OK
-    if cmd in ("approve", "reject"):
-        req = reg.promotions.decide(args.request, user, cmd == "approve", reason=getattr(args, "reason", None))
-        if req["state"] == "approved":
-            req = reg.promotions.apply_request(req["id"], actor=user)
-        emit(req, lambda: "\n".join(text.request_lines(req)))
-        return EXIT_ERROR if req["state"] == "failed" else EXIT_OK
-    if cmd == "show":
-        req = reg.promotions.get(args.request)
-        emit(req, lambda: "\n".join(text.request_lines(req) + [""] + text.diff_lines(req["diff"])))
-        return EXIT_OK
-    if cmd == "requests":
-        reqs = reg.promotions.of_model(model_of(args))
-        emit(reqs, lambda: text.table(reqs, [("id", "ID"), ("kind", "KIND"), ("candidate", "CANDIDATE"),
-                                             ("base", "BASE"), ("state", "STATE"), ("requested_by", "BY"),
-                                             ("approvals", "APPROVALS"), ("created_at", "CREATED")]))
-        return EXIT_OK
-    if cmd == "audit":
-        if args.target == "checkpoint":
-            cp = reg.audit.checkpoint()
-            emit(cp, lambda: f"checkpoint: {cp['count']} events, head {cp['head'][:16]} at {cp['at']}"
-                             + ("" if cp["sig"] else " (unsigned: set STARCHART_AUDIT_KEY)"))
-            return EXIT_OK
-        if args.target == "verify":
-            result = reg.audit.verify()
-            emit(result.__dict__, lambda: (f"audit chain OK: {result.events} events, head {result.head_hash[:16]}, "
-                                           f"{result.checkpoints} checkpoints matched"
-                                           if result.ok else f"audit chain BROKEN: {result.problem}"))
-            return EXIT_OK if result.ok else EXIT_ERROR
-        if args.at:
-            if not args.target:
-                raise Usage("starchart audit --at: a model is required (audit MODEL --at TIME)")
-            answer = reg.audit.default_at(args.target, parse_time(args.at))
-            emit(answer, lambda: "\n".join(text.default_at_lines(answer)))
-            return EXIT_OK
-        filters = {"model": args.target, "since": parse_time(args.since) if args.since else None,
-                   "until": parse_time(args.until) if args.until else None, "actor": args.actor,
-                   "action": args.action, "version": args.version}
-        # --csv exports everything that matches; the table shows --limit rows
-        events = reg.audit.all_events(**filters) if args.csv else reg.audit.events(limit=args.limit, **filters)
-        if args.csv:
-            writer = csv.writer(sys.stdout)
-            writer.writerow(["seq", "at", "action", "actor", "model", "version", "request_id", "job_id", "details"])
-            for e in events:
-                writer.writerow([e["seq"], e["at"], e["action"], e["actor"], e["model"], e["version"],
-                                 e["request_id"], e["job_id"], json.dumps(e["details"], sort_keys=True)])
-            return EXIT_OK
-        emit(events, lambda: text.table(events, [("at", "TIME"), ("action", "ACTION"), ("actor", "ACTOR"),
-                                                 ("model", "MODEL"), ("version", "VERSION"),
-                                                 ("request_id", "REQUEST"), ("job_id", "JOB"),
-                                                 ("details", "DETAILS")]))
-        return EXIT_OK
-    if cmd == "predict":
-        payload = args.instances if args.instances not in (None, "-") else sys.stdin.read()
-        answer = reg.predictions.predict(args.model, payload, version=args.version)
-        emit(answer, lambda: f"{answer['model']} {answer['version']}:\n" + json.dumps(
-            {k: v for k, v in answer.items() if k in ("predictions", "outputs")}, indent=2))
-        return EXIT_OK
-    if cmd == "pull":
-        pulled = reg.predictions.pull(args.model, args.version, args.to)
-        emit(pulled, lambda: f"pulled {pulled['model']} {pulled['version']} into {pulled['path']} "
-                             f"({pulled['files']} files, {pulled['bytes']:,} bytes)\n"
-                             f"  load it: tf.saved_model.load({pulled['path']!r}).signatures['serving_default']")
-        return EXIT_OK
-    if cmd == "schedule":
-        if args.target in (None, "list"):
-            rows = reg.schedules.all()
-            emit(rows, lambda: text.table(rows, [("model", "MODEL"), ("cron", "CRON"), ("timezone", "TZ"),
-                                                 ("enabled", "ON"), ("next_run_at", "NEXT"), ("args", "ARGS")]))
-            return EXIT_OK
-        if args.cron is None:
-            raise Usage('starchart schedule MODEL "CRON" [-- ARGS] | schedule MODEL off | schedule list')
-        row = (reg.schedules.disable(args.target, user) if args.cron == "off"
-               else reg.schedules.set(args.target, args.cron, user, trainer_args, args.timezone))
-        emit(row, lambda: f"{row['model']}: {'every ' + row['cron'] + ' ' + row['timezone'] if row['enabled'] else 'off'}"
-                          + (f", next run {row['next_run_at']}" if row["next_run_at"] else ""))
-        return EXIT_OK
-    raise Usage(f"starchart: unknown command {cmd!r}")
 
 
 if __name__ == "__main__":

@@ -1,124 +1,100 @@
-"""`starchart console`: the Slack handlers in a terminal. Cards render as text, buttons as numbered choices."""
+"""`starchart console`: /ml in a terminal, through the same command table as Slack and the CLI.
+
+The console renders every result itself as text (bot.text, in Slack's marks); buttons are numbered choices the
+user types, the reject form is a prompt.
+"""
 
 from __future__ import annotations
 
 import itertools
-import json
-import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from bot import blocks
-from handlers.context import Ctx, Deps
-from handlers.ml import action_handlers, dispatch
-from handlers.reviews import click, reject_submission
+from bot import text
+from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject
+from handlers.follow import Follower
+from handlers.output import Posted, Upload
+from handlers.results import RejectForm, Result
+from handlers.reviews import form_metadata
 
 CONSOLE_CHANNEL = "CCONSOLE"
 
 
-def render_blocks(items: list[dict[str, Any]], buttons: list[tuple[str, str, str, str]], channel: str,
-                  ts: str) -> list[str]:
-    """Block Kit as plain lines; each button gets a number the user types to click it."""
-    out: list[str] = []
-    for b in items:
-        kind = b.get("type")
-        if kind == "header":
-            out.append(f"== {b['text']['text']} ==")
-        elif kind == "section":
-            if b.get("text"):
-                out.append(_mrkdwn(b["text"]["text"]))
-            out += [_mrkdwn(f["text"]) for f in b.get("fields", [])]
-        elif kind == "context":
-            out.append("   " + " · ".join(_mrkdwn(e.get("text", "")) for e in b["elements"]))
-        elif kind == "actions":
-            labels = []
-            for e in b["elements"]:
-                buttons.append((e["action_id"], e.get("value", ""), channel, ts))
-                labels.append(f"[{len(buttons)}] {e['text']['text']}")
-            out.append("   " + "   ".join(labels))
-    return out
+class TerminalOutput:
+    """handlers.output.Output for a terminal: messages are printed, files saved, forms asked for."""
 
-
-def _mrkdwn(text: str) -> str:
-    text = text.replace("```", "")
-    text = re.sub(r"<[@#]([A-Z0-9_:.\-a-z]+)(\|[^>]*)?>", r"@\1", text)
-    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-
-
-class ConsoleClient:
-    """The slice of slack_sdk.WebClient the handlers use, printing to the terminal instead of posting."""
-
-    def __init__(self, console: "Console") -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
         self._ts = itertools.count(1)
 
-    def _show(self, prefix: str, channel: str, ts: str, text: str, items: list[dict[str, Any]] | None) -> None:
-        lines = render_blocks(items, self.console.buttons, channel, ts) if items else [_mrkdwn(text)]
+    def _show(self, prefix: str, message: Result, channel: str, ts: str) -> None:
+        shown = text.render(message, text.CHAT)
+        lines = shown.lines if shown.lines[:1] == [shown.title] else [shown.title, *shown.lines]
+        labels = []
+        for choice in shown.choices:
+            self.console.buttons.append((choice.action_id, choice.value, channel, ts))
+            labels.append(f"[{len(self.console.buttons)}] {choice.label}")
+        if labels:
+            lines = [*lines, "   ".join(labels)]
         self.console.write("\n".join([prefix, *("  " + line for line in "\n".join(lines).splitlines())]))
 
-    def chat_postMessage(self, channel: str, text: str = "", blocks: Any = None, thread_ts: str | None = None,
-                         **_: Any) -> dict[str, Any]:
+    def post(self, channel: str, message: Result, thread_ts: str | None = None) -> Posted:
         ts = f"{next(self._ts)}.000000"
         where = f"#{channel}" + (f" (thread of {thread_ts})" if thread_ts else "")
-        self._show(f"[{where} · message {ts}]", channel, ts, text, blocks)
-        return {"ok": True, "channel": channel, "ts": ts}
+        self._show(f"[{where} · message {ts}]", message, channel, ts)
+        return Posted(channel, ts)
 
-    def chat_update(self, channel: str, ts: str, text: str = "", blocks: Any = None, **_: Any) -> dict[str, Any]:
-        self._show(f"[#{channel} · message {ts} updated]", channel, ts, text, blocks)
-        return {"ok": True, "channel": channel, "ts": ts}
+    def update(self, channel: str, ts: str, message: Result) -> None:
+        self._show(f"[#{channel} · message {ts} updated]", message, channel, ts)
 
-    def chat_postEphemeral(self, channel: str, user: str, text: str = "", blocks: Any = None,
-                           **_: Any) -> dict[str, Any]:
-        self._show(f"[only {user} sees this]", channel, "", text, blocks)
-        return {"ok": True, "message_ts": ""}
+    def ephemeral(self, message: Result) -> None:
+        self._show(f"[only {self.console.user} sees this]", message, CONSOLE_CHANNEL, "")
 
-    def files_upload_v2(self, content: str = "", filename: str = "file.txt", title: str = "",
-                        file: bytes | None = None, initial_comment: str = "", **_: Any) -> dict[str, Any]:
-        if file is None:
-            self.console.write(f"[file {filename}: {title}]\n{content}")
-            return {"ok": True, "files": [{"name": filename}]}
-        path = Path.cwd() / filename  # a binary file (a pulled model) is saved where the console runs
+    def upload(self, channel: str, upload: Upload, thread_ts: str | None = None) -> None:
+        comment = text.render(upload.comment, text.CHAT).body if upload.comment is not None else ""
+        if upload.data is None:
+            self.console.write(f"[file {upload.filename}: {upload.title}]\n{upload.content}")
+            return
+        path = Path.cwd() / upload.filename  # a binary file (a pulled model) is saved where the console runs
         if path.exists():
-            path = Path(tempfile.mkdtemp(prefix="starchart-console-")) / filename
-        path.write_bytes(file)
-        self.console.write(f"[file {filename}: {len(file):,} bytes, saved as {path}]\n{initial_comment}")
-        return {"ok": True, "files": [{"name": filename}]}
+            path = Path(tempfile.mkdtemp(prefix="starchart-console-")) / upload.filename
+        path.write_bytes(upload.data)
+        self.console.write(f"[file {upload.filename}: {len(upload.data):,} bytes, saved as {path}]\n{comment}")
 
-    def views_open(self, trigger_id: str | None, view: dict[str, Any], **_: Any) -> dict[str, Any]:
-        self.console.pending_modal = view
-        self.console.write(f"[form: {view['title']['text']}] type the reason and press Enter (empty to cancel)")
-        return {"ok": True, "view": {"id": "VCONSOLE"}}
-
-    def usergroups_users_list(self, usergroup: str, **_: Any) -> dict[str, Any]:
-        return {"ok": True, "users": list(self.console.deps.registry.config.usergroups.get(usergroup, ()))}
-
-    def users_info(self, user: str, **_: Any) -> dict[str, Any]:
-        return {"ok": True, "user": {"id": user, "name": user}}
+    def open_form(self, form: RejectForm) -> None:
+        self.console.pending_form = form
+        title = text.render(form, text.CHAT).title
+        self.console.write(f"[form: {title}] type the reason and press Enter (empty to cancel)")
 
 
 class Console:
-    """Reads lines like a Slack user types them; the handlers are exactly the Slack ones."""
+    """Reads lines like a Slack user types them; commands and clicks go through the table as in Slack."""
 
-    def __init__(self, registry: Any, user: str, write: Callable[[str], None] | None = None,
+    def __init__(self, core: Any, user: str, write: Callable[[str], None] | None = None,
                  ask: Callable[[str], str] | None = None, follow_interval: float = 0.5) -> None:
         self.user = user
         self.write = write or (lambda s: print(s, flush=True))
         self.ask = ask or input
-        self.buttons: list[tuple[str, str, str, str]] = []
-        self.pending_modal: dict[str, Any] | None = None
-        self.client = ConsoleClient(self)
-        self.deps = Deps(registry=registry, render=blocks, background=lambda fn: fn(),
-                         follow_interval=follow_interval, running_update_every=10.0)
-        self.actions = action_handlers(blocks)
+        self.buttons: list[tuple[str, str, str, str]] = []  # (action id, value, channel, message ts), numbered from 1
+        self.pending_form: RejectForm | None = None
+        self.results: list[Result] = []  # what each command and click answered, newest last
+        self.out = TerminalOutput(self)
+        # no thread: a training's message is followed to its end before the next prompt
+        follower = Follower(lambda: core, interval=follow_interval, running_update_every=10.0, background=False,
+                            report=report_error)
+        self.deps = Deps(core=core, follower=follower)
 
-    def ctx(self, channel: str = CONSOLE_CHANNEL, message_ts: str | None = None) -> Ctx:
-        def respond(text: str = "", blocks: Any = None, **_: Any) -> None:
-            self.client.chat_postEphemeral(channel=channel, user=self.user, text=text, blocks=blocks)
+    def chat(self, channel: str = CONSOLE_CHANNEL, message_ts: str | None = None) -> Chat:
+        return Chat(user=self.user, channel=channel, out=self.out, message_ts=message_ts)
 
-        return Ctx(user=self.user, channel=channel, client=self.client, respond=respond, trigger_id="console",
-                   message_ts=message_ts)
+    def _reported(self, work: Callable[[], Result]) -> None:
+        try:
+            self.results.append(work())
+        except Exception as exc:  # every failure is told, as Slack's error handler tells it
+            report_error(self.out, exc)
 
     def handle(self, line: str) -> bool:
         """One typed line; False when the user quits."""
@@ -134,8 +110,8 @@ class Console:
         if line.isdigit():
             self.press(int(line))
             return True
-        text = line[3:] if line.startswith("/ml") else line
-        dispatch(self.deps, self.ctx(), text)
+        typed = line[3:] if line.startswith("/ml") else line
+        self._reported(lambda: dispatch(self.deps, self.chat(), typed))
         return True
 
     def press(self, number: int) -> None:
@@ -143,16 +119,15 @@ class Console:
             self.write(f"(no button [{number}]; {len(self.buttons)} shown so far)")
             return
         action_id, value, channel, ts = self.buttons[number - 1]
-        ctx = self.ctx(channel, ts)
-        click(self.deps, ctx, self.actions[action_id], value)
-        if self.pending_modal is not None:
-            modal, self.pending_modal = self.pending_modal, None
+        chat = self.chat(channel, ts)
+        self._reported(lambda: click(self.deps, chat, action_id, value))
+        if self.pending_form is not None:
+            form, self.pending_form = self.pending_form, None
             reason = self.ask("reason> ").strip()
             if not reason:
                 self.write("(cancelled)")
                 return
-            meta = modal.get("private_metadata") or json.dumps({})
-            reject_submission(self.deps, ctx, meta, reason)
+            self._reported(lambda: submit_reject(self.deps, chat, form_metadata(form), reason))
 
 
 def run_console(user: str) -> int:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from bot import blocks
 from bot.console import Console
+from handlers.reviews import APPROVE
 from model_registry.config import ProjectConfig, Settings
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -22,6 +22,7 @@ TRAINER, REQUESTER, APPROVER = "U0TRAINER", "U0REQUESTER", "U0APPROVER"
 
 
 def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int:
+    from model_registry.backends.local import LocalBackend
     from model_registry.bootstrap import bootstrap
 
     home = home or Path(tempfile.mkdtemp(prefix="starchart-demo-"))
@@ -35,6 +36,8 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
     env = {**os.environ, "STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config_path),
            "STARCHART_BACKEND": "local", "DATABASE_URL": f"sqlite:///{home / 'starchart.db'}"}
     reg = bootstrap(Settings.from_env(env), ProjectConfig.load(config_path))
+    local = reg.backend
+    assert isinstance(local, LocalBackend)  # STARCHART_BACKEND=local above: its model server stops with the demo
     console = Console(reg, TRAINER, follow_interval=0.5)
 
     def type_(user: str, line: str) -> None:
@@ -44,7 +47,7 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
         console.handle(line)
 
     def click_approve(user: str) -> None:
-        number = max(i for i, b in enumerate(console.buttons, start=1) if b[0] == blocks.APPROVE)
+        number = max(i for i, b in enumerate(console.buttons, start=1) if b[0] == APPROVE)
         type_(user, str(number))
 
     console.write(f"StarChart demo — home {home} (local backend, SQLite); Slack messages rendered as the "
@@ -69,7 +72,7 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
         type_(APPROVER, '/ml predict iris {"sepal_length": 6.1, "sepal_width": 2.8, "petal_length": 4.7, '
                         '"petal_width": 1.2}')
     finally:
-        reg.backend.stop_server()
+        local.stop_server()
     type_(APPROVER, "/ml audit iris --limit 20")
     type_(APPROVER, "/ml audit verify")
     switched = reg.versions.default("iris") == candidate and reg.backend.current_default("iris") == candidate

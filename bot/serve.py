@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+
+from model_registry.config import SlackSettings, WebSettings
 
 
 class _Server(BaseApplication):
@@ -25,20 +26,20 @@ def build_wsgi() -> Any:
     from bot.app import create_bot
     from bot.web import WebApp
 
-    bot = create_bot(follow_interval=float(os.environ.get("STARCHART_FOLLOW_INTERVAL", "2")))
-    return WebApp(bot)
+    web = WebSettings.from_env()
+    return WebApp(create_bot(SlackSettings.from_env(), follow_interval=web.follow_interval), web)
 
 
 def serve(port: int | None = None, workers: int | None = None) -> None:
-    port = port or int(os.environ.get("PORT", "3000"))
+    web = WebSettings.from_env()
     _Server({
-        "bind": f"0.0.0.0:{port}",
-        "workers": workers or int(os.environ.get("WEB_CONCURRENCY", "2")),
+        "bind": f"0.0.0.0:{port or web.port}",
+        "workers": workers or web.workers,
         "worker_class": "gthread",
-        "threads": int(os.environ.get("WEB_THREADS", "8")),
+        "threads": web.threads,
         "timeout": 30,
         "graceful_timeout": 10,
-        "accesslog": "-" if os.environ.get("STARCHART_ACCESS_LOG") else None,
+        "accesslog": "-" if web.access_log else None,
     }).run()
 
 
@@ -49,8 +50,8 @@ def socket_mode() -> None:
     from bot.app import create_bot
     from model_registry.errors import InvalidInput
 
-    app_token = os.environ.get("SLACK_APP_TOKEN")
-    if not app_token:
+    slack = SlackSettings.from_env()
+    if not slack.app_token:
         raise InvalidInput("SLACK_APP_TOKEN is not set", "create an app-level token with connections:write")
-    bot = create_bot()
-    SocketModeHandler(bot.app, app_token).start()
+    bot = create_bot(slack)
+    SocketModeHandler(bot.app, slack.app_token).start()

@@ -1,12 +1,26 @@
-"""Plain-text rendering for the CLI and the console: tables, diffs, requests, audit events."""
+"""Text rendering for the CLI and the console: a pure function of each result, plus its building blocks.
+
+`render(result, style)` gives a title, lines and the choices (buttons) a message offers. The CLI prints the
+lines in PLAIN style; the console prints title and lines in CHAT style, which keeps Slack's marks (`code`,
+*bold*, :emoji:, @mentions) as a person would read them in Slack, and numbers the choices.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import singledispatch
 from typing import Any
 
+from handlers import results as r
+from handlers.audit import AUDIT_NEXT
+from handlers.reviews import APPROVE, REJECT, RETRY, card_value
 
-def table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]], empty: str = "(none)") -> str:
+
+def table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str]], empty: str = "(none)") -> str:
     rows = list(rows)
     if not rows:
         return empty
@@ -39,7 +53,7 @@ def shape_text(shape: Any) -> str:
     return "unknown rank" if shape is None else "(" + ", ".join(str(d) for d in shape) + ")"
 
 
-def diff_lines(diff: dict[str, Any]) -> list[str]:
+def diff_lines(diff: Mapping[str, Any]) -> list[str]:
     """The review content as lines: what a reviewer must see before approving."""
     cand, base = diff["candidate"], diff.get("base")
     out = [f"Candidate {cand['name']} (job {cand['job_id']}, trained by {cand['trained_by']})"]
@@ -74,7 +88,7 @@ def diff_lines(diff: dict[str, Any]) -> list[str]:
     return out
 
 
-def request_lines(req: dict[str, Any]) -> list[str]:
+def request_lines(req: Mapping[str, Any]) -> list[str]:
     head = (f"Promotion request #{req['id']} ({req['kind']}): {req['model']} {req['base'] or '(none)'} → "
             f"{req['candidate']} — {req['state']}")
     out = [head, f"Requested by {req['requested_by']}" + (f": {req['reason']}" if req.get("reason") else ""),
@@ -98,3 +112,353 @@ def default_at_lines(answer: dict[str, Any]) -> list[str]:
         out.append(f"  args: {' '.join(answer.get('args') or []) or '(none)'}")
         out.append(f"  program: {program.get('module')} sha256 {str(program.get('sha256'))[:16]}")
     return out
+
+
+def elapsed(start: str | None, end: str | None = None) -> str:
+    """`2m05s` between two of the core's UTC times (`end` omitted: until now)."""
+    if not start:
+        return ""
+    t0 = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    t1 = (datetime.strptime(end, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+          if end else time.time())
+    seconds = max(0, int(t1 - t0))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ------------------------------------------------------------------ results as text
+
+@dataclass(frozen=True)
+class Style:
+    """PLAIN for the CLI; CHAT keeps Slack's marks, as the console shows what Slack shows."""
+
+    chat: bool
+
+    def code(self, text: Any) -> str:
+        return f"`{text}`" if self.chat else str(text)
+
+    def bold(self, text: Any) -> str:
+        return f"*{text}*" if self.chat else str(text)
+
+    def who(self, user: Any) -> str:
+        return f"@{user}" if self.chat else str(user)
+
+    def where(self, channel: Any) -> str:
+        return f"#{channel}" if self.chat else str(channel)
+
+    def emoji(self, name: str) -> str:
+        return f":{name}: " if self.chat else ""
+
+
+PLAIN, CHAT = Style(False), Style(True)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A button: what a click sends (`action_id`, `value`) and its label."""
+
+    action_id: str
+    value: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Text:
+    title: str
+    lines: list[str]
+    choices: list[Choice] = field(default_factory=list)
+
+    @property
+    def body(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _one(line: str) -> Text:
+    return Text(line, [line])
+
+
+@singledispatch
+def render(result: r.Result, style: Style = PLAIN) -> Text:
+    raise TypeError(f"no text rendering for {type(result).__name__}")
+
+
+JOB_COLUMNS = [("job_id", "JOB"), ("state", "STATE"), ("created_at", "CREATED"), ("ended_at", "ENDED"),
+               ("version", "VERSION"), ("requested_by", "BY"), ("args", "ARGS")]
+VERSION_COLUMNS = [("name", "VERSION"), ("is_default", "DEFAULT"), ("created_at", "CREATED"), ("job_id", "JOB"),
+                   ("trained_by", "TRAINED BY"), ("metrics", "METRICS")]
+REQUEST_COLUMNS = [("id", "ID"), ("kind", "KIND"), ("candidate", "CANDIDATE"), ("base", "BASE"), ("state", "STATE"),
+                   ("requested_by", "BY"), ("approvals", "APPROVALS"), ("created_at", "CREATED")]
+AUDIT_COLUMNS = [("at", "TIME"), ("action", "ACTION"), ("actor", "ACTOR"), ("model", "MODEL"), ("version", "VERSION"),
+                 ("request_id", "REQUEST"), ("job_id", "JOB"), ("details", "DETAILS")]
+SCHEDULE_COLUMNS = [("model", "MODEL"), ("cron", "CRON"), ("timezone", "TZ"), ("enabled", "ON"),
+                    ("next_run_at", "NEXT"), ("args", "ARGS")]
+
+
+@render.register
+def _job_started(result: r.JobStarted, style: Style = PLAIN) -> Text:
+    job = result.job
+    head = f"Job {job['job_id']} {job['state']}"
+    return Text(head, [head, f"  train path: {job['train_path']}", f"  follow it: starchart state {job['model']}"])
+
+
+@render.register
+def _job_submitted(result: r.JobSubmitted, style: Style = PLAIN) -> Text:
+    return _one(f"Job {result.job['job_id']} submitted; train path {result.job['train_path']}")
+
+
+@render.register
+def _job_progress(result: r.JobProgress, style: Style = PLAIN) -> Text:
+    return _one(f"  {result.job['state']}")
+
+
+@render.register(r.JobEnded)
+@render.register(r.JobCancelled)
+def _job_state(result: r.JobResult, style: Style = PLAIN) -> Text:
+    job = result.job
+    head = f"Job {job['job_id']} {job['state']}"
+    return Text(head, [head] + ([job["error"]] if isinstance(result, r.JobEnded) and job.get("error") else []))
+
+
+_JOB_ICONS = {"QUEUED": "hourglass", "RUNNING": "gear", "SUCCEEDED": "white_check_mark", "FAILED": "x",
+              "CANCELLED": "no_entry_sign"}
+
+
+@render.register
+def _training(result: r.TrainingMessage, style: Style = PLAIN) -> Text:
+    job, state = result.job, result.job["state"]
+    head = f"{style.emoji(_JOB_ICONS.get(state, 'grey_question'))}Training {style.bold(job['job_id'])} — " \
+           f"{style.bold(state.lower())}"
+    if state == "RUNNING":
+        head += f" ({elapsed(job.get('started_at'))})"
+    elif state in ("SUCCEEDED", "FAILED", "CANCELLED") and job.get("started_at"):
+        head += f" after {elapsed(job.get('started_at'), job.get('ended_at'))}"
+    lines = [head, f"   requested by {style.who(job['requested_by'])} · args: "
+                   f"{style.code(' '.join(job.get('args') or []) or '(none)')}"]
+    if result.metrics:
+        lines.append(" · ".join(f"{style.bold(k)} {fmt_number(v)}" for k, v in result.metrics.items()))
+    if state == "SUCCEEDED":
+        lines.append(f"   expose it: {style.code('/ml expose ' + job['model'])}")
+    if state == "FAILED" and job.get("error"):
+        lines += job["error"][-2500:].splitlines()
+    return Text(f"Training {job['job_id']} {state.lower()}", lines)
+
+
+@render.register
+def _jobs(result: r.Jobs, style: Style = PLAIN) -> Text:
+    return Text(f"Jobs of {result.model}", [table(result.jobs, JOB_COLUMNS)])
+
+
+@render.register
+def _log(result: r.Log, style: Style = PLAIN) -> Text:
+    return Text(f"Log of {result.job_id}", [result.log])
+
+
+def number(value: Any) -> str:
+    """A metric value: a number, or the "NaN"/"Infinity" text a diverged run leaves (see Versions.expose)."""
+    return format(value, ".4g") if isinstance(value, (int, float)) else str(value)
+
+
+@render.register
+def _exposed(result: r.Exposed, style: Style = PLAIN) -> Text:
+    lines = [f"exposed {style.code(v['name'])} from {style.code(v['job_id'])}"
+             + "".join(f" {k}={number(m)}" for k, m in v["metrics"].items()) for v in result.result["exposed"]]
+    lines += [f"error: {e['error']}" for e in result.result["errors"]]
+    return Text(f"Expose {result.model}", lines or ["Nothing new to expose: no succeeded job without a version."])
+
+
+@render.register
+def _versions(result: r.Versions, style: Style = PLAIN) -> Text:
+    data = result.listing
+    return Text(f"Versions of {data['model']} (default {data['default'] or 'none'})",
+                [table(data["versions"], VERSION_COLUMNS)])
+
+
+@render.register
+def _diff(result: r.Diff, style: Style = PLAIN) -> Text:
+    base = result.diff["base"]["name"] if result.diff.get("base") else "(none)"
+    return Text(f"{result.model}: {result.diff['candidate']['name']} against {base}", diff_lines(result.diff))
+
+
+@render.register
+def _predictions(result: r.Predictions, style: Style = PLAIN) -> Text:
+    answer = result.answer
+    shown = {k: v for k, v in answer.items() if k in ("predictions", "outputs")}
+    count = f" ({len(answer['predictions'])})" if "predictions" in answer else ""
+    return Text(f"Predictions of {answer['model']} {answer['version']}{count}",
+                [f"{answer['model']} {answer['version']}:", json.dumps(shown, indent=2)])
+
+
+@render.register
+def _pulled(result: r.Pulled, style: Style = PLAIN) -> Text:
+    p = result.pulled
+    head = f"pulled {p['model']} {p['version']} into {p['path']} ({p['files']} files, {p['bytes']:,} bytes)"
+    return Text(head, [head, f"  load it: tf.saved_model.load({p['path']!r}).signatures['serving_default']"])
+
+
+@render.register
+def _archive(result: r.PulledArchive, style: Style = PLAIN) -> Text:
+    p = result.pulled
+    inputs = ", ".join(sorted(p["signature"].get("inputs") or {})) or "-"
+    return _one(f"{p['model']} {p['version']} — SavedModel ({p['files']} files), serving_default inputs: {inputs}. "
+                f"Unpack it and load it with tf.saved_model.load(FOLDER).")
+
+
+# ------------------------------------------------------------------ promotion requests and their cards
+
+@render.register
+def _opened(result: r.RequestOpened, style: Style = PLAIN) -> Text:
+    req = result.request
+    return Text(f"Promotion request #{req['id']} is open", request_lines(req) + [""] + diff_lines(req["diff"]) + [
+        "", f"approve: starchart approve {req['id']} --user APPROVER"])
+
+
+@render.register
+def _decided(result: r.Decided, style: Style = PLAIN) -> Text:
+    return Text(f"Promotion request #{result.request['id']} is {result.request['state']}",
+                request_lines(result.request))
+
+
+@render.register
+def _shown(result: r.RequestShown, style: Style = PLAIN) -> Text:
+    req = result.request
+    return Text(f"Promotion request #{req['id']}", request_lines(req) + [""] + diff_lines(req["diff"]))
+
+
+@render.register
+def _card_posted(result: r.CardPosted, style: Style = PLAIN) -> Text:
+    req = result.request
+    return _one(f"Promotion request #{req['id']} is open for review in {style.where(req['channel'])}.")
+
+
+@render.register
+def _request_state(result: r.RequestState, style: Style = PLAIN) -> Text:
+    return _one(f"Promotion request #{result.request['id']} is {result.request['state']}.")
+
+
+@render.register
+def _requests(result: r.Requests, style: Style = PLAIN) -> Text:
+    return Text(f"Promotion requests of {result.model}", [table(result.requests, REQUEST_COLUMNS)])
+
+
+def outcome(req: dict[str, Any], style: Style) -> str:
+    """A decided card's last line: where the request stands."""
+    e = style.emoji
+    return {
+        "open": f"{e('hourglass')}waiting for approvals ({req['approvals']}/{req['required_approvals']})",
+        "approved": f"{e('hourglass_flowing_sand')}approved — applying…",
+        "applying": f"{e('hourglass_flowing_sand')}applying…",
+        "applied": f"{e('rocket')}applied at {req.get('applied_at')}: {style.code(req['candidate'])} is the default",
+        "failed": f"{e('x')}apply failed: {req.get('error') or 'unknown error'}",
+        "rejected": f"{e('no_entry')}rejected",
+        "expired": f"{e('alarm_clock')}expired",
+        "stale": f"{e('warning')}stale — the default or the candidate changed; open a new request",
+    }.get(req["state"], req["state"])
+
+
+def decided(req: dict[str, Any]) -> bool:
+    """A card shows its decisions (and no longer asks for them) once there are any, or the request moved on."""
+    return bool(req["decisions"]) or req["state"] != "open"
+
+
+@render.register
+def _card(result: r.ReviewCard, style: Style = PLAIN) -> Text:
+    req = dict(result.request)
+    cand, base = req["diff"]["candidate"], req["diff"].get("base")
+    title = f"Review: {req['model']} {req['base'] or '(none)'} → {req['candidate']}"
+    lines = [f"== {title} ==",
+             style.bold(f"{req['kind'].capitalize()} request #{req['id']}") + f" by {style.who(req['requested_by'])}"
+             + (f": {req['reason']}" if req.get("reason") else ""),
+             f"Candidate {style.code(cand['name'])} trained by {style.who(cand['trained_by'])}",
+             f"Current default {style.code(base['name'])} trained by {style.who(base['trained_by'])}" if base
+             else "Current default (none)",
+             *diff_lines(req["diff"])[2:],
+             f"   expires {req['expires_at']} · approvals {req['approvals']}/{req['required_approvals']}"]
+    value = json.dumps(card_value(req), separators=(",", ":"))
+    ask = [Choice(APPROVE, value, "Approve"), Choice(REJECT, value, "Reject")]
+    if not decided(req):
+        return Text(title, lines, ask)
+    lines += [f"{style.emoji('white_check_mark' if d['decision'] == 'approve' else 'x')}{d['decision'].rstrip('e')}ed "
+              f"by {style.who(d['user'])} at {d['at']}" + (f": {d['reason']}" if d.get("reason") else "")
+              for d in req["decisions"]]
+    lines.append(f"{style.bold('Outcome:')} {outcome(req, style)}")
+    choices = ask if req["state"] == "open" else [Choice(RETRY, value, "Retry")] if req["state"] == "failed" else []
+    return Text(f"{title} — {req['state']}", lines, choices)
+
+
+@render.register
+def _form(result: r.RejectForm, style: Style = PLAIN) -> Text:
+    return Text("Reject promotion", ["Why?"])
+
+
+# ------------------------------------------------------------------ audit, schedules, answers
+
+@render.register
+def _audit_page(result: r.AuditPage, style: Style = PLAIN) -> Text:
+    title = "Audit events" + (f" of {result.model}" if result.model else "")
+    more = [Choice(AUDIT_NEXT, json.dumps(result.next, separators=(",", ":")), "Next")] if result.next else []
+    return Text(title, [table(result.events, AUDIT_COLUMNS)], more)
+
+
+@render.register
+def _audit_export(result: r.AuditExport, style: Style = PLAIN) -> Text:
+    return Text(f"Audit events ({len(result.events)})", [result.csv().rstrip("\r\n")])
+
+
+@render.register
+def _uploaded(result: r.Uploaded, style: Style = PLAIN) -> Text:
+    return _one(f"Uploaded {result.count} {result.what} as {result.filename}.")
+
+
+@render.register
+def _verified(result: r.AuditVerified, style: Style = PLAIN) -> Text:
+    v = result.verify
+    if v.ok:
+        return _one(f"{style.emoji('white_check_mark')}Audit chain OK: {v.events} events, head "
+                    f"{style.code(v.head_hash[:16])}, {v.checkpoints} checkpoints matched")
+    return _one(f"{style.emoji('rotating_light')}Audit chain BROKEN: {v.problem}")
+
+
+@render.register
+def _checkpoint(result: r.Checkpoint, style: Style = PLAIN) -> Text:
+    cp = result.checkpoint
+    return _one(f"Audit checkpoint: {cp['count']} events, head {style.code(cp['head'])} at {cp['at']}"
+                + (f", signature {style.code(cp['sig'])}" if cp["sig"] else " (unsigned: set STARCHART_AUDIT_KEY)"))
+
+
+@render.register
+def _checkpoint_posted(result: r.CheckpointPosted, style: Style = PLAIN) -> Text:
+    return _one(f"Checkpoint posted to {style.where(result.channel)}.")
+
+
+@render.register
+def _default_at(result: r.DefaultAt, style: Style = PLAIN) -> Text:
+    lines = default_at_lines(dict(result.answer))
+    return Text(lines[0], lines)
+
+
+@render.register
+def _schedules(result: r.Schedules, style: Style = PLAIN) -> Text:
+    return Text("Schedules", [table(result.schedules, SCHEDULE_COLUMNS)])
+
+
+@render.register
+def _schedule_changed(result: r.ScheduleChanged, style: Style = PLAIN) -> Text:
+    row = result.schedule
+    if not row["enabled"]:
+        return _one(f"The schedule of {row['model']} is off.")
+    return _one(f"{row['model']} trains at {style.code(row['cron'])} ({row['timezone']}); next run "
+                f"{row['next_run_at']}.")
+
+
+@render.register
+def _help(result: r.Help, style: Style = PLAIN) -> Text:
+    return Text("/ml", [result.text])
+
+
+@render.register
+def _notice(result: r.Notice, style: Style = PLAIN) -> Text:
+    return _one(result.text)
+
+
+@render.register
+def _failure(result: r.Failure, style: Style = PLAIN) -> Text:
+    return Text(result.message, [f"error: {result.message}"] + ([f"  hint: {result.hint}"] if result.hint else []))

@@ -4,7 +4,6 @@ scheduled retrains put up for review, and audit checkpoints posted to Slack (`au
 from __future__ import annotations
 
 import logging
-import os
 import time
 from datetime import datetime
 from typing import Any, Callable
@@ -27,29 +26,34 @@ def checkpoint_due(registry: Any, now: datetime) -> bool:
 
 def post_checkpoint(registry: Any, client: Any) -> dict[str, Any]:
     """Record a checkpoint outside the database and post a copy to the configured Slack channel."""
+    from handlers.results import Checkpoint
+
     cp = registry.audit.checkpoint()
     channel = registry.config.audit_checkpoint.get("channel")
     if client is not None and channel:
-        text = (f"Audit checkpoint: {cp['count']} events, head `{cp['head']}` at {cp['at']}"
-                + (f", signature `{cp['sig']}`" if cp["sig"] else " (unsigned)"))
-        client.chat_postMessage(channel=channel, text=text)
+        _output(client).post(channel, Checkpoint(cp, channel))
     return cp
+
+
+def _output(client: Any, user: str | None = None, channel: str | None = None) -> Any:
+    from bot.slack_output import SlackOutput
+
+    return SlackOutput(client, user=user, channel=channel)
 
 
 def post_review_cards(registry: Any, client: Any, requests: list[dict[str, Any]]) -> None:
     """Review cards for promotion requests opened without a person (scheduled retrains)."""
-    from bot import blocks
-    from handlers.cards import post_card
-    from handlers.context import Ctx, Deps
+    from handlers.chat import Chat, Deps, post_card
+    from handlers.follow import Follower
 
-    deps = Deps(registry=registry, render=blocks, background=lambda fn: fn())
+    deps = Deps(core=registry, follower=Follower(lambda: registry))
     for req in requests:
         if client is None or not req.get("channel"):
             log.info("promotion request #%s of %s is open (no Slack channel to post its card)", req["id"], req["model"])
             continue
-        ctx = Ctx(user=req["requested_by"], channel=req["channel"], client=client,
-                  respond=lambda text="", **_: log.info("%s", text))
-        post_card(deps, ctx, req)
+        chat = Chat(user=req["requested_by"], channel=req["channel"],
+                    out=_output(client, req["requested_by"], req["channel"]))
+        post_card(deps, chat, req)
 
 
 def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
@@ -69,11 +73,14 @@ def run_worker(once: bool = False, interval: float = 10.0) -> int:
 
     _log_progress()
     registry = Core.from_env()
+    from model_registry.config import SlackSettings
+
+    slack = SlackSettings.from_env()
     client = None
-    if os.environ.get("SLACK_BOT_TOKEN"):
+    if slack.bot_token:
         from bot.app import slack_client
 
-        client = slack_client()
+        client = slack_client(slack)
 
     def work() -> None:
         done = one_pass(registry, client)

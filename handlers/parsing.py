@@ -7,8 +7,10 @@ import html
 import re
 import shlex
 
+from handlers.commands import TABLE
 from handlers.grammar import Parser, Usage, build_parser
 from model_registry.errors import InvalidInput
+from model_registry.names import suggest
 
 MAX_TEXT = 4000  # longer than any real /ml command; refuse rather than parse a pasted novel
 
@@ -39,14 +41,25 @@ def tokenize(text: str) -> list[str]:
         raise InvalidInput(f"cannot read the command: {exc}", "close every quote you open") from None
 
 
-_SLACK_PARSER: Parser | None = None
+_SLACK_PARSER: list[Parser] = []  # built on first use, again after the table changes
 
 
 def slack_parser() -> Parser:
-    global _SLACK_PARSER
-    if _SLACK_PARSER is None:
-        _SLACK_PARSER = build_parser(prog="/ml", cli=False)
-    return _SLACK_PARSER
+    if not _SLACK_PARSER:
+        _SLACK_PARSER.append(build_parser(TABLE, prog="/ml", cli=False))
+    return _SLACK_PARSER[0]
+
+
+TABLE.on_change(_SLACK_PARSER.clear)
+
+
+def usage_text(message: str) -> str:
+    """A usage error as the person reads it: an unknown command gets the nearest known one."""
+    m = re.search(r"invalid choice: '([^']*)'", message)
+    if m:
+        hint = suggest(m.group(1), TABLE.names())
+        return f"unknown command '{m.group(1)}'" + (f" — {hint}" if hint else "") + "\n\n" + slack_parser().format_usage()
+    return message
 
 
 def subcommand_help(name: str | None) -> str:

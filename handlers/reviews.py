@@ -1,4 +1,4 @@
-"""Promotion requests: /ml promote, apply, rollback, approve, reject, show, requests; the card's buttons."""
+"""Promotion requests: promote, apply, rollback, approve, reject, show, requests; the card's buttons and form."""
 
 from __future__ import annotations
 
@@ -6,98 +6,147 @@ import argparse
 import json
 from typing import Any
 
-from handlers.cards import decide_and_apply, post_card, refresh_card
-from handlers.context import Ctx, Deps, run_reported
-from handlers.grammar import model_of
+from handlers.grammar import model_arg, model_of, request_id
+from handlers.results import Decided, RejectForm, RequestChanged, RequestOpened, Requests, RequestShown, Result
+from handlers.table import Invocation
 from model_registry.errors import InvalidInput, Refused, StarchartError
 
-
-def promote(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
-    reg = deps.registry
-    if args.command == "promote":
-        req = reg.promotions.promote(args.model, args.version, ctx.user, args.reason, channel=None)
-    else:
-        req = getattr(reg.promotions, args.command)(model_of(args), ctx.user, args.reason)
-    req = post_card(deps, ctx, req)
-    ctx.ephemeral(f"Promotion request #{req['id']} is open for review in <#{req['channel']}>.")
+APPROVE, REJECT, RETRY = "review.approve", "review.reject", "review.retry"
+REJECT_VIEW = "review.reject_reason"
 
 
-def decide_command(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
-    approve = args.command == "approve"
-    req = decide_and_apply(deps, ctx, args.request, approve, reason=getattr(args, "reason", None))
-    ctx.ephemeral(f"Promotion request #{req['id']} is {req['state']}.")
+# ---------------------------------------------------------------- commands
+
+def promote_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
+    p.add_argument("model")
+    p.add_argument("version")
+    p.add_argument("--reason")
 
 
-def show(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
-    text, blocks = deps.render.request_message(deps.registry.promotions.get(args.request))
-    ctx.ephemeral(text, blocks)
+def reason_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
+    model_arg(p)
+    p.add_argument("--reason")
 
 
-def requests(deps: Deps, ctx: Ctx, args: argparse.Namespace, _extra: Any = None) -> None:
-    model = model_of(args)
-    reqs = deps.registry.promotions.of_model(model)
-    text, blocks, _ = deps.render.table(f"Promotion requests of {model}", reqs, [
-        ("id", "ID"), ("kind", "KIND"), ("candidate", "CANDIDATE"), ("base", "BASE"), ("state", "STATE"),
-        ("requested_by", "BY"), ("approvals", "APPROVALS")])
-    ctx.ephemeral(text, blocks)
+def promote(inv: Invocation) -> Result:
+    args = inv.args
+    return RequestOpened(inv.core.promotions.promote(args.model, args.version, inv.user, args.reason))
 
 
-# ---------------------------------------------------------------- buttons and the reject modal
+def apply(inv: Invocation) -> Result:
+    """StarChart's apply: a request for the version marked isDefault in models/MODEL.yaml."""
+    return RequestOpened(inv.core.promotions.apply(model_of(inv.args), inv.user, inv.args.reason))
 
-def button_value(deps: Deps, ctx: Ctx, raw: str | None) -> tuple[int, str, str]:
+
+def rollback(inv: Invocation) -> Result:
+    return RequestOpened(inv.core.promotions.rollback(model_of(inv.args), inv.user, inv.args.reason))
+
+
+def request_argument(p: argparse.ArgumentParser, _cli: bool) -> None:
+    p.add_argument("request", type=request_id)
+
+
+def reject_arguments(p: argparse.ArgumentParser, cli: bool) -> None:
+    request_argument(p, cli)
+    p.add_argument("--reason", required=True)
+
+
+def decide(inv: Invocation, request: int, approve: bool, *, reason: str | None = None,
+           card_digest: str | None = None, notice: bool = True) -> Decided:
+    """One decision, then (if it completed the approvals) the application: for every surface, written once."""
+    promotions = inv.core.promotions
+    req = promotions.decide(request, inv.user, approve, reason=reason, card_digest=card_digest,
+                            channel=inv.channel, message_ts=inv.message_ts, actor_name=inv.user_name(inv.user))
+    if req["state"] == "approved":
+        inv.progress(RequestChanged(req))  # the card says "applying…" while the backend switches
+        req = promotions.apply_request(request, actor=inv.user)
+    return Decided(req, notice=notice)
+
+
+def approve(inv: Invocation) -> Result:
+    return decide(inv, inv.args.request, True)
+
+
+def reject(inv: Invocation) -> Result:
+    return decide(inv, inv.args.request, False, reason=inv.args.reason)
+
+
+def show(inv: Invocation) -> Result:
+    return RequestShown(inv.core.promotions.get(inv.args.request))
+
+
+def requests(inv: Invocation) -> Result:
+    model = model_of(inv.args)
+    return Requests(model, inv.core.promotions.of_model(model))
+
+
+# ---------------------------------------------------------------- buttons and the reject form
+
+def card_value(req: dict[str, Any]) -> dict[str, Any]:
+    """What a card's buttons carry: the request, its model and the digest of what the card shows."""
+    return {"r": req["id"], "m": req["model"], "d": req["card_digest"]}
+
+
+def button_value(inv: Invocation, raw: str | None) -> tuple[int, str, str]:
     """(request id, model, card digest) from a button; a malformed or tampered value is refused and recorded."""
+    audit = inv.core.audit
     try:
         value = json.loads(raw or "")
-        request_id, model, digest = int(value["r"]), str(value["m"]), str(value["d"])
+        request, model, digest = int(value["r"]), str(value["m"]), str(value["d"])
     except (ValueError, TypeError, KeyError) as exc:
-        deps.registry.audit.record_refusal(ctx.user, "malformed_value", f"button value {str(raw)[:200]!r}: {exc}",
-                                     channel=ctx.channel, message_ts=ctx.message_ts)
+        audit.record_refusal(inv.user, "malformed_value", f"button value {str(raw)[:200]!r}: {exc}",
+                             channel=inv.channel, message_ts=inv.message_ts)
         raise InvalidInput("that button's value is malformed", "use the buttons of a card the bot posted") from None
     try:
-        actual = deps.registry.promotions.get(request_id)["model"]
+        actual = inv.core.promotions.get(request)["model"]
     except StarchartError:
         actual = None
     if actual is not None and actual != model:
-        deps.registry.audit.record_refusal(ctx.user, "model_mismatch", f"button names {model} but #{request_id} is "
-                                     f"{actual}", model=actual, request_id=request_id, channel=ctx.channel,
-                                     message_ts=ctx.message_ts)
-        raise Refused(f"that button names {model} but promotion request #{request_id} is for {actual}",
+        audit.record_refusal(inv.user, "model_mismatch", f"button names {model} but #{request} is {actual}",
+                             model=actual, request_id=request, channel=inv.channel, message_ts=inv.message_ts)
+        raise Refused(f"that button names {model} but promotion request #{request} is for {actual}",
                       "use the buttons of the request's own card", reason="model_mismatch")
-    return request_id, model, digest
+    return request, model, digest
 
 
-def on_approve(deps: Deps, ctx: Ctx, value: str | None) -> None:
-    request_id, _model, digest = button_value(deps, ctx, value)
-    decide_and_apply(deps, ctx, request_id, True, card_digest=digest, channel=ctx.channel,
-                     message_ts=ctx.message_ts)
+def on_approve(inv: Invocation, value: str | None) -> Result:
+    request, _model, digest = button_value(inv, value)
+    return decide(inv, request, True, card_digest=digest, notice=False)
 
 
-def on_reject(deps: Deps, ctx: Ctx, value: str | None) -> None:
-    request_id, model, digest = button_value(deps, ctx, value)
-    req = deps.registry.promotions.get(request_id)
+def on_reject(inv: Invocation, value: str | None) -> Result:
+    request, model, digest = button_value(inv, value)
+    req = inv.core.promotions.get(request)
     if req["state"] != "open":
-        raise Refused(f"promotion request #{request_id} is already {req['state']}", "nothing left to decide")
-    modal = deps.render.reject_modal({"r": request_id, "m": model, "d": digest}, ctx.channel, ctx.message_ts)
-    ctx.client.views_open(trigger_id=ctx.trigger_id, view=modal)
+        raise Refused(f"promotion request #{request} is already {req['state']}", "nothing left to decide")
+    return RejectForm({"r": request, "m": model, "d": digest}, inv.channel, inv.message_ts)
 
 
-def reject_submission(deps: Deps, ctx: Ctx, metadata: str, reason: str) -> None:
+def on_retry(inv: Invocation, value: str | None) -> Result:
+    request, _model, _digest = button_value(inv, value)
+    return RequestChanged(inv.core.promotions.retry(request, inv.user))
+
+
+def form_metadata(form: RejectForm) -> str:
+    """The reject form's private metadata: the button's value plus the card it came from."""
+    return json.dumps({**form.value, "c": form.channel, "t": form.message_ts}, separators=(",", ":"))
+
+
+def form_card(metadata: str) -> tuple[str | None, str | None]:
+    """(channel, message ts) of the card a reject form belongs to; (None, None) when unreadable."""
     try:
         meta = json.loads(metadata)
-        request_id, digest = int(meta["r"]), str(meta["d"])
+        return meta.get("c"), meta.get("t")
+    except (ValueError, AttributeError):
+        return None, None
+
+
+def on_reject_reason(inv: Invocation, metadata: str, reason: str) -> Result:
+    try:
+        meta = json.loads(metadata)
+        request, digest = int(meta["r"]), str(meta["d"])
     except (ValueError, TypeError, KeyError):
-        deps.registry.audit.record_refusal(ctx.user, "malformed_value", f"modal metadata {metadata[:200]!r}")
+        inv.core.audit.record_refusal(inv.user, "malformed_value", f"modal metadata {metadata[:200]!r}")
         raise InvalidInput("the rejection form was malformed", "click Reject on the card again") from None
-    ctx.channel, ctx.message_ts = meta.get("c") or ctx.channel, meta.get("t")
-    decide_and_apply(deps, ctx, request_id, False, reason=reason, card_digest=digest, channel=meta.get("c"),
-                     message_ts=meta.get("t"))
-
-
-def on_retry(deps: Deps, ctx: Ctx, value: str | None) -> None:
-    request_id, _model, _digest = button_value(deps, ctx, value)
-    req = deps.registry.promotions.retry(request_id, ctx.user)
-    refresh_card(deps, ctx, req)
-
-
-def click(deps: Deps, ctx: Ctx, handler: Any, value: str | None) -> None:
-    run_reported(deps, ctx, lambda: handler(deps, ctx, value))
+    inv.channel, inv.message_ts = meta.get("c") or inv.channel, meta.get("t")
+    return decide(inv, request, False, reason=reason, card_digest=digest, notice=False)

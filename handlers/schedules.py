@@ -1,26 +1,27 @@
-"""/ml schedule list | /ml schedule MODEL "CRON" [-- ARGS] | /ml schedule MODEL off."""
+"""schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off."""
 
 from __future__ import annotations
 
 import argparse
 
-from handlers.context import Ctx, Deps
-from model_registry.errors import InvalidInput
+from handlers.grammar import Usage
+from handlers.results import Result, ScheduleChanged, Schedules
+from handlers.table import Invocation
 
 
-def schedule(deps: Deps, ctx: Ctx, args: argparse.Namespace, trainer_args: list[str] | None = None) -> None:
-    reg = deps.registry
+def schedule_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
+    p.add_argument("target", nargs="?", metavar="list|MODEL")
+    p.add_argument("cron", nargs="?", metavar='"CRON"|off')
+    p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron (default UTC)")
+
+
+def schedule(inv: Invocation) -> Result:
+    args, core = inv.args, inv.core
     if args.target in (None, "list"):
-        text, blocks, _ = deps.render.table("Schedules", reg.schedules.all(), [
-            ("model", "MODEL"), ("cron", "CRON"), ("timezone", "TZ"), ("enabled", "ON"), ("next_run_at", "NEXT"),
-            ("args", "ARGS")])
-        ctx.ephemeral(text, blocks)
-        return
+        return Schedules(core.schedules.all())
     if args.cron is None:
-        raise InvalidInput("a schedule needs a cron or `off`", 'e.g. /ml schedule iris "0 3 * * *" -- --epochs=20')
+        raise Usage('a schedule needs a cron or `off`: schedule MODEL "CRON" [-- ARGS] | schedule MODEL off | '
+                    'schedule list (e.g. schedule iris "0 3 * * *" -- --epochs=20)')
     if args.cron == "off":
-        row = reg.schedules.disable(args.target, ctx.user)
-        ctx.ephemeral(f"The schedule of {row['model']} is off.")
-        return
-    row = reg.schedules.set(args.target, args.cron, ctx.user, trainer_args, args.timezone)
-    ctx.ephemeral(f"{row['model']} trains at `{row['cron']}` ({row['timezone']}); next run {row['next_run_at']}.")
+        return ScheduleChanged(core.schedules.disable(args.target, inv.user))
+    return ScheduleChanged(core.schedules.set(args.target, args.cron, inv.user, inv.trainer_args, args.timezone))

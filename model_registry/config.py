@@ -195,3 +195,48 @@ def default_user(env: Mapping[str, str] | None = None) -> str:
         return f"local:{getpass.getuser()}"
     except (KeyError, OSError):
         return "local:unknown"
+
+
+SLACK_API_DEFAULT = "https://slack.com/api/"
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    """How the bot reaches Slack: tokens, the signing secret, and the Web API's base URL."""
+
+    bot_token: str | None
+    signing_secret: str | None
+    app_token: str | None = None  # Socket Mode (xapp-…)
+    api_url: str = SLACK_API_DEFAULT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "SlackSettings":
+        env = os.environ if env is None else env
+        return cls(bot_token=env.get("SLACK_BOT_TOKEN") or None, signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
+                   app_token=env.get("SLACK_APP_TOKEN") or None,
+                   api_url=(env.get("SLACK_API_URL") or SLACK_API_DEFAULT).rstrip("/") + "/")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The web process: port, gunicorn workers and threads, access log, training-message pace, prediction token."""
+
+    port: int = 3000
+    workers: int = 2
+    threads: int = 8
+    access_log: bool = False
+    follow_interval: float = 2.0  # seconds between progress checks of followed training messages
+    predict_token: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "WebSettings":
+        env = os.environ if env is None else env
+        try:
+            return cls(port=int(env.get("PORT") or 3000), workers=int(env.get("WEB_CONCURRENCY") or 2),
+                       threads=int(env.get("WEB_THREADS") or 8), access_log=bool(env.get("STARCHART_ACCESS_LOG")),
+                       follow_interval=float(env.get("STARCHART_FOLLOW_INTERVAL") or 2.0),
+                       predict_token=env.get("STARCHART_PREDICT_TOKEN") or None)
+        except ValueError as exc:
+            raise InvalidInput(f"invalid web setting: {exc}",
+                               "PORT, WEB_CONCURRENCY and WEB_THREADS are integers, STARCHART_FOLLOW_INTERVAL seconds"
+                               ) from None

@@ -1,16 +1,24 @@
-"""Background work waits for a gap in Slack requests, but never longer than its patience."""
+"""Background work waits for a quiet gap in Slack requests, but never longer than its patience."""
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
-from bot.app import AckFirst, background_executor
+from bot.app import AckFirst
+
+
+def _after_gap(gate: AckFirst) -> Callable[[Callable[[], None]], None]:
+    """Runs `fn` the way a listener's work runs: on its own thread, once the gate lets it."""
+    def submit(fn: Callable[[], None]) -> None:
+        threading.Thread(target=lambda: (gate.wait_for_gap(), fn()), daemon=True).start()
+    return submit
 
 
 def test_background_waits_for_requests_then_runs() -> None:
     gate = AckFirst(patience=5.0)
-    submit = background_executor(gate)
+    submit = _after_gap(gate)
     ran = threading.Event()
     gate.request_started()
     submit(ran.set)
@@ -21,9 +29,18 @@ def test_background_waits_for_requests_then_runs() -> None:
 
 def test_patience_bounds_the_wait() -> None:
     gate = AckFirst(patience=0.2)
-    submit = background_executor(gate)
+    submit = _after_gap(gate)
     ran = threading.Event()
     gate.request_started()  # a request that never ends: the task still runs after its patience
     t0 = time.monotonic()
     submit(ran.set)
     assert ran.wait(3.0) and time.monotonic() - t0 >= 0.15
+
+
+def test_a_gap_between_two_requests_of_a_burst_is_not_enough() -> None:
+    gate = AckFirst(patience=5.0, quiet=0.3)
+    gate.request_started()
+    gate.request_done()  # a request just ended: no one in flight, but not quiet yet
+    t0 = time.monotonic()
+    gate.wait_for_gap()
+    assert 0.2 <= time.monotonic() - t0 < 2.0

@@ -96,6 +96,7 @@ def test_scheduled_retrain_arrives_as_a_review_card(make_registry: Any, sqlite_u
 
     from bot.app import slack_client
     from bot.worker import one_pass
+    from model_registry.config import SlackSettings
 
     reg = make_registry(sqlite_url, defaults={"channel": "C0NIGHTLY"}, models={"iris": {
         "auto_expose": True, "auto_review": True, "gate": {"metric": "accuracy", "min_delta": -0.5}}})
@@ -106,7 +107,7 @@ def test_scheduled_retrain_arrives_as_a_review_card(make_registry: Any, sqlite_u
     (job,) = reg.schedules.run_due(datetime.fromisoformat(view["next_run_at"][:-1]) + timedelta(seconds=1))
     reg.jobs.wait(job["job_id"])
     with SlackFake(channels={"C0NIGHTLY": "nightly"}) as fake:
-        client = slack_client({"SLACK_API_URL": fake.base_url}, token=fake.token)
+        client = slack_client(SlackSettings.from_env({"SLACK_API_URL": fake.base_url, "SLACK_BOT_TOKEN": fake.token}))
         assert one_pass(reg, client)["reviews"] == 1
         assert one_pass(reg, client)["reviews"] == 0, "one card per scheduled training"
         (card,) = [c for c in fake.calls_to("chat.postMessage") if "Review: iris" in c.params.get("text", "")]

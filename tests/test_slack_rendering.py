@@ -9,8 +9,7 @@ import pytest
 
 from bot import blocks
 from handlers.grammar import Usage
-from handlers.ml import usage_text
-from handlers.parsing import MAX_TEXT, normalize, parse
+from handlers.parsing import MAX_TEXT, normalize, parse, usage_text
 from model_registry.diffs import card_digest, diff_versions
 from model_registry.errors import InvalidInput
 

@@ -14,6 +14,7 @@ from sqlalchemy import update
 from bot.app import slack_client
 from bot.worker import one_pass
 from model_registry import names
+from model_registry.config import SlackSettings
 from model_registry.records import PromotionRequest
 
 
@@ -28,7 +29,7 @@ def test_worker_pass(make_registry: Any, db_url: str, trained: dict) -> None:
                   .values(state="applying", apply_started_at=names.utcnow() - timedelta(minutes=10)))
     job = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"]))
     with SlackFake(channels={"C0AUDIT": "audit"}) as fake:
-        client = slack_client({"SLACK_API_URL": fake.base_url}, token=fake.token)
+        client = slack_client(SlackSettings.from_env({"SLACK_API_URL": fake.base_url, "SLACK_BOT_TOKEN": fake.token}))
         for _ in range(600):
             one_pass(reg, client)
             if reg.jobs.get(job["job_id"])["state"] == "SUCCEEDED":

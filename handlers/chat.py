@@ -1,0 +1,236 @@
+"""Chat (Slack and the console): parse what was typed or clicked, run it through the table, deliver the result.
+
+Delivery is by result type: most answers go only to the person who acted; a training posts its message and is
+followed; a promotion request posts its review card; files are uploaded; the Reject button opens a form.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import singledispatch
+from typing import TYPE_CHECKING, Any
+
+from handlers.commands import ACTIONS, TABLE
+from handlers.follow import Follower
+from handlers.grammar import Usage
+from handlers.output import Output, Upload
+from handlers.parsing import parse, slack_parser, usage_text
+from handlers.results import (
+    AuditExport,
+    AuditPage,
+    CardPosted,
+    Checkpoint,
+    CheckpointPosted,
+    Decided,
+    DefaultAt,
+    Failure,
+    Help,
+    JobStarted,
+    PulledArchive,
+    Record,
+    RejectForm,
+    RequestChanged,
+    RequestOpened,
+    RequestState,
+    Result,
+    ReviewCard,
+    TrainingMessage,
+    Uploaded,
+)
+from handlers.reviews import on_reject_reason
+from handlers.table import Invocation, Surface
+from model_registry.errors import InvalidInput, StarchartError
+
+if TYPE_CHECKING:
+    from model_registry.bootstrap import Core
+
+log = logging.getLogger("starchart.handlers")
+
+
+def _nobody(_user: str) -> str | None:
+    return None
+
+
+def _go() -> None:
+    """Nothing to wait for."""
+
+
+@dataclass
+class Deps:
+    """Wired by the composition root (bot.app, bot.console): handlers never construct their collaborators."""
+
+    core: Core
+    follower: Follower
+    user_name: Callable[[str], str | None] = _nobody
+    pace: Callable[[], None] = _go  # called before work that follows an ack: lets other requests be acked first
+
+
+@dataclass
+class Chat:
+    """One person acting in one place: who, where (and on which message), and their conversation."""
+
+    user: str
+    channel: str | None
+    out: Output
+    message_ts: str | None = None
+
+
+def invocation(deps: Deps, chat: Chat, args: Any = None, trainer_args: list[str] | None = None) -> Invocation:
+    return Invocation(core=deps.core, user=chat.user, args=args, trainer_args=trainer_args, surface=Surface.CHAT,
+                      progress=lambda result: deliver(result, deps, chat), user_name=deps.user_name,
+                      channel=chat.channel, message_ts=chat.message_ts)
+
+
+def dispatch(deps: Deps, chat: Chat, text: str) -> Result:
+    """One `/ml` command: parsed, run through the table, delivered. Errors other than usage reach the caller."""
+    deps.pace()
+    try:
+        args, trainer_args = parse(text)
+        if args.command is None:
+            raise Usage(slack_parser().format_help())
+        inv = invocation(deps, chat, args, trainer_args)
+        result = TABLE.run(inv)
+    except Usage as exc:
+        result = Help(usage_text(str(exc)))
+    deliver(result, deps, chat)
+    return result
+
+
+def click(deps: Deps, chat: Chat, action_id: str | None, value: str | None) -> Result:
+    """A button on one of the bot's messages; an unknown one is refused and recorded."""
+    deps.pace()
+    action = ACTIONS.get(action_id or "")
+    if action is None:
+        deps.core.audit.record_refusal(chat.user, "unknown_action", f"action id {str(action_id)[:100]!r}",
+                                       channel=chat.channel, message_ts=chat.message_ts)
+        raise InvalidInput("that button is not one this bot knows", "use the buttons of a current card")
+    result = action(invocation(deps, chat), value)
+    deliver(result, deps, chat)
+    return result
+
+
+def submit_reject(deps: Deps, chat: Chat, metadata: str, reason: str) -> Result:
+    """The reject form, answered with a reason."""
+    deps.pace()
+    inv = invocation(deps, chat)
+    result = on_reject_reason(inv, metadata, reason)
+    chat.channel, chat.message_ts = inv.channel, inv.message_ts
+    deliver(result, deps, chat)
+    return result
+
+
+# ---------------------------------------------------------------- delivery, by result type
+
+@singledispatch
+def deliver(result: Result, deps: Deps, chat: Chat) -> None:
+    """Default: an answer only the person who acted sees."""
+    chat.out.ephemeral(result)
+
+
+@deliver.register
+def _training(result: JobStarted, deps: Deps, chat: Chat) -> None:
+    posted = chat.out.post(_where(chat), TrainingMessage(result.job))
+    deps.follower.follow(result.job, posted.channel, posted.ts, chat.out)
+
+
+@deliver.register
+def _opened(result: RequestOpened, deps: Deps, chat: Chat) -> None:
+    req = post_card(deps, chat, result.request)
+    chat.out.ephemeral(CardPosted(req))
+
+
+@deliver.register
+def _changed(result: RequestChanged, deps: Deps, chat: Chat) -> None:
+    refresh_card(chat, result.request)
+
+
+@deliver.register
+def _decided(result: Decided, deps: Deps, chat: Chat) -> None:
+    refresh_card(chat, result.request)
+    if result.notice:
+        chat.out.ephemeral(RequestState(result.request))
+
+
+@deliver.register
+def _export(result: AuditExport, deps: Deps, chat: Chat) -> None:
+    chat.out.upload(_where(chat), Upload("audit.csv", f"Audit events ({len(result.events)})", content=result.csv()))
+    chat.out.ephemeral(Uploaded("audit events", len(result.events), "audit.csv"))
+
+
+@deliver.register
+def _checkpoint(result: Checkpoint, deps: Deps, chat: Chat) -> None:
+    channel = result.channel or _where(chat)
+    chat.out.post(channel, result)
+    chat.out.ephemeral(CheckpointPosted(channel))
+
+
+@deliver.register
+def _archive(result: PulledArchive, deps: Deps, chat: Chat) -> None:
+    pulled = result.pulled
+    chat.out.upload(_where(chat), Upload(pulled["filename"], pulled["filename"], data=pulled["data"], comment=result))
+
+
+@deliver.register
+def _form(result: RejectForm, deps: Deps, chat: Chat) -> None:
+    chat.out.open_form(result)
+
+
+@deliver.register(AuditPage)
+@deliver.register(DefaultAt)
+def _shareable(result: AuditPage | DefaultAt, deps: Deps, chat: Chat) -> None:
+    if result.share:  # --share: the answer goes to the channel
+        chat.out.post(_where(chat), result)
+    else:
+        chat.out.ephemeral(result)
+
+
+def _where(chat: Chat) -> str:
+    if not chat.channel:
+        raise InvalidInput("this answer needs a channel", "type the command in a channel")
+    return chat.channel
+
+
+def post_card(deps: Deps, chat: Chat, req: Record) -> Record:
+    """Post the review card to the model's channel (or where the command was typed) and remember it."""
+    if req.get("message_ts"):
+        refresh_card(chat, req)  # an open twin already has a card: bring it up to date
+        return req
+    posted = chat.out.post(req.get("channel") or _where(chat), ReviewCard(req))
+    deps.core.promotions.set_card(req["id"], posted.channel, posted.ts)
+    return {**req, "channel": posted.channel, "message_ts": posted.ts}
+
+
+def refresh_card(chat: Chat, req: Record) -> None:
+    if req.get("message_ts") and req.get("channel"):
+        chat.out.update(req["channel"], req["message_ts"], ReviewCard(req))
+
+
+# ---------------------------------------------------------------- errors
+
+def report_error(out: Output, exc: BaseException) -> None:
+    """Tell the person what went wrong; log unexpected errors with their traceback."""
+    if isinstance(exc, StarchartError):
+        failure = Failure(exc.message, exc.hint or "")
+    elif isinstance(exc, Usage):
+        failure = Failure(usage_text(str(exc)))
+    else:
+        log.error("work failed:\n%s", "".join(traceback.format_exception(exc)))
+        slack_error = getattr(getattr(exc, "response", None), "get", lambda _k: None)("error")
+        hint = _slack_hint(slack_error) if slack_error else "the error is in the bot's log; try again or ask an admin"
+        failure = Failure(f"something went wrong: {slack_error or type(exc).__name__}", hint)
+    try:
+        out.ephemeral(failure)
+    except Exception:  # the reply channel itself failed: the log has it
+        log.exception("could not report an error")
+
+
+def _slack_hint(code: str) -> str:
+    return {
+        "not_in_channel": "invite the bot to the channel (/invite @StarChart) and try again",
+        "channel_not_found": "the channel does not exist or the bot cannot see it; check `channel` in starchart.yaml",
+        "ratelimited": "Slack is rate limiting the bot; try again in a minute",
+        "invalid_auth": "SLACK_BOT_TOKEN is wrong or revoked",
+    }.get(code, f"Slack answered '{code}'")

@@ -1,0 +1,66 @@
+"""The Bolt listeners: `/ml`, every button, the reject form — plus one middleware that acks and one error handler.
+
+Bolt runs each listener on its listener executor after the ack, so a listener is hand-off → run → deliver;
+whatever it raises reaches `report` (@app.error): told to the person, logged with a traceback when unexpected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject
+from handlers.output import Output
+from handlers.reviews import REJECT_VIEW, form_card
+
+# (request body, the WebClient, Bolt's respond or None, channel) -> the person's conversation
+Outputs = Callable[[dict[str, Any], Any, Any, "str | None"], Output]
+
+
+def where(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """(user, channel, message ts) of a slash command, a click or a form submission."""
+    container = body.get("container") or {}
+    user = body.get("user_id") or (body.get("user") or {}).get("id", "")
+    channel = body.get("channel_id") or (body.get("channel") or {}).get("id") or container.get("channel_id")
+    if body.get("type") == "view_submission":
+        channel, ts = form_card((body.get("view") or {}).get("private_metadata") or "")
+        return user, channel, ts
+    return user, channel, container.get("message_ts") or (body.get("message") or {}).get("ts")
+
+
+def register(app: Any, deps: Deps, outputs: Outputs) -> None:
+    """Attach the listeners to a Bolt app."""
+
+    def chat(body: dict[str, Any], client: Any, respond: Any) -> Chat:
+        user, channel, ts = where(body)
+        return Chat(user=user, channel=channel, out=outputs(body, client, respond, channel), message_ts=ts)
+
+    @app.middleware
+    def ack_first(body: dict[str, Any], ack: Any, next: Callable[[], None]) -> None:  # noqa: A002 - Bolt's name
+        # Acked before any listener runs; a form is acked by its listener, whose answer may be "say why".
+        if body.get("type") != "view_submission":
+            ack()
+        next()
+
+    @app.error
+    def report(error: BaseException, body: dict[str, Any], client: Any, respond: Any = None) -> None:
+        report_error(chat(body, client, respond).out, error)
+
+    @app.command("/ml")
+    def ml_command(body: dict[str, Any], client: Any, respond: Any) -> None:
+        dispatch(deps, chat(body, client, respond), body.get("text") or "")
+
+    @app.action(re.compile(".*"))  # every button: known ones run from the action table, others are refused
+    def button(body: dict[str, Any], action: dict[str, Any], client: Any, respond: Any) -> None:
+        click(deps, chat(body, client, respond), action.get("action_id"), action.get("value"))
+
+    @app.view(REJECT_VIEW)
+    def reject_view(ack: Any, body: dict[str, Any], view: dict[str, Any], client: Any) -> None:
+        values = (view.get("state") or {}).get("values") or {}
+        reason = ((values.get("reason") or {}).get("reason") or {}).get("value") or ""
+        if not reason.strip():
+            ack(response_action="errors", errors={"reason": "Say why you reject it."})
+            return
+        ack()
+        submit_reject(deps, chat(body, client, None), view.get("private_metadata") or "", reason)

@@ -1,0 +1,400 @@
+"""What the command table hands to the renderers: one typed result per answer, pure data.
+
+`data` is what `starchart --json` prints; `exit_code` is the CLI's (0 ok, 1 error, 4 job not succeeded).
+Records from the core stay mappings (`Record`): the core owns their shape, the renderers read their keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+Record = Mapping[str, Any]
+EXIT_OK, EXIT_ERROR, EXIT_JOB_FAILED = 0, 1, 4
+AUDIT_CSV_COLUMNS = ("seq", "at", "action", "actor", "actor_name", "model", "version", "request_id", "job_id",
+                     "channel", "message_ts", "details")
+
+
+@dataclass(frozen=True)
+class Result:
+    """Base of every answer."""
+
+    @property
+    def data(self) -> Any:
+        raise NotImplementedError(type(self).__name__)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK
+
+
+# ------------------------------------------------------------------ jobs
+
+@dataclass(frozen=True)
+class JobResult(Result):
+    job: Record
+
+    @property
+    def data(self) -> Any:
+        return self.job
+
+
+@dataclass(frozen=True)
+class JobStarted(JobResult):
+    """train: the job is submitted (chat then posts the training message and follows it)."""
+
+
+@dataclass(frozen=True)
+class JobSubmitted(JobResult):
+    """`train --wait`: the job is submitted, progress follows."""
+
+
+@dataclass(frozen=True)
+class JobProgress(JobResult):
+    """`train --wait`: the job changed state."""
+
+
+@dataclass(frozen=True)
+class JobEnded(JobResult):
+    """`train --wait`: the job ended (or the wait did)."""
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.job["state"] == "SUCCEEDED" else EXIT_JOB_FAILED
+
+
+@dataclass(frozen=True)
+class JobCancelled(JobResult):
+    """cancel: the job as it is after the request."""
+
+
+@dataclass(frozen=True)
+class TrainingMessage(Result):
+    """The message that follows a training in its channel: queued → running → succeeded (metrics) / failed."""
+
+    job: Record
+    metrics: Record | None = None
+
+    @property
+    def data(self) -> Any:
+        return {"job": self.job, "metrics": self.metrics}
+
+
+@dataclass(frozen=True)
+class Jobs(Result):
+    model: str
+    jobs: Sequence[Record]
+
+    @property
+    def data(self) -> Any:
+        return list(self.jobs)
+
+
+@dataclass(frozen=True)
+class Log(Result):
+    job_id: str
+    log: str
+
+    @property
+    def data(self) -> Any:
+        return {"job_id": self.job_id, "log": self.log}
+
+
+# ------------------------------------------------------------------ versions
+
+@dataclass(frozen=True)
+class Exposed(Result):
+    model: str
+    result: Record
+
+    @property
+    def data(self) -> Any:
+        return self.result
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ERROR if self.result["errors"] else EXIT_OK
+
+
+@dataclass(frozen=True)
+class Versions(Result):
+    listing: Record  # {model, default, versions}
+
+    @property
+    def data(self) -> Any:
+        return self.listing
+
+
+@dataclass(frozen=True)
+class Diff(Result):
+    model: str
+    diff: Record
+
+    @property
+    def data(self) -> Any:
+        return self.diff
+
+
+@dataclass(frozen=True)
+class Predictions(Result):
+    answer: Record
+
+    @property
+    def data(self) -> Any:
+        return self.answer
+
+
+@dataclass(frozen=True)
+class Pulled(Result):
+    """A version's SavedModel copied into a folder (the CLI)."""
+
+    pulled: Record
+
+    @property
+    def data(self) -> Any:
+        return self.pulled
+
+
+@dataclass(frozen=True)
+class PulledArchive(Result):
+    """A version's SavedModel as a .tar.gz, for the conversation (Slack, console)."""
+
+    pulled: Record
+
+    @property
+    def data(self) -> Any:
+        return {k: v for k, v in self.pulled.items() if k != "data"}
+
+
+# ------------------------------------------------------------------ promotion requests
+
+@dataclass(frozen=True)
+class RequestResult(Result):
+    request: Record
+
+    @property
+    def data(self) -> Any:
+        return self.request
+
+
+@dataclass(frozen=True)
+class RequestOpened(RequestResult):
+    """promote, apply, rollback: a promotion request is open (chat posts its review card)."""
+
+
+@dataclass(frozen=True)
+class RequestChanged(RequestResult):
+    """A decision, an application or a retry changed the request: its card is brought up to date."""
+
+
+@dataclass(frozen=True)
+class Decided(RequestResult):
+    """approve, reject (command, button or form): the decision and, when it completed the approvals, the apply.
+
+    `notice`: the person gets an answer of their own (a typed command); a click shows on the card itself.
+    """
+
+    notice: bool = True
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ERROR if self.request["state"] == "failed" else EXIT_OK
+
+
+@dataclass(frozen=True)
+class RequestShown(RequestResult):
+    pass
+
+
+@dataclass(frozen=True)
+class ReviewCard(RequestResult):
+    """The card in the model's channel: open (Approve/Reject), or decided (who, when, the outcome)."""
+
+
+@dataclass(frozen=True)
+class CardPosted(RequestResult):
+    """The answer to promote/apply/rollback in chat: where the card is."""
+
+
+@dataclass(frozen=True)
+class RequestState(RequestResult):
+    """The answer to a typed approve/reject in chat."""
+
+
+@dataclass(frozen=True)
+class Requests(Result):
+    model: str
+    requests: Sequence[Record]
+
+    @property
+    def data(self) -> Any:
+        return list(self.requests)
+
+
+@dataclass(frozen=True)
+class RejectForm(Result):
+    """The form asking why a request is rejected; `value` names the request and card, `channel`/`ts` the card."""
+
+    value: Record
+    channel: str | None
+    message_ts: str | None
+
+    @property
+    def data(self) -> Any:
+        return {"value": self.value, "channel": self.channel, "message_ts": self.message_ts}
+
+
+# ------------------------------------------------------------------ audit
+
+@dataclass(frozen=True)
+class AuditPage(Result):
+    """Audit events, newest first; `next` (chat) is the value of the Next button when more match."""
+
+    events: Sequence[Record]
+    model: str | None = None
+    next: Record | None = None
+    share: bool = False
+
+    @property
+    def data(self) -> Any:
+        return list(self.events)
+
+
+@dataclass(frozen=True)
+class AuditExport(Result):
+    """Every matching audit event as CSV (one format for the CLI's stdout and Slack's file)."""
+
+    events: Sequence[Record]
+
+    @property
+    def data(self) -> Any:
+        return list(self.events)
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(AUDIT_CSV_COLUMNS)
+        for e in self.events:
+            writer.writerow([json.dumps(e[c], sort_keys=True) if c == "details" else e[c] for c in AUDIT_CSV_COLUMNS])
+        return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Uploaded(Result):
+    """The answer after a file went to the conversation."""
+
+    what: str
+    count: int
+    filename: str
+
+    @property
+    def data(self) -> Any:
+        return {"what": self.what, "count": self.count, "filename": self.filename}
+
+
+@dataclass(frozen=True)
+class AuditVerified(Result):
+    """The audit chain checked end to end (model_registry.audit.VerifyResult)."""
+
+    verify: Any
+
+    @property
+    def data(self) -> Any:
+        return dict(vars(self.verify))
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.verify.ok else EXIT_ERROR
+
+
+@dataclass(frozen=True)
+class Checkpoint(Result):
+    """An audit checkpoint; `channel` is where chat posts it (starchart.yaml's audit_checkpoint.channel)."""
+
+    checkpoint: Record
+    channel: str | None = None
+
+    @property
+    def data(self) -> Any:
+        return self.checkpoint
+
+
+@dataclass(frozen=True)
+class CheckpointPosted(Result):
+    channel: str
+
+    @property
+    def data(self) -> Any:
+        return {"channel": self.channel}
+
+
+@dataclass(frozen=True)
+class DefaultAt(Result):
+    answer: Record
+    share: bool = False
+
+    @property
+    def data(self) -> Any:
+        return self.answer
+
+
+# ------------------------------------------------------------------ schedules, help, notices, errors
+
+@dataclass(frozen=True)
+class Schedules(Result):
+    schedules: Sequence[Record]
+
+    @property
+    def data(self) -> Any:
+        return list(self.schedules)
+
+
+@dataclass(frozen=True)
+class ScheduleChanged(Result):
+    schedule: Record
+
+    @property
+    def data(self) -> Any:
+        return self.schedule
+
+
+@dataclass(frozen=True)
+class Help(Result):
+    """Help or a usage error, as the grammar words it."""
+
+    text: str
+
+    @property
+    def data(self) -> Any:
+        return {"usage": self.text}
+
+
+@dataclass(frozen=True)
+class Notice(Result):
+    """A one-line answer in plain words (no markup)."""
+
+    text: str
+    fields: Record = field(default_factory=dict)
+
+    @property
+    def data(self) -> Any:
+        return {"text": self.text, **self.fields}
+
+
+@dataclass(frozen=True)
+class Failure(Result):
+    """An error told to the person: what went wrong and what to do."""
+
+    message: str
+    hint: str = ""
+
+    @property
+    def data(self) -> Any:
+        return {"error": self.message, "hint": self.hint}
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ERROR
