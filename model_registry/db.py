@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import fcntl
-import select
-import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Dialect, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidatePoolError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from model_registry.errors import InvalidInput
 
@@ -38,55 +36,8 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
-    engine = create_engine(url)
-    _ping_on_checkout(engine)
-    return engine
-
-
-_PING_AFTER_IDLE_S = 10.0
-
-
-def _ping_on_checkout(engine: Engine) -> None:
-    """What `pool_pre_ping=True` does, without its round trip where it cannot find anything.
-
-    On checkout a connection is pinged (SELECT 1; when dead, the pool replaces it and its older connections) if
-    it sat in the pool for more than 10 s, or if the server has said something since it was checked in: a
-    session the server closed or terminated (restart, pg_terminate_backend, idle timeout) leaves EOF or a FATAL
-    message on the socket, which a non-blocking poll sees. A connection back from use a moment ago with a silent
-    socket is handed out as it is; the only failure a ping would still meet there, a peer gone without a word
-    within those seconds, makes the ping itself hang until TCP gives up.
-    """
-    dialect = engine.dialect
-
-    @event.listens_for(engine, "checkin")
-    def _idle_from(_dbapi_conn: Any, record: Any) -> None:
-        record.info["starchart_idle_from"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-        idle_from = record.info.pop("starchart_idle_from", None)
-        if idle_from is None:  # just opened (the pool clears `info` when it reconnects)
-            return
-        if time.monotonic() - idle_from < _PING_AFTER_IDLE_S and not _server_spoke(dbapi_conn):
-            return
-        try:
-            dialect.do_ping(dbapi_conn)
-        except dialect.loaded_dbapi.Error as exc:
-            if dialect.is_disconnect(exc, dbapi_conn, None):
-                raise InvalidatePoolError(str(exc)) from exc
-            raise
-
-
-def _server_spoke(conn: Any) -> bool:
-    """Whether an idle psycopg connection is broken or has input waiting (EOF, an error, a notice)."""
-    try:
-        if conn.closed or conn.broken:
-            return True
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)  # POLLHUP and POLLERR come anyway
-        return bool(poller.poll(0))
-    except Exception:
-        return True
+    # a pooled connection the server closed (restart, idle timeout, pg_terminate_backend) is replaced on checkout
+    return create_engine(url, pool_pre_ping=True)
 
 
 def _sqlite_serialised_writes(engine: Engine) -> None:

@@ -115,7 +115,7 @@ def test_model_registry_source_has_no_slack_imports() -> None:
 
 
 def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> None:
-    """Without a ping on every checkout, a terminated session must still be noticed and replaced."""
+    """A session the server terminated is noticed on checkout (the pool's pre-ping) and replaced."""
     import psycopg
 
     from model_registry import audit
