@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import fcntl
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Dialect, Engine, make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from model_registry.errors import InvalidInput
-
-T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 SCHEMA_HEAD = "0002"  # the newest migration's revision; tests check it against Alembic's head
@@ -54,12 +52,7 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        statement = "BEGIN" if conn.get_execution_options().get("starchart_read") else "BEGIN IMMEDIATE"
-        dbapi_conn = conn.connection.driver_connection  # straight to sqlite3: a statement without parameters
-        try:
-            dbapi_conn.execute(statement)
-        except dbapi_conn.Error as exc:  # e.g. "database is locked" after busy_timeout, as SQLAlchemy raises it
-            raise dbapi_error(exc, statement, (), conn.dialect, dbapi_conn) from exc
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("starchart_read") else "BEGIN IMMEDIATE")
 
 
 def reader(engine: Engine) -> Engine:
@@ -67,46 +60,6 @@ def reader(engine: Engine) -> Engine:
     if engine.dialect.name == "sqlite":
         return engine.execution_options(starchart_read=True)
     return engine.execution_options(isolation_level="AUTOCOMMIT")
-
-
-def read_raw(engine: Engine, work: Callable[[Any], T]) -> T:
-    """`work(connection)` on a pooled DB-API connection: a few read-only statements, each its own snapshot.
-
-    For hot read paths that SQLAlchemy's per-statement work would dominate. The statements run without
-    BEGIN/ROLLBACK (SQLite in autocommit mode takes no lock; psycopg in autocommit mode makes no transaction round
-    trips), and the connection goes back to the pool as it came. `work` must only read, and raise driver errors
-    as `dbapi_error` gives them (a dead connection is then dropped from the pool).
-    """
-    fairy = engine.raw_connection()
-    conn = fairy.driver_connection
-    restore = engine.dialect.name == "postgresql" and not conn.autocommit
-    dead: BaseException | None = None
-    try:
-        if restore:
-            conn.autocommit = True  # psycopg: a client-side flag while idle, no round trip
-        return work(conn)
-    except DBAPIError as exc:
-        if exc.connection_invalidated:
-            dead = exc
-        raise
-    finally:
-        if restore and dead is None:
-            try:
-                conn.autocommit = False
-            except Exception as exc:  # never hand an autocommitting connection back to the writers' pool
-                dead = exc
-        if dead is not None:
-            fairy.invalidate(dead)
-        fairy.close()  # back to the pool (its reset is a no-op outside a transaction)
-
-
-def dbapi_error(exc: Exception, statement: str, params: Any, dialect: Dialect, connection: Any) -> Exception:
-    """A driver exception as SQLAlchemy raises it (IntegrityError, OperationalError, ... with the statement)."""
-    dbapi = dialect.loaded_dbapi
-    if not isinstance(exc, dbapi.Error):
-        return exc
-    return DBAPIError.instance(statement, params, exc, dbapi.Error, dialect=dialect,
-                               connection_invalidated=dialect.is_disconnect(exc, connection, None))
 
 
 def alembic_config(engine: Engine) -> Any:
