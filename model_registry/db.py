@@ -13,7 +13,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from model_registry.errors import InvalidInput
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
-SCHEMA_HEAD = "0002"  # the newest migration's revision; tests check it against Alembic's head
+SCHEMA_HEAD = "0003"  # the newest migration's revision; tests check it against Alembic's head
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 
 

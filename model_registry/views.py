@@ -5,10 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Iterable
 
-from sqlalchemy import String
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.functions import FunctionElement
-
 from model_registry.records import (
     Approval,
     Job,
@@ -20,26 +16,6 @@ from model_registry.records import (
 def iso(value: datetime | None) -> str | None:
     """A naive UTC time as the views show it, to the second: '2026-11-27T09:30:00Z'."""
     return value.isoformat(timespec="seconds") + "Z" if value else None
-
-
-class iso_utc(FunctionElement):  # noqa: N801 - reads as a SQL function in queries
-    """A `records.UtcSeconds` column as ISO UTC text ('2026-11-27T09:30:00Z'), with no per-row Python.
-
-    Only for UtcSeconds columns: SQLite stores them as that text already, PostgreSQL formats them.
-    """
-
-    type = String()
-    inherit_cache = True
-
-
-@compiles(iso_utc, "sqlite")
-def _iso_utc_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
-    return compiler.process(element.clauses, **kw)
-
-
-@compiles(iso_utc, "postgresql")
-def _iso_utc_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
-    return f"to_char({compiler.process(element.clauses, **kw)}, 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 
 
 def job_view(j: Job) -> dict[str, Any]:
