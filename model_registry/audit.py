@@ -129,7 +129,7 @@ class AuditLog:
     def events_query(self, *, model: str | None = None, since: datetime | None = None,
                      until: datetime | None = None, actor: str | None = None, action: str | None = None,
                      version: str | None = None, limit: int = 50, before_seq: int | None = None) -> Select[Any]:
-        """The filtered SELECT of `events`, newest first (one index per leading filter serves it)."""
+        """The filtered SELECT of `events`, newest first (served by the model, actor, action or time index)."""
         if action is not None and action not in ACTIONS:
             raise ValueError(action)
         query = _EVENTS
