@@ -84,7 +84,7 @@ class AuditTrail:
             raise InvalidInput(f"invalid --limit {limit}", "use a number from 1 to 1000 (or --csv for everything)")
         if since is not None and until is not None and since >= until:
             raise InvalidInput("--since is not before --until", "swap them, or drop one")
-        # one indexed SELECT on a pooled connection, outside any transaction (a read needs none)
+        # one indexed SELECT on the read-only engine (no write lock on SQLite, no transaction on PostgreSQL)
         rows = audit.query_engine(self.db.engine, model=model, since=since, until=until, actor=actor, action=action,
                                   version=version, limit=limit, before_seq=before_seq, actor_must_exist=True)
         if rows is None:

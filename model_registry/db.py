@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import fcntl
-import select
-import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Dialect, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidatePoolError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from model_registry.errors import InvalidInput
 
-T = TypeVar("T")
-
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
-SCHEMA_HEAD = "0002"  # the newest migration's revision; tests check it against Alembic's head
+SCHEMA_HEAD = "0003"  # the newest migration's revision; tests check it against Alembic's head
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 
 
@@ -38,55 +34,8 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
-    engine = create_engine(url)
-    _ping_on_checkout(engine)
-    return engine
-
-
-_PING_AFTER_IDLE_S = 10.0
-
-
-def _ping_on_checkout(engine: Engine) -> None:
-    """What `pool_pre_ping=True` does, without its round trip where it cannot find anything.
-
-    On checkout a connection is pinged (SELECT 1; when dead, the pool replaces it and its older connections) if
-    it sat in the pool for more than 10 s, or if the server has said something since it was checked in: a
-    session the server closed or terminated (restart, pg_terminate_backend, idle timeout) leaves EOF or a FATAL
-    message on the socket, which a non-blocking poll sees. A connection back from use a moment ago with a silent
-    socket is handed out as it is; the only failure a ping would still meet there, a peer gone without a word
-    within those seconds, makes the ping itself hang until TCP gives up.
-    """
-    dialect = engine.dialect
-
-    @event.listens_for(engine, "checkin")
-    def _idle_from(_dbapi_conn: Any, record: Any) -> None:
-        record.info["starchart_idle_from"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-        idle_from = record.info.pop("starchart_idle_from", None)
-        if idle_from is None:  # just opened (the pool clears `info` when it reconnects)
-            return
-        if time.monotonic() - idle_from < _PING_AFTER_IDLE_S and not _server_spoke(dbapi_conn):
-            return
-        try:
-            dialect.do_ping(dbapi_conn)
-        except dialect.loaded_dbapi.Error as exc:
-            if dialect.is_disconnect(exc, dbapi_conn, None):
-                raise InvalidatePoolError(str(exc)) from exc
-            raise
-
-
-def _server_spoke(conn: Any) -> bool:
-    """Whether an idle psycopg connection is broken or has input waiting (EOF, an error, a notice)."""
-    try:
-        if conn.closed or conn.broken:
-            return True
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)  # POLLHUP and POLLERR come anyway
-        return bool(poller.poll(0))
-    except Exception:
-        return True
+    # a pooled connection the server closed (restart, idle timeout, pg_terminate_backend) is replaced on checkout
+    return create_engine(url, pool_pre_ping=True)
 
 
 def _sqlite_serialised_writes(engine: Engine) -> None:
@@ -103,12 +52,7 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        statement = "BEGIN" if conn.get_execution_options().get("starchart_read") else "BEGIN IMMEDIATE"
-        dbapi_conn = conn.connection.driver_connection  # straight to sqlite3: a statement without parameters
-        try:
-            dbapi_conn.execute(statement)
-        except dbapi_conn.Error as exc:  # e.g. "database is locked" after busy_timeout, as SQLAlchemy raises it
-            raise dbapi_error(exc, statement, (), conn.dialect, dbapi_conn) from exc
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("starchart_read") else "BEGIN IMMEDIATE")
 
 
 def reader(engine: Engine) -> Engine:
@@ -116,46 +60,6 @@ def reader(engine: Engine) -> Engine:
     if engine.dialect.name == "sqlite":
         return engine.execution_options(starchart_read=True)
     return engine.execution_options(isolation_level="AUTOCOMMIT")
-
-
-def read_raw(engine: Engine, work: Callable[[Any], T]) -> T:
-    """`work(connection)` on a pooled DB-API connection: a few read-only statements, each its own snapshot.
-
-    For hot read paths that SQLAlchemy's per-statement work would dominate. The statements run without
-    BEGIN/ROLLBACK (SQLite in autocommit mode takes no lock; psycopg in autocommit mode makes no transaction round
-    trips), and the connection goes back to the pool as it came. `work` must only read, and raise driver errors
-    as `dbapi_error` gives them (a dead connection is then dropped from the pool).
-    """
-    fairy = engine.raw_connection()
-    conn = fairy.driver_connection
-    restore = engine.dialect.name == "postgresql" and not conn.autocommit
-    dead: BaseException | None = None
-    try:
-        if restore:
-            conn.autocommit = True  # psycopg: a client-side flag while idle, no round trip
-        return work(conn)
-    except DBAPIError as exc:
-        if exc.connection_invalidated:
-            dead = exc
-        raise
-    finally:
-        if restore and dead is None:
-            try:
-                conn.autocommit = False
-            except Exception as exc:  # never hand an autocommitting connection back to the writers' pool
-                dead = exc
-        if dead is not None:
-            fairy.invalidate(dead)
-        fairy.close()  # back to the pool (its reset is a no-op outside a transaction)
-
-
-def dbapi_error(exc: Exception, statement: str, params: Any, dialect: Dialect, connection: Any) -> Exception:
-    """A driver exception as SQLAlchemy raises it (IntegrityError, OperationalError, ... with the statement)."""
-    dbapi = dialect.loaded_dbapi
-    if not isinstance(exc, dbapi.Error):
-        return exc
-    return DBAPIError.instance(statement, params, exc, dbapi.Error, dialect=dialect,
-                               connection_invalidated=dialect.is_disconnect(exc, connection, None))
 
 
 def alembic_config(engine: Engine) -> Any:

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from model_registry import audit, names
+from model_registry import audit, listings, names
 from model_registry.backends.base import Backend
 from model_registry.config import ProjectConfig
 from model_registry.diffs import diff_versions, version_digest
@@ -26,7 +26,7 @@ from model_registry.records import (
 from model_registry.service import Catalog, Database, rows_changed
 from model_registry.signatures import read_signature
 from model_registry.training import Jobs
-from model_registry.views import decoded_all, iso, iso_utc, raw_json, version_view
+from model_registry.views import iso, version_view
 
 
 class Versions:
@@ -126,17 +126,7 @@ class Versions:
 
     def of_model(self, model: str) -> dict[str, Any]:
         self.catalog.require_model(model)
-        rows = self.db.read_rows(_VERSIONS, model=model)
-        default = rows[0][6] if rows else next(iter(self.db.read_rows(_DEFAULT, model=model)), (None,))[0]
-        all_metrics = decoded_all([row[4] for row in rows])
-        return {
-            "model": model, "default": default,
-            "versions": [
-                {"name": name, "job_id": job_id, "created_at": created, "trained_by": by, "metrics": metrics,
-                 "deployment_uri": uri, "is_default": name == default}
-                for (name, job_id, created, by, _, uri, _default), metrics in zip(rows, all_metrics)
-            ],
-        }
+        return listings.versions_of(self.db.engine, model)
 
     def default(self, model: str) -> str | None:
         with self.db.reads() as s:
@@ -169,9 +159,4 @@ class Versions:
         return write_model_file(self.config.model_files, model, versions, record.default_version if record else None)
 
 
-_V = Version.__table__.c
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-_DEFAULT = select(ModelRecord.__table__.c.default_version).where(ModelRecord.__table__.c.name == bindparam("model"))
-_VERSIONS = (select(_V.name, _V.job_id, iso_utc(_V.created_at), _V.trained_by, raw_json(_V.metrics), _V.deployment_uri,
-                    _DEFAULT.scalar_subquery())
-             .where(_V.model == bindparam("model")).order_by(_V.name.desc()))

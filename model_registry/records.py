@@ -22,15 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     event,
 )
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-
-# Times of jobs and versions, which are shown to the second: on SQLite they are stored as the ISO UTC text the
-# views return ('2026-11-27T09:30:00Z'), so a list of a thousand needs no per-row formatting (see views.iso_utc).
-# The pattern reads SQLAlchemy's default text ('2026-11-27 09:30:00.123456') as well; migration 0002 rewrote it.
-SQLITE_ISO_SECONDS = "%(year)04d-%(month)02d-%(day)02dT%(hour)02d:%(minute)02d:%(second)02dZ"
-UtcSeconds = DateTime().with_variant(
-    sqlite.DATETIME(storage_format=SQLITE_ISO_SECONDS, regexp=r"(\d+)-(\d+)-(\d+)[T ](\d+):(\d+):(\d+)"), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -61,9 +53,9 @@ class Job(Base):
     backend: Mapped[str] = mapped_column(String(16))
     backend_ref: Mapped[str | None] = mapped_column(String(1000))
     requested_by: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(UtcSeconds)
-    started_at: Mapped[datetime | None] = mapped_column(UtcSeconds)
-    ended_at: Mapped[datetime | None] = mapped_column(UtcSeconds)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
     version_name: Mapped[str | None] = mapped_column(String(20))  # set when exposed
 
@@ -78,7 +70,7 @@ class Version(Base):
     name: Mapped[str] = mapped_column(String(20))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), unique=True)
     deployment_uri: Mapped[str] = mapped_column(String(1000))
-    created_at: Mapped[datetime] = mapped_column(UtcSeconds)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
     trained_by: Mapped[str] = mapped_column(String(200))
     exposed_by: Mapped[str] = mapped_column(String(200))
     program: Mapped[dict[str, Any]] = mapped_column(JSON)  # module, package_uris, sha256

@@ -5,12 +5,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, cast
 
-from sqlalchemy import CursorResult, Result, bindparam, select
+from sqlalchemy import CursorResult, Result, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from model_registry import names
+from model_registry import listings, names
 from model_registry.config import ProjectConfig
-from model_registry.db import dbapi_error, make_engine, migrate, read_raw, reader
+from model_registry.db import make_engine, migrate, reader
 from model_registry.errors import NotFound
 from model_registry.policy import MembersOf
 from model_registry.records import (
@@ -28,7 +28,6 @@ class Database:
         migrate(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.reads = sessionmaker(reader(self.engine), expire_on_commit=False)  # read-only use cases
-        self._compiled: dict[int, tuple[Any, Any]] = {}  # statement id -> (statement, compiled) for read_rows
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:
@@ -38,31 +37,6 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-    def read_rows(self, statement: Any, **params: Any) -> list[tuple[Any, ...]]:
-        """Rows of a Core select as plain tuples, compiled once and run on a pooled connection (list queries).
-
-        Skips SQLAlchemy's result layer, which costs more than the database for a thousand rows; the
-        statement must only read and its columns must need no Python-side type processing.
-        """
-        compiled = self._compiled.get(id(statement))
-        if compiled is None:
-            compiled = self._compiled[id(statement)] = (statement, statement.compile(dialect=self.engine.dialect))
-        sql = compiled[1]
-        values = sql.construct_params(params)
-        args = [values[name] for name in sql.positiontup] if sql.positional else values
-
-        def work(conn: Any) -> list[tuple[Any, ...]]:
-            cursor = conn.cursor()
-            try:
-                cursor.execute(sql.string, args)
-                return cursor.fetchall()
-            except self.engine.dialect.loaded_dbapi.Error as exc:
-                raise dbapi_error(exc, sql.string, args, self.engine.dialect, conn) from exc
-            finally:
-                cursor.close()
-
-        return read_raw(self.engine, work)
 
 
 def rows_changed(result: Result[Any]) -> int:
@@ -95,7 +69,7 @@ class Catalog:
             return
         if session is not None and session.get(ModelRecord, model) is not None:
             return
-        if session is None and self.db.read_rows(_MODEL_KNOWN, name=model):
+        if session is None and listings.model_exists(self.db.engine, model):
             return
         hint = names.suggest(model, self.known_models()) or f"known models: {', '.join(self.known_models()) or 'none'}"
         raise NotFound(f"unknown model {model!r}", hint)
@@ -114,5 +88,3 @@ class Catalog:
         return list(s.execute(select(Approval).where(Approval.request_id == request_id)
                               .order_by(Approval.id)).scalars())
 
-
-_MODEL_KNOWN = select(ModelRecord.__table__.c.name).where(ModelRecord.__table__.c.name == bindparam("name"))

@@ -7,11 +7,11 @@ import time
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from model_registry import audit, names
+from model_registry import audit, listings, names
 from model_registry.backends.base import Backend, TrainingSpec
 from model_registry.config import ProjectConfig, Settings
 from model_registry.errors import BackendError, InvalidInput, NotFound, StarchartError
@@ -28,7 +28,7 @@ from model_registry.records import (
     ModelRecord,
 )
 from model_registry.service import Catalog, Database, rows_changed
-from model_registry.views import decoded_all, iso_utc, job_view, raw_json
+from model_registry.views import job_view
 
 LOG_TAIL_LINES = 20
 
@@ -177,15 +177,10 @@ class Jobs:
 
     def state(self, model: str, limit: int | None = None) -> list[dict[str, Any]]:
         self.catalog.require_model(model)
-        rows = self.db.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)
-        if any(row[1] in (QUEUED, RUNNING) for row in rows) and self.refresh(model):
-            rows = self.db.read_rows(_JOBS, model=model, limit=limit or 2**31 - 1)  # only unfinished jobs are asked
-        all_args = decoded_all([row[7] for row in rows])
-        return [
-            {"job_id": job_id, "state": state, "created_at": created, "started_at": started, "ended_at": ended,
-             "requested_by": by, "version": version, "args": args, "error": error}
-            for (job_id, state, created, started, ended, by, version, _, error), args in zip(rows, all_args)
-        ]
+        jobs = listings.jobs_of(self.db.engine, model, limit)
+        if any(job["state"] in (QUEUED, RUNNING) for job in jobs) and self.refresh(model):
+            jobs = listings.jobs_of(self.db.engine, model, limit)  # only unfinished jobs are asked
+        return jobs
 
     def get(self, job_id: str) -> dict[str, Any]:
         names.split_job_id(job_id)
@@ -242,8 +237,3 @@ class Jobs:
             self.backend.wait_for_change(job_id, delay)
             delay = min(delay * 1.5, longest)
 
-
-_J = Job.__table__.c
-_JOBS = (select(_J.job_id, _J.state, iso_utc(_J.created_at), iso_utc(_J.started_at), iso_utc(_J.ended_at),
-                _J.requested_by, _J.version_name, raw_json(_J.args), _J.error)
-         .where(_J.model == bindparam("model")).order_by(_J.ts.desc()).limit(bindparam("limit")))

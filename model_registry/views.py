@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any, Iterable
-
-import orjson
-from sqlalchemy import String, type_coerce
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.functions import FunctionElement
 
 from model_registry.records import (
     Approval,
@@ -20,49 +14,8 @@ from model_registry.records import (
 
 
 def iso(value: datetime | None) -> str | None:
+    """A naive UTC time as the views show it, to the second: '2026-11-27T09:30:00Z'."""
     return value.isoformat(timespec="seconds") + "Z" if value else None
-
-
-class iso_utc(FunctionElement):  # noqa: N801 - reads as a SQL function in queries
-    """A `records.UtcSeconds` column as ISO UTC text ('2026-11-27T09:30:00Z'), with no per-row Python.
-
-    Only for UtcSeconds columns: SQLite stores them as that text already, PostgreSQL formats them.
-    """
-
-    type = String()
-    inherit_cache = True
-
-
-@compiles(iso_utc, "sqlite")
-def _iso_utc_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
-    return compiler.process(element.clauses, **kw)
-
-
-@compiles(iso_utc, "postgresql")
-def _iso_utc_postgresql(element: Any, compiler: Any, **kw: Any) -> str:
-    return f"to_char({compiler.process(element.clauses, **kw)}, 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
-
-
-def raw_json(column: Any) -> Any:
-    """A JSON column as the driver returns it (text on SQLite, decoded on PostgreSQL); see `decoded`."""
-    return type_coerce(column, String)
-
-
-def decoded_all(values: list[Any]) -> list[Any]:
-    """Decode many JSON texts with one parse (a per-value loads costs more than the parsing itself).
-
-    orjson parses the thousand small documents of a list query about three times faster than the json module;
-    text orjson refuses (the NaN and Infinity tokens Python's json writes, in rows stored before expose turned
-    them into null) is parsed by the json module instead.
-    """
-    try:
-        document = "[" + ",".join(values) + "]"
-    except TypeError:  # PostgreSQL: psycopg decoded them already (or a NULL among them)
-        return [json.loads(v) if isinstance(v, str) else v for v in values]
-    try:
-        return orjson.loads(document)
-    except orjson.JSONDecodeError:
-        return json.loads(document)
 
 
 def job_view(j: Job) -> dict[str, Any]:

@@ -150,3 +150,36 @@ def test_csv_export_pages_through_everything(make_registry: Any, sqlite_url: str
     every = list(reg.audit.all_events(actor="U_T"))
     assert len(every) == 2345 and [e["seq"] for e in every] == sorted((e["seq"] for e in every), reverse=True)
     assert len(reg.audit.events(actor="U_T", limit=1000)) == 1000
+
+
+def test_an_event_rolls_back_with_its_transaction_and_the_chain_stays_gapless(make_registry: Any, db_url: str
+                                                                               ) -> None:
+    from model_registry.audit import AuditLog
+
+    reg, log = make_registry(db_url), AuditLog()
+    with reg.db.unit_of_work() as s:
+        first = log.append(s, "schedule.changed", "U_T", model="iris")
+    with pytest.raises(LookupError):
+        with reg.db.unit_of_work() as s:
+            log.append(s, "schedule.changed", "U_T", model="iris")
+            raise LookupError("the state change fails after its event was appended: both roll back")
+    with reg.db.unit_of_work() as s:
+        second = log.append(s, "schedule.changed", "U_T", model="iris", details={"n": 2})
+    assert (first["seq"], second["seq"]) == (1, 2) and second["prev_hash"] == first["hash"]
+    with reg.db.engine.connect() as conn:
+        events = log.events(conn, model="iris")
+        assert [e["seq"] for e in events] == [2, 1] and events[0]["details"] == {"n": 2}
+        assert events[0]["at"].endswith("Z") and log.has_actor(conn, "U_T") and not log.has_actor(conn, "U_NOBODY")
+    with reg.db.reads() as s:
+        assert log.verify(s).ok and log.checkpoint(s, None)["count"] == 2
+
+
+def test_an_append_outside_a_write_transaction_is_refused(make_registry: Any, db_url: str) -> None:
+    from model_registry.audit import AuditLog
+
+    reg = make_registry(db_url)
+    with reg.db.reads() as s, pytest.raises(RuntimeError, match="write transaction"):
+        AuditLog().append(s, "schedule.changed", "U_T")
+    with pytest.raises(ValueError, match="unknown audit action"), reg.db.unit_of_work() as s:
+        AuditLog().append(s, "schedule.deleted", "U_T")
+    assert reg.audit.events(limit=5) == []

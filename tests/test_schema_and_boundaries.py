@@ -30,44 +30,83 @@ def test_migrations_create_the_schema_and_are_idempotent(db_url: str) -> None:
     engine.dispose()
 
 
+_JOB_ROW = ("INSERT INTO jobs (job_id, model, ts, state, module, args, workers, package_uris, train_path, backend, "
+            "requested_by, created_at, started_at, ended_at) VALUES ('iris_20261127093000', 'iris', "
+            "'20261127093000', 'SUCCEEDED', 'trainer.task', '[]', 1, '[]', '/t', 'local', 'U1', :c, :c, NULL)")
+_VERSION_ROW = ("INSERT INTO versions (model, name, job_id, deployment_uri, created_at, trained_by, exposed_by, "
+                "program, args, metrics, signature, job, digest) VALUES ('iris', 'v20261127093000', "
+                "'iris_20261127093000', '/t/model/', :c, 'U1', 'U1', '{}', '[]', '{}', '{}', '{}', 'd')")
+_TIMES = ("SELECT j.created_at, j.started_at, j.ended_at, v.created_at FROM jobs j JOIN versions v ON v.job_id = "
+          "j.job_id")
+
+
 def test_job_and_version_times_stored_before_0002_are_rewritten_as_iso_text(db_url: str) -> None:
-    """0002: on SQLite, job and version times become the ISO UTC text list queries return as they are."""
+    """0002: on SQLite, job and version times became ISO UTC text; PostgreSQL's timestamps stayed as they were."""
     from datetime import datetime
 
     from alembic import command
-    from sqlalchemy import select, text
-
-    from model_registry.records import Job, Version
-    from model_registry.views import iso_utc
+    from sqlalchemy import text
 
     engine = make_engine(db_url)
     command.upgrade(alembic_config(engine), "0001")
     old = "2026-11-27 09:30:00.654321"
     with engine.begin() as conn:  # rows as a 0001 database held them (SQLAlchemy's default SQLite text)
-        conn.execute(text(
-            "INSERT INTO jobs (job_id, model, ts, state, module, args, workers, package_uris, train_path, backend, "
-            "requested_by, created_at, started_at, ended_at) VALUES ('iris_20261127093000', 'iris', "
-            "'20261127093000', 'SUCCEEDED', 'trainer.task', '[]', 1, '[]', '/t', 'local', 'U1', :c, :c, NULL)"),
-            {"c": old})
-        conn.execute(text(
-            "INSERT INTO versions (model, name, job_id, deployment_uri, created_at, trained_by, exposed_by, program, "
-            "args, metrics, signature, job, digest) VALUES ('iris', 'v20261127093000', 'iris_20261127093000', "
-            "'/t/model/', :c, 'U1', 'U1', '{}', '[]', '{}', '{}', '{}', 'd')"), {"c": old})
-    migrate(engine)
+        conn.execute(text(_JOB_ROW), {"c": old})
+        conn.execute(text(_VERSION_ROW), {"c": old})
+    command.upgrade(alembic_config(engine), "0002")
     with engine.connect() as conn:
-        got = conn.execute(select(iso_utc(Job.created_at), iso_utc(Job.started_at), iso_utc(Job.ended_at),
-                                  iso_utc(Version.created_at)).join(Version, Version.job_id == Job.job_id)).one()
-        assert tuple(got) == ("2026-11-27T09:30:00Z", "2026-11-27T09:30:00Z", None, "2026-11-27T09:30:00Z")
-        orm = conn.execute(select(Job.created_at, Job.ended_at)).one()
-        assert orm.created_at.replace(microsecond=0) == datetime(2026, 11, 27, 9, 30) and orm.ended_at is None
-        if engine.dialect.name == "sqlite":
-            raw = conn.execute(text("SELECT created_at FROM versions")).scalar()
-            assert raw == "2026-11-27T09:30:00Z"
+        got = tuple(conn.execute(text(_TIMES)).one())
+    if engine.dialect.name == "sqlite":
+        assert got == ("2026-11-27T09:30:00Z", "2026-11-27T09:30:00Z", None, "2026-11-27T09:30:00Z")
+    else:
+        at = datetime(2026, 11, 27, 9, 30, 0, 654321)
+        assert got == (at, at, None, at)
     if engine.dialect.name == "sqlite":  # and back: SQLAlchemy's default text again (the fraction is gone)
         command.downgrade(alembic_config(engine), "0001")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT created_at, ended_at FROM jobs")).one() == ("2026-11-27 09:30:00.000000",
                                                                                        None)
+    engine.dispose()
+
+
+def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_url: str) -> None:
+    """0003: every time is a plain DateTime again; SQLite's ISO text of 0002 is rewritten, and back on downgrade."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import select, text
+
+    from model_registry.db import current_revision
+    from model_registry.records import Job, Version
+    from model_registry.views import iso
+
+    engine = make_engine(db_url)
+    command.upgrade(alembic_config(engine), "0002")
+    with engine.begin() as conn:  # rows as a 0002 database held them (ISO text on SQLite, timestamps on PostgreSQL)
+        conn.execute(text(_JOB_ROW), {"c": "2026-11-27T09:30:00Z"})
+        conn.execute(text(_VERSION_ROW), {"c": "2026-11-27T09:30:00Z"})
+    migrate(engine)
+    assert current_revision(engine) == "0003"
+    at = datetime(2026, 11, 27, 9, 30)
+    with engine.connect() as conn:
+        got = conn.execute(select(Job.created_at, Job.started_at, Job.ended_at, Version.created_at)
+                           .join(Version, Version.job_id == Job.job_id)).one()
+        assert tuple(got) == (at, at, None, at) and got[0].tzinfo is None and got[3].tzinfo is None
+        assert [iso(t) for t in got] == ["2026-11-27T09:30:00Z", "2026-11-27T09:30:00Z", None, "2026-11-27T09:30:00Z"]
+        # compared as stored: ISO text left on SQLite ('T' after ' ') would fall outside this range
+        assert conn.execute(select(Job.job_id).where(Job.created_at <= at)).scalars().all() == ["iris_20261127093000"]
+        raw = tuple(conn.execute(text(_TIMES)).one())
+    if engine.dialect.name == "sqlite":
+        assert raw == ("2026-11-27 09:30:00.000000", "2026-11-27 09:30:00.000000", None, "2026-11-27 09:30:00.000000")
+    else:
+        assert raw == (at, at, None, at)
+    command.downgrade(alembic_config(engine), "0002")
+    with engine.connect() as conn:
+        raw = tuple(conn.execute(text(_TIMES)).one())
+    if engine.dialect.name == "sqlite":  # 0002's ISO text again
+        assert raw == ("2026-11-27T09:30:00Z", "2026-11-27T09:30:00Z", None, "2026-11-27T09:30:00Z")
+    else:  # nothing to undo on PostgreSQL
+        assert raw == (at, at, None, at)
     engine.dispose()
 
 
@@ -122,7 +161,7 @@ def test_model_registry_source_has_no_slack_imports() -> None:
 
 
 def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> None:
-    """Without a ping on every checkout, a terminated session must still be noticed and replaced."""
+    """A session the server terminated is noticed on checkout (the pool's pre-ping) and replaced."""
     import psycopg
 
     from model_registry import audit

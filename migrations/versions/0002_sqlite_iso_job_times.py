@@ -5,7 +5,7 @@ Revises: 0001
 Create Date: 2026-11-27 10:05:00
 
 The times of jobs and versions (jobs.created_at, started_at, ended_at; versions.created_at) are shown to the
-second. On SQLite they are now stored as the text the views return ('2026-11-27T09:30:00Z', records.UtcSeconds)
+second. On SQLite they are now stored as the text the views return ('2026-11-27T09:30:00Z'; 0003 undid this)
 instead of SQLAlchemy's default ('2026-11-27 09:30:00.123456'); this rewrites the rows stored before. PostgreSQL
 keeps its timestamp columns: nothing changes there.
 """
