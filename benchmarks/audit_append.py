@@ -3,13 +3,13 @@
 transaction on both sides, on SQLite and on PostgreSQL (127.0.0.1:5432, user postgres, database test; a
 temporary database is created and dropped).
 
-- chain: `audit.append(session, ...)` inside `Registry.unit_of_work()`, as the product records every event
+- chain: `AuditLog.append(session, ...)` inside the core's `db.unit_of_work()`, as the product records every event
   (locks audit_head, reads the previous hash, hashes the canonical encoding, inserts, moves the head, commits).
 - plain: one `INSERT` of the same field values per transaction through the raw DB-API connection (sqlite3 with
   BEGIN IMMEDIATE ... COMMIT as the product's SQLite sessions begin; psycopg, commit per row), into
   `audit_plain`, a scratch table of the same shape (same columns, primary key, unique prev_hash and the same four
   indexes, copied from the migrated audit_events) without the append-only triggers, with dummy hashes.
-- sqlalchemy_plain (extra, not the baseline): the same plain INSERT through `Registry.unit_of_work()` with
+- sqlalchemy_plain (extra, not the baseline): the same plain INSERT through the core's `db.unit_of_work()` with
   SQLAlchemy Core, to split what the chain costs from what the session costs.
 
 Both tables are first filled with the same N events (1,000,000; `--quick` 100,000; `--smoke` 2,000), so the
@@ -105,7 +105,7 @@ def run_database(kind: str, db: Any, work: Path, events: int, rounds: int, batch
             i = counters["chain"]
             counters["chain"] += 1
             with reg.db.unit_of_work() as s:
-                audit.append(s, **fields[i])
+                reg.audit_log.append(s, **fields[i])
 
         cols = ", ".join(common.COLUMNS)
         plain_sql = f"INSERT INTO {PLAIN} ({cols}) VALUES ({', '.join([ph] * len(common.COLUMNS))})"

@@ -10,10 +10,9 @@ from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import Select, insert, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from model_registry.db import reader
 from model_registry.names import utcnow
 from model_registry.records import AuditEvent, AuditHead
 from model_registry.views import iso
@@ -244,53 +243,3 @@ def _details(text: str | None) -> dict[str, Any]:
     except ValueError:
         return {"raw": text}
     return value if isinstance(value, dict) else {"value": value}
-
-
-# ---------------------------------------------------------------------- module-level delegates
-
-_LOG = AuditLog()
-
-
-def append(session: Session, action: str, actor: str, **fields: Any) -> dict[str, Any]:
-    """`AuditLog.append` on the module's default AuditLog; the call sites move to an injected AuditLog."""
-    return _LOG.append(session, action, actor, **fields)
-
-
-def checkpoint(session: Session, key: bytes | None) -> dict[str, Any]:
-    """`AuditLog.checkpoint` on the module's default AuditLog; the call sites move to an injected AuditLog."""
-    return _LOG.checkpoint(session, key)
-
-
-def verify(session: Session, checkpoints: Iterable[dict[str, Any]] = (), key: bytes | None = None) -> VerifyResult:
-    """`AuditLog.verify` on the module's default AuditLog; the call sites move to an injected AuditLog."""
-    return _LOG.verify(session, checkpoints, key)
-
-
-def default_event_at(session: Session, model: str, at: datetime) -> AuditEvent | None:
-    """`AuditLog.default_event_at` on the module's default AuditLog; the call sites move to an injected AuditLog."""
-    return _LOG.default_event_at(session, model, at)
-
-
-def query_engine(
-    engine: Engine,
-    *,
-    model: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    actor: str | None = None,
-    action: str | None = None,
-    version: str | None = None,
-    limit: int = 50,
-    before_seq: int | None = None,
-    actor_must_exist: bool = False,
-) -> list[dict[str, Any]] | None:
-    """Filtered events, newest first, on the read-only engine (`AuditLog.events`).
-
-    With `actor_must_exist`, returns None when nothing matched and `actor` never did anything.
-    """
-    with reader(engine).connect() as conn:
-        rows = _LOG.events(conn, model=model, since=since, until=until, actor=actor, action=action,
-                           version=version, limit=limit, before_seq=before_seq)
-        if not rows and actor_must_exist and actor is not None and not _LOG.has_actor(conn, actor):
-            return None
-        return rows

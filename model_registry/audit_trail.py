@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator
 from sqlalchemy import select
 
 from model_registry import audit, names
+from model_registry.audit import AuditLog
 from model_registry.config import Settings
 from model_registry.errors import InvalidInput, NotFound
 from model_registry.records import (
@@ -23,8 +24,8 @@ from model_registry.views import iso, request_view
 class AuditTrail:
     """The audit chain as people ask about it, and the refusals recorded outside any other change."""
 
-    def __init__(self, db: Database, catalog: Catalog, settings: Settings) -> None:
-        self.db, self.catalog, self.settings = db, catalog, settings
+    def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, settings: Settings) -> None:
+        self.db, self.audit_log, self.catalog, self.settings = db, audit_log, catalog, settings
 
     @property
     def _checkpoint_file(self) -> Path:
@@ -39,7 +40,7 @@ class AuditTrail:
                        details: dict[str, Any] | None = None) -> None:
         """Record a refused request that changed nothing (forged, tampered, unauthorised)."""
         with self.db.unit_of_work() as s:
-            audit.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
+            self.audit_log.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
                          message_ts=message_ts, details={"reason": reason, "message": message[:500],
                                                          **(details or {})})
 
@@ -60,7 +61,7 @@ class AuditTrail:
     def checkpoint(self) -> dict[str, Any]:
         """Record the chain's head outside the database; the caller may also post it (e.g. to Slack)."""
         with self.db.reads() as s:
-            cp = audit.checkpoint(s, self._audit_key())
+            cp = self.audit_log.checkpoint(s, self._audit_key())
         self._checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self._checkpoint_file, "a") as fh:
             fh.write(json.dumps(cp, sort_keys=True) + "\n")
@@ -69,7 +70,7 @@ class AuditTrail:
     def verify(self, checkpoints: Iterable[dict[str, Any]] | None = None) -> audit.VerifyResult:
         cps = self.checkpoints() if checkpoints is None else list(checkpoints)
         with self.db.reads() as s:
-            return audit.verify(s, cps, self._audit_key())
+            return self.audit_log.verify(s, cps, self._audit_key())
 
     def events(self, *, model: str | None = None, since: datetime | None = None,
                      until: datetime | None = None, actor: str | None = None, action: str | None = None,
@@ -85,10 +86,11 @@ class AuditTrail:
         if since is not None and until is not None and since >= until:
             raise InvalidInput("--since is not before --until", "swap them, or drop one")
         # one indexed SELECT on the read-only engine (no write lock on SQLite, no transaction on PostgreSQL)
-        rows = audit.query_engine(self.db.engine, model=model, since=since, until=until, actor=actor, action=action,
-                                  version=version, limit=limit, before_seq=before_seq, actor_must_exist=True)
-        if rows is None:
-            raise NotFound(f"no audit events by {actor!r}", "check the user id (in Slack, @mention the person)")
+        with self.db.reader.connect() as conn:
+            rows = self.audit_log.events(conn, model=model, since=since, until=until, actor=actor, action=action,
+                                         version=version, limit=limit, before_seq=before_seq)
+            if not rows and actor is not None and not self.audit_log.has_actor(conn, actor):
+                raise NotFound(f"no audit events by {actor!r}", "check the user id (in Slack, @mention the person)")
         return rows
 
     def all_events(self, **filters: Any) -> Iterator[dict[str, Any]]:
@@ -106,7 +108,7 @@ class AuditTrail:
         names.validate_model_name(model)
         with self.db.reads() as s:
             self.catalog.require_model(model, s)
-            event = audit.default_event_at(s, model, at)
+            event = self.audit_log.default_event_at(s, model, at)
             if event is None:
                 raise NotFound(f"{model} had no default version at {iso(at)}",
                                f"its first version became the default later; see `audit {model}`")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model_registry.audit import AuditLog
 from model_registry.audit_trail import AuditTrail
 from model_registry.backends.base import Backend
 from model_registry.config import ProjectConfig, Settings
@@ -29,6 +30,7 @@ class Core:
     settings: Settings
     config: ProjectConfig
     db: Database
+    audit_log: AuditLog
     backend: Backend
     catalog: Catalog
     jobs: Jobs
@@ -63,15 +65,16 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
               members_of: MembersOf | None = None) -> Core:
     """Open the database (migrating it), choose the backend, and wire the groups of use cases."""
     db = Database(settings.database_url)
+    audit_log = AuditLog()
     backend = backend or make_backend(settings, config)
     catalog = Catalog(db, config, members_of)
-    audit_trail = AuditTrail(db, catalog, settings)
-    jobs = Jobs(db, catalog, config, settings, backend)
-    versions = Versions(db, catalog, config, backend, jobs)
-    promotions = Promotions(db, catalog, config, backend, versions, audit_trail)
+    audit_trail = AuditTrail(db, audit_log, catalog, settings)
+    jobs = Jobs(db, audit_log, catalog, config, settings, backend)
+    versions = Versions(db, audit_log, catalog, config, backend, jobs)
+    promotions = Promotions(db, audit_log, catalog, config, backend, versions, audit_trail)
     return Core(
-        settings=settings, config=config, db=db, backend=backend, catalog=catalog, jobs=jobs, versions=versions,
-        promotions=promotions, audit=audit_trail,
-        schedules=Schedules(db, catalog, config, jobs, versions, promotions),
+        settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
+        versions=versions, promotions=promotions, audit=audit_trail,
+        schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
         predictions=Predictions(db, catalog, backend),
     )

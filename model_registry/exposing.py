@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from model_registry import audit, listings, names
+from model_registry import listings, names
+from model_registry.audit import AuditLog
 from model_registry.backends.base import Backend
 from model_registry.config import ProjectConfig
 from model_registry.diffs import diff_versions, version_digest
@@ -32,8 +33,10 @@ from model_registry.views import iso, version_view
 class Versions:
     """Versions of every model: made from succeeded jobs, listed, compared, written to the model files."""
 
-    def __init__(self, db: Database, catalog: Catalog, config: ProjectConfig, backend: Backend, jobs: Jobs) -> None:
-        self.db, self.catalog, self.config, self.backend, self.jobs = db, catalog, config, backend, jobs
+    def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, config: ProjectConfig, backend: Backend,
+                 jobs: Jobs) -> None:
+        self.db, self.audit_log, self.catalog = db, audit_log, catalog
+        self.config, self.backend, self.jobs = config, backend, jobs
 
     def expose(self, model: str, user: str) -> dict[str, Any]:
         """Turn every succeeded, unexposed job into a version. Returns {'exposed': [...], 'errors': [...]}."""
@@ -105,7 +108,7 @@ class Versions:
                     return None  # another process exposed it first
                 version.backend_ref = ref
                 s.add(version)
-                audit.append(s, "version.exposed", user, model=job.model, version=version.name, job_id=job.job_id,
+                self.audit_log.append(s, "version.exposed", user, model=job.model, version=version.name, job_id=job.job_id,
                              details={"digest": version.digest, "metrics": metrics})
                 record = s.get(ModelRecord, job.model, with_for_update=True)
                 if record is None:
@@ -113,7 +116,7 @@ class Versions:
                     s.add(record)
                 if record.default_version is None:  # StarChart: a new model's first version is its default
                     record.default_version, record.updated_at = version.name, names.utcnow()
-                    audit.append(s, "default.initialized", user, model=job.model, version=version.name,
+                    self.audit_log.append(s, "default.initialized", user, model=job.model, version=version.name,
                                  details={"why": "first version of a new model"})
                     initialized = True
         except IntegrityError:

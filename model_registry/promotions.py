@@ -10,8 +10,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from model_registry import audit, names
+from model_registry import names
 from model_registry import promotion_rules as rules
+from model_registry.audit import AuditLog
 from model_registry.audit_trail import AuditTrail
 from model_registry.backends.base import Backend
 from model_registry.config import ProjectConfig
@@ -39,9 +40,9 @@ RECONCILE_AFTER = timedelta(minutes=2)  # an apply older than this with no resul
 class Promotions:
     """Promotion requests of every model, from opening to the switch of the default."""
 
-    def __init__(self, db: Database, catalog: Catalog, config: ProjectConfig, backend: Backend, versions: Versions,
-                 audit_trail: AuditTrail) -> None:
-        self.db, self.catalog, self.config, self.backend = db, catalog, config, backend
+    def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, config: ProjectConfig, backend: Backend,
+                 versions: Versions, audit_trail: AuditTrail) -> None:
+        self.db, self.audit_log, self.catalog, self.config, self.backend = db, audit_log, catalog, config, backend
         self.versions, self.audit = versions, audit_trail
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
@@ -76,7 +77,7 @@ class Promotions:
             )
             s.add(req)
             s.flush()
-            audit.append(s, "rollback.requested" if kind == "rollback" else "promotion.requested", user, model=model,
+            self.audit_log.append(s, "rollback.requested" if kind == "rollback" else "promotion.requested", user, model=model,
                          version=version, request_id=req.id, channel=req.channel,
                          details={"kind": kind, "base": base_name, "reason": reason, "card_digest": req.card_digest,
                                   "breaking": diff["signature"]["breaking"]})
@@ -148,7 +149,7 @@ class Promotions:
             if row is None:
                 refusal = Refused(f"no promotion request #{request_id}", "it may have been removed; open a new one",
                                   reason="not_found")
-                audit.append(s, "approval.refused", user, request_id=request_id, **person,
+                self.audit_log.append(s, "approval.refused", user, request_id=request_id, **person,
                              details={"reason": "not_found"})
             else:
                 req = self._domain(s, row)
@@ -250,7 +251,7 @@ class Promotions:
                 self._apply_result(request_id, "system",
                                    error="interrupted before the backend switched the default; retry to apply")
             with self.db.unit_of_work() as s:
-                audit.append(s, "promotion.reconciled", "system", model=model, version=version,
+                self.audit_log.append(s, "promotion.reconciled", "system", model=model, version=version,
                              request_id=request_id, details={"backend_default": current})
             results.append(self.get(request_id))
             self.versions.write_model_file(model)
@@ -284,8 +285,7 @@ class Promotions:
             decided_at=row.decided_at, apply_started_at=row.apply_started_at, applied_at=row.applied_at,
             error=row.error, channel=row.channel, message_ts=row.message_ts)
 
-    @staticmethod
-    def _store(s: Session, row: PromotionRequest, req: rules.PromotionRequest, outcome: rules.Outcome,
+    def _store(self, s: Session, row: PromotionRequest, req: rules.PromotionRequest, outcome: rules.Outcome,
                person: dict[str, Any] | None = None) -> None:
         """Persist what a rule did, in the caller's transaction: the request, a new decision, its audit events."""
         row.state, row.decided_at, row.error = req.state, req.decided_at, req.error
@@ -301,5 +301,5 @@ class Promotions:
                 where = dict(person or {})
             elif event.on_card:
                 where = {"channel": row.channel, "message_ts": row.message_ts}
-            audit.append(s, event.action, event.actor, model=row.model, version=row.candidate_version,
+            self.audit_log.append(s, event.action, event.actor, model=row.model, version=row.candidate_version,
                          request_id=row.id, **where, details=event.details)

@@ -9,7 +9,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 from sqlalchemy import select, update
 
-from model_registry import audit, names
+from model_registry import names
+from model_registry.audit import AuditLog
 from model_registry.config import ProjectConfig
 from model_registry.errors import InvalidInput, StarchartError
 from model_registry.exposing import Versions
@@ -46,9 +47,9 @@ def schedule_view(row: Schedule) -> dict[str, Any]:
 class Schedules:
     """Retraining on a cron, and the nightly follow-up: expose, gate, open the review."""
 
-    def __init__(self, db: Database, catalog: Catalog, config: ProjectConfig, jobs: Jobs, versions: Versions,
-                 promotions: Promotions) -> None:
-        self.db, self.catalog, self.config = db, catalog, config
+    def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, config: ProjectConfig, jobs: Jobs,
+                 versions: Versions, promotions: Promotions) -> None:
+        self.db, self.audit_log, self.catalog, self.config = db, audit_log, catalog, config
         self.jobs, self.versions, self.promotions = jobs, versions, promotions
     def set(self, model: str, cron: str, user: str, args: list[str] | None = None,
                      tz: str = "UTC") -> dict[str, Any]:
@@ -70,7 +71,7 @@ class Schedules:
                 row.cron, row.timezone, row.args, row.enabled = cron, tz, list(args or []), True
                 row.updated_by, row.updated_at = user, now
             s.flush()
-            audit.append(s, "schedule.changed", user, model=model,
+            self.audit_log.append(s, "schedule.changed", user, model=model,
                          details={"cron": cron, "timezone": tz, "args": list(args or []), "enabled": True})
             return schedule_view(row)
 
@@ -82,7 +83,7 @@ class Schedules:
             if row is None or not row.enabled:
                 raise InvalidInput(f"{model} has no schedule to turn off", "see `schedule list`")
             row.enabled, row.updated_by, row.updated_at = False, user, names.utcnow()
-            audit.append(s, "schedule.changed", user, model=model, details={"cron": row.cron, "enabled": False})
+            self.audit_log.append(s, "schedule.changed", user, model=model, details={"cron": row.cron, "enabled": False})
             return schedule_view(row)
 
     def sync_configured(self) -> None:
@@ -120,7 +121,7 @@ class Schedules:
                 started.append(self.jobs.train(model, f"schedule:{model}", args=args or None))
             except StarchartError as exc:  # recorded; the next firing tries again
                 with self.db.unit_of_work() as s:
-                    audit.append(s, "schedule.changed", "system", model=model,
+                    self.audit_log.append(s, "schedule.changed", "system", model=model,
                                  details={"cron": cron, "failed_to_start": exc.message})
         return started
 
@@ -147,7 +148,7 @@ class Schedules:
                 why = self._gate_refusal(model, version, policy.gate)
                 if why:
                     with self.db.unit_of_work() as s:
-                        audit.append(s, "review.skipped", actor, model=model, version=version["name"],
+                        self.audit_log.append(s, "review.skipped", actor, model=model, version=version["name"],
                                      details={"why": why})
                     continue
                 opened.append(self.promotions.promote(model, version["name"], actor, reason="scheduled retrain"))

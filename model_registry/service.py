@@ -27,7 +27,8 @@ class Database:
         self.engine = make_engine(url)
         migrate(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.reads = sessionmaker(reader(self.engine), expire_on_commit=False)  # read-only use cases
+        self.reader = reader(self.engine)  # read-only work: no write lock on SQLite, no transaction on PostgreSQL
+        self.reads = sessionmaker(self.reader, expire_on_commit=False)
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:

@@ -11,7 +11,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from model_registry import audit, listings, names
+from model_registry import listings, names
+from model_registry.audit import AuditLog
 from model_registry.backends.base import Backend, TrainingSpec
 from model_registry.config import ProjectConfig, Settings
 from model_registry.errors import BackendError, InvalidInput, NotFound, StarchartError
@@ -39,9 +40,10 @@ def substitute_train_path(args: Iterable[str], train_path: str) -> tuple[str, ..
 class Jobs:
     """Training jobs of every model, on the configured backend."""
 
-    def __init__(self, db: Database, catalog: Catalog, config: ProjectConfig, settings: Settings,
+    def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, config: ProjectConfig, settings: Settings,
                  backend: Backend) -> None:
-        self.db, self.catalog, self.config, self.settings, self.backend = db, catalog, config, settings, backend
+        self.db, self.audit_log, self.catalog = db, audit_log, catalog
+        self.config, self.settings, self.backend = config, settings, backend
 
     def train(
         self,
@@ -114,7 +116,7 @@ class Jobs:
         s.flush()
         if s.get(ModelRecord, model) is None:
             s.add(ModelRecord(name=model, default_version=None, updated_at=names.utcnow()))
-        audit.append(s, "training.requested", user, model=model, job_id=job.job_id,
+        self.audit_log.append(s, "training.requested", user, model=model, job_id=job.job_id,
                      details={"module": module, "args": job.args, "package_sha256": sha256, "workers": workers})
         return job
 
@@ -129,7 +131,7 @@ class Jobs:
                 update(Job).where(Job.job_id == job_id, Job.state.in_(list(expected))).values(**values)))
             if done:
                 job = s.get_one(Job, job_id)
-                audit.append(s, f"training.{state.lower()}", actor, model=job.model, job_id=job_id,
+                self.audit_log.append(s, f"training.{state.lower()}", actor, model=job.model, job_id=job_id,
                              details={"error": (error or "")[-500:]} if error else {})
             return bool(done)
 
@@ -153,7 +155,7 @@ class Jobs:
                 with self.db.unit_of_work() as s:
                     if rows_changed(s.execute(update(Job).where(Job.job_id == job_id, Job.state == QUEUED)
                                               .values(state=RUNNING, started_at=st.started_at or names.utcnow()))):
-                        audit.append(s, "training.started", "system", model=job_model, job_id=job_id)
+                        self.audit_log.append(s, "training.started", "system", model=job_model, job_id=job_id)
                         changed += 1
                 continue
             error = st.error

@@ -141,12 +141,11 @@ def test_filters_and_bad_input(audited: Any) -> None:
 
 
 def test_csv_export_pages_through_everything(make_registry: Any, sqlite_url: str) -> None:
-    from model_registry import audit
 
     reg = make_registry(sqlite_url)
     with reg.db.unit_of_work() as s:
         for i in range(2345):
-            audit.append(s, "schedule.changed", "U_T", details={"i": i})
+            reg.audit_log.append(s, "schedule.changed", "U_T", details={"i": i})
     every = list(reg.audit.all_events(actor="U_T"))
     assert len(every) == 2345 and [e["seq"] for e in every] == sorted((e["seq"] for e in every), reverse=True)
     assert len(reg.audit.events(actor="U_T", limit=1000)) == 1000

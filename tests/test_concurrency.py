@@ -36,13 +36,12 @@ def _decide_and_apply(args: tuple[str, str, int, str, Any]) -> str:
 
 
 def _append_events(args: tuple[str, str, int]) -> None:
-    from model_registry import audit
 
     home, db_url, n = args
     reg = _registry(home, db_url)
     for i in range(n):
         with reg.db.unit_of_work() as s:
-            audit.append(s, "schedule.changed", f"proc-{mp.current_process().name}", details={"i": i})
+            reg.audit_log.append(s, "schedule.changed", f"proc-{mp.current_process().name}", details={"i": i})
     reg.db.engine.dispose()
 
 

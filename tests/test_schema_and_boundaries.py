@@ -164,7 +164,6 @@ def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> No
     """A session the server terminated is noticed on checkout (the pool's pre-ping) and replaced."""
     import psycopg
 
-    from model_registry import audit
     from model_registry.bootstrap import bootstrap
     from model_registry.config import ProjectConfig, Settings
 
@@ -172,7 +171,7 @@ def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> No
                                   "STARCHART_CONFIG": str(tmp_path / "none.yaml")})
     reg = bootstrap(settings, ProjectConfig.load(settings.config_path))
     with reg.db.unit_of_work() as s:
-        audit.append(s, "schedule.changed", "U_T")
+        reg.audit_log.append(s, "schedule.changed", "U_T")
     assert reg.audit.events(limit=5)[0]["action"] == "schedule.changed"
     dbname = pg_url.rsplit("/", 1)[1]
     with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as admin:
@@ -181,7 +180,7 @@ def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> No
 
     time.sleep(0.2)
     with reg.db.unit_of_work() as s:  # the pool hands out a fresh connection instead of the dead one
-        audit.append(s, "schedule.changed", "U_T")
+        reg.audit_log.append(s, "schedule.changed", "U_T")
     assert len(reg.audit.events(limit=5)) == 2
     assert reg.audit.verify().ok
     reg.db.engine.dispose()

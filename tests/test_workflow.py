@@ -283,19 +283,17 @@ def test_state_change_and_audit_event_commit_together(two_versions: Any, monkeyp
     reg = two_versions
     cand, _ = newest_and_default(reg)
     req = reg.promotions.promote("iris", cand, "U_REQ")
-    from model_registry import audit
-
-    real = audit.append
+    real = reg.audit_log.append
 
     def broken(session: Any, action: str, *a: Any, **k: Any) -> Any:
         if action == "approval.granted":
             raise RuntimeError("disk full")
         return real(session, action, *a, **k)
 
-    monkeypatch.setattr(audit, "append", broken)
+    monkeypatch.setattr(reg.audit_log, "append", broken)  # the one audit log every use case was handed
     with pytest.raises(RuntimeError):
         reg.promotions.decide(req["id"], "U_OK", True)
-    monkeypatch.setattr(audit, "append", real)
+    monkeypatch.setattr(reg.audit_log, "append", real)
     after = reg.promotions.get(req["id"])
     assert after["decisions"] == [] and after["state"] == "open", "no approval without its audit event"
 
