@@ -65,8 +65,8 @@ _E = AuditEvent.__table__.c
 _H = AuditHead.__table__.c
 # SELECT ... FOR UPDATE on PostgreSQL; SQLite renders no FOR UPDATE: its write transaction began IMMEDIATE (db.py)
 _LOCK_HEAD = select(_H.seq, _H.hash).where(_H.id == 1).with_for_update()
-_INSERT_EVENT = insert(AuditEvent.__table__)
-_MOVE_HEAD = update(AuditHead.__table__).where(_H.id == 1)
+_INSERT_EVENT = insert(AuditEvent)
+_MOVE_HEAD = update(AuditHead).where(_H.id == 1)
 _EVENTS = select(_E.seq, _E.created_at, _E.action, _E.actor, _E.actor_name, _E.model, _E.version, _E.request_id,
                  _E.job_id, _E.channel, _E.message_ts, _E.details)
 _DEFAULT_ACTIONS = ("default.initialized", "promotion.applied")

@@ -10,11 +10,11 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
+import google.cloud.storage as storage
 import requests
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
 
 from model_registry.errors import ArtifactError, BackendError
 

@@ -21,16 +21,7 @@ from model_registry.errors import InvalidInput, NotFound, Refused, StarchartErro
 from model_registry.exposing import Versions
 from model_registry.model_files import marked_default, read_model_file
 from model_registry.policy import check_operator
-from model_registry.records import (
-    APPLIED,
-    APPLYING,
-    APPROVED,
-    FAILED_APPLY,
-    OPEN,
-    Approval,
-    ModelRecord,
-    PromotionRequest,
-)
+from model_registry.records import Approval, ModelRecord, PromotionRequest
 from model_registry.service import Catalog, Database, rows_changed
 from model_registry.views import request_view, version_view
 
@@ -59,7 +50,7 @@ class Promotions:
                 raise InvalidInput(f"{version} is already the default of {model}", "nothing to review")
             existing = s.execute(select(PromotionRequest).where(
                 PromotionRequest.model == model, PromotionRequest.candidate_version == version,
-                PromotionRequest.base_version == base_name, PromotionRequest.state == OPEN,
+                PromotionRequest.base_version == base_name, PromotionRequest.state == rules.OPEN,
                 PromotionRequest.expires_at > names.utcnow())).scalar_one_or_none()
             if existing is not None:  # a retried command finds the open request instead of a twin
                 return request_view(existing, self.catalog.approvals(s, existing.id))
@@ -71,7 +62,7 @@ class Promotions:
                 model=model, kind=kind, candidate_version=version, base_version=base_name,
                 candidate_digest=cand.digest, card_digest=card_digest(cand.digest, base_view["digest"] if base_view else None,
                                                                       diff),
-                diff=diff, requested_by=user, reason=reason, state=OPEN,
+                diff=diff, requested_by=user, reason=reason, state=rules.OPEN,
                 required_approvals=policy.required_approvals, created_at=now, expires_at=now + policy.request_expiry,
                 channel=channel or policy.channel,
             )
@@ -101,7 +92,7 @@ class Promotions:
     def _previous_default(self, s: Session, model: str) -> str:
         """Replay applied requests as a stack of defaults: promotions push, rollbacks pop."""
         applied = s.execute(select(PromotionRequest).where(
-            PromotionRequest.model == model, PromotionRequest.state == APPLIED
+            PromotionRequest.model == model, PromotionRequest.state == rules.APPLIED
         ).order_by(PromotionRequest.applied_at, PromotionRequest.id)).scalars().all()
         stack: list[str] = []
         for req in applied:
@@ -128,7 +119,7 @@ class Promotions:
             self.catalog.require_model(model, s)
             q = select(PromotionRequest).where(PromotionRequest.model == model)
             if open_only:
-                q = q.where(PromotionRequest.state.in_([OPEN, APPROVED, APPLYING, FAILED_APPLY]))
+                q = q.where(PromotionRequest.state.in_([rules.OPEN, rules.APPROVED, rules.APPLYING, rules.FAILED]))
             return [request_view(r, self.catalog.approvals(s, r.id)) for r in
                     s.execute(q.order_by(PromotionRequest.id.desc()).limit(50)).scalars()]
 
@@ -182,7 +173,7 @@ class Promotions:
     def apply_request(self, request_id: int, actor: str = "system") -> dict[str, Any]:
         """Switch the default for an approved request: audit first, then the backend, then the result.
 
-        Only one caller wins the APPROVED/FAILED -> APPLYING transition; the others get the request as it is.
+        Only one caller wins the approved/failed -> applying transition; the others get the request as it is.
         """
         with self.db.unit_of_work() as s:
             row = s.get(PromotionRequest, request_id, with_for_update=True)
@@ -192,7 +183,7 @@ class Promotions:
             if row.state in rules.APPLICABLE:
                 s.get(ModelRecord, row.model, with_for_update=True)  # one apply per model: the model row is locked
             busy = s.execute(select(PromotionRequest.id).where(
-                PromotionRequest.model == row.model, PromotionRequest.state == APPLYING,
+                PromotionRequest.model == row.model, PromotionRequest.state == rules.APPLYING,
                 PromotionRequest.id != row.id).limit(1)).scalar()
             outcome = req.start_apply(actor, rules.Facts(now=names.utcnow(),
                                                          current_default=self._default_of(s, row.model)),
@@ -235,7 +226,7 @@ class Promotions:
         with self.db.unit_of_work() as s:
             stuck = s.execute(select(PromotionRequest.id, PromotionRequest.model, PromotionRequest.candidate_version,
                                      PromotionRequest.apply_started_at)
-                              .where(PromotionRequest.state == APPLYING,
+                              .where(PromotionRequest.state == rules.APPLYING,
                                      PromotionRequest.apply_started_at <= now - older_than)).all()
         results = []
         for request_id, model, version, started in stuck:
@@ -261,7 +252,7 @@ class Promotions:
         """Close open requests past their expiry (the worker calls this)."""
         now = names.utcnow()
         with self.db.unit_of_work() as s:
-            rows = s.execute(select(PromotionRequest).where(PromotionRequest.state == OPEN,
+            rows = s.execute(select(PromotionRequest).where(PromotionRequest.state == rules.OPEN,
                                                             PromotionRequest.expires_at < now)).scalars().all()
             for row in rows:
                 req = self._domain(s, row)

@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from model_registry import promotion_rules
+
 
 class Base(DeclarativeBase):
     """The metadata every table (and Alembic) shares."""
@@ -94,11 +96,6 @@ class ModelRecord(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
-# Promotion request states.
-OPEN, APPROVED, APPLYING, APPLIED, FAILED_APPLY, REJECTED, EXPIRED, STALE = (
-    "open", "approved", "applying", "applied", "failed", "rejected", "expired", "stale",
-)
-CLOSED = (APPLIED, REJECTED, EXPIRED, STALE)
 
 
 class PromotionRequest(Base):
@@ -114,7 +111,7 @@ class PromotionRequest(Base):
     diff: Mapped[dict[str, Any]] = mapped_column(JSON)
     requested_by: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16), default=OPEN)
+    state: Mapped[str] = mapped_column(String(16), default=promotion_rules.OPEN)
     required_approvals: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     expires_at: Mapped[datetime] = mapped_column(DateTime)

@@ -176,10 +176,11 @@ def test_a_failed_set_default_leaves_the_request_failed(world: World, trained: d
 
 
 def protocol_members() -> dict[str, Any]:
-    """The Backend protocol's attributes (annotations) and methods (with their signatures)."""
+    """The Backend protocol's attributes (annotations and read-only properties) and methods (with signatures)."""
     from model_registry.backends.base import Backend
 
     members: dict[str, Any] = {name: None for name in Backend.__annotations__}
+    members.update({name: None for name, value in vars(Backend).items() if isinstance(value, property)})
     members.update({name: inspect.signature(fn) for name, fn in vars(Backend).items()
                     if inspect.isfunction(fn) and not name.startswith("_")})
     return members

@@ -41,7 +41,11 @@ class Backend(Protocol):
     (the local model server's `stop_server`, used by the demo; Vertex AI's `preflight`, its live smoke check)."""
 
     name: str
-    storage: Storage
+
+    @property
+    def storage(self) -> Storage:
+        """Where the backend keeps train paths and models (local folders or Cloud Storage)."""
+
     poll_interval: tuple[float, float]  # seconds: first and longest wait between status checks
 
     def stage_package(self, package: Package, train_path: str) -> str:

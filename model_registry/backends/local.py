@@ -88,7 +88,7 @@ class LocalBackend:
 
     def _alive(self, status: dict[str, Any]) -> bool:
         pid = status.get("pid")
-        return bool(pid) and proc_start_time(int(pid)) == status.get("pid_start")
+        return pid is not None and proc_start_time(int(pid)) == status.get("pid_start")
 
     def status(self, job_id: str, ref: str | None) -> JobStatus:
         job_dir = self._job_dir(job_id)
@@ -262,8 +262,8 @@ class LocalBackend:
     def stop_server(self) -> bool:
         """Stop this home's model server, if one runs; True when one was stopped."""
         info = self._server_info()
-        alive = bool(info) and proc_start_time(int(info["pid"])) == info.get("pid_start")
-        if alive:
+        alive = info is not None and proc_start_time(int(info["pid"])) == info.get("pid_start")
+        if info is not None and alive:
             os.kill(int(info["pid"]), signal.SIGTERM)
         self._forget_server()
         return alive

@@ -34,7 +34,7 @@ from typing import Any
 try:
     from model_registry.backends.local_runner import proc_start_time
 except ImportError:  # run as a file by a Python without this project (STARCHART_TRAINER_PYTHON): a sibling file
-    from local_runner import proc_start_time  # type: ignore[no-redef]
+    from local_runner import proc_start_time  # type: ignore[no-redef,import-not-found]
 
 MAX_BODY = 8 * 1024 * 1024
 LOADED_VERSIONS = 4  # SavedModels kept in memory, least recently used dropped first

@@ -121,7 +121,7 @@ class VertexApi:
         endpoint = self.host(region)
         if endpoint.startswith("http://"):  # a local fake: REST without TLS, no credentials
             host = endpoint.removeprefix("http://").rstrip("/")
-            creds = AnonymousCredentials()
+            creds: Credentials = AnonymousCredentials()
             return (aip.JobServiceClient(transport=JobServiceRestTransport(host=host, credentials=creds,
                                                                            url_scheme="http")),
                     aip.ModelServiceClient(transport=ModelServiceRestTransport(host=host, credentials=creds,

@@ -144,7 +144,8 @@ class Endpoints:
         machine = aip.MachineSpec(machine_type=settings.machine_type)
         if settings.accelerator:
             kind, count = parse_accelerator(settings.accelerator)
-            machine.accelerator_type, machine.accelerator_count = aip.AcceleratorType[kind], count
+            machine.accelerator_type = aip.AcceleratorType[kind]  # type: ignore[misc]  # proto-plus enums index by name
+            machine.accelerator_count = count
         before = traffic(endpoint)
         request = aip.DeployModelRequest(
             endpoint=endpoint.name,
@@ -227,7 +228,7 @@ class Endpoints:
         endpoint = self.find(model)
         serving = {d.id: d.display_name for d in endpoint.deployed_models} if endpoint else {}
         live = [serving.get(i, i) for i in traffic(endpoint)] if endpoint else []
-        if not live:
+        if endpoint is None or not live:
             raise NotFound(f"no endpoint serves {model} yet", f"apply a version of {model}: it deploys the default")
         if version is not None and version not in live:
             raise Refused(f"the endpoint of {model} serves {', '.join(live)}, not {version}",
