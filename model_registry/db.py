@@ -35,7 +35,9 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
     # a pooled connection the server closed (restart, idle timeout, pg_terminate_backend) is replaced on checkout
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    _pg_iso_datestyle(engine)
+    return engine
 
 
 def _sqlite_serialised_writes(engine: Engine) -> None:
@@ -53,6 +55,14 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("starchart_read") else "BEGIN IMMEDIATE")
+
+
+def _pg_iso_datestyle(engine: Engine) -> None:
+    # the list queries read times as text (listings._as_text): ISO whatever DateStyle the server defaults to
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _rec: Any) -> None:
+        dbapi_conn.execute("SET DateStyle TO ISO")
+        dbapi_conn.commit()  # a SET in a transaction rolled back later would be undone
 
 
 def reader(engine: Engine) -> Engine:
