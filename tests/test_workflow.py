@@ -439,8 +439,8 @@ def test_diverged_training_with_nan_metrics_is_exposed_and_listed(make_registry:
 
 
 def test_metrics_stored_with_nan_before_the_fix_still_list(two_versions: Any) -> None:
-    """Rows written before expose turned NaN into null hold Python's NaN token: the fast parser refuses it, the
-    listing falls back to the json module instead of failing (SQLite only: PostgreSQL never accepted such rows)."""
+    """Rows written before expose turned NaN into a string hold Python's NaN token: the listing reads it as the json
+    module does instead of failing (SQLite only: PostgreSQL never accepted such rows)."""
     reg = two_versions
     if reg.db.engine.dialect.name != "sqlite":
         pytest.skip("PostgreSQL's json type never stored NaN")
