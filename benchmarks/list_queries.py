@@ -13,8 +13,9 @@ reported for every (query, database) pair; the headline ratio is the worst of th
     python benchmarks/list_queries.py [--quick | --smoke] [--rows N] [--reps N] [--sqlite-only] [--profile]
 
 Human-readable progress goes to stderr; the last line of stdout is one JSON object (DESIGN.md,
-"Benchmarks"). Target: every ratio <= 3.0 (the Registry goes through SQLAlchemy Core, types processed, times
-formatted in Python; a list of a thousand is a chat command, where a few milliseconds go unnoticed).
+"Benchmarks"). Target: every ratio <= 3.0 (the Registry goes through SQLAlchemy Core, JSON decoded, times read
+as the database's text and cut in Python; a list of a thousand is a chat command, where a few milliseconds go
+unnoticed).
 """
 
 from __future__ import annotations

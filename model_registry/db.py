@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,13 @@ from model_registry.errors import InvalidInput
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 SCHEMA_HEAD = "0003"  # the newest migration's revision; tests check it against Alembic's head
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
+_JSON = json.JSONDecoder()
+
+
+def _sqlite_json(text: str) -> Any:
+    # sqlite3 hands back the text SQLAlchemy's json.dumps wrote (no surrounding whitespace): the C scanner alone,
+    # without json.loads' checks and whitespace skipping (-0.4 ms of a 1,000-row `versions`, 6 ms: under 3x)
+    return _JSON.raw_decode(text)[0]
 
 
 def make_engine(url: str) -> Engine:
@@ -29,13 +37,16 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                               json_deserializer=_sqlite_json)
         _sqlite_serialised_writes(engine)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
     # a pooled connection the server closed (restart, idle timeout, pg_terminate_backend) is replaced on checkout
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    _pg_iso_datestyle(engine)
+    return engine
 
 
 def _sqlite_serialised_writes(engine: Engine) -> None:
@@ -53,6 +64,14 @@ def _sqlite_serialised_writes(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("starchart_read") else "BEGIN IMMEDIATE")
+
+
+def _pg_iso_datestyle(engine: Engine) -> None:
+    # the list queries read times as text (listings._as_text): ISO whatever DateStyle the server defaults to
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _rec: Any) -> None:
+        dbapi_conn.execute("SET DateStyle TO ISO")
+        dbapi_conn.commit()  # a SET in a transaction rolled back later would be undone
 
 
 def reader(engine: Engine) -> Engine:

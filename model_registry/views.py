@@ -18,6 +18,11 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") + "Z" if value else None
 
 
+def iso_text(value: str | None) -> str | None:
+    """A time as the database's text of it ('2026-11-27 09:30:00.123456') in the views' form, as `iso` gives it."""
+    return f"{value[:10]}T{value[11:19]}Z" if value else None
+
+
 def job_view(j: Job) -> dict[str, Any]:
     return {
         "job_id": j.job_id, "model": j.model, "state": j.state, "module": j.module, "args": list(j.args or []),

@@ -437,8 +437,8 @@ def test_diverged_training_with_nan_metrics_is_exposed_and_listed(make_registry:
 
 
 def test_metrics_stored_with_nan_before_the_fix_still_list(two_versions: Any) -> None:
-    """Rows written before expose turned NaN into null hold Python's NaN token: the fast parser refuses it, the
-    listing falls back to the json module instead of failing (SQLite only: PostgreSQL never accepted such rows)."""
+    """Rows written before expose turned NaN into a string hold Python's NaN token: the listing reads it as the json
+    module does instead of failing (SQLite only: PostgreSQL never accepted such rows)."""
     reg = two_versions
     if reg.db.engine.dialect.name != "sqlite":
         pytest.skip("PostgreSQL's json type never stored NaN")
@@ -448,3 +448,41 @@ def test_metrics_stored_with_nan_before_the_fix_still_list(two_versions: Any) ->
     listed = reg.versions.of_model("iris")["versions"]
     assert listed[0]["name"] == newest and listed[0]["metrics"]["loss"] != listed[0]["metrics"]["loss"]  # NaN
     assert all(isinstance(v["metrics"], dict) for v in listed)
+
+
+def test_lists_show_times_to_the_second_as_the_views_do(two_versions: Any) -> None:
+    """`state` and `versions` read times as the database's text and cut it; `get` formats datetimes: same text."""
+    from datetime import datetime
+
+    from model_registry.records import Job, Version
+
+    reg = two_versions
+    job_id = reg.jobs.state("iris")[0]["job_id"]
+    with reg.db.unit_of_work() as s:
+        s.execute(update(Job).where(Job.job_id == job_id).values(
+            created_at=datetime(2026, 11, 27, 9, 30, 0, 999999), started_at=datetime(2026, 1, 2, 3, 4, 5),
+            ended_at=None))
+        s.execute(update(Version).where(Version.job_id == job_id).values(
+            created_at=datetime(2026, 12, 31, 23, 59, 59, 500000)))
+    listed = next(j for j in reg.jobs.state("iris") if j["job_id"] == job_id)
+    assert (listed["created_at"], listed["started_at"], listed["ended_at"]) == (
+        "2026-11-27T09:30:00Z", "2026-01-02T03:04:05Z", None)
+    got = reg.jobs.get(job_id)
+    assert {k: got[k] for k in ("created_at", "started_at", "ended_at")} == {
+        k: listed[k] for k in ("created_at", "started_at", "ended_at")}
+    version = next(v for v in reg.versions.of_model("iris")["versions"] if v["job_id"] == job_id)
+    assert version["created_at"] == "2026-12-31T23:59:59Z"
+
+
+def test_lists_show_iso_times_whatever_the_servers_datestyle(two_versions: Any) -> None:
+    """PostgreSQL writes a timestamp as text in its DateStyle: the engine pins ISO, which the lists cut."""
+    reg = two_versions
+    if reg.db.engine.dialect.name != "postgresql":
+        pytest.skip("DateStyle is PostgreSQL's")
+    before = reg.jobs.state("iris")
+    with reg.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'ALTER DATABASE "{reg.db.engine.url.database}" SET DateStyle TO \'SQL, DMY\''))
+    reg.db.engine.dispose()  # new connections start with the database's DateStyle
+    with reg.db.engine.connect() as conn:
+        assert conn.execute(text("SHOW DateStyle")).scalar() == "ISO, DMY", "the engine sets ISO on connect"
+    assert reg.jobs.state("iris") == before and before[0]["created_at"].endswith("Z")
