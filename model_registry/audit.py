@@ -13,9 +13,8 @@ from sqlalchemy import Select, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from model_registry.names import utcnow
+from model_registry.names import iso, utcnow
 from model_registry.records import AuditEvent, AuditHead
-from model_registry.views import iso
 
 GENESIS = "0" * 64
 

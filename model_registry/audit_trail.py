@@ -13,12 +13,13 @@ from model_registry import audit, names
 from model_registry.audit import AuditLog
 from model_registry.config import Settings
 from model_registry.errors import InvalidInput, NotFound
+from model_registry.names import iso
 from model_registry.records import (
     PromotionRequest,
     Version,
 )
 from model_registry.service import Catalog, Database
-from model_registry.views import iso, request_view
+from model_registry.views import request_view
 
 
 class AuditTrail:

@@ -17,6 +17,7 @@ from model_registry.config import ProjectConfig
 from model_registry.diffs import diff_versions, version_digest
 from model_registry.errors import ArtifactError, InvalidInput, NotFound, StarchartError
 from model_registry.model_files import write_model_file
+from model_registry.names import iso
 from model_registry.policy import check_operator
 from model_registry.records import (
     SUCCEEDED,
@@ -27,7 +28,7 @@ from model_registry.records import (
 from model_registry.service import Catalog, Database, rows_changed
 from model_registry.signatures import read_signature
 from model_registry.training import Jobs
-from model_registry.views import iso, version_view
+from model_registry.views import version_view
 
 
 class Versions:

@@ -1,6 +1,6 @@
 """List queries of the chat commands (`state`, `versions`, model checks): SQLAlchemy Core on the read-only engine.
 
-Times are read as the database's text of a timestamp and cut to the views' form (views.iso_text): parsing a
+Times are read as the database's text of a timestamp and cut to the views' form (names.iso_text): parsing a
 thousand rows' times into datetimes and formatting them again was half of a `state` on SQLite.
 """
 
@@ -12,8 +12,8 @@ from sqlalchemy import ColumnElement, String, bindparam, cast, select
 from sqlalchemy.engine import Engine
 
 from model_registry.db import reader
+from model_registry.names import iso_text
 from model_registry.records import Job, ModelRecord, Version
-from model_registry.views import iso_text
 
 _J, _V, _M = Job.__table__.c, Version.__table__.c, ModelRecord.__table__.c
 

@@ -84,3 +84,13 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
     return parsed
+
+
+def iso(value: datetime | None) -> str | None:
+    """A naive UTC time as the views show it, to the second: '2026-11-27T09:30:00Z'."""
+    return value.isoformat(timespec="seconds") + "Z" if value else None
+
+
+def iso_text(value: str | None) -> str | None:
+    """A time as the database's text of it ('2026-11-27 09:30:00.123456') in the views' form, as `iso` gives it."""
+    return f"{value[:10]}T{value[11:19]}Z" if value else None

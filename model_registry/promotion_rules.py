@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from model_registry.config import ModelPolicy
 from model_registry.errors import InvalidInput, Refused, StarchartError
+from model_registry.names import iso
 from model_registry.policy import MembersOf, check_approver, is_listed
 
 OPEN, APPROVED, APPLYING, APPLIED, FAILED, REJECTED, EXPIRED, STALE = (
@@ -27,10 +28,6 @@ def require_reason(approve: bool, reason: str | None) -> None:
     """A rejection says why; checked before anything is looked up."""
     if not approve and not (reason or "").strip():
         raise InvalidInput("a rejection needs a reason", "say why, e.g. --reason 'accuracy dropped'")
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") + "Z" if value else None
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from model_registry.audit import AuditLog
 from model_registry.config import ProjectConfig
 from model_registry.errors import InvalidInput, StarchartError
 from model_registry.exposing import Versions
+from model_registry.names import iso
 from model_registry.packaging import trainer_dir
 from model_registry.policy import check_operator
 from model_registry.promotions import Promotions
 from model_registry.records import SUCCEEDED, Job, Schedule
 from model_registry.service import Catalog, Database, rows_changed
 from model_registry.training import Jobs
-from model_registry.views import iso
 
 
 def _zone(name: str) -> ZoneInfo:

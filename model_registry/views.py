@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Iterable
 
+from model_registry.names import iso
 from model_registry.records import (
     Approval,
     Job,
     PromotionRequest,
     Version,
 )
-
-
-def iso(value: datetime | None) -> str | None:
-    """A naive UTC time as the views show it, to the second: '2026-11-27T09:30:00Z'."""
-    return value.isoformat(timespec="seconds") + "Z" if value else None
-
-
-def iso_text(value: str | None) -> str | None:
-    """A time as the database's text of it ('2026-11-27 09:30:00.123456') in the views' form, as `iso` gives it."""
-    return f"{value[:10]}T{value[11:19]}Z" if value else None
 
 
 def job_view(j: Job) -> dict[str, Any]:

@@ -77,8 +77,8 @@ def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_ur
     from sqlalchemy import select, text
 
     from model_registry.db import current_revision
+    from model_registry.names import iso
     from model_registry.records import Job, Version
-    from model_registry.views import iso
 
     engine = make_engine(db_url)
     command.upgrade(alembic_config(engine), "0002")
