@@ -65,7 +65,7 @@ def copy_table_shape(kind: str, connect: Callable[[], Any]) -> None:
 
 def event_fields(i: int) -> dict[str, Any]:
     """The i-th appended event's fields (both sides write the same values)."""
-    from model_registry import audit
+    from model_registry.adapters import audit_log as audit
 
     action = audit.ACTIONS[i % len(audit.ACTIONS)]
     m = common.model_name(i % common.MODELS)
@@ -81,9 +81,9 @@ def run_database(kind: str, db: Any, work: Path, events: int, rounds: int, batch
                  ) -> dict[str, Any]:
     from sqlalchemy import MetaData, insert
 
-    from model_registry import audit
-    from model_registry.names import utcnow
-    from model_registry.records import AuditEvent
+    from model_registry.adapters.records import AuditEvent
+    from model_registry.domain.diffs import canonical
+    from model_registry.domain.names import utcnow
 
     url, connect, ph = db
     reg = common.make_registry(work / f"home-{kind}", url)
@@ -97,7 +97,7 @@ def run_database(kind: str, db: Any, work: Path, events: int, rounds: int, batch
 
         total = rounds * batch
         fields = [event_fields(i) for i in range(total + batch)]  # + batch for the warm-up round
-        details_text = [audit.canonical(f["details"]) for f in fields]
+        details_text = [canonical(f["details"]) for f in fields]
         counters = {"chain": 0, "plain": 0, "sqlalchemy_plain": 0}
         plain_seq = [events]
 

@@ -8,7 +8,7 @@ dropped).
 Both trails span 60 days, with one model per 5,000 events (200 models in the large trail, 2 in the small one),
 so each call returns the same 20 rows' worth of work whatever the table's size. The Registry is built on a
 temporary STARCHART_HOME, so the migrations create the schema (indexes and append-only triggers included). The
-events are generated in Python with a valid hash chain (the encoding of model_registry.audit:
+events are generated in Python with a valid hash chain (the encoding of model_registry.adapters.audit_log:
 `event_hash(hashed_fields(...))`, so `audit.verify` accepts them) and bulk inserted (executemany on SQLite, COPY
 on PostgreSQL); audit_head is set to the last event. The large and the small trail are queried alternately each
 round (the model rotates), and the ratio of medians is reported per database; the headline ratio is the worst
@@ -85,11 +85,12 @@ def model_name(i: int) -> str:
 def generate_events(n: int, end: datetime, *, models: int = MODELS, days: int = DAYS, seed: int = 7,
                     start_seq: int = 1, prev_hash: str | None = None) -> Iterator[tuple]:
     """n events (tuples in COLUMNS order) spread evenly over `days` days up to `end`, created_at increasing
-    with seq, each model drawn at random; prev_hash/hash form the chain model_registry.audit.verify checks."""
-    from model_registry import audit
+    with seq, each model drawn at random; prev_hash/hash form the chain model_registry.adapters.audit_log.verify checks."""
+    from model_registry.adapters import audit_log as audit
+    from model_registry.domain.diffs import canonical
 
     rng = random.Random(seed)
-    canonical, event_hash, actions = audit.canonical, audit.event_hash, audit.ACTIONS
+    event_hash, actions = audit.event_hash, audit.ACTIONS
     prev = prev_hash or audit.GENESIS
     step = max(1, days * 86_400_000_000 // max(n, 1))  # microseconds between events
     start = end - timedelta(days=days)

@@ -57,7 +57,7 @@ def child(home: str, url: str, expect: int) -> int:
     """Runs in a fresh process: verify the chain once and report memory and time as JSON on stdout."""
     from sqlalchemy import select
 
-    from model_registry.records import AuditEvent
+    from model_registry.adapters.records import AuditEvent
 
     reg = common.make_registry(Path(home), url)
     with reg.db.sessions() as s:  # warm up: mapper configured, connection open, statement caches primed

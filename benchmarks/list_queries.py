@@ -102,7 +102,7 @@ def make_rows(model: str, n: int, start: datetime, bucket: str, home: Path) -> t
 def populate(reg: Any, n: int) -> None:
     from sqlalchemy import insert
 
-    from model_registry.records import Job, ModelRecord, Version
+    from model_registry.adapters.records import Job, ModelRecord, Version
 
     start = datetime(2024, 1, 1)
     with reg.db.unit_of_work() as s:

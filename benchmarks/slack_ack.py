@@ -176,7 +176,7 @@ def main() -> None:
            "DATABASE_URL": f"sqlite:///{home / 'db.sqlite'}"}
 
     sys.path.insert(0, str(ROOT))
-    from model_registry.db import make_engine, migrate
+    from model_registry.adapters.db import make_engine, migrate
 
     migrate(make_engine(env["DATABASE_URL"]))  # a deployed bot starts on an existing schema
 

@@ -120,7 +120,7 @@ class Bench:
         phases = {
             # CLI start, imports, Registry (engine, schema check), sdist digest/cache, job row, staging, spec
             "submit": spec["submitted_at"] - wall0,
-            # starter process (python -m model_registry.backends.local_runner), fork, first status write
+            # starter process (python -m model_registry.adapters.backends.local_runner), fork, first status write
             "runner_start": status["started_at"] - spec["submitted_at"],
             # unpack the sdist + the trainer process itself
             "runner": status["ended_at"] - status["started_at"],
@@ -180,7 +180,7 @@ class Bench:
             "import_bot_cli": timed([py, "-c", "import bot.cli"], self.env),
             "import_workflow": timed([py, "-c", "import bot.cli, model_registry.bootstrap"], self.env),
             "starchart_state_cli": timed([*self.cli, "state", MODEL], self.env),
-            "local_runner_starter": timed([py, "-c", "import model_registry.backends.local_runner"], self.env),
+            "local_runner_starter": timed([py, "-c", "import model_registry.adapters.backends.local_runner"], self.env),
         }
 
 

@@ -21,7 +21,7 @@ from handlers.chat import Deps, report_error
 from handlers.follow import Follower
 from handlers.listeners import register, where
 from model_registry.config import SlackSettings
-from model_registry.errors import InvalidInput
+from model_registry.domain.errors import InvalidInput
 
 log = logging.getLogger("starchart.bot")
 REMOTE_ADDR_HEADER = "x-starchart-remote-addr"  # set by bot.web from the connection, never taken from the client

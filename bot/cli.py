@@ -17,7 +17,7 @@ from handlers.grammar import Usage, build_parser
 from handlers.results import JobProgress, JobSubmitted, Result
 from handlers.table import Arguments, Invocation, Surface, no_arguments
 from model_registry.config import default_user
-from model_registry.errors import StarchartError
+from model_registry.domain.errors import StarchartError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 

@@ -22,7 +22,7 @@ TRAINER, REQUESTER, APPROVER = "U0TRAINER", "U0REQUESTER", "U0APPROVER"
 
 
 def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int:
-    from model_registry.backends.local import LocalBackend
+    from model_registry.adapters.backends.local import LocalBackend
     from model_registry.bootstrap import bootstrap
 
     home = home or Path(tempfile.mkdtemp(prefix="starchart-demo-"))

@@ -48,7 +48,7 @@ def socket_mode() -> None:
     from slack_bolt.adapter.socket_mode import SocketModeHandler
 
     from bot.app import create_bot
-    from model_registry.errors import InvalidInput
+    from model_registry.domain.errors import InvalidInput
 
     slack = SlackSettings.from_env()
     if not slack.app_token:

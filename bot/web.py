@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 
 from model_registry.config import WebSettings
-from model_registry.errors import InvalidInput, NotFound, Refused, StarchartError
+from model_registry.domain.errors import InvalidInput, NotFound, Refused, StarchartError
 
 log = logging.getLogger("starchart.web")
 MAX_BODY = 1024 * 1024

@@ -8,8 +8,8 @@ import time
 from datetime import datetime
 from typing import Any, Callable
 
-from model_registry.errors import StarchartError
-from model_registry.names import parse_duration, utcnow
+from model_registry.domain.errors import StarchartError
+from model_registry.domain.names import parse_duration, utcnow
 
 log = logging.getLogger("starchart.worker")
 

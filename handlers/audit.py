@@ -9,8 +9,8 @@ from typing import Any
 from handlers.grammar import Usage
 from handlers.results import AuditExport, AuditPage, AuditVerified, Checkpoint, DefaultAt, Result
 from handlers.table import Invocation, Surface
-from model_registry.errors import InvalidInput
-from model_registry.names import parse_time
+from model_registry.domain.errors import InvalidInput
+from model_registry.domain.names import parse_time
 
 PAGE = 20  # rows a chat message shows before its Next button
 AUDIT_NEXT = "audit.next"

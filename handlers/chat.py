@@ -42,7 +42,7 @@ from handlers.results import (
 )
 from handlers.reviews import on_reject_reason
 from handlers.table import Invocation, Surface
-from model_registry.errors import InvalidInput, StarchartError
+from model_registry.domain.errors import InvalidInput, StarchartError
 
 if TYPE_CHECKING:
     from model_registry.bootstrap import Core

@@ -9,8 +9,8 @@ import shlex
 
 from handlers.commands import TABLE
 from handlers.grammar import Parser, Usage, build_parser
-from model_registry.errors import InvalidInput
-from model_registry.names import suggest
+from model_registry.domain.errors import InvalidInput
+from model_registry.domain.names import suggest
 
 MAX_TEXT = 4000  # longer than any real /ml command; refuse rather than parse a pasted novel
 

@@ -297,7 +297,7 @@ class Uploaded(Result):
 
 @dataclass(frozen=True)
 class AuditVerified(Result):
-    """The audit chain checked end to end (model_registry.audit.VerifyResult)."""
+    """The audit chain checked end to end (model_registry.adapters.audit_log.VerifyResult)."""
 
     verify: Any
 

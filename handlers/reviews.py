@@ -9,7 +9,7 @@ from typing import Any
 from handlers.grammar import model_arg, model_of, request_id
 from handlers.results import Decided, RejectForm, RequestChanged, RequestOpened, Requests, RequestShown, Result
 from handlers.table import Invocation
-from model_registry.errors import InvalidInput, Refused, StarchartError
+from model_registry.domain.errors import InvalidInput, Refused, StarchartError
 
 APPROVE, REJECT, RETRY = "review.approve", "review.reject", "review.retry"
 REJECT_VIEW = "review.reject_reason"

@@ -1,8 +1,8 @@
-"""Alembic environment: uses the engine or connection handed over by model_registry.db."""
+"""Alembic environment: uses the engine or connection handed over by model_registry.adapters.db."""
 
 from alembic import context
 
-from model_registry.records import Base
+from model_registry.adapters.records import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model_registry.audit import AuditLog
-from model_registry.audit_trail import AuditTrail
-from model_registry.backends.base import Backend
+from model_registry.adapters.audit_log import AuditLog
+from model_registry.adapters.backends.base import Backend
+from model_registry.adapters.db import Database
 from model_registry.config import ProjectConfig, Settings
-from model_registry.exposing import Versions
-from model_registry.policy import MembersOf
-from model_registry.promotions import Promotions
-from model_registry.schedules import Schedules
-from model_registry.service import Catalog, Database
-from model_registry.serving import Predictions
-from model_registry.training import Jobs
+from model_registry.domain.policy import MembersOf
+from model_registry.services.audit_trail import AuditTrail
+from model_registry.services.catalog import Catalog
+from model_registry.services.jobs import Jobs
+from model_registry.services.predictions import Predictions
+from model_registry.services.promotions import Promotions
+from model_registry.services.schedules import Schedules
+from model_registry.services.versions import Versions
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,11 @@ class Core:
 def make_backend(settings: Settings, config: ProjectConfig) -> Backend:
     """The backend STARCHART_BACKEND names; Google's libraries load only when it is `vertex`."""
     if settings.backend == "vertex":
-        from model_registry.backends.vertex import VertexBackend
+        from model_registry.adapters.backends.vertex import VertexBackend
 
         endpoints = {m: p.endpoint for m in config.models if (p := config.policy(m)).endpoint}
         return VertexBackend.from_settings(settings, endpoints=endpoints)
-    from model_registry.backends.local import LocalBackend
+    from model_registry.adapters.backends.local import LocalBackend
 
     return LocalBackend(settings.home, python=settings.trainer_python)
 

@@ -11,9 +11,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from model_registry.backends.vertex_settings import EndpointSettings, endpoint_settings
-from model_registry.errors import InvalidInput
-from model_registry.names import parse_duration, validate_model_name
+from model_registry.adapters.backends.vertex_settings import EndpointSettings, endpoint_settings
+from model_registry.domain.errors import InvalidInput
+from model_registry.domain.names import parse_duration, validate_model_name
 
 POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",

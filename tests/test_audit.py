@@ -9,8 +9,8 @@ import pytest
 from conftest import expose_two_versions
 from sqlalchemy import text
 
-from model_registry import names
-from model_registry.errors import InvalidInput, NotFound
+from model_registry.domain import names
+from model_registry.domain.errors import InvalidInput, NotFound
 
 
 def _unguard(reg: Any) -> None:
@@ -56,8 +56,8 @@ def test_swapped_rows_are_found(audited: Any) -> None:
 
 
 def test_forged_row_with_a_valid_looking_hash_is_caught_by_the_checkpoint(audited: Any) -> None:
-    from model_registry import audit
-    from model_registry.records import AuditEvent
+    from model_registry.adapters import audit_log as audit
+    from model_registry.adapters.records import AuditEvent
 
     cp = audited.audit.checkpoint()
     # the attacker rewrites history from event 3 on, recomputing every hash with the public algorithm
@@ -108,7 +108,7 @@ def test_default_at_a_point_in_time(audited: Any) -> None:
     assert now["version"] == versions[0] and now["how"] == "promotion.applied"
     assert now["requested_by"] == "U_REQ" and now["approved_by"] == ["U_OK"]
     assert now["job_id"].startswith("iris_") and now["args"] and now["program"]["sha256"]
-    from model_registry.records import AuditEvent
+    from model_registry.adapters.records import AuditEvent
 
     with reg.db.sessions() as s:
         exact = {e.action: e.created_at for e in s.query(AuditEvent).filter(
@@ -153,7 +153,7 @@ def test_csv_export_pages_through_everything(make_registry: Any, sqlite_url: str
 
 def test_an_event_rolls_back_with_its_transaction_and_the_chain_stays_gapless(make_registry: Any, db_url: str
                                                                                ) -> None:
-    from model_registry.audit import AuditLog
+    from model_registry.adapters.audit_log import AuditLog
 
     reg, log = make_registry(db_url), AuditLog()
     with reg.db.unit_of_work() as s:
@@ -174,7 +174,7 @@ def test_an_event_rolls_back_with_its_transaction_and_the_chain_stays_gapless(ma
 
 
 def test_an_append_outside_a_write_transaction_is_refused(make_registry: Any, db_url: str) -> None:
-    from model_registry.audit import AuditLog
+    from model_registry.adapters.audit_log import AuditLog
 
     reg = make_registry(db_url)
     with reg.db.reads() as s, pytest.raises(RuntimeError, match="write transaction"):

@@ -21,7 +21,7 @@ from conftest import replay_args
 from fakes.gcs_emulator import new_bucket, shared_gcs_emulator
 from fakes.vertex_fake import VertexFake, fast_backend, replay_runner, vertex_env
 
-from model_registry.records import TERMINAL, Job, Version
+from model_registry.adapters.records import TERMINAL, Job, Version
 
 IRIS_INPUTS = {"sepal_length", "sepal_width", "petal_length", "petal_width"}
 
@@ -177,7 +177,7 @@ def test_a_failed_set_default_leaves_the_request_failed(world: World, trained: d
 
 def protocol_members() -> dict[str, Any]:
     """The Backend protocol's attributes (annotations and read-only properties) and methods (with signatures)."""
-    from model_registry.backends.base import Backend
+    from model_registry.adapters.backends.base import Backend
 
     members: dict[str, Any] = {name: None for name in Backend.__annotations__}
     members.update({name: None for name, value in vars(Backend).items() if isinstance(value, property)})
@@ -187,8 +187,8 @@ def protocol_members() -> dict[str, Any]:
 
 
 def test_every_backend_has_every_member_of_the_protocol(tmp_path: Path) -> None:
-    from model_registry.backends.local import LocalBackend
-    from model_registry.backends.vertex import VertexBackend
+    from model_registry.adapters.backends.local import LocalBackend
+    from model_registry.adapters.backends.vertex import VertexBackend
 
     members = protocol_members()
     assert {"name", "storage", "poll_interval", "apply_timeout", "set_default", "current_default"} <= set(members)

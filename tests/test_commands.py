@@ -17,7 +17,7 @@ from bot.console import Console
 from handlers.commands import TABLE
 from handlers.results import Notice, Result
 from handlers.table import Command, Invocation
-from model_registry.names import utcnow
+from model_registry.domain.names import utcnow
 
 VOLATILE = {"id", "created_at", "expires_at", "message_ts", "channel", "at"}
 

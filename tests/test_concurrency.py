@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from model_registry.config import ProjectConfig, Settings
-from model_registry.errors import Refused
+from model_registry.domain.errors import Refused
 
 
 def _registry(home: str, db_url: str) -> Any:

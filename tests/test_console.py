@@ -99,7 +99,7 @@ def test_console_retry_after_a_failed_apply_and_audit_pages(make_registry: Any, 
     out.clear()
     from datetime import timedelta
 
-    from model_registry.names import utcnow
+    from model_registry.domain.names import utcnow
 
     console.handle(f"/ml audit iris --at {(utcnow() + timedelta(seconds=2)).isoformat(timespec='seconds')}")
     assert "approved by U_BOB" in "\n".join(out)

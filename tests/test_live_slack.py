@@ -8,7 +8,7 @@ import os
 import pytest
 
 from bot import blocks
-from model_registry.diffs import card_digest, diff_versions
+from model_registry.domain.diffs import card_digest, diff_versions
 
 TOKEN, CHANNEL = os.environ.get("SLACK_LIVE_BOT_TOKEN"), os.environ.get("SLACK_LIVE_CHANNEL")
 pytestmark = pytest.mark.skipif(not (TOKEN and CHANNEL), reason="set SLACK_LIVE_BOT_TOKEN and SLACK_LIVE_CHANNEL")

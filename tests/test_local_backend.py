@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from conftest import read_json, replay_args, train_and_wait
 
-from model_registry.backends.local_runner import proc_start_time
-from model_registry.errors import InvalidInput, NotFound
+from model_registry.adapters.backends.local_runner import proc_start_time
+from model_registry.domain.errors import InvalidInput, NotFound
 
 
 def test_job_runs_staged_sdist_with_vertex_environment(make_registry: Any, sqlite_url: str, trained: dict,

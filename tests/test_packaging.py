@@ -15,9 +15,9 @@ import build.env
 import pytest
 from conftest import FIXTURES, replay_args, train_and_wait
 
-from model_registry import packaging
-from model_registry.errors import InvalidInput, StarchartError
-from model_registry.packaging import build_sdist
+from model_registry.adapters import packaging
+from model_registry.adapters.packaging import build_sdist
+from model_registry.domain.errors import InvalidInput, StarchartError
 
 PEP621 = FIXTURES / "trainers" / "pep621"
 REPLAY = FIXTURES / "trainers" / "replay"

@@ -16,7 +16,7 @@ from conftest import ROOT, replay_args, train_and_wait
 
 from bot.console import Console
 from handlers.parsing import parse
-from model_registry.errors import InvalidInput, NotFound
+from model_registry.domain.errors import InvalidInput, NotFound
 
 FLOWER = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 
@@ -93,7 +93,7 @@ def test_the_model_server_is_started_again_when_it_went_away(served: Any) -> Non
     import signal
 
     os.kill(second, signal.SIGKILL)  # dies without cleaning up: server.json still names it
-    from model_registry.backends.local_runner import proc_start_time
+    from model_registry.adapters.backends.local_runner import proc_start_time
 
     while proc_start_time(second) is not None:  # None once it is a zombie or gone
         time.sleep(0.05)
@@ -209,7 +209,7 @@ def test_cli_pull(served: Any, tmp_path: Path) -> None:
 def test_prediction_route_statuses_follow_the_error_kind() -> None:
     """TF Serving's statuses, decided by the kind of error, so subclasses of NotFound map like NotFound."""
     from bot.web import _prediction_status
-    from model_registry.errors import BackendError, Refused
+    from model_registry.domain.errors import BackendError, Refused
 
     class NoSuchThing(NotFound):
         """A more specific NotFound, as a backend might raise."""
@@ -222,8 +222,8 @@ def test_prediction_route_statuses_follow_the_error_kind() -> None:
 
 def test_a_serving_python_without_tensorflow_is_reported(tmp_path: Path) -> None:
     """STARCHART_TRAINER_PYTHON without TensorFlow: the model server refuses to start and says why."""
-    from model_registry.backends.local import LocalBackend
-    from model_registry.errors import BackendError
+    from model_registry.adapters.backends.local import LocalBackend
+    from model_registry.domain.errors import BackendError
 
     no_tf = tmp_path / "python-without-site"
     no_tf.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')  # -S: no site-packages, so no TensorFlow

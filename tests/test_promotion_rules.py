@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from model_registry import promotion_rules as rules
 from model_registry.config import ModelPolicy
-from model_registry.errors import InvalidInput, Refused
+from model_registry.domain import promotion as rules
+from model_registry.domain.errors import InvalidInput, Refused
 
 NOW = datetime(2026, 12, 1, 9, 0, 0)
 GROUPS = {"S0REVIEW": ["U_GROUPIE"]}

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from conftest import replay_args
 
-from model_registry.errors import InvalidInput, NotFound, Refused
-from model_registry.schedules import next_run
+from model_registry.domain.errors import InvalidInput, NotFound, Refused
+from model_registry.services.schedules import next_run
 
 
 def test_next_run_honours_the_time_zone() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 from conftest import ROOT
 from sqlalchemy import inspect
 
-from model_registry.db import SCHEMA_HEAD, alembic_config, make_engine, migrate
+from model_registry.adapters.db import SCHEMA_HEAD, alembic_config, make_engine, migrate
 
 
 def test_schema_head_constant_matches_alembic(sqlite_url: str) -> None:
@@ -76,9 +77,9 @@ def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_ur
     from alembic import command
     from sqlalchemy import select, text
 
-    from model_registry.db import current_revision
-    from model_registry.names import iso
-    from model_registry.records import Job, Version
+    from model_registry.adapters.db import current_revision
+    from model_registry.adapters.records import Job, Version
+    from model_registry.domain.names import iso
 
     engine = make_engine(db_url)
     command.upgrade(alembic_config(engine), "0002")
@@ -111,7 +112,7 @@ def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_ur
 
 
 def test_concurrent_first_starts_migrate_once(db_url: str) -> None:
-    code = ("import sys; from model_registry.db import make_engine, migrate; "
+    code = ("import sys; from model_registry.adapters.db import make_engine, migrate; "
             "migrate(make_engine(sys.argv[1]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, db_url], cwd=ROOT, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
@@ -136,15 +137,15 @@ def test_web_process_never_imports_tensorflow(tmp_path) -> None:
 
 
 def test_core_and_cli_never_import_tensorflow_slack_or_google() -> None:
-    loaded = _imported_after("import bot.cli, bot.demo, model_registry.bootstrap, model_registry.backends.local, "
-                             "model_registry.backends.local_serving")
+    loaded = _imported_after("import bot.cli, bot.demo, model_registry.bootstrap, model_registry.adapters.backends.local, "
+                             "model_registry.adapters.backends.local_serving")
     assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
     assert not any(m.startswith(("slack_bolt", "slack_sdk")) for m in loaded)
     assert "google.cloud.aiplatform" not in loaded and "google.cloud.storage" not in loaded
 
 
 def test_the_configuration_checks_vertex_settings_without_google() -> None:
-    loaded = _imported_after("import model_registry.config, model_registry.backends.vertex_settings")
+    loaded = _imported_after("import model_registry.config, model_registry.adapters.backends.vertex_settings")
     google = {m for m in loaded if m.startswith("google.")}
     assert google <= {"google.cloud"}, google  # the namespace package alone (a .pth file loads it at start-up)
 
@@ -158,6 +159,21 @@ def test_model_registry_source_has_no_slack_imports() -> None:
             assert "import google.cloud" not in text and "from google.cloud" not in text, path
         if path.name != "local_serving.py":  # the local model server: a serving process (DESIGN.md), never imported
             assert "import tensorflow" not in text, path
+
+
+def test_the_core_layers_point_inward() -> None:
+    """domain ← adapters ← services ← bootstrap: the rules import no I/O, the adapters no use case."""
+    allowed = {
+        "domain": {"domain", "config"},
+        "adapters": {"adapters", "domain", "config"},
+        "services": {"services", "adapters", "domain", "config"},
+    }
+    for layer, may in allowed.items():
+        for path in (ROOT / "model_registry" / layer).rglob("*.py"):
+            imported = set(re.findall(r"^\s*(?:from|import) model_registry\.(\w+)", path.read_text(), re.M))
+            assert imported <= may, f"{path.relative_to(ROOT)} imports {sorted(imported - may)}"
+    config = (ROOT / "model_registry" / "config.py").read_text()
+    assert "model_registry.services" not in config and "model_registry.bootstrap" not in config
 
 
 def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> None:
@@ -189,7 +205,7 @@ def test_a_connection_the_server_closed_is_replaced(pg_url: str, tmp_path) -> No
 def test_unsupported_database_urls_are_refused_clearly() -> None:
     import pytest
 
-    from model_registry.errors import InvalidInput
+    from model_registry.domain.errors import InvalidInput
 
     for url, words in (("mysql://root@127.0.0.1/test", "does not support"), ("not a url", "not a database URL")):
         with pytest.raises(InvalidInput) as exc:

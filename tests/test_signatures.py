@@ -1,4 +1,4 @@
-"""model_registry.signatures: a SavedModel signature reader on google.protobuf, checked against saved_model_cli.
+"""model_registry.adapters.signatures: a SavedModel signature reader on google.protobuf, checked against saved_model_cli.
 
 SavedModels are built once per module by a TensorFlow subprocess (so this test process never
 imports TensorFlow), then every signature is compared with `saved_model_cli show` output, and the
@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from model_registry import signatures
-from model_registry.errors import ArtifactError
-from model_registry.signatures import (
+from model_registry.adapters import signatures
+from model_registry.adapters.signatures import (
     DATA_TYPES,
     SignatureError,
     parse_saved_model,
@@ -33,6 +32,7 @@ from model_registry.signatures import (
     saved_model_schema,
     signature_summary,
 )
+from model_registry.domain.errors import ArtifactError
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
@@ -615,7 +615,7 @@ def test_schema_subset_matches_tensorflows_descriptors(tmp_path):
 
 def test_import_does_not_load_tensorflow_or_protobuf():
     code = (
-        "import model_registry.signatures, sys; "
+        "import model_registry.adapters.signatures, sys; "
         "bad = [m for m in sys.modules if m.split('.')[0] == 'tensorflow' or m.startswith('google.protobuf')]; "
         "assert not bad, bad"
     )
@@ -626,7 +626,7 @@ def test_import_does_not_load_tensorflow_or_protobuf():
 @needs_tf
 def test_reading_does_not_load_tensorflow(models):
     code = (
-        "import sys; from model_registry.signatures import read_signature_from_dir; "
+        "import sys; from model_registry.adapters.signatures import read_signature_from_dir; "
         f"read_signature_from_dir({str(models / 'keras')!r}); "
         "assert not [m for m in sys.modules if m.split('.')[0] == 'tensorflow'], 'tensorflow loaded'; "
         "assert 'google.protobuf.message_factory' in sys.modules, 'not decoded by google.protobuf'"

@@ -10,8 +10,8 @@ import pytest
 from bot import blocks
 from handlers.grammar import Usage
 from handlers.parsing import MAX_TEXT, normalize, parse, usage_text
-from model_registry.diffs import card_digest, diff_versions
-from model_registry.errors import InvalidInput
+from model_registry.domain.diffs import card_digest, diff_versions
+from model_registry.domain.errors import InvalidInput
 
 
 @pytest.mark.parametrize("typed, expected", [

@@ -1,6 +1,6 @@
 """End-to-end tests for the StarChart training packages in trainers/ (iris, sentiment).
 
-Each trainer is packaged by ``model_registry.packaging.build_sdist`` (the ``build``
+Each trainer is packaged by ``model_registry.adapters.packaging.build_sdist`` (the ``build``
 frontend), extracted, and run as ``python -m trainer.task`` from the extracted folder,
 exactly as the training service does it.  TensorFlow is only imported by the subprocesses.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from model_registry.packaging import build_sdist
+from model_registry.adapters.packaging import build_sdist
 
 TRAINERS = Path(__file__).resolve().parents[1] / "trainers"
 DATA_FILES = {"iris": "trainer/data/iris.csv", "sentiment": "trainer/data/reviews.csv"}

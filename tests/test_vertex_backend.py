@@ -15,8 +15,8 @@ from conftest import ROOT, replay_args
 from fakes.gcs_emulator import new_bucket, shared_gcs_emulator, storage_client
 from fakes.vertex_fake import VertexFake, fast_backend, replay_runner, vertex_env
 
-from model_registry.backends.base import TrainingSpec
-from model_registry.backends.vertex import (
+from model_registry.adapters.backends.base import TrainingSpec
+from model_registry.adapters.backends.vertex import (
     NoCredentials,
     QuotaExhausted,
     VertexBackend,
@@ -25,9 +25,9 @@ from model_registry.backends.vertex import (
     VertexUnavailable,
     worker_pools,
 )
+from model_registry.adapters.gcs import BucketNotFound, GcsStorage, ObjectNotFound, PreconditionFailed
 from model_registry.config import Settings
-from model_registry.errors import ArtifactError, BackendError, InvalidInput, NotFound, Refused
-from model_registry.gcs import BucketNotFound, GcsStorage, ObjectNotFound, PreconditionFailed
+from model_registry.domain.errors import ArtifactError, BackendError, InvalidInput, NotFound, Refused
 
 GOLDEN = ROOT / "tests" / "golden" / "vertex"
 TS = "20261127064910"
@@ -128,7 +128,7 @@ def test_accelerator_names_are_the_client_librarys() -> None:
     """The configuration checks accelerators without importing Google's libraries: its list must be theirs."""
     from google.cloud import aiplatform_v1 as aip
 
-    from model_registry.backends.vertex_settings import ACCELERATORS
+    from model_registry.adapters.backends.vertex_settings import ACCELERATORS
 
     assert ACCELERATORS == tuple(a.name for a in aip.AcceleratorType if a.value)
 
@@ -605,7 +605,7 @@ def test_endpoints_are_off_by_default_and_cost_no_call(fake: VertexFake, endpoin
 
 
 def test_endpoint_settings_are_checked_when_the_backend_is_made(fake: VertexFake) -> None:
-    from model_registry.backends.vertex import EndpointSettings, endpoint_settings
+    from model_registry.adapters.backends.vertex import EndpointSettings, endpoint_settings
 
     assert endpoint_settings("iris", None) is None and endpoint_settings("iris", {"machine_type": "n1-standard-4"}) \
         is None, "a mapping without enabled: true deploys nothing"
@@ -631,7 +631,7 @@ def test_endpoint_settings_are_checked_when_the_backend_is_made(fake: VertexFake
 
 
 def test_a_bad_endpoint_block_is_refused_when_the_configuration_loads(tmp_path: Path, fake: VertexFake) -> None:
-    from model_registry.backends.vertex import EndpointSettings
+    from model_registry.adapters.backends.vertex import EndpointSettings
     from model_registry.config import ProjectConfig
 
     path = tmp_path / "starchart.yaml"

@@ -13,9 +13,9 @@ from sqlalchemy import update
 
 from bot.app import slack_client
 from bot.worker import one_pass
-from model_registry import names
+from model_registry.adapters.records import PromotionRequest
 from model_registry.config import SlackSettings
-from model_registry.records import PromotionRequest
+from model_registry.domain import names
 
 
 def test_worker_pass(make_registry: Any, db_url: str, trained: dict) -> None:

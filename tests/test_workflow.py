@@ -11,9 +11,9 @@ import yaml
 from conftest import replay_args, train_and_wait, with_backend
 from sqlalchemy import select, text, update
 
-from model_registry import names
-from model_registry.errors import ArtifactError, InvalidInput, NotFound, Refused
-from model_registry.records import AuditEvent, PromotionRequest
+from model_registry.adapters.records import AuditEvent, PromotionRequest
+from model_registry.domain import names
+from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused
 
 
 def actions(reg: Any, **filters: Any) -> list[str]:
@@ -35,7 +35,7 @@ def test_expose_records_version_with_signature_metrics_and_program(two_versions:
     assert view["parameters"] == [{"name": "epochs", "base": "2", "candidate": "4"}] or any(
         p["name"] == "epochs" for p in view["parameters"])
     with reg.db.sessions() as s:
-        from model_registry.records import Version
+        from model_registry.adapters.records import Version
 
         v = s.execute(select(Version).where(Version.name == names_[0])).scalar_one()
         assert set(v.signature["inputs"]) == {"sepal_length", "sepal_width", "petal_length", "petal_width"}
@@ -454,7 +454,7 @@ def test_lists_show_times_to_the_second_as_the_views_do(two_versions: Any) -> No
     """`state` and `versions` read times as the database's text and cut it; `get` formats datetimes: same text."""
     from datetime import datetime
 
-    from model_registry.records import Job, Version
+    from model_registry.adapters.records import Job, Version
 
     reg = two_versions
     job_id = reg.jobs.state("iris")[0]["job_id"]

@@ -930,9 +930,9 @@ def replay_runner(emulator_url: str) -> Callable[[dict[str, Any]], str | None]:
 def fast_backend(fake: VertexFake, bucket: str, **overrides: Any) -> Any:
     """A VertexBackend pointed at the fake, with millisecond backoffs so tests never wait; its storage uses the
     Cloud Storage emulator the test's environment names (STORAGE_EMULATOR_HOST, read as the product reads it)."""
-    from model_registry.backends.vertex import VertexBackend
+    from model_registry.adapters.backends.vertex import VertexBackend
+    from model_registry.adapters.gcs import GcsStorage
     from model_registry.config import Settings
-    from model_registry.gcs import GcsStorage
 
     storage = GcsStorage(project=fake.project, emulator_host=Settings.from_env().storage_emulator_host)
     options: dict[str, Any] = dict(api_endpoint=fake.url, poll_interval=(0.005, 0.02), retry_delays=(0.001, 0.005),

@@ -1,0 +1,81 @@
+"""The backend interface: what the workflow asks of `local` and `vertex` alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from model_registry.adapters.packaging import Package
+from model_registry.adapters.storage import Storage
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    job_id: str
+    model: str
+    ts: str
+    module: str
+    args: tuple[str, ...]  # TRAIN_PATH already replaced
+    package_uri: str
+    train_path: str
+    region: str | None = None
+    scale_tier: str | None = None
+    machine_type: str | None = None
+    workers: int = 1
+    accelerator: str | None = None
+    executor_image: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: str
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    error: str | None = None
+
+
+class Backend(Protocol):
+    """Everything the core asks of a backend. Extras only one backend has and only one adapter calls stay off it
+    (the local model server's `stop_server`, used by the demo; Vertex AI's `preflight`, its live smoke check)."""
+
+    name: str
+
+    @property
+    def storage(self) -> Storage:
+        """Where the backend keeps train paths and models (local folders or Cloud Storage)."""
+
+    poll_interval: tuple[float, float]  # seconds: first and longest wait between status checks
+
+    def stage_package(self, package: Package, train_path: str) -> str:
+        """Copy the sdist to TRAIN_PATH/packages/ and return its URI."""
+
+    def submit(self, spec: TrainingSpec) -> str:
+        """Start a training job; return the backend's reference to it."""
+
+    def status(self, job_id: str, ref: str | None) -> JobStatus: ...
+
+    def wait_for_change(self, job_id: str, seconds: float) -> None:
+        """Block for up to `seconds` between status checks; may return early when the job has ended."""
+
+    def cancel(self, job_id: str, ref: str | None) -> None: ...
+
+    def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str: ...
+
+    def register_version(self, model: str, version: dict[str, Any], first: bool) -> str | None:
+        """Make a version known to the serving side; return its reference there."""
+
+    def set_default(self, model: str, version: str, ref: str | None) -> None:
+        """Switch the version services use. Called only after the approvals are committed."""
+
+    def apply_timeout(self, model: str) -> float:
+        """Seconds a set_default(model, ...) may run: an apply younger than this may still be running elsewhere,
+        so reconciling leaves it alone."""
+
+    def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """TF Serving's predict (`body` has "instances" or "inputs") on the default or the given version;
+        returns (the version that answered, the answer)."""
+
+    def current_default(self, model: str) -> str | None:
+        """The version the serving side uses now (to reconcile an interrupted apply)."""

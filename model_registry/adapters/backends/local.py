@@ -1,0 +1,294 @@
+"""The embedded backend: trains in detached local processes and serves from a pointer file."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from model_registry.adapters.backends import local_runner
+from model_registry.adapters.backends.base import JobStatus, TrainingSpec
+from model_registry.adapters.backends.local_runner import proc_start_time
+from model_registry.adapters.packaging import Package
+from model_registry.adapters.records import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL
+from model_registry.adapters.storage import LocalStorage
+from model_registry.domain.errors import BackendError, InvalidInput, NotFound
+
+NEVER_STARTED_AFTER = 120.0  # seconds a job may wait for its runner before it is declared lost
+SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it loads TensorFlow lazily)
+PREDICT_TIMEOUT = 120.0  # seconds for one predict, the first load of a SavedModel included
+
+
+LOCAL_SERVING = str(Path(__file__).with_name("local_serving.py"))  # the model server, run by file
+
+
+def _dt(epoch: float | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch, timezone.utc).replace(tzinfo=None) if epoch else None
+
+
+class LocalBackend:
+    name = "local"
+    poll_interval = (0.05, 0.1)  # a status check is a file read: poll often, finish promptly
+
+    def __init__(self, home: Path, python: str | None = None) -> None:
+        self.home = home
+        self.jobs = home / "jobs"
+        self.serving = home / "serving"
+        self.python = python or sys.executable
+        self.storage = LocalStorage()
+        self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.jobs / job_id
+
+    def stage_package(self, package: Package, train_path: str) -> str:
+        uri = self.storage.join(train_path, "packages", package.path.name)
+        self.storage.upload_file(package.path, uri)
+        return uri
+
+    def submit(self, spec: TrainingSpec) -> str:
+        job_dir = self._job_dir(spec.job_id)
+        job_dir.mkdir(parents=True, exist_ok=False)
+        tp = spec.train_path.rstrip("/")
+        env = {
+            "AIP_MODEL_DIR": f"{tp}/model/",
+            "AIP_CHECKPOINT_DIR": f"{tp}/checkpoints/",
+            "AIP_TENSORBOARD_LOG_DIR": f"{tp}/logs/",
+            "CLOUD_ML_JOB_ID": spec.job_id,
+        }
+        (job_dir / "spec.json").write_text(json.dumps({
+            "python": self.python, "module": spec.module, "args": list(spec.args), "package": spec.package_uri,
+            "workers": spec.workers, "env": env, "submitted_at": time.time(),
+        }))
+        with open(job_dir / "runner.log", "ab") as runner_log:
+            starter = subprocess.run(  # the runner is stdlib only: -S skips site-packages' start-up cost
+                [sys.executable, "-S", local_runner.__file__, str(job_dir)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=runner_log,
+            )
+        if starter.returncode != 0:
+            raise BackendError(f"could not start job {spec.job_id}", f"see {job_dir / 'runner.log'}")
+        return str(job_dir)
+
+    def _read_status(self, job_dir: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads((job_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _alive(self, status: dict[str, Any]) -> bool:
+        pid = status.get("pid")
+        return pid is not None and proc_start_time(int(pid)) == status.get("pid_start")
+
+    def status(self, job_id: str, ref: str | None) -> JobStatus:
+        job_dir = self._job_dir(job_id)
+        if not (job_dir / "spec.json").exists():
+            return JobStatus(FAILED, error=f"the local backend has no record of {job_id} (STARCHART_HOME changed?)")
+        st = self._read_status(job_dir)
+        if st is None:
+            submitted = json.loads((job_dir / "spec.json").read_text()).get("submitted_at", 0)
+            if time.time() - submitted > NEVER_STARTED_AFTER:
+                return JobStatus(FAILED, error="the job's runner never started; see runner.log")
+            return JobStatus(QUEUED)
+        started, ended = _dt(st.get("started_at")), _dt(st.get("ended_at"))
+        if st["state"] in TERMINAL:
+            return JobStatus(st["state"], started, ended, st.get("error"))
+        if self._alive(st):
+            return JobStatus(RUNNING, started)
+        if (job_dir / "cancel").exists():
+            return JobStatus(CANCELLED, started, _dt(time.time()))
+        return JobStatus(FAILED, started, _dt(time.time()),
+                         "the job's runner stopped without a result (killed, or the machine restarted)")
+
+    def wait_for_change(self, job_id: str, seconds: float) -> None:
+        """Sleep up to `seconds`, but wake the moment the job's runner exits (a Linux pidfd), so `wait` returns as
+        soon as the training ends rather than at the next poll."""
+        st = self._read_status(self._job_dir(job_id))
+        if st and st.get("state") in TERMINAL:
+            return
+        if not (st and st.get("pid")) or not hasattr(os, "pidfd_open"):  # queued: no runner yet to watch
+            time.sleep(seconds)
+            return
+        pid = int(st["pid"])
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # the runner has exited already: the next status check tells how
+            return
+        try:
+            if proc_start_time(pid) == st.get("pid_start"):  # else the pid was reused: the runner is gone
+                select.select([fd], [], [], seconds)
+        finally:
+            os.close(fd)
+
+    def cancel(self, job_id: str, ref: str | None) -> None:
+        job_dir = self._job_dir(job_id)
+        if not job_dir.exists():
+            raise NotFound(f"the local backend has no job {job_id}")
+        (job_dir / "cancel").write_text(str(time.time()))
+        st = self._read_status(job_dir)
+        if st and self._alive(st):
+            try:
+                os.killpg(int(st["pid"]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str:
+        log = self._job_dir(job_id) / "train.log"
+        if not log.exists():
+            return ""
+        with open(log, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 256 * 1024))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+        return "\n".join(lines[-tail:]) if tail else "\n".join(lines)
+
+    def _pointer(self, model: str) -> Path:
+        return self.serving / f"{model}.json"
+
+    def _read_pointer(self, model: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._pointer(model).read_text())
+        except (OSError, ValueError):
+            return {"model": model, "default": None, "versions": {}}
+
+    def _write_pointer(self, model: str, data: dict[str, Any]) -> None:
+        self.serving.mkdir(parents=True, exist_ok=True)
+        tmp = self._pointer(model).with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self._pointer(model))
+
+    def register_version(self, model: str, version: dict[str, Any], first: bool) -> str | None:
+        data = self._read_pointer(model)
+        data["versions"][version["name"]] = version["deployment_uri"]
+        self._write_pointer(model, data)
+        return version["deployment_uri"]
+
+    def set_default(self, model: str, version: str, ref: str | None) -> None:
+        data = self._read_pointer(model)
+        if version not in data["versions"]:
+            raise BackendError(f"the local server does not know {model} {version}", "expose the version again")
+        data["default"] = version
+        self._write_pointer(model, data)
+
+    def apply_timeout(self, model: str) -> float:
+        return 0.0  # a local switch is one pointer-file write: an apply still in progress later was interrupted
+
+    def current_default(self, model: str) -> str | None:
+        return self._read_pointer(model).get("default")
+
+    # ---------------------------------------------------------------- serving (the local prediction API)
+
+    def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """TF Serving's REST predict on the local model server (started on first use); (version, answer)."""
+        path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
+        data = json.dumps(body).encode()
+        attempt = 0
+        while True:  # a server that went away (idle exit, killed) is started again, once
+            attempt += 1
+            port = self.ensure_server()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=PREDICT_TIMEOUT) as resp:
+                    return resp.headers.get("X-Model-Version") or version or "", json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                try:
+                    message = json.loads(exc.read()).get("error") or exc.reason
+                except ValueError:
+                    message = str(exc.reason)
+                if exc.code == 404:
+                    raise NotFound(message, f"list versions with `versions {model}`") from None
+                if exc.code in (400, 413):
+                    raise InvalidInput(message, 'send {"instances": [{INPUT: VALUE, ...}, ...]}; '
+                                                f"`diff {model}` shows the signature's inputs") from None
+                raise BackendError(f"the local model server failed: {message}",
+                                   f"see {self.serving / 'server.log'}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                gone = isinstance(getattr(exc, "reason", exc), ConnectionError)  # not a slow answer: a dead server
+                if attempt == 2 or not gone:
+                    raise BackendError(f"the local model server did not answer: {exc}",
+                                       f"see {self.serving / 'server.log'}") from exc
+                self._forget_server()
+
+    def ensure_server(self) -> int:
+        """The port of the running model server, starting one if none answers (one per STARCHART_HOME).
+
+        A server this process has seen answer is trusted while its process lives and server.json still names
+        it (no health request per prediction); one that stopped answering is forgotten by `predict`.
+        """
+        known = self._known_server
+        if known and self._server_info() == known and proc_start_time(int(known["pid"])) == known.get("pid_start"):
+            return int(known["port"])
+        port = self._server_port()
+        if port:
+            return port
+        self.serving.mkdir(parents=True, exist_ok=True)
+        with open(self.serving / "server.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first predicts (web workers) start one server
+            port = self._server_port()
+            if port:
+                return port
+            self._forget_server()
+            with open(self.serving / "server.log", "ab") as log:
+                proc = subprocess.Popen(  # by file: the serving Python may be another environment (TensorFlow's)
+                    [self.python, LOCAL_SERVING, str(self.serving)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                )
+            threading.Thread(target=proc.wait, name="model-server-reaper", daemon=True).start()
+            deadline = time.monotonic() + SERVER_START_TIMEOUT
+            while time.monotonic() < deadline:
+                port = self._server_port(pid=proc.pid)
+                if port:
+                    return port
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            proc.kill()
+            lines = (self.serving / "server.log").read_text(errors="replace").strip().splitlines()
+            why = lines[-1] if proc.returncode is not None and lines else "it did not listen in time"
+            raise BackendError(f"the local model server did not start: {why}", f"see {self.serving / 'server.log'}")
+
+    def stop_server(self) -> bool:
+        """Stop this home's model server, if one runs; True when one was stopped."""
+        info = self._server_info()
+        alive = info is not None and proc_start_time(int(info["pid"])) == info.get("pid_start")
+        if info is not None and alive:
+            os.kill(int(info["pid"]), signal.SIGTERM)
+        self._forget_server()
+        return alive
+
+    def _server_info(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.serving / "server.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _server_port(self, pid: int | None = None) -> int | None:
+        info = self._server_info()
+        if not info or (pid is not None and info.get("pid") != pid):
+            return None
+        if proc_start_time(int(info["pid"])) != info.get("pid_start"):
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{info['port']}/healthz", timeout=5) as resp:
+                if json.loads(resp.read()).get("pid") != info["pid"]:
+                    return None
+        except (OSError, ValueError):
+            return None
+        self._known_server = info
+        return int(info["port"])
+
+    def _forget_server(self) -> None:
+        self._known_server = None
+        (self.serving / "server.json").unlink(missing_ok=True)

@@ -1,0 +1,131 @@
+"""Runs one local training job, detached from whoever started it (stdlib only: no TensorFlow here).
+
+`python -m model_registry.adapters.backends.local_runner JOB_DIR` reads JOB_DIR/spec.json, unpacks the staged
+sdist, starts the trainer's worker processes with the environment Vertex AI sets, and records the
+outcome in JOB_DIR/status.json, so a restarted bot finds the job again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def write_status(job_dir: Path, status: dict[str, Any]) -> None:
+    tmp = job_dir / f".status.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, job_dir / "status.json")
+
+
+def proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of a live process, to tell a running runner from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has finished: not alive
+
+
+def unpack(package: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(package) as tar:
+        tar.extractall(dest, filter="data")
+    tops = [p for p in dest.iterdir() if p.is_dir()]
+    return tops[0] if len(tops) == 1 else dest
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def cluster_env(workers: int, index: int, ports: list[int]) -> dict[str, str]:
+    """TF_CONFIG and CLUSTER_SPEC as Vertex AI sets them: pool 0 is the chief, pool 1 the workers."""
+    hosts = [f"127.0.0.1:{p}" for p in ports]
+    cluster: dict[str, list[str]] = {"chief": hosts[:1]}
+    pools: dict[str, list[str]] = {"workerpool0": hosts[:1]}
+    if workers > 1:
+        cluster["worker"] = hosts[1:]
+        pools["workerpool1"] = hosts[1:]
+    task_type, task_index = ("chief", 0) if index == 0 else ("worker", index - 1)
+    pool = "workerpool0" if index == 0 else "workerpool1"
+    tf_config = {"cluster": cluster, "task": {"type": task_type, "index": task_index}, "environment": "cloud"}
+    spec = {"cluster": pools, "environment": "cloud", "task": {"type": pool, "index": task_index}}
+    return {"TF_CONFIG": json.dumps(tf_config), "CLUSTER_SPEC": json.dumps(spec)}
+
+
+def run(job_dir: Path) -> int:
+    spec = json.loads((job_dir / "spec.json").read_text())
+    started = time.time()
+    status: dict[str, Any] = {
+        "state": "RUNNING", "pid": os.getpid(), "pid_start": proc_start_time(os.getpid()), "started_at": started,
+    }
+    write_status(job_dir, status)
+    children: list[subprocess.Popen[bytes]] = []
+    cancelled = False
+
+    def on_term(_sig: int, _frame: Any) -> None:
+        nonlocal cancelled
+        cancelled = True
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        src = unpack(Path(spec["package"]), job_dir / "package")
+        workers = int(spec.get("workers", 1))
+        ports = free_ports(workers)
+        for i in range(workers):
+            if cancelled or (job_dir / "cancel").exists():  # cancelled before its trainer started
+                cancelled = True
+                break
+            env = {**os.environ, **spec["env"], **cluster_env(workers, i, ports)}
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
+            log = open(job_dir / ("train.log" if i == 0 else f"worker-{i}.log"), "ab")
+            argv = [spec["python"], "-m", spec["module"], *spec["args"]]
+            children.append(subprocess.Popen(argv, cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+            if cancelled:  # SIGTERM arrived while this child was starting
+                children[-1].terminate()
+        codes = [child.wait() for child in children]
+    except Exception as exc:  # a broken package or spec: the job fails with the reason, never stays RUNNING
+        status.update(state="FAILED", ended_at=time.time(), error=f"runner failed: {exc!r}")
+        write_status(job_dir, status)
+        return 1
+    if cancelled or (job_dir / "cancel").exists():
+        status.update(state="CANCELLED", ended_at=time.time(), exit_codes=codes)
+    elif all(code == 0 for code in codes):
+        status.update(state="SUCCEEDED", ended_at=time.time(), exit_codes=codes)
+    else:
+        bad = next(i for i, c in enumerate(codes) if c != 0)
+        status.update(state="FAILED", ended_at=time.time(), exit_codes=codes,
+                      error=f"trainer exited with code {codes[bad]}" + (f" (worker {bad})" if bad else ""))
+    write_status(job_dir, status)
+    return 0
+
+
+def main() -> None:
+    job_dir = Path(sys.argv[1])
+    if os.fork():  # detach: the starter reaps the parent at once; the job outlives the bot process
+        os._exit(0)
+    os.setsid()
+    sys.exit(run(job_dir))
+
+
+if __name__ == "__main__":
+    main()

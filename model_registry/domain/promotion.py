@@ -1,0 +1,230 @@
+"""A promotion request and its rules, as a plain object: no database, no Slack, no backend.
+
+States: open → approved | rejected | expired | stale; approved → applying → applied | failed; failed → applying
+(retry). Each method checks one step against the facts it is given, changes the request, and returns what
+happened: the audit events to record and, when the step is refused, the refusal to tell the person. The service
+layer (model_registry.services.promotions) loads a request, calls one method, persists the request and appends the events
+in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from model_registry.config import ModelPolicy
+from model_registry.domain.errors import InvalidInput, Refused, StarchartError
+from model_registry.domain.names import iso
+from model_registry.domain.policy import MembersOf, check_approver, is_listed
+
+OPEN, APPROVED, APPLYING, APPLIED, FAILED, REJECTED, EXPIRED, STALE = (
+    "open", "approved", "applying", "applied", "failed", "rejected", "expired", "stale",
+)
+APPLICABLE = (APPROVED, FAILED)  # the states an apply may start from (a failed one is a retry)
+
+
+def require_reason(approve: bool, reason: str | None) -> None:
+    """A rejection says why; checked before anything is looked up."""
+    if not approve and not (reason or "").strip():
+        raise InvalidInput("a rejection needs a reason", "say why, e.g. --reason 'accuracy dropped'")
+
+
+@dataclass(frozen=True)
+class Event:
+    """An audit event a step produced; the service adds the request's model, version and id."""
+
+    action: str
+    actor: str
+    details: dict[str, Any] = field(default_factory=dict)
+    by_person: bool = False  # carries where the person acted (channel, message, display name)
+    on_card: bool = False  # carries the request's own card (channel, message)
+
+
+@dataclass(frozen=True)
+class Decision:
+    approver: str
+    decision: str  # approve | reject
+    reason: str | None
+    at: datetime
+    card_digest: str = ""
+
+
+@dataclass(frozen=True)
+class Click:
+    """Where a decision came from: what the card's button carried (all None for a typed command)."""
+
+    digest: str | None = None
+    channel: str | None = None
+    message_ts: str | None = None
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rules check a step against, read by the service in the step's transaction."""
+
+    now: datetime
+    current_default: str | None = None  # the model's default version now
+    candidate_digest: str | None = None  # the candidate version's digest now
+    trained_by: str = ""  # who trained the candidate
+
+
+@dataclass
+class Outcome:
+    """What one step did: events to record, the decision to store, or why it was refused."""
+
+    events: list[Event] = field(default_factory=list)
+    refusal: Refused | None = None
+    decision: Decision | None = None
+    started: bool = False  # start_apply: the backend is to be called now
+
+
+@dataclass
+class PromotionRequest:
+    """One request to make `candidate` the default of `model` in place of `base`."""
+
+    id: int
+    model: str
+    kind: str  # promote | apply | rollback
+    candidate: str
+    base: str | None
+    candidate_digest: str
+    card_digest: str
+    requested_by: str
+    required_approvals: int
+    expires_at: datetime
+    state: str = OPEN
+    decisions: list[Decision] = field(default_factory=list)
+    decided_at: datetime | None = None
+    apply_started_at: datetime | None = None
+    applied_at: datetime | None = None
+    error: str | None = None
+    channel: str | None = None
+    message_ts: str | None = None
+
+    @property
+    def approvals(self) -> int:
+        return sum(1 for d in self.decisions if d.decision == "approve")
+
+    # ------------------------------------------------------------ decisions
+
+    def decide(self, user: str, approve: bool, facts: Facts, policy: ModelPolicy, members_of: MembersOf, *,
+               reason: str | None = None, click: Click = Click()) -> Outcome:
+        """One approver's decision. Refused (and recorded) for: a button of another card, a closed or expired
+        request, someone who may not decide, a stale card, a second decision by the same person."""
+        require_reason(approve, reason)
+        outcome = Outcome()
+        refusal = self._decision_refusal(user, facts, policy, members_of, click, outcome)
+        if refusal is not None:
+            outcome.refusal = refusal
+            outcome.events.append(Event("approval.refused", user, {
+                "reason": refusal.reason, "message": refusal.message,
+                "decision": "approve" if approve else "reject"}, by_person=True))
+            return outcome
+        decision = Decision(user, "approve" if approve else "reject", reason, facts.now, self.card_digest)
+        self.decisions.append(decision)
+        outcome.decision = decision
+        if not approve:
+            self.state, self.decided_at = REJECTED, facts.now
+            outcome.events.append(Event("promotion.rejected", user, {"reason": reason}, by_person=True))
+            return outcome
+        outcome.events.append(Event("approval.granted", user, {"card_digest": self.card_digest}, by_person=True))
+        if self.approvals >= self.required_approvals:
+            self.state, self.decided_at = APPROVED, facts.now
+            outcome.events.append(Event("promotion.approved", "system", {
+                "approvals": self.approvals, "required": self.required_approvals}))
+        return outcome
+
+    def _decision_refusal(self, user: str, facts: Facts, policy: ModelPolicy, members_of: MembersOf, click: Click,
+                          outcome: Outcome) -> Refused | None:
+        clicked_elsewhere = click.message_ts is not None and self.message_ts is not None and (
+            click.message_ts != self.message_ts or (click.channel is not None and click.channel != self.channel))
+        if clicked_elsewhere or (click.digest is not None and click.digest != self.card_digest):
+            # a button copied to another message, or a value edited: refuse without touching the request
+            return Refused(f"that button does not belong to the card of promotion request #{self.id}",
+                           "use the buttons on the request's own card", reason="card_mismatch")
+        if self.state != OPEN:
+            return Refused(f"promotion request #{self.id} is already {self.state}", "nothing left to decide",
+                           reason="closed")
+        if facts.now > self.expires_at:
+            outcome.events += self.expire(facts.now)
+            return Refused(f"promotion request #{self.id} expired at {iso(self.expires_at)}",
+                           f"open a new one: `promote {self.model} {self.candidate}`", reason="expired")
+        try:
+            check_approver(policy, user, members_of, self.requested_by, facts.trained_by, self.model)
+        except Refused as exc:
+            return exc
+        stale_why = self._stale_why(facts)
+        if stale_why:
+            self.state, self.decided_at = STALE, facts.now
+            outcome.events.append(Event("promotion.stale", "system", {"why": stale_why}))
+            return Refused(f"promotion request #{self.id} is stale: {stale_why}",
+                           f"open a new one: `promote {self.model} {self.candidate}`", reason="stale")
+        if any(d.approver == user for d in self.decisions):
+            return Refused(f"{user} already decided on promotion request #{self.id}", "one decision per approver",
+                           reason="duplicate")
+        return None
+
+    def _stale_why(self, facts: Facts) -> str | None:
+        if facts.current_default != self.base:
+            return f"the default moved from {self.base} to {facts.current_default} since the card was posted"
+        if facts.candidate_digest != self.candidate_digest:
+            return f"{self.candidate} changed since the card was posted"
+        return None
+
+    def expire(self, now: datetime) -> list[Event]:
+        """An open request past its expiry closes as expired."""
+        if self.state != OPEN or now <= self.expires_at:
+            return []
+        self.state, self.decided_at = EXPIRED, now
+        return [Event("promotion.expired", "system")]
+
+    # ------------------------------------------------------------ applying
+
+    def start_apply(self, actor: str, facts: Facts, backend: str, busy_with: int | None = None) -> Outcome:
+        """approved (or failed: a retry) → applying, when the approvals are all there and the default is still
+        the base. `busy_with`: another request of the model being applied now (one apply per model at a time)."""
+        if self.state not in APPLICABLE:
+            return Outcome()  # applied, applying or closed already: nothing to start (double clicks, replicas)
+        if self.approvals < self.required_approvals:
+            return Outcome(refusal=Refused(
+                f"promotion request #{self.id} has {self.approvals} of {self.required_approvals} approvals",
+                "wait for more approvals", reason="not_approved"))
+        if facts.current_default != self.base:
+            self.state = STALE
+            return Outcome([Event("promotion.stale", "system", {"why": "the default moved before the apply"})])
+        if busy_with is not None:
+            return Outcome(refusal=Refused(f"promotion request #{busy_with} of {self.model} is being applied right "
+                                           f"now", f"retry #{self.id} when it has finished", reason="busy"))
+        self.state, self.apply_started_at, self.error = APPLYING, facts.now, None
+        return Outcome([Event("promotion.applying", actor, {"base": self.base, "backend": backend}, on_card=True)],
+                       started=True)
+
+    def finish_apply(self, actor: str, now: datetime, error: str | None,
+                     switch_default: Callable[[], bool]) -> list[Event]:
+        """applying → applied (the default switched) or failed (with the reason).
+
+        A request reconciled as failed whose backend call then succeeded is applied after all. `switch_default`
+        moves the model's default from base to candidate if it still is base, and says whether it did.
+        """
+        late_success = error is None and self.state == FAILED
+        if self.state != APPLYING and not late_success:
+            return []  # settled by someone else meanwhile
+        if error is None and not switch_default():
+            error = "the default moved while this request was being applied"  # refuse rather than guess
+        if error is not None:
+            self.state, self.error = FAILED, error
+            return [Event("promotion.failed", actor, {"error": error}, on_card=True)]
+        self.state, self.applied_at = APPLIED, now
+        return [Event("promotion.applied", actor, {"base": self.base, "kind": self.kind}, on_card=True)]
+
+    def retry_refusal(self, user: str, policy: ModelPolicy, members_of: MembersOf) -> StarchartError | None:
+        """Why `user` may not retry a failed apply, or None: only an approver may, and only a failed one."""
+        if policy.approvers and not is_listed(user, policy.approvers, members_of):
+            return Refused(f"{user} is not an approver of {self.model}", "ask an approver to retry",
+                           reason="not_approver")
+        if self.state != FAILED:
+            return InvalidInput(f"promotion request #{self.id} is {self.state}, not failed",
+                                "only a failed apply can be retried")
+        return None
+

@@ -1,0 +1,134 @@
+"""The audit trail's use cases: filtered events, the default at a point in time, checkpoints, verify."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from sqlalchemy import select
+
+from model_registry.adapters import audit_log as audit
+from model_registry.adapters.audit_log import AuditLog
+from model_registry.adapters.db import Database
+from model_registry.adapters.records import (
+    PromotionRequest,
+    Version,
+)
+from model_registry.config import Settings
+from model_registry.domain import names
+from model_registry.domain.errors import InvalidInput, NotFound
+from model_registry.domain.names import iso
+from model_registry.services.catalog import Catalog
+from model_registry.services.views import request_view
+
+
+class AuditTrail:
+    """The audit chain as people ask about it, and the refusals recorded outside any other change."""
+
+    def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, settings: Settings) -> None:
+        self.db, self.audit_log, self.catalog, self.settings = db, audit_log, catalog, settings
+
+    @property
+    def _checkpoint_file(self) -> Path:
+        return self.settings.home / "audit" / "checkpoints.jsonl"
+
+    def _audit_key(self) -> bytes | None:
+        key = self.settings.audit_key
+        return key.encode() if key else None
+
+    def record_refusal(self, actor: str, reason: str, message: str, *, model: str | None = None,
+                       request_id: int | None = None, channel: str | None = None, message_ts: str | None = None,
+                       details: dict[str, Any] | None = None) -> None:
+        """Record a refused request that changed nothing (forged, tampered, unauthorised)."""
+        with self.db.unit_of_work() as s:
+            self.audit_log.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
+                         message_ts=message_ts, details={"reason": reason, "message": message[:500],
+                                                         **(details or {})})
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Checkpoints kept outside the database (one JSON object per line)."""
+        try:
+            lines = self._checkpoint_file.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"malformed": line[:100]})
+        return out
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Record the chain's head outside the database; the caller may also post it (e.g. to Slack)."""
+        with self.db.reads() as s:
+            cp = self.audit_log.checkpoint(s, self._audit_key())
+        self._checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._checkpoint_file, "a") as fh:
+            fh.write(json.dumps(cp, sort_keys=True) + "\n")
+        return cp
+
+    def verify(self, checkpoints: Iterable[dict[str, Any]] | None = None) -> audit.VerifyResult:
+        cps = self.checkpoints() if checkpoints is None else list(checkpoints)
+        with self.db.reads() as s:
+            return self.audit_log.verify(s, cps, self._audit_key())
+
+    def events(self, *, model: str | None = None, since: datetime | None = None,
+                     until: datetime | None = None, actor: str | None = None, action: str | None = None,
+                     version: str | None = None, limit: int = 50, before_seq: int | None = None
+                     ) -> list[dict[str, Any]]:
+        if model is not None:
+            names.validate_model_name(model)
+        if action is not None and action not in audit.ACTIONS:
+            hint = names.suggest(action, list(audit.ACTIONS)) or "actions: " + ", ".join(audit.ACTIONS)
+            raise InvalidInput(f"unknown audit action {action!r}", hint)
+        if not 1 <= limit <= 1000:
+            raise InvalidInput(f"invalid --limit {limit}", "use a number from 1 to 1000 (or --csv for everything)")
+        if since is not None and until is not None and since >= until:
+            raise InvalidInput("--since is not before --until", "swap them, or drop one")
+        # one indexed SELECT on the read-only engine (no write lock on SQLite, no transaction on PostgreSQL)
+        with self.db.reader.connect() as conn:
+            rows = self.audit_log.events(conn, model=model, since=since, until=until, actor=actor, action=action,
+                                         version=version, limit=limit, before_seq=before_seq)
+            if not rows and actor is not None and not self.audit_log.has_actor(conn, actor):
+                raise NotFound(f"no audit events by {actor!r}", "check the user id (in Slack, @mention the person)")
+        return rows
+
+    def all_events(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every event matching the filters, newest first, a page of 1,000 at a time (CSV exports)."""
+        before: int | None = None
+        while True:
+            page = self.events(limit=1000, before_seq=before, **filters)
+            yield from page
+            if len(page) < 1000:
+                return
+            before = page[-1]["seq"]
+
+    def default_at(self, model: str, at: datetime) -> dict[str, Any]:
+        """Which version was the default of `model` at `at`, who requested and approved it, from what."""
+        names.validate_model_name(model)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
+            event = self.audit_log.default_event_at(s, model, at)
+            if event is None:
+                raise NotFound(f"{model} had no default version at {iso(at)}",
+                               f"its first version became the default later; see `audit {model}`")
+            answer: dict[str, Any] = {"model": model, "at": iso(at), "version": event.version,
+                                      "since": iso(event.created_at), "how": event.action, "event_seq": event.seq}
+            if event.request_id is not None:
+                req = s.get(PromotionRequest, event.request_id)
+                answer["request"] = request_view(req, self.catalog.approvals(s, req.id)) if req else None
+                answer["requested_by"] = req.requested_by if req else None
+                answer["approved_by"] = [a.approver for a in self.catalog.approvals(s, event.request_id)
+                                         if a.decision == "approve"]
+            else:
+                answer["requested_by"], answer["approved_by"] = event.actor, []
+            version = s.execute(select(Version).where(Version.model == model, Version.name == event.version)
+                                ).scalar_one_or_none()
+            if version is not None:
+                answer.update(job_id=version.job_id, args=list(version.args or []), program=version.program,
+                              trained_by=version.trained_by, metrics=version.metrics)
+            answer.pop("request", None)
+            return answer

@@ -1,0 +1,139 @@
+"""Predictions from a model's served versions: the local model server, or the backend's endpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from model_registry.adapters.backends.base import Backend
+from model_registry.adapters.db import Database
+from model_registry.adapters.records import ModelRecord
+from model_registry.domain import names
+from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused
+from model_registry.services.catalog import Catalog
+from model_registry.services.views import version_view
+
+MAX_INSTANCES = 1000
+MAX_ARCHIVE = 50 * 1024 * 1024  # bytes of a pulled SavedModel sent as a file (Slack); larger: `starchart pull`
+VERSION_FILE = "starchart-version.json"  # beside a pulled SavedModel: what it is (signature, metrics, program)
+BODY_HINT = ('give instances as JSON: one object {"input": value, ...}, a list of them, '
+             'or TF Serving\'s {"instances": [...]} / {"inputs": {...}}')
+
+
+def predict_body(payload: Any) -> dict[str, Any]:
+    """TF Serving's request body from what a person typed: a JSON text, an instance, a list, or a body."""
+    if isinstance(payload, (str, bytes)):
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+        if not text.strip():
+            raise InvalidInput("no instances to predict", BODY_HINT)
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise InvalidInput(f"the instances are not valid JSON: {exc}", BODY_HINT) from None
+    if isinstance(payload, dict) and ("instances" in payload or "inputs" in payload):
+        body = payload
+    elif isinstance(payload, list):
+        body = {"instances": payload}
+    elif isinstance(payload, dict):
+        body = {"instances": [payload]}
+    else:
+        raise InvalidInput(f"cannot predict from a bare {type(payload).__name__}", BODY_HINT)
+    instances = body.get("instances")
+    if instances is not None and (not isinstance(instances, list) or not instances):
+        raise InvalidInput('"instances" must be a non-empty list', BODY_HINT)
+    if isinstance(instances, list) and len(instances) > MAX_INSTANCES:
+        raise InvalidInput(f"{len(instances)} instances in one request; at most {MAX_INSTANCES}",
+                           "split them into several requests")
+    return body
+
+
+class Predictions:
+    """Answers of a model's served versions, and copies of a version for local use."""
+
+    def __init__(self, db: Database, catalog: Catalog, backend: Backend) -> None:
+        self.db, self.catalog, self.backend = db, catalog, backend
+    def predict(self, model: str, payload: Any, version: str | None = None) -> dict[str, Any]:
+        """Predictions of `model`'s default version (or `version`) for the given instances.
+
+        The answer is TF Serving's ({"predictions": [...]} or, for a columnar request, {"outputs": ...}) with
+        the model and the version that answered.
+        """
+        names.validate_model_name(model)
+        body = predict_body(payload)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
+            if version is not None:
+                self.catalog.version(s, model, version)
+        answered, answer = self.backend.predict(model, version, body)
+        return {"model": model, "version": answered, **answer}
+
+    def served(self, model: str, version: str | None = None) -> dict[str, Any]:
+        """Which version answers `model`'s predictions: the serving side's default, or `version` if it exists."""
+        names.validate_model_name(model)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
+            if version is not None:
+                return {"model": model, "version": self.catalog.version(s, model, version).name}
+        default = self.backend.current_default(model)
+        if default is None:
+            raise NotFound(f"{model} has no default version yet", f"expose a version of {model}, then apply it")
+        return {"model": model, "version": default}
+
+    def pull(self, model: str, version: str | None = None, dest: str | Path | None = None) -> dict[str, Any]:
+        """Copy a version's SavedModel (default: the default version) into the folder `dest`, for local use.
+
+        The folder gets the SavedModel and starchart-version.json (name, signature, metrics, program, digest).
+        It is filled under a temporary name and renamed at the end: an interrupted pull leaves no half model.
+        """
+        names.validate_model_name(model)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
+            if version is None:
+                record = s.get(ModelRecord, model)
+                version = record.default_version if record else None
+                if version is None:
+                    raise NotFound(f"{model} has no default version yet", f"name one of `versions {model}`")
+            view = version_view(self.catalog.version(s, model, version))
+        target = Path(dest or f"{model}-{version}").resolve()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise InvalidInput(f"{target} already exists", "pull into another folder (--to DIR), or remove it")
+        store, source = self.backend.storage, view["deployment_uri"]
+        files = store.list_files(source)
+        if "saved_model.pb" not in files:
+            raise ArtifactError(f"{source} holds no SavedModel (saved_model.pb is missing)",
+                                f"the version's files were moved or deleted; train and expose {model} again")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            for name in files:
+                store.download_file(store.join(source, name), partial / name)
+            (partial / VERSION_FILE).write_text(json.dumps(view, indent=2, sort_keys=True))
+            if target.exists():
+                target.rmdir()  # empty, checked above
+            os.replace(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        return {"model": model, "version": version, "path": str(target), "files": len(files) + 1, "bytes": size,
+                "signature": view["signature"], "source": source}
+
+    def pull_archive(self, model: str, version: str | None = None) -> dict[str, Any]:
+        """A pulled version as one .tar.gz in memory (for a chat upload): pull()'s answer plus filename and data."""
+        with tempfile.TemporaryDirectory(prefix="starchart-pull-") as tmp:
+            pulled = self.pull(model, version, Path(tmp) / "model")
+            if pulled["bytes"] > MAX_ARCHIVE:
+                raise Refused(f"{model} {pulled['version']} is {pulled['bytes'] / 2**20:.0f} MB, too large to send "
+                              f"here (at most {MAX_ARCHIVE // 2**20} MB)",
+                              f"run `starchart pull {model} {pulled['version']}` where you need it")
+            name = f"{model}-{pulled['version']}"
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                tar.add(pulled["path"], arcname=name)
+        return {**pulled, "path": None, "filename": f"{name}.tar.gz", "data": buf.getvalue()}

@@ -1,0 +1,297 @@
+"""Promotion requests: open, decide, apply, reconcile. The default moves only in `apply_request`,
+after the required approvals are committed, with the audit event of each step in its transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from model_registry.adapters.audit_log import AuditLog
+from model_registry.adapters.backends.base import Backend
+from model_registry.adapters.db import Database, rows_changed
+from model_registry.adapters.model_files import marked_default, read_model_file
+from model_registry.adapters.records import Approval, ModelRecord, PromotionRequest
+from model_registry.config import ProjectConfig
+from model_registry.domain import names
+from model_registry.domain import promotion as rules
+from model_registry.domain.diffs import card_digest, diff_versions
+from model_registry.domain.errors import InvalidInput, NotFound, Refused, StarchartError
+from model_registry.domain.policy import check_operator
+from model_registry.services.audit_trail import AuditTrail
+from model_registry.services.catalog import Catalog
+from model_registry.services.versions import Versions
+from model_registry.services.views import request_view, version_view
+
+RECONCILE_AFTER = timedelta(minutes=2)  # an apply older than this with no result was interrupted
+
+
+class Promotions:
+    """Promotion requests of every model, from opening to the switch of the default."""
+
+    def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, config: ProjectConfig, backend: Backend,
+                 versions: Versions, audit_trail: AuditTrail) -> None:
+        self.db, self.audit_log, self.catalog, self.config, self.backend = db, audit_log, catalog, config, backend
+        self.versions, self.audit = versions, audit_trail
+
+    def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
+                channel: str | None = None) -> dict[str, Any]:
+        names.validate_model_name(model)
+        policy = self.config.policy(model)
+        check_operator(policy, user, self.catalog.members_of, "request a promotion of", model)
+        with self.db.unit_of_work() as s:
+            self.catalog.require_model(model, s)
+            cand = self.catalog.version(s, model, version)
+            record = s.get(ModelRecord, model)
+            base_name = record.default_version if record else None
+            if base_name == version:
+                raise InvalidInput(f"{version} is already the default of {model}", "nothing to review")
+            existing = s.execute(select(PromotionRequest).where(
+                PromotionRequest.model == model, PromotionRequest.candidate_version == version,
+                PromotionRequest.base_version == base_name, PromotionRequest.state == rules.OPEN,
+                PromotionRequest.expires_at > names.utcnow())).scalar_one_or_none()
+            if existing is not None:  # a retried command finds the open request instead of a twin
+                return request_view(existing, self.catalog.approvals(s, existing.id))
+            cand_view = version_view(cand)
+            base_view = version_view(self.catalog.version(s, model, base_name)) if base_name else None
+            diff = diff_versions(cand_view, base_view)
+            now = names.utcnow()
+            req = PromotionRequest(
+                model=model, kind=kind, candidate_version=version, base_version=base_name,
+                candidate_digest=cand.digest, card_digest=card_digest(cand.digest, base_view["digest"] if base_view else None,
+                                                                      diff),
+                diff=diff, requested_by=user, reason=reason, state=rules.OPEN,
+                required_approvals=policy.required_approvals, created_at=now, expires_at=now + policy.request_expiry,
+                channel=channel or policy.channel,
+            )
+            s.add(req)
+            s.flush()
+            self.audit_log.append(s, "rollback.requested" if kind == "rollback" else "promotion.requested", user, model=model,
+                         version=version, request_id=req.id, channel=req.channel,
+                         details={"kind": kind, "base": base_name, "reason": reason, "card_digest": req.card_digest,
+                                  "breaking": diff["signature"]["breaking"]})
+            return request_view(req)
+
+    def apply(self, model: str, user: str, reason: str | None = None) -> dict[str, Any]:
+        """StarChart's apply: request the version marked isDefault in models/<model>.yaml."""
+        names.validate_model_name(model)
+        self.catalog.require_model(model)
+        doc = read_model_file(self.config.model_files, model)
+        wanted = marked_default(doc, str(self.config.model_files / f"{model}.yaml"))
+        return self.promote(model, wanted, user, reason, kind="apply")
+
+    def rollback(self, model: str, user: str, reason: str | None = None) -> dict[str, Any]:
+        names.validate_model_name(model)
+        with self.db.unit_of_work() as s:
+            self.catalog.require_model(model, s)
+            target = self._previous_default(s, model)
+        return self.promote(model, target, user, reason, kind="rollback")
+
+    def _previous_default(self, s: Session, model: str) -> str:
+        """Replay applied requests as a stack of defaults: promotions push, rollbacks pop."""
+        applied = s.execute(select(PromotionRequest).where(
+            PromotionRequest.model == model, PromotionRequest.state == rules.APPLIED
+        ).order_by(PromotionRequest.applied_at, PromotionRequest.id)).scalars().all()
+        stack: list[str] = []
+        for req in applied:
+            if not stack and req.base_version:
+                stack.append(req.base_version)
+            if req.kind == "rollback" and len(stack) > 1 and stack[-2] == req.candidate_version:
+                stack.pop()
+            else:
+                stack.append(req.candidate_version)
+        if len(stack) < 2:
+            raise InvalidInput(f"{model} has no previous default to roll back to",
+                               f"promote a version instead: `promote {model} VERSION`")
+        return stack[-2]
+
+    def get(self, request_id: int) -> dict[str, Any]:
+        with self.db.reads() as s:
+            req = s.get(PromotionRequest, request_id)
+            if req is None:
+                raise NotFound(f"no promotion request #{request_id}", "list them with `requests MODEL`")
+            return request_view(req, self.catalog.approvals(s, req.id))
+
+    def of_model(self, model: str, open_only: bool = False) -> list[dict[str, Any]]:
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
+            q = select(PromotionRequest).where(PromotionRequest.model == model)
+            if open_only:
+                q = q.where(PromotionRequest.state.in_([rules.OPEN, rules.APPROVED, rules.APPLYING, rules.FAILED]))
+            return [request_view(r, self.catalog.approvals(s, r.id)) for r in
+                    s.execute(q.order_by(PromotionRequest.id.desc()).limit(50)).scalars()]
+
+    def set_card(self, request_id: int, channel: str, message_ts: str) -> None:
+        with self.db.unit_of_work() as s:
+            s.execute(update(PromotionRequest).where(PromotionRequest.id == request_id)
+                      .values(channel=channel, message_ts=message_ts))
+
+    def decide(self, request_id: int, user: str, approve: bool, *, reason: str | None = None,
+               card_digest: str | None = None, channel: str | None = None, message_ts: str | None = None,
+               actor_name: str | None = None) -> dict[str, Any]:
+        """Record one approver's decision. A refusal is recorded in the audit trail, then raised."""
+        rules.require_reason(approve, reason)
+        person = {"channel": channel, "message_ts": message_ts, "actor_name": actor_name}
+        with self.db.unit_of_work() as s:
+            row = s.get(PromotionRequest, request_id, with_for_update=True)
+            refusal: Refused | None
+            if row is None:
+                refusal = Refused(f"no promotion request #{request_id}", "it may have been removed; open a new one",
+                                  reason="not_found")
+                self.audit_log.append(s, "approval.refused", user, request_id=request_id, **person,
+                             details={"reason": "not_found"})
+            else:
+                req = self._domain(s, row)
+                cand = self.catalog.version(s, row.model, row.candidate_version)
+                facts = rules.Facts(now=names.utcnow(), current_default=self._default_of(s, row.model),
+                                    candidate_digest=cand.digest, trained_by=cand.trained_by)
+                outcome = req.decide(user, approve, facts, self.config.policy(row.model), self.catalog.members_of,
+                                     reason=reason, click=rules.Click(card_digest, channel, message_ts))
+                self._store(s, row, req, outcome, person)
+                refusal = outcome.refusal
+        if refusal is not None:
+            raise refusal
+        return self.get(request_id)
+
+    def retry(self, request_id: int, user: str) -> dict[str, Any]:
+        """Apply a failed request again; only an approver of the model may ask."""
+        with self.db.reads() as s:
+            row = s.get(PromotionRequest, request_id)
+            if row is None:
+                raise NotFound(f"no promotion request #{request_id}", "list them with `requests MODEL`")
+            req = self._domain(s, row)
+        refusal = req.retry_refusal(user, self.config.policy(req.model), self.catalog.members_of)
+        if isinstance(refusal, Refused):
+            self.audit.record_refusal(user, refusal.reason, f"{user} may not retry #{request_id}", model=req.model,
+                                      request_id=request_id)
+        if refusal is not None:
+            raise refusal
+        return self.apply_request(request_id, actor=user)
+
+    def apply_request(self, request_id: int, actor: str = "system") -> dict[str, Any]:
+        """Switch the default for an approved request: audit first, then the backend, then the result.
+
+        Only one caller wins the approved/failed -> applying transition; the others get the request as it is.
+        """
+        with self.db.unit_of_work() as s:
+            row = s.get(PromotionRequest, request_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no promotion request #{request_id}")
+            req = self._domain(s, row)
+            if row.state in rules.APPLICABLE:
+                s.get(ModelRecord, row.model, with_for_update=True)  # one apply per model: the model row is locked
+            busy = s.execute(select(PromotionRequest.id).where(
+                PromotionRequest.model == row.model, PromotionRequest.state == rules.APPLYING,
+                PromotionRequest.id != row.id).limit(1)).scalar()
+            outcome = req.start_apply(actor, rules.Facts(now=names.utcnow(),
+                                                         current_default=self._default_of(s, row.model)),
+                                      self.backend.name, busy_with=busy)
+            self._store(s, row, req, outcome)
+            if outcome.refusal is not None:
+                raise outcome.refusal
+            if not outcome.started:
+                return request_view(row, self.catalog.approvals(s, row.id))
+            model, version = row.model, row.candidate_version
+            ref = self.catalog.version(s, model, version).backend_ref
+        try:
+            self.backend.set_default(model, version, ref)
+        except Exception as exc:  # any backend failure leaves the request failed with the reason, nothing applied
+            reason = exc.message if isinstance(exc, StarchartError) else f"{type(exc).__name__}: {exc}"
+            self._apply_result(request_id, actor, error=reason)
+        else:
+            self._apply_result(request_id, actor)
+        self.versions.write_model_file(model)
+        return self.get(request_id)
+
+    def _apply_result(self, request_id: int, actor: str, error: str | None = None) -> None:
+        with self.db.unit_of_work() as s:
+            row = s.get_one(PromotionRequest, request_id, with_for_update=True)
+            req = self._domain(s, row)
+
+            def switch_default() -> bool:
+                base_is = (ModelRecord.default_version.is_(None) if row.base_version is None
+                           else ModelRecord.default_version == row.base_version)
+                return bool(rows_changed(s.execute(
+                    update(ModelRecord).where(ModelRecord.name == row.model, base_is)
+                    .values(default_version=row.candidate_version, updated_at=names.utcnow()))))
+
+            events = req.finish_apply(actor, names.utcnow(), error, switch_default)
+            self._store(s, row, req, rules.Outcome(events))
+
+    def reconcile(self, older_than: timedelta = RECONCILE_AFTER) -> list[dict[str, Any]]:
+        """Finish applies interrupted by a crash: applied if the backend has the candidate, else failed."""
+        now = names.utcnow()
+        with self.db.unit_of_work() as s:
+            stuck = s.execute(select(PromotionRequest.id, PromotionRequest.model, PromotionRequest.candidate_version,
+                                     PromotionRequest.apply_started_at)
+                              .where(PromotionRequest.state == rules.APPLYING,
+                                     PromotionRequest.apply_started_at <= now - older_than)).all()
+        results = []
+        for request_id, model, version, started in stuck:
+            if started is None or (now - started).total_seconds() < self.backend.apply_timeout(model):
+                continue  # a slow switch (an endpoint deploy) may still be running in another process
+            try:
+                current = self.backend.current_default(model)
+            except StarchartError:
+                continue
+            if current == version:
+                self._apply_result(request_id, "system")
+            else:
+                self._apply_result(request_id, "system",
+                                   error="interrupted before the backend switched the default; retry to apply")
+            with self.db.unit_of_work() as s:
+                self.audit_log.append(s, "promotion.reconciled", "system", model=model, version=version,
+                             request_id=request_id, details={"backend_default": current})
+            results.append(self.get(request_id))
+            self.versions.write_model_file(model)
+        return results
+
+    def expire(self) -> int:
+        """Close open requests past their expiry (the worker calls this)."""
+        now = names.utcnow()
+        with self.db.unit_of_work() as s:
+            rows = s.execute(select(PromotionRequest).where(PromotionRequest.state == rules.OPEN,
+                                                            PromotionRequest.expires_at < now)).scalars().all()
+            for row in rows:
+                req = self._domain(s, row)
+                self._store(s, row, req, rules.Outcome(req.expire(now)))
+            return len(rows)
+
+    # ---------------------------------------------------------------- between records and rules
+
+    @staticmethod
+    def _default_of(s: Session, model: str) -> str | None:
+        record = s.get(ModelRecord, model)
+        return record.default_version if record else None
+
+    def _domain(self, s: Session, row: PromotionRequest) -> rules.PromotionRequest:
+        return rules.PromotionRequest(
+            id=row.id, model=row.model, kind=row.kind, candidate=row.candidate_version, base=row.base_version,
+            candidate_digest=row.candidate_digest, card_digest=row.card_digest, requested_by=row.requested_by,
+            required_approvals=row.required_approvals, expires_at=row.expires_at, state=row.state,
+            decisions=[rules.Decision(a.approver, a.decision, a.reason, a.created_at, a.card_digest)
+                       for a in self.catalog.approvals(s, row.id)],
+            decided_at=row.decided_at, apply_started_at=row.apply_started_at, applied_at=row.applied_at,
+            error=row.error, channel=row.channel, message_ts=row.message_ts)
+
+    def _store(self, s: Session, row: PromotionRequest, req: rules.PromotionRequest, outcome: rules.Outcome,
+               person: dict[str, Any] | None = None) -> None:
+        """Persist what a rule did, in the caller's transaction: the request, a new decision, its audit events."""
+        row.state, row.decided_at, row.error = req.state, req.decided_at, req.error
+        row.apply_started_at, row.applied_at = req.apply_started_at, req.applied_at
+        if outcome.decision is not None:
+            d = outcome.decision
+            s.add(Approval(request_id=row.id, approver=d.approver, decision=d.decision, reason=d.reason,
+                           card_digest=d.card_digest, created_at=d.at))
+            s.flush()  # the unique (request, approver) constraint speaks before any event is written
+        for event in outcome.events:
+            where: dict[str, Any] = {}
+            if event.by_person:
+                where = dict(person or {})
+            elif event.on_card:
+                where = {"channel": row.channel, "message_ts": row.message_ts}
+            self.audit_log.append(s, event.action, event.actor, model=row.model, version=row.candidate_version,
+                         request_id=row.id, **where, details=event.details)

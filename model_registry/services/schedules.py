@@ -1,0 +1,174 @@
+"""Schedules: retrain a model on a cron, recorded like every other change (`schedule.changed`)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from sqlalchemy import select, update
+
+from model_registry.adapters.audit_log import AuditLog
+from model_registry.adapters.db import Database, rows_changed
+from model_registry.adapters.packaging import trainer_dir
+from model_registry.adapters.records import SUCCEEDED, Job, Schedule
+from model_registry.config import ProjectConfig
+from model_registry.domain import names
+from model_registry.domain.errors import InvalidInput, StarchartError
+from model_registry.domain.names import iso
+from model_registry.domain.policy import check_operator
+from model_registry.services.catalog import Catalog
+from model_registry.services.jobs import Jobs
+from model_registry.services.promotions import Promotions
+from model_registry.services.versions import Versions
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidInput(f"unknown time zone {name!r}", "use an IANA name such as UTC or Asia/Tokyo") from None
+
+
+def next_run(cron: str, tz: str, after: datetime) -> datetime:
+    """The first firing of `cron` (in `tz`) strictly after `after` (naive UTC in, naive UTC out)."""
+    local = after.replace(tzinfo=timezone.utc).astimezone(_zone(tz))
+    fire = croniter(cron, local).get_next(datetime)
+    return fire.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def schedule_view(row: Schedule) -> dict[str, Any]:
+    return {"model": row.model, "cron": row.cron, "timezone": row.timezone, "args": list(row.args or []),
+            "enabled": row.enabled, "last_run_at": iso(row.last_run_at), "updated_by": row.updated_by,
+            "next_run_at": iso(next_run(row.cron, row.timezone, row.last_run_at or row.updated_at))
+            if row.enabled else None}
+
+
+class Schedules:
+    """Retraining on a cron, and the nightly follow-up: expose, gate, open the review."""
+
+    def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, config: ProjectConfig, jobs: Jobs,
+                 versions: Versions, promotions: Promotions) -> None:
+        self.db, self.audit_log, self.catalog, self.config = db, audit_log, catalog, config
+        self.jobs, self.versions, self.promotions = jobs, versions, promotions
+    def set(self, model: str, cron: str, user: str, args: list[str] | None = None,
+                     tz: str = "UTC") -> dict[str, Any]:
+        names.validate_model_name(model)
+        trainer_dir(self.config.trainer_base, model)
+        check_operator(self.config.policy(model), user, self.catalog.members_of, "schedule", model)
+        if not croniter.is_valid(cron):
+            raise InvalidInput(f"invalid cron expression {cron!r}",
+                               'use five fields: minute hour day month weekday, e.g. "0 3 * * *"')
+        _zone(tz)
+        now = names.utcnow()
+        with self.db.unit_of_work() as s:
+            row = s.get(Schedule, model, with_for_update=True)
+            if row is None:
+                row = Schedule(model=model, cron=cron, timezone=tz, args=list(args or []), enabled=True,
+                               updated_by=user, updated_at=now)
+                s.add(row)
+            else:
+                row.cron, row.timezone, row.args, row.enabled = cron, tz, list(args or []), True
+                row.updated_by, row.updated_at = user, now
+            s.flush()
+            self.audit_log.append(s, "schedule.changed", user, model=model,
+                         details={"cron": cron, "timezone": tz, "args": list(args or []), "enabled": True})
+            return schedule_view(row)
+
+    def disable(self, model: str, user: str) -> dict[str, Any]:
+        names.validate_model_name(model)
+        check_operator(self.config.policy(model), user, self.catalog.members_of, "schedule", model)
+        with self.db.unit_of_work() as s:
+            row = s.get(Schedule, model, with_for_update=True)
+            if row is None or not row.enabled:
+                raise InvalidInput(f"{model} has no schedule to turn off", "see `schedule list`")
+            row.enabled, row.updated_by, row.updated_at = False, user, names.utcnow()
+            self.audit_log.append(s, "schedule.changed", user, model=model, details={"cron": row.cron, "enabled": False})
+            return schedule_view(row)
+
+    def sync_configured(self) -> None:
+        """starchart.yaml's `schedule:` entries become schedules (once: a change from chat wins afterwards)."""
+        for model in self.config.models:
+            spec = self.config.policy(model).schedule
+            if not spec or not spec.get("cron"):
+                continue
+            with self.db.unit_of_work() as s:
+                if s.get(Schedule, model) is not None:
+                    continue
+            self.set(model, str(spec["cron"]), "starchart.yaml", [str(a) for a in spec.get("args") or []],
+                              str(spec.get("timezone") or "UTC"))
+
+    def all(self) -> list[dict[str, Any]]:
+        with self.db.reads() as s:
+            return [schedule_view(row) for row in s.execute(select(Schedule).order_by(Schedule.model)).scalars()]
+
+    def run_due(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Start the trainings whose time has come. Several clocks may run: only one wins each firing."""
+        now = now or names.utcnow()
+        started = []
+        with self.db.reads() as s:
+            rows = [(r.model, r.cron, r.timezone, list(r.args or []), r.last_run_at, r.updated_at)
+                    for r in s.execute(select(Schedule).where(Schedule.enabled.is_(True))).scalars()]
+        for model, cron, tz, args, last, updated in rows:
+            if next_run(cron, tz, last or updated) > now:
+                continue
+            with self.db.unit_of_work() as s:
+                same = Schedule.last_run_at.is_(None) if last is None else Schedule.last_run_at == last
+                if not rows_changed(s.execute(update(Schedule).where(Schedule.model == model, same)
+                                              .values(last_run_at=now))):
+                    continue  # another clock took this firing
+            try:
+                started.append(self.jobs.train(model, f"schedule:{model}", args=args or None))
+            except StarchartError as exc:  # recorded; the next firing tries again
+                with self.db.unit_of_work() as s:
+                    self.audit_log.append(s, "schedule.changed", "system", model=model,
+                                 details={"cron": cron, "failed_to_start": exc.message})
+        return started
+
+    def follow_scheduled(self) -> list[dict[str, Any]]:
+        """Nightly retrains, continued: expose succeeded scheduled jobs (`auto_expose`) and open a review
+        for them (`auto_review`) unless the `gate` metric fell. Returns the promotion requests opened."""
+        self.jobs.refresh()
+        with self.db.reads() as s:
+            jobs = s.execute(select(Job.model, Job.job_id).where(
+                Job.state == SUCCEEDED, Job.version_name.is_(None),
+                Job.requested_by == "schedule:" + Job.model)).all()
+        opened = []
+        for model in sorted({m for m, _ in jobs}):
+            policy = self.config.policy(model)
+            if not policy.auto_expose:
+                continue
+            actor = f"schedule:{model}"
+            result = self.versions.expose(model, actor)
+            if not policy.auto_review:
+                continue
+            for version in result["exposed"]:
+                if version["trained_by"] != actor or self.versions.default(model) == version["name"]:
+                    continue
+                why = self._gate_refusal(model, version, policy.gate)
+                if why:
+                    with self.db.unit_of_work() as s:
+                        self.audit_log.append(s, "review.skipped", actor, model=model, version=version["name"],
+                                     details={"why": why})
+                    continue
+                opened.append(self.promotions.promote(model, version["name"], actor, reason="scheduled retrain"))
+        return opened
+
+    def _gate_refusal(self, model: str, version: dict[str, Any], gate: Any) -> str | None:
+        """Why a scheduled candidate gets no review (its gate metric fell too far), or None."""
+        if gate is None:
+            return None
+        diff = self.versions.diff(model, version["name"])
+        metric = next((m for m in diff["metrics"] if m["name"] == gate.metric), None)
+        if metric is None or metric["candidate"] is None:
+            return f"{gate.metric} is missing from the candidate's metrics"
+        if isinstance(metric["candidate"], str):  # NaN or Infinity: the run diverged
+            return f"{gate.metric} is {metric['candidate']} (the training diverged)"
+        if metric["delta"] is None:
+            return None
+        change = metric["delta"] if metric["direction"] == "higher" else -metric["delta"]
+        if change < gate.min_delta:
+            return (f"{gate.metric} changed by {metric['delta']:+.4f} "
+                    f"(the gate allows {gate.min_delta:+.4f} in the better direction)")
+        return None
