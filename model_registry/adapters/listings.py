@@ -6,7 +6,7 @@ thousand rows' times into datetimes and formatting them again was half of a `sta
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import ColumnElement, String, bindparam, cast, select
 from sqlalchemy.engine import Engine
@@ -14,6 +14,39 @@ from sqlalchemy.engine import Engine
 from model_registry.adapters.db import reader
 from model_registry.adapters.records import Job, ModelRecord, Version
 from model_registry.domain.names import iso_text
+
+
+class JobRow(TypedDict):
+    """One line of `state`: a job in a model's list."""
+
+    job_id: str
+    state: str
+    created_at: str | None
+    started_at: str | None
+    ended_at: str | None
+    requested_by: str
+    version: str | None
+    args: list[str]
+    error: str | None
+
+
+class VersionRow(TypedDict):
+    """One line of `versions`."""
+
+    name: str
+    job_id: str
+    created_at: str | None
+    trained_by: str
+    metrics: dict[str, Any]
+    deployment_uri: str
+    is_default: bool
+
+
+class VersionList(TypedDict):
+    model: str
+    default: str | None
+    versions: list[VersionRow]
+
 
 _J, _V, _M = Job.__table__.c, Version.__table__.c, ModelRecord.__table__.c
 
@@ -35,7 +68,7 @@ _MODEL_KNOWN = select(_M.name).where(_M.name == bindparam("model"))
 _NO_LIMIT = 2**31 - 1
 
 
-def jobs_of(engine: Engine, model: str, limit: int | None = None) -> list[dict[str, Any]]:
+def jobs_of(engine: Engine, model: str, limit: int | None = None) -> list[JobRow]:
     """The jobs of `model`, newest first (at most `limit`), as `state` shows them."""
     with reader(engine).connect() as conn:
         rows = conn.execute(_JOBS, {"model": model, "limit": limit or _NO_LIMIT}).all()
@@ -46,7 +79,7 @@ def jobs_of(engine: Engine, model: str, limit: int | None = None) -> list[dict[s
     ]
 
 
-def versions_of(engine: Engine, model: str) -> dict[str, Any]:
+def versions_of(engine: Engine, model: str) -> VersionList:
     """The versions of `model`, newest first, and which one is the default, as `versions` shows them."""
     with reader(engine).connect() as conn:
         rows = conn.execute(_VERSIONS, {"model": model}).all()

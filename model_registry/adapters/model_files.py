@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -18,7 +18,7 @@ def _iso(value: Any) -> str | None:
     return value if isinstance(value, str) else value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def version_entry(v: dict[str, Any], is_default: bool) -> dict[str, Any]:
+def version_entry(v: Mapping[str, Any], is_default: bool) -> dict[str, Any]:
     job = v.get("job") or {}
     return {
         "version": {
@@ -48,7 +48,7 @@ def version_entry(v: dict[str, Any], is_default: bool) -> dict[str, Any]:
     }
 
 
-def write_model_file(folder: Path, model: str, versions: list[dict[str, Any]], default: str | None) -> Path:
+def write_model_file(folder: Path, model: str, versions: Sequence[Mapping[str, Any]], default: str | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model}.yaml"
     doc = {"model": model, "versions": [version_entry(v, v["name"] == default) for v in versions]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Mapping
 
 LOWER_IS_BETTER = ("loss", "error", "mae", "mse", "rmse", "latency", "perplexity")
 DIGEST_FIELDS = ("model", "name", "deployment_uri", "program", "args", "metrics", "signature", "trained_by", "job_id")
@@ -15,7 +15,7 @@ def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def version_digest(version: dict[str, Any]) -> str:
+def version_digest(version: Mapping[str, Any]) -> str:
     """The identity of what a review card shows about one version."""
     return hashlib.sha256(canonical({k: version.get(k) for k in DIGEST_FIELDS}).encode()).hexdigest()
 
@@ -117,7 +117,7 @@ def diff_signatures(base: dict[str, Any] | None, candidate: dict[str, Any]) -> d
     return {"inputs": inputs, "outputs": outputs, "breaking": breaking if base else []}
 
 
-def diff_versions(candidate: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+def diff_versions(candidate: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, Any]:
     """The review's content: candidate against the current default (or against nothing)."""
     new_p, old_p = parse_args(candidate.get("args", [])), parse_args(base.get("args", [])) if base else {}
     params = [

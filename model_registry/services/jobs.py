@@ -15,6 +15,7 @@ from model_registry.adapters import listings
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend, TrainingSpec
 from model_registry.adapters.db import Database, rows_changed
+from model_registry.adapters.listings import JobRow
 from model_registry.adapters.packaging import build_sdist, check_module, trainer_dir
 from model_registry.adapters.records import (
     CANCELLED,
@@ -31,7 +32,7 @@ from model_registry.domain import names
 from model_registry.domain.errors import BackendError, InvalidInput, NotFound, StarchartError
 from model_registry.domain.policy import check_operator
 from model_registry.services.catalog import Catalog
-from model_registry.services.views import job_view
+from model_registry.services.views import JobView, job_view
 
 LOG_TAIL_LINES = 20
 
@@ -59,7 +60,7 @@ class Jobs:
         machine_type: str | None = None,
         workers: int = 1,
         accelerator: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobView:
         names.validate_model_name(model)
         source = trainer_dir(self.config.trainer_base, model)
         policy = self.config.policy(model)
@@ -179,14 +180,14 @@ class Jobs:
         except StarchartError:
             return ""
 
-    def state(self, model: str, limit: int | None = None) -> list[dict[str, Any]]:
+    def state(self, model: str, limit: int | None = None) -> list[JobRow]:
         self.catalog.require_model(model)
         jobs = listings.jobs_of(self.db.engine, model, limit)
         if any(job["state"] in (QUEUED, RUNNING) for job in jobs) and self.refresh(model):
             jobs = listings.jobs_of(self.db.engine, model, limit)  # only unfinished jobs are asked
         return jobs
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> JobView:
         names.split_job_id(job_id)
         with self.db.reads() as s:
             job = s.get(Job, job_id)
@@ -211,7 +212,7 @@ class Jobs:
             ref = s.get_one(Job, job_id).backend_ref
         return self.backend.logs(job_id, ref, tail=tail) or (job["error"] or "(no log yet)")
 
-    def cancel(self, job_id: str, user: str) -> dict[str, Any]:
+    def cancel(self, job_id: str, user: str) -> JobView:
         job = self.get(job_id)
         check_operator(self.config.policy(job["model"]), user, self.catalog.members_of, "cancel jobs of", job["model"])
         if job["state"] in TERMINAL:
@@ -222,8 +223,8 @@ class Jobs:
         self._finish_job(job_id, CANCELLED, actor=user)
         return self.get(job_id)
 
-    def wait(self, job_id: str, timeout: float = 3600.0, on_change: Callable[[dict[str, Any]], None] | None = None
-             ) -> dict[str, Any]:
+    def wait(self, job_id: str, timeout: float = 3600.0, on_change: Callable[[JobView], None] | None = None
+             ) -> JobView:
         """Poll a job until it ends, backing off between the backend's shortest and longest interval."""
         delay, longest = self.backend.poll_interval
         deadline, last = time.monotonic() + timeout, None

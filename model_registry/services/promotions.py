@@ -24,7 +24,7 @@ from model_registry.domain.policy import check_operator
 from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
 from model_registry.services.versions import Versions
-from model_registry.services.views import request_view, version_view
+from model_registry.services.views import RequestView, request_view, version_view
 
 RECONCILE_AFTER = timedelta(minutes=2)  # an apply older than this with no result was interrupted
 
@@ -38,7 +38,7 @@ class Promotions:
         self.versions, self.audit = versions, audit_trail
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
-                channel: str | None = None) -> dict[str, Any]:
+                channel: str | None = None) -> RequestView:
         names.validate_model_name(model)
         policy = self.config.policy(model)
         check_operator(policy, user, self.catalog.members_of, "request a promotion of", model)
@@ -75,7 +75,7 @@ class Promotions:
                                   "breaking": diff["signature"]["breaking"]})
             return request_view(req)
 
-    def apply(self, model: str, user: str, reason: str | None = None) -> dict[str, Any]:
+    def apply(self, model: str, user: str, reason: str | None = None) -> RequestView:
         """StarChart's apply: request the version marked isDefault in models/<model>.yaml."""
         names.validate_model_name(model)
         self.catalog.require_model(model)
@@ -83,7 +83,7 @@ class Promotions:
         wanted = marked_default(doc, str(self.config.model_files / f"{model}.yaml"))
         return self.promote(model, wanted, user, reason, kind="apply")
 
-    def rollback(self, model: str, user: str, reason: str | None = None) -> dict[str, Any]:
+    def rollback(self, model: str, user: str, reason: str | None = None) -> RequestView:
         names.validate_model_name(model)
         with self.db.unit_of_work() as s:
             self.catalog.require_model(model, s)
@@ -108,14 +108,14 @@ class Promotions:
                                f"promote a version instead: `promote {model} VERSION`")
         return stack[-2]
 
-    def get(self, request_id: int) -> dict[str, Any]:
+    def get(self, request_id: int) -> RequestView:
         with self.db.reads() as s:
             req = s.get(PromotionRequest, request_id)
             if req is None:
                 raise NotFound(f"no promotion request #{request_id}", "list them with `requests MODEL`")
             return request_view(req, self.catalog.approvals(s, req.id))
 
-    def of_model(self, model: str, open_only: bool = False) -> list[dict[str, Any]]:
+    def of_model(self, model: str, open_only: bool = False) -> list[RequestView]:
         with self.db.reads() as s:
             self.catalog.require_model(model, s)
             q = select(PromotionRequest).where(PromotionRequest.model == model)
@@ -131,7 +131,7 @@ class Promotions:
 
     def decide(self, request_id: int, user: str, approve: bool, *, reason: str | None = None,
                card_digest: str | None = None, channel: str | None = None, message_ts: str | None = None,
-               actor_name: str | None = None) -> dict[str, Any]:
+               actor_name: str | None = None) -> RequestView:
         """Record one approver's decision. A refusal is recorded in the audit trail, then raised."""
         rules.require_reason(approve, reason)
         person = {"channel": channel, "message_ts": message_ts, "actor_name": actor_name}
@@ -156,7 +156,7 @@ class Promotions:
             raise refusal
         return self.get(request_id)
 
-    def retry(self, request_id: int, user: str) -> dict[str, Any]:
+    def retry(self, request_id: int, user: str) -> RequestView:
         """Apply a failed request again; only an approver of the model may ask."""
         with self.db.reads() as s:
             row = s.get(PromotionRequest, request_id)
@@ -171,7 +171,7 @@ class Promotions:
             raise refusal
         return self.apply_request(request_id, actor=user)
 
-    def apply_request(self, request_id: int, actor: str = "system") -> dict[str, Any]:
+    def apply_request(self, request_id: int, actor: str = "system") -> RequestView:
         """Switch the default for an approved request: audit first, then the backend, then the result.
 
         Only one caller wins the approved/failed -> applying transition; the others get the request as it is.
@@ -221,7 +221,7 @@ class Promotions:
             events = req.finish_apply(actor, names.utcnow(), error, switch_default)
             self._store(s, row, req, rules.Outcome(events))
 
-    def reconcile(self, older_than: timedelta = RECONCILE_AFTER) -> list[dict[str, Any]]:
+    def reconcile(self, older_than: timedelta = RECONCILE_AFTER) -> list[RequestView]:
         """Finish applies interrupted by a crash: applied if the backend has the candidate, else failed."""
         now = names.utcnow()
         with self.db.unit_of_work() as s:

@@ -13,7 +13,7 @@ from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.db import Database, rows_changed
 from model_registry.adapters.packaging import trainer_dir
 from model_registry.adapters.records import SUCCEEDED, Job, Schedule
-from model_registry.config import ProjectConfig
+from model_registry.config import Gate, ProjectConfig
 from model_registry.domain import names
 from model_registry.domain.errors import InvalidInput, StarchartError
 from model_registry.domain.names import iso
@@ -22,6 +22,7 @@ from model_registry.services.catalog import Catalog
 from model_registry.services.jobs import Jobs
 from model_registry.services.promotions import Promotions
 from model_registry.services.versions import Versions
+from model_registry.services.views import JobView, RequestView, VersionView
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -103,7 +104,7 @@ class Schedules:
         with self.db.reads() as s:
             return [schedule_view(row) for row in s.execute(select(Schedule).order_by(Schedule.model)).scalars()]
 
-    def run_due(self, now: datetime | None = None) -> list[dict[str, Any]]:
+    def run_due(self, now: datetime | None = None) -> list[JobView]:
         """Start the trainings whose time has come. Several clocks may run: only one wins each firing."""
         now = now or names.utcnow()
         started = []
@@ -126,7 +127,7 @@ class Schedules:
                                  details={"cron": cron, "failed_to_start": exc.message})
         return started
 
-    def follow_scheduled(self) -> list[dict[str, Any]]:
+    def follow_scheduled(self) -> list[RequestView]:
         """Nightly retrains, continued: expose succeeded scheduled jobs (`auto_expose`) and open a review
         for them (`auto_review`) unless the `gate` metric fell. Returns the promotion requests opened."""
         self.jobs.refresh()
@@ -155,7 +156,7 @@ class Schedules:
                 opened.append(self.promotions.promote(model, version["name"], actor, reason="scheduled retrain"))
         return opened
 
-    def _gate_refusal(self, model: str, version: dict[str, Any], gate: Any) -> str | None:
+    def _gate_refusal(self, model: str, version: VersionView, gate: Gate | None) -> str | None:
         """Why a scheduled candidate gets no review (its gate metric fell too far), or None."""
         if gate is None:
             return None

@@ -14,6 +14,7 @@ from model_registry.adapters import listings
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database, rows_changed
+from model_registry.adapters.listings import VersionList
 from model_registry.adapters.model_files import write_model_file
 from model_registry.adapters.records import (
     SUCCEEDED,
@@ -30,7 +31,7 @@ from model_registry.domain.names import iso
 from model_registry.domain.policy import check_operator
 from model_registry.services.catalog import Catalog
 from model_registry.services.jobs import Jobs
-from model_registry.services.views import version_view
+from model_registry.services.views import Exposed, ExposeError, VersionView, version_view
 
 
 class Versions:
@@ -41,7 +42,7 @@ class Versions:
         self.db, self.audit_log, self.catalog = db, audit_log, catalog
         self.config, self.backend, self.jobs = config, backend, jobs
 
-    def expose(self, model: str, user: str) -> dict[str, Any]:
+    def expose(self, model: str, user: str) -> Exposed:
         """Turn every succeeded, unexposed job into a version. Returns {'exposed': [...], 'errors': [...]}."""
         names.validate_model_name(model)
         self.catalog.require_model(model)
@@ -50,7 +51,8 @@ class Versions:
         with self.db.unit_of_work() as s:
             jobs = s.execute(select(Job).where(Job.model == model, Job.state == SUCCEEDED,
                                                Job.version_name.is_(None)).order_by(Job.ts)).scalars().all()
-        exposed, errors = [], []
+        exposed: list[VersionView] = []
+        errors: list[ExposeError] = []
         for job in jobs:
             try:
                 view = self._expose_job(job, user)
@@ -84,7 +86,7 @@ class Versions:
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return signature, metrics
 
-    def _expose_job(self, job: Job, user: str) -> dict[str, Any] | None:
+    def _expose_job(self, job: Job, user: str) -> VersionView | None:
         signature, metrics = self._read_artifacts(job)
         version = Version(
             model=job.model, name=names.version_name(job.ts), job_id=job.job_id,
@@ -130,7 +132,7 @@ class Versions:
         self.backend.storage.write_bytes(record_uri, json.dumps(view, indent=2, sort_keys=True).encode())
         return view
 
-    def of_model(self, model: str) -> dict[str, Any]:
+    def of_model(self, model: str) -> VersionList:
         self.catalog.require_model(model)
         return listings.versions_of(self.db.engine, model)
 

@@ -1,8 +1,8 @@
-"""Records as the plain dicts every adapter renders (CLI tables, Slack cards, JSON)."""
+"""Records as the typed dicts the handlers render (CLI tables, Slack cards, JSON)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, TypedDict
 
 from model_registry.adapters.records import (
     Approval,
@@ -13,7 +13,89 @@ from model_registry.adapters.records import (
 from model_registry.domain.names import iso
 
 
-def job_view(j: Job) -> dict[str, Any]:
+class JobView(TypedDict):
+    """A training job as every surface shows it (`train`, `state --json`, the training message)."""
+
+    job_id: str
+    model: str
+    state: str
+    module: str
+    args: list[str]
+    train_path: str
+    requested_by: str
+    created_at: str | None
+    started_at: str | None
+    ended_at: str | None
+    error: str | None
+    version: str | None
+    package_uris: list[str]
+    package_sha256: str | None
+    region: str | None
+    scale_tier: str | None
+    workers: int
+
+
+class VersionView(TypedDict):
+    """A version with everything a review compares: program, parameters, metrics, signature, digest."""
+
+    model: str
+    name: str
+    job_id: str
+    deployment_uri: str
+    created_at: str | None
+    trained_by: str
+    program: dict[str, Any]
+    args: list[str]
+    metrics: dict[str, Any]
+    signature: dict[str, Any]
+    job: dict[str, Any]
+    digest: str
+
+
+class ExposeError(TypedDict):
+    job_id: str
+    error: str
+
+
+class Exposed(TypedDict):
+    """What `expose` did: the versions it made, and the jobs it could not turn into one (and why)."""
+
+    exposed: list[VersionView]
+    errors: list[ExposeError]
+
+
+class DecisionView(TypedDict):
+    user: str
+    decision: str
+    reason: str | None
+    at: str | None
+
+
+class RequestView(TypedDict):
+    """A promotion request as its card shows it: candidate, base, state, decisions, the diff it binds to."""
+
+    id: int
+    model: str
+    kind: str
+    candidate: str
+    base: str | None
+    state: str
+    requested_by: str
+    reason: str | None
+    required_approvals: int
+    approvals: int
+    decisions: list[DecisionView]
+    created_at: str | None
+    expires_at: str | None
+    applied_at: str | None
+    error: str | None
+    card_digest: str
+    diff: dict[str, Any]
+    channel: str | None
+    message_ts: str | None
+
+
+def job_view(j: Job) -> JobView:
     return {
         "job_id": j.job_id, "model": j.model, "state": j.state, "module": j.module, "args": list(j.args or []),
         "train_path": j.train_path, "requested_by": j.requested_by, "created_at": iso(j.created_at),
@@ -23,7 +105,7 @@ def job_view(j: Job) -> dict[str, Any]:
     }
 
 
-def version_view(v: Version) -> dict[str, Any]:
+def version_view(v: Version) -> VersionView:
     return {
         "model": v.model, "name": v.name, "job_id": v.job_id, "deployment_uri": v.deployment_uri,
         "created_at": iso(v.created_at), "trained_by": v.trained_by, "program": v.program,
@@ -32,8 +114,8 @@ def version_view(v: Version) -> dict[str, Any]:
     }
 
 
-def request_view(r: PromotionRequest, approvals: Iterable[Approval] = ()) -> dict[str, Any]:
-    decisions = [
+def request_view(r: PromotionRequest, approvals: Iterable[Approval] = ()) -> RequestView:
+    decisions: list[DecisionView] = [
         {"user": a.approver, "decision": a.decision, "reason": a.reason, "at": iso(a.created_at)} for a in approvals
     ]
     return {

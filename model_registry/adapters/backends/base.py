@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from model_registry.adapters.packaging import Package
 from model_registry.adapters.storage import Storage
@@ -63,7 +63,7 @@ class Backend(Protocol):
 
     def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str: ...
 
-    def register_version(self, model: str, version: dict[str, Any], first: bool) -> str | None:
+    def register_version(self, model: str, version: Mapping[str, Any], first: bool) -> str | None:
         """Make a version known to the serving side; return its reference there."""
 
     def set_default(self, model: str, version: str, ref: str | None) -> None:

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from model_registry.adapters.backends import local_runner
 from model_registry.adapters.backends.base import JobStatus, TrainingSpec
@@ -168,7 +168,7 @@ class LocalBackend:
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self._pointer(model))
 
-    def register_version(self, model: str, version: dict[str, Any], first: bool) -> str | None:
+    def register_version(self, model: str, version: Mapping[str, Any], first: bool) -> str | None:
         data = self._read_pointer(model)
         data["versions"][version["name"]] = version["deployment_uri"]
         self._write_pointer(model, data)

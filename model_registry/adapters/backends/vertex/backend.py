@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from google.auth.credentials import Credentials
 from google.cloud import aiplatform_v1 as aip
@@ -113,7 +113,7 @@ class VertexBackend:
 
     # ---------------------------------------------------------------- versions and the default
 
-    def register_version(self, model: str, version: dict[str, Any], first: bool) -> str | None:
+    def register_version(self, model: str, version: Mapping[str, Any], first: bool) -> str | None:
         return self.versions.register_version(model, version, first)
 
     def current_default(self, model: str) -> str | None:

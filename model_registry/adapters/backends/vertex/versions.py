@@ -10,7 +10,7 @@ found rather than uploaded again.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from google.api_core import exceptions as gexc
 from google.cloud import aiplatform_v1 as aip
@@ -39,7 +39,7 @@ class Versions:
         except gexc.NotFound:
             return None
 
-    def register_version(self, model: str, version: dict[str, Any], first: bool) -> str | None:
+    def register_version(self, model: str, version: Mapping[str, Any], first: bool) -> str | None:
         """Upload the version (model_id for a new model, parent_model after) and await the operation."""
         api = self.api
         name, model_path = version["name"], api.model_path(model)
