@@ -21,7 +21,7 @@ from model_registry.domain import names
 from model_registry.domain.errors import InvalidInput, NotFound
 from model_registry.domain.names import iso
 from model_registry.services.catalog import Catalog
-from model_registry.services.views import request_view
+from model_registry.services.views import DefaultAt
 
 
 class AuditTrail:
@@ -106,7 +106,7 @@ class AuditTrail:
                 return
             before = page[-1]["seq"]
 
-    def default_at(self, model: str, at: datetime) -> dict[str, Any]:
+    def default_at(self, model: str, at: datetime) -> DefaultAt:
         """Which version was the default of `model` at `at`, who requested and approved it, from what."""
         names.validate_model_name(model)
         with self.db.reads() as s:
@@ -115,20 +115,17 @@ class AuditTrail:
             if event is None:
                 raise NotFound(f"{model} had no default version at {iso(at)}",
                                f"its first version became the default later; see `audit {model}`")
-            answer: dict[str, Any] = {"model": model, "at": iso(at), "version": event.version,
-                                      "since": iso(event.created_at), "how": event.action, "event_seq": event.seq}
+            answer: DefaultAt = {"model": model, "at": iso(at), "version": event.version,
+                                 "since": iso(event.created_at), "how": event.action, "event_seq": event.seq,
+                                 "requested_by": event.actor, "approved_by": []}
             if event.request_id is not None:
                 req = s.get(PromotionRequest, event.request_id)
-                answer["request"] = request_view(req, self.catalog.approvals(s, req.id)) if req else None
                 answer["requested_by"] = req.requested_by if req else None
                 answer["approved_by"] = [a.approver for a in self.catalog.approvals(s, event.request_id)
                                          if a.decision == "approve"]
-            else:
-                answer["requested_by"], answer["approved_by"] = event.actor, []
             version = s.execute(select(Version).where(Version.model == model, Version.name == event.version)
                                 ).scalar_one_or_none()
             if version is not None:
-                answer.update(job_id=version.job_id, args=list(version.args or []), program=version.program,
-                              trained_by=version.trained_by, metrics=version.metrics)
-            answer.pop("request", None)
+                answer["job_id"], answer["trained_by"] = version.job_id, version.trained_by
+                answer["args"], answer["program"], answer["metrics"] = list(version.args or []), version.program, version.metrics
             return answer

@@ -17,7 +17,7 @@ from model_registry.adapters.records import ModelRecord
 from model_registry.domain import names
 from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused
 from model_registry.services.catalog import Catalog
-from model_registry.services.views import version_view
+from model_registry.services.views import Pulled, PulledArchive, Served, version_view
 
 MAX_INSTANCES = 1000
 MAX_ARCHIVE = 50 * 1024 * 1024  # bytes of a pulled SavedModel sent as a file (Slack); larger: `starchart pull`
@@ -73,7 +73,7 @@ class Predictions:
         answered, answer = self.backend.predict(model, version, body)
         return {"model": model, "version": answered, **answer}
 
-    def served(self, model: str, version: str | None = None) -> dict[str, Any]:
+    def served(self, model: str, version: str | None = None) -> Served:
         """Which version answers `model`'s predictions: the serving side's default, or `version` if it exists."""
         names.validate_model_name(model)
         with self.db.reads() as s:
@@ -85,7 +85,7 @@ class Predictions:
             raise NotFound(f"{model} has no default version yet", f"expose a version of {model}, then apply it")
         return {"model": model, "version": default}
 
-    def pull(self, model: str, version: str | None = None, dest: str | Path | None = None) -> dict[str, Any]:
+    def pull(self, model: str, version: str | None = None, dest: str | Path | None = None) -> Pulled:
         """Copy a version's SavedModel (default: the default version) into the folder `dest`, for local use.
 
         The folder gets the SavedModel and starchart-version.json (name, signature, metrics, program, digest).
@@ -124,7 +124,7 @@ class Predictions:
         return {"model": model, "version": version, "path": str(target), "files": len(files) + 1, "bytes": size,
                 "signature": view["signature"], "source": source}
 
-    def pull_archive(self, model: str, version: str | None = None) -> dict[str, Any]:
+    def pull_archive(self, model: str, version: str | None = None) -> PulledArchive:
         """A pulled version as one .tar.gz in memory (for a chat upload): pull()'s answer plus filename and data."""
         with tempfile.TemporaryDirectory(prefix="starchart-pull-") as tmp:
             pulled = self.pull(model, version, Path(tmp) / "model")

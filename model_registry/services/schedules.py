@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -22,7 +21,7 @@ from model_registry.services.catalog import Catalog
 from model_registry.services.jobs import Jobs
 from model_registry.services.promotions import Promotions
 from model_registry.services.versions import Versions
-from model_registry.services.views import JobView, RequestView, VersionView
+from model_registry.services.views import JobView, RequestView, ScheduleView, VersionView
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -39,7 +38,7 @@ def next_run(cron: str, tz: str, after: datetime) -> datetime:
     return fire.astimezone(timezone.utc).replace(tzinfo=None)
 
 
-def schedule_view(row: Schedule) -> dict[str, Any]:
+def schedule_view(row: Schedule) -> ScheduleView:
     return {"model": row.model, "cron": row.cron, "timezone": row.timezone, "args": list(row.args or []),
             "enabled": row.enabled, "last_run_at": iso(row.last_run_at), "updated_by": row.updated_by,
             "next_run_at": iso(next_run(row.cron, row.timezone, row.last_run_at or row.updated_at))
@@ -54,7 +53,7 @@ class Schedules:
         self.db, self.audit_log, self.catalog, self.config = db, audit_log, catalog, config
         self.jobs, self.versions, self.promotions = jobs, versions, promotions
     def set(self, model: str, cron: str, user: str, args: list[str] | None = None,
-                     tz: str = "UTC") -> dict[str, Any]:
+                     tz: str = "UTC") -> ScheduleView:
         names.validate_model_name(model)
         trainer_dir(self.config.trainer_base, model)
         check_operator(self.config.policy(model), user, self.catalog.members_of, "schedule", model)
@@ -77,7 +76,7 @@ class Schedules:
                          details={"cron": cron, "timezone": tz, "args": list(args or []), "enabled": True})
             return schedule_view(row)
 
-    def disable(self, model: str, user: str) -> dict[str, Any]:
+    def disable(self, model: str, user: str) -> ScheduleView:
         names.validate_model_name(model)
         check_operator(self.config.policy(model), user, self.catalog.members_of, "schedule", model)
         with self.db.unit_of_work() as s:
@@ -100,7 +99,7 @@ class Schedules:
             self.set(model, str(spec["cron"]), "starchart.yaml", [str(a) for a in spec.get("args") or []],
                               str(spec.get("timezone") or "UTC"))
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> list[ScheduleView]:
         with self.db.reads() as s:
             return [schedule_view(row) for row in s.execute(select(Schedule).order_by(Schedule.model)).scalars()]
 

@@ -95,6 +95,66 @@ class RequestView(TypedDict):
     message_ts: str | None
 
 
+
+class DefaultAt(TypedDict, total=False):
+    """`audit MODEL --at T`: the default then, the event that made it so, who asked and approved, from what."""
+
+    model: str
+    at: str | None
+    version: str | None
+    since: str | None
+    how: str
+    event_seq: int
+    requested_by: str | None
+    approved_by: list[str]
+    job_id: str
+    args: list[str]
+    program: dict[str, Any]
+    trained_by: str
+    metrics: dict[str, Any]
+
+
+class ScheduleView(TypedDict):
+    model: str
+    cron: str
+    timezone: str
+    args: list[str]
+    enabled: bool
+    last_run_at: str | None
+    updated_by: str
+    next_run_at: str | None
+
+
+class Served(TypedDict):
+    model: str
+    version: str
+
+
+class Pulled(TypedDict):
+    """A version's SavedModel copied for local use: where, how much, and what it takes and gives."""
+
+    model: str
+    version: str
+    path: str
+    files: int
+    bytes: int
+    signature: dict[str, Any]
+    source: str
+
+
+class PulledArchive(TypedDict):
+    """A pulled version as one .tar.gz in memory, for a chat upload (no folder is left behind)."""
+
+    model: str
+    version: str
+    path: None
+    files: int
+    bytes: int
+    signature: dict[str, Any]
+    source: str
+    filename: str
+    data: bytes
+
 def job_view(j: Job) -> JobView:
     return {
         "job_id": j.job_id, "model": j.model, "state": j.state, "module": j.module, "args": list(j.args or []),
