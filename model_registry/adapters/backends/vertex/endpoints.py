@@ -144,7 +144,7 @@ class Endpoints:
         machine = aip.MachineSpec(machine_type=settings.machine_type)
         if settings.accelerator:
             kind, count = parse_accelerator(settings.accelerator)
-            machine.accelerator_type = aip.AcceleratorType[kind]  # type: ignore[misc]  # proto-plus enums index by name
+            machine.accelerator_type = aip.AcceleratorType[kind]  # type: ignore[misc]  # looked up by name
             machine.accelerator_count = count
         before = traffic(endpoint)
         request = aip.DeployModelRequest(

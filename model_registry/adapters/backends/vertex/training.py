@@ -69,7 +69,8 @@ class Training:
         for pool in pools:
             machine = aip.MachineSpec(machine_type=pool.machine_type)
             if pool.accelerator:
-                machine.accelerator_type = aip.AcceleratorType[pool.accelerator]  # type: ignore[misc]  # proto-plus enums index by name
+                # proto-plus enums are looked up by name; their stubs do not say so
+                machine.accelerator_type = aip.AcceleratorType[pool.accelerator]  # type: ignore[misc]
                 machine.accelerator_count = pool.accelerator_count
             worker_specs.append(aip.WorkerPoolSpec(machine_spec=machine, replica_count=pool.replicas,
                                                    python_package_spec=package))
