@@ -7,6 +7,7 @@ user types, the reject form is a prompt.
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -23,6 +24,11 @@ from handlers.reviews import form_metadata
 CONSOLE_CHANNEL = "CCONSOLE"
 
 
+def _says(line: str, title: str) -> bool:
+    """Whether a message's first line already says its title (a header, or an error line), marks aside."""
+    return re.sub(r"[*`=]", "", title).strip() in re.sub(r"[*`=]", "", line)
+
+
 class TerminalOutput:
     """handlers.output.Output for a terminal: messages are printed, files saved, forms asked for."""
 
@@ -32,7 +38,7 @@ class TerminalOutput:
 
     def _show(self, prefix: str, message: Result, channel: str, ts: str) -> None:
         shown = text.render(message, text.CHAT)
-        lines = shown.lines if shown.lines[:1] == [shown.title] else [shown.title, *shown.lines]
+        lines = shown.lines if shown.lines and _says(shown.lines[0], shown.title) else [shown.title, *shown.lines]
         labels = []
         for choice in shown.choices:
             self.console.buttons.append((choice.action_id, choice.value, channel, ts))
