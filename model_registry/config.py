@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -18,8 +19,12 @@ from model_registry.domain.names import parse_duration, validate_model_name
 POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
     "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
-    "machine_type", "executor_image", "endpoint",
+    "machine_type", "executor_image", "endpoint", "args_allowed", "data_roots", "trainer_env",
 }
+# the bot's own secrets: never handed to a local trainer, even when `trainer_env` lists them
+TRAINER_ENV_FORBIDDEN = frozenset({"SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "DATABASE_URL",
+                                   "STARCHART_AUDIT_KEY", "STARCHART_PREDICT_TOKEN"})
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,9 @@ class ModelPolicy:
     machine_type: str | None = None
     executor_image: str | None = None
     endpoint: EndpointSettings | None = None  # Vertex AI: deploy the default to an endpoint (off by default)
+    args_allowed: tuple[str, ...] | None = None  # flags a person may pass; None: any (paths are checked all the same)
+    data_roots: tuple[str, ...] = ()  # where path-valued trainer arguments may point, besides the job's train path
+    trainer_env: tuple[str, ...] = ()  # extra environment variable names a local trainer sees
 
 
 @dataclass(frozen=True)
@@ -174,9 +182,53 @@ class ProjectConfig:
                 machine_type=merged.get("machine_type"),
                 executor_image=merged.get("executor_image"),
                 endpoint=endpoint_settings(model, merged.get("endpoint")),  # checked here: a bad one fails the load
+                args_allowed=_args_allowed(merged.get("args_allowed")),
+                data_roots=_data_roots(merged.get("data_roots"), self.path),
+                trainer_env=_trainer_env(merged.get("trainer_env")),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc
+
+
+def _strings(value: Any, key: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"`{key}` must be a list")
+    return [str(v) for v in value]
+
+
+def _args_allowed(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    flags = _strings(value, "args_allowed")
+    bad = [f for f in flags if not f.startswith("-") or "=" in f]
+    if bad:
+        raise ValueError(f"`args_allowed` lists flags such as --epochs, not {bad}")
+    return tuple(flags)
+
+
+def _data_roots(value: Any, config_path: Path | None) -> tuple[str, ...]:
+    """Cloud roots as written; local roots absolute (relative ones against the configuration's folder)."""
+    roots = []
+    for root in _strings(value or [], "data_roots"):
+        if "://" in root:
+            if ".." in root.split("/"):
+                raise ValueError(f"`data_roots` may not contain `..`: {root}")
+            roots.append(root)
+        else:
+            base = config_path.parent if config_path else Path.cwd()
+            roots.append(str((base / root).resolve()))
+    return tuple(roots)
+
+
+def _trainer_env(value: Any) -> tuple[str, ...]:
+    names = _strings(value or [], "trainer_env")
+    bad = [n for n in names if not _ENV_NAME.match(n)]
+    if bad:
+        raise ValueError(f"`trainer_env` lists environment variable names, not {bad}")
+    secret = [n for n in names if n in TRAINER_ENV_FORBIDDEN or n.startswith("SLACK_")]
+    if secret:
+        raise ValueError(f"`trainer_env` may not hand the bot's secrets to a trainer: {secret}")
+    return tuple(names)
 
 
 def _check_policy_keys(entry: Mapping[str, Any], where: str) -> None:

@@ -103,12 +103,22 @@ def trained_sentiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _trained_set(tmp_path_factory, {"sentiment": ("sentiment", ["--epochs=1"])})["sentiment"]
 
 
+TEST_DATA_ROOTS: list[str] = []  # set per session: where tests' trainer arguments (--source=, --dump-env=) point
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_data_roots(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The folder above this worker's temp folders, which holds every tmp_path and the shared trained models."""
+    TEST_DATA_ROOTS[:] = [str(tmp_path_factory.getbasetemp().parent.resolve())]
+    return TEST_DATA_ROOTS
+
+
 def write_config(home: Path, trainer_base: Path, **overrides: Any) -> Path:
     cfg: dict[str, Any] = {
         "trainer_base": str(trainer_base),
         "model_files": str(home / "models"),
         "defaults": {"approvers": [], "required_approvals": 1, "allow_self_approval": False,
-                     "request_expiry": "72h"},
+                     "request_expiry": "72h", "data_roots": list(TEST_DATA_ROOTS)},
         "models": {},
     }
     for key, value in overrides.items():

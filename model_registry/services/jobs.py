@@ -31,13 +31,23 @@ from model_registry.config import ProjectConfig, Settings
 from model_registry.domain import names
 from model_registry.domain.errors import BackendError, InvalidInput, NotFound, StarchartError
 from model_registry.domain.policy import check_operator
+from model_registry.domain.trainer_args import check_trainer_args, substitute_train_path
 from model_registry.services.catalog import Catalog
 from model_registry.services.views import JobView, job_view
 
 LOG_TAIL_LINES = 20
+LOG_TAIL_CHARS = 2800  # a log tail that goes to Slack fits one section (3000 characters) with its note
 
-def substitute_train_path(args: Iterable[str], train_path: str) -> tuple[str, ...]:
-    return tuple(a.replace("TRAIN_PATH", train_path) for a in args)
+
+def cap_log_tail(text: str, limit: int = LOG_TAIL_CHARS) -> str:
+    """The end of a log within `limit` characters, cut on a line boundary, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    kept = text[-limit:]
+    if "\n" in kept:
+        kept = kept.split("\n", 1)[1]
+    cut = text[: len(text) - len(kept)].count("\n") or 1
+    return f"… {cut} earlier line(s) cut; the whole log stays with the backend\n{kept}"
 
 
 class Jobs:
@@ -60,7 +70,10 @@ class Jobs:
         machine_type: str | None = None,
         workers: int = 1,
         accelerator: str | None = None,
+        configured_args: bool = False,
     ) -> JobView:
+        """Start a training. `args` are a person's (checked against `args_allowed`) unless `configured_args`
+        says they come from starchart.yaml; None takes the model's configured `args`. Paths are checked always."""
         names.validate_model_name(model)
         source = trainer_dir(self.config.trainer_base, model)
         policy = self.config.policy(model)
@@ -70,6 +83,7 @@ class Jobs:
         if workers < 1 or workers > 64:
             raise InvalidInput(f"invalid worker count {workers}", "use --workers between 1 and 64")
         raw_args = tuple(args) if args is not None else policy.args
+        self.check_args(model, raw_args, from_person=args is not None and not configured_args)
         package = build_sdist(source, self.settings.home / "cache" / "sdist", model)
 
         ts = names.timestamp()
@@ -92,6 +106,7 @@ class Jobs:
                 package_uri=package_uri, train_path=job.train_path, region=job.region, scale_tier=job.scale_tier,
                 machine_type=job.machine_type, workers=workers, accelerator=accelerator,
                 executor_image=policy.executor_image, labels={"model": model, "ts": ts},
+                trainer_env=policy.trainer_env,
             )
             ref = self.backend.submit(spec)
         except StarchartError as exc:
@@ -104,6 +119,15 @@ class Jobs:
         with self.db.unit_of_work() as s:
             s.execute(update(Job).where(Job.job_id == job.job_id).values(package_uris=[package_uri], backend_ref=ref))
             return job_view(s.get_one(Job, job.job_id))
+
+    def check_args(self, model: str, args: Iterable[str], *, from_person: bool) -> None:
+        """Refuse trainer arguments the policy forbids, before anything is recorded (TRAIN_PATH stands for the
+        job's train path: a provisional one, the same bucket and model, is checked)."""
+        policy = self.config.policy(model)
+        train_path = names.train_path(self.settings.bucket, model, names.timestamp())
+        check_trainer_args(model, substitute_train_path(args, train_path),
+                           allowed=policy.args_allowed if from_person else None,
+                           data_roots=policy.data_roots, train_path=train_path)
 
     def _new_job(self, s: Session, model: str, ts: str, module: str, raw_args: tuple[str, ...], user: str,
                  sha256: str, scale_tier: str | None, region: str | None, machine_type: str | None,
@@ -176,7 +200,7 @@ class Jobs:
 
     def _log_tail(self, job_id: str, ref: str | None) -> str:
         try:
-            return self.backend.logs(job_id, ref, tail=LOG_TAIL_LINES)
+            return cap_log_tail(self.backend.logs(job_id, ref, tail=LOG_TAIL_LINES))
         except StarchartError:
             return ""
 
@@ -210,7 +234,7 @@ class Jobs:
         job = self.get(job_id)
         with self.db.unit_of_work() as s:
             ref = s.get_one(Job, job_id).backend_ref
-        return self.backend.logs(job_id, ref, tail=tail) or (job["error"] or "(no log yet)")
+        return cap_log_tail(self.backend.logs(job_id, ref, tail=tail) or (job["error"] or "(no log yet)"))
 
     def cancel(self, job_id: str, user: str) -> JobView:
         job = self.get(job_id)

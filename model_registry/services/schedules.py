@@ -23,6 +23,8 @@ from model_registry.services.promotions import Promotions
 from model_registry.services.versions import Versions
 from model_registry.services.views import JobView, RequestView, ScheduleView, VersionView
 
+CONFIGURED = "starchart.yaml"  # the actor of schedules written by the operators in the configuration
+
 
 def _zone(name: str) -> ZoneInfo:
     try:
@@ -54,9 +56,11 @@ class Schedules:
         self.jobs, self.versions, self.promotions = jobs, versions, promotions
     def set(self, model: str, cron: str, user: str, args: list[str] | None = None,
                      tz: str = "UTC") -> ScheduleView:
+        """Schedule retraining; args from chat are checked like `train`'s (starchart.yaml's skip `args_allowed`)."""
         names.validate_model_name(model)
         trainer_dir(self.config.trainer_base, model)
         check_operator(self.config.policy(model), user, self.catalog.members_of, "schedule", model)
+        self.jobs.check_args(model, args or [], from_person=user != CONFIGURED)
         if not croniter.is_valid(cron):
             raise InvalidInput(f"invalid cron expression {cron!r}",
                                'use five fields: minute hour day month weekday, e.g. "0 3 * * *"')
@@ -96,7 +100,7 @@ class Schedules:
             with self.db.unit_of_work() as s:
                 if s.get(Schedule, model) is not None:
                     continue
-            self.set(model, str(spec["cron"]), "starchart.yaml", [str(a) for a in spec.get("args") or []],
+            self.set(model, str(spec["cron"]), CONFIGURED, [str(a) for a in spec.get("args") or []],
                               str(spec.get("timezone") or "UTC"))
 
     def all(self) -> list[ScheduleView]:
@@ -108,9 +112,9 @@ class Schedules:
         now = now or names.utcnow()
         started = []
         with self.db.reads() as s:
-            rows = [(r.model, r.cron, r.timezone, list(r.args or []), r.last_run_at, r.updated_at)
+            rows = [(r.model, r.cron, r.timezone, list(r.args or []), r.last_run_at, r.updated_at, r.updated_by)
                     for r in s.execute(select(Schedule).where(Schedule.enabled.is_(True))).scalars()]
-        for model, cron, tz, args, last, updated in rows:
+        for model, cron, tz, args, last, updated, updated_by in rows:
             if next_run(cron, tz, last or updated) > now:
                 continue
             with self.db.unit_of_work() as s:
@@ -119,7 +123,8 @@ class Schedules:
                                               .values(last_run_at=now))):
                     continue  # another clock took this firing
             try:
-                started.append(self.jobs.train(model, f"schedule:{model}", args=args or None))
+                started.append(self.jobs.train(model, f"schedule:{model}", args=args or None,
+                                               configured_args=updated_by == CONFIGURED))
             except StarchartError as exc:  # recorded; the next firing tries again
                 with self.db.unit_of_work() as s:
                     self.audit_log.append(s, "schedule.changed", "system", model=model,

@@ -26,6 +26,7 @@ class TrainingSpec:
     accelerator: str | None = None
     executor_image: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    trainer_env: tuple[str, ...] = ()  # names of the bot's environment variables a local trainer may see
 
 
 @dataclass(frozen=True)

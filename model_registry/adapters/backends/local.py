@@ -69,7 +69,7 @@ class LocalBackend:
         }
         (job_dir / "spec.json").write_text(json.dumps({
             "python": self.python, "module": spec.module, "args": list(spec.args), "package": spec.package_uri,
-            "workers": spec.workers, "env": env, "submitted_at": time.time(),
+            "workers": spec.workers, "env": env, "trainer_env": list(spec.trainer_env), "submitted_at": time.time(),
         }))
         with open(job_dir / "runner.log", "ab") as runner_log:
             starter = subprocess.run(  # the runner is stdlib only: -S skips site-packages' start-up cost

@@ -3,6 +3,9 @@
 `python -m model_registry.adapters.backends.local_runner JOB_DIR` reads JOB_DIR/spec.json, unpacks the staged
 sdist, starts the trainer's worker processes with the environment Vertex AI sets, and records the
 outcome in JOB_DIR/status.json, so a restarted bot finds the job again.
+
+The runner re-executes itself with a clean environment before anything else (`trainer_environment`): a
+trainer runs as the bot's user and could read its parent's environment, so the bot's secrets never reach either.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ import tarfile
 import time
 from pathlib import Path
 from typing import Any
+
+BASE_ENV = ("PATH", "HOME", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR")  # what any Python program expects to find
+CLEAN = "--clean"  # argv marker: this runner already runs in the clean environment
+
+
+def trainer_environment(environ: dict[str, str], extra: list[str]) -> dict[str, str]:
+    """The runner's (and so the trainer's) environment: BASE_ENV and the names `trainer_env` lists, nothing else."""
+    return {name: environ[name] for name in (*BASE_ENV, *extra) if name in environ}
 
 
 def write_status(job_dir: Path, status: dict[str, Any]) -> None:
@@ -94,7 +105,7 @@ def run(job_dir: Path) -> int:
             if cancelled or (job_dir / "cancel").exists():  # cancelled before its trainer started
                 cancelled = True
                 break
-            env = {**os.environ, **spec["env"], **cluster_env(workers, i, ports)}
+            env = {**os.environ, **spec["env"], **cluster_env(workers, i, ports)}  # os.environ is clean (main)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
             log = open(job_dir / ("train.log" if i == 0 else f"worker-{i}.log"), "ab")
             argv = [spec["python"], "-m", spec["module"], *spec["args"]]
@@ -121,10 +132,19 @@ def run(job_dir: Path) -> int:
 
 def main() -> None:
     job_dir = Path(sys.argv[1])
+    if sys.argv[2:] == [CLEAN]:
+        sys.exit(run(job_dir))
     if os.fork():  # detach: the starter reaps the parent at once; the job outlives the bot process
         os._exit(0)
     os.setsid()
-    sys.exit(run(job_dir))
+    try:
+        extra = [str(name) for name in json.loads((job_dir / "spec.json").read_text()).get("trainer_env") or []]
+    except (OSError, ValueError) as exc:
+        write_status(job_dir, {"state": "FAILED", "ended_at": time.time(), "error": f"runner failed: {exc!r}"})
+        os._exit(1)
+    # exec keeps the pid (and its start time), so status.json names the same process
+    os.execve(sys.executable, [sys.executable, "-S", __file__, str(job_dir), CLEAN],
+              trainer_environment(dict(os.environ), extra))
 
 
 if __name__ == "__main__":
