@@ -36,7 +36,7 @@ from model_registry.services.catalog import Catalog
 from model_registry.services.views import JobView, job_view
 
 LOG_TAIL_LINES = 20
-LOG_TAIL_CHARS = 2800  # a log tail that goes to Slack fits one section (3000 characters) with its note
+LOG_TAIL_CHARS = 2300  # with its note, within the failed-training message's 2500-character tail (a section is 3000)
 
 
 def cap_log_tail(text: str, limit: int = LOG_TAIL_CHARS) -> str:
