@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FIXTURES, read_json, write_config
+from conftest import FIXTURES, ROOT, read_json, write_config
 from sqlalchemy import func, select
 
 from model_registry.adapters.records import Job, Schedule
@@ -178,3 +178,11 @@ def test_cap_log_tail() -> None:
     assert capped.startswith("… ") and "earlier line(s) cut" in capped
     kept = capped.split("\n", 1)[1]
     assert len(kept) <= 1000 and text.endswith(kept) and kept.startswith("line ")
+
+
+def test_the_example_configuration_names_operators_and_puts_arguments_under_policy() -> None:
+    config = ProjectConfig.load(ROOT / "starchart.yaml")
+    for model in ("iris", "sentiment"):
+        policy = config.policy(model)
+        assert policy.operators and policy.data_roots and policy.args_allowed
+        assert "--job-dir" not in policy.args_allowed and "--epochs" in policy.args_allowed
