@@ -24,6 +24,7 @@ POLICY_KEYS = {
 # the bot's own secrets: never handed to a local trainer, even when `trainer_env` lists them
 TRAINER_ENV_FORBIDDEN = frozenset({"SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "DATABASE_URL",
                                    "STARCHART_AUDIT_KEY", "STARCHART_PREDICT_TOKEN"})
+DECLARED = "declared"  # `args_allowed: declared`: the trainer's own add_argument flags
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -109,6 +110,7 @@ class ModelPolicy:
     executor_image: str | None = None
     endpoint: EndpointSettings | None = None  # Vertex AI: deploy the default to an endpoint (off by default)
     args_allowed: tuple[str, ...] | None = None  # flags a person may pass; None: any (paths are checked all the same)
+    args_declared: bool = False  # `args_allowed: declared`: the flags the trainer's module declares
     data_roots: tuple[str, ...] = ()  # where path-valued trainer arguments may point, besides the job's train path
     trainer_env: tuple[str, ...] = ()  # extra environment variable names a local trainer sees
 
@@ -183,6 +185,7 @@ class ProjectConfig:
                 executor_image=merged.get("executor_image"),
                 endpoint=endpoint_settings(model, merged.get("endpoint")),  # checked here: a bad one fails the load
                 args_allowed=_args_allowed(merged.get("args_allowed")),
+                args_declared=merged.get("args_allowed") == DECLARED,
                 data_roots=_data_roots(merged.get("data_roots"), self.path),
                 trainer_env=_trainer_env(merged.get("trainer_env")),
             )
@@ -197,7 +200,7 @@ def _strings(value: Any, key: str) -> list[str]:
 
 
 def _args_allowed(value: Any) -> tuple[str, ...] | None:
-    if value is None:
+    if value is None or value == DECLARED:
         return None
     flags = _strings(value, "args_allowed")
     bad = [f for f in flags if not f.startswith("-") or "=" in f]

@@ -13,6 +13,7 @@ from conftest import FIXTURES, ROOT, read_json, write_config
 from sqlalchemy import func, select
 
 from model_registry.adapters.records import Job, Schedule
+from model_registry.adapters.trainer_flags import declared_flags
 from model_registry.config import ProjectConfig
 from model_registry.domain import names
 from model_registry.domain.errors import InvalidInput
@@ -186,3 +187,19 @@ def test_the_example_configuration_names_operators_and_puts_arguments_under_poli
         policy = config.policy(model)
         assert policy.operators and policy.data_roots and policy.args_allowed
         assert "--job-dir" not in policy.args_allowed and "--epochs" in policy.args_allowed
+
+
+def test_args_allowed_declared_takes_the_trainers_own_flags(make_registry: Any, sqlite_url: str,
+                                                            trained: dict) -> None:
+    shipped = declared_flags(ROOT / "trainers" / "iris", "trainer.task")
+    assert {"--epochs", "--learning_rate", "--hidden_units", "--train_data", "--job-dir"} <= set(shipped)
+    reg = make_registry(sqlite_url, models={"iris": {"args_allowed": "declared"}})
+    assert reg.config.policy("iris").args_declared and reg.config.policy("iris").args_allowed is None
+    with pytest.raises(InvalidInput, match=r"`--run` is not a flag you may pass to iris: allowed are --source, --crash"):
+        reg.jobs.train("iris", "U_T", args=["--run=a"])
+    with pytest.raises(InvalidInput, match="outside the data roots"):
+        reg.jobs.train("iris", "U_T", args=["--job-dir=/some/dir"])  # declared, but the path is checked
+    assert training_rows(reg) == 0
+    job = reg.jobs.wait(reg.jobs.train("iris", "U_T", args=[f"--source={trained['iris_a']}", "--epochs=2"])["job_id"],
+                        timeout=120)
+    assert job["state"] == "SUCCEEDED", job

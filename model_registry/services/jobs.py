@@ -27,6 +27,7 @@ from model_registry.adapters.records import (
     Job,
     ModelRecord,
 )
+from model_registry.adapters.trainer_flags import declared_flags
 from model_registry.config import ProjectConfig, Settings
 from model_registry.domain import names
 from model_registry.domain.errors import BackendError, InvalidInput, NotFound, StarchartError
@@ -83,7 +84,7 @@ class Jobs:
         if workers < 1 or workers > 64:
             raise InvalidInput(f"invalid worker count {workers}", "use --workers between 1 and 64")
         raw_args = tuple(args) if args is not None else policy.args
-        self.check_args(model, raw_args, from_person=args is not None and not configured_args)
+        self.check_args(model, raw_args, from_person=args is not None and not configured_args, module=module)
         package = build_sdist(source, self.settings.home / "cache" / "sdist", model)
 
         ts = names.timestamp()
@@ -120,13 +121,16 @@ class Jobs:
             s.execute(update(Job).where(Job.job_id == job.job_id).values(package_uris=[package_uri], backend_ref=ref))
             return job_view(s.get_one(Job, job.job_id))
 
-    def check_args(self, model: str, args: Iterable[str], *, from_person: bool) -> None:
+    def check_args(self, model: str, args: Iterable[str], *, from_person: bool, module: str | None = None) -> None:
         """Refuse trainer arguments the policy forbids, before anything is recorded (TRAIN_PATH stands for the
         job's train path: a provisional one, the same bucket and model, is checked)."""
         policy = self.config.policy(model)
+        allowed = policy.args_allowed
+        if from_person and policy.args_declared:
+            allowed = declared_flags(trainer_dir(self.config.trainer_base, model), module or policy.module)
         train_path = names.train_path(self.settings.bucket, model, names.timestamp())
         check_trainer_args(model, substitute_train_path(args, train_path),
-                           allowed=policy.args_allowed if from_person else None,
+                           allowed=allowed if from_person else None,
                            data_roots=policy.data_roots, train_path=train_path)
 
     def _new_job(self, s: Session, model: str, ts: str, module: str, raw_args: tuple[str, ...], user: str,
