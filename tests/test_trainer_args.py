@@ -53,9 +53,17 @@ def test_flags_outside_args_allowed_are_refused_with_the_allowed_ones() -> None:
     ("--files=/srv/ml-data/a.csv,/etc/shadow", "outside the data roots"),
     ("/etc/passwd", "outside the data roots"),  # a positional path
     ("--train_data=file:///etc/passwd", "outside the data roots"),
+    ("-s/etc/passwd", "outside the data roots"),  # argparse reads a short option's attached value
+    ("-s=/etc/passwd", "must be absolute"),
+    ("@/etc/passwd", "must be absolute"),  # an argparse arguments file
 ])
 def test_paths_must_lie_under_the_data_roots_or_the_train_path(arg: str, why: str) -> None:
     assert why in refusal(["--epochs=1", arg])
+
+
+def test_a_relative_train_path_is_the_jobs_own() -> None:
+    check_trainer_args("iris", ["--job-dir=bucket/iris/20260101000000/out"], allowed=None, data_roots=(),
+                       train_path="bucket/iris/20260101000000")
 
 
 def test_paths_under_the_roots_and_the_train_path_pass() -> None:

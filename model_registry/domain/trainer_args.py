@@ -27,11 +27,13 @@ def flag_name(token: str) -> str | None:
 def values_of(token: str) -> list[str]:
     """The value parts of one token (`--x=a,b` -> ['a', 'b']; a bare value is its own value)."""
     name = flag_name(token)
-    if name is not None:
-        if "=" not in token:
-            return []
-        token = token.split("=", 1)[1]
-    return [part for part in token.split(",") if part]
+    if name is None:
+        values = [token]
+    elif token.startswith("--"):
+        values = [token.split("=", 1)[1]] if "=" in token else []
+    else:  # a short option carries its value attached (`-s/data`, `-s=/data`): check every reading of it
+        values = [token[2:], *([token.split("=", 1)[1]] if "=" in token else [])]
+    return [part for value in values for part in value.split(",") if part]
 
 
 def looks_like_path(value: str) -> bool:
@@ -55,11 +57,11 @@ def path_refusal(value: str, roots: Sequence[str]) -> str | None:
     segments = rest.replace("\\", "/").split("/")
     if ".." in segments:
         return "`..` is not allowed in a path"
-    if not scheme and not value.startswith("/"):
-        return "a path must be absolute (or start with TRAIN_PATH)"
     candidate = value if scheme else posixpath.normpath(value)
     if any(under(candidate, root) for root in roots):
         return None
+    if not scheme and not value.startswith("/"):
+        return "a path must be absolute (or start with TRAIN_PATH)"
     return "it lies outside the data roots"
 
 
