@@ -148,6 +148,12 @@ class ProjectConfig:
             validate_model_name(str(name))
             _check_policy_keys(entry or {}, f"models.{name}")
         _check_policy_keys(defaults, "defaults")
+        try:  # checked here too: a model without an entry takes these straight from `defaults`
+            _args_allowed(defaults.get("args_allowed"))
+            _data_roots(defaults.get("data_roots"), path)
+            _trainer_env(defaults.get("trainer_env"))
+        except ValueError as exc:
+            raise InvalidInput(f"invalid defaults: {exc}", "check starchart.yaml against the README") from exc
         groups = {str(k): tuple(str(u) for u in v or ()) for k, v in (raw.get("usergroups") or {}).items()}
         cfg = cls(
             path=path,

@@ -87,6 +87,8 @@ def test_policy_keys_are_validated_at_load(tmp_path: Path) -> None:
         with pytest.raises(InvalidInput, match="invalid policy for model 'iris'") as caught:
             load(**bad)
         assert says in caught.value.message, caught.value.message
+    with pytest.raises(InvalidInput, match="invalid defaults: `trainer_env` may not hand the bot's secrets"):
+        ProjectConfig.load(write_config(tmp_path, tmp_path, defaults={"trainer_env": ["SLACK_APP_TOKEN"]}))
     policy = load(data_roots=["data", "gs://my-ml-data/"], args_allowed=["--epochs"],
                   trainer_env=["GOOGLE_APPLICATION_CREDENTIALS"]).policy("iris")
     assert policy.data_roots == (str((tmp_path / "data").resolve()), "gs://my-ml-data/"), "relative to the file"
