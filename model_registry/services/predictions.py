@@ -60,8 +60,15 @@ def check_instances(body: dict[str, Any], inputs: Mapping[str, Any]) -> int:
     try:
         return instances.check_body(body, inputs, MAX_INSTANCES)
     except instances.InstancesRefused as exc:
-        many = "instances in one request" in exc.message
-        raise InvalidInput(exc.message, "split them into several requests" if many else BODY_HINT) from None
+        if "instances in one request" in exc.message:
+            hint = "split them into several requests"
+        elif inputs:
+            hint = "the signature's inputs: " + ", ".join(
+                f"{name} ({instances.dtype_name(str(spec.get('dtype')))}, shape {spec.get('shape')})"
+                for name, spec in sorted(inputs.items()))
+        else:
+            hint = BODY_HINT
+        raise InvalidInput(exc.message, hint) from None
 
 
 class Predictions:
