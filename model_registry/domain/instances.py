@@ -153,8 +153,6 @@ def check_body(body: Any, inputs: Mapping[str, Any], max_instances: int = MAX_IN
     """
     if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
         raise InstancesRefused('the body must be a JSON object with either "instances" (a list) or "inputs"')
-    if depth(body) > MAX_DEPTH + 2:
-        raise InstancesRefused(f"the instances are nested more than {MAX_DEPTH} levels deep")
     names = sorted(inputs)
     if "instances" in body:
         return _check_rows(body["instances"], inputs, names, max_instances, allow_non_finite)
@@ -167,7 +165,9 @@ def _check_rows(instances: Any, inputs: Mapping[str, Any], names: list[str], max
         raise InstancesRefused('"instances" must be a non-empty list')
     if len(instances) > max_instances:
         raise InstancesRefused(f"{len(instances)} instances in one request; at most {max_instances}")
-    if not names:
+    if not names:  # no signature to name an input by: the depth of the whole list
+        if depth(instances, MAX_DEPTH + 1) > MAX_DEPTH + 1:
+            raise InstancesRefused(f"the instances are nested more than {MAX_DEPTH} levels deep")
         return len(instances)
     for i, inst in enumerate(instances):
         if not isinstance(inst, dict):
