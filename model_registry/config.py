@@ -18,7 +18,7 @@ from model_registry.domain.names import parse_duration, validate_model_name
 POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
     "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
-    "machine_type", "executor_image", "endpoint",
+    "machine_type", "executor_image", "endpoint", "non_finite_inputs",
 }
 
 
@@ -103,6 +103,7 @@ class ModelPolicy:
     machine_type: str | None = None
     executor_image: str | None = None
     endpoint: EndpointSettings | None = None  # Vertex AI: deploy the default to an endpoint (off by default)
+    non_finite_inputs: bool = False  # predictions may send NaN and ±Infinity as float inputs
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class ProjectConfig:
                 schedule=merged.get("schedule"),
                 auto_expose=bool(merged.get("auto_expose", False)),
                 auto_review=bool(merged.get("auto_review", False)),
+                non_finite_inputs=bool(merged.get("non_finite_inputs", False)),
                 gate=Gate(str(gate["metric"]), float(gate.get("min_delta", 0.0))) if gate else None,
                 region=merged.get("region"),
                 scale_tier=merged.get("scale_tier"),

@@ -19,7 +19,7 @@ from fakes.slack_driver import SlackDriver
 from fakes.slack_fake import SlackFake
 from test_slack_http import CHANNEL, MALLORY, SECRET, Server, acked, registry, said_to
 
-from model_registry.domain.errors import BackendError
+from model_registry.domain.errors import BackendError, InvalidInput
 
 FLOWER = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 
@@ -154,12 +154,17 @@ def bot_env_minimal(tmp_path: Path, replay_trainers: Path, sqlite_url: str) -> I
 def test_the_local_model_server_wants_its_secret_and_checks_again(make_registry: Any, sqlite_url: str,
                                                                  trained: dict) -> None:
     """Finding: the model server's port took any local user's request, around STARCHART_PREDICT_TOKEN."""
-    reg = make_registry(sqlite_url)
+    reg = make_registry(sqlite_url, models={"iris": {"non_finite_inputs": True}})
     try:
         job = reg.jobs.train("iris", "U_T", args=replay_args(trained["iris_a"]))
         assert reg.jobs.wait(job["job_id"], timeout=120)["state"] == "SUCCEEDED"
         reg.versions.expose("iris", "U_T")
         assert reg.predictions.predict("iris", FLOWER)["predictions"]
+        # this model's policy lets NaN through (the default refuses it: see the test above); other checks stay
+        assert reg.predictions.predict("iris", '{"instances": [{"sepal_length": NaN, "sepal_width": 1, '
+                                               '"petal_length": 1, "petal_width": 1}]}')["predictions"]
+        with pytest.raises(InvalidInput, match="expected float32 numbers, not true"):
+            reg.predictions.predict("iris", {**FLOWER, "sepal_width": True})
         info_file = reg.backend.serving / "server.json"
         assert info_file.stat().st_mode & 0o077 == 0, "the secret is readable by this user only"
         info = json.loads(info_file.read_text())
@@ -177,7 +182,7 @@ def test_the_local_model_server_wants_its_secret_and_checks_again(make_registry:
                         {"inputs": {k: [v] * 50_000 for k, v in FLOWER.items()}}):
             resp = requests.post(f"{base}/v1/models/iris:predict", json=hostile, headers=auth, timeout=60)
             assert resp.status_code == 400, resp.text[:300]
-        for raw in (b"[" * 100_000, b'{"instances": [{"sepal_length": NaN, "sepal_width": 1, "petal_length": 1, '
+        for raw in (b"[" * 100_000, b'{"instances": [{"sepal_length": true, "sepal_width": 1, "petal_length": 1, '
                                     b'"petal_width": 1}]}'):
             resp = requests.post(f"{base}/v1/models/iris:predict", data=raw, headers=auth, timeout=60)
             assert resp.status_code == 400, resp.text[:300]

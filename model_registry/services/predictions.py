@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database
 from model_registry.adapters.records import ModelRecord
+from model_registry.config import ProjectConfig
 from model_registry.domain import instances, names
 from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused
 from model_registry.services.catalog import Catalog
@@ -29,8 +30,7 @@ BODY_HINT = ('give instances as JSON: one object {"input": value, ...}, a list o
 def predict_body(payload: Any) -> dict[str, Any]:
     """TF Serving's request body from what a person typed: a JSON text, an instance, a list, or a body.
 
-    The form, the nesting depth and the number of instances are checked here; the values against a signature
-    by `check_instances`.
+    Only the JSON is checked here; the body, against the answering version's signature, by `check_instances`.
     """
     if isinstance(payload, (str, bytes)):
         text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
@@ -51,14 +51,13 @@ def predict_body(payload: Any) -> dict[str, Any]:
         body = {"instances": [payload]}
     else:
         raise InvalidInput(f"cannot predict from a bare {type(payload).__name__}", BODY_HINT)
-    check_instances(body, {})
     return body
 
 
-def check_instances(body: dict[str, Any], inputs: Mapping[str, Any]) -> int:
+def check_instances(body: dict[str, Any], inputs: Mapping[str, Any], allow_non_finite: bool = False) -> int:
     """The number of instances in `body`, refused with InvalidInput unless it fits the signature's `inputs`."""
     try:
-        return instances.check_body(body, inputs, MAX_INSTANCES)
+        return instances.check_body(body, inputs, MAX_INSTANCES, allow_non_finite)
     except instances.InstancesRefused as exc:
         if "instances in one request" in exc.message:
             hint = "split them into several requests"
@@ -74,8 +73,8 @@ def check_instances(body: dict[str, Any], inputs: Mapping[str, Any]) -> int:
 class Predictions:
     """Answers of a model's served versions, and copies of a version for local use."""
 
-    def __init__(self, db: Database, catalog: Catalog, backend: Backend) -> None:
-        self.db, self.catalog, self.backend = db, catalog, backend
+    def __init__(self, db: Database, catalog: Catalog, backend: Backend, config: ProjectConfig | None = None) -> None:
+        self.db, self.catalog, self.backend, self.config = db, catalog, backend, config
     def predict(self, model: str, payload: Any, version: str | None = None) -> dict[str, Any]:
         """Predictions of `model`'s default version (or `version`) for the given instances.
 
@@ -93,7 +92,8 @@ class Predictions:
             else:
                 target = self.catalog.version(s, model, version)
             signature = dict(target.signature or {}) if target is not None else {}
-        check_instances(body, signature.get("inputs") or {})
+        non_finite = self.config.policy(model).non_finite_inputs if self.config is not None else False
+        check_instances(body, signature.get("inputs") or {}, non_finite)
         answered, answer = self.backend.predict(model, version, body)
         return {"model": model, "version": answered, **answer}
 

@@ -161,8 +161,8 @@ def predict(models: Models, model: str, version: str | None, body: Any) -> tuple
 
     name, fn = models.signature(model, version)
     specs = fn.structured_input_signature[1]
-    try:  # the core checked already; checked again here, as TensorFlow aborts the process on some inputs
-        instances.check_body(body, signature_inputs(specs))
+    try:  # the core checked already (with the model's policy on NaN); again here, as TensorFlow aborts on some
+        instances.check_body(body, signature_inputs(specs), allow_non_finite=True)
     except instances.InstancesRefused as exc:
         raise RequestError(400, exc.message) from None
     tensors = {}
