@@ -222,10 +222,9 @@ class LocalBackend:
                     if attempt == 1:
                         continue
                 elif isinstance(reason, (ConnectionError, http.client.HTTPException)):  # sent, then cut off
-                    self._server_died(request_id, model, exc)
-                    raise BackendError(f"the local model server stopped while answering this request "
-                                       f"(request {request_id}); it is being started again",
-                                       f"see {self.serving / 'server.log'}") from exc
+                    what = "stopped while answering" if self._server_died(request_id, model, exc) else "cut off"
+                    raise BackendError(f"the local model server {what} this request (request {request_id}); "
+                                       "it is not sent again", f"see {self.serving / 'server.log'}") from exc
                 raise BackendError(f"the local model server did not answer: {exc}",
                                    f"see {self.serving / 'server.log'}") from exc
 
@@ -245,8 +244,9 @@ class LocalBackend:
         info = self._known_server or self._server_info() or {}
         return {"Authorization": f"Bearer {info.get('secret', '')}"}
 
-    def _server_died(self, request_id: str, model: str, exc: BaseException) -> None:
-        """Log which request ended the model server and why (server.log's last lines), and start a new one."""
+    def _server_died(self, request_id: str, model: str, exc: BaseException) -> bool:
+        """Log which request ended the model server and why (server.log's last lines), and start a new one;
+        False (and only logged) when the server still runs."""
         info = self._known_server or self._server_info()
         deadline = time.monotonic() + 5.0
         while info and proc_start_time(int(info["pid"])) == info.get("pid_start") and time.monotonic() < deadline:
@@ -254,7 +254,7 @@ class LocalBackend:
         if info and proc_start_time(int(info["pid"])) == info.get("pid_start"):
             log.error("the local model server cut off request %s (predict %s) but still runs: %s",
                       request_id, model, exc)
-            return
+            return False
         try:
             tail = (self.serving / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
         except OSError:
@@ -270,6 +270,7 @@ class LocalBackend:
                 log.error("the local model server did not start again: %s", error.message)
 
         threading.Thread(target=restart, name="model-server-restart", daemon=True).start()
+        return True
 
     def ensure_server(self) -> int:
         """The port of the running model server, starting one if none answers (one per STARCHART_HOME).
