@@ -43,8 +43,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: bytes) -> float:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> float:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=60) as resp:
         answer = json.loads(resp.read())
@@ -111,14 +112,15 @@ def main() -> int:
         info = json.loads((work / "home" / "serving" / "server.json").read_text())
         sides = {"web": f"{web}/v1/models/iris:predict",
                  "model_server": f"http://127.0.0.1:{info['port']}/v1/models/iris:predict"}
-        for url in sides.values():  # warm both paths
+        auth = {"web": {}, "model_server": {"Authorization": f"Bearer {info['secret']}"}}  # the server's own secret
+        for name, url in sides.items():  # warm both paths
             for _ in range(10):
-                post(url, body)
+                post(url, body, auth[name])
         times: dict[str, list[float]] = {name: [] for name in sides}
         names = list(sides)
         for i in range(reps):
             for name in (names if i % 2 == 0 else names[::-1]):
-                times[name].append(post(sides[name], body))
+                times[name].append(post(sides[name], body, auth[name]))
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
         p99 = {k: statistics.quantiles(v, n=100)[98] * 1000 for k, v in times.items()}
         ratio = med["web"] / med["model_server"]

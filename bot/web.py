@@ -79,8 +79,8 @@ class WebApp:
                    version: str | None, predict: bool) -> Iterable[bytes]:
         """TF Serving's REST API for the served versions; a bearer token when STARCHART_PREDICT_TOKEN is set."""
         token = self.settings.predict_token
-        given = environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ").strip()
-        if token and not hmac.compare_digest(given.encode(), token.encode()):
+        given = environ.get("HTTP_AUTHORIZATION", "")  # exactly "Bearer <token>": the scheme is not optional
+        if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return _reply(start_response, "401 Unauthorized",
                           {"error": "send the prediction token: Authorization: Bearer $STARCHART_PREDICT_TOKEN"})
         try:

@@ -77,5 +77,5 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
-        predictions=Predictions(db, catalog, backend),
+        predictions=Predictions(db, catalog, backend, config),
     )

@@ -19,7 +19,7 @@ from model_registry.domain.names import parse_duration, validate_model_name
 POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
     "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
-    "machine_type", "executor_image", "endpoint", "args_allowed", "data_roots", "trainer_env",
+    "machine_type", "executor_image", "endpoint", "args_allowed", "data_roots", "trainer_env", "non_finite_inputs",
 }
 # the bot's own secrets: never handed to a local trainer, even when `trainer_env` lists them
 TRAINER_ENV_FORBIDDEN = frozenset({"SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "DATABASE_URL",
@@ -113,6 +113,7 @@ class ModelPolicy:
     args_declared: bool = False  # `args_allowed: declared`: the flags the trainer's module declares
     data_roots: tuple[str, ...] = ()  # where path-valued trainer arguments may point, besides the job's train path
     trainer_env: tuple[str, ...] = ()  # extra environment variable names a local trainer sees
+    non_finite_inputs: bool = False  # predictions may send NaN and ±Infinity as float inputs
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class ProjectConfig:
                 schedule=merged.get("schedule"),
                 auto_expose=bool(merged.get("auto_expose", False)),
                 auto_review=bool(merged.get("auto_review", False)),
+                non_finite_inputs=bool(merged.get("non_finite_inputs", False)),
                 gate=Gate(str(gate["metric"]), float(gate.get("min_delta", 0.0))) if gate else None,
                 region=merged.get("region"),
                 scale_tier=merged.get("scale_tier"),

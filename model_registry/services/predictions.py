@@ -9,17 +9,18 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database
 from model_registry.adapters.records import ModelRecord
-from model_registry.domain import names
+from model_registry.config import ProjectConfig
+from model_registry.domain import instances, names
 from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused
 from model_registry.services.catalog import Catalog
 from model_registry.services.views import Pulled, PulledArchive, Served, version_view
 
-MAX_INSTANCES = 1000
+MAX_INSTANCES = instances.MAX_INSTANCES
 MAX_ARCHIVE = 50 * 1024 * 1024  # bytes of a pulled SavedModel sent as a file (Slack); larger: `starchart pull`
 VERSION_FILE = "starchart-version.json"  # beside a pulled SavedModel: what it is (signature, metrics, program)
 BODY_HINT = ('give instances as JSON: one object {"input": value, ...}, a list of them, '
@@ -27,13 +28,19 @@ BODY_HINT = ('give instances as JSON: one object {"input": value, ...}, a list o
 
 
 def predict_body(payload: Any) -> dict[str, Any]:
-    """TF Serving's request body from what a person typed: a JSON text, an instance, a list, or a body."""
+    """TF Serving's request body from what a person typed: a JSON text, an instance, a list, or a body.
+
+    Only the JSON is checked here; the body, against the answering version's signature, by `check_instances`.
+    """
     if isinstance(payload, (str, bytes)):
         text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
         if not text.strip():
             raise InvalidInput("no instances to predict", BODY_HINT)
         try:
             payload = json.loads(text)
+        except RecursionError:  # the parser's own limit, far above ours: the same refusal as below
+            raise InvalidInput(f"the instances are nested more than {instances.MAX_DEPTH} levels deep",
+                               BODY_HINT) from None
         except ValueError as exc:
             raise InvalidInput(f"the instances are not valid JSON: {exc}", BODY_HINT) from None
     if isinstance(payload, dict) and ("instances" in payload or "inputs" in payload):
@@ -44,20 +51,30 @@ def predict_body(payload: Any) -> dict[str, Any]:
         body = {"instances": [payload]}
     else:
         raise InvalidInput(f"cannot predict from a bare {type(payload).__name__}", BODY_HINT)
-    instances = body.get("instances")
-    if instances is not None and (not isinstance(instances, list) or not instances):
-        raise InvalidInput('"instances" must be a non-empty list', BODY_HINT)
-    if isinstance(instances, list) and len(instances) > MAX_INSTANCES:
-        raise InvalidInput(f"{len(instances)} instances in one request; at most {MAX_INSTANCES}",
-                           "split them into several requests")
     return body
+
+
+def check_instances(body: dict[str, Any], inputs: Mapping[str, Any], allow_non_finite: bool = False) -> int:
+    """The number of instances in `body`, refused with InvalidInput unless it fits the signature's `inputs`."""
+    try:
+        return instances.check_body(body, inputs, MAX_INSTANCES, allow_non_finite)
+    except instances.InstancesRefused as exc:
+        if "instances in one request" in exc.message:
+            hint = "split them into several requests"
+        elif inputs:
+            hint = "the signature's inputs: " + ", ".join(
+                f"{name} ({instances.dtype_name(str(spec.get('dtype')))}, shape {spec.get('shape')})"
+                for name, spec in sorted(inputs.items()))
+        else:
+            hint = BODY_HINT
+        raise InvalidInput(exc.message, hint) from None
 
 
 class Predictions:
     """Answers of a model's served versions, and copies of a version for local use."""
 
-    def __init__(self, db: Database, catalog: Catalog, backend: Backend) -> None:
-        self.db, self.catalog, self.backend = db, catalog, backend
+    def __init__(self, db: Database, catalog: Catalog, backend: Backend, config: ProjectConfig | None = None) -> None:
+        self.db, self.catalog, self.backend, self.config = db, catalog, backend, config
     def predict(self, model: str, payload: Any, version: str | None = None) -> dict[str, Any]:
         """Predictions of `model`'s default version (or `version`) for the given instances.
 
@@ -68,8 +85,15 @@ class Predictions:
         body = predict_body(payload)
         with self.db.reads() as s:
             self.catalog.require_model(model, s)
-            if version is not None:
-                self.catalog.version(s, model, version)
+            if version is None:  # the version that will answer: its signature is what the instances must fit
+                record = s.get(ModelRecord, model)
+                default = record.default_version if record else None
+                target = self.catalog.version(s, model, default) if default else None
+            else:
+                target = self.catalog.version(s, model, version)
+            signature = dict(target.signature or {}) if target is not None else {}
+        non_finite = self.config.policy(model).non_finite_inputs if self.config is not None else False
+        check_instances(body, signature.get("inputs") or {}, non_finite)
         answered, answer = self.backend.predict(model, version, body)
         return {"model": model, "version": answered, **answer}
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fcntl
+import http.client
 import json
+import logging
 import os
 import select
 import signal
@@ -13,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +33,7 @@ SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it 
 PREDICT_TIMEOUT = 120.0  # seconds for one predict, the first load of a SavedModel included
 
 
+log = logging.getLogger("starchart.local")
 LOCAL_SERVING = str(Path(__file__).with_name("local_serving.py"))  # the model server, run by file
 
 
@@ -190,36 +194,83 @@ class LocalBackend:
     # ---------------------------------------------------------------- serving (the local prediction API)
 
     def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """TF Serving's REST predict on the local model server (started on first use); (version, answer)."""
+        """TF Serving's REST predict on the local model server (started on first use); (version, answer).
+
+        A server that was not listening (idle exit, killed before) is started and asked again, once. A request
+        the server refused is not retried, nor one during which it died: that one is logged with its request id
+        and the end of server.log, and a new server is started for the next request.
+        """
         path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
         data = json.dumps(body).encode()
+        request_id = uuid.uuid4().hex[:16]
         attempt = 0
-        while True:  # a server that went away (idle exit, killed) is started again, once
+        while True:
             attempt += 1
             port = self.ensure_server()
             req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST",
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", "X-Request-Id": request_id,
+                                                  **self._server_auth()})
             try:
                 with urllib.request.urlopen(req, timeout=PREDICT_TIMEOUT) as resp:
                     return resp.headers.get("X-Model-Version") or version or "", json.loads(resp.read())
             except urllib.error.HTTPError as exc:
-                try:
-                    message = json.loads(exc.read()).get("error") or exc.reason
-                except ValueError:
-                    message = str(exc.reason)
-                if exc.code == 404:
-                    raise NotFound(message, f"list versions with `versions {model}`") from None
-                if exc.code in (400, 413):
-                    raise InvalidInput(message, 'send {"instances": [{INPUT: VALUE, ...}, ...]}; '
-                                                f"`diff {model}` shows the signature's inputs") from None
-                raise BackendError(f"the local model server failed: {message}",
-                                   f"see {self.serving / 'server.log'}") from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                gone = isinstance(getattr(exc, "reason", exc), ConnectionError)  # not a slow answer: a dead server
-                if attempt == 2 or not gone:
-                    raise BackendError(f"the local model server did not answer: {exc}",
-                                       f"see {self.serving / 'server.log'}") from exc
-                self._forget_server()
+                raise self._refusal(model, exc) from None
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if isinstance(reason, ConnectionRefusedError):  # nothing listened: the request was never sent
+                    self._forget_server()
+                    if attempt == 1:
+                        continue
+                elif isinstance(reason, (ConnectionError, http.client.HTTPException)):  # sent, then cut off
+                    what = "stopped while answering" if self._server_died(request_id, model, exc) else "cut off"
+                    raise BackendError(f"the local model server {what} this request (request {request_id}); "
+                                       "it is not sent again", f"see {self.serving / 'server.log'}") from exc
+                raise BackendError(f"the local model server did not answer: {exc}",
+                                   f"see {self.serving / 'server.log'}") from exc
+
+    def _refusal(self, model: str, exc: urllib.error.HTTPError) -> Exception:
+        try:
+            message = json.loads(exc.read()).get("error") or exc.reason
+        except ValueError:
+            message = str(exc.reason)
+        if exc.code == 404:
+            return NotFound(message, f"list versions with `versions {model}`")
+        if exc.code in (400, 413):
+            return InvalidInput(message, 'send {"instances": [{INPUT: VALUE, ...}, ...]}; '
+                                         f"`diff {model}` shows the signature's inputs")
+        return BackendError(f"the local model server failed: {message}", f"see {self.serving / 'server.log'}")
+
+    def _server_auth(self) -> dict[str, str]:
+        info = self._known_server or self._server_info() or {}
+        return {"Authorization": f"Bearer {info.get('secret', '')}"}
+
+    def _server_died(self, request_id: str, model: str, exc: BaseException) -> bool:
+        """Log which request ended the model server and why (server.log's last lines), and start a new one;
+        False (and only logged) when the server still runs."""
+        info = self._known_server or self._server_info()
+        deadline = time.monotonic() + 5.0
+        while info and proc_start_time(int(info["pid"])) == info.get("pid_start") and time.monotonic() < deadline:
+            time.sleep(0.05)  # an aborting process takes a moment to go; its last words reach server.log
+        if info and proc_start_time(int(info["pid"])) == info.get("pid_start"):
+            log.error("the local model server cut off request %s (predict %s) but still runs: %s",
+                      request_id, model, exc)
+            return False
+        try:
+            tail = (self.serving / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
+        except OSError:
+            tail = []
+        log.error("the local model server stopped during request %s (predict %s): %s; server.log ends: %s",
+                  request_id, model, exc, " | ".join(tail) or "(empty)")
+        self._forget_server()
+
+        def restart() -> None:
+            try:
+                self.ensure_server()
+            except BackendError as error:
+                log.error("the local model server did not start again: %s", error.message)
+
+        threading.Thread(target=restart, name="model-server-restart", daemon=True).start()
+        return True
 
     def ensure_server(self) -> int:
         """The port of the running model server, starting one if none answers (one per STARCHART_HOME).
@@ -280,8 +331,10 @@ class LocalBackend:
             return None
         if proc_start_time(int(info["pid"])) != info.get("pid_start"):
             return None
+        req = urllib.request.Request(f"http://127.0.0.1:{info['port']}/healthz",
+                                     headers={"Authorization": f"Bearer {info.get('secret', '')}"})
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{info['port']}/healthz", timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=5) as resp:
                 if json.loads(resp.read()).get("pid") != info["pid"]:
                     return None
         except (OSError, ValueError):

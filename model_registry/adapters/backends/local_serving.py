@@ -13,16 +13,24 @@ The answer is {"predictions": [...]} (one value per instance when the signature 
 a dict per instance), with the version that answered in the X-Model-Version header; errors are
 {"error": "..."} with 400 or 404, as TF Serving answers them.
 
+Every request must carry `Authorization: Bearer <secret>`, the random secret this server writes with its pid
+and port to SERVING_DIR/server.json (mode 0600) when it starts: another local user cannot reach the models
+around the web process's prediction token. Bodies are checked against the version's signature
+(model_registry/domain/instances.py) before TensorFlow sees them, so no input can end the process.
+
 This is a serving process: it imports TensorFlow (the bot's web process never does, and reaches it over
-HTTP through LocalBackend.predict). It writes SERVING_DIR/server.json (pid, port) once it listens, and
+HTTP through LocalBackend.predict). It writes SERVING_DIR/server.json once it listens, and
 keeps the few versions it served last loaded.
 """
 
 from __future__ import annotations
 
+import hmac
+import importlib.util
 import json
 import os
 import re
+import secrets
 import sys
 import threading
 import time
@@ -35,6 +43,14 @@ try:
     from model_registry.adapters.backends.local_runner import proc_start_time
 except ImportError:  # run as a file by a Python without this project (STARCHART_TRAINER_PYTHON): a sibling file
     from local_runner import proc_start_time  # type: ignore[no-redef,import-not-found]
+try:
+    from model_registry.domain import instances
+except ImportError:  # the same case: the domain's checks are one stdlib file, loaded by its path in the tree
+    _spec = importlib.util.spec_from_file_location(
+        "starchart_instances", Path(__file__).resolve().parents[2] / "domain" / "instances.py")
+    assert _spec is not None and _spec.loader is not None
+    instances = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(instances)
 
 MAX_BODY = 8 * 1024 * 1024
 LOADED_VERSIONS = 4  # SavedModels kept in memory, least recently used dropped first
@@ -134,11 +150,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def signature_inputs(specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """TensorFlow's input specs in the form stored with versions: {name: {"dtype": "float32", "shape": [...]}}."""
+    return {k: {"dtype": spec.dtype.name, "shape": None if spec.shape.rank is None
+                else [-1 if d is None else int(d) for d in spec.shape.as_list()]} for k, spec in specs.items()}
+
+
 def predict(models: Models, model: str, version: str | None, body: Any) -> tuple[str, dict[str, Any]]:
     import tensorflow as tf
 
     name, fn = models.signature(model, version)
     specs = fn.structured_input_signature[1]
+    try:  # the core checked already (with the model's policy on NaN); again here, as TensorFlow aborts on some
+        instances.check_body(body, signature_inputs(specs), allow_non_finite=True)
+    except instances.InstancesRefused as exc:
+        raise RequestError(400, exc.message) from None
     tensors = {}
     for key, values in columns(body, specs).items():
         spec = specs[key]
@@ -166,6 +192,7 @@ def predict(models: Models, model: str, version: str | None, body: Any) -> tuple
 
 class Handler(BaseHTTPRequestHandler):
     models: Models
+    secret: str
     server_version = "starchart-local-serving"
 
     def log_message(self, fmt: str, *args: Any) -> None:  # stderr is the server's log file
@@ -182,7 +209,17 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def authorized(self) -> bool:
+        """True when the request carries this server's secret; else it is answered 401."""
+        given = self.headers.get("Authorization") or ""
+        if hmac.compare_digest(given.encode(), f"Bearer {self.secret}".encode()):
+            return True
+        self.answer(401, {"error": "send this server's secret: Authorization: Bearer <secret in server.json>"})
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if not self.authorized():
+            return None
         if self.path == "/healthz":
             return self.answer(200, {"ok": True, "pid": os.getpid()})
         m = ROUTE.match(self.path)
@@ -196,6 +233,8 @@ class Handler(BaseHTTPRequestHandler):
             {"version": name, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}, name)
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self.authorized():
+            return None
         m = ROUTE.match(self.path)
         if not m or not m["verb"]:
             return self.answer(404, {"error": f"no route for POST {self.path}"})
@@ -205,8 +244,13 @@ class Handler(BaseHTTPRequestHandler):
         try:
             try:
                 body = json.loads(self.rfile.read(length) or b"null")
+            except RecursionError:
+                raise RequestError(400, f"the body is nested more than {instances.MAX_DEPTH} levels deep") from None
             except ValueError as exc:
                 raise RequestError(400, f"the body is not JSON: {exc}") from None
+            # logged before TensorFlow runs: if the process dies anyway, the log names the request
+            self.log_message("request %s: POST %s", self.headers.get("X-Request-Id") or "-", self.path)
+            sys.stderr.flush()
             name, answer = predict(self.models, m["model"], m["version"], body)
         except RequestError as exc:
             return self.answer(exc.status, {"error": exc.message})
@@ -226,11 +270,15 @@ def main() -> None:
                          "(pip install '.[train]') or set STARCHART_TRAINER_PYTHON to a Python that has it\n")
         sys.exit(3)
     Handler.models = Models(serving_dir)
+    Handler.secret = secrets.token_urlsafe(32)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    info = {"pid": os.getpid(), "pid_start": proc_start_time(os.getpid()), "port": server.server_address[1]}
+    info = {"pid": os.getpid(), "pid_start": proc_start_time(os.getpid()), "port": server.server_address[1],
+            "secret": Handler.secret}
     tmp = serving_dir / f".server.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(info))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the secret: readable by this user only
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(info))
     os.replace(tmp, serving_dir / "server.json")
     sys.stderr.write(f"serving {serving_dir} on 127.0.0.1:{info['port']}\n")
     sys.stderr.flush()
