@@ -33,32 +33,41 @@ def slack_client(slack: SlackSettings) -> WebClient:
     return client
 
 
-def _cached(fetch: Callable[[str], Any], ttl: float) -> Callable[[str], Any]:
-    """Slack look-ups kept for `ttl` seconds; the lock makes the cache safe across listener threads."""
-    return cached(TTLCache(maxsize=4096, ttl=ttl), lock=threading.Lock())(fetch)
+def _cached(fetch: Callable[[str], Any], ttl: float, failed: Any) -> Callable[[str], Any]:
+    """Slack look-ups kept for `ttl` seconds (the lock makes the cache safe across listener threads).
+
+    A look-up that fails in any way (a Slack error, the network, an answer without the field) answers `failed`
+    and is not cached, so the decision it serves is still made and recorded, and the next one asks again.
+    """
+    kept = cached(TTLCache(maxsize=4096, ttl=ttl), lock=threading.Lock())(fetch)
+
+    def look_up(key: str) -> Any:
+        try:
+            return kept(key)
+        except Exception as exc:  # noqa: BLE001 - any failure answers `failed`
+            error = exc.response.get("error") if isinstance(exc, SlackApiError) else f"{type(exc).__name__}: {exc}"
+            log.warning("Slack look-up of %s failed (%s); going on without it", key, error)
+            return failed
+
+    return look_up
 
 
 def group_members(client: WebClient) -> Callable[[str], list[str]]:
+    """Members of a user group; fails closed: a group that cannot be read grants nobody."""
     def fetch(group: str) -> list[str]:
-        try:
-            return list(client.usergroups_users_list(usergroup=group)["users"])
-        except SlackApiError as exc:  # fail closed: an unreadable group grants nobody
-            log.warning("cannot read members of user group %s: %s", group, exc.response.get("error"))
-            return []
+        return [str(user) for user in client.usergroups_users_list(usergroup=group)["users"]]
 
-    return _cached(fetch, ttl=60.0)
+    return _cached(fetch, ttl=60.0, failed=[])
 
 
 def display_names(client: WebClient) -> Callable[[str], str | None]:
+    """A person's display name for the records; None when Slack cannot say (the user id then stands alone)."""
     def fetch(user: str) -> str | None:
-        try:
-            info = client.users_info(user=user)["user"]
-        except SlackApiError:
-            return None
+        info = client.users_info(user=user)["user"]
         profile = info.get("profile") or {}
         return profile.get("display_name") or info.get("real_name") or info.get("name")
 
-    return _cached(fetch, ttl=3600.0)
+    return _cached(fetch, ttl=3600.0, failed=None)
 
 
 class LazyRegistry:
@@ -205,7 +214,8 @@ def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callab
     follower = Follower(lambda: registry, interval=follow_interval, report=report_error)
     gate = AckFirst()  # bot.web counts the Slack requests in flight
     # the lazily loaded core stands in for Core: attribute access waits for it
-    deps = Deps(core=cast(Any, registry), follower=follower, user_name=display_names(client), pace=gate.wait_for_gap)
+    deps = Deps(core=cast(Any, registry), follower=follower, user_name=display_names(client), pace=gate.wait_for_gap,
+                team_id=slack.team_id)
 
     def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> SlackOutput:
         return SlackOutput(web, respond, user=where(body)[0], channel=channel, trigger_id=body.get("trigger_id"))

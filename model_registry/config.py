@@ -208,13 +208,15 @@ class SlackSettings:
     signing_secret: str | None
     app_token: str | None = None  # Socket Mode (xapp-…)
     api_url: str = SLACK_API_DEFAULT
+    team_id: str | None = None  # SLACK_TEAM_ID: the workspace the app is installed in; others are refused
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "SlackSettings":
         env = os.environ if env is None else env
         return cls(bot_token=env.get("SLACK_BOT_TOKEN") or None, signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
                    app_token=env.get("SLACK_APP_TOKEN") or None,
-                   api_url=(env.get("SLACK_API_URL") or SLACK_API_DEFAULT).rstrip("/") + "/")
+                   api_url=(env.get("SLACK_API_URL") or SLACK_API_DEFAULT).rstrip("/") + "/",
+                   team_id=(env.get("SLACK_TEAM_ID") or "").strip() or None)
 
 
 @dataclass(frozen=True)
