@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from model_registry.config import SlackSettings
 from model_registry.domain.errors import InvalidInput
 
 log = logging.getLogger("starchart.bot")
+SLACK_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 REMOTE_ADDR_HEADER = "x-starchart-remote-addr"  # set by bot.web from the connection, never taken from the client
 
 
@@ -126,13 +128,14 @@ class RecordedRequestVerification(RequestVerification):
             return next()
         timestamp = req.headers.get("x-slack-request-timestamp", [""])[0]
         signature = req.headers.get("x-slack-signature", [""])[0]
-        try:
-            valid = bool(timestamp and signature) and self.verifier.is_valid(req.raw_body, timestamp, signature)
-        except ValueError:  # a timestamp that is not a number
-            valid = False
-        if valid:
+        if not (timestamp and signature):
+            why = "missing signature"
+        elif not SLACK_TIMESTAMP.fullmatch(timestamp):  # int() of it could fail or overflow the clock's float
+            why = "malformed X-Slack-Request-Timestamp (Unix seconds, up to 12 digits)"
+        elif self.verifier.is_valid(req.raw_body, timestamp, signature):
             return next()
-        why = "missing signature" if not (timestamp and signature) else "invalid or expired signature"
+        else:
+            why = "invalid or expired signature"
         try:
             self.registry.audit.record_refusal("unknown", "bad_signature", why, details={
                 "remote_addr": req.headers.get(REMOTE_ADDR_HEADER, [None])[0]})
