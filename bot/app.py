@@ -25,6 +25,7 @@ from model_registry.config import SlackSettings
 from model_registry.domain.errors import InvalidInput
 
 log = logging.getLogger("starchart.bot")
+REPLAY_WINDOW = 5 * 60  # seconds: Slack's tolerance for X-Slack-Request-Timestamp
 SLACK_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 REMOTE_ADDR_HEADER = "x-starchart-remote-addr"  # set by bot.web from the connection, never taken from the client
 
@@ -113,7 +114,7 @@ class LazyRegistry:
 
 
 class RecordedRequestVerification(RequestVerification):
-    """Bolt's signature check, with every refusal recorded in the audit trail (reason bad_signature) and 401.
+    """Bolt's signature check: a refusal is a 401, recorded in the audit trail (reason bad_signature, bounded per address).
 
     It is the app's one verification: Bolt's built-in one is turned off, this runs in its place (before
     authorization); Socket Mode requests skip it as Bolt's would.
@@ -132,13 +133,16 @@ class RecordedRequestVerification(RequestVerification):
             why = "missing signature"
         elif not SLACK_TIMESTAMP.fullmatch(timestamp):  # int() of it could fail or overflow the clock's float
             why = "malformed X-Slack-Request-Timestamp (Unix seconds, up to 12 digits)"
+        elif abs(time.time() - int(timestamp)) > REPLAY_WINDOW:
+            why = "expired X-Slack-Request-Timestamp (more than 5 minutes from now)"
         elif self.verifier.is_valid(req.raw_body, timestamp, signature):
             return next()
         else:
-            why = "invalid or expired signature"
-        try:
-            self.registry.audit.record_refusal("unknown", "bad_signature", why, details={
-                "remote_addr": req.headers.get(REMOTE_ADDR_HEADER, [None])[0]})
+            why = "invalid signature"
+        address = req.headers.get(REMOTE_ADDR_HEADER, [""])[0]
+        try:  # bounded per address: an unauthenticated flood writes one event a minute, not one a request
+            self.registry.audit.record_refusal("unknown", "bad_signature", why, details={"remote_addr": address},
+                                               source=address)
         except Exception:  # recording must never turn a refusal into an acceptance
             log.exception("could not record a refused Slack request")
         return BoltResponse(status=401, body={"error": why})

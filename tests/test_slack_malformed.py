@@ -41,3 +41,31 @@ def test_head_healthz(server: Server) -> None:
     while (resp := requests.head(f"{server.url}/healthz", timeout=5)).status_code != 200:
         assert time.monotonic() < deadline, resp.status_code
     assert resp.content == b"" and resp.headers["Content-Type"] == "application/json"
+
+
+def test_an_unsigned_flood_writes_an_event_a_minute_per_address(driver: SlackDriver, slack: SlackFake) -> None:
+    answers = [driver.send_unsigned().status for _ in range(300)]
+    assert answers == [401] * 300
+    refused = registry_from(slack).audit.events(action="request.refused", limit=1000)
+    # one event per gunicorn worker (each process keeps its own count), each standing for the first refusal
+    assert 1 <= len(refused) <= 2, len(refused)
+    assert all(e["details"]["count"] == 1 and e["details"]["remote_addr"] == "127.0.0.1" for e in refused)
+    assert registry_from(slack).audit.verify().ok
+
+
+def test_the_limiter_counts_what_it_does_not_record() -> None:
+    from model_registry.services.audit_trail import RefusalLimiter
+
+    now = [0.0]
+    limiter = RefusalLimiter(window=60.0, clock=lambda: now[0], max_sources=3)
+    key = ("10.0.0.1", "bad_signature", "missing signature")
+    assert limiter.admit(key) == 1
+    assert [limiter.admit(key) for _ in range(5)] == [None] * 5
+    assert limiter.admit(("10.0.0.2", *key[1:])) == 1, "another address is recorded"
+    assert limiter.admit((key[0], key[1], "invalid signature")) == 1, "another kind is recorded"
+    now[0] = 59.9
+    assert limiter.admit(key) is None
+    now[0] = 60.0
+    assert limiter.admit(key) == 7, "the next record carries this one and the six counted"
+    assert limiter.admit(("10.0.0.9", *key[1:])) == 1  # over max_sources: the quiet ones are forgotten
+    assert limiter.admit(key) is None, "a recent one is kept"

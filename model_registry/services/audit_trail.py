@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy import select
 
@@ -23,12 +26,41 @@ from model_registry.domain.names import iso
 from model_registry.services.catalog import Catalog
 from model_registry.services.views import DefaultAt
 
+log = logging.getLogger("starchart.audit")
+
+
+class RefusalLimiter:
+    """At most one recorded refusal per source and kind every `window` seconds; the rest are only counted.
+
+    `admit` answers None for a refusal to count but not record, else how many refusals of that kind the record
+    stands for (this one and those counted since the last record). Kept per process: each replica records its own.
+    """
+
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 max_sources: int = 10_000) -> None:
+        self.window, self.clock, self.max_sources = window, clock, max_sources
+        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}  # key -> (last recorded at, counted since)
+        self._lock = threading.Lock()
+
+    def admit(self, key: tuple[str, ...]) -> int | None:
+        now = self.clock()
+        with self._lock:
+            recorded_at, counted = self._seen.get(key, (None, 0))
+            if recorded_at is not None and now - recorded_at < self.window:
+                self._seen[key] = (recorded_at, counted + 1)
+                return None
+            if len(self._seen) >= self.max_sources:  # a flood of sources: forget the quiet ones
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
+            self._seen[key] = (now, 0)
+            return counted + 1
+
 
 class AuditTrail:
     """The audit chain as people ask about it, and the refusals recorded outside any other change."""
 
     def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, settings: Settings) -> None:
         self.db, self.audit_log, self.catalog, self.settings = db, audit_log, catalog, settings
+        self.limiter = RefusalLimiter()
 
     @property
     def _checkpoint_file(self) -> Path:
@@ -40,12 +72,24 @@ class AuditTrail:
 
     def record_refusal(self, actor: str, reason: str, message: str, *, model: str | None = None,
                        request_id: int | None = None, channel: str | None = None, message_ts: str | None = None,
-                       details: dict[str, Any] | None = None) -> None:
-        """Record a refused request that changed nothing (forged, tampered, unauthorised)."""
+                       details: dict[str, Any] | None = None, source: str | None = None) -> bool:
+        """Record a refused request that changed nothing (forged, tampered, unauthorised).
+
+        With `source` (the address of an unauthenticated request), refusals are bounded: one event per source,
+        reason and message a minute, carrying in details.count how many refusals it stands for; the others
+        are only counted in a log line. Answers whether an event was written.
+        """
+        if source is not None:
+            count = self.limiter.admit((source, reason, message))
+            if count is None:
+                log.warning("refused again, not recorded this minute: %s from %s (%s)", reason, source, message[:200])
+                return False
+            details = {**(details or {}), "count": count}
         with self.db.unit_of_work() as s:
             self.audit_log.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
                          message_ts=message_ts, details={"reason": reason, "message": message[:500],
                                                          **(details or {})})
+        return True
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Checkpoints kept outside the database (one JSON object per line)."""
