@@ -136,7 +136,7 @@ class RecordedRequestVerification(RequestVerification):
         elif abs(time.time() - int(timestamp)) > REPLAY_WINDOW:
             why = "expired X-Slack-Request-Timestamp (more than 5 minutes from now)"
         elif self.verifier.is_valid(req.raw_body, timestamp, signature):
-            return next()
+            return self._once(req, signature, next)
         else:
             why = "invalid signature"
         address = req.headers.get(REMOTE_ADDR_HEADER, [""])[0]
@@ -146,6 +146,26 @@ class RecordedRequestVerification(RequestVerification):
         except Exception:  # recording must never turn a refusal into an acceptance
             log.exception("could not record a refused Slack request")
         return BoltResponse(status=401, body={"error": why})
+
+
+    def _once(self, req: BoltRequest, signature: str, next: Callable[[], BoltResponse]) -> BoltResponse:
+        """A signed request acted on once: a replay of its signature, or a Slack retry, is acked and dropped."""
+        retry = req.headers.get("x-slack-retry-num", [""])[0]
+        if retry:  # Slack retries a delivery it thinks failed; the first one was taken
+            log.info("acked Slack's retry %s (%s) without acting on it", retry,
+                     req.headers.get("x-slack-retry-reason", [""])[0])
+            return BoltResponse(status=200, body="")
+        if not getattr(self.registry, "ready", lambda: True)():  # while the core loads, acks must not wait for the database
+            return next()
+        try:
+            first = self.registry.audit.first_sight(signature, window=2 * REPLAY_WINDOW)
+        except Exception:  # the database is down: act (as before) rather than drop Slack's request
+            log.exception("could not check a Slack request for a replay")
+            first = True
+        if first:
+            return next()
+        log.warning("acked a replayed Slack request (signature seen already) without acting on it")
+        return BoltResponse(status=200, body="")
 
 
 class AckFirst:

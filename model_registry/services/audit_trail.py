@@ -6,23 +6,25 @@ import json
 import logging
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from model_registry.adapters import audit_log as audit
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.db import Database
 from model_registry.adapters.records import (
     PromotionRequest,
+    SeenRequest,
     Version,
 )
 from model_registry.config import Settings
 from model_registry.domain import names
 from model_registry.domain.errors import InvalidInput, NotFound
-from model_registry.domain.names import iso
+from model_registry.domain.names import iso, utcnow
 from model_registry.services.catalog import Catalog
 from model_registry.services.views import DefaultAt
 
@@ -89,6 +91,21 @@ class AuditTrail:
             self.audit_log.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
                          message_ts=message_ts, details={"reason": reason, "message": message[:500],
                                                          **(details or {})})
+        return True
+
+    def first_sight(self, signature: str, window: float = 600.0) -> bool:
+        """Whether a signed request is new: False when its signature was already taken within `window` seconds.
+
+        The insert decides across replicas (the signature is the primary key); older signatures are dropped,
+        since Slack's timestamp check already refuses their requests.
+        """
+        now = utcnow()
+        try:
+            with self.db.unit_of_work() as s:
+                s.execute(delete(SeenRequest).where(SeenRequest.seen_at < now - timedelta(seconds=window)))
+                s.add(SeenRequest(signature=signature, seen_at=now))
+        except IntegrityError:
+            return False
         return True
 
     def checkpoints(self) -> list[dict[str, Any]]:
