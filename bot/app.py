@@ -114,7 +114,8 @@ class LazyRegistry:
 
 
 class RecordedRequestVerification(RequestVerification):
-    """Bolt's signature check: a refusal is a 401, recorded in the audit trail (reason bad_signature, bounded per address).
+    """Bolt's signature check: a refusal is a 401 and a request.refused event (bounded per address); a replay is
+    acked and dropped.
 
     It is the app's one verification: Bolt's built-in one is turned off, this runs in its place (before
     authorization); Socket Mode requests skip it as Bolt's would.
@@ -147,7 +148,6 @@ class RecordedRequestVerification(RequestVerification):
             log.exception("could not record a refused Slack request")
         return BoltResponse(status=401, body={"error": why})
 
-
     def _once(self, req: BoltRequest, signature: str, next: Callable[[], BoltResponse]) -> BoltResponse:
         """A signed request acted on once: a replay of its signature, or a Slack retry, is acked and dropped."""
         retry = req.headers.get("x-slack-retry-num", [""])[0]
@@ -155,8 +155,8 @@ class RecordedRequestVerification(RequestVerification):
             log.info("acked Slack's retry %s (%s) without acting on it", retry,
                      req.headers.get("x-slack-retry-reason", [""])[0])
             return BoltResponse(status=200, body="")
-        if not getattr(self.registry, "ready", lambda: True)():  # while the core loads, acks must not wait for the database
-            return next()
+        if not getattr(self.registry, "ready", lambda: True)():
+            return next()  # while the core loads, acks must not wait for the database
         try:
             first = self.registry.audit.first_sight(signature, window=2 * REPLAY_WINDOW)
         except Exception:  # the database is down: act (as before) rather than drop Slack's request
