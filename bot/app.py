@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from model_registry.config import SlackSettings
 from model_registry.domain.errors import InvalidInput
 
 log = logging.getLogger("starchart.bot")
+REPLAY_WINDOW = 5 * 60  # seconds: Slack's tolerance for X-Slack-Request-Timestamp
+SLACK_TIMESTAMP = re.compile(r"[0-9]{1,12}")
 REMOTE_ADDR_HEADER = "x-starchart-remote-addr"  # set by bot.web from the connection, never taken from the client
 
 
@@ -33,32 +36,41 @@ def slack_client(slack: SlackSettings) -> WebClient:
     return client
 
 
-def _cached(fetch: Callable[[str], Any], ttl: float) -> Callable[[str], Any]:
-    """Slack look-ups kept for `ttl` seconds; the lock makes the cache safe across listener threads."""
-    return cached(TTLCache(maxsize=4096, ttl=ttl), lock=threading.Lock())(fetch)
+def _cached(fetch: Callable[[str], Any], ttl: float, failed: Any) -> Callable[[str], Any]:
+    """Slack look-ups kept for `ttl` seconds (the lock makes the cache safe across listener threads).
+
+    A look-up that fails in any way (a Slack error, the network, an answer without the field) answers `failed`
+    and is not cached, so the decision it serves is still made and recorded, and the next one asks again.
+    """
+    kept = cached(TTLCache(maxsize=4096, ttl=ttl), lock=threading.Lock())(fetch)
+
+    def look_up(key: str) -> Any:
+        try:
+            return kept(key)
+        except Exception as exc:  # noqa: BLE001 - any failure answers `failed`
+            error = exc.response.get("error") if isinstance(exc, SlackApiError) else f"{type(exc).__name__}: {exc}"
+            log.warning("Slack look-up of %s failed (%s); going on without it", key, error)
+            return failed
+
+    return look_up
 
 
 def group_members(client: WebClient) -> Callable[[str], list[str]]:
+    """Members of a user group; fails closed: a group that cannot be read grants nobody."""
     def fetch(group: str) -> list[str]:
-        try:
-            return list(client.usergroups_users_list(usergroup=group)["users"])
-        except SlackApiError as exc:  # fail closed: an unreadable group grants nobody
-            log.warning("cannot read members of user group %s: %s", group, exc.response.get("error"))
-            return []
+        return [str(user) for user in client.usergroups_users_list(usergroup=group)["users"]]
 
-    return _cached(fetch, ttl=60.0)
+    return _cached(fetch, ttl=60.0, failed=[])
 
 
 def display_names(client: WebClient) -> Callable[[str], str | None]:
+    """A person's display name for the records; None when Slack cannot say (the user id then stands alone)."""
     def fetch(user: str) -> str | None:
-        try:
-            info = client.users_info(user=user)["user"]
-        except SlackApiError:
-            return None
+        info = client.users_info(user=user)["user"]
         profile = info.get("profile") or {}
         return profile.get("display_name") or info.get("real_name") or info.get("name")
 
-    return _cached(fetch, ttl=3600.0)
+    return _cached(fetch, ttl=3600.0, failed=None)
 
 
 class LazyRegistry:
@@ -102,7 +114,8 @@ class LazyRegistry:
 
 
 class RecordedRequestVerification(RequestVerification):
-    """Bolt's signature check, with every refusal recorded in the audit trail (reason bad_signature) and 401.
+    """Bolt's signature check: a refusal is a 401 and a request.refused event (bounded per address); a replay is
+    acked and dropped.
 
     It is the app's one verification: Bolt's built-in one is turned off, this runs in its place (before
     authorization); Socket Mode requests skip it as Bolt's would.
@@ -117,19 +130,42 @@ class RecordedRequestVerification(RequestVerification):
             return next()
         timestamp = req.headers.get("x-slack-request-timestamp", [""])[0]
         signature = req.headers.get("x-slack-signature", [""])[0]
-        try:
-            valid = bool(timestamp and signature) and self.verifier.is_valid(req.raw_body, timestamp, signature)
-        except ValueError:  # a timestamp that is not a number
-            valid = False
-        if valid:
-            return next()
-        why = "missing signature" if not (timestamp and signature) else "invalid or expired signature"
-        try:
-            self.registry.audit.record_refusal("unknown", "bad_signature", why, details={
-                "remote_addr": req.headers.get(REMOTE_ADDR_HEADER, [None])[0]})
+        if not (timestamp and signature):
+            why = "missing signature"
+        elif not SLACK_TIMESTAMP.fullmatch(timestamp):  # int() of it could fail or overflow the clock's float
+            why = "malformed X-Slack-Request-Timestamp (Unix seconds, up to 12 digits)"
+        elif abs(time.time() - int(timestamp)) > REPLAY_WINDOW:
+            why = "expired X-Slack-Request-Timestamp (more than 5 minutes from now)"
+        elif self.verifier.is_valid(req.raw_body, timestamp, signature):
+            return self._once(req, signature, next)
+        else:
+            why = "invalid signature"
+        address = req.headers.get(REMOTE_ADDR_HEADER, [""])[0]
+        try:  # bounded per address: an unauthenticated flood writes one event a minute, not one a request
+            self.registry.audit.record_refusal("unknown", "bad_signature", why, details={"remote_addr": address},
+                                               source=address)
         except Exception:  # recording must never turn a refusal into an acceptance
             log.exception("could not record a refused Slack request")
         return BoltResponse(status=401, body={"error": why})
+
+    def _once(self, req: BoltRequest, signature: str, next: Callable[[], BoltResponse]) -> BoltResponse:
+        """A signed request acted on once: a replay of its signature, or a Slack retry, is acked and dropped."""
+        retry = req.headers.get("x-slack-retry-num", [""])[0]
+        if retry:  # Slack retries a delivery it thinks failed; the first one was taken
+            log.info("acked Slack's retry %s (%s) without acting on it", retry,
+                     req.headers.get("x-slack-retry-reason", [""])[0])
+            return BoltResponse(status=200, body="")
+        if not getattr(self.registry, "ready", lambda: True)():
+            return next()  # while the core loads, acks must not wait for the database
+        try:
+            first = self.registry.audit.first_sight(signature, window=2 * REPLAY_WINDOW)
+        except Exception:  # the database is down: act (as before) rather than drop Slack's request
+            log.exception("could not check a Slack request for a replay")
+            first = True
+        if first:
+            return next()
+        log.warning("acked a replayed Slack request (signature seen already) without acting on it")
+        return BoltResponse(status=200, body="")
 
 
 class AckFirst:
@@ -205,7 +241,8 @@ def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callab
     follower = Follower(lambda: registry, interval=follow_interval, report=report_error)
     gate = AckFirst()  # bot.web counts the Slack requests in flight
     # the lazily loaded core stands in for Core: attribute access waits for it
-    deps = Deps(core=cast(Any, registry), follower=follower, user_name=display_names(client), pace=gate.wait_for_gap)
+    deps = Deps(core=cast(Any, registry), follower=follower, user_name=display_names(client), pace=gate.wait_for_gap,
+                team_id=slack.team_id)
 
     def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> SlackOutput:
         return SlackOutput(web, respond, user=where(body)[0], channel=channel, trigger_id=body.get("trigger_id"))

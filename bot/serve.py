@@ -1,4 +1,5 @@
-"""`starchart serve`: the web process under gunicorn (threads, so listeners ack while work goes on)."""
+"""`starchart serve`: the web process under gunicorn (threads, so listeners ack while work goes on; requests read
+whole before they take a thread, see bot.whole_requests)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from bot.whole_requests import worker_class
 from model_registry.config import SlackSettings, WebSettings
 
 
@@ -35,7 +37,8 @@ def serve(port: int | None = None, workers: int | None = None) -> None:
     _Server({
         "bind": f"0.0.0.0:{port or web.port}",
         "workers": workers or web.workers,
-        "worker_class": "gthread",
+        # gthread, but a thread only for a request that has arrived, within WEB_READ_TIMEOUT: slow clients hold none
+        "worker_class": worker_class(web.read_timeout),
         "threads": web.threads,
         "timeout": 30,
         "graceful_timeout": 10,

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from typing import Any, Callable, Iterable
+from urllib.parse import parse_qs
 
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 
@@ -42,6 +43,23 @@ def _prediction_status(exc: StarchartError) -> str:
     return "503 Service Unavailable"
 
 
+def _malformed(body: bytes) -> str | None:
+    """What is wrong with a Slack request body Bolt cannot read, or None: UTF-8 text, `payload=` a JSON object."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the request body is not UTF-8 text; Slack sends UTF-8 form fields or JSON"
+    if not text.startswith("payload="):
+        return None
+    try:
+        payload = json.loads(parse_qs(text, keep_blank_values=True).get("payload", [""])[0])
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        return "the payload field is not a JSON object; Slack sends payload={...} for interactions"
+    return None
+
+
 class WebApp:
     def __init__(self, bot: Any, settings: WebSettings | None = None) -> None:
         self.bot = bot
@@ -50,8 +68,9 @@ class WebApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
-        if path == "/healthz" and method == "GET":
-            return self.health(start_response)
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            answer = self.health(start_response)
+            return [] if method == "HEAD" else answer  # HEAD: the status and headers only
         if path == "/slack/events" and method == "POST":
             return self.slack_events(environ, start_response)
         route = PREDICT_ROUTE.match(path)
@@ -110,6 +129,9 @@ class WebApp:
         if length > MAX_BODY:
             return _reply(start_response, "413 Payload Too Large", {"error": "request body too large"})
         body = environ["wsgi.input"].read(length) if length else b""
+        problem = _malformed(body)
+        if problem is not None:  # Slack never sends these; Bolt would fail on them with a 500
+            return _reply(start_response, "400 Bad Request", {"error": problem})
         environ["wsgi.input"] = io.BytesIO(body)
         # the refusal record names the connection's address; a client's own header of that name is overwritten
         environ["HTTP_X_STARCHART_REMOTE_ADDR"] = environ.get("REMOTE_ADDR") or ""

@@ -42,7 +42,7 @@ from handlers.results import (
 )
 from handlers.reviews import on_reject_reason
 from handlers.table import Invocation, Surface
-from model_registry.domain.errors import InvalidInput, StarchartError
+from model_registry.domain.errors import InvalidInput, Refused, StarchartError
 
 if TYPE_CHECKING:
     from model_registry.bootstrap import Core
@@ -66,6 +66,7 @@ class Deps:
     follower: Follower
     user_name: Callable[[str], str | None] = _nobody
     pace: Callable[[], None] = _go  # called before work that follows an ack: lets other requests be acked first
+    team_id: str | None = None  # the installed workspace; when set, a person of another one is refused
 
 
 @dataclass
@@ -76,6 +77,20 @@ class Chat:
     channel: str | None
     out: Output
     message_ts: str | None = None
+    team: str | None = None  # the person's workspace, as Slack sent it
+
+
+def require_person(deps: Deps, chat: Chat) -> None:
+    """Identity fails closed: nobody without a user id, or from another workspace than the installed one, acts."""
+    if not chat.user.strip():
+        why, message = "no_user", "Slack did not say who sent this"
+    elif deps.team_id and chat.team != deps.team_id:
+        why, message = "wrong_team", f"this bot serves workspace {deps.team_id}, not {chat.team or 'an unnamed one'}"
+    else:
+        return
+    deps.core.audit.record_refusal(chat.user.strip() or "unknown", why, message, channel=chat.channel,
+                                   message_ts=chat.message_ts, details={"team": chat.team})
+    raise Refused(message, "act from the workspace the bot is installed in, signed in as yourself", reason=why)
 
 
 def invocation(deps: Deps, chat: Chat, args: Any = None, trainer_args: list[str] | None = None) -> Invocation:
@@ -87,6 +102,7 @@ def invocation(deps: Deps, chat: Chat, args: Any = None, trainer_args: list[str]
 def dispatch(deps: Deps, chat: Chat, text: str) -> Result:
     """One `/ml` command: parsed, run through the table, delivered. Errors other than usage reach the caller."""
     deps.pace()
+    require_person(deps, chat)
     try:
         args, trainer_args = parse(text)
         if args.command is None:
@@ -102,6 +118,7 @@ def dispatch(deps: Deps, chat: Chat, text: str) -> Result:
 def click(deps: Deps, chat: Chat, action_id: str | None, value: str | None) -> Result:
     """A button on one of the bot's messages; an unknown one is refused and recorded."""
     deps.pace()
+    require_person(deps, chat)
     action = ACTIONS.get(action_id or "")
     if action is None:
         deps.core.audit.record_refusal(chat.user, "unknown_action", f"action id {str(action_id)[:100]!r}",
@@ -115,6 +132,7 @@ def click(deps: Deps, chat: Chat, action_id: str | None, value: str | None) -> R
 def submit_reject(deps: Deps, chat: Chat, metadata: str, reason: str) -> Result:
     """The reject form, answered with a reason."""
     deps.pace()
+    require_person(deps, chat)
     inv = invocation(deps, chat)
     result = on_reject_reason(inv, metadata, reason)
     chat.channel, chat.message_ts = inv.channel, inv.message_ts

@@ -21,7 +21,8 @@ Outputs = Callable[[dict[str, Any], Any, Any, "str | None"], Output]
 def where(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
     """(user, channel, message ts) of a slash command, a click or a form submission."""
     container = body.get("container") or {}
-    user = body.get("user_id") or (body.get("user") or {}).get("id", "")
+    person = body.get("user")
+    user = str(body.get("user_id") or (person.get("id") if isinstance(person, dict) else "") or "")
     channel = body.get("channel_id") or (body.get("channel") or {}).get("id") or container.get("channel_id")
     if body.get("type") == "view_submission":
         channel, ts = form_card((body.get("view") or {}).get("private_metadata") or "")
@@ -29,12 +30,21 @@ def where(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
     return user, channel, container.get("message_ts") or (body.get("message") or {}).get("ts")
 
 
+def team_of(body: dict[str, Any]) -> str | None:
+    """The workspace of the person who acted: a command's team_id, a payload's team or the user's own team."""
+    team, person = body.get("team"), body.get("user")
+    found = body.get("team_id") or (team.get("id") if isinstance(team, dict) else None) or (
+        person.get("team_id") if isinstance(person, dict) else None)
+    return str(found) if found else None
+
+
 def register(app: Any, deps: Deps, outputs: Outputs) -> None:
     """Attach the listeners to a Bolt app."""
 
     def chat(body: dict[str, Any], client: Any, respond: Any) -> Chat:
         user, channel, ts = where(body)
-        return Chat(user=user, channel=channel, out=outputs(body, client, respond, channel), message_ts=ts)
+        return Chat(user=user, channel=channel, out=outputs(body, client, respond, channel), message_ts=ts,
+                    team=team_of(body))
 
     @app.middleware
     def ack_first(body: dict[str, Any], ack: Any, next: Callable[[], None]) -> None:  # noqa: A002 - Bolt's name

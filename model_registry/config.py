@@ -271,18 +271,21 @@ class SlackSettings:
     signing_secret: str | None
     app_token: str | None = None  # Socket Mode (xapp-…)
     api_url: str = SLACK_API_DEFAULT
+    team_id: str | None = None  # SLACK_TEAM_ID: the workspace the app is installed in; others are refused
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "SlackSettings":
         env = os.environ if env is None else env
         return cls(bot_token=env.get("SLACK_BOT_TOKEN") or None, signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
                    app_token=env.get("SLACK_APP_TOKEN") or None,
-                   api_url=(env.get("SLACK_API_URL") or SLACK_API_DEFAULT).rstrip("/") + "/")
+                   api_url=(env.get("SLACK_API_URL") or SLACK_API_DEFAULT).rstrip("/") + "/",
+                   team_id=(env.get("SLACK_TEAM_ID") or "").strip() or None)
 
 
 @dataclass(frozen=True)
 class WebSettings:
-    """The web process: port, gunicorn workers and threads, access log, training-message pace, prediction token."""
+    """The web process: port, gunicorn workers and threads, access log, training-message pace, prediction token,
+    and how long a request may take to arrive."""
 
     port: int = 3000
     workers: int = 2
@@ -290,6 +293,7 @@ class WebSettings:
     access_log: bool = False
     follow_interval: float = 2.0  # seconds between progress checks of followed training messages
     predict_token: str | None = None
+    read_timeout: float = 10.0  # seconds a request's headers and body may take to arrive (slow clients)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WebSettings":
@@ -298,8 +302,9 @@ class WebSettings:
             return cls(port=int(env.get("PORT") or 3000), workers=int(env.get("WEB_CONCURRENCY") or 2),
                        threads=int(env.get("WEB_THREADS") or 8), access_log=bool(env.get("STARCHART_ACCESS_LOG")),
                        follow_interval=float(env.get("STARCHART_FOLLOW_INTERVAL") or 2.0),
-                       predict_token=env.get("STARCHART_PREDICT_TOKEN") or None)
+                       predict_token=env.get("STARCHART_PREDICT_TOKEN") or None,
+                       read_timeout=float(env.get("WEB_READ_TIMEOUT") or 10.0))
         except ValueError as exc:
             raise InvalidInput(f"invalid web setting: {exc}",
-                               "PORT, WEB_CONCURRENCY and WEB_THREADS are integers, STARCHART_FOLLOW_INTERVAL seconds"
-                               ) from None
+                               "PORT, WEB_CONCURRENCY and WEB_THREADS are integers; STARCHART_FOLLOW_INTERVAL and "
+                               "WEB_READ_TIMEOUT are seconds") from None

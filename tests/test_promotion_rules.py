@@ -207,3 +207,15 @@ def test_retry_only_by_an_approver_and_only_a_failed_apply() -> None:
     assert isinstance(refusal, Refused) and refusal.reason == "not_approver"
     assert req.retry_refusal("U_GROUPIE", POLICY, members_of) is None
     assert req.start_apply("U_GROUPIE", facts(), "local").started
+
+
+@pytest.mark.parametrize("user", ["", "  "])
+def test_nobody_never_decides_even_when_the_policy_lists_no_approvers(user: str) -> None:
+    req = request()
+    outcome = req.decide(user, True, facts(), ModelPolicy(approvers=()), members_of)
+    assert outcome.refusal is not None and outcome.refusal.reason == "no_user"
+    assert req.state == rules.OPEN and req.decisions == [] and actions(outcome) == ["approval.refused"]
+    assert outcome.events[0].actor == "unknown"
+    failed = request(state=rules.FAILED)
+    refusal = failed.retry_refusal(user, ModelPolicy(approvers=()), members_of)
+    assert isinstance(refusal, Refused) and refusal.reason == "no_user"

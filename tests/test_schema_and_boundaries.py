@@ -86,7 +86,7 @@ def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_ur
     with engine.begin() as conn:  # rows as a 0002 database held them (ISO text on SQLite, timestamps on PostgreSQL)
         conn.execute(text(_JOB_ROW), {"c": "2026-11-27T09:30:00Z"})
         conn.execute(text(_VERSION_ROW), {"c": "2026-11-27T09:30:00Z"})
-    migrate(engine)
+    command.upgrade(alembic_config(engine), "0003")  # 0003 itself (later migrations add tables, not times)
     assert current_revision(engine) == "0003"
     at = datetime(2026, 11, 27, 9, 30)
     with engine.connect() as conn:
@@ -108,6 +108,37 @@ def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_ur
         assert raw == ("2026-11-27T09:30:00Z", "2026-11-27T09:30:00Z", None, "2026-11-27T09:30:00Z")
     else:  # nothing to undo on PostgreSQL
         assert raw == (at, at, None, at)
+    engine.dispose()
+
+
+def test_0004_adds_the_seen_requests_table_and_takes_it_away_again(db_url: str) -> None:
+    """0004: a 0003 database gains seen_requests (signature primary key, seen_at indexed); downgrade drops it."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    from model_registry.adapters.db import current_revision
+
+    engine = make_engine(db_url)
+    command.upgrade(alembic_config(engine), "0003")
+    assert "seen_requests" not in inspect(engine).get_table_names()
+    migrate(engine)
+    assert current_revision(engine) == "0004"
+    assert inspect(engine).get_pk_constraint("seen_requests")["constrained_columns"] == ["signature"]
+    assert [i["column_names"] for i in inspect(engine).get_indexes("seen_requests")] == [["seen_at"]]
+    insert = text("INSERT INTO seen_requests (signature, seen_at) VALUES ('v0=ab', :at)")
+    with engine.begin() as conn:
+        conn.execute(insert, {"at": datetime(2026, 12, 1, 14, 0)})
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert, {"at": datetime(2026, 12, 1, 14, 1)})
+        raise AssertionError("a signature was taken twice")
+    except IntegrityError:
+        pass
+    command.downgrade(alembic_config(engine), "0003")
+    assert "seen_requests" not in inspect(engine).get_table_names()
     engine.dispose()
 
 

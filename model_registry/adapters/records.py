@@ -190,6 +190,18 @@ class Schedule(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class SeenRequest(Base):
+    """A signed Slack request already taken, by its signature: a replay of it within the window is not acted on.
+
+    In the database so that every replica sees what the others took; rows older than the window are dropped.
+    """
+
+    __tablename__ = "seen_requests"
+
+    signature: Mapped[str] = mapped_column(String(100), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
 @event.listens_for(Session, "before_flush")
 def _audit_is_append_only(session: Session, _ctx: Any, _instances: Any) -> None:
     for obj in list(session.dirty) + list(session.deleted):

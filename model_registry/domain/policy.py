@@ -33,7 +33,10 @@ def check_operator(policy: ModelPolicy, user: str, members_of: MembersOf, action
 def check_approver(
     policy: ModelPolicy, user: str, members_of: MembersOf, requested_by: str, trained_by: str, model: str
 ) -> None:
-    """Raise Refused unless `user` may decide on a promotion request of `model`."""
+    """Raise Refused unless `user` may decide on a promotion request of `model`; nobody (an empty id) never may."""
+    if not user.strip():  # an unknown person must not pass a policy that lists no approvers
+        raise Refused("a decision needs a known person; this one came without a user id",
+                      "decide from Slack or the console as yourself", reason="no_user")
     if policy.approvers and not is_listed(user, policy.approvers, members_of):
         raise Refused(
             f"{user} is not an approver of {model}",

@@ -117,7 +117,7 @@ class PromotionRequest:
         refusal = self._decision_refusal(user, facts, policy, members_of, click, outcome)
         if refusal is not None:
             outcome.refusal = refusal
-            outcome.events.append(Event("approval.refused", user, {
+            outcome.events.append(Event("approval.refused", user.strip() or "unknown", {
                 "reason": refusal.reason, "message": refusal.message,
                 "decision": "approve" if approve else "reject"}, by_person=True))
             return outcome
@@ -220,6 +220,9 @@ class PromotionRequest:
 
     def retry_refusal(self, user: str, policy: ModelPolicy, members_of: MembersOf) -> StarchartError | None:
         """Why `user` may not retry a failed apply, or None: only an approver may, and only a failed one."""
+        if not user.strip():
+            return Refused("a retry needs a known person; this one came without a user id",
+                           "retry from Slack or the console as yourself", reason="no_user")
         if policy.approvers and not is_listed(user, policy.approvers, members_of):
             return Refused(f"{user} is not an approver of {self.model}", "ask an approver to retry",
                            reason="not_approver")

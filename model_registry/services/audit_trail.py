@@ -3,25 +3,58 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import logging
+import threading
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from model_registry.adapters import audit_log as audit
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.db import Database
 from model_registry.adapters.records import (
     PromotionRequest,
+    SeenRequest,
     Version,
 )
 from model_registry.config import Settings
 from model_registry.domain import names
 from model_registry.domain.errors import InvalidInput, NotFound
-from model_registry.domain.names import iso
+from model_registry.domain.names import iso, utcnow
 from model_registry.services.catalog import Catalog
 from model_registry.services.views import DefaultAt
+
+log = logging.getLogger("starchart.audit")
+
+
+class RefusalLimiter:
+    """At most one recorded refusal per source and kind every `window` seconds; the rest are only counted.
+
+    `admit` answers None for a refusal to count but not record, else how many refusals of that kind the record
+    stands for (this one and those counted since the last record). Kept per process: each replica records its own.
+    """
+
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 max_sources: int = 10_000) -> None:
+        self.window, self.clock, self.max_sources = window, clock, max_sources
+        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}  # key -> (last recorded at, counted since)
+        self._lock = threading.Lock()
+
+    def admit(self, key: tuple[str, ...]) -> int | None:
+        now = self.clock()
+        with self._lock:
+            recorded_at, counted = self._seen.get(key, (None, 0))
+            if recorded_at is not None and now - recorded_at < self.window:
+                self._seen[key] = (recorded_at, counted + 1)
+                return None
+            if len(self._seen) >= self.max_sources:  # a flood of sources: forget the quiet ones
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
+            self._seen[key] = (now, 0)
+            return counted + 1
 
 
 class AuditTrail:
@@ -29,6 +62,7 @@ class AuditTrail:
 
     def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, settings: Settings) -> None:
         self.db, self.audit_log, self.catalog, self.settings = db, audit_log, catalog, settings
+        self.limiter = RefusalLimiter()
 
     @property
     def _checkpoint_file(self) -> Path:
@@ -40,12 +74,39 @@ class AuditTrail:
 
     def record_refusal(self, actor: str, reason: str, message: str, *, model: str | None = None,
                        request_id: int | None = None, channel: str | None = None, message_ts: str | None = None,
-                       details: dict[str, Any] | None = None) -> None:
-        """Record a refused request that changed nothing (forged, tampered, unauthorised)."""
+                       details: dict[str, Any] | None = None, source: str | None = None) -> bool:
+        """Record a refused request that changed nothing (forged, tampered, unauthorised).
+
+        With `source` (the address of an unauthenticated request), refusals are bounded: one event per source,
+        reason and message a minute, carrying in details.count how many refusals it stands for; the others
+        are only counted in a log line. Answers whether an event was written.
+        """
+        if source is not None:
+            count = self.limiter.admit((source, reason, message))
+            if count is None:
+                log.warning("refused again, not recorded this minute: %s from %s (%s)", reason, source, message[:200])
+                return False
+            details = {**(details or {}), "count": count}
         with self.db.unit_of_work() as s:
             self.audit_log.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
                          message_ts=message_ts, details={"reason": reason, "message": message[:500],
                                                          **(details or {})})
+        return True
+
+    def first_sight(self, signature: str, window: float = 600.0) -> bool:
+        """Whether a signed request is new: False when its signature was already taken within `window` seconds.
+
+        The insert decides across replicas (the signature is the primary key); older signatures are dropped,
+        since Slack's timestamp check already refuses their requests.
+        """
+        now = utcnow()
+        try:
+            with self.db.unit_of_work() as s:
+                s.execute(delete(SeenRequest).where(SeenRequest.seen_at < now - timedelta(seconds=window)))
+                s.add(SeenRequest(signature=signature, seen_at=now))
+        except IntegrityError:
+            return False
+        return True
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Checkpoints kept outside the database (one JSON object per line)."""

@@ -1,0 +1,52 @@
+"""Replays over real HTTP: a signed request already taken is acked and not acted on again, on any replica."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import test_slack_http as http
+from fakes.slack_driver import SlackDriver
+from fakes.slack_fake import SlackFake
+from test_slack_http import CHANNEL, SECRET, TRAINER, Server, acked, registry_from
+
+slack, bot_env, server, driver, _registry_for = http.slack, http.bot_env, http.server, http.driver, http._registry_for
+
+
+def _trainings(slack: SlackFake) -> list[dict]:
+    return registry_from(slack).audit.events(action="training.requested", limit=100)
+
+
+def test_a_replayed_signed_train_does_not_start_a_second_training(driver: SlackDriver, slack: SlackFake,
+                                                                  trained: dict, bot_env: dict,
+                                                                  tmp_path: Path) -> None:
+    body = driver.command_body(f"train iris — —source={trained['iris_a']}", user_id=TRAINER, channel_id=CHANNEL)
+    headers = driver.signed_headers(body)
+    acked(driver.post(body, headers=headers))
+    slack.wait_for(lambda: len(_trainings(slack)) == 1, timeout=30)
+    for _ in range(3):  # the same signed request again, within the five minutes
+        acked(driver.post(body, headers=headers))
+    second = Server(bot_env, tmp_path / "serve2.log")  # another replica shares what was taken
+    try:
+        other = SlackDriver(second.url, SECRET, response_urls=slack.response_url)
+        acked(other.post(body, headers=headers))
+        other.close()
+        time.sleep(2.0)  # time enough for a second training to be requested, were it acted on
+        assert len(_trainings(slack)) == 1
+        assert len(registry_from(slack).jobs.state("iris")) == 1
+        posted = [c for c in slack.calls_to("chat.postMessage") if "--run" in json.dumps(c.params)
+                  or "iris" in json.dumps(c.params)]
+        assert len(posted) == 1, "one training message"
+    finally:
+        second.stop()
+
+
+def test_slacks_retries_are_not_acted_on_twice(driver: SlackDriver, slack: SlackFake) -> None:
+    body = driver.command_body("help", user_id=TRAINER, channel_id=CHANNEL)
+    retried = {**driver.signed_headers(body), "X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
+    acked(driver.post(body, headers=retried))
+    acked(driver.command("help", user_id=TRAINER, channel_id=CHANNEL))
+    slack.wait_for(lambda: slack.responses, timeout=10)
+    time.sleep(1.0)
+    assert len(slack.responses) == 1, "the retry was acked and dropped; the fresh command was answered"
