@@ -20,7 +20,7 @@ from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 from bot.slack_output import SlackOutput
 from handlers.chat import Deps, report_error
 from handlers.follow import Follower
-from handlers.listeners import register, where
+from handlers.listeners import SIGNATURE_KEY, register, where
 from model_registry.config import SlackSettings
 from model_registry.domain.errors import InvalidInput
 
@@ -149,23 +149,15 @@ class RecordedRequestVerification(RequestVerification):
         return BoltResponse(status=401, body={"error": why})
 
     def _once(self, req: BoltRequest, signature: str, next: Callable[[], BoltResponse]) -> BoltResponse:
-        """A signed request acted on once: a replay of its signature, or a Slack retry, is acked and dropped."""
+        """A Slack retry is acked and dropped here; a replayed signature is dropped by the listener it reaches."""
         retry = req.headers.get("x-slack-retry-num", [""])[0]
         if retry:  # Slack retries a delivery it thinks failed; the first one was taken
             log.info("acked Slack's retry %s (%s) without acting on it", retry,
                      req.headers.get("x-slack-retry-reason", [""])[0])
             return BoltResponse(status=200, body="")
-        if not getattr(self.registry, "ready", lambda: True)():
-            return next()  # while the core loads, acks must not wait for the database
-        try:
-            first = self.registry.audit.first_sight(signature, window=2 * REPLAY_WINDOW)
-        except Exception:  # the database is down: act (as before) rather than drop Slack's request
-            log.exception("could not check a Slack request for a replay")
-            first = True
-        if first:
-            return next()
-        log.warning("acked a replayed Slack request (signature seen already) without acting on it")
-        return BoltResponse(status=200, body="")
+        # the replay check needs the database: it runs in the listener, after the ack (handlers.listeners.taken)
+        req.context[SIGNATURE_KEY] = signature
+        return next()
 
 
 class AckFirst:

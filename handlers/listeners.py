@@ -6,6 +6,7 @@ whatever it raises reaches `report` (@app.error): told to the person, logged wit
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,10 @@ from typing import Any
 from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject
 from handlers.output import Output
 from handlers.reviews import REJECT_VIEW, form_card
+
+log = logging.getLogger("starchart.handlers")
+SIGNATURE_KEY = "starchart_signature"  # the verified request's signature, put in Bolt's context by the verifier
+SIGNATURE_WINDOW = 2 * 5 * 60.0  # seconds a taken signature is remembered: twice Slack's five-minute tolerance
 
 # (request body, the WebClient, Bolt's respond or None, channel) -> the person's conversation
 Outputs = Callable[[dict[str, Any], Any, Any, "str | None"], Output]
@@ -46,6 +51,23 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
         return Chat(user=user, channel=channel, out=outputs(body, client, respond, channel), message_ts=ts,
                     team=team_of(body))
 
+    def taken(context: dict[str, Any]) -> bool:
+        """Whether this signed request was acted on before (a replay, on any replica): then it is dropped.
+
+        Checked after the ack, in the listener, so that acks never wait for the database (or a core still loading).
+        """
+        signature = context.get(SIGNATURE_KEY)
+        if not signature:
+            return False  # Socket Mode: no signature, and nothing to replay over the socket
+        try:
+            first = deps.core.audit.first_sight(signature, window=SIGNATURE_WINDOW)
+        except Exception:  # the database is down: act (as before) rather than drop Slack's request
+            log.exception("could not check a Slack request for a replay")
+            return False
+        if not first:
+            log.warning("acked a replayed Slack request (signature seen already) without acting on it")
+        return not first
+
     @app.middleware
     def ack_first(body: dict[str, Any], ack: Any, next: Callable[[], None]) -> None:  # noqa: A002 - Bolt's name
         # Acked before any listener runs; a form is acked by its listener, whose answer may be "say why".
@@ -58,19 +80,27 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
         report_error(chat(body, client, respond).out, error)
 
     @app.command("/ml")
-    def ml_command(body: dict[str, Any], client: Any, respond: Any) -> None:
+    def ml_command(body: dict[str, Any], client: Any, respond: Any, context: dict[str, Any]) -> None:
+        if taken(context):
+            return
         dispatch(deps, chat(body, client, respond), body.get("text") or "")
 
     @app.action(re.compile(".*"))  # every button: known ones run from the action table, others are refused
-    def button(body: dict[str, Any], action: dict[str, Any], client: Any, respond: Any) -> None:
+    def button(body: dict[str, Any], action: dict[str, Any], client: Any, respond: Any,
+               context: dict[str, Any]) -> None:
+        if taken(context):
+            return
         click(deps, chat(body, client, respond), action.get("action_id"), action.get("value"))
 
     @app.view(REJECT_VIEW)
-    def reject_view(ack: Any, body: dict[str, Any], view: dict[str, Any], client: Any) -> None:
+    def reject_view(ack: Any, body: dict[str, Any], view: dict[str, Any], client: Any,
+                    context: dict[str, Any]) -> None:
         values = (view.get("state") or {}).get("values") or {}
         reason = ((values.get("reason") or {}).get("reason") or {}).get("value") or ""
         if not reason.strip():
             ack(response_action="errors", errors={"reason": "Say why you reject it."})
             return
         ack()
+        if taken(context):
+            return
         submit_reject(deps, chat(body, client, None), view.get("private_metadata") or "", reason)
