@@ -318,6 +318,11 @@ def test_unknown_names_get_suggestions(two_versions: Any) -> None:
     with pytest.raises(NotFound) as version:
         reg.promotions.promote("iris", "v20990101000000", "U_REQ")
     assert "versions" in version.value.hint
+    newest = reg.versions.of_model("iris")["versions"][0]["name"]
+    with pytest.raises(NotFound) as typo:  # a close name is suggested, and the recent ones are listed all the same
+        reg.promotions.promote("iris", newest[:-1] + ("0" if newest[-1] != "0" else "1"), "U_REQ")
+    assert f"did you mean {newest}?" in typo.value.hint or "did you mean v" in typo.value.hint
+    assert "recent versions:" in typo.value.hint
     for bad in ("Iris", "../iris", "a" * 64, "1iris", ""):
         with pytest.raises(InvalidInput):
             reg.versions.of_model(bad)

@@ -53,8 +53,9 @@ class Catalog:
         if v is None:
             recent = s.execute(select(Version.name).where(Version.model == model)
                                .order_by(Version.name.desc()).limit(5)).scalars().all()
-            hint = names.suggest(name, list(recent)) or (
-                f"recent versions: {', '.join(recent)}" if recent else f"run `expose {model}` after a training")
+            # a close name is suggested with the recent ones: a version name is a time, so "close" can be far off
+            hint = " ".join(filter(None, [names.suggest(name, list(recent)), f"recent versions: {', '.join(recent)}"])) \
+                if recent else f"run `expose {model}` after a training"
             raise NotFound(f"{model} has no version {name!r}", hint)
         return v
 
