@@ -9,6 +9,7 @@ to the poller (holding no thread) until the headers and the body are in, or the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -67,15 +68,14 @@ class WholeRequestWorker(gthread.ThreadWorker):
             conn.early, conn.first_byte_at = bytearray(), None
         conn.sock.setblocking(False)
         try:
-            while not arrived(conn.early):
-                chunk = conn.sock.recv(65536)
-                if not chunk:  # the client closed: a whole request is still served, nothing is dropped
-                    return _READY if conn.early else _GONE
-                conn.early += chunk
-                if conn.first_byte_at is None:
-                    conn.first_byte_at = time.monotonic()
-        except BlockingIOError:
-            pass
+            with contextlib.suppress(BlockingIOError):  # nothing more has arrived yet: decide below from what has
+                while not arrived(conn.early):
+                    chunk = conn.sock.recv(65536)
+                    if not chunk:  # the client closed: a whole request is still served, nothing is dropped
+                        return _READY if conn.early else _GONE
+                    conn.early += chunk
+                    if conn.first_byte_at is None:
+                        conn.first_byte_at = time.monotonic()
         except OSError:
             return _GONE
         finally:
@@ -91,14 +91,15 @@ class WholeRequestWorker(gthread.ThreadWorker):
         body = f"the request did not arrive within {self.read_limit:g} seconds\n".encode()
         sock = conn.sock
         try:
-            sock.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(0.5)  # a short drain, so the client reads the 408 before a reset
-            while sock.recv(65536):
-                pass
-        except OSError:  # the client is gone, or still sending: closed either way
-            pass
+            # the client may be gone or still sending: it is closed either way
+            with contextlib.suppress(OSError):
+                sock.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(0.5)  # a short drain, so the client reads the 408 before a reset
+                drained = sock.recv(65536)
+                while drained:
+                    drained = sock.recv(65536)
         finally:
             sock.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -19,12 +20,13 @@ AUDIT_CSV_COLUMNS = ("seq", "at", "action", "actor", "actor_name", "model", "ver
 
 
 @dataclass(frozen=True)
-class Result:
+class Result(ABC):
     """Base of every answer."""
 
     @property
+    @abstractmethod
     def data(self) -> Any:
-        raise NotImplementedError(type(self).__name__)
+        """What `starchart --json` prints."""
 
     @property
     def exit_code(self) -> int:
@@ -206,7 +208,7 @@ class Decided(RequestResult):
 
 @dataclass(frozen=True)
 class RequestShown(RequestResult):
-    pass
+    """show: a promotion request as it is now."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def dribbling(port: int, head: bytes, line: bytes, every: float) -> Iterator[lis
 
     def dribble(i: int, sock: socket.socket) -> None:
         sock.settimeout(every)
-        try:
+        with contextlib.suppress(OSError):  # reset by the server
             sock.sendall(head)
             while not stop.is_set():
                 try:
@@ -44,8 +44,6 @@ def dribbling(port: int, head: bytes, line: bytes, every: float) -> Iterator[lis
                 if not got:
                     break
                 received[i] += got
-        except OSError:  # reset by the server
-            pass
         if not stop.is_set():
             answers[i] = received[i]  # closed by the server
 
