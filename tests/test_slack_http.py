@@ -249,7 +249,9 @@ def test_bad_requests_are_refused_and_recorded(driver: SlackDriver, slack: Slack
     reg = registry_from(slack)
     for resp in (driver.send_forged(), driver.send_unsigned(), driver.send_stale()):
         assert resp.status == 401
-    assert [e["details"]["reason"] for e in reg.audit.events(action="request.refused")] == ["bad_signature"] * 3
+    # one source, one reason: one event a minute (the other two only counted in the log), unless a minute began
+    refused = reg.audit.events(action="request.refused")
+    assert {e["details"]["reason"] for e in refused} == {"bad_signature"} and 1 <= len(refused) <= 2
     assert slack.calls_to("chat.postMessage") == []
 
     acked(driver.command("traim iris", user_id=TRAINER, channel_id=CHANNEL))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -29,16 +30,25 @@ from model_registry.services.catalog import Catalog
 from model_registry.services.views import DefaultAt
 
 log = logging.getLogger("starchart.audit")
+REFUSAL_WINDOW = 60.0  # seconds: one recorded refusal per source and reason in each such window
+
+
+def _refusal_mark(source: str, reason: str, minute: int) -> str:
+    """The shared mark of one source's refusals for one reason in one window (it fits seen_requests' key)."""
+    digest = hashlib.sha256(f"{source}\0{reason}".encode()).hexdigest()[:40]
+    return f"refused:{minute}:{digest}"
 
 
 class RefusalLimiter:
-    """At most one recorded refusal per source and kind every `window` seconds; the rest are only counted.
+    """At most one recorded refusal per source and reason every `window` seconds in this process; the rest are
+    only counted.
 
     `admit` answers None for a refusal to count but not record, else how many refusals of that kind the record
-    stands for (this one and those counted since the last record). Kept per process: each replica records its own.
+    stands for (this one and those this process counted since its last record). The first filter, in memory;
+    `AuditTrail.record_refusal` then takes the minute's mark in the database, shared by every replica.
     """
 
-    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, window: float = REFUSAL_WINDOW, clock: Callable[[], float] = time.monotonic,
                  max_sources: int = 10_000) -> None:
         self.window, self.clock, self.max_sources = window, clock, max_sources
         self._seen: dict[tuple[str, ...], tuple[float, int]] = {}  # key -> (last recorded at, counted since)
@@ -77,13 +87,15 @@ class AuditTrail:
                        details: dict[str, Any] | None = None, source: str | None = None) -> bool:
         """Record a refused request that changed nothing (forged, tampered, unauthorised).
 
-        With `source` (the address of an unauthenticated request), refusals are bounded: one event per source,
-        reason and message a minute, carrying in details.count how many refusals it stands for; the others
-        are only counted in a log line. Answers whether an event was written.
+        With `source` (the address of an unauthenticated request), refusals are bounded: one event per source and
+        reason a minute across every process (the minute's mark is a row only one replica can insert), carrying
+        in details.count how many refusals it stands for; the others are only counted in a log line. Answers
+        whether an event was written.
         """
         if source is not None:
-            count = self.limiter.admit((source, reason, message))
-            if count is None:
+            count = self.limiter.admit((source, reason))
+            minute = int(time.time() // REFUSAL_WINDOW)
+            if count is None or not self._take_mark(_refusal_mark(source, reason, minute), 2 * REFUSAL_WINDOW):
                 log.warning("refused again, not recorded this minute: %s from %s (%s)", reason, source, message[:200])
                 return False
             details = {**(details or {}), "count": count}
@@ -99,11 +111,16 @@ class AuditTrail:
         The insert decides across replicas (the signature is the primary key); older signatures are dropped,
         since Slack's timestamp check already refuses their requests.
         """
+        return self._take_mark(signature, window)
+
+    def _take_mark(self, key: str, window: float) -> bool:
+        """Insert `key` into the marks shared by every replica; False when it is there already. Marks older than
+        `window` seconds are dropped on the way."""
         now = utcnow()
         try:
             with self.db.unit_of_work() as s:
                 s.execute(delete(SeenRequest).where(SeenRequest.seen_at < now - timedelta(seconds=window)))
-                s.add(SeenRequest(signature=signature, seen_at=now))
+                s.add(SeenRequest(signature=key, seen_at=now))
         except IntegrityError:
             return False
         return True
