@@ -5,11 +5,17 @@ headers and body, so clients that send a header line every few seconds hold ever
 Slack's acks wait behind them. Here each readable moment reads what is there without blocking and goes back
 to the poller (holding no thread) until the headers and the body are in, or the request's time limit is over
 (then 408 and the connection is closed). Requests that arrive at once, as Slack's do, are served as before.
+
+What could make a thread wait on the client is refused before any thread reads it: headers over 64 KB (431),
+a chunked body (411: Slack and the prediction clients send Content-Length), an announced body over the limit
+(413). `Expect: 100-continue` gets no early 100: such clients send their body after a short wait all the same.
+Bytes of a keep-alive connection's next request that gunicorn read ahead go through the same path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -19,24 +25,30 @@ from typing import Any
 from gunicorn.workers import gthread
 
 log = logging.getLogger("starchart.web")
-HEADERS_CAP = 64 * 1024  # more header bytes than this: gunicorn's parser refuses them (limit_request_*)
-BODY_CAP = 1024 * 1024 + 1  # bot.web's MAX_BODY: a longer body is answered 413 without being read
+HEADERS_CAP = 64 * 1024  # more header bytes than this: answered 431 here, never handed to gunicorn's parser
+BODY_CAP = 1024 * 1024  # bot.web's MAX_BODY: a longer announced body is answered 413 before it is read
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*(?=\r\n|$)")
-_WAIT, _READY, _GONE, _LATE = "wait", "ready", "gone", "late"
+WAIT, WHOLE, GONE, LATE = "wait", "whole", "gone", "late"
+REFUSED = {  # what is answered at once, and why, for requests that are never handed on
+    "head": (431, "Request Header Fields Too Large", f"the request's headers are over {HEADERS_CAP // 1024} KB"),
+    "chunked": (411, "Length Required", "send the body with a Content-Length (chunked bodies are not accepted)"),
+    "body": (413, "Payload Too Large", f"the request body is over {BODY_CAP // 1024} KB"),
+}
 
 
-def arrived(data: bytes) -> bool:
-    """Whether `data` holds a whole HTTP/1 request head and the body it announces (or all it may send)."""
-    end = data.find(b"\r\n\r\n")
+def verdict(data: bytes) -> str:
+    """What the bytes of a request received so far call for: WAIT for more, a WHOLE request (head and announced
+    body) to hand to gunicorn, or a key of REFUSED."""
+    end = data.find(b"\r\n\r\n", 0, HEADERS_CAP + 4)
     if end < 0:
-        return len(data) > HEADERS_CAP
+        return "head" if len(data) > HEADERS_CAP else WAIT
     head = data[:end].lower()
-    if b"\r\nexpect:" in head:  # the client waits for "100 Continue" before its body: the parser sends it
-        return True
     if b"\r\ntransfer-encoding:" in head:
-        return data.endswith(b"0\r\n\r\n") or len(data) - end > BODY_CAP
+        return "chunked"
     length = _LENGTH.search(head)
-    return length is None or len(data) - (end + 4) >= min(int(length[1]), BODY_CAP)
+    if length is not None and int(length[1]) > BODY_CAP:
+        return "body"
+    return WHOLE if length is None or len(data) - (end + 4) >= int(length[1]) else WAIT
 
 
 class WholeRequestWorker(gthread.ThreadWorker):
@@ -45,16 +57,24 @@ class WholeRequestWorker(gthread.ThreadWorker):
     read_limit = 10.0
 
     def handle(self, conn: Any) -> Any:
-        if self.cfg.is_ssl or conn.is_http2 or (conn.parser is not None and conn.parser.unreader.buf.getvalue()):
-            return super().handle(conn)  # TLS, HTTP/2, or a request already read ahead: gunicorn's own path
+        if self.cfg.is_ssl or conn.is_http2:
+            return super().handle(conn)  # TLS or HTTP/2 (serve configures neither: a router terminates TLS)
+        if conn.parser is not None:  # a keep-alive connection: bytes of its next request may be read ahead
+            ahead = conn.parser.unreader.buf
+            if ahead.getvalue():
+                conn.early = bytearray(ahead.getvalue()) + getattr(conn, "early", b"")
+                ahead.seek(0)
+                ahead.truncate()
         state = self._read_available(conn)
-        if state == _WAIT:
+        if state == WAIT:
             return gthread._DEFER  # back to the poller until more arrives (or its keepalive timeout)
-        if state == _LATE:
+        if state == LATE:
             log.warning("closed a connection from %s: its request did not arrive within %gs",
                         conn.client, self.read_limit)
-            self._refuse_late(conn)
-        if state != _READY:
+            self._refuse(conn, 408, "Request Timeout", f"the request did not arrive within {self.read_limit:g} seconds")
+        elif state in REFUSED:
+            self._refuse(conn, *REFUSED[state])
+        if state != WHOLE:
             return False
         if conn.parser is None:
             conn.init()
@@ -66,40 +86,42 @@ class WholeRequestWorker(gthread.ThreadWorker):
         """Read what the socket holds now, without blocking, into `conn.early`; say what to do next."""
         if not hasattr(conn, "early"):
             conn.early, conn.first_byte_at = bytearray(), None
+        state = verdict(conn.early)
         conn.sock.setblocking(False)
         try:
             with contextlib.suppress(BlockingIOError):  # nothing more has arrived yet: decide below from what has
-                while not arrived(conn.early):
+                while state == WAIT:
                     chunk = conn.sock.recv(65536)
                     if not chunk:  # the client closed: a whole request is still served, nothing is dropped
-                        return _READY if conn.early else _GONE
+                        return WHOLE if conn.early else GONE
                     conn.early += chunk
                     if conn.first_byte_at is None:
                         conn.first_byte_at = time.monotonic()
+                    state = verdict(conn.early)
         except OSError:
-            return _GONE
+            return GONE
         finally:
             conn.sock.setblocking(True)
-        if arrived(conn.early):
-            return _READY
-        if conn.first_byte_at is not None and time.monotonic() - conn.first_byte_at > self.read_limit:
-            return _LATE
-        return _WAIT
+        if state == WAIT and conn.first_byte_at is not None and time.monotonic() - conn.first_byte_at > self.read_limit:
+            return LATE
+        return state
 
-    def _refuse_late(self, conn: Any) -> None:
-        """408, then closed here in the worker thread: gunicorn's graceful close would linger on its main loop."""
-        body = f"the request did not arrive within {self.read_limit:g} seconds\n".encode()
+    def _refuse(self, conn: Any, status: int, reason: str, why: str) -> None:
+        """An error answer, then closed here in the worker thread: gunicorn's graceful close would linger on its
+        main loop."""
+        body = json.dumps({"error": why}).encode()  # as bot.web answers its errors
         sock = conn.sock
         try:
             # the client may be gone or still sending: it is closed either way
             with contextlib.suppress(OSError):
-                sock.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                sock.sendall(f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 sock.shutdown(socket.SHUT_WR)
-                sock.settimeout(0.5)  # a short drain, so the client reads the 408 before a reset
-                drained = sock.recv(65536)
-                while drained:
-                    drained = sock.recv(65536)
+                # a short drain (at most a second), so the client reads the answer before a reset
+                sock.settimeout(0.25)
+                until = time.monotonic() + 1.0
+                while sock.recv(65536) and time.monotonic() < until:
+                    continue
         finally:
             sock.close()
 

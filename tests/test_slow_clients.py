@@ -16,7 +16,7 @@ from fakes.slack_driver import SlackDriver
 from fakes.slack_fake import SlackFake
 from test_slack_http import CHANNEL, SECRET, TRAINER, Server, said_to
 
-from bot.whole_requests import arrived
+from bot.whole_requests import WAIT, WHOLE, verdict
 
 slack, bot_env, _registry_for = http.slack, http.bot_env, http._registry_for
 SLOW_CLIENTS = 20  # more than the server's threads (2 workers x 8)
@@ -93,12 +93,48 @@ def test_slow_clients_leave_healthz_and_acks_prompt(bot_env: dict, slack: SlackF
 
 
 def test_what_counts_as_a_whole_request() -> None:
-    assert not arrived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-    assert arrived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert not arrived(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc")
-    assert arrived(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde")
-    assert arrived(b"POST / HTTP/1.1\r\ncontent-length: 5\r\nExpect: 100-continue\r\n\r\n")
-    assert not arrived(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
-    assert arrived(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-    assert arrived(b"POST / HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n" + b"x" * (1024 * 1024 + 1))
-    assert arrived(b"X" * (64 * 1024 + 1)), "an endless head is handed to the parser, which refuses it"
+    assert verdict(b"GET /healthz HTTP/1.1\r\nHost: x\r\n") == WAIT
+    assert verdict(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == WHOLE
+    assert verdict(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc") == WAIT
+    assert verdict(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde") == WHOLE
+    assert verdict(b"POST / HTTP/1.1\r\ncontent-length: 5\r\nExpect: 100-continue\r\n\r\n") == WAIT
+    assert verdict(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n") == "chunked"
+    assert verdict(b"POST / HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n") == "body", "refused before it is sent"
+    assert verdict(b"POST / HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1048576) == WHOLE
+    assert verdict(b"X" * (64 * 1024 + 1)) == "head", "an endless head is refused here"
+    assert verdict(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 9000 + b"\r\n") == "head"
+
+
+def test_what_would_hold_a_thread_is_refused_at_once(bot_env: dict, slack: SlackFake, tmp_path: Path) -> None:
+    srv = Server({**bot_env, "WEB_READ_TIMEOUT": "30"}, tmp_path / "serve-refused.log")
+    try:
+        requests.get(f"{srv.url}/healthz", timeout=30)
+        cases = {
+            b"POST /slack/events HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"p" * 1000 + b"\r\n" * 0: None,
+        }
+        cases = {
+            # headers that never end: 431 once 64 KB are in, without waiting for the read limit
+            b"POST /slack/events HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: p\r\n" * 8000: b" 431 ",
+            # a chunked body that never ends
+            b"POST /slack/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab": b" 411 ",
+            # a body announced too large, before any of it
+            b"POST /v1/models/iris:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n": b" 413 ",
+        }
+        for sent, status in cases.items():
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                sock.sendall(sent)  # and then nothing more: the connection stays open
+                answer = sock.recv(4096)
+                assert status in answer.split(b"\r\n")[0], (status, answer)
+        # keep-alive connections whose next request stalls half way: the stalls hold no thread either
+        socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(SLOW_CLIENTS)]
+        try:
+            for sock in socks:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHo")
+                assert b" 200 " in sock.recv(4096).split(b"\r\n")[0]
+            for _ in range(8):
+                assert requests.get(f"{srv.url}/healthz", timeout=5).json()["ok"]
+        finally:
+            for sock in socks:
+                sock.close()
+    finally:
+        srv.stop()
