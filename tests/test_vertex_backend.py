@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -513,6 +514,25 @@ def test_registry_train_sends_the_job_it_describes(make_registry: Any, sqlite_ur
     check_golden("custom_job_from_registry", type(create)(create.method, create.path, create.query,
                                                           json.loads(text), create.route))
     assert reg.backend.storage.exists(job["package_uris"][0]), "the sdist was staged before the job was sent"
+
+
+def test_gs_paths_in_trainer_args_must_lie_under_the_data_roots(make_registry: Any, sqlite_url: str,
+                                                                 fake: VertexFake, bucket: str) -> None:
+    reg = make_registry(sqlite_url, backend=fast_backend(fake, bucket), env=vertex_env(bucket),
+                        defaults={"data_roots": ["gs://my-ml-data/"]})
+    for arg, why in [("--train_data=gs://other-bucket/iris.csv", "outside the data roots"),
+                     ("--train_data=gs://my-ml-data-copy/iris.csv", "outside the data roots"),
+                     ("--train_data=gs://my-ml-data/../secrets/x.csv", "`..` is not allowed"),
+                     ("--job-dir=TRAIN_PATH/../../elsewhere", "`..` is not allowed")]:
+        with pytest.raises(InvalidInput, match=re.escape(why)):
+            reg.jobs.train("iris", "U_TRAINER", args=[arg])
+    assert fake.count() == 0 and reg.jobs.state("iris") == [], "nothing was staged, sent or recorded"
+    job = reg.jobs.train("iris", "U_TRAINER", args=["--train_data=gs://my-ml-data/iris/train.csv",
+                                                    "--job-dir=TRAIN_PATH/out"])
+    [create] = fake.calls("customJobs.create")
+    [pool] = create.body["jobSpec"]["workerPoolSpecs"]
+    assert "--train_data=gs://my-ml-data/iris/train.csv" in pool["pythonPackageSpec"]["args"]
+    assert f"--job-dir={job['train_path']}/out" in pool["pythonPackageSpec"]["args"]
 
 
 def test_registry_from_env_selects_and_configures_the_vertex_backend(
