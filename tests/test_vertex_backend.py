@@ -244,6 +244,36 @@ def test_cancel_logs_and_lost_reply_on_create(backend: VertexBackend, fake: Vert
     assert "error: The replica workerpool0-0 exited with status 1" in text
 
 
+def test_a_failed_jobs_log_tail_comes_from_cloud_logging(make_registry: Any, sqlite_url: str, fake: VertexFake,
+                                                         bucket: str, gcs: str) -> None:
+    fake.runner = replay_runner(gcs)
+    reg = make_registry(sqlite_url, backend=fast_backend(fake, bucket), env=vertex_env(bucket))
+    job = reg.jobs.train("iris", "U_TRAINER", args=["--crash"])
+    [name] = fake.jobs
+    for line in ["Epoch 1/5", "Traceback (most recent call last):", "ValueError: the labels column is missing"]:
+        fake.add_log(name, line, severity="ERROR" if "Error" in line else "INFO")
+    fake.add_log(name.replace(name.rsplit("/", 1)[1], "999"), "another job's line")
+    reg.jobs.refresh("iris")
+    reg.jobs.refresh("iris")
+    failed = reg.jobs.get(job["job_id"])
+    assert failed["state"] == "FAILED"
+    tail = failed["error"].split("--- log tail ---", 1)[1]
+    assert "INFO Epoch 1/5" in tail and "ERROR ValueError: the labels column is missing" in tail
+    assert tail.index("Epoch 1/5") < tail.index("Traceback") < tail.index("Job failed.")  # oldest first
+    assert "another job's line" not in tail
+    [listed, *_] = fake.calls("entries.list")
+    assert listed.body["resourceNames"] == ["projects/starchart-test"] and listed.body["orderBy"] == "timestamp desc"
+    assert f'resource.labels.job_id="{name.rsplit("/", 1)[1]}"' in listed.body["filter"]
+    newest = reg.jobs.logs(job["job_id"], tail=3)  # the error, then the service's "running" and "failed" lines
+    assert "last 3 log lines" in newest and "ValueError: the labels column is missing" in newest
+    assert "Epoch 1/5" not in newest and "Traceback" not in newest, "only the newest lines"
+
+    fake.fail_next("entries.list", 403, message="Permission 'logging.logEntries.list' denied on resource")
+    denied = reg.jobs.logs(job["job_id"])
+    assert "log tail unavailable" in denied and "roles/logging.viewer" in denied
+    assert "https://console.cloud.google.com/logs/query" in denied, "the link is still given"
+
+
 def test_finding_a_job_among_500_costs_one_list_not_one_per_job(backend: VertexBackend, fake: VertexFake) -> None:
     fake.add_jobs(500, "iris")
     ref = backend.submit(spec())

@@ -93,6 +93,8 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"/(?:v1|ui)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
                        r"(?:/(?P<kind>models|endpoints)/(?P<parent>[^/]+))?/operations/(?P<op>[^/:]+)$"),
      "operations.get"),
+    # Cloud Logging's v2 API (logging.googleapis.com), where Vertex AI writes a custom job's replica output
+    ("POST", re.compile(r"/v2/entries:list$"), "entries.list"),
 ]
 OPERATION_ROUTES = ("models.upload", "endpoints.create", "endpoints.deployModel", "endpoints.undeployModel")
 OPERATION_CODES = {400: 3, 403: 7, 404: 5, 409: 6, 412: 9, 429: 8, 500: 13, 503: 14}
@@ -217,6 +219,7 @@ class VertexFake:
         self.endpoints: dict[str, dict[str, Any]] = {}  # name -> Endpoint (wire format)
         self.requests: list[Recorded] = []
         self.runner: Callable[[dict[str, Any]], str | None] | None = None
+        self.log_entries: list[dict[str, Any]] = []  # Cloud Logging entries (LogEntry, wire format)
         self._faults: dict[str, list[Fault]] = {}
         self._operation_faults: dict[str, list[dict[str, Any]]] = {}
         self._ids = itertools.count(1000)
@@ -386,7 +389,8 @@ class VertexFake:
                 raise ApiError(404, f"The URL {h.command} {path} is not a Vertex AI v1 method this fake knows.")
             if fault is not None and not fault.after:
                 raise ApiError(fault.status, fault.message, fault.reason)
-            self._check_project(params["project"])
+            if "project" in params:
+                self._check_project(params["project"])
             with self._lock:
                 status, answer = 200, getattr(self, "_" + route.replace(".", "_"))(params, query, body, ints)
             if fault is not None:
@@ -480,6 +484,8 @@ class VertexFake:
             job["endTime"] = stamp
         if error:
             job["error"] = {"code": 13, "message": error}
+        self.add_log(job["name"], f"Job {state.removeprefix('JOB_STATE_').lower()}." + (f" {error}" if error else ""),
+                     severity="ERROR" if error else "INFO", service=True)
 
     def _advance(self, job: dict[str, Any]) -> None:
         """A GET moves a cancelling job to cancelled and, when a runner is set, a job through its life."""
@@ -491,6 +497,46 @@ class VertexFake:
         elif self.runner is not None and state == "JOB_STATE_RUNNING":
             error = self.runner(job)
             self._transition(job, "JOB_STATE_FAILED" if error else "JOB_STATE_SUCCEEDED", error)
+
+    # ---------------------------------------------------------------- Cloud Logging
+
+    def add_log(self, job: str, text: str, *, severity: str = "INFO", service: bool = False) -> None:
+        """An entry in the job's log: a replica's output (`workerpool0-0`), or the service's own line."""
+        numeric = job.rsplit("/", 1)[-1]
+        with self._lock:
+            self.log_entries.append({
+                "logName": f"projects/{self.project}/logs/" + ("ml.googleapis.com%2F" + numeric if service
+                                                              else "workerpool0-0"),
+                "resource": {"type": "ml_job", "labels": {"job_id": numeric, "project_id": self.project,
+                                                          "task_name": "service" if service else "workerpool0-0"}},
+                "timestamp": now(), "receiveTimestamp": now(), "severity": severity,
+                "insertId": f"{len(self.log_entries):08x}", "textPayload": text})
+
+    def _entries_list(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        """entries.list: resourceNames, a filter on resource.type and resource.labels.job_id, orderBy, pages."""
+        names = body.get("resourceNames") or []
+        if not names:
+            raise ApiError(400, "resourceNames is required.")
+        for name in names:
+            self._check_project(name.removeprefix("projects/"))
+        flt = body.get("filter", "")
+        labels = dict(re.findall(r'resource\.labels\.([a-z_]+)\s*=\s*"([^"]*)"', flt))
+        kind = re.search(r'resource\.type\s*=\s*"([^"]*)"', flt)
+        found = [e for e in self.log_entries
+                 if (kind is None or e["resource"]["type"] == kind[1])
+                 and all(e["resource"]["labels"].get(k) == v for k, v in labels.items())]
+        order = body.get("orderBy", "timestamp asc").replace(" ", "").lower()
+        if order == "timestampdesc":
+            found.reverse()
+        elif order not in ("", "timestampasc"):
+            raise ApiError(400, f"Invalid orderBy: {body.get('orderBy')}.")
+        start = int(body.get("pageToken") or 0)
+        size = int(body.get("pageSize") or 50)
+        page = found[start:start + size]
+        answer: dict[str, Any] = {"entries": page} if page else {}
+        if start + size < len(found):
+            answer["nextPageToken"] = str(start + size)
+        return answer
 
     def _customJobs_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
         job = self._job(p)

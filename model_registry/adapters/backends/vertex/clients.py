@@ -2,7 +2,7 @@
 errors, idempotent creates and the wait for a long-running operation.
 
 Each region gets its own JobService, ModelService, EndpointService and PredictionService clients, made on
-first use, on the REST transport. VERTEX_API_ENDPOINT overrides `<region>-aiplatform.googleapis.com`;
+first use, on the REST transport; Cloud Logging's client (a job's output) on its JSON API. VERTEX_API_ENDPOINT overrides `<region>-aiplatform.googleapis.com`;
 an `http://` endpoint (a local fake) is spoken to without TLS and with anonymous credentials.
 """
 
@@ -83,6 +83,7 @@ class VertexApi:
         self.polling = self.polling.with_timeout(operation_timeout)
         self._credentials = credentials
         self._clients: dict[str, Clients] = {}
+        self._logging: Any = None
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- names
@@ -109,6 +110,23 @@ class VertexApi:
 
     def predictions(self) -> aip.PredictionServiceClient:
         return self._clients_for(self.region)[3]
+
+    def logging(self) -> Any:
+        """Cloud Logging (where Vertex AI writes a job's output), on its JSON API; an `http://` VERTEX_API_ENDPOINT
+        (a local fake) serves it too, other overrides (regional, Private Service Connect) are Vertex AI's only."""
+        with self._lock:
+            if self._logging is None:
+                from google.cloud import logging as cloud_logging  # only when logs are asked for
+
+                endpoint = self.api_endpoint or ""
+                if endpoint.startswith("http://"):
+                    self._logging = cloud_logging.Client(
+                        project=self.project, credentials=AnonymousCredentials(), _use_grpc=False,
+                        client_options={"api_endpoint": endpoint.rstrip("/")})
+                else:
+                    self._logging = cloud_logging.Client(project=self.project, credentials=self._adc(),
+                                                         _use_grpc=False)
+            return self._logging
 
     def _clients_for(self, region: str | None) -> Clients:
         region = region or self.region

@@ -8,6 +8,7 @@ its display name.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from urllib.parse import quote
@@ -137,6 +138,30 @@ class Training:
         ended = naive_utc(job.end_time) if state in (SUCCEEDED, FAILED, CANCELLED) else None
         return JobStatus(state, naive_utc(job.start_time), ended, error)
 
+    def _log_tail(self, numeric: str, tail: int) -> list[str]:
+        """The newest `tail` entries of the job's log, oldest first; a failure to read them is said, not raised."""
+        from google.cloud.logging import DESCENDING
+
+        query = f'resource.type="ml_job" AND resource.labels.job_id="{numeric}"'
+        try:
+            with self.api.errors("read the job's logs from Cloud Logging", f"logs of job {numeric}"):
+                entries = list(self.api.logging().list_entries(
+                    resource_names=[f"projects/{self.api.project}"], filter_=query, order_by=DESCENDING,
+                    max_results=tail, page_size=min(tail, 1000)))
+        except StarchartError as exc:
+            return [f"log tail unavailable: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""),
+                    "reading it needs roles/logging.viewer on the project"]
+        if not entries:
+            return ["log tail: Cloud Logging has no entries for this job yet"]
+        out = [f"--- last {len(entries)} log lines (Cloud Logging) ---"]
+        for entry in reversed(entries):
+            payload = entry.payload
+            if isinstance(payload, dict):
+                payload = payload.get("message") or json.dumps(payload, sort_keys=True)
+            stamp = entry.timestamp.strftime("%H:%M:%S") if entry.timestamp else "--:--:--"
+            out.append(f"{stamp} {entry.severity or 'DEFAULT'} {str(payload).rstrip()}")
+        return out
+
     def cancel(self, job_id: str, ref: str | None) -> None:
         name = self._job_name(job_id, ref)
         if name is None:
@@ -154,7 +179,7 @@ class Training:
             raise
 
     def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str:
-        """Where the job's logs are (Cloud Logging has them; there is no log API here), its state and error."""
+        """The job's state and error, the last `tail` lines Cloud Logging holds of it, and where to see more."""
         name = self._job_name(job_id, ref)
         if name is None:
             return f"Vertex AI has no job {job_id} in {self.api.parent()}"
@@ -168,6 +193,8 @@ class Training:
                 lines.append(f"error: {job.error.message}")
         except StarchartError as exc:
             lines.append(f"state unavailable: {exc.message}")
+        if tail:
+            lines += self._log_tail(numeric, tail)
         query = quote(f'resource.type="ml_job"\nresource.labels.job_id="{numeric}"', safe="")
         lines.append(f"logs: https://console.cloud.google.com/logs/query;query={query}?project={project}")
         lines.append(f"job: https://console.cloud.google.com/vertex-ai/locations/{region}/training/{numeric}/cpu"
