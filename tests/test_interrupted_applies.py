@@ -207,5 +207,7 @@ def test_a_live_lease_renewed_through_a_slow_endpoint_deploy_is_not_settled_by_w
     assert not apply.is_alive() and result["state"] == "applied", result
     assert reg.backend.current_default("iris") == cand and reg.versions.default("iris") == cand
     assert actions(reg, request_id)[-2:] == ["promotion.applying", "promotion.applied"]
+    row = request_row(reg, request_id)
+    assert row.apply_owner is None and row.apply_lease_until is None, "the result ended the lease"
     assert not reg.audit.events(action="promotion.reconciled") and one_pass(worker)["reconciled"] == 0
     worker.close()

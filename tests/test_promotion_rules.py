@@ -313,6 +313,24 @@ def test_a_switch_the_backend_shows_but_the_records_cannot_take_fails() -> None:
     assert [e.action for e in events] == ["promotion.failed", "promotion.reconciled"]
 
 
+@pytest.mark.parametrize("raw, seconds", [(None, 60.0), ("", 60.0), ("0.25", 0.25), ("600", 600.0)])
+def test_the_apply_lease_is_configured_in_seconds(raw: str | None, seconds: float) -> None:
+    from model_registry.config import Settings
+
+    env = {} if raw is None else {"STARCHART_APPLY_LEASE": raw}
+    assert Settings.from_env(env).apply_lease == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "soon", "nan", "inf", "90000"])
+def test_a_bad_apply_lease_is_refused_saying_what_it_takes(raw: str) -> None:
+    from model_registry.config import Settings
+
+    with pytest.raises(InvalidInput) as err:
+        Settings.from_env({"STARCHART_APPLY_LEASE": raw})
+    assert err.value.message == f"STARCHART_APPLY_LEASE {raw!r} is not a number of seconds between 0 and 86400"
+    assert "e.g. 60" in err.value.hint
+
+
 @pytest.mark.parametrize("user", ["", "  "])
 def test_nobody_never_decides_even_when_the_policy_lists_no_approvers(user: str) -> None:
     req = request()
