@@ -175,10 +175,10 @@ def test_a_lapsed_lease_with_the_alias_not_moved_fails_at_a_worker_pass_and_the_
 def test_a_live_lease_renewed_through_a_slow_endpoint_deploy_is_not_settled_by_worker_passes(
         make_registry: Any, db_url: str, fake: VertexFake, gcs: str, trained: dict) -> None:
     """The apply runs in a thread of one process (its deploy held by Vertex AI), worker passes in another core
-    with a backend of its own; the lease is 0.3 s, so only its renewals keep the request from being settled."""
+    with a backend of its own; the lease is 1.5 s, so only its renewals keep the request from being settled."""
     options = dict(endpoints={"iris": ENDPOINT}, operation_timeout=300.0)
     reg, base, cand, request_id = approved_on_vertex(make_registry, db_url, fake, gcs, trained,
-                                                     env={"STARCHART_APPLY_LEASE": "0.3"}, **options)
+                                                     env={"STARCHART_APPLY_LEASE": "1.5"}, **options)
     worker = with_backend(reg, fast_backend(fake, reg.settings.bucket, **options))
     fake.operation_polls = 10**6  # the deploy runs until the test lets it finish
     deploys = fake.count("endpoints.deployModel")  # the first default's, when it was exposed
