@@ -220,7 +220,10 @@ def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callab
         from model_registry.bootstrap import Core
 
         core = Core.from_env(members_of=members)
-        core.promotions.reconcile()  # an apply interrupted by the last stop ends applied or failed, never applying
+        try:  # an apply the last stop interrupted is settled now if the backend shows how it ended
+            core.promotions.reconcile()
+        except Exception:  # the process serves all the same; the worker's passes settle it
+            log.exception("could not settle the applies left in progress at start")
         return core
 
     registry = LazyRegistry(build or build_core)

@@ -57,8 +57,8 @@ def post_review_cards(registry: Any, client: Any, requests: list[dict[str, Any]]
 
 
 def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
-    done = {"jobs": registry.jobs.refresh(), "reconciled": len(registry.promotions.reconcile()),
-            "expired": registry.promotions.expire(), "checkpoints": 0}
+    done = {"reconciled": len(registry.promotions.reconcile())}  # first: a settled apply should not wait for jobs
+    done.update(jobs=registry.jobs.refresh(), expired=registry.promotions.expire(), checkpoints=0)
     opened = registry.schedules.follow_scheduled()
     post_review_cards(registry, client, opened)
     done["reviews"] = len(opened)

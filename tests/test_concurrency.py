@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
+from model_registry.adapters.records import PromotionRequest
 from model_registry.config import ProjectConfig, Settings
+from model_registry.domain import names
 from model_registry.domain.errors import Refused
 
 
@@ -33,6 +38,15 @@ def _decide_and_apply(args: tuple[str, str, int, str, Any]) -> str:
         reg.promotions.apply_request(request_id, actor=user)
     reg.db.engine.dispose()
     return outcome
+
+
+def _reconcile(args: tuple[str, str, Any]) -> list[int]:
+    home, db_url, barrier = args
+    reg = _registry(home, db_url)
+    barrier.wait()
+    settled = [r["id"] for r in reg.promotions.reconcile()]
+    reg.db.engine.dispose()
+    return settled
 
 
 def _append_events(args: tuple[str, str, int]) -> None:
@@ -77,3 +91,27 @@ def test_concurrent_appends_keep_one_chain(make_registry: Any, db_url: str) -> N
         pool.map(_append_events, [(home, url, 250)] * 4)
     result = reg.audit.verify()
     assert result.ok and result.events == 1000, result
+
+
+def test_concurrent_reconcilers_settle_an_interrupted_apply_once(two_versions: Any) -> None:
+    """The backend switched, then the process died holding a live lease: four processes reconcile at once."""
+    reg = two_versions
+    cand = reg.versions.of_model("iris")["versions"][0]["name"]
+    req = reg.promotions.promote("iris", cand, "U_REQ")
+    reg.promotions.decide(req["id"], "U_OK", True)
+    reg.backend.set_default("iris", cand, None)
+    with reg.db.unit_of_work() as s:
+        s.execute(update(PromotionRequest).where(PromotionRequest.id == req["id"]).values(
+            state="applying", apply_started_at=names.utcnow(), apply_owner="host-gone:4242:dead",
+            apply_lease_until=names.utcnow() + timedelta(minutes=10)))
+    home, url = str(reg.settings.home), reg.settings.database_url
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with ctx.Pool(4) as pool:
+            settled = pool.map(_reconcile, [(home, url, barrier)] * 4)
+    assert sorted(settled, key=len) == [[], [], [], [req["id"]]], "one reconciler settled it, the others found it done"
+    assert reg.promotions.get(req["id"])["state"] == "applied" and reg.versions.default("iris") == cand
+    events = [e["action"] for e in reg.audit.events(limit=1000) if e["request_id"] == req["id"]]
+    assert events.count("promotion.applied") == 1 and events.count("promotion.reconciled") == 1, events
+    assert reg.audit.verify().ok

@@ -35,6 +35,7 @@ def facts(**overrides: Any) -> rules.Facts:
 
 
 POLICY = ModelPolicy(approvers=("U_OK", "U_OK2", "U_REQ", "U_TRAINER", "S0REVIEW"))
+LEASE = rules.Lease("host-a:101:aa11", timedelta(seconds=60))
 
 
 def actions(outcome: rules.Outcome) -> list[str]:
@@ -137,7 +138,7 @@ def approved(**overrides: Any) -> rules.PromotionRequest:
 
 def test_start_apply_moves_an_approved_request_to_applying() -> None:
     req = approved()
-    outcome = req.start_apply("U_OK", facts(), "local")
+    outcome = req.start_apply("U_OK", facts(), "local", LEASE)
     assert outcome.started and req.state == rules.APPLYING and req.apply_started_at == NOW
     assert actions(outcome) == ["promotion.applying"] and outcome.events[0].on_card
     assert outcome.events[0].details == {"base": "v1", "backend": "local"}
@@ -145,68 +146,189 @@ def test_start_apply_moves_an_approved_request_to_applying() -> None:
 
 def test_start_apply_once_only() -> None:
     req = approved()
-    req.start_apply("U_OK", facts(), "local")
-    again = req.start_apply("U_OK", facts(), "local")  # a double click, a retry, a second replica
+    req.start_apply("U_OK", facts(), "local", LEASE)
+    again = req.start_apply("U_OK", facts(), "local", LEASE)  # a double click, a retry, a second replica
     assert not again.started and not again.events and again.refusal is None
 
 
 def test_start_apply_refuses_without_the_approvals() -> None:
     req = request(state=rules.APPROVED)  # approved in the table but the decisions say otherwise
-    outcome = req.start_apply("U_OK", facts(), "local")
+    outcome = req.start_apply("U_OK", facts(), "local", LEASE)
     assert isinstance(outcome.refusal, Refused) and outcome.refusal.reason == "not_approved" and not outcome.started
 
 
 def test_start_apply_when_the_default_moved_is_stale() -> None:
     req = approved()
-    outcome = req.start_apply("U_OK", facts(current_default="v9"), "local")
+    outcome = req.start_apply("U_OK", facts(current_default="v9"), "local", LEASE)
     assert req.state == rules.STALE and actions(outcome) == ["promotion.stale"] and not outcome.started
 
 
 def test_one_apply_per_model_at_a_time() -> None:
     req = approved()
-    outcome = req.start_apply("U_OK", facts(), "local", busy_with=3)
+    outcome = req.start_apply("U_OK", facts(), "local", LEASE, busy_with=3)
     assert outcome.refusal is not None and outcome.refusal.reason == "busy" and req.state == rules.APPROVED
 
 
 def test_finish_apply_switches_or_fails() -> None:
     req = approved()
-    req.start_apply("U_OK", facts(), "local")
-    events = req.finish_apply("U_OK", NOW, None, lambda: True)
+    req.start_apply("U_OK", facts(), "local", LEASE)
+    events = req.finish_apply("U_OK", NOW, None, lambda: True, LEASE.owner)
     assert req.state == rules.APPLIED and req.applied_at == NOW and [e.action for e in events] == ["promotion.applied"]
     failing = approved()
-    failing.start_apply("U_OK", facts(), "local")
+    failing.start_apply("U_OK", facts(), "local", LEASE)
     switched: list[bool] = []
-    events = failing.finish_apply("U_OK", NOW, "503 backend unavailable", lambda: switched.append(True) or True)
+    events = failing.finish_apply("U_OK", NOW, "503 backend unavailable", lambda: switched.append(True) or True,
+                                  LEASE.owner)
     assert failing.state == rules.FAILED and failing.error == "503 backend unavailable" and not switched
     assert events[0].details == {"error": "503 backend unavailable"}
 
 
 def test_finish_apply_refuses_when_the_default_moved_under_it() -> None:
     req = approved()
-    req.start_apply("U_OK", facts(), "local")
-    req.finish_apply("U_OK", NOW, None, lambda: False)
+    req.start_apply("U_OK", facts(), "local", LEASE)
+    req.finish_apply("U_OK", NOW, None, lambda: False, LEASE.owner)
     assert req.state == rules.FAILED and "moved while" in (req.error or "")
 
 
 def test_a_late_success_after_reconciling_as_failed_is_applied() -> None:
     req = approved()
-    req.start_apply("U_OK", facts(), "local")
-    req.finish_apply("system", NOW, "interrupted", lambda: True)
+    req.start_apply("U_OK", facts(), "local", LEASE)
+    req.finish_apply("system", NOW, "interrupted", lambda: True, None)
     assert req.state == rules.FAILED
-    req.finish_apply("U_OK", NOW, None, lambda: True)
+    req.finish_apply("U_OK", NOW, None, lambda: True, LEASE.owner)
     assert req.state == rules.APPLIED
-    assert req.finish_apply("U_OK", NOW, None, lambda: True) == []  # settled: nothing more happens
+    assert req.finish_apply("U_OK", NOW, None, lambda: True, LEASE.owner) == []  # settled: nothing more happens
 
 
 def test_retry_only_by_an_approver_and_only_a_failed_apply() -> None:
     req = approved()
     assert isinstance(req.retry_refusal("U_OK", POLICY, members_of), InvalidInput)  # approved, not failed
-    req.start_apply("U_OK", facts(), "local")
-    req.finish_apply("U_OK", NOW, "503", lambda: True)
+    req.start_apply("U_OK", facts(), "local", LEASE)
+    req.finish_apply("U_OK", NOW, "503", lambda: True, LEASE.owner)
     refusal = req.retry_refusal("U_MALLORY", POLICY, members_of)
     assert isinstance(refusal, Refused) and refusal.reason == "not_approver"
     assert req.retry_refusal("U_GROUPIE", POLICY, members_of) is None
-    assert req.start_apply("U_GROUPIE", facts(), "local").started
+    assert req.start_apply("U_GROUPIE", facts(), "local", LEASE).started
+
+
+# ---------------------------------------------------------------- leases: who may settle an apply, and when
+
+
+def applying(lease: rules.Lease = LEASE) -> rules.PromotionRequest:
+    req = approved()
+    assert req.start_apply("U_OK", facts(), "local", lease).started
+    return req
+
+
+def test_start_apply_gives_the_apply_to_its_owner_until_the_lease_lapses() -> None:
+    req = applying()
+    assert req.apply_owner == LEASE.owner and req.lease_until == NOW + timedelta(seconds=60)
+    assert not req.lease_lapsed(NOW + timedelta(seconds=59))
+    assert req.lease_lapsed(NOW + timedelta(seconds=60)) and req.lease_lapsed(NOW + timedelta(hours=1))
+    assert not approved().lease_lapsed(NOW + timedelta(days=9)), "only an apply in progress has a lease"
+    assert request(state=rules.APPLYING).lease_lapsed(NOW), "an apply recorded without a lease has no live owner"
+
+
+@pytest.mark.parametrize("owner, length, words", [
+    ("", timedelta(seconds=60), "needs an owner"), ("  ", timedelta(seconds=60), "needs an owner"),
+    ("h:1:a", timedelta(0), "longer than 0s, not 0s"), ("h:1:a", timedelta(seconds=-5), "not -5s")])
+def test_a_lease_has_an_owner_and_a_length(owner: str, length: timedelta, words: str) -> None:
+    with pytest.raises(InvalidInput, match=words):
+        rules.Lease(owner, length)
+
+
+def test_only_the_owner_renews_and_only_while_applying() -> None:
+    req = applying()
+    later = NOW + timedelta(seconds=50)
+    assert not req.renew("host-b:202:bb22", later, LEASE.length) and req.lease_until == NOW + LEASE.length
+    assert req.renew(LEASE.owner, later, LEASE.length) and req.lease_until == later + LEASE.length
+    assert not req.lease_lapsed(NOW + timedelta(seconds=100)), "renewed: live past its first expiry"
+    req.finish_apply("U_OK", later, None, lambda: True, LEASE.owner)
+    assert req.apply_owner is None and req.lease_until is None, "the result ends the lease"
+    assert not req.renew(LEASE.owner, later, LEASE.length) and req.lease_until is None
+
+
+def test_a_failure_reported_after_a_retry_took_over_changes_nothing() -> None:
+    req = applying()
+    req.settle(rules.Seen("v1", NOW + timedelta(minutes=5)), NOW + timedelta(minutes=5), lambda: True)
+    assert req.state == rules.FAILED
+    retry = rules.Lease("host-b:202:bb22", timedelta(seconds=60))
+    assert req.start_apply("U_OK", facts(now=NOW + timedelta(minutes=6)), "local", retry).started
+    assert req.finish_apply("U_OK", NOW, "timed out", lambda: True, LEASE.owner) == []
+    assert req.state == rules.APPLYING and req.apply_owner == retry.owner, "the retry's apply is left running"
+    assert [e.action for e in req.finish_apply("U_OK", NOW, None, lambda: True, LEASE.owner)] == [
+        "promotion.applied"], "a success is the backend's: whoever reports it"
+
+
+def test_settled_at_once_when_the_backend_has_the_candidate_even_under_a_live_lease() -> None:
+    req = applying()
+    switched: list[bool] = []
+    events = req.settle(rules.Seen("v2", NOW + timedelta(seconds=1)), NOW + timedelta(seconds=2),
+                        lambda: switched.append(True) or True)
+    assert switched and req.state == rules.APPLIED and req.applied_at == NOW + timedelta(seconds=2)
+    assert [e.action for e in events] == ["promotion.applied", "promotion.reconciled"]
+    assert events[0].actor == "system" and events[0].on_card
+    assert events[1].details == {"backend_default": "v2", "owner": LEASE.owner,
+                                 "lease_until": "2026-12-01T09:01:00Z"}
+    assert req.apply_owner is None and req.lease_until is None
+    assert req.settle(rules.Seen("v2", NOW), NOW, lambda: True) == [], "settled once"
+
+
+def test_a_live_lease_without_the_switch_is_left_to_its_owner() -> None:
+    req = applying()
+    for seconds in (0, 30, 59):
+        assert req.settle(rules.Seen("v1", NOW + timedelta(seconds=seconds)), NOW, lambda: True) == []
+    assert req.state == rules.APPLYING and req.apply_owner == LEASE.owner
+
+
+def test_a_lapsed_lease_without_the_switch_fails_and_can_be_retried() -> None:
+    req = applying()
+    asked = NOW + timedelta(seconds=61)
+    events = req.settle(rules.Seen("v1", asked), asked, lambda: True)
+    assert req.state == rules.FAILED and [e.action for e in events] == ["promotion.failed", "promotion.reconciled"]
+    assert req.error == ("the process running it (host-a:101:aa11) stopped before the backend switched the default: "
+                         "its lease lapsed at 2026-12-01T09:01:00Z and the backend's default is still v1; retry to "
+                         "apply")
+    assert req.retry_refusal("U_OK", POLICY, members_of) is None
+    assert req.start_apply("U_OK", facts(now=asked), "local", LEASE).started
+    legacy = request(state=rules.APPLYING, decisions=[rules.Decision("U_OK", "approve", None, NOW)])
+    legacy.settle(rules.Seen(None, NOW), NOW, lambda: True)
+    assert legacy.state == rules.FAILED and legacy.error == (
+        "it was interrupted before the backend switched the default (the backend's default is still unset); retry "
+        "to apply")
+
+
+def test_a_lease_that_lapsed_only_after_the_backend_was_asked_is_not_failed() -> None:
+    """The backend's answer counts only if the lease had lapsed when it was asked: the owner could have switched
+    the default after an earlier look, then stopped."""
+    req = applying()
+    events = req.settle(rules.Seen("v1", NOW + timedelta(seconds=59)), NOW + timedelta(minutes=5), lambda: True)
+    assert events == [] and req.state == rules.APPLYING
+
+
+def test_a_switch_the_backend_shows_but_the_records_cannot_take_fails() -> None:
+    req = applying()
+    events = req.settle(rules.Seen("v2", NOW), NOW, lambda: False)  # the default moved in the records meanwhile
+    assert req.state == rules.FAILED and "moved while" in (req.error or "")
+    assert [e.action for e in events] == ["promotion.failed", "promotion.reconciled"]
+
+
+@pytest.mark.parametrize("raw, seconds", [(None, 60.0), ("", 60.0), ("0.25", 0.25), ("600", 600.0)])
+def test_the_apply_lease_is_configured_in_seconds(raw: str | None, seconds: float) -> None:
+    from model_registry.config import Settings
+
+    env = {} if raw is None else {"STARCHART_APPLY_LEASE": raw}
+    assert Settings.from_env(env).apply_lease == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "soon", "nan", "inf", "90000"])
+def test_a_bad_apply_lease_is_refused_saying_what_it_takes(raw: str) -> None:
+    from model_registry.config import Settings
+
+    with pytest.raises(InvalidInput) as err:
+        Settings.from_env({"STARCHART_APPLY_LEASE": raw})
+    assert err.value.message == f"STARCHART_APPLY_LEASE {raw!r} is not a number of seconds between 0 and 86400"
+    assert "e.g. 60" in err.value.hint
 
 
 @pytest.mark.parametrize("user", ["", "  "])

@@ -125,7 +125,7 @@ def test_0004_adds_the_seen_requests_table_and_takes_it_away_again(db_url: str) 
     engine = make_engine(db_url)
     command.upgrade(alembic_config(engine), "0003")
     assert "seen_requests" not in inspect(engine).get_table_names()
-    migrate(engine)
+    command.upgrade(alembic_config(engine), "0004")  # 0004 itself (0005 adds columns elsewhere)
     assert current_revision(engine) == "0004"
     assert inspect(engine).get_pk_constraint("seen_requests")["constrained_columns"] == ["signature"]
     assert [i["column_names"] for i in inspect(engine).get_indexes("seen_requests")] == [["seen_at"]]
@@ -136,6 +136,46 @@ def test_0004_adds_the_seen_requests_table_and_takes_it_away_again(db_url: str) 
         conn.execute(insert, {"at": datetime(2026, 12, 1, 14, 1)})
     command.downgrade(alembic_config(engine), "0003")
     assert "seen_requests" not in inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_0005_adds_the_apply_lease_columns_and_takes_them_away_again(db_url: str) -> None:
+    """0005: promotion_requests gains apply_owner and apply_lease_until (both empty on the rows it had, which the
+    rules read as an apply with no live owner); downgrade drops them and keeps the rows."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import select, text, update
+
+    from model_registry.adapters.db import current_revision
+    from model_registry.adapters.records import PromotionRequest
+
+    engine = make_engine(db_url)
+    command.upgrade(alembic_config(engine), "0004")
+    before = {c["name"] for c in inspect(engine).get_columns("promotion_requests")}
+    assert not {"apply_owner", "apply_lease_until"} & before
+    at = datetime(2026, 12, 8, 10, 0)
+    with engine.begin() as conn:  # an apply a 0004 process left running
+        conn.execute(text(
+            "INSERT INTO promotion_requests (model, kind, candidate_version, base_version, candidate_digest, "
+            "card_digest, diff, requested_by, state, required_approvals, created_at, expires_at, apply_started_at) "
+            "VALUES ('iris', 'promote', 'v20261208100000', NULL, 'd', 'c', '{}', 'U1', 'applying', 1, :at, :at, :at)"),
+            {"at": at})
+    migrate(engine)
+    assert current_revision(engine) == SCHEMA_HEAD == "0005"
+    columns = {c["name"]: c for c in inspect(engine).get_columns("promotion_requests")}
+    assert columns["apply_owner"]["nullable"] and columns["apply_lease_until"]["nullable"]
+    with engine.begin() as conn:
+        row = conn.execute(select(PromotionRequest.state, PromotionRequest.apply_owner,
+                                  PromotionRequest.apply_lease_until)).one()
+        assert tuple(row) == ("applying", None, None)
+        conn.execute(update(PromotionRequest).values(apply_owner="host:1:ab", apply_lease_until=at))
+        assert conn.execute(select(PromotionRequest.apply_lease_until)).scalar_one() == at
+    command.downgrade(alembic_config(engine), "0004")
+    after = {c["name"] for c in inspect(engine).get_columns("promotion_requests")}
+    assert after == before
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM promotion_requests")).scalar_one() == "applying"
     engine.dispose()
 
 

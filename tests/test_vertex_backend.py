@@ -814,6 +814,25 @@ def test_a_failed_alias_move_puts_the_traffic_back_and_undeploys_the_new_one(fak
     assert serving(fake) == [("iris@2", 100)] and backend.current_default("iris") == V2
 
 
+@pytest.mark.parametrize("endpoints", [None, {"iris": ENDPOINT}])
+def test_an_alias_move_whose_replies_were_all_lost_is_read_back_as_done(fake: VertexFake, endpoints: Any) -> None:
+    backend = fast_backend(fake, "gs://starchart-test-ml", endpoints=endpoints, retry_deadline=0.2)
+    refs = versions_of(backend, V1, V2)
+    backend.set_default("iris", V1, refs[0])
+    fake.fail_next("models.mergeVersionAliases", 503, times=1000, after=True)  # made each time, never answered
+    backend.set_default("iris", V2, refs[1])
+    assert backend.current_default("iris") == V2 and fake.count("models.mergeVersionAliases") > 1
+    if endpoints:
+        assert serving(fake) == [("iris@2", 100)], "committed: the switch was not undone"
+    fake.clear_faults()
+    fake.fail_next("models.mergeVersionAliases", 503, times=1000)  # refused each time: an error still
+    with pytest.raises(VertexUnavailable):
+        backend.set_default("iris", V1, refs[0])
+    assert backend.current_default("iris") == V2
+    if endpoints:
+        assert serving(fake) == [("iris@2", 100)], "the new deployment was undone, the traffic put back"
+
+
 def test_a_failed_undeploy_of_the_old_one_does_not_fail_the_promotion(fake: VertexFake,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     backend = fast_backend(fake, "gs://starchart-test-ml", endpoints={"iris": ENDPOINT})

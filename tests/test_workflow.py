@@ -401,14 +401,19 @@ def test_one_apply_per_model_at_a_time(two_versions: Any, trained: dict) -> None
     first, second = reg.promotions.promote("iris", middle, "U_REQ"), reg.promotions.promote("iris", newest, "U_REQ")
     reg.promotions.decide(first["id"], "U_OK", True)
     reg.promotions.decide(second["id"], "U_OK", True)
-    with reg.db.unit_of_work() as s:  # the first is in the middle of its backend call
+    with reg.db.unit_of_work() as s:  # the first is in the middle of its backend call, in another process
         s.execute(update(PromotionRequest).where(PromotionRequest.id == first["id"])
-                  .values(state="applying", apply_started_at=names.utcnow()))
+                  .values(state="applying", apply_started_at=names.utcnow(), apply_owner="host-b:202:bb22",
+                          apply_lease_until=names.utcnow() + timedelta(minutes=1)))
     with pytest.raises(Refused) as busy:
         reg.promotions.apply_request(second["id"])
     assert busy.value.reason == "busy" and reg.promotions.get(second["id"])["state"] == "approved"
-    assert reg.promotions.reconcile() == [], "a fresh apply is not reconciled"
-    assert reg.promotions.reconcile(older_than=timedelta(0))[0]["state"] == "failed"  # it never reached the backend
+    assert reg.promotions.reconcile() == [], "an apply whose owner holds its lease is not settled"
+    with reg.db.unit_of_work() as s:  # that process stopped: its lease lapses
+        s.execute(update(PromotionRequest).where(PromotionRequest.id == first["id"])
+                  .values(apply_lease_until=names.utcnow() - timedelta(seconds=1)))
+    [settled] = reg.promotions.reconcile()
+    assert settled["state"] == "failed" and "host-b:202:bb22" in settled["error"]  # it never reached the backend
     assert reg.promotions.apply_request(first["id"])["state"] == "applied"
     assert reg.promotions.apply_request(second["id"])["state"] == "stale"
     assert reg.versions.default("iris") == middle

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from model_registry.domain.errors import InvalidInput
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
-SCHEMA_HEAD = "0004"  # the newest migration's revision; tests check it against Alembic's head
+SCHEMA_HEAD = "0005"  # the newest migration's revision; tests check it against Alembic's head
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 _JSON = json.JSONDecoder()
 

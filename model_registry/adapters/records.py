@@ -117,6 +117,8 @@ class PromotionRequest(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime)
     decided_at: Mapped[datetime | None] = mapped_column(DateTime)
     apply_started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    apply_owner: Mapped[str | None] = mapped_column(String(200))  # the process running the apply (host:pid:random)
+    apply_lease_until: Mapped[datetime | None] = mapped_column(DateTime)  # renewed by the owner while it runs
     applied_at: Mapped[datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
     channel: Mapped[str | None] = mapped_column(String(40))

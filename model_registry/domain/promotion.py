@@ -1,7 +1,8 @@
 """A promotion request and its rules, as a plain object: no database, no Slack, no backend.
 
 States: open → approved | rejected | expired | stale; approved → applying → applied | failed; failed → applying
-(retry). Each method checks one step against the facts it is given, changes the request, and returns what
+(retry). An apply in progress belongs to the process running it through a lease that process renews (`Lease`);
+while it is live only the backend's own answer settles the request, once it lapses `settle` does. Each method checks one step against the facts it is given, changes the request, and returns what
 happened: the audit events to record and, when the step is refused, the refusal to tell the person. The service
 layer (model_registry.services.promotions) loads a request, calls one method, persists the request and appends the events
 in one transaction.
@@ -10,7 +11,7 @@ in one transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from model_registry.config import ModelPolicy
@@ -69,6 +70,29 @@ class Facts:
     trained_by: str = ""  # who trained the candidate
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Who runs an apply (a process: host:pid:random) and for how long a lease of it lasts unless renewed."""
+
+    owner: str
+    length: timedelta
+
+    def __post_init__(self) -> None:
+        if not self.owner.strip():
+            raise InvalidInput("an apply's lease needs an owner", "name the process, e.g. host:pid:random")
+        if self.length <= timedelta(0):
+            raise InvalidInput(f"an apply's lease must last longer than 0s, not {self.length.total_seconds():g}s",
+                               "give it a length of a few renewals, e.g. 60 seconds")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the backend showed as the model's default, and when it was asked (before the answer came)."""
+
+    default: str | None
+    asked_at: datetime
+
+
 @dataclass
 class Outcome:
     """What one step did: events to record, the decision to store, or why it was refused."""
@@ -97,6 +121,8 @@ class PromotionRequest:
     decisions: list[Decision] = field(default_factory=list)
     decided_at: datetime | None = None
     apply_started_at: datetime | None = None
+    apply_owner: str | None = None  # the process running the apply while it is applying
+    lease_until: datetime | None = None  # when the owner's lease lapses unless renewed
     applied_at: datetime | None = None
     error: str | None = None
     channel: str | None = None
@@ -181,9 +207,11 @@ class PromotionRequest:
 
     # ------------------------------------------------------------ applying
 
-    def start_apply(self, actor: str, facts: Facts, backend: str, busy_with: int | None = None) -> Outcome:
+    def start_apply(self, actor: str, facts: Facts, backend: str, lease: Lease,
+                    busy_with: int | None = None) -> Outcome:
         """approved (or failed: a retry) → applying, when the approvals are all there and the default is still
-        the base. `busy_with`: another request of the model being applied now (one apply per model at a time)."""
+        the base; the apply then belongs to `lease.owner` until its lease lapses. `busy_with`: another request of
+        the model being applied now (one apply per model at a time)."""
         if self.state not in APPLICABLE:
             return Outcome()  # applied, applying or closed already: nothing to start (double clicks, replicas)
         if self.approvals < self.required_approvals:
@@ -197,26 +225,68 @@ class PromotionRequest:
             return Outcome(refusal=Refused(f"promotion request #{busy_with} of {self.model} is being applied right "
                                            f"now", f"retry #{self.id} when it has finished", reason="busy"))
         self.state, self.apply_started_at, self.error = APPLYING, facts.now, None
+        self.apply_owner, self.lease_until = lease.owner, facts.now + lease.length
         return Outcome([Event("promotion.applying", actor, {"base": self.base, "backend": backend}, on_card=True)],
                        started=True)
 
-    def finish_apply(self, actor: str, now: datetime, error: str | None,
-                     switch_default: Callable[[], bool]) -> list[Event]:
-        """applying → applied (the default switched) or failed (with the reason).
+    def lease_lapsed(self, at: datetime) -> bool:
+        """An apply in progress whose owner has not renewed its lease by `at` (or that has no owner: recorded by
+        a version without leases); False for a request not applying."""
+        return self.state == APPLYING and (self.lease_until is None or self.lease_until <= at)
 
-        A request reconciled as failed whose backend call then succeeded is applied after all. `switch_default`
-        moves the model's default from base to candidate if it still is base, and says whether it did.
+    def renew(self, owner: str, now: datetime, length: timedelta) -> bool:
+        """The owner's lease runs `length` from now again; only the owner renews, and only while applying (a
+        request settled meanwhile, or taken over by a retry, is no longer its to hold)."""
+        if self.state != APPLYING or self.apply_owner != owner:
+            return False
+        self.lease_until = max(self.lease_until or now, now + length)
+        return True
+
+    def finish_apply(self, actor: str, now: datetime, error: str | None, switch_default: Callable[[], bool],
+                     owner: str | None) -> list[Event]:
+        """applying → applied (the default switched) or failed (with the reason), ending the lease.
+
+        `owner`: whose backend call this is the result of (None: no process's; the outcome was read from the
+        backend). A success is recorded whoever reports it, even on a request reconciled as failed meanwhile:
+        the backend has the candidate. A failure is recorded only by the apply's own owner (or for an apply
+        that has none): it says nothing of an apply another process runs now. `switch_default` moves the
+        model's default from base to candidate if it still is base, and says whether it did.
         """
         late_success = error is None and self.state == FAILED
         if self.state != APPLYING and not late_success:
             return []  # settled by someone else meanwhile
+        if error is not None and owner is not None and self.apply_owner not in (None, owner):
+            return []  # a failure of an earlier attempt, reported after a retry took the request over
         if error is None and not switch_default():
             error = "the default moved while this request was being applied"  # refuse rather than guess
+        self.apply_owner, self.lease_until = None, None
         if error is not None:
             self.state, self.error = FAILED, error
             return [Event("promotion.failed", actor, {"error": error}, on_card=True)]
-        self.state, self.applied_at = APPLIED, now
+        self.state, self.applied_at, self.error = APPLIED, now, None
         return [Event("promotion.applied", actor, {"base": self.base, "kind": self.kind}, on_card=True)]
+
+    def settle(self, seen: Seen, now: datetime, switch_default: Callable[[], bool]) -> list[Event]:
+        """An apply in progress, settled by any process from what the backend shows (`seen`): applied as soon as
+        the backend has the candidate as its default (the owner's reply was lost, or it is about to report it);
+        failed, and retryable, once the lease had lapsed before the backend was asked; left alone while the
+        owner's lease is live (a slow switch, an endpoint deploy, is still running). Exactly once: a request
+        no longer applying is not settled again."""
+        if self.state != APPLYING:
+            return []
+        owner, lease_until = self.apply_owner, self.lease_until
+        if seen.default == self.candidate:
+            events = self.finish_apply("system", now, None, switch_default, owner=None)
+        elif self.lease_lapsed(seen.asked_at):
+            still = f"the backend's default is still {seen.default or 'unset'}"
+            why = (f"the process running it ({owner}) stopped before the backend switched the default: its lease "
+                   f"lapsed at {iso(lease_until)} and {still}" if owner and lease_until else
+                   f"it was interrupted before the backend switched the default ({still})")
+            events = self.finish_apply("system", now, f"{why}; retry to apply", switch_default, owner=None)
+        else:
+            return []
+        return events + [Event("promotion.reconciled", "system", {
+            "backend_default": seen.default, "owner": owner, "lease_until": iso(lease_until)})]
 
     def retry_refusal(self, user: str, policy: ModelPolicy, members_of: MembersOf) -> StarchartError | None:
         """Why `user` may not retry a failed apply, or None: only an approver may, and only a failed one."""

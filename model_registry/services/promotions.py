@@ -1,11 +1,22 @@
 """Promotion requests: open, decide, apply, reconcile. The default moves only in `apply_request`,
 after the required approvals are committed, with the audit event of each step in its transaction.
+
+An apply belongs to the process running it: `applying` is committed with its owner and a lease, which a thread
+renews while the backend switches the default, and which the result clears. `reconcile` (every worker pass, and
+when a process starts) settles an apply the backend already shows the outcome of, and one whose lease lapsed.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -26,16 +37,22 @@ from model_registry.services.catalog import Catalog
 from model_registry.services.versions import Versions
 from model_registry.services.views import RequestView, request_view, version_view
 
-RECONCILE_AFTER = timedelta(minutes=2)  # an apply older than this with no result was interrupted
+log = logging.getLogger("starchart.promotions")
+
+
+def apply_owner() -> str:
+    """Who runs an apply: this host and process, and a random part of its own (host:pid:random)."""
+    return f"{socket.gethostname()[:150]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class Promotions:
     """Promotion requests of every model, from opening to the switch of the default."""
 
     def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, config: ProjectConfig, backend: Backend,
-                 versions: Versions, audit_trail: AuditTrail) -> None:
+                 versions: Versions, audit_trail: AuditTrail, apply_lease: timedelta = timedelta(seconds=60)) -> None:
         self.db, self.audit_log, self.catalog, self.config, self.backend = db, audit_log, catalog, config, backend
         self.versions, self.audit = versions, audit_trail
+        self.apply_lease = apply_lease  # how long an apply's owner holds it between renewals (STARCHART_APPLY_LEASE)
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
                 channel: str | None = None) -> RequestView:
@@ -174,8 +191,10 @@ class Promotions:
     def apply_request(self, request_id: int, actor: str = "system") -> RequestView:
         """Switch the default for an approved request: audit first, then the backend, then the result.
 
-        Only one caller wins the approved/failed -> applying transition; the others get the request as it is.
+        Only one caller wins the approved/failed -> applying transition, with its lease; the others get the request
+        as it is. The lease is renewed while the backend works and ends with the result.
         """
+        lease = rules.Lease(apply_owner(), self.apply_lease)
         with self.db.unit_of_work() as s:
             row = s.get(PromotionRequest, request_id, with_for_update=True)
             if row is None:
@@ -188,7 +207,7 @@ class Promotions:
                 PromotionRequest.id != row.id).limit(1)).scalar()
             outcome = req.start_apply(actor, rules.Facts(now=names.utcnow(),
                                                          current_default=self._default_of(s, row.model)),
-                                      self.backend.name, busy_with=busy)
+                                      self.backend.name, lease, busy_with=busy)
             self._store(s, row, req, outcome)
             if outcome.refusal is not None:
                 raise outcome.refusal
@@ -197,57 +216,93 @@ class Promotions:
             model, version = row.model, row.candidate_version
             ref = self.catalog.version(s, model, version).backend_ref
         try:
-            self.backend.set_default(model, version, ref)
+            with self._renewing(request_id, lease, self.backend.apply_timeout(model)):
+                self.backend.set_default(model, version, ref)
         except Exception as exc:  # any backend failure leaves the request failed with the reason, nothing applied
             reason = exc.message if isinstance(exc, StarchartError) else f"{type(exc).__name__}: {exc}"
-            self._apply_result(request_id, actor, error=reason)
+            self._apply_result(request_id, actor, lease.owner, error=reason)
         else:
-            self._apply_result(request_id, actor)
+            self._apply_result(request_id, actor, lease.owner)
         self.versions.write_model_file(model)
         return self.get(request_id)
 
-    def _apply_result(self, request_id: int, actor: str, error: str | None = None) -> None:
+    @contextmanager
+    def _renewing(self, request_id: int, lease: rules.Lease, longest: float) -> Iterator[None]:
+        """Renew the apply's lease every third of its length while the body runs, for at most `longest` seconds
+        (the backend's bound on a switch: a call hung past it no longer holds the request, which is then settled)."""
+        stop = threading.Event()
+        every = lease.length.total_seconds() / 3
+        deadline = time.monotonic() + longest
+
+        def renew() -> None:
+            while not stop.wait(every):
+                if time.monotonic() >= deadline:
+                    log.warning("promotion request #%s: the backend is still switching after %.0fs, longer than it "
+                                "should take; its lease is no longer renewed", request_id, longest)
+                    return
+                try:
+                    if not self._renew(request_id, lease):
+                        log.warning("promotion request #%s was settled by another process while %s was applying it",
+                                    request_id, lease.owner)
+                        return
+                except Exception:  # the next renewal tries again; the lease may lapse meanwhile
+                    log.exception("promotion request #%s: could not renew the lease of %s", request_id, lease.owner)
+
+        thread = threading.Thread(target=renew, name=f"starchart-lease-{request_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=lease.length.total_seconds())  # a renewal after the result changes nothing
+
+    def _renew(self, request_id: int, lease: rules.Lease) -> bool:
+        with self.db.unit_of_work() as s:
+            row = s.get(PromotionRequest, request_id, with_for_update=True)
+            if row is None:
+                return False
+            req = self._domain(s, row)
+            renewed = req.renew(lease.owner, names.utcnow(), lease.length)
+            self._store(s, row, req, rules.Outcome())
+            return renewed
+
+    def _apply_result(self, request_id: int, actor: str, owner: str, error: str | None = None) -> None:
         with self.db.unit_of_work() as s:
             row = s.get_one(PromotionRequest, request_id, with_for_update=True)
             req = self._domain(s, row)
-
-            def switch_default() -> bool:
-                base_is = (ModelRecord.default_version.is_(None) if row.base_version is None
-                           else ModelRecord.default_version == row.base_version)
-                return bool(rows_changed(s.execute(
-                    update(ModelRecord).where(ModelRecord.name == row.model, base_is)
-                    .values(default_version=row.candidate_version, updated_at=names.utcnow()))))
-
-            events = req.finish_apply(actor, names.utcnow(), error, switch_default)
+            events = req.finish_apply(actor, names.utcnow(), error, self._switch_default(s, row), owner=owner)
             self._store(s, row, req, rules.Outcome(events))
 
-    def reconcile(self, older_than: timedelta = RECONCILE_AFTER) -> list[RequestView]:
-        """Finish applies interrupted by a crash: applied if the backend has the candidate, else failed."""
-        now = names.utcnow()
-        with self.db.unit_of_work() as s:
-            stuck = s.execute(select(PromotionRequest.id, PromotionRequest.model, PromotionRequest.candidate_version,
-                                     PromotionRequest.apply_started_at)
-                              .where(PromotionRequest.state == rules.APPLYING,
-                                     PromotionRequest.apply_started_at <= now - older_than)).all()
+    def reconcile(self) -> list[RequestView]:
+        """Settle applies in progress whose outcome is known, at once: applied when the backend has the candidate as
+        its default, failed (and retryable) when the owner's lease lapsed before the backend was asked. An apply
+        whose owner still renews its lease and whose backend shows no switch yet is left to its owner."""
+        with self.db.reads() as s:
+            applying = s.execute(select(PromotionRequest.id, PromotionRequest.model)
+                                 .where(PromotionRequest.state == rules.APPLYING)
+                                 .order_by(PromotionRequest.id)).all()
         results = []
-        for request_id, model, version, started in stuck:
-            if started is None or (now - started).total_seconds() < self.backend.apply_timeout(model):
-                continue  # a slow switch (an endpoint deploy) may still be running in another process
+        for request_id, model in applying:
+            asked_at = names.utcnow()  # before the backend answers: a lease lapsed by now lapsed before it spoke
             try:
-                current = self.backend.current_default(model)
-            except StarchartError:
+                seen = rules.Seen(self.backend.current_default(model), asked_at)
+            except StarchartError as exc:
+                log.warning("promotion request #%s stays applying: could not read the default of %s from the "
+                            "backend (%s); the next pass asks again", request_id, model, exc.message)
                 continue
-            if current == version:
-                self._apply_result(request_id, "system")
-            else:
-                self._apply_result(request_id, "system",
-                                   error="interrupted before the backend switched the default; retry to apply")
-            with self.db.unit_of_work() as s:
-                self.audit_log.append(s, "promotion.reconciled", "system", model=model, version=version,
-                             request_id=request_id, details={"backend_default": current})
-            results.append(self.get(request_id))
-            self.versions.write_model_file(model)
+            if self._settle(request_id, seen):
+                results.append(self.get(request_id))
+                self.versions.write_model_file(model)
         return results
+
+    def _settle(self, request_id: int, seen: rules.Seen) -> bool:
+        """One reconciler settles a request, once: the row is locked and the rules see it as it is now."""
+        with self.db.unit_of_work() as s:
+            row = s.get_one(PromotionRequest, request_id, with_for_update=True)
+            req = self._domain(s, row)
+            events = req.settle(seen, names.utcnow(), self._switch_default(s, row))
+            self._store(s, row, req, rules.Outcome(events))
+            return bool(events)
 
     def expire(self) -> int:
         """Close open requests past their expiry (the worker calls this)."""
@@ -263,6 +318,18 @@ class Promotions:
     # ---------------------------------------------------------------- between records and rules
 
     @staticmethod
+    def _switch_default(s: Session, row: PromotionRequest) -> Callable[[], bool]:
+        """Move the model's default from the request's base to its candidate if it still is the base."""
+        def switch() -> bool:
+            base_is = (ModelRecord.default_version.is_(None) if row.base_version is None
+                       else ModelRecord.default_version == row.base_version)
+            return bool(rows_changed(s.execute(
+                update(ModelRecord).where(ModelRecord.name == row.model, base_is)
+                .values(default_version=row.candidate_version, updated_at=names.utcnow()))))
+
+        return switch
+
+    @staticmethod
     def _default_of(s: Session, model: str) -> str | None:
         record = s.get(ModelRecord, model)
         return record.default_version if record else None
@@ -274,7 +341,8 @@ class Promotions:
             required_approvals=row.required_approvals, expires_at=row.expires_at, state=row.state,
             decisions=[rules.Decision(a.approver, a.decision, a.reason, a.created_at, a.card_digest)
                        for a in self.catalog.approvals(s, row.id)],
-            decided_at=row.decided_at, apply_started_at=row.apply_started_at, applied_at=row.applied_at,
+            decided_at=row.decided_at, apply_started_at=row.apply_started_at, apply_owner=row.apply_owner,
+            lease_until=row.apply_lease_until, applied_at=row.applied_at,
             error=row.error, channel=row.channel, message_ts=row.message_ts)
 
     def _store(self, s: Session, row: PromotionRequest, req: rules.PromotionRequest, outcome: rules.Outcome,
@@ -282,6 +350,7 @@ class Promotions:
         """Persist what a rule did, in the caller's transaction: the request, a new decision, its audit events."""
         row.state, row.decided_at, row.error = req.state, req.decided_at, req.error
         row.apply_started_at, row.applied_at = req.apply_started_at, req.applied_at
+        row.apply_owner, row.apply_lease_until = req.apply_owner, req.lease_until
         if outcome.decision is not None:
             d = outcome.decision
             s.add(Approval(request_id=row.id, approver=d.approver, decision=d.decision, reason=d.reason,

@@ -2,6 +2,8 @@
 
     with VertexFake() as fake:          # http://127.0.0.1:<port>; set VERTEX_API_ENDPOINT to fake.url
         fake.fail_next("customJobs.create", 503, times=2)
+        hold = fake.hold_next("models.mergeVersionAliases", after=True)  # made, then its reply lost
+        ...
         ...
         fake.set_job_state(job_name, "JOB_STATE_SUCCEEDED")
         assert fake.count("customJobs.list") == 5
@@ -135,6 +137,19 @@ class Fault:
 
 
 @dataclass
+class Hold:
+    """A call kept waiting (after its change is made, when `after`) until `release()`; then its connection is
+    closed with no answer: the reply is lost, as when the client's process dies or the network drops it."""
+
+    after: bool
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class _Model:
     model_id: str
     location: str
@@ -222,6 +237,8 @@ class VertexFake:
         self.log_entries: list[dict[str, Any]] = []  # Cloud Logging entries (LogEntry, wire format)
         self._faults: dict[str, list[Fault]] = {}
         self._operation_faults: dict[str, list[dict[str, Any]]] = {}
+        self._holds: dict[str, list[Hold]] = {}  # per route, the holds not yet reached
+        self._all_holds: list[Hold] = []  # released when the fake stops, so no handler thread is left waiting
         self._ids = itertools.count(1000)
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
@@ -260,6 +277,9 @@ class VertexFake:
         return self
 
     def stop(self) -> None:
+        with self._lock:
+            for hold in self._all_holds:
+                hold.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -290,6 +310,17 @@ class VertexFake:
             raise ValueError(f"{route} starts no long-running operation; use one of {', '.join(OPERATION_ROUTES)}")
         with self._lock:
             self._operation_faults.setdefault(route, []).append({"code": code, "message": message})
+
+    def hold_next(self, route: str, *, after: bool) -> Hold:
+        """Keep the next call of `route` waiting until the returned hold is released, then drop its connection
+        unanswered; `after`: make the call's change first (the change is made, its reply lost), else never."""
+        if route not in {r for _, _, r in ROUTES}:
+            raise ValueError(f"unknown route {route}")
+        hold = Hold(after)
+        with self._lock:
+            self._holds.setdefault(route, []).append(hold)
+            self._all_holds.append(hold)
+        return hold
 
     def clear_faults(self) -> None:
         """Forget the injected errors not yet used."""
@@ -383,7 +414,11 @@ class VertexFake:
         with self._lock:
             self.requests.append(Recorded(h.command, path, query, body, route))
             fault = self._faults.get(route, []).pop(0) if self._faults.get(route) else None
+            hold = self._holds.get(route, []).pop(0) if self._holds.get(route) else None
         ints = "enum-encoding=int" in query.get("$alt", "")
+        if hold is not None:
+            self._hold(h, hold, route, params, query, body, ints)
+            return
         try:
             if route == "unknown":
                 raise ApiError(404, f"The URL {h.command} {path} is not a Vertex AI v1 method this fake knows.")
@@ -403,6 +438,16 @@ class VertexFake:
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)
+
+    def _hold(self, h: BaseHTTPRequestHandler, hold: Hold, route: str, params: dict[str, str], query: dict[str, str],
+              body: Any, ints: bool) -> None:
+        if hold.after:
+            self._check_project(params["project"])
+            with self._lock:
+                getattr(self, "_" + route.replace(".", "_"))(params, query, body, ints)
+        hold.arrived.set()
+        hold.released.wait()
+        h.close_connection = True  # no status line, no body: the client never hears how its call ended
 
     def _check_project(self, project: str) -> None:
         if project not in (self.project, self.project_number):

@@ -71,12 +71,14 @@ class Backend(Protocol):
         """Switch the version services use. Called only after the approvals are committed."""
 
     def apply_timeout(self, model: str) -> float:
-        """Seconds a set_default(model, ...) may run: an apply younger than this may still be running elsewhere,
-        so reconciling leaves it alone."""
+        """The longest, in seconds, a set_default(model, ...) runs (its calls' deadlines and operations): the
+        apply's lease is renewed no longer than this, so a switch hung past it stops holding its request; 0 when
+        the first lease covers a switch."""
 
     def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """TF Serving's predict (`body` has "instances" or "inputs") on the default or the given version;
         returns (the version that answered, the answer)."""
 
     def current_default(self, model: str) -> str | None:
-        """The version the serving side uses now (to reconcile an interrupted apply)."""
+        """The version the serving side uses now: an apply in progress whose candidate it is has happened, and is
+        settled as applied whatever became of the process running it."""

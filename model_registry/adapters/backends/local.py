@@ -186,7 +186,7 @@ class LocalBackend:
         self._write_pointer(model, data)
 
     def apply_timeout(self, model: str) -> float:
-        return 0.0  # a local switch is one pointer-file write: an apply still in progress later was interrupted
+        return 0.0  # a local switch is one pointer-file write: the apply's first lease covers it, none is renewed
 
     def current_default(self, model: str) -> str | None:
         return self._read_pointer(model).get("default")

@@ -130,7 +130,7 @@ class VertexBackend:
 
     def apply_timeout(self, model: str) -> float:
         """An upper bound, in seconds, on how long set_default(model, ...) runs: with an endpoint it awaits
-        deployments (minutes each on Vertex AI), so an apply younger than this is not an interrupted one."""
+        deployments (minutes each on Vertex AI); the apply's lease is renewed that long at most."""
         call = self.api.retry_deadline + self.api.rpc_timeout
         if self.endpoints.settings(model) is None:
             return 2 * call

@@ -9,6 +9,7 @@ found rather than uploaded again.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Mapping
 
@@ -17,12 +18,13 @@ from google.cloud import aiplatform_v1 as aip
 
 from model_registry.adapters.backends.vertex.clients import VertexApi, labels
 from model_registry.adapters.backends.vertex.errors import VertexNotFound
-from model_registry.domain.errors import BackendError
+from model_registry.domain.errors import BackendError, StarchartError
 
 DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 DEFAULT_ALIAS = "default"
 VERSION_ALIAS = re.compile(r"^v\d{14}$")
 VERSION_REF = re.compile(r"^projects/[^/]+/locations/[^/]+/models/[^/@]+@\d+$")
+log = logging.getLogger(__name__)
 
 
 class Versions:
@@ -92,14 +94,27 @@ class Versions:
         return next((a for a in found.version_aliases if VERSION_ALIAS.match(a)), None)
 
     def move_alias(self, model: str, version: str, ref: str | None) -> None:
-        """Move the `default` alias to the version: the commit point of a switch."""
+        """Move the `default` alias to the version: the commit point of a switch. A move whose every reply was
+        lost (Vertex AI made it, the answers never came back) is read back: done, not an error."""
         name = ref or f"{self.api.model_path(model)}@{version}"
-        with self.api.errors(f"make {version} the default of {model}", f"version {name}"):
-            updated = self.api.models().merge_version_aliases(name=name, version_aliases=[DEFAULT_ALIAS],
-                                                              retry=self.api.retry, timeout=self.api.rpc_timeout)
+        try:
+            with self.api.errors(f"make {version} the default of {model}", f"version {name}"):
+                updated = self.api.models().merge_version_aliases(name=name, version_aliases=[DEFAULT_ALIAS],
+                                                                  retry=self.api.retry, timeout=self.api.rpc_timeout)
+        except StarchartError as exc:
+            if self._is_default(model, version):
+                log.info("%s is the default of %s although moving the alias answered: %s", version, model, exc.message)
+                return
+            raise
         if DEFAULT_ALIAS not in updated.version_aliases:
             raise BackendError(f"Vertex AI did not move the default alias of {model} to {version}",
                                "check the model's versions in the Vertex AI console")
+
+    def _is_default(self, model: str, version: str) -> bool:
+        try:
+            return self.current_default(model) == version
+        except StarchartError:  # unknown: the move's own error is the one to report
+            return False
 
     def version_name(self, model: str, version: str, ref: str | None) -> str:
         """models/<model>@<version id>: a deployment names a version by its id."""
