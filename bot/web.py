@@ -28,9 +28,13 @@ PREDICT_ROUTE = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<versi
 StartResponse = Callable[..., Any]
 
 
-def _reply(start_response: StartResponse, status: str, body: dict[str, Any]) -> Iterable[bytes]:
+def _reply(start_response: StartResponse, status: str, body: dict[str, Any],
+           version: str | None = None) -> Iterable[bytes]:
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    if version:  # which version answered, as the model server (and TF Serving's REST API) says it
+        headers.append(("X-Model-Version", version))
+    start_response(status, headers)
     return [data]
 
 
@@ -113,13 +117,14 @@ class WebApp:
                 status = self.bot.registry.predictions.served(model, version)
                 return _reply(start_response, "200 OK", {"model_version_status": [
                     {"version": status["version"], "state": "AVAILABLE",
-                     "status": {"error_code": "OK", "error_message": ""}}]})
+                     "status": {"error_code": "OK", "error_message": ""}}]}, status["version"])
             body = environ["wsgi.input"].read(length) if length else b""
             answer = self.bot.registry.predictions.predict(model, body, version=version)
         except StarchartError as exc:
             return _reply(start_response, _prediction_status(exc),
                           {"error": exc.message + (f" ({exc.hint})" if exc.hint else "")})
-        return _reply(start_response, "200 OK", {k: v for k, v in answer.items() if k in ("predictions", "outputs")})
+        return _reply(start_response, "200 OK", {k: v for k, v in answer.items() if k in ("predictions", "outputs")},
+                      answer.get("version"))
 
     def slack_events(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:

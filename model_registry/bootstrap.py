@@ -59,7 +59,8 @@ def make_backend(settings: Settings, config: ProjectConfig) -> Backend:
         return VertexBackend.from_settings(settings, endpoints=endpoints)
     from model_registry.adapters.backends.local import LocalBackend
 
-    return LocalBackend(settings.home, python=settings.trainer_python)
+    return LocalBackend(settings.home, python=settings.trainer_python,
+                        serving_options=lambda model: config.policy(model).serving)
 
 
 def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None = None,

@@ -20,6 +20,7 @@ POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
     "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
     "machine_type", "executor_image", "endpoint", "args_allowed", "data_roots", "trainer_env", "non_finite_inputs",
+    "serving",
 }
 # the bot's own secrets: never handed to a local trainer, even when `trainer_env` lists them
 TRAINER_ENV_FORBIDDEN = frozenset({"SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "DATABASE_URL",
@@ -131,6 +132,7 @@ class ModelPolicy:
     data_roots: tuple[str, ...] = ()  # where path-valued trainer arguments may point, besides the job's train path
     trainer_env: tuple[str, ...] = ()  # extra environment variable names a local trainer sees
     non_finite_inputs: bool = False  # predictions may send NaN and ±Infinity as float inputs
+    serving: dict[str, int] | None = None  # the local model server's batching: max_batch_size, batch_timeout_micros
 
 
 @dataclass(frozen=True)
@@ -213,9 +215,31 @@ class ProjectConfig:
                 args_declared=merged.get("args_allowed") == DECLARED,
                 data_roots=_data_roots(merged.get("data_roots"), self.path),
                 trainer_env=_trainer_env(merged.get("trainer_env")),
+                serving=_serving(merged.get("serving")),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc
+
+
+SERVING_LIMITS = {"max_batch_size": (1, 4096), "batch_timeout_micros": (0, 1_000_000)}
+
+
+def _serving(value: Any) -> dict[str, int] | None:
+    """`serving: {max_batch_size, batch_timeout_micros}`, as TF Serving's batching parameters are named."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("`serving` must be a mapping: {max_batch_size: 32, batch_timeout_micros: 0}")
+    unknown = sorted(set(value) - set(SERVING_LIMITS))
+    if unknown:
+        raise ValueError(f"`serving` has no key {', '.join(unknown)} (known: {', '.join(SERVING_LIMITS)})")
+    out = {}
+    for key, raw in value.items():
+        low, high = SERVING_LIMITS[key]
+        if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+            raise ValueError(f"`serving.{key}` must be a whole number from {low} to {high}, not {raw!r}")
+        out[key] = raw
+    return out
 
 
 def _strings(value: Any, key: str) -> list[str]:

@@ -346,11 +346,12 @@ def test_prediction_api_and_slash_predict_over_http(driver: SlackDriver, slack: 
         assert ok.status_code == 200, ok.text
         preds = ok.json()["predictions"]
         assert len(preds) == 2 and preds[0]["class_ids"] in (0, 1, 2) and len(preds[0]["probabilities"]) == 3
+        assert ok.headers["X-Model-Version"] == version, "the version that answered, through starchart serve"
         named = requests.post(f"{server.url}/v1/models/iris/versions/{version}:predict", json={"instances": [flower]},
                               timeout=60)
-        assert named.json()["predictions"] == preds[:1]
-        status = requests.get(f"{server.url}/v1/models/iris", timeout=30).json()
-        assert status["model_version_status"][0]["version"] == version
+        assert named.json()["predictions"] == preds[:1] and named.headers["X-Model-Version"] == version
+        status = requests.get(f"{server.url}/v1/models/iris", timeout=30)
+        assert status.json()["model_version_status"][0]["version"] == version == status.headers["X-Model-Version"]
         bad = requests.post(f"{server.url}/v1/models/iris:predict", data=b'{"instances": [', timeout=30)
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
         missing = requests.post(f"{server.url}/v1/models/iris:predict", json={"instances": [{"sepal_length": 1}]},

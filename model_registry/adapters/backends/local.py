@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import http.client
 import json
 import logging
 import os
@@ -18,7 +17,9 @@ import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import urllib3
 
 from model_registry.adapters.backends import local_runner
 from model_registry.adapters.backends.base import JobStatus, TrainingSpec
@@ -45,13 +46,18 @@ class LocalBackend:
     name = "local"
     poll_interval = (0.05, 0.1)  # a status check is a file read: poll often, finish promptly
 
-    def __init__(self, home: Path, python: str | None = None) -> None:
+    def __init__(self, home: Path, python: str | None = None,
+                 serving_options: Callable[[str], Mapping[str, int] | None] | None = None) -> None:
         self.home = home
+        self.serving_options = serving_options or (lambda _model: None)  # a model's `serving:` (batching)
         self.jobs = home / "jobs"
         self.serving = home / "serving"
         self.python = python or sys.executable
         self.storage = LocalStorage()
         self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
+        self._pool_lock = threading.Lock()
+        self._pool_of_server: urllib3.HTTPConnectionPool | None = None
+        self._pool_port: int | None = None
 
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs / job_id
@@ -167,7 +173,13 @@ class LocalBackend:
             return {"model": model, "default": None, "versions": {}}
 
     def _write_pointer(self, model: str, data: dict[str, Any]) -> None:
+        """The model's versions, its default and its batching options, for the model server (read per request)."""
         self.serving.mkdir(parents=True, exist_ok=True)
+        options = self.serving_options(model)
+        if options:
+            data = {**data, "serving": dict(options)}
+        else:
+            data = {k: v for k, v in data.items() if k != "serving"}
         tmp = self._pointer(model).with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self._pointer(model))
@@ -207,35 +219,46 @@ class LocalBackend:
         while True:
             attempt += 1
             port = self.ensure_server()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST",
-                                         headers={"Content-Type": "application/json", "X-Request-Id": request_id,
-                                                  **self._server_auth()})
             try:
-                with urllib.request.urlopen(req, timeout=PREDICT_TIMEOUT) as resp:
-                    return resp.headers.get("X-Model-Version") or version or "", json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                raise self._refusal(model, exc) from None
-            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as exc:
-                reason = getattr(exc, "reason", exc)
-                if isinstance(reason, ConnectionRefusedError):  # nothing listened: the request was never sent
-                    self._forget_server()
-                    if attempt == 1:
-                        continue
-                elif isinstance(reason, (ConnectionError, http.client.HTTPException)):  # sent, then cut off
-                    what = "stopped while answering" if self._server_died(request_id, model, exc) else "cut off"
-                    raise BackendError(f"the local model server {what} this request (request {request_id}); "
-                                       "it is not sent again", f"see {self.serving / 'server.log'}") from exc
+                resp = self._pool(port).request(
+                    "POST", path, body=data, retries=False, preload_content=True,
+                    timeout=urllib3.Timeout(connect=5.0, read=PREDICT_TIMEOUT),
+                    headers={"Content-Type": "application/json", "X-Request-Id": request_id, **self._server_auth()})
+            except urllib3.exceptions.NewConnectionError:  # nothing listened: the request was never sent
+                self._forget_server()
+                if attempt == 1:
+                    continue
+                raise BackendError("the local model server did not answer: nothing listens on its port",
+                                   f"see {self.serving / 'server.log'}") from None
+            except urllib3.exceptions.ProtocolError as exc:  # sent, then cut off
+                what = "stopped while answering" if self._server_died(request_id, model, exc) else "cut off"
+                raise BackendError(f"the local model server {what} this request (request {request_id}); "
+                                   "it is not sent again", f"see {self.serving / 'server.log'}") from exc
+            except urllib3.exceptions.HTTPError as exc:  # a time-out, or another transport failure
                 raise BackendError(f"the local model server did not answer: {exc}",
                                    f"see {self.serving / 'server.log'}") from exc
+            if resp.status >= 400:
+                raise self._refusal(model, resp.status, resp.data, resp.reason)
+            return resp.headers.get("X-Model-Version") or version or "", json.loads(resp.data)
 
-    def _refusal(self, model: str, exc: urllib.error.HTTPError) -> Exception:
+    def _pool(self, port: int) -> urllib3.HTTPConnectionPool:
+        """Keep-alive connections to the model server on `port` (one pool per server, shared by threads)."""
+        with self._pool_lock:
+            if self._pool_port != port or self._pool_of_server is None:
+                if self._pool_of_server is not None:
+                    self._pool_of_server.close()
+                self._pool_of_server = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=64, block=False)
+                self._pool_port = port
+            return self._pool_of_server
+
+    def _refusal(self, model: str, status: int, data: bytes, reason: str | None) -> Exception:
         try:
-            message = json.loads(exc.read()).get("error") or exc.reason
-        except ValueError:
-            message = str(exc.reason)
-        if exc.code == 404:
+            message = json.loads(data).get("error") or reason or str(status)
+        except (ValueError, AttributeError):
+            message = reason or str(status)
+        if status == 404:
             return NotFound(message, f"list versions with `versions {model}`")
-        if exc.code in (400, 413):
+        if status in (400, 413):
             return InvalidInput(message, 'send {"instances": [{INPUT: VALUE, ...}, ...]}; '
                                          f"`diff {model}` shows the signature's inputs")
         return BackendError(f"the local model server failed: {message}", f"see {self.serving / 'server.log'}")

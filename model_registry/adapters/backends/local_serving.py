@@ -21,10 +21,19 @@ around the web process's prediction token. Bodies are checked against the versio
 This is a serving process: it imports TensorFlow (the bot's web process never does, and reaches it over
 HTTP through LocalBackend.predict). It writes SERVING_DIR/server.json once it listens, and
 keeps the few versions it served last loaded.
+
+It runs under waitress: one process (so requests for a version can be batched together and each SavedModel is
+in memory once), an I/O loop that reads each request whole before a thread takes it (a slow client holds no
+thread), keep-alive, a listen backlog that holds bursts, and idle connections closed after CHANNEL_TIMEOUT.
+Predictions for one version are batched as TF Serving batches them (`serving: {max_batch_size,
+batch_timeout_micros}` in the pointer file, from starchart.yaml): what is queued while the model is busy runs
+as one call, so a request alone waits for nothing (batch_timeout_micros 0, the default) and concurrent ones
+share calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import importlib.util
 import json
@@ -35,7 +44,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +63,11 @@ except ImportError:  # the same case: the domain's checks are one stdlib file, l
 
 MAX_BODY = 8 * 1024 * 1024
 LOADED_VERSIONS = 4  # SavedModels kept in memory, least recently used dropped first
+THREADS = 16  # waitress' request threads (TensorFlow releases the GIL while it computes)
+BACKLOG = 2048  # connections the kernel holds before any is accepted: bursts are queued, not refused
+CHANNEL_TIMEOUT = 60  # seconds an idle keep-alive connection stays open
+MAX_BATCH_SIZE = 32  # instances per model call, unless the model's `serving:` says otherwise
+BATCH_TIMEOUT_MICROS = 0  # how long a batch waits for more requests when it is not full (0: not at all)
 IDLE_EXIT = float(os.environ.get("STARCHART_SERVING_IDLE", "1800"))  # seconds without a request before exiting
 _last_request = [time.monotonic()]
 ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})(?:/versions/(?P<version>v\d{14}))?"
@@ -90,23 +104,127 @@ class Models:
             raise RequestError(404, f"Servable not found for request: Specific({model}, {name})")
         return name, uri
 
-    def signature(self, model: str, version: str | None) -> tuple[str, Any]:
+    def signature(self, model: str, version: str | None) -> tuple[str, Batcher]:
+        """The version that answers (the default unless named) and its model calls, loading it on first use."""
         name, uri = self.resolve(model, version)
         key = (model, name)
         with self.lock:  # one load at a time; a version loads once
-            fn = self.loaded.get(key)
-            if fn is None:
+            batcher = self.loaded.get(key)
+            if batcher is None:
                 import tensorflow as tf
 
                 try:
                     fn = tf.saved_model.load(uri.rstrip("/")).signatures["serving_default"]
                 except Exception as exc:
                     raise RequestError(404, f"could not load {model} {name} from {uri}: {exc}") from exc
-                self.loaded[key] = fn
-                while len(self.loaded) > LOADED_VERSIONS:
-                    self.loaded.popitem(last=False)
+                options = self.pointer(model).get("serving") or {}
+                batcher = Batcher(fn, max_batch_size=options.get("max_batch_size", MAX_BATCH_SIZE),
+                                  batch_timeout_micros=options.get("batch_timeout_micros", BATCH_TIMEOUT_MICROS))
+                self.loaded[key] = batcher
+                while len(self.loaded) > LOADED_VERSIONS:  # requests in flight on it still finish
+                    self.loaded.popitem(last=False)[1].close()
             self.loaded.move_to_end(key)
-        return name, fn
+        return name, batcher
+
+
+class _Call:
+    """One request's tensors, waiting for its share of a model call."""
+
+    def __init__(self, tensors: dict[str, Any], rows: int | None) -> None:
+        self.tensors, self.rows = tensors, rows  # rows None: not batch-major, runs alone
+        self.done = threading.Event()
+        self.outputs: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+
+class Batcher:
+    """One version's model calls, batched as TF Serving batches: the requests queued while the model is busy run
+    as one call of up to `max_batch_size` instances (after waiting up to `batch_timeout_micros` for more when the
+    batch is not full), and each request gets its rows of the outputs. A batch the model refuses is run again one
+    request at a time, so only the request at fault gets the error."""
+
+    def __init__(self, fn: Any, max_batch_size: int = MAX_BATCH_SIZE,
+                 batch_timeout_micros: int = BATCH_TIMEOUT_MICROS) -> None:
+        self.fn = fn
+        self.specs = fn.structured_input_signature[1]
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.timeout = max(0, int(batch_timeout_micros)) / 1e6
+        self.calls = 0  # model calls made (read by tests and the benchmark through /healthz)
+        self._queue: list[_Call] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._loop, name="batcher", daemon=True).start()
+
+    def __call__(self, tensors: dict[str, Any], rows: int | None) -> dict[str, Any]:
+        call = _Call(tensors, rows)
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._queue.append(call)
+                self._cond.notify()
+        if closed:  # unloaded after this request found it: it runs alone, here
+            self._run([call])
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        assert call.outputs is not None
+        return call.outputs
+
+    def close(self) -> None:
+        """No longer loaded: the queued requests finish, then the thread (and its hold on the model) ends."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if self._closed:  # the model's memory goes with the last request holding this batcher
+                        return
+                    self._cond.wait()
+                if self.timeout:
+                    deadline = time.monotonic() + self.timeout
+                    while self._queued_rows() < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(left)
+                batch = [self._queue.pop(0)]
+                rows = batch[0].rows or self.max_batch_size
+                while (self._queue and batch[0].rows is not None and self._queue[0].rows is not None
+                       and rows + self._queue[0].rows <= self.max_batch_size):
+                    call = self._queue.pop(0)
+                    batch.append(call)
+                    rows += call.rows or 0
+            self._run(batch)
+
+    def _queued_rows(self) -> int:
+        return sum(c.rows or self.max_batch_size for c in self._queue)
+
+    def _run(self, batch: list[_Call]) -> None:
+        import tensorflow as tf
+
+        if len(batch) > 1:
+            # a refused batch, or outputs that are not one row per instance: one request at a time below
+            with contextlib.suppress(tf.errors.InvalidArgumentError, ValueError, TypeError):
+                joined = {k: tf.concat([c.tensors[k] for c in batch], 0) for k in batch[0].tensors}
+                self.calls += 1
+                outputs = {k: v.numpy() for k, v in self.fn(**joined).items()}
+                total = sum(c.rows or 0 for c in batch)
+                if all(v.ndim >= 1 and v.shape[0] == total for v in outputs.values()):
+                    at = 0
+                    for c in batch:
+                        c.outputs = {k: v[at:at + (c.rows or 0)] for k, v in outputs.items()}
+                        at += c.rows or 0
+                        c.done.set()
+                    return
+        for c in batch:
+            try:
+                self.calls += 1
+                c.outputs = {k: v.numpy() for k, v in self.fn(**c.tensors).items()}
+            except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
+                c.error = RequestError(400, f"the model refused the input: {str(exc).splitlines()[0][:500]}")
+            except Exception as exc:  # a bug or a broken model: this request's 500, the server keeps serving
+                c.error = exc
+            c.done.set()
 
 
 def columns(body: Any, specs: dict[str, Any]) -> dict[str, list[Any]]:
@@ -159,8 +277,8 @@ def signature_inputs(specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def predict(models: Models, model: str, version: str | None, body: Any) -> tuple[str, dict[str, Any]]:
     import tensorflow as tf
 
-    name, fn = models.signature(model, version)
-    specs = fn.structured_input_signature[1]
+    name, batcher = models.signature(model, version)
+    specs = batcher.specs
     try:  # the core checked already (with the model's policy on NaN); again here, as TensorFlow aborts on some
         instances.check_body(body, signature_inputs(specs), allow_non_finite=True)
     except instances.InstancesRefused as exc:
@@ -175,11 +293,10 @@ def predict(models: Models, model: str, version: str | None, body: Any) -> tuple
         if not spec.shape.is_compatible_with(tensors[key].shape):
             raise RequestError(400, f"input {key}: shape {tensors[key].shape.as_list()} does not fit the "
                                     f"signature's {spec.shape}")
-    try:
-        result = fn(**tensors)
-    except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
-        raise RequestError(400, f"the model refused the input: {str(exc).splitlines()[0][:500]}") from None
-    outputs = {k: _plain(v.numpy().tolist()) for k, v in result.items()}
+    ranks = {t.shape.rank for t in tensors.values()}
+    sizes = {int(t.shape[0]) for t in tensors.values() if t.shape.rank}
+    rows = sizes.pop() if 0 not in ranks and len(sizes) == 1 else None  # batch-major inputs join a batch
+    outputs = {k: _plain(v.tolist()) for k, v in batcher(tensors, rows).items()}
     if "inputs" in body:
         only = next(iter(outputs.values())) if len(outputs) == 1 else outputs
         return name, {"outputs": only}
@@ -190,74 +307,66 @@ def predict(models: Models, model: str, version: str | None, body: Any) -> tuple
     return name, {"predictions": [{k: outputs[k][i] for k in keys} for i in range(rows)]}
 
 
-class Handler(BaseHTTPRequestHandler):
-    models: Models
-    secret: str
-    server_version = "starchart-local-serving"
+class App:
+    """The WSGI application waitress serves: routes, the secret, the body limit, errors as JSON."""
 
-    def log_message(self, fmt: str, *args: Any) -> None:  # stderr is the server's log file
-        sys.stderr.write("%s %s\n" % (self.log_date_time_string(), fmt % args))
+    def __init__(self, models: Models, secret: str) -> None:
+        self.models, self.secret = models, secret
 
-    def answer(self, status: int, body: dict[str, Any], version: str | None = None) -> None:
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         _last_request[0] = time.monotonic()
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        status, body, version = self.route(environ)
+        data = b"" if environ["REQUEST_METHOD"] == "HEAD" else json.dumps(body).encode()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
         if version:
-            self.send_header("X-Model-Version", version)
-        self.end_headers()
-        self.wfile.write(data)
+            headers.append(("X-Model-Version", version))
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        return [data]
 
-    def authorized(self) -> bool:
-        """True when the request carries this server's secret; else it is answered 401."""
-        given = self.headers.get("Authorization") or ""
-        if hmac.compare_digest(given.encode(), f"Bearer {self.secret}".encode()):
-            return True
-        self.answer(401, {"error": "send this server's secret: Authorization: Bearer <secret in server.json>"})
-        return False
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if not self.authorized():
-            return None
-        if self.path == "/healthz":
-            return self.answer(200, {"ok": True, "pid": os.getpid()})
-        m = ROUTE.match(self.path)
-        if not m or m["verb"]:
-            return self.answer(404, {"error": f"no route for GET {self.path}"})
+    def route(self, environ: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
+        given = environ.get("HTTP_AUTHORIZATION") or ""
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.secret}".encode()):
+            return 401, {"error": "send this server's secret: Authorization: Bearer <secret in server.json>"}, None
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
+        if method in ("GET", "HEAD") and path == "/healthz":
+            return 200, {"ok": True, "pid": os.getpid(), "model_calls": {
+                f"{m}/{v}": b.calls for (m, v), b in list(self.models.loaded.items())}}, None
+        m = ROUTE.match(path)
         try:
-            name, _ = self.models.resolve(m["model"], m["version"])
+            if method in ("GET", "HEAD") and m and not m["verb"]:
+                name, _ = self.models.resolve(m["model"], m["version"])
+                return 200, {"model_version_status": [
+                    {"version": name, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}, name
+            if method != "POST" or not m or not m["verb"]:
+                return 404, {"error": f"no route for {method} {path}"}, None
+            return self.predict(environ, m["model"], m["version"])
         except RequestError as exc:
-            return self.answer(exc.status, {"error": exc.message})
-        self.answer(200, {"model_version_status": [
-            {"version": name, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}, name)
+            return exc.status, {"error": exc.message}, None
 
-    def do_POST(self) -> None:  # noqa: N802
-        if not self.authorized():
-            return None
-        m = ROUTE.match(self.path)
-        if not m or not m["verb"]:
-            return self.answer(404, {"error": f"no route for POST {self.path}"})
-        length = int(self.headers.get("Content-Length") or 0)
+    def predict(self, environ: dict[str, Any], model: str, version: str | None) -> tuple[int, dict[str, Any], str]:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise RequestError(400, "Content-Length is not a number") from None
         if length > MAX_BODY:
-            return self.answer(413, {"error": f"request body over {MAX_BODY} bytes"})
+            raise RequestError(413, f"request body over {MAX_BODY} bytes")
         try:
-            try:
-                body = json.loads(self.rfile.read(length) or b"null")
-            except RecursionError:
-                raise RequestError(400, f"the body is nested more than {instances.MAX_DEPTH} levels deep") from None
-            except ValueError as exc:
-                raise RequestError(400, f"the body is not JSON: {exc}") from None
-            # logged before TensorFlow runs: if the process dies anyway, the log names the request
-            self.log_message("request %s: POST %s", self.headers.get("X-Request-Id") or "-", self.path)
-            sys.stderr.flush()
-            name, answer = predict(self.models, m["model"], m["version"], body)
-        except RequestError as exc:
-            return self.answer(exc.status, {"error": exc.message})
+            body = json.loads(environ["wsgi.input"].read(length) or b"null")
+        except RecursionError:
+            raise RequestError(400, f"the body is nested more than {instances.MAX_DEPTH} levels deep") from None
+        except ValueError as exc:
+            raise RequestError(400, f"the body is not JSON: {exc}") from None
+        # logged before TensorFlow runs: if the process dies anyway, the log names the request
+        sys.stderr.write(f"request {environ.get('HTTP_X_REQUEST_ID') or '-'}: POST {environ.get('PATH_INFO')}\n")
+        sys.stderr.flush()
+        try:
+            name, answer = predict(self.models, model, version, body)
+        except RequestError:
+            raise
         except Exception as exc:  # a bug or a broken model: say so, keep serving
-            self.log_message("predict failed: %r", exc)
-            return self.answer(500, {"error": f"prediction failed: {type(exc).__name__}: {exc}"[:500]})
-        self.answer(200, answer, name)
+            sys.stderr.write(f"predict failed: {exc!r}\n")
+            raise RequestError(500, f"prediction failed: {type(exc).__name__}: {exc}"[:500]) from None
+        return 200, answer, name
 
 
 def main() -> None:
@@ -265,16 +374,20 @@ def main() -> None:
     serving_dir.mkdir(parents=True, exist_ok=True)
     try:
         import tensorflow  # noqa: F401 - at start: a server that cannot load a model should not listen
+        import waitress.server
     except ImportError as exc:
-        sys.stderr.write(f"cannot serve: TensorFlow is not importable by {sys.executable} ({exc}); install it there "
+        what = {"tensorflow": "TensorFlow", "waitress": "waitress"}.get(exc.name or "", exc.name)
+        sys.stderr.write(f"cannot serve: {what} is not importable by {sys.executable} ({exc}); install it there "
                          "(pip install '.[train]') or set STARCHART_TRAINER_PYTHON to a Python that has it\n")
         sys.exit(3)
-    Handler.models = Models(serving_dir)
-    Handler.secret = secrets.token_urlsafe(32)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    info = {"pid": os.getpid(), "pid_start": proc_start_time(os.getpid()), "port": server.server_address[1],
-            "secret": Handler.secret}
+    secret = secrets.token_urlsafe(32)
+    server = waitress.server.create_server(
+        # bodies up to 4 x MAX_BODY are read and answered 413 with the reason; longer ones are cut off by waitress
+        App(Models(serving_dir), secret), host="127.0.0.1", port=0, threads=THREADS, backlog=BACKLOG,
+        channel_timeout=CHANNEL_TIMEOUT, max_request_body_size=4 * MAX_BODY, connection_limit=4096,
+        ident="starchart-local-serving", clear_untrusted_proxy_headers=True)
+    info = {"pid": os.getpid(), "pid_start": proc_start_time(os.getpid()), "port": server.effective_port,
+            "secret": secret}
     tmp = serving_dir / f".server.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the secret: readable by this user only
     with os.fdopen(fd, "w") as fh:
@@ -283,19 +396,24 @@ def main() -> None:
     sys.stderr.write(f"serving {serving_dir} on 127.0.0.1:{info['port']}\n")
     sys.stderr.flush()
 
+    def forget_me() -> None:
+        with contextlib.suppress(OSError, ValueError):  # another server took over, or the file is gone
+            if json.loads((serving_dir / "server.json").read_text()).get("pid") == os.getpid():
+                (serving_dir / "server.json").unlink()
+
     def exit_when_idle() -> None:  # a laptop's server does not outlive its use by long
         while time.monotonic() - _last_request[0] < IDLE_EXIT:
             time.sleep(min(30.0, IDLE_EXIT / 4))
         sys.stderr.write(f"no request for {IDLE_EXIT:.0f}s: exiting\n")
-        server.shutdown()
+        sys.stderr.flush()
+        forget_me()
+        os._exit(0)  # waitress' loop has no stop from another thread; nothing is in flight after the idle time
 
     threading.Thread(target=exit_when_idle, daemon=True).start()
-    server.serve_forever()
     try:
-        if json.loads((serving_dir / "server.json").read_text()).get("pid") == os.getpid():
-            (serving_dir / "server.json").unlink()
-    except (OSError, ValueError):  # another server took over, or the file is gone: nothing to clean
-        return
+        server.run()
+    finally:
+        forget_me()
 
 
 if __name__ == "__main__":
