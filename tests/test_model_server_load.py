@@ -128,3 +128,64 @@ def test_batching_options_reach_the_model_server_and_are_checked(iris: Any, make
         path.write_text(json.dumps({"models": {"iris": {"serving": bad}}}))
         with pytest.raises(InvalidInput, match=words):
             ProjectConfig.load(path)
+
+
+def test_a_switch_under_load_drops_no_request_and_warms_the_new_version_first(iris: Any, trained: dict) -> None:
+    from model_registry.domain.errors import BackendError
+
+    reg = iris
+    assert train_and_wait(reg, "iris", "U_T", replay_args(trained["iris_b"]))["state"] == "SUCCEEDED"
+    reg.versions.expose("iris", "U_T")
+    old = reg.versions.default("iris")
+    [new] = [v["name"] for v in reg.versions.of_model("iris")["versions"] if v["name"] != old]
+    port, secret = _server(reg)
+    stop = threading.Event()
+    seen: list[list[str]] = [[] for _ in range(16)]
+    failures: list[str] = []
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        body = json.dumps({"instances": [FLOWERS[i]]}).encode()
+        try:
+            while not stop.is_set():
+                status, answer, version = _post(conn, secret, body)
+                if status != 200:
+                    failures.append(f"{i}: {status} {answer}")
+                seen[i].append(version or "")
+        except OSError as exc:
+            failures.append(f"{i}: {type(exc).__name__}: {exc}")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        _wait_until(lambda: all(len(s) >= 5 for s in seen))
+        with pytest.raises(BackendError, match="did not load"):  # a version the server cannot load: no switch
+            reg.backend.register_version("iris", {"name": "v20990101000000", "deployment_uri": "/nonexistent/"},
+                                         first=False)
+            reg.backend.set_default("iris", "v20990101000000", None)
+        assert reg.backend.current_default("iris") == old
+        reg.backend.set_default("iris", new, None)  # what an approved apply calls
+        marks = [len(s) for s in seen]
+        _wait_until(lambda: all(len(s) >= m + 5 for s, m in zip(seen, marks)))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert failures == [], failures[:5]
+    for versions in seen:  # each client: the old version, then the new one, never back
+        switched = versions.index(new)
+        assert set(versions[:switched]) == {old} and set(versions[switched:]) == {new}, versions
+    log = (reg.settings.home / "serving" / "server.log").read_text()
+    assert f"warmed iris {new}" in log
+
+
+def _wait_until(condition: Any, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

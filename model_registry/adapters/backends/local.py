@@ -191,11 +191,30 @@ class LocalBackend:
         return version["deployment_uri"]
 
     def set_default(self, model: str, version: str, ref: str | None) -> None:
+        """Switch the default without a dropped request: a running model server loads and warms the version
+        first (one prediction), then the pointer moves; requests in flight finish on the version they began on.
+        A version the server cannot load fails the switch, and the default stays as it was."""
         data = self._read_pointer(model)
         if version not in data["versions"]:
             raise BackendError(f"the local server does not know {model} {version}", "expose the version again")
+        port = self._server_port()
+        if port:
+            self._warm(port, model, version)
         data["default"] = version
         self._write_pointer(model, data)
+
+    def _warm(self, port: int, model: str, version: str) -> None:
+        try:
+            resp = self._pool(port).request(
+                "POST", f"/v1/models/{model}/versions/{version}:warm", retries=False,
+                timeout=urllib3.Timeout(connect=5.0, read=PREDICT_TIMEOUT), headers=self._server_auth())
+        except urllib3.exceptions.HTTPError as exc:
+            raise BackendError(f"the local model server could not warm {model} {version}: {exc}",
+                               f"see {self.serving / 'server.log'}; the default is unchanged") from exc
+        if resp.status != 200:
+            refusal = self._refusal(model, resp.status, resp.data, resp.reason)
+            raise BackendError(f"{model} {version} did not load on the local model server: {refusal}",
+                               f"see {self.serving / 'server.log'}; the default is unchanged")
 
     def apply_timeout(self, model: str) -> float:
         return 0.0  # a local switch is one pointer-file write: the apply's first lease covers it, none is renewed

@@ -5,7 +5,9 @@
     POST /v1/models/<model>:predict                     the default version (SERVING_DIR/<model>.json)
     POST /v1/models/<model>/versions/<version>:predict  a given version
     GET  /v1/models/<model>                             status of the default version
-    GET  /healthz
+    GET  /healthz                                       the versions loaded and their model calls
+    POST /v1/models/<model>/versions/<version>:warm     load a version and answer one prediction (before a
+                                                        switch of the default sends it traffic)
 
 The body of a predict is TF Serving's row format, {"instances": [...]} (each instance a dict of the
 signature's inputs, or a bare value when it has one input), or its columnar format, {"inputs": {...}}.
@@ -71,7 +73,7 @@ BATCH_TIMEOUT_MICROS = 0  # how long a batch waits for more requests when it is 
 IDLE_EXIT = float(os.environ.get("STARCHART_SERVING_IDLE", "1800"))  # seconds without a request before exiting
 _last_request = [time.monotonic()]
 ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})(?:/versions/(?P<version>v\d{14}))?"
-                   r"(?P<verb>:predict)?$")
+                   r"(?P<verb>:predict|:warm)?$")
 
 
 class RequestError(Exception):
@@ -274,6 +276,16 @@ def signature_inputs(specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 else [-1 if d is None else int(d) for d in spec.shape.as_list()]} for k, spec in specs.items()}
 
 
+def example_value(spec: dict[str, Any]) -> Any:
+    """A value of one input, as one instance gives it: zeros (or empty strings) in the signature's shape, its
+    batch dimension left out and unknown sizes taken as 1."""
+    dtype = spec["dtype"]
+    value: Any = "" if dtype == "string" else False if dtype == "bool" else 0 if "int" in dtype else 0.0
+    for size in reversed((spec.get("shape") or [-1])[1:]):
+        value = [value] * (size if size and size > 0 else 1)
+    return value
+
+
 def predict(models: Models, model: str, version: str | None, body: Any) -> tuple[str, dict[str, Any]]:
     import tensorflow as tf
 
@@ -333,15 +345,29 @@ class App:
                 f"{m}/{v}": b.calls for (m, v), b in list(self.models.loaded.items())}}, None
         m = ROUTE.match(path)
         try:
+            if method == "POST" and m and m["verb"] == ":warm" and m["version"]:
+                return self.warm(m["model"], m["version"])
             if method in ("GET", "HEAD") and m and not m["verb"]:
                 name, _ = self.models.resolve(m["model"], m["version"])
                 return 200, {"model_version_status": [
                     {"version": name, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}, name
-            if method != "POST" or not m or not m["verb"]:
+            if method != "POST" or not m or m["verb"] != ":predict":
                 return 404, {"error": f"no route for {method} {path}"}, None
             return self.predict(environ, m["model"], m["version"])
         except RequestError as exc:
             return exc.status, {"error": exc.message}, None
+
+    def warm(self, model: str, version: str) -> tuple[int, dict[str, Any], str]:
+        """Load `version` and run one prediction on an instance built from its signature, so that the first
+        request it gets after a switch finds it ready."""
+        t0 = time.monotonic()
+        name, batcher = self.models.signature(model, version)
+        instance = {k: example_value(spec) for k, spec in signature_inputs(batcher.specs).items()}
+        predict(self.models, model, name, {"instances": [instance]})
+        took = time.monotonic() - t0
+        sys.stderr.write(f"warmed {model} {name} in {took:.2f}s\n")
+        sys.stderr.flush()
+        return 200, {"model": model, "version": name, "seconds": round(took, 3)}, name
 
     def predict(self, environ: dict[str, Any], model: str, version: str | None) -> tuple[int, dict[str, Any], str]:
         try:
