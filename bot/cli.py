@@ -33,6 +33,10 @@ def _serve_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
     p.add_argument("--workers", type=int)
 
 
+def _db_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
+    p.add_argument("action", choices=["upgrade"], help="upgrade: run the migrations the database has not had yet")
+
+
 @dataclass(frozen=True)
 class Process:
     """A long-running entry point: declared like a command, started by main() rather than run through the table."""
@@ -55,6 +59,15 @@ def _serve(args: argparse.Namespace) -> int | None:
 
     serve(port=args.port, workers=args.workers)
     return None
+
+
+def _db(_args: argparse.Namespace) -> int:
+    from model_registry.adapters.db import upgrade_database
+    from model_registry.config import Settings
+
+    database, migrated = upgrade_database(Settings.from_env().database_url)
+    print(f"{database}: {migrated}")
+    return EXIT_OK
 
 
 def _socket(_args: argparse.Namespace) -> int | None:
@@ -88,6 +101,7 @@ PROCESSES = {p.name: p for p in (
     Process("serve", "the Slack bot over HTTP (POST /slack/events, GET /healthz)", _serve, _serve_arguments),
     Process("socket", "the Slack bot over Socket Mode", _socket),
     Process("console", "type /ml commands in a terminal; cards render as text (--user U)", _console),
+    Process("db", "`db upgrade`: migrate the database once (the Procfile's release: step)", _db, _db_arguments),
     Process("worker", "follow jobs, reconcile interrupted applies, expire requests", _worker, _once),
 )}
 

@@ -32,7 +32,17 @@ def build_wsgi() -> Any:
     return WebApp(create_bot(SlackSettings.from_env(), follow_interval=web.follow_interval), web)
 
 
+def _database_ready() -> None:
+    """Refuse to start on a database without this release's schema (SQLite: migrate it), before anything listens:
+    the core itself loads in the background (bot.app.LazyRegistry), where a refusal would only reach the log."""
+    from model_registry.adapters.db import check_database
+    from model_registry.config import Settings
+
+    check_database(Settings.from_env().database_url)
+
+
 def serve(port: int | None = None, workers: int | None = None) -> None:
+    _database_ready()
     web = WebSettings.from_env()
     _Server({
         "bind": f"0.0.0.0:{port or web.port}",
@@ -56,5 +66,6 @@ def socket_mode() -> None:
     slack = SlackSettings.from_env()
     if not slack.app_token:
         raise InvalidInput("SLACK_APP_TOKEN is not set", "create an app-level token with connections:write")
+    _database_ready()
     bot = create_bot(slack)
     SocketModeHandler(bot.app, slack.app_token).start()

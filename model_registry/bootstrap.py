@@ -64,7 +64,7 @@ def make_backend(settings: Settings, config: ProjectConfig) -> Backend:
 
 def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None = None,
               members_of: MembersOf | None = None) -> Core:
-    """Open the database (migrating it), choose the backend, and wire the groups of use cases."""
+    """Open the database (SQLite: migrating it), choose the backend, and wire the groups of use cases."""
     db = Database(settings.database_url)
     audit_log = AuditLog()
     backend = backend or make_backend(settings, config)

@@ -1,0 +1,130 @@
+"""Heroku's conventions: `postgres://` URLs, `starchart db upgrade` as the release step,
+and processes that refuse an old schema instead of migrating it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_config
+from sqlalchemy import text
+
+from model_registry.adapters.db import SCHEMA_HEAD, alembic_config, current_revision, make_engine
+
+
+def heroku_url(url: str) -> str:
+    """The same database as Heroku writes its DATABASE_URL: postgres://, no driver."""
+    assert url.startswith("postgresql+psycopg://")
+    return "postgres://" + url.removeprefix("postgresql+psycopg://")
+
+
+def starchart(env: dict[str, str], *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bot.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def env(tmp_path: Path, replay_trainers: Path) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir()
+    config = write_config(home, replay_trainers)
+    return {**os.environ, "STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
+
+
+def test_a_heroku_postgres_url_is_used_as_it_is(empty_pg_url: str) -> None:
+    engine = make_engine(heroku_url(empty_pg_url))
+    assert (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT current_database()")).scalar() == empty_pg_url.rsplit("/", 1)[1]
+    engine.dispose()
+    with_query = make_engine(heroku_url(empty_pg_url) + "?sslmode=disable&application_name=starchart")
+    assert with_query.url.query == {"sslmode": "disable", "application_name": "starchart"}
+    with with_query.connect() as conn:
+        assert conn.execute(text("SHOW application_name")).scalar() == "starchart"
+    with_query.dispose()
+
+
+def test_db_upgrade_migrates_once_and_says_what_it_did(empty_pg_url: str, env: dict[str, str]) -> None:
+    env = {**env, "DATABASE_URL": heroku_url(empty_pg_url)}
+    first = starchart(env, "db", "upgrade")
+    assert first.returncode == 0, first.stderr
+    database = heroku_url(empty_pg_url).replace("postgres://", "postgresql+psycopg://")
+    assert first.stdout.strip() == f"{database}: migrated the schema from an empty database to revision {SCHEMA_HEAD}"
+    again = starchart(env, "db", "upgrade")
+    assert again.returncode == 0 and again.stdout.strip().endswith(
+        f"the schema is at revision {SCHEMA_HEAD}, the newest: nothing to do")
+    # the other processes now start: a command on Heroku's URL
+    verified = starchart(env, "audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert "OK" in verified.stdout
+
+
+def test_db_upgrade_from_an_older_revision(empty_pg_url: str, env: dict[str, str]) -> None:
+    from alembic import command
+
+    engine = make_engine(empty_pg_url)
+    command.upgrade(alembic_config(engine), "0003")
+    done = starchart({**env, "DATABASE_URL": empty_pg_url}, "db", "upgrade")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f"migrated the schema from revision 0003 to revision {SCHEMA_HEAD}")
+    assert current_revision(engine) == SCHEMA_HEAD
+    engine.dispose()
+
+
+PROCESSES = [("command", ["versions", "iris"]), ("worker", ["worker", "--once"]), ("clock", ["clock", "--once"]),
+             ("serve", ["serve", "--port", "0"]), ("socket", ["socket"]), ("console", ["console"])]
+
+
+SECRET = "test-signing-secret"
+
+
+def refused(env: dict[str, str], argv: list[str]) -> str:
+    env = {**env, "SLACK_BOT_TOKEN": "xoxb-test", "SLACK_SIGNING_SECRET": SECRET, "SLACK_APP_TOKEN": "xapp-test",
+           "SLACK_API_URL": "http://127.0.0.1:9/api/"}
+    done = starchart(env, *argv)
+    assert done.returncode == 1, (argv, done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_processes_refuse_an_empty_postgres_database(empty_pg_url: str, env: dict[str, str]) -> None:
+    env = {**env, "DATABASE_URL": heroku_url(empty_pg_url)}
+    for name, argv in PROCESSES:
+        said = refused(env, argv)
+        assert "has no StarChart schema yet" in said and "run `starchart db upgrade`" in said, (name, said)
+        assert "hint:" in said, (name, said)
+    engine = make_engine(empty_pg_url)
+    assert current_revision(engine) is None, "nothing migrated it"
+    engine.dispose()
+
+
+def test_processes_refuse_an_older_schema_and_a_newer_one(empty_pg_url: str, env: dict[str, str]) -> None:
+    from alembic import command
+
+    env = {**env, "DATABASE_URL": empty_pg_url}
+    engine = make_engine(empty_pg_url)
+    command.upgrade(alembic_config(engine), "0003")
+    for name, argv in PROCESSES:
+        said = refused(env, argv)
+        assert f"is at schema revision 0003; this release needs revision {SCHEMA_HEAD}" in said, (name, said)
+        assert "run `starchart db upgrade`" in said, (name, said)
+    assert current_revision(engine) == "0003", "no process migrated it"
+    with engine.begin() as conn:  # as a newer release would leave it
+        conn.execute(text("UPDATE alembic_version SET version_num = '0999'"))
+    for argv in (["versions", "iris"], ["db", "upgrade"]):
+        said = refused(env, argv)
+        assert "at schema revision 0999, which this release does not know" in said, said
+    assert current_revision(engine) == "0999"
+    engine.dispose()
+
+
+def test_sqlite_is_still_migrated_when_a_process_starts(env: dict[str, str], tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'laptop.db'}"
+    done = starchart({**env, "DATABASE_URL": url}, "audit", "verify")
+    assert done.returncode == 0, done.stderr
+    engine = make_engine(url)
+    assert current_revision(engine) == SCHEMA_HEAD
+    engine.dispose()
