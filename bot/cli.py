@@ -31,6 +31,8 @@ def _once(p: argparse.ArgumentParser, _cli: bool) -> None:
 def _serve_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--workers", type=int)
+    p.add_argument("--with-worker", action="store_true",
+                   help="run the worker and the clock in this process too (one machine: no other process needed)")
 
 
 def _db_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
@@ -57,7 +59,7 @@ def _demo(_args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int | None:
     from bot.serve import serve
 
-    serve(port=args.port, workers=args.workers)
+    serve(port=args.port, workers=args.workers, with_worker=args.with_worker)
     return None
 
 

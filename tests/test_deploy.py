@@ -1,16 +1,21 @@
-"""Heroku's conventions: `postgres://` URLs, `starchart db upgrade` as the release step,
-and processes that refuse an old schema instead of migrating it."""
+"""Heroku's conventions and the single machine: `postgres://` URLs, `starchart db upgrade` as the release step,
+processes that refuse an old schema instead of migrating it, and `serve --with-worker`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import ROOT, write_config
-from sqlalchemy import text
+from conftest import ROOT, replay_args, train_and_wait, write_config
+from fakes.slack_fake import SlackFake
+from sqlalchemy import select, text, update
+from test_slack_http import CHANNEL, SECRET, Server, message_with, registry
 
 from model_registry.adapters.db import SCHEMA_HEAD, alembic_config, current_revision, make_engine
 
@@ -78,9 +83,6 @@ PROCESSES = [("command", ["versions", "iris"]), ("worker", ["worker", "--once"])
              ("serve", ["serve", "--port", "0"]), ("socket", ["socket"]), ("console", ["console"])]
 
 
-SECRET = "test-signing-secret"
-
-
 def refused(env: dict[str, str], argv: list[str]) -> str:
     env = {**env, "SLACK_BOT_TOKEN": "xoxb-test", "SLACK_SIGNING_SECRET": SECRET, "SLACK_APP_TOKEN": "xapp-test",
            "SLACK_API_URL": "http://127.0.0.1:9/api/"}
@@ -128,3 +130,48 @@ def test_sqlite_is_still_migrated_when_a_process_starts(env: dict[str, str], tmp
     engine = make_engine(url)
     assert current_revision(engine) == SCHEMA_HEAD
     engine.dispose()
+
+
+def test_serve_with_worker_runs_the_worker_and_the_clock(tmp_path: Path, replay_trainers: Path,
+                                                         trained: dict[str, Path]) -> None:
+    """One process: the clock starts a scheduled retrain, the worker follows it, exposes it and posts its review
+    card — with no `starchart worker` or `starchart clock` running, over real HTTP to a Slack fake."""
+    from model_registry.adapters.records import Job, Schedule
+    from model_registry.domain.names import utcnow
+
+    home = tmp_path / "home"
+    home.mkdir()
+    config = write_config(home, replay_trainers, defaults={"channel": CHANNEL, "approvers": ["U0ERIN"]},
+                          models={"iris": {"auto_expose": True, "auto_review": True}})
+    with SlackFake(channels={CHANNEL: "ml-review"}) as slack:
+        env = {**os.environ, "SLACK_BOT_TOKEN": slack.token, "SLACK_SIGNING_SECRET": SECRET,
+               "SLACK_API_URL": slack.base_url, "STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config),
+               "DATABASE_URL": f"sqlite:///{home / 'starchart.db'}", "STARCHART_FOLLOW_INTERVAL": "0.1"}
+        reg: Any = registry(env)
+        try:
+            first = train_and_wait(reg, "iris", "U0ALICE", replay_args(trained["iris_a"]))
+            assert first["state"] == "SUCCEEDED", first
+            default = reg.versions.expose("iris", "U0ALICE")["exposed"][0]["name"]
+            reg.schedules.set("iris", "* * * * *", "U0ALICE", args=replay_args(trained["iris_b"], "--epochs=4"))
+            with reg.db.unit_of_work() as s:  # set two minutes ago: its firing is due now, not at the next minute
+                s.execute(update(Schedule).values(updated_at=utcnow() - timedelta(minutes=2)))
+            server = Server(env, tmp_path / "serve.log", "--with-worker")
+            try:
+                _key, card = message_with(slack, "Review: iris", timeout=90)
+                with reg.db.reads() as s:  # the records as the passes left them (reading them refreshes nothing)
+                    jobs = s.execute(select(Job.requested_by, Job.state, Job.version_name)
+                                     .where(Job.model == "iris").order_by(Job.ts)).all()
+                assert [tuple(j) for j in jobs][0][:2] == ("U0ALICE", "SUCCEEDED")
+                by, state, version = jobs[1]
+                assert (by, state) == ("schedule:iris", "SUCCEEDED") and version, jobs
+                assert version in json.dumps(card) and reg.versions.default("iris") == default
+                opened = reg.promotions.of_model("iris", open_only=True)
+                assert [(r["candidate"], r["requested_by"]) for r in opened] == [(version, "schedule:iris")]
+                log = (tmp_path / "serve.log").read_text()
+                # two gunicorn workers, one of them runs the passes
+                assert log.count("the worker and the clock run in this web process") == 1, log[-3000:]
+                assert "scheduled training iris_" in log
+            finally:
+                server.stop()
+        finally:
+            reg.close()
