@@ -72,7 +72,8 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
     audit_trail = AuditTrail(db, audit_log, catalog, settings)
     jobs = Jobs(db, audit_log, catalog, config, settings, backend)
     versions = Versions(db, audit_log, catalog, config, backend, jobs)
-    promotions = Promotions(db, audit_log, catalog, config, backend, versions, audit_trail)
+    promotions = Promotions(db, audit_log, catalog, config, backend, versions, audit_trail,
+                            project=settings.gcp_project)
     return Core(
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,
