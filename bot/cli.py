@@ -63,12 +63,15 @@ def _serve(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _db(_args: argparse.Namespace) -> int:
+def _db(args: argparse.Namespace) -> int:
     from model_registry.adapters.db import upgrade_database
     from model_registry.config import Settings
 
     database, migrated = upgrade_database(Settings.from_env().database_url)
-    print(f"{database}: {migrated}")
+    if args.json:
+        print(json.dumps({"database": database, "from": migrated.before, "to": migrated.after}))
+    else:
+        print(f"{database}: {migrated}")
     return EXIT_OK
 
 

@@ -146,9 +146,8 @@ def in_background(registry: Any, client: Any, worker_interval: float = WORKER_IN
     """`serve --with-worker`: the worker's and the clock's passes on daemon threads of this web process.
 
     gunicorn runs several worker processes; a lock file under STARCHART_HOME picks the one that runs the passes
-    (the others wait on it, so when that process ends, another takes over). The passes are safe to run twice all
-    the same, as with several worker and clock processes. `registry` may be the lazily loaded core: this waits
-    for it.
+    (the others wait on it, so when that process ends, another takes over). `registry` may be the lazily loaded
+    core: this waits for it.
     """
     def duties() -> None:
         from bot.app import LazyRegistry
@@ -158,6 +157,7 @@ def in_background(registry: Any, client: Any, worker_interval: float = WORKER_IN
         except BaseException:  # noqa: BLE001 - the load error is logged by the loader and shown by /healthz
             log.error("the worker and the clock do not run: the core failed to load")
             return
+        core.settings.home.mkdir(parents=True, exist_ok=True)  # on PostgreSQL nothing else may have made it yet
         lock = open(core.settings.home / "with-worker.lock", "a")  # held for the life of the process
         fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process of this machine runs the passes
         log.info("the worker and the clock run in this web process (pid %s)", os.getpid())
