@@ -380,7 +380,12 @@ def _card(result: r.ReviewCard) -> Rendered:
 
 @render.register
 def _card_posted(result: r.CardPosted) -> Rendered:
-    return Rendered(f"Promotion request #{result.request['id']} is open for review in <#{result.request['channel']}>.")
+    req = result.request
+    said = f"Promotion request #{req['id']} is open for review in <#{req['channel']}>."
+    if req.get("model_files"):  # apply: what it asks for, and which file said so
+        files = " and ".join(f"`{name}`" for name in req["model_files"])
+        said += f" It asks for `{req['candidate']}`, marked isDefault in {files}."
+    return Rendered(said)
 
 
 @render.register

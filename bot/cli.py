@@ -31,6 +31,12 @@ def _once(p: argparse.ArgumentParser, _cli: bool) -> None:
 def _serve_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--workers", type=int)
+    p.add_argument("--with-worker", action="store_true",
+                   help="run the worker and the clock in this process too (one machine: no other process needed)")
+
+
+def _db_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
+    p.add_argument("action", choices=["upgrade"], help="upgrade: run the migrations the database has not had yet")
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,20 @@ def _demo(_args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int | None:
     from bot.serve import serve
 
-    serve(port=args.port, workers=args.workers)
+    serve(port=args.port, workers=args.workers, with_worker=args.with_worker)
     return None
+
+
+def _db(args: argparse.Namespace) -> int:
+    from model_registry.adapters.db import upgrade_database
+    from model_registry.config import Settings
+
+    database, migrated = upgrade_database(Settings.from_env().database_url)
+    if args.json:
+        print(json.dumps({"database": database, "from": migrated.before, "to": migrated.after}))
+    else:
+        print(f"{database}: {migrated}")
+    return EXIT_OK
 
 
 def _socket(_args: argparse.Namespace) -> int | None:
@@ -88,6 +106,7 @@ PROCESSES = {p.name: p for p in (
     Process("serve", "the Slack bot over HTTP (POST /slack/events, GET /healthz)", _serve, _serve_arguments),
     Process("socket", "the Slack bot over Socket Mode", _socket),
     Process("console", "type /ml commands in a terminal; cards render as text (--user U)", _console),
+    Process("db", "`db upgrade`: migrate the database once (the Procfile's release: step)", _db, _db_arguments),
     Process("worker", "follow jobs, reconcile interrupted applies, expire requests", _worker, _once),
 )}
 

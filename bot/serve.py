@@ -12,8 +12,9 @@ from model_registry.config import SlackSettings, WebSettings
 
 
 class _Server(BaseApplication):
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], with_worker: bool = False) -> None:
         self.options = options
+        self.with_worker = with_worker
         super().__init__()
 
     def load_config(self) -> None:
@@ -21,18 +22,35 @@ class _Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return build_wsgi()
+        return build_wsgi(with_worker=self.with_worker)
 
 
-def build_wsgi() -> Any:
+def build_wsgi(with_worker: bool = False) -> Any:
+    """The WSGI app of one gunicorn worker; `with_worker`: the worker's and the clock's passes run here too (in one
+    gunicorn worker of the machine at a time, see bot.worker.in_background)."""
     from bot.app import create_bot
     from bot.web import WebApp
 
     web = WebSettings.from_env()
-    return WebApp(create_bot(SlackSettings.from_env(), follow_interval=web.follow_interval), web)
+    bot = create_bot(SlackSettings.from_env(), follow_interval=web.follow_interval)
+    if with_worker:
+        from bot.worker import in_background
+
+        in_background(bot.registry, bot.client)
+    return WebApp(bot, web)
 
 
-def serve(port: int | None = None, workers: int | None = None) -> None:
+def _database_ready() -> None:
+    """Refuse to start on a database without this release's schema (SQLite: migrate it), before anything listens:
+    the core itself loads in the background (bot.app.LazyRegistry), where a refusal would only reach the log."""
+    from model_registry.adapters.db import check_database
+    from model_registry.config import Settings
+
+    check_database(Settings.from_env().database_url)
+
+
+def serve(port: int | None = None, workers: int | None = None, with_worker: bool = False) -> None:
+    _database_ready()
     web = WebSettings.from_env()
     _Server({
         "bind": f"0.0.0.0:{port or web.port}",
@@ -43,7 +61,7 @@ def serve(port: int | None = None, workers: int | None = None) -> None:
         "timeout": 30,
         "graceful_timeout": 10,
         "accesslog": "-" if web.access_log else None,
-    }).run()
+    }, with_worker=with_worker).run()
 
 
 def socket_mode() -> None:
@@ -56,5 +74,6 @@ def socket_mode() -> None:
     slack = SlackSettings.from_env()
     if not slack.app_token:
         raise InvalidInput("SLACK_APP_TOKEN is not set", "create an app-level token with connections:write")
+    _database_ready()
     bot = create_bot(slack)
     SocketModeHandler(bot.app, slack.app_token).start()

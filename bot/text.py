@@ -307,8 +307,15 @@ def _archive(result: r.PulledArchive, style: Style = PLAIN) -> Text:
 @render.register
 def _opened(result: r.RequestOpened, style: Style = PLAIN) -> Text:
     req = result.request
-    return Text(f"Promotion request #{req['id']} is open", request_lines(req) + [""] + diff_lines(req["diff"]) + [
-        "", f"approve: starchart approve {req['id']} --user APPROVER"])
+    return Text(f"Promotion request #{req['id']} is open", request_lines(req) + applied_from(req) + [""]
+                + diff_lines(req["diff"]) + ["", f"approve: starchart approve {req['id']} --user APPROVER"])
+
+
+def applied_from(req: Mapping[str, Any]) -> list[str]:
+    """apply's request: the version it asks for and the model file(s) that mark it."""
+    if not req.get("model_files"):
+        return []
+    return [f"{req['candidate']} is marked isDefault in {' and '.join(req['model_files'])}"]
 
 
 @render.register
@@ -326,7 +333,8 @@ def _shown(result: r.RequestShown, style: Style = PLAIN) -> Text:
 @render.register
 def _card_posted(result: r.CardPosted, style: Style = PLAIN) -> Text:
     req = result.request
-    return _one(f"Promotion request #{req['id']} is open for review in {style.where(req['channel'])}.")
+    said = f"Promotion request #{req['id']} is open for review in {style.where(req['channel'])}."
+    return _one(" ".join([said, *applied_from(req)]))
 
 
 @render.register

@@ -1,9 +1,14 @@
 """`starchart worker`: keeps the records true while nobody is asking — jobs, interrupted applies, expiry,
-scheduled retrains put up for review, and audit checkpoints posted to Slack (`audit_checkpoint`)."""
+scheduled retrains put up for review, and audit checkpoints posted to Slack (`audit_checkpoint`).
+`starchart clock`: starts scheduled trainings. `starchart serve --with-worker` runs both passes in the web process
+(`in_background`)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import threading
 import time
 from datetime import datetime
 from typing import Any, Callable
@@ -68,7 +73,29 @@ def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
     return done
 
 
-def run_worker(once: bool = False, interval: float = 10.0) -> int:
+WORKER_INTERVAL, CLOCK_INTERVAL = 10.0, 30.0  # seconds between passes
+
+
+def worker_pass(registry: Any, client: Any) -> Callable[[], None]:
+    """One pass of `starchart worker`, as the loop runs it: what it did is logged."""
+    def work() -> None:
+        done = one_pass(registry, client)
+        if any(done.values()):
+            log.info("worker pass: %s", done)
+
+    return work
+
+
+def clock_pass(registry: Any) -> Callable[[], None]:
+    """One pass of `starchart clock`: the scheduled trainings that are due start."""
+    def work() -> None:
+        for job in registry.schedules.run_due():
+            log.info("scheduled training %s started", job["job_id"])
+
+    return work
+
+
+def run_worker(once: bool = False, interval: float = WORKER_INTERVAL) -> int:
     from model_registry.bootstrap import Core
 
     _log_progress()
@@ -81,13 +108,7 @@ def run_worker(once: bool = False, interval: float = 10.0) -> int:
         from bot.app import slack_client
 
         client = slack_client(slack)
-
-    def work() -> None:
-        done = one_pass(registry, client)
-        if any(done.values()):
-            log.info("worker pass: %s", done)
-
-    return _every(interval, work, "worker", once)
+    return _every(interval, worker_pass(registry, client), "worker", once)
 
 
 def _log_progress() -> None:
@@ -110,16 +131,45 @@ def _every(interval: float, work: Callable[[], None], name: str, once: bool) -> 
         time.sleep(interval)
 
 
-def run_clock(once: bool = False, interval: float = 30.0) -> int:
+def run_clock(once: bool = False, interval: float = CLOCK_INTERVAL) -> int:
     """`starchart clock`: start scheduled trainings when they are due (several clocks never double-fire)."""
     from model_registry.bootstrap import Core
 
     _log_progress()
     registry = Core.from_env()
     registry.schedules.sync_configured()
+    return _every(interval, clock_pass(registry), "clock", once)
 
-    def work() -> None:
-        for job in registry.schedules.run_due():
-            log.info("scheduled training %s started", job["job_id"])
 
-    return _every(interval, work, "clock", once)
+def in_background(registry: Any, client: Any, worker_interval: float = WORKER_INTERVAL,
+                  clock_interval: float = CLOCK_INTERVAL) -> threading.Thread:
+    """`serve --with-worker`: the worker's and the clock's passes on daemon threads of this web process.
+
+    gunicorn runs several worker processes; a lock file under STARCHART_HOME picks the one that runs the passes
+    (the others wait on it, so when that process ends, another takes over). `registry` may be the lazily loaded
+    core: this waits for it.
+    """
+    def duties() -> None:
+        from bot.app import LazyRegistry
+
+        try:
+            core = registry.get(timeout=None) if isinstance(registry, LazyRegistry) else registry
+        except BaseException:  # noqa: BLE001 - the load error is logged by the loader and shown by /healthz
+            log.error("the worker and the clock do not run: the core failed to load")
+            return
+        core.settings.home.mkdir(parents=True, exist_ok=True)  # on PostgreSQL nothing else may have made it yet
+        lock = open(core.settings.home / "with-worker.lock", "a")  # held for the life of the process
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process of this machine runs the passes
+        log.info("the worker and the clock run in this web process (pid %s)", os.getpid())
+        try:
+            core.schedules.sync_configured()
+        except Exception:  # the clock's passes go on; the traceback is in the log
+            log.exception("starchart.yaml's schedules could not be read in")
+        threading.Thread(target=_every, args=(clock_interval, clock_pass(core), "clock", False),
+                         name="starchart-clock", daemon=True).start()
+        _every(worker_interval, worker_pass(core, client), "worker", False)
+
+    log.setLevel(logging.INFO)  # the passes say what they did, as in their own processes; the web's logs stay as set
+    thread = threading.Thread(target=duties, name="starchart-worker", daemon=True)
+    thread.start()
+    return thread

@@ -32,7 +32,7 @@ for _command in (
     Command("cancel", "cancel a running job", training.cancel, training.job_id_argument),
     Command("diff", "diff MODEL [VERSION [BASE]]", versions.diff, versions.diff_arguments),
     Command("promote", "open a promotion request for a version", reviews.promote, reviews.promote_arguments),
-    Command("apply", "request the version marked isDefault in models/MODEL.yaml", reviews.apply,
+    Command("apply", "request the version marked isDefault in models/MODEL.yaml (or StarChart's MODEL.json)", reviews.apply,
             reviews.reason_arguments),
     Command("rollback", "request the previous default back", reviews.rollback, reviews.reason_arguments),
     Command("approve", "approve a promotion request", reviews.approve, reviews.request_argument),

@@ -65,7 +65,7 @@ def make_backend(settings: Settings, config: ProjectConfig) -> Backend:
 
 def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None = None,
               members_of: MembersOf | None = None) -> Core:
-    """Open the database (migrating it), choose the backend, and wire the groups of use cases."""
+    """Open the database (SQLite: migrating it), choose the backend, and wire the groups of use cases."""
     db = Database(settings.database_url)
     audit_log = AuditLog()
     backend = backend or make_backend(settings, config)
@@ -74,7 +74,7 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
     jobs = Jobs(db, audit_log, catalog, config, settings, backend)
     versions = Versions(db, audit_log, catalog, config, backend, jobs)
     promotions = Promotions(db, audit_log, catalog, config, backend, versions, audit_trail,
-                            apply_lease=settings.apply_lease)
+                            apply_lease=settings.apply_lease, project=settings.gcp_project)
     return Core(
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,

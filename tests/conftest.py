@@ -41,7 +41,8 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def empty_pg_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database (no schema): what a fresh Heroku Postgres add-on is."""
     if not _PG:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 in CI")
@@ -56,9 +57,30 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def upgraded(url: str) -> str:
+    """The database as `starchart db upgrade` leaves it (PostgreSQL is not migrated by the processes that use it)."""
+    from model_registry.adapters.db import upgrade_database
+
+    upgrade_database(url)
+    return url
+
+
+@pytest.fixture
+def pg_url(empty_pg_url: str) -> str:
+    """A PostgreSQL database at the newest schema, as the release step leaves it."""
+    return upgraded(empty_pg_url)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest) -> str:
+    """A database the processes open as they are: SQLite (migrated on open), PostgreSQL after `db upgrade`."""
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest) -> str:
+    """A database with no schema yet, on either engine: for the migrations' own tests."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "empty_pg_url")
 
 
 def _train_once(out: Path, trainer: str, args: list[str]) -> Path:

@@ -20,8 +20,8 @@ def test_schema_head_constant_matches_alembic(sqlite_url: str) -> None:
     assert ScriptDirectory.from_config(alembic_config(engine)).get_current_head() == SCHEMA_HEAD
 
 
-def test_migrations_create_the_schema_and_are_idempotent(db_url: str) -> None:
-    engine = make_engine(db_url)
+def test_migrations_create_the_schema_and_are_idempotent(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
     migrate(engine)
     migrate(engine)  # a second start is a no-op
     tables = set(inspect(engine).get_table_names())
@@ -42,14 +42,14 @@ _TIMES = ("SELECT j.created_at, j.started_at, j.ended_at, v.created_at FROM jobs
           "j.job_id")
 
 
-def test_job_and_version_times_stored_before_0002_are_rewritten_as_iso_text(db_url: str) -> None:
+def test_job_and_version_times_stored_before_0002_are_rewritten_as_iso_text(empty_db_url: str) -> None:
     """0002: on SQLite, job and version times became ISO UTC text; PostgreSQL's timestamps stayed as they were."""
     from datetime import datetime
 
     from alembic import command
     from sqlalchemy import text
 
-    engine = make_engine(db_url)
+    engine = make_engine(empty_db_url)
     command.upgrade(alembic_config(engine), "0001")
     old = "2026-11-27 09:30:00.654321"
     with engine.begin() as conn:  # rows as a 0001 database held them (SQLAlchemy's default SQLite text)
@@ -71,7 +71,7 @@ def test_job_and_version_times_stored_before_0002_are_rewritten_as_iso_text(db_u
     engine.dispose()
 
 
-def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_url: str) -> None:
+def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(empty_db_url: str) -> None:
     """0003: every time is a plain DateTime again; SQLite's ISO text of 0002 is rewritten, and back on downgrade."""
     from datetime import datetime
 
@@ -82,7 +82,7 @@ def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_ur
     from model_registry.adapters.records import Job, Version
     from model_registry.domain.names import iso
 
-    engine = make_engine(db_url)
+    engine = make_engine(empty_db_url)
     command.upgrade(alembic_config(engine), "0002")
     with engine.begin() as conn:  # rows as a 0002 database held them (ISO text on SQLite, timestamps on PostgreSQL)
         conn.execute(text(_JOB_ROW), {"c": "2026-11-27T09:30:00Z"})
@@ -112,7 +112,7 @@ def test_job_and_version_times_stored_by_0002_become_plain_datetimes_again(db_ur
     engine.dispose()
 
 
-def test_0004_adds_the_seen_requests_table_and_takes_it_away_again(db_url: str) -> None:
+def test_0004_adds_the_seen_requests_table_and_takes_it_away_again(empty_db_url: str) -> None:
     """0004: a 0003 database gains seen_requests (signature primary key, seen_at indexed); downgrade drops it."""
     from datetime import datetime
 
@@ -122,7 +122,7 @@ def test_0004_adds_the_seen_requests_table_and_takes_it_away_again(db_url: str) 
 
     from model_registry.adapters.db import current_revision
 
-    engine = make_engine(db_url)
+    engine = make_engine(empty_db_url)
     command.upgrade(alembic_config(engine), "0003")
     assert "seen_requests" not in inspect(engine).get_table_names()
     command.upgrade(alembic_config(engine), "0004")  # 0004 itself (0005 adds columns elsewhere)
@@ -139,7 +139,7 @@ def test_0004_adds_the_seen_requests_table_and_takes_it_away_again(db_url: str) 
     engine.dispose()
 
 
-def test_0005_adds_the_apply_lease_columns_and_takes_them_away_again(db_url: str) -> None:
+def test_0005_adds_the_apply_lease_columns_and_takes_them_away_again(empty_db_url: str) -> None:
     """0005: promotion_requests gains apply_owner and apply_lease_until (both empty on the rows it had, which the
     rules read as an apply with no live owner); downgrade drops them and keeps the rows."""
     from datetime import datetime
@@ -150,7 +150,7 @@ def test_0005_adds_the_apply_lease_columns_and_takes_them_away_again(db_url: str
     from model_registry.adapters.db import current_revision
     from model_registry.adapters.records import PromotionRequest
 
-    engine = make_engine(db_url)
+    engine = make_engine(empty_db_url)
     command.upgrade(alembic_config(engine), "0004")
     before = {c["name"] for c in inspect(engine).get_columns("promotion_requests")}
     assert not {"apply_owner", "apply_lease_until"} & before
@@ -179,14 +179,19 @@ def test_0005_adds_the_apply_lease_columns_and_takes_them_away_again(db_url: str
     engine.dispose()
 
 
-def test_concurrent_first_starts_migrate_once(db_url: str) -> None:
-    code = ("import sys; from model_registry.adapters.db import make_engine, migrate; "
-            "migrate(make_engine(sys.argv[1]))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, db_url], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+def test_concurrent_migrations_run_once(empty_db_url: str) -> None:
+    """Three first starts on SQLite, or three `db upgrade`s on PostgreSQL, at once: one migrates, two find it done."""
+    code = ("import sys; from model_registry.adapters.db import upgrade_database; "
+            "print(upgrade_database(sys.argv[1])[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, empty_db_url], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    said = []
     for p in procs:
-        _, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
+        said.append(out.strip())
+    assert sorted(said) == [f"migrated the schema from an empty database to revision {SCHEMA_HEAD}"] + [
+        f"the schema is at revision {SCHEMA_HEAD}, the newest: nothing to do"] * 2, said
 
 
 def _imported_after(statement: str) -> set[str]:

@@ -35,14 +35,14 @@ def _free_port() -> int:
 
 
 class Server:
-    """One `starchart serve` process (2 gunicorn workers)."""
+    """One `starchart serve` process (2 gunicorn workers; `extra`: more of serve's flags)."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *extra: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bot.cli", "serve", "--port", str(self.port), "--workers", "2"],
+            [sys.executable, "-m", "bot.cli", "serve", "--port", str(self.port), "--workers", "2", *extra],
             cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -51,7 +51,7 @@ def test_expose_records_version_with_signature_metrics_and_program(two_versions:
     assert doc["model"] == "iris"
     entries = {e["version"]["name"]: e for e in doc["versions"]}
     default_entry = entries[data["default"]]
-    assert default_entry["isDefault"] is True
+    assert default_entry["version"]["isDefault"] is True and set(default_entry) == {"version"}  # StarChart's place
     job = default_entry["version"]["job"]
     assert job["jobId"].startswith("iris_") and job["state"] == "SUCCEEDED"
     assert set(job["trainingInput"]) == {"packageUris", "pythonModule", "args", "region", "scaleTier"}
@@ -82,7 +82,7 @@ def test_full_promotion_flow_with_refusals_and_audit(two_versions: Any) -> None:
     assert reg.versions.default("iris") == cand
     assert reg.backend.current_default("iris") == cand
     doc = yaml.safe_load((reg.config.model_files / "iris.yaml").read_text())
-    assert [e["version"]["name"] for e in doc["versions"] if e["isDefault"]] == [cand]
+    assert [e["version"]["name"] for e in doc["versions"] if e["version"]["isDefault"]] == [cand]
     seq = actions(reg, model="iris")
     assert seq[-6:] == ["approval.refused", "approval.refused", "approval.granted", "promotion.approved",
                         "promotion.applying", "promotion.applied"]
@@ -181,7 +181,7 @@ def test_apply_from_model_file_and_rollback(two_versions: Any) -> None:
         reg.promotions.apply("iris", "U_REQ")  # the file marks the current default: nothing to apply
     doc = yaml.safe_load(path.read_text())
     for entry in doc["versions"]:
-        entry["isDefault"] = entry["version"]["name"] == cand
+        entry["version"]["isDefault"] = entry["version"]["name"] == cand
     path.write_text(yaml.safe_dump(doc))
     req = reg.promotions.apply("iris", "U_REQ", reason="as edited")
     assert req["kind"] == "apply" and req["candidate"] == cand
@@ -220,8 +220,8 @@ def test_starchart_json_model_file_is_read(two_versions: Any) -> None:
     path = reg.config.model_files / "iris.yaml"
     path.unlink()
     (reg.config.model_files / "iris.json").write_text(
-        '{"model": "iris", "versions": [{"version": {"name": "projects/p/models/iris/versions/%s"}, '
-        '"isDefault": true}]}' % cand)
+        '{"model": "iris", "versions": [{"version": {"name": "projects/p/models/iris/versions/%s", '
+        '"isDefault": true}}]}' % cand)  # StarChart's files.dump: isDefault inside version
     assert reg.promotions.apply("iris", "U_REQ")["candidate"] == cand
 
 

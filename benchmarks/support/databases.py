@@ -35,15 +35,19 @@ def sqlite_db(work: Path, name: str = "sqlite") -> Iterator[Database]:
 
 @contextmanager
 def pg_db() -> Iterator[Database]:
-    """A temporary PostgreSQL database, always dropped."""
+    """A temporary PostgreSQL database at the newest schema, always dropped."""
     import psycopg
 
     name = f"starchart_bench_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
+        from model_registry.adapters.db import upgrade_database
+
+        url = PG_URL.format(name=name)
+        upgrade_database(url)  # as the release step leaves it: processes on PostgreSQL do not migrate
         dsn = f"host=127.0.0.1 port=5432 user=postgres dbname={name}"
-        yield PG_URL.format(name=name), lambda: psycopg.connect(dsn, autocommit=True), "%s"
+        yield url, lambda: psycopg.connect(dsn, autocommit=True), "%s"
     finally:
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,4 +1,8 @@
-"""Engine and schema: SQLite (default) or PostgreSQL, migrated with Alembic on open."""
+"""Engine and schema: SQLite (default) or PostgreSQL, migrated with Alembic.
+
+SQLite, the embedded default, is migrated when it is opened; any other database is migrated once per deploy by
+`starchart db upgrade` (the Procfile's `release:`), and a process refuses to start on an older schema.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,20 @@ import fcntl
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, Iterator, NamedTuple, cast
 
-from sqlalchemy import CursorResult, Result, create_engine, event, text
+from sqlalchemy import CursorResult, Result, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from model_registry.domain.errors import InvalidInput
+from model_registry.domain.errors import InvalidInput, SchemaError
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
-SCHEMA_HEAD = "0005"  # the newest migration's revision; tests check it against Alembic's head
+# The newest migration's revision, so that a start on an up-to-date database need not load Alembic (0.1 s of every
+# command); tests check it against Alembic's head, and Alembic itself is asked whenever the two differ.
+SCHEMA_HEAD = "0005"
+UPGRADE_HINT = "run `starchart db upgrade` (the Procfile's release: step runs it on every deploy), then start again"
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 _JSON = json.JSONDecoder()
 
@@ -33,6 +40,8 @@ def make_engine(url: str) -> Engine:
     except ArgumentError:
         raise InvalidInput(f"DATABASE_URL {url!r} is not a database URL",
                            "use sqlite:///path/to.db or postgresql://user@host/db") from None
+    if parsed.get_backend_name() == "postgres":  # Heroku's DATABASE_URL: postgres://user:password@host:port/db
+        parsed = parsed.set(drivername=parsed.drivername.replace("postgres", "postgresql", 1))
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise InvalidInput(f"DATABASE_URL uses {parsed.get_backend_name()}, which StarChart does not support",
                            "use SQLite (sqlite:///path/to.db) or PostgreSQL (postgresql://user@host/db)")
@@ -43,10 +52,10 @@ def make_engine(url: str) -> Engine:
                                json_deserializer=_sqlite_json)
         _sqlite_serialised_writes(engine)
         return engine
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
     # a pooled connection the server closed (restart, idle timeout, pg_terminate_backend) is replaced on checkout
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(parsed, pool_pre_ping=True)
     _pg_iso_datestyle(engine)
     return engine
 
@@ -100,36 +109,141 @@ def current_revision(engine: Engine) -> str | None:
         return None
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration; a no-op when it is already there."""
-    if current_revision(engine) == SCHEMA_HEAD:
-        return
-    from alembic import command
+def _revision_of(conn: Any) -> str | None:
+    """The revision read on a connection that must stay usable (a failed SELECT would abort PostgreSQL's transaction)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
+
+def known_revisions(engine: Engine) -> list[str]:
+    """Every revision of migrations/, oldest first, as Alembic reads them (loads Alembic: not for the fast path)."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(alembic_config(engine))
+    return [s.revision for s in reversed(list(scripts.walk_revisions()))]
+
+
+def shown(engine: Engine) -> str:
+    """The database's URL as messages show it: without the password."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+class Migrated(NamedTuple):
+    """What `migrate` did: the schema revision before (None: an empty database) and after."""
+
+    before: str | None
+    after: str
+
+    def __str__(self) -> str:
+        if self.before == self.after:
+            return f"the schema is at revision {self.after}, the newest: nothing to do"
+        return f"migrated the schema from {f'revision {self.before}' if self.before else 'an empty database'} " \
+               f"to revision {self.after}"
+
+
+def migrate(engine: Engine) -> Migrated:
+    """Bring the schema to the newest migration, once even when several processes start at the same moment; a no-op
+    when it is already there. A database migrated by a newer release is refused, not touched."""
+    current = current_revision(engine)
+    if current == SCHEMA_HEAD:
+        return Migrated(current, current)
     cfg = alembic_config(engine)
     if engine.dialect.name == "sqlite":
         lock_path = Path(engine.url.database or "starchart.db").with_suffix(".migrate.lock")
         with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            command.upgrade(cfg, "head")
-        return
+            before = current_revision(engine)
+            _upgrade(cfg, engine, before)
+        return Migrated(before, current_revision(engine) or "")
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
         try:
+            before = _revision_of(conn)
+            conn.commit()
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            _upgrade(cfg, engine, before)
+            conn.commit()
+            after = _revision_of(conn)
             conn.commit()
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
             conn.commit()
+    return Migrated(before, after or "")
+
+
+def _upgrade(cfg: Any, engine: Engine, before: str | None) -> None:
+    from alembic import command
+
+    known = known_revisions(engine)
+    if before is not None and before not in known:
+        raise _newer(engine, before, known)
+    if before != known[-1]:
+        command.upgrade(cfg, "head")
+
+
+def _newer(engine: Engine, revision: str, known: list[str]) -> SchemaError:
+    return SchemaError(
+        f"the database {shown(engine)} is at schema revision {revision}, which this release does not know "
+        f"(its newest is {known[-1]}): a newer release migrated it",
+        "run the release that migrated it, or downgrade the database with that release's migrations")
+
+
+def require_schema(engine: Engine) -> None:
+    """Refuse a database whose schema is not this release's newest: empty, older, or migrated by a newer release."""
+    current = current_revision(engine)
+    if current == SCHEMA_HEAD:
+        return
+    known = known_revisions(engine)
+    if current == known[-1]:
+        return
+    if current is None:
+        raise SchemaError(f"the database {shown(engine)} has no StarChart schema yet "
+                          f"(this release needs revision {known[-1]})", UPGRADE_HINT)
+    if current not in known:
+        raise _newer(engine, current, known)
+    raise SchemaError(f"the database {shown(engine)} is at schema revision {current}; this release needs "
+                      f"revision {known[-1]}", UPGRADE_HINT)
+
+
+def open_schema(engine: Engine) -> None:
+    """What a starting process does: SQLite (one machine, the default) is migrated on the spot; any other database
+    must have been migrated by `starchart db upgrade`, once per deploy, and is refused until it has."""
+    if engine.dialect.name == "sqlite":
+        migrate(engine)
+    else:
+        require_schema(engine)
+
+
+def check_database(url: str) -> None:
+    """open_schema for a process that opens the database later (the web process's master, Socket Mode)."""
+    engine = make_engine(url)
+    try:
+        open_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def upgrade_database(url: str) -> tuple[str, Migrated]:
+    """`starchart db upgrade`: the database as shown, and what the migrations did."""
+    engine = make_engine(url)
+    try:
+        return shown(engine), migrate(engine)
+    finally:
+        engine.dispose()
 
 
 class Database:
-    """The records' database, migrated when opened: units of work for changes, read-only sessions for reads."""
+    """The records' database, its schema checked when opened (SQLite: migrated): units of work for changes,
+    read-only sessions for reads."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        migrate(self.engine)
+        try:
+            open_schema(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.reader = reader(self.engine)  # read-only work: no write lock on SQLite, no transaction on PostgreSQL
         self.reads = sessionmaker(self.reader, expire_on_commit=False)

@@ -37,3 +37,7 @@ class BackendError(StarchartError):
 
 class ArtifactError(StarchartError):
     """A training output (SavedModel, metrics.json, model file) is missing or unreadable."""
+
+
+class SchemaError(StarchartError):
+    """The database's schema is not the one this release needs (empty, older, or from a newer release)."""

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database, rows_changed
-from model_registry.adapters.model_files import marked_default, read_model_file
+from model_registry.adapters.model_files import marked_default
 from model_registry.adapters.records import Approval, ModelRecord, PromotionRequest
 from model_registry.config import ProjectConfig
 from model_registry.domain import names
@@ -35,7 +35,7 @@ from model_registry.domain.policy import check_operator
 from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
 from model_registry.services.versions import Versions
-from model_registry.services.views import RequestView, request_view, version_view
+from model_registry.services.views import ApplyView, RequestView, request_view, version_view
 
 log = logging.getLogger("starchart.promotions")
 
@@ -49,10 +49,12 @@ class Promotions:
     """Promotion requests of every model, from opening to the switch of the default."""
 
     def __init__(self, db: Database, audit_log: AuditLog, catalog: Catalog, config: ProjectConfig, backend: Backend,
-                 versions: Versions, audit_trail: AuditTrail, apply_lease: timedelta = timedelta(seconds=60)) -> None:
+                 versions: Versions, audit_trail: AuditTrail, apply_lease: timedelta = timedelta(seconds=60),
+                 project: str | None = None) -> None:
         self.db, self.audit_log, self.catalog, self.config, self.backend = db, audit_log, catalog, config, backend
         self.versions, self.audit = versions, audit_trail
         self.apply_lease = apply_lease  # how long an apply's owner holds it between renewals (STARCHART_APPLY_LEASE)
+        self.project = project  # GCP_PROJECT_ID: the project a model file's long version names must name
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
                 channel: str | None = None) -> RequestView:
@@ -92,13 +94,21 @@ class Promotions:
                                   "breaking": diff["signature"]["breaking"]})
             return request_view(req)
 
-    def apply(self, model: str, user: str, reason: str | None = None) -> RequestView:
-        """StarChart's apply: request the version marked isDefault in models/<model>.yaml."""
+    def apply(self, model: str, user: str, reason: str | None = None) -> ApplyView:
+        """StarChart's apply: request the version marked isDefault in models/<model>.yaml (or StarChart's
+        models/<model>.json); the answer names the file(s) read."""
         names.validate_model_name(model)
         self.catalog.require_model(model)
-        doc = read_model_file(self.config.model_files, model)
-        wanted = marked_default(doc, str(self.config.model_files / f"{model}.yaml"))
-        return self.promote(model, wanted, user, reason, kind="apply")
+        marked = marked_default(self.config.model_files, model, self.project)
+        files = " and ".join(str(p) for p in marked.files)
+        with self.db.reads() as s:
+            try:
+                self.catalog.version(s, model, marked.version)
+            except NotFound as exc:
+                raise NotFound(f"{files} marks {marked.version} isDefault, but {model} has no version "
+                               f"{marked.version}", f"mark one of {model}'s versions there ({exc.hint})") from None
+        request = self.promote(model, marked.version, user, reason, kind="apply")
+        return ApplyView(**request, model_files=[str(p) for p in marked.files])
 
     def rollback(self, model: str, user: str, reason: str | None = None) -> RequestView:
         names.validate_model_name(model)

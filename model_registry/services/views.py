@@ -95,6 +95,12 @@ class RequestView(TypedDict):
     message_ts: str | None
 
 
+class ApplyView(RequestView):
+    """apply's promotion request, with the model file(s) whose isDefault it asks for."""
+
+    model_files: list[str]
+
+
 
 class DefaultAt(TypedDict, total=False):
     """`audit MODEL --at T`: the default then, the event that made it so, who asked and approved, from what."""
