@@ -6,7 +6,7 @@ import fcntl
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, Callable, Iterator, cast
 
 from sqlalchemy import CursorResult, Result, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
@@ -16,9 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from model_registry.domain.errors import InvalidInput
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
-SCHEMA_HEAD = "0004"  # the newest migration's revision; tests check it against Alembic's head
+SCHEMA_HEAD = "0006"  # the newest migration's revision; tests check it against Alembic's head
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 _JSON = json.JSONDecoder()
+MESSAGE_RECORDED = "starchart_message_recorded"  # set in a session's info by adapters.outbox
+LOCAL_SENDER = "starchart_local_sender"  # (owner, lease seconds) of this process's outbox sender, for adapters.outbox
+HANDED = "starchart_handed"  # ids of new messages leased to that sender in the transaction
 
 
 def _sqlite_json(text: str) -> Any:
@@ -133,12 +136,20 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.reader = reader(self.engine)  # read-only work: no write lock on SQLite, no transaction on PostgreSQL
         self.reads = sessionmaker(self.reader, expire_on_commit=False)
+        # called after a commit that recorded a message, with the ids of new messages leased to `sender`
+        self.after_message: list[Callable[[list[int]], None]] = []
+        self.sender: tuple[str, float] | None = None  # this process's outbox sender: (owner, lease seconds)
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:
         """One transaction: every state change commits with its audit event, or neither does."""
         with self.sessions.begin() as session:
+            session.info[LOCAL_SENDER] = self.sender
             yield session
+        handed = session.info.pop(HANDED, [])
+        if session.info.pop(MESSAGE_RECORDED, False):  # the sender in this process need not wait for its poll
+            for wake in list(self.after_message):
+                wake(handed)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from model_registry.adapters import outbox
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database, rows_changed
@@ -38,7 +39,9 @@ class Promotions:
         self.versions, self.audit = versions, audit_trail
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
-                channel: str | None = None) -> RequestView:
+                channel: str | None = None, card: bool = False) -> RequestView:
+        """Open a promotion request (or find its open twin). With `card`, its review card is recorded with it, for
+        the model's channel (else `channel`): the outbox posts it and updates it after each decision."""
         names.validate_model_name(model)
         policy = self.config.policy(model)
         check_operator(policy, user, self.catalog.members_of, "request a promotion of", model)
@@ -54,6 +57,7 @@ class Promotions:
                 PromotionRequest.base_version == base_name, PromotionRequest.state == rules.OPEN,
                 PromotionRequest.expires_at > names.utcnow())).scalar_one_or_none()
             if existing is not None:  # a retried command finds the open request instead of a twin
+                self._card(s, existing, card, user, channel)  # its card is brought up to date (or posted, if it had none)
                 return request_view(existing, self.catalog.approvals(s, existing.id))
             cand_view = version_view(cand)
             base_view = version_view(self.catalog.version(s, model, base_name)) if base_name else None
@@ -65,30 +69,40 @@ class Promotions:
                                                                       diff),
                 diff=diff, requested_by=user, reason=reason, state=rules.OPEN,
                 required_approvals=policy.required_approvals, created_at=now, expires_at=now + policy.request_expiry,
-                channel=channel or policy.channel,
+                channel=policy.channel or channel,
             )
             s.add(req)
             s.flush()
+            self._card(s, req, card, user, channel)
             self.audit_log.append(s, "rollback.requested" if kind == "rollback" else "promotion.requested", user, model=model,
                          version=version, request_id=req.id, channel=req.channel,
                          details={"kind": kind, "base": base_name, "reason": reason, "card_digest": req.card_digest,
                                   "breaking": diff["signature"]["breaking"]})
             return request_view(req)
 
-    def apply(self, model: str, user: str, reason: str | None = None) -> RequestView:
+    def apply(self, model: str, user: str, reason: str | None = None, channel: str | None = None,
+              card: bool = False) -> RequestView:
         """StarChart's apply: request the version marked isDefault in models/<model>.yaml."""
         names.validate_model_name(model)
         self.catalog.require_model(model)
         doc = read_model_file(self.config.model_files, model)
         wanted = marked_default(doc, str(self.config.model_files / f"{model}.yaml"))
-        return self.promote(model, wanted, user, reason, kind="apply")
+        return self.promote(model, wanted, user, reason, kind="apply", channel=channel, card=card)
 
-    def rollback(self, model: str, user: str, reason: str | None = None) -> RequestView:
+    def rollback(self, model: str, user: str, reason: str | None = None, channel: str | None = None,
+                 card: bool = False) -> RequestView:
         names.validate_model_name(model)
         with self.db.unit_of_work() as s:
             self.catalog.require_model(model, s)
             target = self._previous_default(s, model)
-        return self.promote(model, target, user, reason, kind="rollback")
+        return self.promote(model, target, user, reason, kind="rollback", channel=channel, card=card)
+
+    @staticmethod
+    def _card(s: Session, req: PromotionRequest, card: bool, user: str, channel: str | None) -> None:
+        if card and not req.channel:
+            req.channel = channel
+        if card and req.channel:
+            outbox.record(s, outbox.REVIEW_CARD, str(req.id), req.channel, notify=user)
 
     def _previous_default(self, s: Session, model: str) -> str:
         """Replay applied requests as a stack of defaults: promotions push, rollbacks pop."""
@@ -295,3 +309,4 @@ class Promotions:
                 where = {"channel": row.channel, "message_ts": row.message_ts}
             self.audit_log.append(s, event.action, event.actor, model=row.model, version=row.candidate_version,
                          request_id=row.id, **where, details=event.details)
+        outbox.want_update(s, outbox.REVIEW_CARD, [str(row.id)])  # its card (if it has one) shows the change
