@@ -1,5 +1,6 @@
 """`starchart worker`: keeps the records true while nobody is asking — jobs, interrupted applies, expiry,
-scheduled retrains put up for review, and audit checkpoints posted to Slack (`audit_checkpoint`)."""
+scheduled retrains put up for review, audit checkpoints (`audit_checkpoint`) — and delivers the outbox's messages
+to Slack (bot.delivery)."""
 
 from __future__ import annotations
 
@@ -24,47 +25,31 @@ def checkpoint_due(registry: Any, now: datetime) -> bool:
     return now - datetime.strptime(last, "%Y-%m-%dT%H:%M:%SZ") >= parse_duration(str(every))
 
 
-def post_checkpoint(registry: Any, client: Any) -> dict[str, Any]:
-    """Record a checkpoint outside the database and post a copy to the configured Slack channel."""
-    from handlers.results import Checkpoint
-
-    cp = registry.audit.checkpoint()
-    channel = registry.config.audit_checkpoint.get("channel")
-    if client is not None and channel:
-        _output(client).post(channel, Checkpoint(cp, channel))
-    return cp
+def record_checkpoint(registry: Any) -> dict[str, Any]:
+    """Record a checkpoint outside the database; a copy for the configured Slack channel goes through the outbox."""
+    return registry.audit.checkpoint(registry.config.audit_checkpoint.get("channel"))
 
 
-def _output(client: Any, user: str | None = None, channel: str | None = None) -> Any:
-    from bot.slack_output import SlackOutput
-
-    return SlackOutput(client, user=user, channel=channel)
-
-
-def post_review_cards(registry: Any, client: Any, requests: list[dict[str, Any]]) -> None:
-    """Review cards for promotion requests opened without a person (scheduled retrains)."""
-    from handlers.chat import Chat, Deps, post_card
-    from handlers.follow import Follower
-
-    deps = Deps(core=registry, follower=Follower(lambda: registry))
-    for req in requests:
-        if client is None or not req.get("channel"):
-            log.info("promotion request #%s of %s is open (no Slack channel to post its card)", req["id"], req["model"])
-            continue
-        chat = Chat(user=req["requested_by"], channel=req["channel"],
-                    out=_output(client, req["requested_by"], req["channel"]))
-        post_card(deps, chat, req)
-
-
-def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
+def one_pass(registry: Any, client: Any = None, sender: Any = None) -> dict[str, int]:
+    """Jobs refreshed, interrupted applies settled, requests expired, nightly retrains put up for review (their
+    cards recorded for the outbox), a checkpoint when due; then the due messages delivered (with `sender`, or a
+    sender on `client`)."""
     done = {"jobs": registry.jobs.refresh(), "reconciled": len(registry.promotions.reconcile()),
             "expired": registry.promotions.expire(), "checkpoints": 0}
     opened = registry.schedules.follow_scheduled()
-    post_review_cards(registry, client, opened)
+    for req in opened:
+        if not req.get("channel"):
+            log.info("promotion request #%s of %s is open (no Slack channel to post its card)", req["id"], req["model"])
     done["reviews"] = len(opened)
     if checkpoint_due(registry, utcnow()):
-        post_checkpoint(registry, client)
+        record_checkpoint(registry)
         done["checkpoints"] = 1
+    if sender is None and client is not None:
+        from bot.delivery import Sender
+
+        sender = Sender(registry, client)
+    if sender is not None:
+        sender.deliver_due()
     return done
 
 
@@ -76,14 +61,18 @@ def run_worker(once: bool = False, interval: float = 10.0) -> int:
     from model_registry.config import SlackSettings
 
     slack = SlackSettings.from_env()
-    client = None
+    sender = None
     if slack.bot_token:
-        from bot.app import slack_client
+        from bot.delivery import Sender, sender_client
 
-        client = slack_client(slack)
+        sender = Sender(registry, sender_client(slack), lease=slack.outbox_lease)
+        if not once:
+            sender.start()  # prompt: woken by this process's commits, polling for the others'
+    else:
+        log.warning("SLACK_BOT_TOKEN is not set: messages wait in the outbox (see `starchart outbox`)")
 
     def work() -> None:
-        done = one_pass(registry, client)
+        done = one_pass(registry, sender=sender)
         if any(done.values()):
             log.info("worker pass: %s", done)
 
