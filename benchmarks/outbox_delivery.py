@@ -92,7 +92,12 @@ def main() -> None:
         def event() -> None:  # one audit event each time: every checkpoint differs (a checkpoint is its head)
             core.audit.record_refusal("U0BENCH", "bench", "a refusal between two checkpoints")
 
+        def settled() -> None:  # untimed: the last delivery's bookkeeping (its delivered revision) has committed
+            while core.outbox.undelivered():
+                time.sleep(0.001)
+
         def through_outbox() -> float:
+            settled()
             arrivals.expect()
             t0 = time.perf_counter()
             event()
@@ -100,6 +105,7 @@ def main() -> None:
             return arrivals.wait() - t0
 
         def posted_directly() -> float:
+            settled()
             arrivals.expect()
             t0 = time.perf_counter()
             event()
@@ -116,8 +122,8 @@ def main() -> None:
             pair = (through_outbox, posted_directly) if i % 2 == 0 else (posted_directly, through_outbox)
             for run in pair:
                 (measured if run is through_outbox else baseline).append(run())
-        sender.stop()
         time.sleep(0.2)  # the last post's own bookkeeping (its delivered revision) commits after Slack applied it
+        sender.stop()
         undelivered = core.outbox.undelivered()
         core.close()
     if undelivered:

@@ -148,7 +148,7 @@ class Sender:
         self.margin = min(lease / 2, call_timeout(lease) + 5.0)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._handed: collections.deque[int] = collections.deque()  # new messages this process leased to us
+        self._handed: collections.deque[Claimed] = collections.deque()  # new messages this process leased to us
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ the loop
@@ -161,8 +161,10 @@ class Sender:
         self._thread.start()
         return self
 
-    def wake(self, handed: list[int] | None = None) -> None:
-        self._handed.extend(handed or ())
+    def wake(self, handed: list[dict[str, Any]] | None = None) -> None:
+        """After a commit that recorded messages; `handed`: the new ones leased to this sender, as recorded."""
+        self._handed.extend(Claimed(**message) for message in handed or ()
+                            if self.core.db.sender and self.owner == self.core.db.sender[0])
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -192,9 +194,7 @@ class Sender:
         """Deliver every message due now, one claim at a time; answers when the next message waiting for its
         backoff is due (or None)."""
         while self._handed and not self._stop.is_set():  # leased to us by the commit that recorded them
-            message = self.core.outbox.handed(self._handed.popleft(), self.owner)
-            if message is not None:
-                self.attempt(message)
+            self.attempt(self._handed.popleft())
         while not self._stop.is_set():
             message = self.core.outbox.claim(self.owner, self.lease)
             if message is None:

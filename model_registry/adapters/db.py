@@ -21,7 +21,7 @@ _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 _JSON = json.JSONDecoder()
 MESSAGE_RECORDED = "starchart_message_recorded"  # set in a session's info by adapters.outbox
 LOCAL_SENDER = "starchart_local_sender"  # (owner, lease seconds) of this process's outbox sender, for adapters.outbox
-HANDED = "starchart_handed"  # ids of new messages leased to that sender in the transaction
+HANDED = "starchart_handed"  # new messages leased to that sender in the transaction, as recorded
 
 
 def _sqlite_json(text: str) -> Any:
@@ -136,8 +136,8 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.reader = reader(self.engine)  # read-only work: no write lock on SQLite, no transaction on PostgreSQL
         self.reads = sessionmaker(self.reader, expire_on_commit=False)
-        # called after a commit that recorded a message, with the ids of new messages leased to `sender`
-        self.after_message: list[Callable[[list[int]], None]] = []
+        # called after a commit that recorded a message, with the new messages leased to `sender` (as recorded)
+        self.after_message: list[Callable[[list[dict[str, Any]]], None]] = []
         self.sender: tuple[str, float] | None = None  # this process's outbox sender: (owner, lease seconds)
 
     @contextmanager

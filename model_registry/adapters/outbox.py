@@ -43,8 +43,11 @@ def record(s: Session, kind: str, subject: str, channel: str, *, notify: str | N
         row.attempts, row.first_attempt_at = 1, now  # counted now: a process that dies after posting is looked up
     s.add(row)
     s.flush()
-    if sender is not None:
-        s.info.setdefault(HANDED, []).append(row.id)
+    if sender is not None:  # handed over after the commit as it was recorded: the sender needs no read
+        s.info.setdefault(HANDED, []).append({
+            "id": row.id, "kind": kind, "subject": subject, "channel": channel, "payload": row.payload,
+            "notify": notify, "wanted": 1, "delivered": 0, "posted_channel": None, "ts": None, "attempts": 1,
+            "first_attempt_at": now, "lease_until": row.lease_until})
     mark_recorded(s)
     return row
 

@@ -95,18 +95,6 @@ class Outbox:
             return Claimed(**{column.key: getattr(row, column.key) for column in _CLAIMED},
                            lease_until=until)
 
-    def handed(self, message_id: int, owner: str) -> Claimed | None:
-        """A new message leased to this sender as it was recorded (adapters.outbox.record), while the lease holds."""
-        now = utcnow()
-        with self.db.reads() as s:
-            row = s.execute(select(*_CLAIMED, OutboxMessage.lease_until).where(
-                OutboxMessage.id == message_id, OutboxMessage.lease_owner == owner, OutboxMessage.lease_until > now,
-                OutboxMessage.failed_at.is_(None), OutboxMessage.delivered < OutboxMessage.wanted)).one_or_none()
-            if row is None:
-                return None
-            return Claimed(**{column.key: getattr(row, column.key) for column in _CLAIMED},
-                           lease_until=row.lease_until)
-
     @staticmethod
     def _held(s: Session, message: Claimed, owner: str, **values: Any) -> bool:
         """Change a message only while this sender still holds its lease."""
