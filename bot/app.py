@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
 from cachetools import TTLCache, cached
@@ -18,8 +18,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
 from bot.slack_output import SlackOutput
-from handlers.chat import Deps, report_error
-from handlers.follow import Follower
+from handlers.chat import Deps
 from handlers.listeners import SIGNATURE_KEY, register, where
 from model_registry.config import SlackSettings
 from model_registry.domain.errors import InvalidInput
@@ -206,11 +205,20 @@ class Bot:
     registry: Any
     client: WebClient
     gate: AckFirst
+    background: list[Any] = field(default_factory=list)  # the outbox's sender and the job watch, once loaded
+
+    def stop(self) -> None:
+        """Stop the background work (tests; a process that ends takes its daemon threads with it)."""
+        for work in self.background:
+            work.stop()
 
 
 def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callable[[], Any] | None = None,
                listener_threads: int = 16) -> Bot:
-    """The Bolt app with every listener, wired to the core (`build`, loaded lazily); nothing here imports TensorFlow."""
+    """The Bolt app with every listener, wired to the core (`build`, loaded lazily); nothing here imports TensorFlow.
+
+    Once the core has loaded, the outbox's sender delivers the messages the bot sends on its own, and the job
+    watch follows unfinished jobs every `follow_interval` seconds (one loop each per process)."""
     if not slack.bot_token:
         raise InvalidInput("SLACK_BOT_TOKEN is not set", "set it to the app's Bot User OAuth Token (xoxb-…)")
     client = slack_client(slack)
@@ -226,21 +234,29 @@ def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callab
             log.exception("could not settle the applies left in progress at start")
         return core
 
-    registry = LazyRegistry(build or build_core)
+    background: list[Any] = []
+
+    def build_and_deliver() -> Any:
+        from bot.delivery import start_delivery
+
+        core = (build or build_core)()
+        background.extend(w for w in start_delivery(core, slack, follow_interval) if w is not None)
+        return core
+
+    registry = LazyRegistry(build_and_deliver)
     secret = slack.signing_secret or ""
     # Background work is the listeners' own, on Bolt's listener executor: one pool in the process.
     app = App(token=slack.bot_token, signing_secret=secret, client=client, token_verification_enabled=False,
               request_verification_enabled=False, before_authorize=RecordedRequestVerification(secret, registry),
               process_before_response=False,
               listener_executor=ThreadPoolExecutor(max_workers=listener_threads, thread_name_prefix="starchart-bolt"))
-    follower = Follower(lambda: registry, interval=follow_interval, report=report_error)
     gate = AckFirst()  # bot.web counts the Slack requests in flight
     # the lazily loaded core stands in for Core: attribute access waits for it
-    deps = Deps(core=cast(Any, registry), follower=follower, user_name=display_names(client), pace=gate.wait_for_gap,
+    deps = Deps(core=cast(Any, registry), outbox=True, user_name=display_names(client), pace=gate.wait_for_gap,
                 team_id=slack.team_id)
 
     def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> SlackOutput:
         return SlackOutput(web, respond, user=where(body)[0], channel=channel, trigger_id=body.get("trigger_id"))
 
     register(app, deps, outputs)
-    return Bot(app=app, deps=deps, registry=registry, client=client, gate=gate)
+    return Bot(app=app, deps=deps, registry=registry, client=client, gate=gate, background=background)

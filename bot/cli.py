@@ -100,6 +100,63 @@ def _clock(args: argparse.Namespace) -> int:
     return run_clock(once=args.once)
 
 
+def _outbox_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
+    p.add_argument("--retry", nargs="?", const="failed", metavar="ID",
+                   help="deliver failed messages again (all of them, or message ID) once the cause is fixed")
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    """`starchart outbox`: the messages not yet delivered to Slack, and why."""
+    from model_registry.bootstrap import Core
+    from model_registry.config import SlackSettings
+
+    core = Core.from_env()
+    if args.retry:
+        again = core.outbox.retry_failed(None if args.retry == "failed" else _message_id(args.retry))
+        print(f"{again} failed message(s) will be delivered again")
+        return EXIT_OK
+    messages = core.outbox.undelivered()
+    if args.json:
+        print(json.dumps(messages, indent=2, default=str))
+    else:
+        for line in outbox_lines(messages, slack_configured=bool(SlackSettings.from_env().bot_token)):
+            print(line)
+    return EXIT_ERROR if any(m["state"] == "failed" for m in messages) else EXIT_OK
+
+
+def _message_id(raw: str) -> int:
+    if not raw.isdigit():
+        raise Usage(f"starchart outbox --retry: {raw!r} is not a message id (see `starchart outbox`)")
+    return int(raw)
+
+
+def outbox_lines(messages: list[dict[str, Any]], slack_configured: bool) -> list[str]:
+    """One line per undelivered message: what, where, and why it is not there yet."""
+    from handlers.chat import slack_hint
+
+    if not messages:
+        return ["Every message has been delivered to Slack."]
+    lines = []
+    for m in messages:
+        head = f"#{m['id']} {m['kind'].replace('_', ' ')} {m['subject']} → {m['channel']}"
+        if m["state"] == "failed":
+            lines.append(f"{head}: failed ({m['error']}) after {m['attempts']} attempt(s) — "
+                         f"{slack_hint(m['error']) if m['error'] not in ('record_not_found', 'malformed_payload') else m['last_error']}")
+            continue
+        why = f"{m['attempts']} attempt(s)" + (f", last: {m['last_error']}" if m["last_error"] else "")
+        if m["lease_owner"]:
+            why += f"; being delivered by {m['lease_owner']} (lease until {m['lease_until']})"
+        lines.append(f"{head}: pending (revision {m['wanted']}, delivered {m['delivered']}), next attempt "
+                     f"{m['next_attempt_at']}; {why}")
+    if not slack_configured and any(m["state"] == "pending" for m in messages):
+        lines.append("Nothing delivers these here: SLACK_BOT_TOKEN is not set (the worker and `starchart serve` "
+                     "deliver them when it is).")
+    failed = sum(m["state"] == "failed" for m in messages)
+    if failed:
+        lines.append(f"{failed} failed: fix the cause, then `starchart outbox --retry` delivers them again.")
+    return lines
+
+
 PROCESSES = {p.name: p for p in (
     Process("demo", "the whole flow on a fresh temporary home", _demo),
     Process("clock", "start scheduled trainings when they are due", _clock, _once),
@@ -107,7 +164,9 @@ PROCESSES = {p.name: p for p in (
     Process("socket", "the Slack bot over Socket Mode", _socket),
     Process("console", "type /ml commands in a terminal; cards render as text (--user U)", _console),
     Process("db", "`db upgrade`: migrate the database once (the Procfile's release: step)", _db, _db_arguments),
-    Process("worker", "follow jobs, reconcile interrupted applies, expire requests", _worker, _once),
+    Process("worker", "follow jobs, deliver messages, reconcile interrupted applies, expire requests", _worker,
+            _once),
+    Process("outbox", "messages not yet delivered to Slack, and why", _outbox, _outbox_arguments),
 )}
 
 

@@ -36,7 +36,7 @@ def build_wsgi(with_worker: bool = False) -> Any:
     if with_worker:
         from bot.worker import in_background
 
-        in_background(bot.registry, bot.client)
+        in_background(bot.registry)
     return WebApp(bot, web)
 
 

@@ -1,7 +1,7 @@
 """`starchart worker`: keeps the records true while nobody is asking — jobs, interrupted applies, expiry,
-scheduled retrains put up for review, and audit checkpoints posted to Slack (`audit_checkpoint`).
-`starchart clock`: starts scheduled trainings. `starchart serve --with-worker` runs both passes in the web process
-(`in_background`)."""
+scheduled retrains put up for review, audit checkpoints (`audit_checkpoint`) — and delivers the outbox's messages
+to Slack (bot.delivery). `starchart clock`: starts scheduled trainings. `starchart serve --with-worker` runs both
+passes in the web process (`in_background`)."""
 
 from __future__ import annotations
 
@@ -29,57 +29,41 @@ def checkpoint_due(registry: Any, now: datetime) -> bool:
     return now - datetime.strptime(last, "%Y-%m-%dT%H:%M:%SZ") >= parse_duration(str(every))
 
 
-def post_checkpoint(registry: Any, client: Any) -> dict[str, Any]:
-    """Record a checkpoint outside the database and post a copy to the configured Slack channel."""
-    from handlers.results import Checkpoint
-
-    cp = registry.audit.checkpoint()
-    channel = registry.config.audit_checkpoint.get("channel")
-    if client is not None and channel:
-        _output(client).post(channel, Checkpoint(cp, channel))
-    return cp
+def record_checkpoint(registry: Any) -> dict[str, Any]:
+    """Record a checkpoint outside the database; a copy for the configured Slack channel goes through the outbox."""
+    return registry.audit.checkpoint(registry.config.audit_checkpoint.get("channel"))
 
 
-def _output(client: Any, user: str | None = None, channel: str | None = None) -> Any:
-    from bot.slack_output import SlackOutput
-
-    return SlackOutput(client, user=user, channel=channel)
-
-
-def post_review_cards(registry: Any, client: Any, requests: list[dict[str, Any]]) -> None:
-    """Review cards for promotion requests opened without a person (scheduled retrains)."""
-    from handlers.chat import Chat, Deps, post_card
-    from handlers.follow import Follower
-
-    deps = Deps(core=registry, follower=Follower(lambda: registry))
-    for req in requests:
-        if client is None or not req.get("channel"):
-            log.info("promotion request #%s of %s is open (no Slack channel to post its card)", req["id"], req["model"])
-            continue
-        chat = Chat(user=req["requested_by"], channel=req["channel"],
-                    out=_output(client, req["requested_by"], req["channel"]))
-        post_card(deps, chat, req)
-
-
-def one_pass(registry: Any, client: Any = None) -> dict[str, int]:
+def one_pass(registry: Any, client: Any = None, sender: Any = None) -> dict[str, int]:
+    """Jobs refreshed, interrupted applies settled, requests expired, nightly retrains put up for review (their
+    cards recorded for the outbox), a checkpoint when due; then the due messages delivered (with `sender`, or a
+    sender on `client`)."""
     done = {"reconciled": len(registry.promotions.reconcile())}  # first: a settled apply should not wait for jobs
     done.update(jobs=registry.jobs.refresh(), expired=registry.promotions.expire(), checkpoints=0)
     opened = registry.schedules.follow_scheduled()
-    post_review_cards(registry, client, opened)
+    for req in opened:
+        if not req.get("channel"):
+            log.info("promotion request #%s of %s is open (no Slack channel to post its card)", req["id"], req["model"])
     done["reviews"] = len(opened)
     if checkpoint_due(registry, utcnow()):
-        post_checkpoint(registry, client)
+        record_checkpoint(registry)
         done["checkpoints"] = 1
+    if sender is None and client is not None:
+        from bot.delivery import Sender
+
+        sender = Sender(registry, client)
+    if sender is not None:
+        sender.deliver_due()
     return done
 
 
 WORKER_INTERVAL, CLOCK_INTERVAL = 10.0, 30.0  # seconds between passes
 
 
-def worker_pass(registry: Any, client: Any) -> Callable[[], None]:
+def worker_pass(registry: Any, sender: Any = None) -> Callable[[], None]:
     """One pass of `starchart worker`, as the loop runs it: what it did is logged."""
     def work() -> None:
-        done = one_pass(registry, client)
+        done = one_pass(registry, sender=sender)
         if any(done.values()):
             log.info("worker pass: %s", done)
 
@@ -103,12 +87,16 @@ def run_worker(once: bool = False, interval: float = WORKER_INTERVAL) -> int:
     from model_registry.config import SlackSettings
 
     slack = SlackSettings.from_env()
-    client = None
+    sender = None
     if slack.bot_token:
-        from bot.app import slack_client
+        from bot.delivery import Sender, sender_client
 
-        client = slack_client(slack)
-    return _every(interval, worker_pass(registry, client), "worker", once)
+        sender = Sender(registry, sender_client(slack), lease=slack.outbox_lease)
+        if not once:
+            sender.start()  # prompt: woken by this process's commits, polling for the others'
+    else:
+        log.warning("SLACK_BOT_TOKEN is not set: messages wait in the outbox (see `starchart outbox`)")
+    return _every(interval, worker_pass(registry, sender), "worker", once)
 
 
 def _log_progress() -> None:
@@ -141,13 +129,13 @@ def run_clock(once: bool = False, interval: float = CLOCK_INTERVAL) -> int:
     return _every(interval, clock_pass(registry), "clock", once)
 
 
-def in_background(registry: Any, client: Any, worker_interval: float = WORKER_INTERVAL,
+def in_background(registry: Any, worker_interval: float = WORKER_INTERVAL,
                   clock_interval: float = CLOCK_INTERVAL) -> threading.Thread:
     """`serve --with-worker`: the worker's and the clock's passes on daemon threads of this web process.
 
     gunicorn runs several worker processes; a lock file under STARCHART_HOME picks the one that runs the passes
     (the others wait on it, so when that process ends, another takes over). `registry` may be the lazily loaded
-    core: this waits for it.
+    core: this waits for it. Messages are delivered by the web process's own sender, not by these passes.
     """
     def duties() -> None:
         from bot.app import LazyRegistry
@@ -167,7 +155,7 @@ def in_background(registry: Any, client: Any, worker_interval: float = WORKER_IN
             log.exception("starchart.yaml's schedules could not be read in")
         threading.Thread(target=_every, args=(clock_interval, clock_pass(core), "clock", False),
                          name="starchart-clock", daemon=True).start()
-        _every(worker_interval, worker_pass(core, client), "worker", False)
+        _every(worker_interval, worker_pass(core), "worker", False)
 
     log.setLevel(logging.INFO)  # the passes say what they did, as in their own processes; the web's logs stay as set
     thread = threading.Thread(target=duties, name="starchart-worker", daemon=True)

@@ -45,7 +45,13 @@ def audit(inv: Invocation) -> Result:
     args, core = inv.args, inv.core
     share = bool(getattr(args, "share", False))
     if args.target == "checkpoint":
-        return Checkpoint(core.audit.checkpoint(), core.config.audit_checkpoint.get("channel"))
+        channel = core.config.audit_checkpoint.get("channel")
+        if not inv.outbox:  # the surface shows it (the console), or nobody does (the CLI)
+            return Checkpoint(core.audit.checkpoint(), channel)
+        channel = channel or inv.channel
+        if not channel:
+            raise InvalidInput("this answer needs a channel", "type the command in a channel")
+        return Checkpoint(core.audit.checkpoint(channel, user=inv.user), channel)
     if args.target == "verify":
         return AuditVerified(core.audit.verify())
     if args.at:

@@ -1,7 +1,9 @@
 """Chat (Slack and the console): parse what was typed or clicked, run it through the table, deliver the result.
 
-Delivery is by result type: most answers go only to the person who acted; a training posts its message and is
-followed; a promotion request posts its review card; files are uploaded; the Reject button opens a form.
+Delivery is by result type: most answers go only to the person who acted; files are uploaded; the Reject button
+opens a form. The messages the bot sends on its own (a training's message, a review card and its updates, an audit
+checkpoint) are recorded by the core with the change that causes them when `Deps.outbox` is set (Slack: the outbox
+delivers them); otherwise (the console) they are shown here, and a training is followed to its end.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Deps:
     """Wired by the composition root (bot.app, bot.console): handlers never construct their collaborators."""
 
     core: Core
-    follower: Follower
+    follower: Follower | None = None  # the console's: a training's message followed in the foreground
+    outbox: bool = False  # Slack: the messages the bot sends on its own are recorded for the outbox
     user_name: Callable[[str], str | None] = _nobody
     pace: Callable[[], None] = _go  # called before work that follows an ack: lets other requests be acked first
     team_id: str | None = None  # the installed workspace; when set, a person of another one is refused
@@ -96,7 +99,7 @@ def require_person(deps: Deps, chat: Chat) -> None:
 def invocation(deps: Deps, chat: Chat, args: Any = None, trainer_args: list[str] | None = None) -> Invocation:
     return Invocation(core=deps.core, user=chat.user, args=args, trainer_args=trainer_args, surface=Surface.CHAT,
                       progress=lambda result: deliver(result, deps, chat), user_name=deps.user_name,
-                      channel=chat.channel, message_ts=chat.message_ts)
+                      channel=chat.channel, message_ts=chat.message_ts, outbox=deps.outbox)
 
 
 def dispatch(deps: Deps, chat: Chat, text: str) -> Result:
@@ -150,24 +153,34 @@ def deliver(result: Result, deps: Deps, chat: Chat) -> None:
 
 @deliver.register
 def _training(result: JobStarted, deps: Deps, chat: Chat) -> None:
+    if deps.outbox:  # recorded with the job: the outbox posts the message and updates it as the job goes
+        if not chat.channel:
+            chat.out.ephemeral(result)
+        return
     posted = chat.out.post(_where(chat), TrainingMessage(result.job))
-    deps.follower.follow(result.job, posted.channel, posted.ts, chat.out)
+    if deps.follower is not None:
+        deps.follower.follow(result.job, posted.channel, posted.ts, chat.out)
 
 
 @deliver.register
 def _opened(result: RequestOpened, deps: Deps, chat: Chat) -> None:
-    req = post_card(deps, chat, result.request)
-    chat.out.ephemeral(CardPosted(req))
+    req = result.request if deps.outbox else post_card(deps, chat, result.request)
+    if req.get("channel"):
+        chat.out.ephemeral(CardPosted(req))
+    else:
+        chat.out.ephemeral(RequestState(req))
 
 
 @deliver.register
 def _changed(result: RequestChanged, deps: Deps, chat: Chat) -> None:
-    refresh_card(chat, result.request)
+    if not deps.outbox:  # else the change itself asked the outbox to update the card
+        refresh_card(chat, result.request)
 
 
 @deliver.register
 def _decided(result: Decided, deps: Deps, chat: Chat) -> None:
-    refresh_card(chat, result.request)
+    if not deps.outbox:
+        refresh_card(chat, result.request)
     if result.notice:
         chat.out.ephemeral(RequestState(result.request))
 
@@ -181,7 +194,8 @@ def _export(result: AuditExport, deps: Deps, chat: Chat) -> None:
 @deliver.register
 def _checkpoint(result: Checkpoint, deps: Deps, chat: Chat) -> None:
     channel = result.channel or _where(chat)
-    chat.out.post(channel, result)
+    if not deps.outbox:  # else recorded with the checkpoint, for the outbox to post
+        chat.out.post(channel, result)
     chat.out.ephemeral(CheckpointPosted(channel))
 
 
@@ -212,7 +226,8 @@ def _where(chat: Chat) -> str:
 
 
 def post_card(deps: Deps, chat: Chat, req: Record) -> Record:
-    """Post the review card to the model's channel (or where the command was typed) and remember it."""
+    """Post the review card to the model's channel (or where the command was typed) and remember it (the console;
+    Slack's cards go through the outbox)."""
     if req.get("message_ts"):
         refresh_card(chat, req)  # an open twin already has a card: bring it up to date
         return req
@@ -237,7 +252,7 @@ def report_error(out: Output, exc: BaseException) -> None:
     else:
         log.error("work failed:\n%s", "".join(traceback.format_exception(exc)))
         slack_error = getattr(getattr(exc, "response", None), "get", lambda _k: None)("error")
-        hint = _slack_hint(slack_error) if slack_error else "the error is in the bot's log; try again or ask an admin"
+        hint = slack_hint(slack_error) if slack_error else "the error is in the bot's log; try again or ask an admin"
         failure = Failure(f"something went wrong: {slack_error or type(exc).__name__}", hint)
     try:
         out.ephemeral(failure)
@@ -245,10 +260,16 @@ def report_error(out: Output, exc: BaseException) -> None:
         log.exception("could not report an error")
 
 
-def _slack_hint(code: str) -> str:
+def slack_hint(code: str) -> str:
+    """What to do about an error Slack answered, in the words a person acts on."""
     return {
         "not_in_channel": "invite the bot to the channel (/invite @StarChart) and try again",
         "channel_not_found": "the channel does not exist or the bot cannot see it; check `channel` in starchart.yaml",
         "ratelimited": "Slack is rate limiting the bot; try again in a minute",
         "invalid_auth": "SLACK_BOT_TOKEN is wrong or revoked",
+        "token_revoked": "SLACK_BOT_TOKEN was revoked; reinstall the app and set the new token",
+        "account_inactive": "the bot's Slack account was deactivated; reinstall the app and set the new token",
+        "is_archived": "the channel is archived; unarchive it or set another `channel` in starchart.yaml",
+        "msg_too_long": "the message is over Slack's size limit; report it to the bot's admins",
+        "invalid_blocks": "Slack refused the message's layout; report it to the bot's admins",
     }.get(code, f"Slack answered '{code}'")

@@ -1,5 +1,6 @@
-"""The training messages: one loop per process edits every followed message as its job goes
-queued → running (elapsed) → succeeded (metrics) / failed (log tail)."""
+"""The console's training messages: followed in the foreground as the job goes queued → running (elapsed) →
+succeeded (metrics) / failed (log tail). In Slack the records own their messages: the job's state changes record
+the updates and the outbox delivers them (bot/delivery.py)."""
 
 from __future__ import annotations
 

@@ -28,18 +28,23 @@ def reason_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
     p.add_argument("--reason")
 
 
+def _card(inv: Invocation) -> dict[str, Any]:
+    """Through the outbox, the review card is recorded with the request (for the model's channel, else this one)."""
+    return {"channel": inv.channel, "card": True} if inv.outbox else {}
+
+
 def promote(inv: Invocation) -> Result:
     args = inv.args
-    return RequestOpened(inv.core.promotions.promote(args.model, args.version, inv.user, args.reason))
+    return RequestOpened(inv.core.promotions.promote(args.model, args.version, inv.user, args.reason, **_card(inv)))
 
 
 def apply(inv: Invocation) -> Result:
     """StarChart's apply: a request for the version marked isDefault in models/MODEL.yaml."""
-    return RequestOpened(inv.core.promotions.apply(model_of(inv.args), inv.user, inv.args.reason))
+    return RequestOpened(inv.core.promotions.apply(model_of(inv.args), inv.user, inv.args.reason, **_card(inv)))
 
 
 def rollback(inv: Invocation) -> Result:
-    return RequestOpened(inv.core.promotions.rollback(model_of(inv.args), inv.user, inv.args.reason))
+    return RequestOpened(inv.core.promotions.rollback(model_of(inv.args), inv.user, inv.args.reason, **_card(inv)))
 
 
 def request_argument(p: argparse.ArgumentParser, _cli: bool) -> None:

@@ -43,6 +43,7 @@ class Invocation:
     read_stdin: Callable[[], str] | None = None  # the CLI's `predict MODEL -`
     channel: str | None = None  # a click's or a form's card
     message_ts: str | None = None
+    outbox: bool = False  # messages to channels are recorded for the outbox (Slack), not shown by the surface
 
 
 Arguments = Callable[[argparse.ArgumentParser, bool], None]

@@ -27,7 +27,8 @@ def train(inv: Invocation) -> Result:
         raise Usage("starchart train: only one `--` separates the trainer's arguments")
     job = inv.core.jobs.train(model_of(args), inv.user, module=args.module, args=inv.trainer_args,
                               scale_tier=args.scale_tier, region=args.region, machine_type=args.machine_type,
-                              workers=args.workers, accelerator=args.accelerator)
+                              workers=args.workers, accelerator=args.accelerator,
+                              message_channel=inv.channel if inv.outbox else None)
     if not (args.wait and inv.surface is Surface.CLI):
         return JobStarted(job)
     inv.progress(JobSubmitted(job))

@@ -18,6 +18,7 @@ from model_registry.domain.policy import MembersOf
 from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
 from model_registry.services.jobs import Jobs
+from model_registry.services.outbox import Outbox
 from model_registry.services.predictions import Predictions
 from model_registry.services.promotions import Promotions
 from model_registry.services.schedules import Schedules
@@ -40,6 +41,7 @@ class Core:
     audit: AuditTrail
     schedules: Schedules
     predictions: Predictions
+    outbox: Outbox
 
     @classmethod
     def from_env(cls, members_of: MembersOf | None = None) -> Core:
@@ -79,5 +81,5 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
-        predictions=Predictions(db, catalog, backend, config),
+        predictions=Predictions(db, catalog, backend, config), outbox=Outbox(db),
     )

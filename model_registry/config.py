@@ -313,14 +313,21 @@ class SlackSettings:
     app_token: str | None = None  # Socket Mode (xapp-…)
     api_url: str = SLACK_API_DEFAULT
     team_id: str | None = None  # SLACK_TEAM_ID: the workspace the app is installed in; others are refused
+    outbox_lease: float = 120.0  # STARCHART_OUTBOX_LEASE: seconds a sender holds a message it is delivering
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "SlackSettings":
         env = os.environ if env is None else env
+        try:
+            lease = float(env.get("STARCHART_OUTBOX_LEASE") or 120.0)
+        except ValueError:
+            raise InvalidInput("STARCHART_OUTBOX_LEASE is not a number of seconds", "e.g. 120") from None
+        if lease < 4:
+            raise InvalidInput("STARCHART_OUTBOX_LEASE is under 4 seconds", "a delivery needs a few seconds; e.g. 120")
         return cls(bot_token=env.get("SLACK_BOT_TOKEN") or None, signing_secret=env.get("SLACK_SIGNING_SECRET") or None,
                    app_token=env.get("SLACK_APP_TOKEN") or None,
                    api_url=(env.get("SLACK_API_URL") or SLACK_API_DEFAULT).rstrip("/") + "/",
-                   team_id=(env.get("SLACK_TEAM_ID") or "").strip() or None)
+                   team_id=(env.get("SLACK_TEAM_ID") or "").strip() or None, outbox_lease=lease)
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,4 @@ def _over_slack(reg: Any) -> None:
                               timeout=10)
             finally:
                 driver.close()
+                bot.stop()

@@ -125,7 +125,7 @@ def test_0004_adds_the_seen_requests_table_and_takes_it_away_again(empty_db_url:
     engine = make_engine(empty_db_url)
     command.upgrade(alembic_config(engine), "0003")
     assert "seen_requests" not in inspect(engine).get_table_names()
-    command.upgrade(alembic_config(engine), "0004")  # 0004 itself (0005 adds columns elsewhere)
+    command.upgrade(alembic_config(engine), "0004")  # 0004 itself (later migrations add other tables)
     assert current_revision(engine) == "0004"
     assert inspect(engine).get_pk_constraint("seen_requests")["constrained_columns"] == ["signature"]
     assert [i["column_names"] for i in inspect(engine).get_indexes("seen_requests")] == [["seen_at"]]
@@ -161,8 +161,8 @@ def test_0005_adds_the_apply_lease_columns_and_takes_them_away_again(empty_db_ur
             "card_digest, diff, requested_by, state, required_approvals, created_at, expires_at, apply_started_at) "
             "VALUES ('iris', 'promote', 'v20261208100000', NULL, 'd', 'c', '{}', 'U1', 'applying', 1, :at, :at, :at)"),
             {"at": at})
-    migrate(engine)
-    assert current_revision(engine) == SCHEMA_HEAD == "0005"
+    command.upgrade(alembic_config(engine), "0005")  # 0005 itself (0006 adds the outbox)
+    assert current_revision(engine) == "0005"
     columns = {c["name"]: c for c in inspect(engine).get_columns("promotion_requests")}
     assert columns["apply_owner"]["nullable"] and columns["apply_lease_until"]["nullable"]
     with engine.begin() as conn:
@@ -176,6 +176,37 @@ def test_0005_adds_the_apply_lease_columns_and_takes_them_away_again(empty_db_ur
     assert after == before
     with engine.connect() as conn:
         assert conn.execute(text("SELECT state FROM promotion_requests")).scalar_one() == "applying"
+    engine.dispose()
+
+
+def test_0006_adds_the_outbox_and_takes_it_away_again(empty_db_url: str) -> None:
+    """0006 (after 0005): the outbox table, one message per (kind, subject), due messages indexed; downgrade drops
+    it and leaves the earlier tables."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    from model_registry.adapters.db import current_revision
+
+    engine = make_engine(empty_db_url)
+    command.upgrade(alembic_config(engine), "0005")
+    assert "outbox" not in inspect(engine).get_table_names()
+    migrate(engine)
+    assert current_revision(engine) == SCHEMA_HEAD == "0006"
+    uniques = {tuple(u["column_names"]) for u in inspect(engine).get_unique_constraints("outbox")}
+    assert ("kind", "subject") in uniques
+    assert ["next_attempt_at"] in [i["column_names"] for i in inspect(engine).get_indexes("outbox")]
+    insert = text("INSERT INTO outbox (kind, subject, channel, payload, wanted, delivered, attempts, next_attempt_at, "
+                  "created_at) VALUES ('training', 'iris_20261208100000', 'C1', '{}', 1, 0, 0, :at, :at)")
+    with engine.begin() as conn:
+        conn.execute(insert, {"at": datetime(2026, 12, 8, 10, 0)})
+    with pytest.raises(IntegrityError), engine.begin() as conn:  # one message per record
+        conn.execute(insert, {"at": datetime(2026, 12, 8, 10, 1)})
+    command.downgrade(alembic_config(engine), "0005")
+    tables = set(inspect(engine).get_table_names())
+    assert "outbox" not in tables and "seen_requests" in tables
     engine.dispose()
 
 

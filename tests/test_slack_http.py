@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,9 +42,9 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # a session of its own: kill() takes the master and its workers at once
             [sys.executable, "-m", "bot.cli", "serve", "--port", str(self.port), "--workers", "2", *extra],
-            cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+            cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException, ValueError):  # not listening yet
@@ -53,6 +54,12 @@ class Server:
                 break
             time.sleep(0.1)
         raise AssertionError(f"starchart serve did not become ready:\n{log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the server: nothing finishes, nothing is flushed."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=20)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -325,10 +332,15 @@ def test_unknown_channel_is_reported_and_nothing_is_lost(driver: SlackDriver, sl
     slack.strict_channels = True
     reg = registry_from(slack)
     acked(driver.command(f"train iris — —source={trained['iris_a']}", user_id=TRAINER, channel_id="C0GHOST"))
-    said_to(slack, "channel_not_found")
-    assert "the channel does not exist" in json.dumps(slack.responses)
+    # the training message goes through the outbox: the person who trained is told in a direct message
+    told = slack.wait_for(lambda: [m for m in slack.messages_in(TRAINER) if "channel_not_found" in json.dumps(m)],
+                          timeout=15)
+    assert "the channel does not exist" in json.dumps(told)
     job = reg.jobs.state("iris")[0]
     assert job["state"] in ("QUEUED", "RUNNING", "SUCCEEDED"), "the job itself was started and is recorded"
+    (stopped,) = reg.outbox.undelivered()
+    assert (stopped["kind"], stopped["subject"], stopped["state"], stopped["error"]) == (
+        "training", job["job_id"], "failed", "channel_not_found")
 
 
 def test_prediction_api_and_slash_predict_over_http(driver: SlackDriver, slack: SlackFake, trained: dict,
@@ -392,3 +404,25 @@ def test_prediction_api_token(bot_env: dict, tmp_path: Path) -> None:
         assert allowed.status_code == 404 and "no default version" in allowed.json()["error"]
     finally:
         srv.stop()
+
+
+def test_serve_killed_during_a_training_loses_no_update(bot_env: dict, slack: SlackFake, trained: dict,
+                                                         tmp_path: Path, server: Server, driver: SlackDriver) -> None:
+    """SIGKILL to `starchart serve` while a training runs: a restarted serve finishes its message."""
+    reg = registry_from(slack)
+    acked(driver.command(f"train iris — —source={trained['iris_a']} —sleep=3", user_id=TRAINER, channel_id=CHANNEL))
+    key, _posted = message_with(slack, "--sleep=3")
+    job_id = reg.jobs.state("iris")[0]["job_id"]
+    status = reg.settings.home / "jobs" / job_id / "status.json"
+    slack.wait_for(lambda: status.exists() and '"RUNNING"' in status.read_text(), timeout=30)  # submitted, training
+    server.kill()
+    slack.wait_for(lambda: status.exists() and '"SUCCEEDED"' in status.read_text(), timeout=60)
+    time.sleep(0.5)  # nobody is left to notice: the message still says what it said before the kill
+    assert "*succeeded*" not in json.dumps(slack.messages[key])
+    again = Server(bot_env, tmp_path / "serve-again.log")
+    try:
+        slack.wait_for(lambda: "*succeeded*" in json.dumps(slack.messages[key]), timeout=60)
+    finally:
+        again.stop()
+    assert len([m for m in slack.messages.values() if "--sleep=3" in json.dumps(m)]) == 1, "updated, not reposted"
+    assert reg.outbox.undelivered() == []

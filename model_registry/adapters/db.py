@@ -10,7 +10,7 @@ import fcntl
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, cast
+from typing import Any, Callable, Iterator, NamedTuple, cast
 
 from sqlalchemy import CursorResult, Result, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
@@ -22,10 +22,13 @@ from model_registry.domain.errors import InvalidInput, SchemaError
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 # The newest migration's revision, so that a start on an up-to-date database need not load Alembic (0.1 s of every
 # command); tests check it against Alembic's head, and Alembic itself is asked whenever the two differ.
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 UPGRADE_HINT = "run `starchart db upgrade` (the Procfile's release: step runs it on every deploy), then start again"
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 _JSON = json.JSONDecoder()
+MESSAGE_RECORDED = "starchart_message_recorded"  # set in a session's info by adapters.outbox
+LOCAL_SENDER = "starchart_local_sender"  # (owner, lease seconds) of this process's outbox sender, for adapters.outbox
+HANDED = "starchart_handed"  # new messages leased to that sender in the transaction, as recorded
 
 
 def _sqlite_json(text: str) -> Any:
@@ -247,12 +250,20 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.reader = reader(self.engine)  # read-only work: no write lock on SQLite, no transaction on PostgreSQL
         self.reads = sessionmaker(self.reader, expire_on_commit=False)
+        # called after a commit that recorded a message, with the new messages leased to `sender` (as recorded)
+        self.after_message: list[Callable[[list[dict[str, Any]]], None]] = []
+        self.sender: tuple[str, float] | None = None  # this process's outbox sender: (owner, lease seconds)
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:
         """One transaction: every state change commits with its audit event, or neither does."""
         with self.sessions.begin() as session:
+            session.info[LOCAL_SENDER] = self.sender
             yield session
+        handed = session.info.pop(HANDED, [])
+        if session.info.pop(MESSAGE_RECORDED, False):  # the sender in this process need not wait for its poll
+            for wake in list(self.after_message):
+                wake(handed)
 
     def dispose(self) -> None:
         self.engine.dispose()

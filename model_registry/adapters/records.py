@@ -204,6 +204,45 @@ class SeenRequest(Base):
     seen_at: Mapped[datetime] = mapped_column(DateTime, index=True)
 
 
+class OutboxMessage(Base):
+    """A message the bot sends to Slack on its own, recorded with the state change that causes it.
+
+    The row names what the message is about (`kind`: training, review_card, card_file, checkpoint, notice; `subject`:
+    the job id, the request id, ...) and where it goes; the sender renders the record as it is at delivery. One row
+    is one Slack message: each state change raises `wanted`, a delivery sets `delivered` to the revision it showed,
+    so pending updates collapse into one and an update never overtakes its post. A lease (`lease_owner`,
+    `lease_until`) lets one sender at a time work on a row; a permanent Slack error sets `failed_at` and `error`.
+    """
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    subject: Mapped[str] = mapped_column(String(100))
+    channel: Mapped[str] = mapped_column(String(40))  # where it goes (a user id for a direct message)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    notify: Mapped[str | None] = mapped_column(String(200))  # who is told when it cannot be delivered
+    wanted: Mapped[int] = mapped_column(Integer, default=1)
+    delivered: Mapped[int] = mapped_column(Integer, default=0)
+    posted_channel: Mapped[str | None] = mapped_column(String(40))
+    ts: Mapped[str | None] = mapped_column(String(40))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    first_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(String(100))  # the permanent error that stopped it
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        UniqueConstraint("kind", "subject", name="uq_outbox_kind_subject"),
+        Index("ix_outbox_due", "next_attempt_at"),
+    )
+
+
 @event.listens_for(Session, "before_flush")
 def _audit_is_append_only(session: Session, _ctx: Any, _instances: Any) -> None:
     for obj in list(session.dirty) + list(session.deleted):

@@ -15,6 +15,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from model_registry.adapters import audit_log as audit
+from model_registry.adapters import outbox
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.db import Database
 from model_registry.adapters.records import (
@@ -139,14 +140,25 @@ class AuditTrail:
                 out.append({"malformed": line[:100]})
         return out
 
-    def checkpoint(self) -> dict[str, Any]:
-        """Record the chain's head outside the database; the caller may also post it (e.g. to Slack)."""
-        with self.db.reads() as s:
+    def checkpoint(self, channel: str | None = None, user: str | None = None) -> dict[str, Any]:
+        """Record the chain's head outside the database; with `channel`, a copy is recorded for the outbox to post
+        there (`user`: who is told if it cannot be)."""
+        if not channel:
+            with self.db.reads() as s:
+                cp = self.audit_log.checkpoint(s, self._audit_key())
+            self._keep(cp)
+            return cp
+        with self.db.unit_of_work() as s:  # the head and its message in one transaction; the file before the commit
             cp = self.audit_log.checkpoint(s, self._audit_key())
+            outbox.record(s, outbox.CHECKPOINT, f"{cp.get('at')}#{cp.get('count')}", channel, notify=user,
+                          payload={"checkpoint": cp})
+            self._keep(cp)
+        return cp
+
+    def _keep(self, cp: dict[str, Any]) -> None:
         self._checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self._checkpoint_file, "a") as fh:
             fh.write(json.dumps(cp, sort_keys=True) + "\n")
-        return cp
 
     def verify(self, checkpoints: Iterable[dict[str, Any]] | None = None) -> audit.VerifyResult:
         cps = self.checkpoints() if checkpoints is None else list(checkpoints)

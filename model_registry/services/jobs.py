@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from model_registry.adapters import listings
+from model_registry.adapters import listings, outbox
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend, TrainingSpec
 from model_registry.adapters.db import Database, rows_changed
@@ -37,6 +37,8 @@ from model_registry.services.catalog import Catalog
 from model_registry.services.views import JobView, job_view
 
 LOG_TAIL_LINES = 20
+RUNNING_MESSAGE_EVERY = timedelta(seconds=15)
+SUBMIT_TAKES_AT_MOST = timedelta(minutes=10)  # staging a package and submitting it  # a running training's message shows its elapsed time this often
 LOG_TAIL_CHARS = 2300  # with its note, within the failed-training message's 2500-character tail (a section is 3000)
 
 
@@ -72,9 +74,12 @@ class Jobs:
         workers: int = 1,
         accelerator: str | None = None,
         configured_args: bool = False,
+        message_channel: str | None = None,
     ) -> JobView:
         """Start a training. `args` are a person's (checked against `args_allowed`) unless `configured_args`
-        says they come from starchart.yaml; None takes the model's configured `args`. Paths are checked always."""
+        says they come from starchart.yaml; None takes the model's configured `args`. Paths are checked always.
+        With `message_channel`, the training message is recorded with the job: the outbox posts it there and
+        updates it as the job goes queued → running → succeeded / failed."""
         names.validate_model_name(model)
         source = trainer_dir(self.config.trainer_base, model)
         policy = self.config.policy(model)
@@ -94,6 +99,8 @@ class Jobs:
                     job = self._new_job(s, model, ts, module, raw_args, user, package.sha256,
                                         scale_tier or policy.scale_tier, region or policy.region,
                                         machine_type or policy.machine_type, workers)
+                    if message_channel:
+                        outbox.record(s, outbox.TRAINING, job.job_id, message_channel, notify=user)
                 break
             except IntegrityError:
                 ts = names.next_timestamp(ts)
@@ -164,17 +171,25 @@ class Jobs:
                 job = s.get_one(Job, job_id)
                 self.audit_log.append(s, f"training.{state.lower()}", actor, model=job.model, job_id=job_id,
                              details={"error": (error or "")[-500:]} if error else {})
+                outbox.want_update(s, outbox.TRAINING, [job_id])
             return bool(done)
 
     def refresh(self, model: str | None = None) -> int:
         """Ask the backend about every unfinished job; record what changed. Returns how many changed."""
         with self.db.unit_of_work() as s:
+            # a job whose submission is still under way (no backend_ref yet) is not asked about: the backend may not
+            # know it yet; one left so for long was lost with the process that submitted it, and is asked
+            submitted = or_(Job.backend_ref.is_not(None), Job.created_at < names.utcnow() - SUBMIT_TAKES_AT_MOST)
             q = select(Job.job_id, Job.state, Job.backend_ref, Job.train_path, Job.model).where(
-                Job.state.in_([QUEUED, RUNNING]))
+                Job.state.in_([QUEUED, RUNNING]), submitted)
             if model:
                 q = q.where(Job.model == model)
             pending = s.execute(q).all()
         changed = 0
+        running = [job_id for job_id, state, *_ in pending if state == RUNNING]
+        if running:  # the messages of running trainings show their elapsed time, refreshed now and then
+            with self.db.unit_of_work() as s:
+                outbox.want_update(s, outbox.TRAINING, running, unchanged_since=names.utcnow() - RUNNING_MESSAGE_EVERY)
         for job_id, state, ref, train_path, job_model in pending:
             try:
                 st = self.backend.status(job_id, ref)
@@ -187,6 +202,7 @@ class Jobs:
                     if rows_changed(s.execute(update(Job).where(Job.job_id == job_id, Job.state == QUEUED)
                                               .values(state=RUNNING, started_at=st.started_at or names.utcnow()))):
                         self.audit_log.append(s, "training.started", "system", model=job_model, job_id=job_id)
+                        outbox.want_update(s, outbox.TRAINING, [job_id])
                         changed += 1
                 continue
             error = st.error

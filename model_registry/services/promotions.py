@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from model_registry.adapters import outbox
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database, rows_changed
@@ -57,7 +58,9 @@ class Promotions:
         self.project = project  # GCP_PROJECT_ID: the project a model file's long version names must name
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
-                channel: str | None = None) -> RequestView:
+                channel: str | None = None, card: bool = False) -> RequestView:
+        """Open a promotion request (or find its open twin). With `card`, its review card is recorded with it, for
+        the model's channel (else `channel`): the outbox posts it and updates it after each decision."""
         names.validate_model_name(model)
         policy = self.config.policy(model)
         check_operator(policy, user, self.catalog.members_of, "request a promotion of", model)
@@ -73,6 +76,7 @@ class Promotions:
                 PromotionRequest.base_version == base_name, PromotionRequest.state == rules.OPEN,
                 PromotionRequest.expires_at > names.utcnow())).scalar_one_or_none()
             if existing is not None:  # a retried command finds the open request instead of a twin
+                self._card(s, existing, card, user, channel)  # its card is brought up to date (or posted, if it had none)
                 return request_view(existing, self.catalog.approvals(s, existing.id))
             cand_view = version_view(cand)
             base_view = version_view(self.catalog.version(s, model, base_name)) if base_name else None
@@ -84,17 +88,19 @@ class Promotions:
                                                                       diff),
                 diff=diff, requested_by=user, reason=reason, state=rules.OPEN,
                 required_approvals=policy.required_approvals, created_at=now, expires_at=now + policy.request_expiry,
-                channel=channel or policy.channel,
+                channel=policy.channel or channel,
             )
             s.add(req)
             s.flush()
+            self._card(s, req, card, user, channel)
             self.audit_log.append(s, "rollback.requested" if kind == "rollback" else "promotion.requested", user, model=model,
                          version=version, request_id=req.id, channel=req.channel,
                          details={"kind": kind, "base": base_name, "reason": reason, "card_digest": req.card_digest,
                                   "breaking": diff["signature"]["breaking"]})
             return request_view(req)
 
-    def apply(self, model: str, user: str, reason: str | None = None) -> ApplyView:
+    def apply(self, model: str, user: str, reason: str | None = None, channel: str | None = None,
+              card: bool = False) -> ApplyView:
         """StarChart's apply: request the version marked isDefault in models/<model>.yaml (or StarChart's
         models/<model>.json); the answer names the file(s) read."""
         names.validate_model_name(model)
@@ -107,15 +113,23 @@ class Promotions:
             except NotFound as exc:
                 raise NotFound(f"{files} marks {marked.version} isDefault, but {model} has no version "
                                f"{marked.version}", f"mark one of {model}'s versions there ({exc.hint})") from None
-        request = self.promote(model, marked.version, user, reason, kind="apply")
+        request = self.promote(model, marked.version, user, reason, kind="apply", channel=channel, card=card)
         return ApplyView(**request, model_files=[str(p) for p in marked.files])
 
-    def rollback(self, model: str, user: str, reason: str | None = None) -> RequestView:
+    def rollback(self, model: str, user: str, reason: str | None = None, channel: str | None = None,
+                 card: bool = False) -> RequestView:
         names.validate_model_name(model)
         with self.db.unit_of_work() as s:
             self.catalog.require_model(model, s)
             target = self._previous_default(s, model)
-        return self.promote(model, target, user, reason, kind="rollback")
+        return self.promote(model, target, user, reason, kind="rollback", channel=channel, card=card)
+
+    @staticmethod
+    def _card(s: Session, req: PromotionRequest, card: bool, user: str, channel: str | None) -> None:
+        if card and not req.channel:
+            req.channel = channel
+        if card and req.channel:
+            outbox.record(s, outbox.REVIEW_CARD, str(req.id), req.channel, notify=user)
 
     def _previous_default(self, s: Session, model: str) -> str:
         """Replay applied requests as a stack of defaults: promotions push, rollbacks pop."""
@@ -374,3 +388,4 @@ class Promotions:
                 where = {"channel": row.channel, "message_ts": row.message_ts}
             self.audit_log.append(s, event.action, event.actor, model=row.model, version=row.candidate_version,
                          request_id=row.id, **where, details=event.details)
+        outbox.want_update(s, outbox.REVIEW_CARD, [str(row.id)])  # its card (if it has one) shows the change

@@ -157,7 +157,8 @@ class Schedules:
                         self.audit_log.append(s, "review.skipped", actor, model=model, version=version["name"],
                                      details={"why": why})
                     continue
-                opened.append(self.promotions.promote(model, version["name"], actor, reason="scheduled retrain"))
+                opened.append(self.promotions.promote(model, version["name"], actor, reason="scheduled retrain",
+                                                      card=True))
         return opened
 
     def _gate_refusal(self, model: str, version: VersionView, gate: Gate | None) -> str | None:

@@ -11,11 +11,13 @@ Slack's documented Block Kit limits are enforced where the real API rejects a pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import mimetypes
 import re
+import socket
 import threading
 import time
 import uuid
@@ -262,6 +264,9 @@ class SlackFake:
         self._groups: dict[str, list[str]] = {}
         self._channels: dict[str, dict[str, Any]] = {}
         self._failures: dict[str, list[SlackError]] = {}
+        self._lost_replies: dict[str, list[float]] = {}  # method -> seconds each applied call waits, then hangs up
+        self._revoked: set[str] = set()
+        self._last_ts = 0.0
         self._handlers: dict[str, Handler] = {
             "auth.test": self._auth_test,
             "chat.postMessage": self._post_message,
@@ -271,6 +276,8 @@ class SlackFake:
             "usergroups.users.list": self._usergroup_users,
             "users.info": self._users_info,
             "conversations.info": self._conversations_info,
+            "conversations.history": self._conversations_history,
+            "conversations.open": self._conversations_open,
             "files.getUploadURLExternal": self._get_upload_url,
             "files.completeUploadExternal": self._complete_upload,
             "apps.connections.open": self._connections_open,
@@ -431,12 +438,13 @@ class SlackFake:
         with self._lock:
             self._groups[group_id] = list(members)
 
-    def add_channel(self, channel_id: str, name: str, *, is_private: bool = False) -> None:
-        """Make conversations.info (and, when strict_channels, posting) know a channel."""
+    def add_channel(self, channel_id: str, name: str, *, is_private: bool = False, is_member: bool = True) -> None:
+        """Make conversations.info (and, when strict_channels, posting) know a channel; without `is_member`, the bot
+        is not in it (posting answers not_in_channel)."""
         with self._lock:
             self._channels[channel_id] = {
                 "id": channel_id, "name": name, "is_channel": not is_private, "is_group": is_private,
-                "is_im": False, "is_private": is_private, "is_archived": False, "is_member": True,
+                "is_im": False, "is_private": is_private, "is_archived": False, "is_member": is_member,
                 "created": 1700000000, "context_team_id": TEAM_ID,
             }
 
@@ -452,6 +460,28 @@ class SlackFake:
         with self._lock:
             self._failures.setdefault(method, []).extend(
                 SlackError(error, status=status, headers=headers) for _ in range(times))
+
+    def lose_reply_next(self, method: str, *, after: float = 0.0, times: int = 1) -> None:
+        """Apply the next `times` calls to `method` as usual, but never answer them: after `after` seconds the
+        connection is dropped (a reply lost on the way, or a caller that died waiting)."""
+        with self._lock:
+            self._lost_replies.setdefault(method, []).extend(after for _ in range(times))
+
+    def revoke(self, token: str) -> None:
+        """Answer every call made with `token` with token_revoked (as Slack does once an app is uninstalled)."""
+        with self._lock:
+            self._revoked.add(token)
+
+    def restore(self, token: str) -> None:
+        with self._lock:
+            self._revoked.discard(token)
+
+    def messages_in(self, channel: str) -> list[dict[str, Any]]:
+        """The messages of a channel (a user id: the bot's direct messages with that person), oldest first."""
+        with self._lock:
+            channel = self._channel({"channel": channel})
+            return [copy.deepcopy(m) for (c, _ts), m in sorted(self._messages.items(), key=lambda kv: float(kv[0][1]))
+                    if c == channel]
 
     def seed_message(self, channel: str, text: str = "", *, blocks: list[Any] | None = None,
                      user: str = "U0HUMAN001", thread_ts: str | None = None) -> str:
@@ -582,6 +612,8 @@ class SlackFake:
         accepted = self.app_tokens if method == "apps.connections.open" else self.tokens
         if error is None and not token:
             error = SlackError("not_authed")
+        elif error is None and token in self._revoked:
+            error = SlackError("token_revoked")
         elif error is None and token not in accepted:
             wrong_type = token in self.tokens or token in self.app_tokens
             error = SlackError("not_allowed_token_type" if wrong_type else "invalid_auth")
@@ -595,7 +627,17 @@ class SlackFake:
                     result = {"ok": True, **handler(copy.deepcopy(params))}
                 except SlackError as exc:
                     error = exc
-        extra = {"X-OAuth-Scopes": "chat:write,commands,files:write,usergroups:read,users:read,channels:read"}
+        with self._lock:
+            lost = self._lost_replies.get(method)
+            hold = lost.pop(0) if (lost and error is None) else None
+        if hold is not None:  # applied, but the reply never arrives: the connection is dropped
+            time.sleep(hold)
+            request.close_connection = True
+            with contextlib.suppress(OSError):
+                request.connection.shutdown(socket.SHUT_RDWR)
+            return
+        extra = {"X-OAuth-Scopes": "chat:write,commands,files:write,usergroups:read,users:read,channels:read,"
+                                   "channels:history,groups:history,im:write"}
         if error is not None:
             result = error.body()
             extra.update(error.headers)
@@ -650,20 +692,29 @@ class SlackFake:
     # ----------------------------------------------------------------- method handlers (called with the lock)
 
     def _next_ts(self) -> str:
-        micros = next(self._counter) * 100
-        return f"{1700000000 + micros // 1_000_000}.{micros % 1_000_000:06d}"
+        """Like Slack's: the time of the message, in microseconds, unique (and increasing) in the workspace."""
+        self._last_ts = max(round(time.time(), 6), round(self._last_ts + 0.000001, 6))
+        return f"{self._last_ts:.6f}"
 
     def _channel(self, params: Mapping[str, Any], key: str = "channel") -> str:
         value = params.get(key)
         if not value:
             raise SlackError("channel_not_found")
         name = str(value).lstrip("#")
+        if name in self._users:  # a user id: the bot's direct message with that person
+            return "D" + name[1:]
         for channel_id, info in self._channels.items():
             if info["name"] == name:
                 return channel_id
-        if self.strict_channels and value not in self._channels:
+        if self.strict_channels and value not in self._channels and not str(value).startswith("D"):
             raise SlackError("channel_not_found")
         return str(value)
+
+    def _member_of(self, channel: str) -> str:
+        info = self._channels.get(channel)
+        if info is not None and not info["is_member"]:
+            raise SlackError("not_in_channel")
+        return channel
 
     def _store_message(self, channel: str, params: Mapping[str, Any]) -> dict[str, Any]:
         ts = self._next_ts()
@@ -682,7 +733,7 @@ class SlackFake:
                 "team_id": TEAM_ID, "user_id": BOT_USER_ID, "bot_id": BOT_ID, "is_enterprise_install": False}
 
     def _post_message(self, params: dict[str, Any]) -> dict[str, Any]:
-        channel = self._channel(params)
+        channel = self._member_of(self._channel(params))
         check_message(params)
         message = self._store_message(channel, params)
         return {"channel": channel, "ts": message["ts"], "message": copy.deepcopy(message)}
@@ -756,6 +807,31 @@ class SlackFake:
         if channel is None:
             raise SlackError("channel_not_found")
         return {"channel": copy.deepcopy(channel)}
+
+    def _conversations_history(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Top-level messages newest first, after `oldest` (exclusive); metadata only with include_all_metadata."""
+        channel = self._member_of(self._channel(params))
+        if channel not in self._channels and not channel.startswith("D") and self.strict_channels:
+            raise SlackError("channel_not_found")
+        oldest = float(params.get("oldest") or 0)
+        latest = float(params.get("latest") or "inf")
+        limit = max(1, min(int(params.get("limit") or 100), 999))
+        start = int(params.get("cursor") or 0)
+        found = sorted((m for (c, ts), m in self._messages.items() if c == channel and oldest < float(ts) < latest
+                        and m.get("thread_ts") in (None, m["ts"])), key=lambda m: float(m["ts"]), reverse=True)
+        page = [copy.deepcopy(m) for m in found[start:start + limit]]
+        if not _truthy(params.get("include_all_metadata")):
+            for m in page:
+                m.pop("metadata", None)
+        more = start + limit < len(found)
+        return {"messages": page, "has_more": more, "pin_count": 0,
+                "response_metadata": {"next_cursor": str(start + limit) if more else ""}}
+
+    def _conversations_open(self, params: dict[str, Any]) -> dict[str, Any]:
+        users = [u for u in str(params.get("users") or "").split(",") if u]
+        if len(users) != 1 or users[0] not in self._users:
+            raise SlackError("user_not_found")
+        return {"channel": {"id": "D" + users[0][1:], "is_im": True, "user": users[0]}}
 
     def _connections_open(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"url": self.socket_mode_server()}
