@@ -129,7 +129,9 @@ def test_a_lost_reply_after_the_alias_moved_is_applied_when_the_web_process_star
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    bot = create_bot(SlackSettings.from_env({"SLACK_BOT_TOKEN": "xoxb-test", "SLACK_SIGNING_SECRET": "s"}))
+    # no Slack here: its API URL is a closed local port, and the bot's background work is stopped at the end
+    bot = create_bot(SlackSettings.from_env({"SLACK_BOT_TOKEN": "xoxb-test", "SLACK_SIGNING_SECRET": "s",
+                                             "SLACK_API_URL": "http://127.0.0.1:9/api/"}))
     web = bot.registry.get(timeout=PATIENCE)  # the web process's core: built, then the interrupted apply settled
     try:
         settled = web.promotions.get(request_id)
@@ -145,6 +147,7 @@ def test_a_lost_reply_after_the_alias_moved_is_applied_when_the_web_process_star
         assert one_pass(reg)["reconciled"] == 0, "settled once: a worker pass finds nothing left"
         assert actions(reg, request_id).count("promotion.applied") == 1 and reg.audit.verify().ok
     finally:
+        bot.stop()
         web.close()
 
 
