@@ -16,9 +16,10 @@ from bot import text as plain
 from handlers import results as r
 from handlers.audit import AUDIT_NEXT
 from handlers.output import Upload
-from handlers.reviews import APPROVE, REJECT, REJECT_VIEW, RETRY, card_value, form_metadata
+from handlers.reviews import APPROVE, REJECT, REJECT_VIEW, RETRY, TRY, TRY_VIEW, card_value, form_metadata, try_metadata
 
 MAX_BLOCKS = 50
+MAX_MODAL_FIELDS = 90  # a modal holds 100 blocks; the rest of a signature's inputs keep their examples
 SECTION_TEXT = 3000
 BUTTON_VALUE = 2000
 MESSAGE_BUDGET = 11000
@@ -207,6 +208,7 @@ def review_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
             "confirm": {"type": "plain_text", "text": "Approve"},
             "deny": {"type": "plain_text", "text": "Cancel"}}),
         button("Reject", REJECT, card_value(req), style="danger"),
+        button("Try", TRY, card_value(req)),
     ]})
     while not fits(blocks, title) and len(blocks) > 4:  # last resort: drop detail sections, keep the buttons
         blocks.pop(-3)
@@ -254,6 +256,29 @@ def reject_modal(form: r.RejectForm) -> dict[str, Any]:
         "blocks": [{"type": "input", "block_id": "reason", "label": {"type": "plain_text", "text": "Why?"},
                     "element": {"type": "plain_text_input", "action_id": "reason", "multiline": True,
                                 "max_length": 2000}}],
+    }
+
+
+def try_modal(form: r.TryForm) -> dict[str, Any]:
+    """One field per input of the candidate's signature, filled with an example; scalars typed as they are,
+    other shapes as JSON."""
+    fields = []
+    for name, dtype, shape, first in form.fields[:MAX_MODAL_FIELDS]:
+        scalar = isinstance(shape, list) and len(shape) <= 1
+        initial = (first if isinstance(first, str) else json.dumps(first)) if scalar else json.dumps(first)
+        fields.append({"type": "input", "block_id": name,
+                       "label": {"type": "plain_text", "text": f"{name} ({dtype.lower().removeprefix('dt_')})"[:2000]},
+                       "hint": {"type": "plain_text", "text": "a value" if scalar else "JSON, in the input's shape"},
+                       "optional": dtype.lower() in ("string", "dt_string"),
+                       "element": {"type": "plain_text_input", "action_id": "value", "initial_value": initial[:3000],
+                                   "multiline": not scalar}})
+    return {
+        "type": "modal", "callback_id": TRY_VIEW, "private_metadata": try_metadata(form)[:3000],
+        "title": {"type": "plain_text", "text": f"Try {form.value['v']}"[:24]},
+        "submit": {"type": "plain_text", "text": "Predict"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [context(f"*{escape(str(form.value['m']))}*: `{form.value['v']}` and the default answer the same "
+                           "instance; only you see the answers."), *fields],
     }
 
 
@@ -359,6 +384,11 @@ def _diff(result: r.Diff) -> Rendered:
 def _predictions(result: r.Predictions) -> Rendered:
     shown = {k: v for k, v in result.answer.items() if k in ("predictions", "outputs")}
     return Rendered(*plain_text(plain.render(result).title, json.dumps(shown, indent=1)))
+
+
+@render.register
+def _compared(result: r.Compared) -> Rendered:
+    return Rendered(*plain_text(plain.render(result).title, "\n".join(plain.compared_lines(result.compared))))
 
 
 @render.register

@@ -7,6 +7,7 @@ user types, the reject form is a prompt.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import sys
 import tempfile
@@ -15,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from bot import text
-from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject
+from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject, submit_try
 from handlers.follow import Follower
 from handlers.output import Posted, Upload
-from handlers.results import RejectForm, Result
-from handlers.reviews import form_metadata
+from handlers.results import Form, RejectForm, Result, TryForm
+from handlers.reviews import form_metadata, try_instance, try_metadata
 
 CONSOLE_CHANNEL = "CCONSOLE"
 
@@ -70,10 +71,14 @@ class TerminalOutput:
         path.write_bytes(upload.data)
         self.console.write(f"[file {upload.filename}: {len(upload.data):,} bytes, saved as {path}]\n{comment}")
 
-    def open_form(self, form: RejectForm) -> None:
+    def open_form(self, form: Form) -> None:
         self.console.pending_form = form
-        title = text.render(form, text.CHAT).title
-        self.console.write(f"[form: {title}] type the reason and press Enter (empty to cancel)")
+        shown = text.render(form, text.CHAT)
+        if isinstance(form, RejectForm):
+            self.console.write(f"[form: {shown.title}] type the reason and press Enter (empty to cancel)")
+        else:
+            self.console.write(f"[form: {shown.title}]\n{shown.body}\ntype an instance as JSON and press Enter "
+                               "(empty: the example; a single dash cancels)")
 
 
 class Console:
@@ -85,7 +90,7 @@ class Console:
         self.write = write or (lambda s: print(s, flush=True))
         self.ask = ask or input
         self.buttons: list[tuple[str, str, str, str]] = []  # (action id, value, channel, message ts), numbered from 1
-        self.pending_form: RejectForm | None = None
+        self.pending_form: Form | None = None
         self.results: list[Result] = []  # what each command and click answered, newest last
         self.out = TerminalOutput(self)
         # no thread: a training's message is followed to its end before the next prompt
@@ -127,13 +132,38 @@ class Console:
         action_id, value, channel, ts = self.buttons[number - 1]
         chat = self.chat(channel, ts)
         self._reported(lambda: click(self.deps, chat, action_id, value))
-        if self.pending_form is not None:
+        if isinstance(self.pending_form, RejectForm):
             form, self.pending_form = self.pending_form, None
             reason = self.ask("reason> ").strip()
             if not reason:
                 self.write("(cancelled)")
                 return
             self._reported(lambda: submit_reject(self.deps, chat, form_metadata(form), reason))
+        elif isinstance(self.pending_form, TryForm):
+            self._try(chat, self.pending_form)
+
+    def _try(self, chat: Chat, form: TryForm) -> None:
+        """The Try form in a terminal: an instance as JSON, checked field by field as the Slack form checks it."""
+        self.pending_form = None
+        typed = self.ask("instance> ").strip()
+        if typed == "-":
+            self.write("(cancelled)")
+            return
+        try:
+            given = json.loads(typed) if typed else {name: first for name, _d, _s, first in form.fields}
+        except ValueError as exc:
+            self.write(f"error: that is not JSON: {exc}")
+            return
+        if not isinstance(given, dict):
+            self.write('error: type one instance as a JSON object: {"input": value, ...}')
+            return
+        metadata = try_metadata(form)
+        texts = {name: value if isinstance(value, str) else json.dumps(value) for name, value in given.items()}
+        instance, errors = try_instance(metadata, texts)
+        for name, why in errors.items():
+            self.write(f"error: {name}: {why}")
+        if not errors:
+            self._reported(lambda: submit_try(self.deps, chat, metadata, instance))
 
 
 def run_console(user: str) -> int:

@@ -8,7 +8,7 @@ from slack_sdk import WebClient
 
 from bot import blocks
 from handlers.output import Posted, Upload
-from handlers.results import RejectForm, Result
+from handlers.results import Form, RejectForm, Result
 
 
 class SlackOutput:
@@ -48,5 +48,6 @@ class SlackOutput:
                                     title=upload.title, initial_comment=comment,
                                     **({"file": upload.data} if upload.data is not None else {"content": upload.content}))
 
-    def open_form(self, form: RejectForm) -> None:
-        self.client.views_open(trigger_id=self.trigger_id or "", view=blocks.reject_modal(form))
+    def open_form(self, form: Form) -> None:
+        view = blocks.reject_modal(form) if isinstance(form, RejectForm) else blocks.try_modal(form)
+        self.client.views_open(trigger_id=self.trigger_id or "", view=view)

@@ -17,7 +17,7 @@ from typing import Any
 
 from handlers import results as r
 from handlers.audit import AUDIT_NEXT
-from handlers.reviews import APPROVE, REJECT, RETRY, card_value
+from handlers.reviews import APPROVE, REJECT, RETRY, TRY, card_value
 
 
 def table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str]], empty: str = "(none)") -> str:
@@ -381,7 +381,7 @@ def _card(result: r.ReviewCard, style: Style = PLAIN) -> Text:
              *diff_lines(req["diff"])[2:],
              f"   expires {req['expires_at']} · approvals {req['approvals']}/{req['required_approvals']}"]
     value = json.dumps(card_value(req), separators=(",", ":"))
-    ask = [Choice(APPROVE, value, "Approve"), Choice(REJECT, value, "Reject")]
+    ask = [Choice(APPROVE, value, "Approve"), Choice(REJECT, value, "Reject"), Choice(TRY, value, "Try")]
     if not decided(req):
         return Text(title, lines, ask)
     lines += [f"{style.emoji('white_check_mark' if d['decision'] == 'approve' else 'x')}{d['decision'].rstrip('e')}ed "
@@ -395,6 +395,42 @@ def _card(result: r.ReviewCard, style: Style = PLAIN) -> Text:
 @render.register
 def _form(result: r.RejectForm, style: Style = PLAIN) -> Text:
     return Text("Reject promotion", ["Why?"])
+
+
+@render.register
+def _try_form(result: r.TryForm, style: Style = PLAIN) -> Text:
+    example = {name: first for name, _dtype, _shape, first in result.fields}
+    return Text(f"Try {result.value['m']} {result.value['v']}",
+                [f"{name} ({dtype}): {json.dumps(first)}" for name, dtype, _shape, first in result.fields]
+                + [f"example: {json.dumps(example)}"])
+
+
+def compared_lines(c: Mapping[str, Any], shown: int = 5) -> list[str]:
+    """Both versions' answers, instance by instance (the first `shown`), and how often they agree."""
+    sides = [c["candidate"], c["base"]]
+    lines = []
+    for side in sides:
+        label = f"{side['role']} {side.get('version') or '(none)'}"
+        if "error" in side:
+            lines.append(f"{label}: no answer: {side['error']}")
+    if c.get("agreement") is not None:
+        lines.append(f"agreement: {c['agreement']:.0%} of {len(c['instances'])} instance(s)")
+    for i, instance in enumerate(c["instances"][:shown]):
+        lines.append(f"{i + 1}. {json.dumps(instance, sort_keys=True)[:300]}")
+        for side in sides:
+            if "predictions" in side:
+                answer = side["predictions"][i] if i < len(side["predictions"]) else None
+                lines.append(f"   {side['role']} {side['version']}: {json.dumps(answer, sort_keys=True)[:500]}")
+    if len(c["instances"]) > shown:
+        lines.append(f"(and {len(c['instances']) - shown} more instance(s))")
+    return lines
+
+
+@render.register
+def _compared(result: r.Compared, style: Style = PLAIN) -> Text:
+    c = result.compared
+    versions = f"{c['candidate'].get('version') or '?'} vs the default {c['base'].get('version') or '(none)'}"
+    return Text(f"{c['model']}: {versions}", compared_lines(c))
 
 
 # ------------------------------------------------------------------ audit, schedules, answers

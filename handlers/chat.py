@@ -40,9 +40,10 @@ from handlers.results import (
     Result,
     ReviewCard,
     TrainingMessage,
+    TryForm,
     Uploaded,
 )
-from handlers.reviews import on_reject_reason
+from handlers.reviews import on_reject_reason, on_try_submit
 from handlers.table import Invocation, Surface
 from model_registry.domain.errors import InvalidInput, Refused, StarchartError
 
@@ -132,6 +133,17 @@ def click(deps: Deps, chat: Chat, action_id: str | None, value: str | None) -> R
     return result
 
 
+def submit_try(deps: Deps, chat: Chat, metadata: str, instance: dict[str, Any]) -> Result:
+    """A Try form, answered with an instance: both versions' answers, to the person who tried."""
+    deps.pace()
+    require_person(deps, chat)
+    inv = invocation(deps, chat)
+    result = on_try_submit(inv, metadata, instance)
+    chat.channel, chat.message_ts = inv.channel, inv.message_ts
+    deliver(result, deps, chat)
+    return result
+
+
 def submit_reject(deps: Deps, chat: Chat, metadata: str, reason: str) -> Result:
     """The reject form, answered with a reason."""
     deps.pace()
@@ -205,8 +217,9 @@ def _archive(result: PulledArchive, deps: Deps, chat: Chat) -> None:
     chat.out.upload(_where(chat), Upload(pulled["filename"], pulled["filename"], data=pulled["data"], comment=result))
 
 
-@deliver.register
-def _form(result: RejectForm, deps: Deps, chat: Chat) -> None:
+@deliver.register(RejectForm)
+@deliver.register(TryForm)
+def _form(result: RejectForm | TryForm, deps: Deps, chat: Chat) -> None:
     chat.out.open_form(result)
 
 

@@ -39,7 +39,8 @@ for _command in (
     Command("reject", "reject a promotion request (a reason is required)", reviews.reject, reviews.reject_arguments),
     Command("show", "show a promotion request", reviews.show, reviews.request_argument),
     Command("audit", "audit [MODEL] [filters] | audit verify", audit.audit, audit.audit_arguments),
-    Command("predict", "predict MODEL [--version V] JSON: predictions of the served model", versions.predict,
+    Command("predict", "predict MODEL [--version V | --compare V] JSON: predictions of the served model (--compare: "
+                       "that version and the default side by side)", versions.predict,
             versions.predict_arguments),
     Command("pull", "pull MODEL [VERSION]: the SavedModel of a version (default: the default), into a folder "
                     "(CLI) or as a .tar.gz file (chat)", versions.pull, versions.pull_arguments),
@@ -54,5 +55,6 @@ ACTIONS: dict[str, Action] = {
     reviews.APPROVE: reviews.on_approve,
     reviews.REJECT: reviews.on_reject,
     reviews.RETRY: reviews.on_retry,
+    reviews.TRY: reviews.on_try,
     audit.AUDIT_NEXT: audit.on_next,
 }

@@ -1,4 +1,5 @@
-"""The Bolt listeners: `/ml`, every button, the reject form — plus one middleware that acks and one error handler.
+"""The Bolt listeners: `/ml`, every button, the reject and Try forms — plus one middleware that acks and one error
+handler.
 
 Bolt runs each listener on its listener executor after the ack, so a listener is hand-off → run → deliver;
 whatever it raises reaches `report` (@app.error): told to the person, logged with a traceback when unexpected.
@@ -11,9 +12,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject
+from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject, submit_try
 from handlers.output import Output
-from handlers.reviews import REJECT_VIEW, form_card
+from handlers.reviews import REJECT_VIEW, TRY_VIEW, form_card, try_instance
 
 log = logging.getLogger("starchart.handlers")
 SIGNATURE_KEY = "starchart_signature"  # the verified request's signature, put in Bolt's context by the verifier
@@ -104,3 +105,18 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
         if taken(context):
             return
         submit_reject(deps, chat(body, client, None), view.get("private_metadata") or "", reason)
+
+    @app.view(TRY_VIEW)
+    def try_view(ack: Any, body: dict[str, Any], view: dict[str, Any], client: Any,
+                 context: dict[str, Any]) -> None:
+        values = (view.get("state") or {}).get("values") or {}
+        texts = {block: str((fields.get("value") or {}).get("value") or "") for block, fields in values.items()}
+        metadata = view.get("private_metadata") or ""
+        instance, errors = try_instance(metadata, texts)
+        if errors:  # said in the form, next to the field, before anything runs
+            ack(response_action="errors", errors=errors)
+            return
+        ack()
+        if taken(context):
+            return
+        submit_try(deps, chat(body, client, None), metadata, instance)

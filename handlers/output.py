@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from handlers.results import RejectForm, Result
+from handlers.results import Form, Result
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,6 @@ class Output(Protocol):
         """A file in a channel (or a thread)."""
         ...
 
-    def open_form(self, form: RejectForm) -> None:
-        """A form for the person who acted (the reason of a rejection)."""
+    def open_form(self, form: Form) -> None:
+        """A form for the person who acted (the reason of a rejection, the instance a Try answers)."""
         ...

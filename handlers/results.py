@@ -150,6 +150,17 @@ class Predictions(Result):
 
 
 @dataclass(frozen=True)
+class Compared(Result):
+    """The same instances answered by a version and by the default (`predict --compare`, the card's Try)."""
+
+    compared: Record
+
+    @property
+    def data(self) -> Any:
+        return self.compared
+
+
+@dataclass(frozen=True)
 class Pulled(Result):
     """A version's SavedModel copied into a folder (the CLI)."""
 
@@ -250,6 +261,27 @@ class RejectForm(Result):
 
 
 # ------------------------------------------------------------------ audit
+
+@dataclass(frozen=True)
+class TryForm(Result):
+    """The form of a card's Try: one field per input of the candidate's signature, filled with an example.
+
+    `fields` are (input name, dtype, shape, first value); `value` names the request, model and candidate;
+    `channel`/`message_ts` the card (the answer is shown there, to the person who tried)."""
+
+    value: Record
+    fields: tuple[tuple[str, str, Any, Any], ...]
+    channel: str | None
+    message_ts: str | None
+
+    @property
+    def data(self) -> Any:
+        return {"value": self.value, "fields": [list(f) for f in self.fields], "channel": self.channel,
+                "message_ts": self.message_ts}
+
+
+Form = RejectForm | TryForm  # what Output.open_form shows
+
 
 @dataclass(frozen=True)
 class AuditPage(Result):

@@ -7,12 +7,23 @@ import json
 from typing import Any
 
 from handlers.grammar import model_arg, model_of, request_id
-from handlers.results import Decided, RejectForm, RequestChanged, RequestOpened, Requests, RequestShown, Result
+from handlers.results import (
+    Compared,
+    Decided,
+    RejectForm,
+    RequestChanged,
+    RequestOpened,
+    Requests,
+    RequestShown,
+    Result,
+    TryForm,
+)
 from handlers.table import Invocation
+from model_registry.domain import instances
 from model_registry.domain.errors import InvalidInput, Refused, StarchartError
 
-APPROVE, REJECT, RETRY = "review.approve", "review.reject", "review.retry"
-REJECT_VIEW = "review.reject_reason"
+APPROVE, REJECT, RETRY, TRY = "review.approve", "review.reject", "review.retry", "review.try"
+REJECT_VIEW, TRY_VIEW = "review.reject_reason", "review.try_instance"
 
 
 # ---------------------------------------------------------------- commands
@@ -155,3 +166,81 @@ def on_reject_reason(inv: Invocation, metadata: str, reason: str) -> Result:
         raise InvalidInput("the rejection form was malformed", "click Reject on the card again") from None
     inv.channel, inv.message_ts = meta.get("c") or inv.channel, meta.get("t")
     return decide(inv, request, False, reason=reason, card_digest=digest, notice=False)
+
+
+# ---------------------------------------------------------------- the card's Try
+
+def on_try(inv: Invocation, value: str | None) -> Result:
+    """Try: a form with one field per input of the candidate's signature, filled with an example instance."""
+    request, model, digest = button_value(inv, value)
+    req = inv.core.promotions.get(request)
+    candidate = req["candidate"]
+    specs = inv.core.predictions.inputs(model, candidate)
+    example = inv.core.predictions.example(model, candidate)
+    fields = tuple((name, str(specs[name].get("dtype")), specs[name].get("shape"), example[name])
+                   for name in sorted(example))
+    return TryForm({"r": request, "m": model, "v": candidate, "d": digest}, fields, inv.channel, inv.message_ts)
+
+
+def try_metadata(form: TryForm) -> str:
+    """The Try form's private metadata: the request and candidate, each field's dtype and shape, and the card."""
+    return json.dumps({**form.value, "f": [[name, dtype, shape] for name, dtype, shape, _ in form.fields],
+                       "c": form.channel, "t": form.message_ts}, separators=(",", ":"))
+
+
+def try_instance(metadata: str, texts: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The instance typed into a Try form, and the refusals by field (input name -> what is wrong).
+
+    A scalar input is typed as it is (a number, true/false, or text); an input with more dimensions as JSON.
+    Each value is checked against its input's dtype and shape as a prediction would be.
+    """
+    try:
+        fields = [(str(n), str(d), sh) for n, d, sh in json.loads(metadata)["f"]]
+    except (ValueError, TypeError, KeyError):
+        raise InvalidInput("the Try form was malformed", "click Try on the card again") from None
+    instance: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, dtype, shape in fields:
+        raw = texts.get(name) or ""
+        dims = list(shape)[1:] if isinstance(shape, list) else None
+        try:
+            value = _typed(raw, instances.dtype_name(dtype), dims)
+            instances.check_tensor(value, instances.dtype_name(dtype), dims, name,
+                                   shown=shape if isinstance(shape, list) else None)
+        except (ValueError, instances.InstancesRefused) as exc:
+            errors[name] = (exc.message if isinstance(exc, instances.InstancesRefused) else str(exc))[:150]
+            continue
+        instance[name] = value
+    return instance, errors
+
+
+def _typed(raw: str, dtype: str, dims: list[Any] | None) -> Any:
+    text = raw.strip()
+    if dims is None or dims:  # not a scalar: JSON, as in a prediction request
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError(f"give a JSON list for this input's shape, e.g. {json.dumps([0] * 2)}") from None
+    if dtype == "string":
+        return raw
+    if dtype == "bool":
+        if text.lower() not in ("true", "false"):
+            raise ValueError("type true or false")
+        return text.lower() == "true"
+    try:
+        return int(text) if dtype.startswith(("int", "uint")) else float(text)
+    except ValueError:
+        kind = "a whole number" if dtype.startswith(("int", "uint")) else "a number"
+        raise ValueError(f"type {kind} ({dtype}), not {text[:40]!r}") from None
+
+
+def on_try_submit(inv: Invocation, metadata: str, instance: dict[str, Any]) -> Result:
+    """The candidate and the default answering the instance from a Try form, side by side."""
+    try:
+        meta = json.loads(metadata)
+        model, candidate = str(meta["m"]), str(meta["v"])
+    except (ValueError, TypeError, KeyError):
+        inv.core.audit.record_refusal(inv.user, "malformed_value", f"modal metadata {metadata[:200]!r}")
+        raise InvalidInput("the Try form was malformed", "click Try on the card again") from None
+    inv.channel, inv.message_ts = meta.get("c") or inv.channel, meta.get("t")
+    return Compared(inv.core.predictions.compare(model, [instance], candidate))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from handlers.grammar import model_of
-from handlers.results import Diff, Exposed, Predictions, Pulled, PulledArchive, Result, Versions
+from handlers.results import Compared, Diff, Exposed, Predictions, Pulled, PulledArchive, Result, Versions
 from handlers.table import Invocation, Surface
 
 
@@ -31,7 +31,9 @@ def diff(inv: Invocation) -> Result:
 
 def predict_arguments(p: argparse.ArgumentParser, cli: bool) -> None:
     p.add_argument("model")
-    p.add_argument("--version", help="a version (default: the model's default)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="a version (default: the model's default)")
+    which.add_argument("--compare", metavar="VERSION", help="that version and the default, side by side")
     p.add_argument("instances", nargs="?", metavar="JSON",
                    help='an instance {"input": value, ...}, a list of them, or {"instances": [...]}'
                         + (" (- or nothing: read standard input)" if cli else ""))
@@ -41,6 +43,8 @@ def predict(inv: Invocation) -> Result:
     payload = inv.args.instances
     if payload in (None, "-") and inv.read_stdin is not None:
         payload = inv.read_stdin()
+    if inv.args.compare:
+        return Compared(inv.core.predictions.compare(inv.args.model, payload or "", inv.args.compare))
     return Predictions(inv.core.predictions.predict(inv.args.model, payload or "", version=inv.args.version))
 
 

@@ -45,7 +45,8 @@ def test_console_review_flow(make_registry: Any, sqlite_url: str, trained: dict)
     out.clear()
     console.handle(f"/ml promote iris {newest}")
     console.handle("/as U_CAROL")
-    console.handle(str(len(console.buttons) - 1))  # Approve on the new card
+    approve = max(i for i, b in enumerate(console.buttons, start=1) if b[0] == "review.approve")
+    console.handle(str(approve))  # Approve on the new card
     assert reg.versions.default("iris") == newest
     assert "applied" in "\n".join(out)
     out.clear()
@@ -119,3 +120,34 @@ def test_console_job_and_version_commands(make_registry: Any, sqlite_url: str, t
         out.clear()
         console.handle(line)
         assert expected in "\n".join(out), (line, out)
+
+
+def test_console_try_answers_both_versions(make_registry: Any, sqlite_url: str, trained: dict) -> None:
+    reg = make_registry(sqlite_url, defaults={"approvers": ["U_BOB"]})
+    flower = '{"sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2, "petal_width": 2.3}'
+    console, out = _console(reg, "U_BOB", answers=["", "{\"sepal_length\": \"long\"}", "-", flower])
+    for src in (trained["iris_a"], trained["iris_b"]):
+        console.handle(f"/ml train iris — —source={src}")
+    console.handle("/ml expose iris")
+    default = reg.versions.default("iris")
+    newest = reg.versions.of_model("iris")["versions"][0]["name"]
+    console.handle(f"/ml promote iris {newest}")
+    try_button = str(max(i for i, b in enumerate(console.buttons, start=1) if b[0] == "review.try"))
+    try:
+        out.clear()
+        console.handle(try_button)  # Enter: the example instance, built from the signature
+        shown = "\n".join(out)
+        assert f"Try iris {newest}" in shown and "sepal_length (" in shown
+        assert f"iris: {newest} vs the default {default}" in shown and "agreement:" in shown
+        out.clear()
+        console.handle(try_button)  # a wrong value is refused, naming the field
+        assert "error: sepal_length: type a number (float32), not 'long'" in "\n".join(out)
+        console.handle(try_button)
+        assert "(cancelled)" in out[-1]
+        out.clear()
+        console.handle(try_button)
+        shown = "\n".join(out)
+        assert f"candidate {newest}:" in shown and f"default {default}:" in shown and "class_ids" in shown
+        assert reg.promotions.get(1)["state"] == "open", "trying decides nothing"
+    finally:
+        reg.backend.stop_server()

@@ -127,3 +127,39 @@ def test_depth_counts_without_recursion() -> None:
 def test_dtype_names() -> None:
     assert dtype_name("DT_FLOAT") == "float32" and dtype_name("float32") == "float32"
     assert dtype_name("DT_INT64_REF") == "int64" and dtype_name("DT_STRING") == "string"
+
+
+def test_example_instances_fit_the_signature_they_are_built_from() -> None:
+    from model_registry.domain.instances import check_body, example_instance
+
+    inputs = {"x": {"dtype": "DT_FLOAT", "shape": [-1, 2, 3]}, "n": {"dtype": "int64", "shape": [-1]},
+              "text": {"dtype": "string", "shape": [-1]}, "flag": {"dtype": "bool", "shape": [-1, -1]}}
+    example = example_instance(inputs)
+    assert example == {"x": [[0.0] * 3] * 2, "n": 0, "text": "", "flag": [False]}
+    assert check_body({"instances": [example]}, inputs) == 1
+
+
+def test_answers_agree_on_decisions_and_on_numbers_within_a_tolerance() -> None:
+    from model_registry.domain.answers import agree, agreement
+
+    surer = {"class_ids": 2, "probabilities": [0.1, 0.2, 0.7]}
+    assert agree(surer, {"class_ids": 2, "probabilities": [0.05, 0.05, 0.9]}), "the same class agrees"
+    assert not agree(surer, {"class_ids": 1, "probabilities": [0.1, 0.7, 0.2]})
+    assert agree([0.5, 1.0], [0.5002, 1.0]) and not agree([0.5, 1.0], [0.51, 1.0])
+    assert not agree({"a": 1}, {"b": 1}), "other outputs are not the same answer"
+    assert agreement([{"c": 1}, {"c": 2}], [{"c": 1}, {"c": 3}]) == 0.5
+    assert agreement([], []) is None and agreement([1], [1, 2]) is None
+
+
+def test_a_try_form_types_each_field_by_its_dtype_and_names_the_wrong_ones() -> None:
+    import json
+
+    from handlers.reviews import try_instance
+
+    meta = json.dumps({"f": [["x", "DT_FLOAT", [-1]], ["n", "int32", [-1]], ["v", "float32", [-1, 2]],
+                             ["s", "string", [-1]], ["b", "bool", [-1]]]})
+    instance, errors = try_instance(meta, {"x": "1.5", "n": "3", "v": "[1, 2]", "s": " hi ", "b": "True"})
+    assert errors == {} and instance == {"x": 1.5, "n": 3, "v": [1, 2], "s": " hi ", "b": True}
+    _, errors = try_instance(meta, {"x": "nan", "n": "3.5", "v": "[1, 2, 3]", "s": "", "b": "yes"})
+    assert set(errors) == {"x", "n", "v", "b"}
+    assert "finite" in errors["x"] and "whole number" in errors["n"] and "true or false" in errors["b"]

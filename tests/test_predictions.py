@@ -128,6 +128,37 @@ def test_cli_and_slack_predict(served: Any) -> None:
     assert "no instances to predict" in "\n".join(out)
 
 
+def test_compare_answers_a_version_and_the_default_side_by_side(served: Any) -> None:
+    reg = served
+    old, new = [v["name"] for v in reversed(reg.versions.of_model("iris")["versions"])]
+    flowers = [FLOWER, {**FLOWER, "petal_length": 5.2, "petal_width": 2.3}]
+    compared = reg.predictions.compare("iris", json.dumps(flowers), new)
+    assert compared["candidate"]["version"] == new and compared["base"]["version"] == old == reg.versions.default("iris")
+    assert compared["candidate"]["predictions"] == reg.predictions.predict("iris", flowers, version=new)["predictions"]
+    assert compared["base"]["predictions"] == reg.predictions.predict("iris", flowers)["predictions"]
+    agree = sum(a["class_ids"] == b["class_ids"] for a, b in zip(compared["candidate"]["predictions"],
+                                                                 compared["base"]["predictions"]))
+    assert compared["agreement"] == agree / 2 and compared["instances"] == flowers
+    # the instances do not fit the candidate: that side says why, the default still answers
+    bad = reg.predictions.compare("iris", json.dumps({**FLOWER, "petal_width": "wide"}), new)
+    assert "expected float32" in bad["candidate"]["error"] and "expected float32" in bad["base"]["error"]
+    assert bad["agreement"] is None
+    with pytest.raises(InvalidInput, match="columnar"):
+        reg.predictions.compare("iris", {"inputs": {k: [v] for k, v in FLOWER.items()}}, new)
+    with pytest.raises(NotFound):
+        reg.predictions.compare("iris", FLOWER, "v20990101000000")
+
+    env = {"STARCHART_HOME": str(reg.settings.home), "DATABASE_URL": reg.settings.database_url,
+           "STARCHART_CONFIG": str(reg.settings.config_path), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-m", "bot.cli", "predict", "iris", "--compare", new, "--json",
+                          json.dumps(FLOWER)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["candidate"]["version"] == new
+    both = subprocess.run([sys.executable, "-m", "bot.cli", "predict", "iris", "--compare", new, "--version", old,
+                           json.dumps(FLOWER)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert both.returncode != 0 and "not allowed with argument" in both.stderr
+
+
 def test_slack_text_keeps_the_json_of_predict_whole() -> None:
     args, _ = parse('predict iris --version v20260101000000 [{"a b": "c  d"}, {"e": 1}]')
     assert (args.model, args.version, json.loads(args.instances)) == ("iris", "v20260101000000",

@@ -180,7 +180,7 @@ def test_review_flow_end_to_end(driver: SlackDriver, slack: SlackFake, trained: 
     reg = registry_from(slack)
     assert channel == CHANNEL
     value = buttons(card)["review.approve"]
-    assert set(buttons(card)) == {"review.approve", "review.reject"}
+    assert set(buttons(card)) == {"review.approve", "review.reject", "review.try"}
     text = json.dumps(card)
     assert "Parameters" in text and "Metrics" in text and "trained by" in text and "confirm" in text
     base = reg.versions.default("iris")
@@ -229,6 +229,42 @@ def test_reject_opens_a_form_and_records_the_reason(driver: SlackDriver, slack: 
     assert "loss went up" in json.dumps(slack.messages[(channel, ts)])
     req = reg.promotions.of_model("iris")[0]
     assert req["state"] == "rejected" and req["decisions"][0]["reason"] == "loss went up"
+
+
+def test_try_opens_a_filled_form_and_shows_both_answers_to_the_person(driver: SlackDriver, slack: SlackFake,
+                                                                       trained: dict) -> None:
+    (channel, ts), card = train_expose_promote(driver, slack, trained)
+    reg = registry_from(slack)
+    req = reg.promotions.of_model("iris")[0]
+    try:
+        acked(driver.block_action("review.try", buttons(card)["review.try"], user_id=MALLORY, channel_id=channel,
+                                  message=card, trigger_id=driver.trigger_id()))
+        view = slack.wait_for(lambda: [c for c in slack.calls_to("views.open")], timeout=10)[0].params["view"]
+        assert view["callback_id"] == "review.try_instance"
+        fields = {b["block_id"]: b["element"]["initial_value"] for b in view["blocks"] if b["type"] == "input"}
+        assert fields == {"petal_length": "0.0", "petal_width": "0.0", "sepal_length": "0.0", "sepal_width": "0.0"}
+
+        def values(**typed: str) -> dict[str, Any]:
+            return {name: {"value": {"type": "plain_text_input", "value": typed.get(name, first)}}
+                    for name, first in fields.items()}
+
+        wrong = driver.view_submission(view["callback_id"], view["private_metadata"],
+                                       values(petal_width="wide", sepal_length="1e400"), user_id=MALLORY)
+        assert wrong.status == 200 and wrong.body["response_action"] == "errors"
+        assert set(wrong.body["errors"]) == {"petal_width", "sepal_length"}, wrong.body
+        assert "type a number (float32), not 'wide'" in wrong.body["errors"]["petal_width"]
+        assert slack.ephemerals == [], "nothing ran for a refused form"
+        acked(driver.view_submission(view["callback_id"], view["private_metadata"],
+                                     values(sepal_length="6.7", sepal_width="3.0", petal_length="5.2",
+                                            petal_width="2.3"), user_id=MALLORY))
+        shown = slack.wait_for(lambda: [e for e in slack.ephemerals if "vs the default" in json.dumps(e)],
+                               timeout=60)[0]
+        assert shown["user"] == MALLORY and shown["channel"] == channel
+        text = json.dumps(shown)
+        assert f"{req['candidate']} vs the default {req['base']}" in text and "agreement: " in text
+        assert reg.promotions.get(req["id"])["state"] == "open", "trying decides nothing"
+    finally:
+        reg.backend.stop_server()
 
 
 def test_large_diff_goes_to_thread_and_file(driver: SlackDriver, slack: SlackFake, trained: dict) -> None:

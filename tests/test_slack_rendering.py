@@ -99,7 +99,7 @@ def test_large_model_card_keeps_a_summary_and_flags_the_rest() -> None:
     text = json.dumps(items)
     assert "Breaking signature changes" in text and "full diff in the thread" in text.lower()
     actions = [b for b in items if b["type"] == "actions"][0]["elements"]
-    assert [a["text"]["text"] for a in actions] == ["Approve", "Reject"]
+    assert [a["text"]["text"] for a in actions] == ["Approve", "Reject", "Try"]
     assert "confirm" in actions[0]
     assert json.loads(actions[0]["value"]) == {"r": 7, "m": "big", "d": req["card_digest"]}
     full = blocks.full_diff_text(req)

@@ -44,6 +44,21 @@ def dtype_name(dtype: str) -> str:
     return _SHORT.get(dtype.removesuffix("_REF"), dtype)
 
 
+def example_value(spec: Mapping[str, Any]) -> Any:
+    """One instance's value of an input, built from its signature: zero, false or an empty string, nested to the
+    input's shape without its batch dimension (unknown sizes taken as 1)."""
+    dtype = dtype_name(str(spec.get("dtype") or ""))
+    value: Any = "" if dtype == "string" else False if dtype == "bool" else 0 if dtype in _INT_RANGE else 0.0
+    for size in reversed(list(spec.get("shape") or [-1])[1:]):
+        value = [value] * (size if isinstance(size, int) and size > 0 else 1)
+    return value
+
+
+def example_instance(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """An instance that fits a signature's inputs: one example value per input (see example_value)."""
+    return {name: example_value(spec) for name, spec in sorted(inputs.items())}
+
+
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
     """Levels of lists and objects in `value`, without recursion; stops counting just past `limit`."""
     deepest, stack = 0, [(value, 0)]

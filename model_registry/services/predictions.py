@@ -15,10 +15,10 @@ from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database
 from model_registry.adapters.records import ModelRecord
 from model_registry.config import ProjectConfig
-from model_registry.domain import instances, names
-from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused
+from model_registry.domain import answers, instances, names
+from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused, StarchartError
 from model_registry.services.catalog import Catalog
-from model_registry.services.views import Pulled, PulledArchive, Served, version_view
+from model_registry.services.views import Compared, Pulled, PulledArchive, Served, Side, version_view
 
 MAX_INSTANCES = instances.MAX_INSTANCES
 MAX_ARCHIVE = 50 * 1024 * 1024  # bytes of a pulled SavedModel sent as a file (Slack); larger: `starchart pull`
@@ -96,6 +96,53 @@ class Predictions:
         check_instances(body, signature.get("inputs") or {}, non_finite)
         answered, answer = self.backend.predict(model, version, body)
         return {"model": model, "version": answered, **answer}
+
+    def compare(self, model: str, payload: Any, version: str) -> Compared:
+        """The instances answered by `version` and by the model's default, side by side, with their agreement.
+
+        Each side is checked against its own signature: a side the instances do not fit (a breaking change)
+        says why instead of answering, and the other side still answers.
+        """
+        names.validate_model_name(model)
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
+            self.catalog.version(s, model, version)
+            record = s.get(ModelRecord, model)
+            default = record.default_version if record else None
+        body = predict_body(payload)
+        if not isinstance(body.get("instances"), list):
+            raise InvalidInput("a comparison takes instances, not columnar inputs", BODY_HINT)
+        sides: list[Side] = []
+        for role, name in (("candidate", version), ("default", default)):
+            side: Side = {"role": role}
+            if name is None:
+                side["error"] = f"{model} has no default version yet"
+            else:
+                side["version"] = name
+                try:
+                    side["predictions"] = self.predict(model, body, version=name)["predictions"]
+                except StarchartError as exc:
+                    side["error"] = exc.message
+            sides.append(side)
+        candidate, base = sides
+        together = "predictions" in candidate and "predictions" in base
+        return {"model": model, "instances": list(body["instances"]), "candidate": candidate, "base": base,
+                "agreement": answers.agreement(candidate["predictions"], base["predictions"]) if together else None}
+
+    def inputs(self, model: str, version: str) -> dict[str, Any]:
+        """`version`'s signature inputs: {name: {"dtype": …, "shape": […]}}."""
+        names.validate_model_name(model)
+        with self.db.reads() as s:
+            signature = dict(self.catalog.version(s, model, version).signature or {})
+        inputs = dict(signature.get("inputs") or {})
+        if not inputs:
+            raise NotFound(f"{model} {version} has no recorded signature inputs",
+                           "expose it again from a job whose SavedModel has a serving signature")
+        return inputs
+
+    def example(self, model: str, version: str) -> dict[str, Any]:
+        """An instance that fits `version`'s signature, to start from (the Try form's first values)."""
+        return instances.example_instance(self.inputs(model, version))
 
     def served(self, model: str, version: str | None = None) -> Served:
         """Which version answers `model`'s predictions: the serving side's default, or `version` if it exists."""

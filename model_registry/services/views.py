@@ -136,6 +136,25 @@ class Served(TypedDict):
     version: str
 
 
+class Side(TypedDict, total=False):
+    """One version's answers in a comparison, or why it gave none."""
+
+    version: str
+    role: str  # "candidate" or "default"
+    predictions: list[Any]
+    error: str
+
+
+class Compared(TypedDict):
+    """The same instances answered by a version and by the model's default, side by side."""
+
+    model: str
+    instances: list[Any]
+    candidate: Side
+    base: Side
+    agreement: float | None
+
+
 class Pulled(TypedDict):
     """A version's SavedModel copied for local use: where, how much, and what it takes and gives."""
 
