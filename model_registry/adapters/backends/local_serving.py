@@ -276,16 +276,6 @@ def signature_inputs(specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 else [-1 if d is None else int(d) for d in spec.shape.as_list()]} for k, spec in specs.items()}
 
 
-def example_value(spec: dict[str, Any]) -> Any:
-    """A value of one input, as one instance gives it: zeros (or empty strings) in the signature's shape, its
-    batch dimension left out and unknown sizes taken as 1."""
-    dtype = spec["dtype"]
-    value: Any = "" if dtype == "string" else False if dtype == "bool" else 0 if "int" in dtype else 0.0
-    for size in reversed((spec.get("shape") or [-1])[1:]):
-        value = [value] * (size if size and size > 0 else 1)
-    return value
-
-
 def predict(models: Models, model: str, version: str | None, body: Any) -> tuple[str, dict[str, Any]]:
     import tensorflow as tf
 
@@ -362,7 +352,7 @@ class App:
         request it gets after a switch finds it ready."""
         t0 = time.monotonic()
         name, batcher = self.models.signature(model, version)
-        instance = {k: example_value(spec) for k, spec in signature_inputs(batcher.specs).items()}
+        instance = instances.example_instance(signature_inputs(batcher.specs))
         predict(self.models, model, name, {"instances": [instance]})
         took = time.monotonic() - t0
         sys.stderr.write(f"warmed {model} {name} in {took:.2f}s\n")
