@@ -135,21 +135,20 @@ def click(deps: Deps, chat: Chat, action_id: str | None, value: str | None) -> R
 
 def submit_try(deps: Deps, chat: Chat, metadata: str, instance: dict[str, Any]) -> Result:
     """A Try form, answered with an instance: both versions' answers, to the person who tried."""
-    deps.pace()
-    require_person(deps, chat)
-    inv = invocation(deps, chat)
-    result = on_try_submit(inv, metadata, instance)
-    chat.channel, chat.message_ts = inv.channel, inv.message_ts
-    deliver(result, deps, chat)
-    return result
+    return _submitted(deps, chat, lambda inv: on_try_submit(inv, metadata, instance))
 
 
 def submit_reject(deps: Deps, chat: Chat, metadata: str, reason: str) -> Result:
     """The reject form, answered with a reason."""
+    return _submitted(deps, chat, lambda inv: on_reject_reason(inv, metadata, reason))
+
+
+def _submitted(deps: Deps, chat: Chat, answer: Callable[[Invocation], Result]) -> Result:
+    """A form's submission: run for the person who sent it, delivered where the form's card is."""
     deps.pace()
     require_person(deps, chat)
     inv = invocation(deps, chat)
-    result = on_reject_reason(inv, metadata, reason)
+    result = answer(inv)
     chat.channel, chat.message_ts = inv.channel, inv.message_ts
     deliver(result, deps, chat)
     return result

@@ -157,15 +157,22 @@ def form_card(metadata: str) -> tuple[str | None, str | None]:
         return None, None
 
 
-def on_reject_reason(inv: Invocation, metadata: str, reason: str) -> Result:
+def form_value(inv: Invocation, metadata: str, form: str, button: str) -> dict[str, Any]:
+    """A form's private metadata, read; the card it came from becomes where the answer goes. Malformed (forged or
+    truncated) metadata is refused and recorded."""
     try:
         meta = json.loads(metadata)
-        request, digest = int(meta["r"]), str(meta["d"])
-    except (ValueError, TypeError, KeyError):
+        value = {"r": int(meta["r"]), "m": str(meta["m"]), "d": str(meta["d"]), "v": str(meta.get("v") or "")}
+    except (ValueError, TypeError, KeyError, AttributeError):
         inv.core.audit.record_refusal(inv.user, "malformed_value", f"modal metadata {metadata[:200]!r}")
-        raise InvalidInput("the rejection form was malformed", "click Reject on the card again") from None
+        raise InvalidInput(f"the {form} form was malformed", f"click {button} on the card again") from None
     inv.channel, inv.message_ts = meta.get("c") or inv.channel, meta.get("t")
-    return decide(inv, request, False, reason=reason, card_digest=digest, notice=False)
+    return value
+
+
+def on_reject_reason(inv: Invocation, metadata: str, reason: str) -> Result:
+    value = form_value(inv, metadata, "rejection", "Reject")
+    return decide(inv, value["r"], False, reason=reason, card_digest=value["d"], notice=False)
 
 
 # ---------------------------------------------------------------- the card's Try
@@ -236,11 +243,7 @@ def _typed(raw: str, dtype: str, dims: list[Any] | None) -> Any:
 
 def on_try_submit(inv: Invocation, metadata: str, instance: dict[str, Any]) -> Result:
     """The candidate and the default answering the instance from a Try form, side by side."""
-    try:
-        meta = json.loads(metadata)
-        model, candidate = str(meta["m"]), str(meta["v"])
-    except (ValueError, TypeError, KeyError):
-        inv.core.audit.record_refusal(inv.user, "malformed_value", f"modal metadata {metadata[:200]!r}")
-        raise InvalidInput("the Try form was malformed", "click Try on the card again") from None
-    inv.channel, inv.message_ts = meta.get("c") or inv.channel, meta.get("t")
-    return Compared(inv.core.predictions.compare(model, [instance], candidate))
+    value = form_value(inv, metadata, "Try", "Try")
+    if not value["v"]:
+        raise InvalidInput("the Try form names no version", "click Try on the card again")
+    return Compared(inv.core.predictions.compare(value["m"], [instance], value["v"]))

@@ -12,11 +12,12 @@ import multiprocessing as mp
 import threading
 import time
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
+import test_vertex_backend as vertex
 from conftest import replay_args, with_backend
-from fakes.gcs_emulator import new_bucket, shared_gcs_emulator
+from fakes.gcs_emulator import new_bucket
 from fakes.vertex_fake import Hold, VertexFake, fast_backend, replay_runner, vertex_env
 
 from bot.worker import one_pass
@@ -28,17 +29,7 @@ ENDPOINT = {"enabled": True, "machine_type": "n1-standard-2", "min_replicas": 1,
 PATIENCE = 60.0  # seconds a condition may take to come true on a busy machine before the test gives up
 
 
-@pytest.fixture
-def gcs(monkeypatch: pytest.MonkeyPatch) -> str:
-    url = shared_gcs_emulator()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
-    return url
-
-
-@pytest.fixture
-def fake() -> Iterator[VertexFake]:
-    with VertexFake() as f:
-        yield f
+gcs, fake = vertex.gcs, vertex.fake  # the Vertex tests' fixtures: the emulator and the fake
 
 
 def until(condition: Callable[[], Any], what: str, step: Callable[[], Any] = lambda: None) -> Any:
