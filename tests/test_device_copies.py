@@ -356,3 +356,17 @@ def test_credentials_that_cannot_sign_say_what_to_do(on_vertex: Any) -> None:
         assert "cannot sign a URL: they hold no private key" in refused.value.message
         assert "service account key file" in refused.value.hint
         assert "roles/iam.serviceAccountTokenCreator" in refused.value.hint
+
+
+def test_a_bad_format_is_named_as_a_bad_format_not_an_unknown_command() -> None:
+    from handlers.grammar import Usage
+    from handlers.parsing import parse, usage_text
+
+    with pytest.raises(Usage) as bad:
+        parse("pull iris —format onnx")  # as a Slack client sends --format
+    shown = usage_text(str(bad.value))
+    assert "argument --format: invalid choice: 'onnx'" in shown and "'tflite'" in shown
+    assert "unknown command" not in shown
+    args, _ = parse("pull iris v20260101000000 —format tflite")
+    assert (args.model, args.version, args.format) == ("iris", "v20260101000000", "tflite")
+    assert parse("pull iris")[0].format == "savedmodel", "the SavedModel stays the default"
