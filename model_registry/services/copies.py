@@ -46,7 +46,7 @@ class Copies:
                  converter: TfliteConverter) -> None:
         self.db, self.catalog, self.backend, self.config, self.converter = db, catalog, backend, config, converter
 
-    def version(self, model: str, version: str | None) -> VersionView:
+    def _version(self, model: str, version: str | None) -> VersionView:
         """The version named, or the model's default."""
         names.validate_model_name(model)
         with self.db.reads() as s:
@@ -70,7 +70,7 @@ class Copies:
         nothing behind.
         """
         _check_format(format)
-        view = self.version(model, version)
+        view = self._version(model, version)
         target = Path(dest or f"{model}-{view['name']}").resolve()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise InvalidInput(f"{target} already exists", "pull into another folder (--to DIR), or remove it")
@@ -80,7 +80,7 @@ class Copies:
 
     def pull_archive(self, model: str, version: str | None = None) -> PulledArchive:
         """A pulled version as one .tar.gz in memory (for a chat upload): pull()'s answer plus filename and data."""
-        view = self.version(model, version)
+        view = self._version(model, version)
         with tempfile.TemporaryDirectory(prefix="starchart-pull-") as tmp:
             pulled = self._pull_saved_model(view, Path(tmp) / "model")
             _fits_a_message(model, pulled["version"], pulled["bytes"])
@@ -119,7 +119,7 @@ class Copies:
 
     def tflite(self, model: str, version: str | None = None) -> PulledLite:
         """A version converted to TensorFlow Lite, in memory (for a chat upload), checked as `pull` checks it."""
-        view = self.version(model, version)
+        view = self._version(model, version)
         with tempfile.TemporaryDirectory(prefix="starchart-tflite-") as tmp:
             path, check = self._convert(view, Path(tmp))
             data = path.read_bytes()
@@ -205,7 +205,7 @@ class Copies:
         if not isinstance(store, SignsUrls):
             raise Refused(f"signed URLs are for models kept in Cloud Storage; this backend ({self.backend.name}) "
                           "keeps them on this machine", f"pull {model} --to DIR instead")
-        view = self.version(model, version)
+        view = self._version(model, version)
         uploaded, check = False, None
         if format == "savedmodel":
             files = [(name, store.join(view["deployment_uri"], name)) for name in self._saved_model_files(view)]
