@@ -489,5 +489,7 @@ def _failure(result: r.Failure) -> Rendered:
 @render.register(r.Notice)
 @render.register(r.Uploaded)
 @render.register(r.PulledArchive)
+@render.register(r.PulledLite)
+@render.register(r.SignedUrls)
 def _text_only(result: r.Result) -> Rendered:
     return Rendered(plain.render(result, plain.CHAT).body)

@@ -302,6 +302,39 @@ def _archive(result: r.PulledArchive, style: Style = PLAIN) -> Text:
                 f"Unpack it and load it with tf.saved_model.load(FOLDER).")
 
 
+def lite_check_text(check: Mapping[str, Any]) -> str:
+    """How a TensorFlow Lite copy was checked, in one phrase."""
+    return (f"checked against the SavedModel on {check['instances']} instances of {check['on']}: "
+            f"max abs difference {check['max_abs_diff']:.2g} (tolerance: {check['tolerance']})")
+
+
+@render.register
+def _pulled_lite(result: r.PulledLite, style: Style = PLAIN) -> Text:
+    p = result.pulled
+    what = f"{p['model']} {p['version']} as TensorFlow Lite"
+    if p["path"] is None:  # a file in the conversation
+        return _one(f"{p['filename']}: {what}, {p['bytes']:,} bytes, {lite_check_text(p['check'])}. "
+                    f"Load it with ai_edge_litert.interpreter.Interpreter(model_path=FILE).")
+    head = f"pulled {what} into {p['path']} ({p['bytes']:,} bytes)"
+    return Text(head, [head, f"  {lite_check_text(p['check'])}",
+                       f"  load it: ai_edge_litert.interpreter.Interpreter(model_path={p['path']!r})"
+                       ".get_signature_runner('serving_default')"])
+
+
+@render.register
+def _signed(result: r.SignedUrls, style: Style = PLAIN) -> Text:
+    s = result.signed
+    minutes = s["expires_in"] // 60
+    head = (f"{s['model']} {s['version']} ({s['format']}): {len(s['urls'])} signed URL(s), valid for "
+            f"{minutes} minutes (until {s['expires_at']})")
+    lines = [head]
+    if s.get("check"):
+        lines.append(("  converted and uploaded now; " if s["uploaded"] else "  the copy already uploaded; ")
+                     + lite_check_text(s["check"]))
+    lines += [f"{u['path']}  {u['url']}" for u in s["urls"]]
+    return Text(head, lines)
+
+
 # ------------------------------------------------------------------ promotion requests and their cards
 
 @render.register

@@ -32,6 +32,7 @@ from handlers.results import (
     Help,
     JobStarted,
     PulledArchive,
+    PulledLite,
     Record,
     RejectForm,
     RequestChanged,
@@ -210,8 +211,9 @@ def _checkpoint(result: Checkpoint, deps: Deps, chat: Chat) -> None:
     chat.out.ephemeral(CheckpointPosted(channel))
 
 
-@deliver.register
-def _archive(result: PulledArchive, deps: Deps, chat: Chat) -> None:
+@deliver.register(PulledArchive)
+@deliver.register(PulledLite)
+def _archive(result: PulledArchive | PulledLite, deps: Deps, chat: Chat) -> None:
     pulled = result.pulled
     chat.out.upload(_where(chat), Upload(pulled["filename"], pulled["filename"], data=pulled["data"], comment=result))
 

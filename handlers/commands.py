@@ -42,8 +42,9 @@ for _command in (
     Command("predict", "predict MODEL [--version V | --compare V] JSON: predictions of the served model (--compare: "
                        "that version and the default side by side)", versions.predict,
             versions.predict_arguments),
-    Command("pull", "pull MODEL [VERSION]: the SavedModel of a version (default: the default), into a folder "
-                    "(CLI) or as a .tar.gz file (chat)", versions.pull, versions.pull_arguments),
+    Command("pull", "pull MODEL [VERSION] [--format savedmodel|tflite]: a copy of a version (default: the default), "
+                    "into a folder (CLI) or as a file (chat: .tar.gz or .tflite)", versions.pull,
+            versions.pull_arguments),
     Command("schedule", 'schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off', schedules.schedule,
             schedules.schedule_arguments),
 ):

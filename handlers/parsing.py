@@ -55,7 +55,7 @@ TABLE.on_change(_SLACK_PARSER.clear)
 
 def usage_text(message: str) -> str:
     """A usage error as the person reads it: an unknown command gets the nearest known one."""
-    m = re.search(r"invalid choice: '([^']*)'", message)
+    m = re.search(r"argument (?:command|COMMAND): invalid choice: '([^']*)'", message)  # not another argument's
     if m:
         hint = suggest(m.group(1), TABLE.names())
         return f"unknown command '{m.group(1)}'" + (f" — {hint}" if hint else "") + "\n\n" + slack_parser().format_usage()

@@ -182,6 +182,28 @@ class PulledArchive(Result):
         return {k: v for k, v in self.pulled.items() if k != "data"}
 
 
+@dataclass(frozen=True)
+class PulledLite(Result):
+    """A version converted to TensorFlow Lite and checked: in a folder (the CLI, `path`) or as a file (chat, `data`)."""
+
+    pulled: Record
+
+    @property
+    def data(self) -> Any:
+        return {k: v for k, v in self.pulled.items() if k != "data"}
+
+
+@dataclass(frozen=True)
+class SignedUrls(Result):
+    """Time-limited URLs to a version's files in Cloud Storage (`pull --url`)."""
+
+    signed: Record
+
+    @property
+    def data(self) -> Any:
+        return self.signed
+
+
 # ------------------------------------------------------------------ promotion requests
 
 @dataclass(frozen=True)

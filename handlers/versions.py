@@ -5,8 +5,20 @@ from __future__ import annotations
 import argparse
 
 from handlers.grammar import model_of
-from handlers.results import Compared, Diff, Exposed, Predictions, Pulled, PulledArchive, Result, Versions
+from handlers.results import (
+    Compared,
+    Diff,
+    Exposed,
+    Predictions,
+    Pulled,
+    PulledArchive,
+    PulledLite,
+    Result,
+    SignedUrls,
+    Versions,
+)
 from handlers.table import Invocation, Surface
+from model_registry.services.copies import FORMATS
 
 
 def expose(inv: Invocation) -> Result:
@@ -51,13 +63,25 @@ def predict(inv: Invocation) -> Result:
 def pull_arguments(p: argparse.ArgumentParser, cli: bool) -> None:
     p.add_argument("model")
     p.add_argument("version", nargs="?")
+    p.add_argument("--format", choices=FORMATS, default="savedmodel",
+                   help="savedmodel (default), or tflite: a TensorFlow Lite file for devices, checked against the "
+                        "SavedModel when it is made")
     if cli:
-        p.add_argument("--to", metavar="DIR", help="folder to create (default ./MODEL-VERSION)")
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--to", metavar="DIR", help="folder to create (default ./MODEL-VERSION)")
+        where.add_argument("--url", action="store_true",
+                           help="Cloud Storage (vertex backend): print signed URLs valid for 1 hour instead of "
+                                "downloading (tflite: uploaded beside the version's files first, or reused)")
 
 
 def pull(inv: Invocation) -> Result:
-    """The CLI fills a folder; chat gets the SavedModel as a .tar.gz file for a laptop or a client."""
-    args = inv.args
+    """The CLI fills a folder (or prints signed URLs); chat gets a file: the SavedModel as a .tar.gz, or the .tflite."""
+    args, copies = inv.args, inv.core.copies
     if inv.surface is Surface.CLI:
-        return Pulled(inv.core.predictions.pull(args.model, args.version, args.to))
-    return PulledArchive(inv.core.predictions.pull_archive(args.model, args.version))
+        if args.url:
+            return SignedUrls(copies.signed_urls(args.model, args.version, args.format))
+        pulled = copies.pull(args.model, args.version, args.to, args.format)
+        return PulledLite(pulled) if args.format == "tflite" else Pulled(pulled)
+    if args.format == "tflite":
+        return PulledLite(copies.tflite(args.model, args.version))
+    return PulledArchive(copies.pull_archive(args.model, args.version))

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database
+from model_registry.adapters.tflite import TfliteConverter
 from model_registry.config import ProjectConfig, Settings
 from model_registry.domain.policy import MembersOf
 from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
+from model_registry.services.copies import Copies
 from model_registry.services.jobs import Jobs
 from model_registry.services.outbox import Outbox
 from model_registry.services.predictions import Predictions
@@ -41,6 +43,7 @@ class Core:
     audit: AuditTrail
     schedules: Schedules
     predictions: Predictions
+    copies: Copies
     outbox: Outbox
 
     @classmethod
@@ -81,5 +84,6 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
-        predictions=Predictions(db, catalog, backend, config), outbox=Outbox(db),
+        predictions=Predictions(db, catalog, backend, config),
+        copies=Copies(db, catalog, backend, config, TfliteConverter(settings.trainer_python)), outbox=Outbox(db),
     )

@@ -20,7 +20,7 @@ POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
     "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
     "machine_type", "executor_image", "endpoint", "args_allowed", "data_roots", "trainer_env", "non_finite_inputs",
-    "serving",
+    "serving", "evaluation",
 }
 # the bot's own secrets: never handed to a local trainer, even when `trainer_env` lists them
 TRAINER_ENV_FORBIDDEN = frozenset({"SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "DATABASE_URL",
@@ -107,6 +107,16 @@ class Gate:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """`evaluation: {data, label, output}`: a CSV of the signature's inputs and the label, and the output to
+    compare with it. `data` is a gs:// URI, or a local path (relative ones against starchart.yaml's folder)."""
+
+    data: str
+    label: str
+    output: str
+
+
+@dataclass(frozen=True)
 class ModelPolicy:
     """Who may do what to one model, and how it trains by default."""
 
@@ -133,6 +143,7 @@ class ModelPolicy:
     trainer_env: tuple[str, ...] = ()  # extra environment variable names a local trainer sees
     non_finite_inputs: bool = False  # predictions may send NaN and ±Infinity as float inputs
     serving: dict[str, int] | None = None  # the local model server's batching: max_batch_size, batch_timeout_micros
+    evaluation: Evaluation | None = None  # evaluation data: e.g. the rows a TensorFlow Lite copy is checked on
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,7 @@ class ProjectConfig:
                 data_roots=_data_roots(merged.get("data_roots"), self.path),
                 trainer_env=_trainer_env(merged.get("trainer_env")),
                 serving=_serving(merged.get("serving")),
+                evaluation=_evaluation(merged.get("evaluation"), self.path),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc
@@ -240,6 +252,20 @@ def _serving(value: Any) -> dict[str, int] | None:
             raise ValueError(f"`serving.{key}` must be a whole number from {low} to {high}, not {raw!r}")
         out[key] = raw
     return out
+
+
+def _evaluation(value: Any, config_path: Path | None) -> Evaluation | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"data", "label", "output"}:
+        raise ValueError("`evaluation` must be a mapping with the keys data, label and output: "
+                         "{data: gs://my-ml/iris/eval.csv, label: species, output: class_ids}")
+    if not all(isinstance(v, str) and v.strip() for v in value.values()):
+        raise ValueError("`evaluation`'s data, label and output must be non-empty text")
+    data = value["data"]
+    if "://" not in data:
+        data = str(((config_path.parent if config_path else Path.cwd()) / data).resolve())
+    return Evaluation(data=data, label=value["label"], output=value["output"])
 
 
 def _strings(value: Any, key: str) -> list[str]:

@@ -178,7 +178,7 @@ def test_pull_copies_the_saved_model_for_local_use(served: Any, tmp_path: Path, 
     reg = served
     default = reg.versions.default("iris")
     source = Path(next(v for v in reg.versions.of_model("iris")["versions"] if v["name"] == default)["deployment_uri"])
-    pulled = reg.predictions.pull("iris", dest=tmp_path / "here")
+    pulled = reg.copies.pull("iris", dest=tmp_path / "here")
     assert pulled["version"] == default and pulled["path"] == str(tmp_path / "here")
     got = _files(tmp_path / "here")
     info = json.loads(got.pop("starchart-version.json"))
@@ -194,21 +194,21 @@ def test_pull_copies_the_saved_model_for_local_use(served: Any, tmp_path: Path, 
     assert int(local.stdout.split()[-1]) == reg.predictions.predict("iris", FLOWER)["predictions"][0]["class_ids"]
 
     with pytest.raises(InvalidInput, match="already exists"):
-        reg.predictions.pull("iris", dest=tmp_path / "here")
+        reg.copies.pull("iris", dest=tmp_path / "here")
     assert _files(tmp_path / "here") == {**got, "starchart-version.json": json.dumps(info, indent=2,
                                                                                      sort_keys=True).encode()}
     (tmp_path / "empty").mkdir()
     older = reg.versions.of_model("iris")["versions"][0]["name"]
-    assert reg.predictions.pull("iris", older, tmp_path / "empty")["version"] == older
+    assert reg.copies.pull("iris", older, tmp_path / "empty")["version"] == older
     with pytest.raises(NotFound):
-        reg.predictions.pull("iris", "v20990101000000", tmp_path / "x")
+        reg.copies.pull("iris", "v20990101000000", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
     # files gone from the version's storage: a clear error, and no half-pulled folder
     (source / "saved_model.pb").rename(source / "saved_model.pb.moved")
     try:
         with pytest.raises(Exception, match="holds no SavedModel"):
-            reg.predictions.pull("iris", default, tmp_path / "broken")
+            reg.copies.pull("iris", default, tmp_path / "broken")
     finally:
         (source / "saved_model.pb.moved").rename(source / "saved_model.pb")
     assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".broken.partial-*"))

@@ -242,7 +242,7 @@ def test_web_process_never_imports_tensorflow(tmp_path) -> None:
 
 def test_core_and_cli_never_import_tensorflow_slack_or_google() -> None:
     loaded = _imported_after("import bot.cli, bot.demo, model_registry.bootstrap, model_registry.adapters.backends.local, "
-                             "model_registry.adapters.backends.local_serving")
+                             "model_registry.adapters.backends.local_serving, model_registry.adapters.tflite_process")
     assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
     assert not any(m.startswith(("slack_bolt", "slack_sdk")) for m in loaded)
     assert "google.cloud.aiplatform" not in loaded and "google.cloud.storage" not in loaded
@@ -261,8 +261,10 @@ def test_model_registry_source_has_no_slack_imports() -> None:
         google_allowed = path.parent.name == "vertex" or path.name == "gcs.py"  # backends/vertex/, and storage
         if not google_allowed:
             assert "import google.cloud" not in text and "from google.cloud" not in text, path
-        if path.name != "local_serving.py":  # the local model server: a serving process (DESIGN.md), never imported
+        # the local model server and the TensorFlow Lite conversion: TensorFlow processes run by file, never imported
+        if path.name not in ("local_serving.py", "tflite_process.py"):
             assert "import tensorflow" not in text, path
+            assert "ai_edge_litert" not in text, path
 
 
 def test_the_core_layers_point_inward() -> None:

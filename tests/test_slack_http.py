@@ -428,6 +428,38 @@ def test_prediction_api_and_slash_predict_over_http(driver: SlackDriver, slack: 
         reg.backend.stop_server()
 
 
+def test_slash_pull_tflite_posts_the_checked_file(driver: SlackDriver, slack: SlackFake, trained: dict,
+                                                  tmp_path: Path) -> None:
+    """/ml pull MODEL --format tflite (as a Slack client sends it): the .tflite goes to the channel, with what was
+    checked; a model the converter cannot handle is refused in a message of its own."""
+    reg = registry_from(slack)
+    job = reg.jobs.train("iris", TRAINER, args=[f"--source={trained['iris_a']}"])
+    assert reg.jobs.wait(job["job_id"])["state"] == "SUCCEEDED"
+    reg.versions.expose("iris", TRAINER)
+    version = reg.versions.default("iris")
+    acked(driver.command("pull iris —format tflite", user_id=MALLORY, channel_id=CHANNEL))
+    upload = slack.wait_for(lambda: [u for u in slack.uploads if u["filename"].endswith(".tflite")], timeout=120)[0]
+    assert upload["filename"] == f"iris-{version}.tflite" and upload["channel"] == CHANNEL
+    comment = upload["initial_comment"]
+    assert comment.startswith(f"iris-{version}.tflite: iris {version} as TensorFlow Lite, {len(upload['content']):,} "
+                              "bytes, checked against the SavedModel on 16 instances of test values built from the "
+                              "signature: max abs difference "), comment
+    assert "(tolerance: max abs difference 1e-4 for float outputs, equal for integer" in comment
+    path = tmp_path / "posted.tflite"
+    path.write_bytes(upload["content"])
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    flower = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+    out = runner(**{k: np.array([v], np.float32) for k, v in flower.items()})
+    assert int(out["class_ids"][0]) in (0, 1, 2) and out["probabilities"].shape == (1, 3)
+
+    acked(driver.command("pull iris —format onnx", user_id=MALLORY, channel_id=CHANNEL))
+    refused = said_to(slack, "onnx", timeout=30)
+    assert "tflite" in json.dumps(refused["payload"]), "the formats there are"
+
+
 def test_prediction_api_token(bot_env: dict, tmp_path: Path) -> None:
     """With STARCHART_PREDICT_TOKEN set, the prediction routes want it (checked before any work)."""
     srv = Server({**bot_env, "STARCHART_PREDICT_TOKEN": "s3cret"}, tmp_path / "serve-token.log")

@@ -7,6 +7,7 @@ as `emulator_host`): then the client talks to it anonymously, as google-cloud-st
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -14,7 +15,7 @@ import google.cloud.storage as storage
 import requests
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
-from google.auth.credentials import AnonymousCredentials
+from google.auth.credentials import AnonymousCredentials, Signing
 
 from model_registry.domain.errors import ArtifactError, BackendError
 
@@ -48,6 +49,17 @@ class StorageUnavailable(BackendError):
     """Cloud Storage (or its emulator) could not be reached."""
 
 
+class CannotSign(NoCredentials):
+    """The credentials in use cannot sign a URL (no private key, and no IAM signing)."""
+
+
+SIGNING_HINT = (
+    "set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, or grant your account "
+    "roles/iam.serviceAccountTokenCreator on a service account and sign as it "
+    "(`gcloud auth application-default login --impersonate-service-account SA_EMAIL`)"
+)
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
     if not uri.startswith("gs://"):
@@ -70,8 +82,9 @@ class GcsStorage:
     """Storage over Cloud Storage; the client is created on first use (and its credentials looked up then)."""
 
     def __init__(self, project: str | None = None, client: storage.Client | None = None, timeout: float = 60.0,
-                 emulator_host: str | None = None) -> None:
+                 emulator_host: str | None = None, signing_credentials: Signing | None = None) -> None:
         self.project = project or None
+        self.signing_credentials = signing_credentials  # signs URLs; None: the client's own credentials
         self.timeout = timeout
         self.emulator_host = emulator_host or None
         self._client = client
@@ -159,6 +172,24 @@ class GcsStorage:
             return self.client.lookup_bucket(bucket.removeprefix("gs://").strip("/"), timeout=self.timeout) is not None
         except Exception as exc:
             self._fail(exc, bucket if bucket.startswith("gs://") else f"gs://{bucket}", "look up")
+
+    def signed_url(self, uri: str, expiration: timedelta, filename: str | None = None) -> str:
+        """A V4 signed URL that lets anyone holding it GET `uri` until `expiration` has passed.
+
+        Signed where the credentials are: locally with a service account key, through IAM for impersonated ones.
+        """
+        bucket, name = split_uri(uri)
+        credentials = self.signing_credentials or self.client._credentials  # what the client was made with
+        if not isinstance(credentials, Signing):
+            raise CannotSign(f"the Google Cloud credentials in use ({type(credentials).__module__}."
+                             f"{type(credentials).__name__}) cannot sign a URL: they hold no private key", SIGNING_HINT)
+        disposition = f'attachment; filename="{filename}"' if filename else None
+        try:
+            return str(self.client.bucket(bucket).blob(name).generate_signed_url(
+                version="v4", expiration=expiration, method="GET", credentials=credentials,
+                response_disposition=disposition))
+        except (auth_exc.TransportError, auth_exc.RefreshError) as exc:  # IAM's signBlob refused or unreachable
+            raise CannotSign(f"signing a URL for {uri} failed: {exc}", SIGNING_HINT) from exc
 
     def _fail(self, exc: Exception, uri: str, action: str, generation: int | None = None) -> NoReturn:
         raise self._translate(exc, uri, action, generation) from exc

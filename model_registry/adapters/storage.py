@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from model_registry.domain.errors import ArtifactError
 
@@ -21,6 +22,13 @@ class Storage(Protocol):
         """Paths of the files under the folder `prefix`, relative to it (sorted)."""
 
     def download_file(self, uri: str, local_path: Path) -> None: ...
+
+
+@runtime_checkable
+class SignsUrls(Protocol):
+    """Storage that can hand out time-limited URLs to its objects (Cloud Storage's signed URLs)."""
+
+    def signed_url(self, uri: str, expiration: timedelta, filename: str | None = None) -> str: ...
 
 
 class LocalStorage:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import shutil
-import tarfile
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping
 
 from model_registry.adapters.backends.base import Backend
@@ -16,13 +10,11 @@ from model_registry.adapters.db import Database
 from model_registry.adapters.records import ModelRecord
 from model_registry.config import ProjectConfig
 from model_registry.domain import answers, instances, names
-from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused, StarchartError
+from model_registry.domain.errors import InvalidInput, NotFound, StarchartError
 from model_registry.services.catalog import Catalog
-from model_registry.services.views import Compared, Pulled, PulledArchive, Served, Side, version_view
+from model_registry.services.views import Compared, Served, Side
 
 MAX_INSTANCES = instances.MAX_INSTANCES
-MAX_ARCHIVE = 50 * 1024 * 1024  # bytes of a pulled SavedModel sent as a file (Slack); larger: `starchart pull`
-VERSION_FILE = "starchart-version.json"  # beside a pulled SavedModel: what it is (signature, metrics, program)
 BODY_HINT = ('give instances as JSON: one object {"input": value, ...}, a list of them, '
              'or TF Serving\'s {"instances": [...]} / {"inputs": {...}}')
 
@@ -71,7 +63,7 @@ def check_instances(body: dict[str, Any], inputs: Mapping[str, Any], allow_non_f
 
 
 class Predictions:
-    """Answers of a model's served versions, and copies of a version for local use."""
+    """Answers of a model's served versions (copies of a version for use elsewhere: services/copies.py)."""
 
     def __init__(self, db: Database, catalog: Catalog, backend: Backend, config: ProjectConfig | None = None) -> None:
         self.db, self.catalog, self.backend, self.config = db, catalog, backend, config
@@ -155,56 +147,3 @@ class Predictions:
         if default is None:
             raise NotFound(f"{model} has no default version yet", f"expose a version of {model}, then apply it")
         return {"model": model, "version": default}
-
-    def pull(self, model: str, version: str | None = None, dest: str | Path | None = None) -> Pulled:
-        """Copy a version's SavedModel (default: the default version) into the folder `dest`, for local use.
-
-        The folder gets the SavedModel and starchart-version.json (name, signature, metrics, program, digest).
-        It is filled under a temporary name and renamed at the end: an interrupted pull leaves no half model.
-        """
-        names.validate_model_name(model)
-        with self.db.reads() as s:
-            self.catalog.require_model(model, s)
-            if version is None:
-                record = s.get(ModelRecord, model)
-                version = record.default_version if record else None
-                if version is None:
-                    raise NotFound(f"{model} has no default version yet", f"name one of `versions {model}`")
-            view = version_view(self.catalog.version(s, model, version))
-        target = Path(dest or f"{model}-{version}").resolve()
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise InvalidInput(f"{target} already exists", "pull into another folder (--to DIR), or remove it")
-        store, source = self.backend.storage, view["deployment_uri"]
-        files = store.list_files(source)
-        if "saved_model.pb" not in files:
-            raise ArtifactError(f"{source} holds no SavedModel (saved_model.pb is missing)",
-                                f"the version's files were moved or deleted; train and expose {model} again")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-        try:
-            for name in files:
-                store.download_file(store.join(source, name), partial / name)
-            (partial / VERSION_FILE).write_text(json.dumps(view, indent=2, sort_keys=True))
-            if target.exists():
-                target.rmdir()  # empty, checked above
-            os.replace(partial, target)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-        return {"model": model, "version": version, "path": str(target), "files": len(files) + 1, "bytes": size,
-                "signature": view["signature"], "source": source}
-
-    def pull_archive(self, model: str, version: str | None = None) -> PulledArchive:
-        """A pulled version as one .tar.gz in memory (for a chat upload): pull()'s answer plus filename and data."""
-        with tempfile.TemporaryDirectory(prefix="starchart-pull-") as tmp:
-            pulled = self.pull(model, version, Path(tmp) / "model")
-            if pulled["bytes"] > MAX_ARCHIVE:
-                raise Refused(f"{model} {pulled['version']} is {pulled['bytes'] / 2**20:.0f} MB, too large to send "
-                              f"here (at most {MAX_ARCHIVE // 2**20} MB)",
-                              f"run `starchart pull {model} {pulled['version']}` where you need it")
-            name = f"{model}-{pulled['version']}"
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-                tar.add(pulled["path"], arcname=name)
-        return {**pulled, "path": None, "filename": f"{name}.tar.gz", "data": buf.getvalue()}

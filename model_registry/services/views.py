@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, TypedDict
+from typing import Any, Iterable, NotRequired, TypedDict
 
 from model_registry.adapters.records import (
     Approval,
@@ -179,6 +179,44 @@ class PulledArchive(TypedDict):
     source: str
     filename: str
     data: bytes
+
+class LiteCheck(TypedDict):
+    """How a TensorFlow Lite copy was checked against its SavedModel when it was made."""
+
+    instances: int
+    on: str  # the evaluation data's URI, or "test values built from the signature"
+    max_abs_diff: float  # over float outputs
+    tolerance: str
+    outputs: dict[str, Any]  # per output: max_abs_diff (floats) or mismatches (0 for exact outputs)
+
+
+class PulledLite(TypedDict):
+    """A version converted to one TensorFlow Lite file and checked: in a folder (CLI) or in memory (chat)."""
+
+    model: str
+    version: str
+    format: str
+    path: str | None
+    filename: str
+    bytes: int
+    signature: dict[str, Any]
+    source: str
+    check: LiteCheck
+    data: NotRequired[bytes]
+
+
+class SignedUrls(TypedDict):
+    """Time-limited URLs to a version's files in Cloud Storage (the SavedModel's files, or its .tflite)."""
+
+    model: str
+    version: str
+    format: str
+    expires_in: int  # seconds
+    expires_at: str
+    urls: list[dict[str, str]]  # {"path": relative path or file name, "uri": gs://..., "url": signed}
+    uploaded: bool  # tflite: converted and uploaded now (False: the copy already there was reused)
+    check: NotRequired[LiteCheck]
+
 
 def job_view(j: Job) -> JobView:
     return {

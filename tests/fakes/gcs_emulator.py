@@ -84,7 +84,8 @@ def gcs_emulator(buckets: Iterable[str] = (), project: str = PROJECT) -> Iterato
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [str(binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
-                 "memory", "-external-url", url, "-log-level", "error"],
+                 "memory", "-external-url", url, "-log-level", "error",
+                 "-public-host", f"127.0.0.1:{port}"],  # GET /BUCKET/OBJECT too, the form signed URLs take
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
         try:
