@@ -212,7 +212,7 @@ def expose_two_versions(reg: Any, trained: dict[str, Path]) -> Any:
     """Train iris twice (replaying iris_a, then iris_b) and expose both: the first becomes the default."""
     for src, epochs in ((trained["iris_a"], "2"), (trained["iris_b"], "4")):
         job = train_and_wait(reg, "iris", "U_TRAINER", replay_args(src, f"--epochs={epochs}"))
-        assert job["state"] == "SUCCEEDED", job
+        assert job["state"] == "SUCCEEDED", f"{job['job_id']} {job['state']}: {job.get('error')}"
     exposed = reg.versions.expose("iris", "U_TRAINER")
     assert len(exposed["exposed"]) == 2 and not exposed["errors"]
     return reg

@@ -153,3 +153,30 @@ def _wait_gone(pid: int, timeout: float = 15) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.05)
+
+
+def test_a_runner_that_ends_while_its_status_is_read_is_not_called_killed(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status file said RUNNING; the runner then wrote its result and exited before the liveness check."""
+    import json
+    import time
+
+    from model_registry.adapters.backends.local import LocalBackend
+
+    backend = LocalBackend(tmp_path / "home")
+    job_dir = backend.jobs / "iris_20261201000000"
+    job_dir.mkdir(parents=True)
+    (job_dir / "spec.json").write_text(json.dumps({"submitted_at": time.time()}))
+    running = {"state": "RUNNING", "pid": 999_999_999, "pid_start": "1", "started_at": time.time()}
+    (job_dir / "status.json").write_text(json.dumps(running))
+
+    def finished_meanwhile(status: dict) -> bool:
+        (job_dir / "status.json").write_text(json.dumps({**running, "state": "SUCCEEDED", "ended_at": time.time()}))
+        return False
+
+    monkeypatch.setattr(backend, "_alive", finished_meanwhile)
+    assert backend.status("iris_20261201000000", None).state == "SUCCEEDED"
+    monkeypatch.setattr(backend, "_alive", lambda status: False)
+    (job_dir / "status.json").write_text(json.dumps(running))
+    gone = backend.status("iris_20261201000000", None)
+    assert gone.state == "FAILED" and "stopped without a result" in (gone.error or "")

@@ -115,6 +115,10 @@ class LocalBackend:
             return JobStatus(st["state"], started, ended, st.get("error"))
         if self._alive(st):
             return JobStatus(RUNNING, started)
+        again = self._read_status(job_dir)  # the runner may have written its result and exited since the read
+        if again is not None and again["state"] in TERMINAL:
+            return JobStatus(again["state"], _dt(again.get("started_at")), _dt(again.get("ended_at")),
+                             again.get("error"))
         if (job_dir / "cancel").exists():
             return JobStatus(CANCELLED, started, _dt(time.time()))
         return JobStatus(FAILED, started, _dt(time.time()),
