@@ -29,7 +29,17 @@ from slack_sdk.errors import SlackApiError
 
 from bot import blocks
 from handlers.chat import slack_hint
-from handlers.results import Checkpoint, Failure, ReviewCard, TrainingMessage
+from handlers.results import (
+    Checkpoint,
+    Failure,
+    NightlyExposed,
+    Result,
+    ReviewCard,
+    ReviewSkipped,
+    ScheduledFailed,
+    ScheduleNotStarted,
+    TrainingMessage,
+)
 from model_registry.adapters import outbox as kinds
 from model_registry.config import SlackSettings
 from model_registry.domain.errors import StarchartError
@@ -71,7 +81,9 @@ def _what(message: Claimed) -> str:
     return {kinds.TRAINING: f"the training message of {message.subject}",
             kinds.REVIEW_CARD: f"the review card of promotion request #{message.subject}",
             kinds.CARD_FILE: f"the full diff of promotion request #{message.subject}",
-            kinds.CHECKPOINT: "the audit checkpoint"}.get(message.kind, f"a {message.kind} message")
+            kinds.CHECKPOINT: "the audit checkpoint",
+            kinds.NIGHTLY: f"the nightly retrain's message {message.subject}"}.get(message.kind,
+                                                                                 f"a {message.kind} message")
 
 
 def render(core: Any, message: Claimed) -> blocks.Rendered:
@@ -88,6 +100,8 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
             if not isinstance(checkpoint, dict):
                 raise Undeliverable("malformed_payload", "the checkpoint message carries no checkpoint")
             return blocks.render(Checkpoint(checkpoint, message.channel))
+        if message.kind == kinds.NIGHTLY:
+            return blocks.render(_nightly(core, _payload(message)))
         if message.kind == kinds.NOTICE:
             text, hint = _payload(message).get("message"), _payload(message).get("hint", "")
             if not isinstance(text, str) or not text or not isinstance(hint, str):
@@ -98,6 +112,33 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
     except (ValueError, TypeError) as exc:
         raise Undeliverable("malformed_payload", f"{type(exc).__name__}: {exc}") from None
     raise Undeliverable("malformed_payload", f"unknown message kind {message.kind!r}")
+
+
+def _nightly(core: Any, payload: dict[str, Any]) -> Result:
+    """A nightly retrain's news as its record stands: the job or the version it is about, or what it recorded."""
+    event, model = payload.get("event"), payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise Undeliverable("malformed_payload", "the nightly message names no model")
+    if event == kinds.TRAINING_FAILED:
+        return ScheduledFailed(core.jobs.get(str(payload.get("job_id"))))
+    if event == kinds.EXPOSED:
+        name = payload.get("version")
+        version = next((v for v in core.versions.of_model(model)["versions"] if v["name"] == name), None)
+        if version is None:
+            raise Undeliverable("record_not_found", f"{model} has no version {name!r} any more")
+        return NightlyExposed(model, version)
+    if event == kinds.REVIEW_SKIPPED:
+        gate = payload.get("gate")
+        if not isinstance(gate, dict) or not isinstance(gate.get("metric"), str) or \
+                not isinstance(gate.get("why"), str) or not isinstance(gate.get("min_delta"), (int, float)):
+            raise Undeliverable("malformed_payload", "the skipped review carries no gate")
+        return ReviewSkipped(model, str(payload.get("version")), gate)
+    if event == kinds.NOT_STARTED:
+        error, hint = payload.get("error"), payload.get("hint", "")
+        if not isinstance(error, str) or not isinstance(hint, str):
+            raise Undeliverable("malformed_payload", "the nightly message carries no error")
+        return ScheduleNotStarted(model, error, hint)
+    raise Undeliverable("malformed_payload", f"unknown nightly event {event!r}")
 
 
 def _payload(message: Claimed) -> dict[str, Any]:

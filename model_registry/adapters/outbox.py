@@ -15,7 +15,11 @@ from model_registry.domain.names import utcnow
 
 # what a message is about; the sender renders each kind from its record
 TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE = "training", "review_card", "card_file", "checkpoint", "notice"
-KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE)
+NIGHTLY = "nightly"  # a scheduled retrain's news other than its review card (payload `event`: one of NIGHTLY_EVENTS)
+KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE, NIGHTLY)
+# a retrain not put up for review (the gate), one that did not start, one that failed, a version exposed
+REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED = "review_skipped", "not_started", "training_failed", "exposed"
+NIGHTLY_EVENTS = (REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED)
 
 
 def mark_recorded(s: Session) -> None:
@@ -50,6 +54,14 @@ def record(s: Session, kind: str, subject: str, channel: str, *, notify: str | N
             "first_attempt_at": now, "lease_until": row.lease_until})
     mark_recorded(s)
     return row
+
+
+def record_nightly(s: Session, event: str, key: str, channel: str | None, payload: dict[str, Any]) -> None:
+    """A nightly retrain's news for the model's channel (none without a channel), once per event and `key`."""
+    if event not in NIGHTLY_EVENTS:
+        raise ValueError(f"unknown nightly event {event!r}")
+    if channel:
+        record(s, NIGHTLY, f"{event}:{key}"[:100], channel, payload={**payload, "event": event}, again=False)
 
 
 def want_update(s: Session, kind: str, subjects: Iterable[str], *, unchanged_since: datetime | None = None) -> int:
