@@ -3,7 +3,8 @@
 Each message is rendered from its record as it is at delivery (bot.blocks), so pending updates of one message
 collapse into one. One sender at a time works on a message (its lease). A post carries the outbox id in its
 `metadata`; a post that had an attempt before is first looked for in the channel (conversations.history), so a
-post whose reply was lost is not posted twice. Rate limits (Retry-After), Slack's 5xx and time-outs are retried
+post whose reply was lost is not posted twice; a file (a card's full diff in its thread) carries the outbox id in its
+name, and one that had an attempt before is first looked for with files.list. Rate limits (Retry-After), Slack's 5xx and time-outs are retried
 with backoff, the next attempt time kept in the row; a permanent error stops the message, is recorded, and the
 person whose action produced it gets a direct message saying what to do.
 
@@ -171,6 +172,12 @@ def classify(exc: BaseException) -> tuple[bool, str, float | None]:
     return False, f"{type(exc).__name__}: {exc}"[:300], None
 
 
+def file_name(filename: str, message_id: int) -> str:
+    """A file's name as the outbox uploads it: with the outbox id, by which a retry finds an earlier upload."""
+    stem, dot, suffix = filename.rpartition(".")
+    return f"{stem}.outbox-{message_id}.{suffix}" if dot and stem else f"{filename}.outbox-{message_id}"
+
+
 def _epoch(at: datetime) -> float:
     return at.replace(tzinfo=timezone.utc).timestamp()
 
@@ -302,13 +309,30 @@ class Sender:
         if not isinstance(thread_ts, str) or not thread_ts:
             raise Undeliverable("malformed_payload", "the file message names no thread")
         upload = shown.attachment
-        if upload is not None:  # the card fits Slack's limits now: nothing left for its thread
-            self._check_lease(message)
-            self.client.files_upload_v2(channel=message.channel, thread_ts=thread_ts, filename=upload.filename,
-                                        title=upload.title, initial_comment=FILE_NOTE,
-                                        **({"file": upload.data} if upload.data is not None
-                                           else {"content": upload.content}))
+        if upload is not None:  # else the card fits Slack's limits now: nothing left for its thread
+            name = file_name(upload.filename, message.id)
+            if message.attempts > 1 and self._file_found(message, name):
+                log.info("outbox message #%s was uploaded already (%s): not uploaded again", message.id, name)
+            else:
+                self._check_lease(message)
+                self.client.files_upload_v2(channel=message.channel, thread_ts=thread_ts, filename=name,
+                                            title=upload.title, initial_comment=FILE_NOTE,
+                                            **({"file": upload.data} if upload.data is not None
+                                               else {"content": upload.content}))
         self.core.outbox.delivered(message, self.owner, message.wanted)
+
+    def _file_found(self, message: Claimed, name: str) -> bool:
+        """Whether an earlier attempt's upload was shared in the channel (files.list since shortly before the first
+        attempt, matched by the file name that carries the outbox id)."""
+        ts_from = str(int(_epoch(message.first_attempt_at or utcnow()) - self.lookback))
+        for page in range(1, 21):  # at most 20 pages of 100 files
+            self._check_lease(message)
+            answer = self.client.files_list(channel=message.channel, ts_from=ts_from, count=100, page=page)
+            if any(f.get("name") == name for f in answer.get("files") or []):
+                return True
+            if page >= int((answer.get("paging") or {}).get("pages") or 1):
+                return False
+        return False
 
     def _find(self, message: Claimed) -> tuple[str, str] | None:
         """The message an earlier attempt posted, by the outbox id in its metadata; None when Slack has none."""

@@ -230,14 +230,42 @@ def test_a_scheduled_retrain_card_arrives_once_through_faults(make_registry: Any
     assert one_pass(reg, sender=sender)["reviews"] == 1
     (req,) = reg.promotions.of_model("iris")
     card = _row(reg, "review_card", str(req["id"]))
-    _run_until(lambda: one_pass(reg, sender=sender), lambda: reg.outbox.get(card["id"])["state"] == "delivered")
+    exposed = _row(reg, "nightly", f"exposed:iris/{req['candidate']}")  # recorded first, posted first
+    _run_until(lambda: one_pass(reg, sender=sender), lambda: not reg.outbox.undelivered())
     (posted,) = [m for m in slack.messages_in("C0NIGHTLY") if "Review: iris" in m["text"]]
-    assert len(_posts_of(slack, card["id"])) == 2, "the 500, then the post whose reply was lost; none after it"
+    assert len(slack.messages_in("C0NIGHTLY")) == 2, "the exposed version's message and the card, once each"
+    assert len(_posts_of(slack, exposed["id"])) + len(_posts_of(slack, card["id"])) == 3, \
+        "the 500 and its retry, the post whose reply was lost; none after it"
+    assert slack.calls_to("conversations.history")
     req = reg.promotions.get(req["id"])
     assert (req["channel"], req["message_ts"]) == ("C0NIGHTLY", posted["ts"]), "approvals bind to this card"
     reg.promotions.decide(req["id"], "U_HUMAN", True)
     _run_until(sender.deliver_due, lambda: reg.outbox.get(card["id"])["state"] == "delivered")
     assert "approved" in json.dumps(slack.messages[("C0NIGHTLY", posted["ts"])])
+
+
+@pytest.mark.parametrize("lost", ["files.completeUploadExternal", "upload"])
+def test_a_cards_file_whose_reply_was_lost_is_uploaded_once(make_registry: Any, db_url: str, trained: dict,
+                                                            slack: SlackFake, lost: str) -> None:
+    """The full diff for a card's thread: a completed upload whose answer was lost is found by files.list (its name
+    carries the outbox id) and not uploaded again; bytes whose answer was lost were never shared: uploaded once."""
+    from conftest import train_and_wait
+
+    reg = make_registry(db_url, defaults={"channel": CHANNEL})
+    for src, extra in ((trained["iris_a"], []), (trained["iris_b"], [f"--p{i:02d}={i}" for i in range(12)])):
+        assert train_and_wait(reg, "iris", "U_TRAINER", replay_args(src, *extra))["state"] == "SUCCEEDED"
+    reg.versions.expose("iris", "U_TRAINER")
+    req = reg.promotions.promote("iris", reg.versions.of_model("iris")["versions"][0]["name"], PERSON, card=True)
+    slack.lose_reply_next(lost)
+    _run_until(_sender(reg, slack).deliver_due, lambda: not reg.outbox.undelivered())
+    card, diff = _row(reg, "review_card", str(req["id"])), _row(reg, "card_file", str(req["id"]))
+    assert (diff["state"], diff["attempts"]) == ("delivered", 2)
+    (upload,) = slack.uploads
+    assert upload["filename"] == f"iris-request-{req['id']}-diff.outbox-{diff['id']}.txt"
+    assert upload["thread_ts"] == card["ts"] and b"p11" in upload["content"]
+    (listed,) = slack.calls_to("files.list")
+    assert listed.params["channel"] == CHANNEL and float(listed.params["ts_from"]) < time.time()
+    assert len(slack.calls_to("files.getUploadURLExternal")) == (2 if lost == "upload" else 1)
 
 
 def test_a_sender_killed_while_slack_applies_its_post_does_not_post_twice(
