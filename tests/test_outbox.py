@@ -18,13 +18,14 @@ from typing import Any, Iterator
 import pytest
 from conftest import ROOT, replay_args
 from fakes.slack_fake import SlackFake
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from bot.cli import main
 from bot.delivery import OUTBOX_EVENT, JobWatch, Sender, sender_client
 from model_registry.adapters import outbox
 from model_registry.adapters.records import OutboxMessage, PromotionRequest
 from model_registry.config import SlackSettings
+from model_registry.domain.names import utcnow
 
 CHANNEL, PERSON = "C0MLOUT", "U0ADA"
 
@@ -127,6 +128,35 @@ def test_a_post_whose_reply_was_lost_is_found_and_not_posted_again(make_registry
     (posted,) = slack.messages_in(CHANNEL)
     assert posted["metadata"] == {"event_type": OUTBOX_EVENT, "event_payload": {"outbox_id": message_id}}
     assert reg.outbox.get(message_id)["ts"] == posted["ts"]
+
+
+def test_an_update_wanted_where_a_sender_runs_is_handed_to_it_without_a_claim(make_registry: Any, db_url: str,
+                                                                               slack: SlackFake) -> None:
+    reg = make_registry(db_url)
+    idle, busy = _checkpoints(reg, 2)
+    _run_until(_sender(reg, slack).deliver_due, lambda: not reg.outbox.undelivered())
+    with reg.db.unit_of_work() as s:  # another sender holds `busy` (a live lease of its own)
+        s.execute(update(OutboxMessage).where(OutboxMessage.id == busy).values(
+            lease_owner="elsewhere:2", lease_until=utcnow() + timedelta(minutes=5)))
+    sender = _sender(reg, slack, owner="here:1")
+    handed: list[dict[str, Any]] = []
+    reg.db.after_message.append(handed.extend)
+    reg.db.sender = (sender.owner, 60.0)  # as Sender.start() sets it, without its thread
+    subjects = [reg.outbox.get(i)["subject"] for i in (idle, busy)]
+    with reg.db.unit_of_work() as s:
+        assert outbox.want_update(s, outbox.CHECKPOINT, subjects) == 2
+    assert [(m["id"], m["wanted"], m["delivered"], m["attempts"]) for m in handed] == [(idle, 2, 1, 2)]
+    with reg.db.reads() as s:
+        owners = dict(s.execute(select(OutboxMessage.id, OutboxMessage.lease_owner)).all())
+    assert owners == {idle: "here:1", busy: "elsewhere:2"}, "leased in the transaction that wanted the update"
+    sender.wake(handed)
+    claims = []
+    original = reg.outbox.claim
+    reg.outbox.claim = lambda *a, **kw: claims.append(a) or original(*a, **kw)
+    sender.deliver_due()
+    assert reg.outbox.get(idle)["state"] == "delivered" and len(slack.calls_to("chat.update")) == 1
+    assert len(claims) == 1, "the handed update needed no claim (the one claim found nothing due)"
+    assert reg.outbox.get(busy)["state"] == "pending", "left to the sender that holds it"
 
 
 def test_two_senders_deliver_each_message_exactly_once(make_registry: Any, db_url: str, slack: SlackFake,
