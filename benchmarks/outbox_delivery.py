@@ -1,10 +1,12 @@
-"""From a state change to its message in Slack: through the outbox, against posting directly.
+"""From a state change to its message in Slack: through the outbox, against changing and updating directly.
 
-The state change is an audit event followed by an audit checkpoint with a channel (one of the messages the bot sends on its own). Measured:
-`audit.checkpoint(channel)` records the message with it, the outbox's sender (a thread, woken after the commit)
-claims it, renders it and posts it. Baseline: `audit.checkpoint()`, then the same rendering posted at once through
-slack_sdk, as the bot did before the outbox. Both end when the Slack fake (local, real HTTP) has applied the post;
-both run in the same process, on the same SQLite database, alternating.
+The state change commits anyway: a decision (a rejection with its reason) on a promotion request, with its audit
+event, and the request's review card updated to show it. Measured: `promotions.decide` records the card's update
+in its own transaction; the outbox's sender in this process (woken after the commit) renders the request as it
+stands and calls chat.update. Baseline: the same decision on a request whose card the bot posted itself (no outbox
+row: nothing is recorded, nobody is woken), then the same rendering sent with chat.update at once, as the bot did
+before the outbox. Both end when the Slack fake (local, real HTTP) has applied the update; both run in the same
+process, on the same database, alternating. Each round opens a new request and posts its card first, untimed.
 
     python benchmarks/outbox_delivery.py [--quick] [--postgres]
 """
@@ -24,7 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-CHANNEL = "C0BENCH"
+CHANNEL, MODEL = "C0BENCH", "bench"
+REQUESTER, REVIEWER, TRAINER = "U0BENCHREQ", "U0BENCHREV", "U0BENCHTRN"
 
 
 def log(msg: str) -> None:
@@ -32,15 +35,15 @@ def log(msg: str) -> None:
 
 
 class Arrivals:
-    """chat.postMessage on the fake, noting when each post is applied."""
+    """chat.update on the fake, noting when each update is applied."""
 
     def __init__(self, fake: Any) -> None:
-        self.original = fake._handlers["chat.postMessage"]
+        self.original = fake._handlers["chat.update"]
         self.arrived = threading.Event()
         self.at = 0.0
-        fake.register("chat.postMessage", self.post)
+        fake.register("chat.update", self.update)
 
-    def post(self, params: dict[str, Any]) -> dict[str, Any]:
+    def update(self, params: dict[str, Any]) -> dict[str, Any]:
         answer: dict[str, Any] = self.original(params)
         self.at = time.perf_counter()
         self.arrived.set()
@@ -51,7 +54,7 @@ class Arrivals:
 
     def wait(self) -> float:
         if not self.arrived.wait(30):
-            raise RuntimeError("the post never arrived")
+            raise RuntimeError("the card's update never arrived")
         return self.at
 
 
@@ -60,9 +63,40 @@ def core_on(home: Path, url: str) -> Any:
     from model_registry.config import ProjectConfig, Settings
 
     config = home / "starchart.yaml"
-    config.write_text("defaults: {}\n")
+    config.write_text(f"defaults: {{}}\nmodels: {{{MODEL}: {{required_approvals: 1}}}}\n")
     settings = Settings.from_env({"STARCHART_HOME": str(home), "DATABASE_URL": url, "STARCHART_CONFIG": str(config)})
     return bootstrap(settings, ProjectConfig.load(config))
+
+
+def two_versions(core: Any) -> str:
+    """A default and a candidate, recorded as expose records them (no training: the review is what is measured);
+    returns the candidate's name."""
+    from model_registry.adapters.records import SUCCEEDED, Job, ModelRecord, Version
+    from model_registry.domain.diffs import version_digest
+    from model_registry.domain.names import utcnow
+    from model_registry.services.views import version_view
+
+    tensor = {"dtype": "DT_FLOAT", "shape": [-1]}
+    signature = {"method_name": "tensorflow/serving/predict", "inputs": {"x": tensor}, "outputs": {"y": tensor}}
+    names = []
+    with core.db.unit_of_work() as s:
+        for ts, epochs, accuracy in (("20261201000000", 5, 0.91), ("20261202000000", 20, 0.94)):
+            job_id, name = f"{MODEL}_{ts}", f"v{ts}"
+            path = f"{core.settings.home}/bucket/{MODEL}/{ts}"
+            s.add(Job(job_id=job_id, model=MODEL, ts=ts, state=SUCCEEDED, module="trainer.task",
+                      args=[f"--epochs={epochs}"], workers=1, package_uris=[], train_path=path, backend="local",
+                      requested_by=TRAINER, created_at=utcnow(), version_name=name))
+            s.flush()
+            version = Version(model=MODEL, name=name, job_id=job_id, deployment_uri=f"{path}/model/",
+                              created_at=utcnow(), trained_by=TRAINER, exposed_by=TRAINER,
+                              program={"module": "trainer.task", "package_uris": [], "sha256": "0" * 64},
+                              args=[f"--epochs={epochs}"], metrics={"accuracy": accuracy, "loss": 1 - accuracy},
+                              signature=signature, job={"state": SUCCEEDED}, digest="")
+            version.digest = version_digest(version_view(version))
+            s.add(version)
+            names.append(name)
+        s.add(ModelRecord(name=MODEL, default_version=names[0], updated_at=utcnow()))
+    return names[1]
 
 
 def main() -> None:
@@ -77,57 +111,61 @@ def main() -> None:
     from benchmarks.support.databases import pg_db, sqlite_db
     from bot.delivery import Sender, sender_client
     from bot.slack_output import SlackOutput
-    from handlers.results import Checkpoint
+    from handlers.results import ReviewCard
     from model_registry.config import SlackSettings
 
     work = Path(tempfile.mkdtemp(prefix="starchart-bench-outbox-"))
     database = pg_db() if opts.postgres else sqlite_db(work)
     with database as (url, _connect, _placeholder), SlackFake(channels={CHANNEL: "bench"}) as fake:
         core = core_on(work, url)
+        candidate = two_versions(core)
         settings = SlackSettings.from_env({"SLACK_API_URL": fake.base_url, "SLACK_BOT_TOKEN": fake.token})
         arrivals = Arrivals(fake)
         sender = Sender(core, sender_client(settings), poll=1.0).start()
         direct = SlackOutput(sender_client(settings))
 
-        def event() -> None:  # one audit event each time: every checkpoint differs (a checkpoint is its head)
-            core.audit.record_refusal("U0BENCH", "bench", "a refusal between two checkpoints")
-
         def settled() -> None:  # untimed: the last delivery's bookkeeping (its delivered revision) has committed
             while core.outbox.undelivered():
                 time.sleep(0.001)
 
+        def decide(request_id: int) -> None:
+            core.promotions.decide(request_id, REVIEWER, False, reason="loss is not good enough yet")
+
         def through_outbox() -> float:
-            settled()
+            req = core.promotions.promote(MODEL, candidate, REQUESTER, card=True, channel=CHANNEL)
+            settled()  # its card is posted by the sender
             arrivals.expect()
             t0 = time.perf_counter()
-            event()
-            core.audit.checkpoint(CHANNEL)
+            decide(req["id"])
             return arrivals.wait() - t0
 
-        def posted_directly() -> float:
-            settled()
+        def updated_directly() -> float:
+            req = core.promotions.promote(MODEL, candidate, REQUESTER)
+            ts = direct.post(CHANNEL, ReviewCard(req)).ts  # the bot posts its card itself: no outbox row
             arrivals.expect()
             t0 = time.perf_counter()
-            event()
-            cp = core.audit.checkpoint()
-            direct.post(CHANNEL, Checkpoint(cp, CHANNEL))
+            decide(req["id"])
+            direct.update(CHANNEL, ts, ReviewCard(core.promotions.get(req["id"])))
             return arrivals.wait() - t0
 
         for _ in range(warm):
             through_outbox()
-            posted_directly()
+            updated_directly()
         measured: list[float] = []
         baseline: list[float] = []
         for i in range(reps):  # alternating, so both see the same machine
-            pair = (through_outbox, posted_directly) if i % 2 == 0 else (posted_directly, through_outbox)
+            pair = (through_outbox, updated_directly) if i % 2 == 0 else (updated_directly, through_outbox)
             for run in pair:
                 (measured if run is through_outbox else baseline).append(run())
-        time.sleep(0.2)  # the last post's own bookkeeping (its delivered revision) commits after Slack applied it
+        settled()
         sender.stop()
         undelivered = core.outbox.undelivered()
+        cards = len([m for m in fake.messages_in(CHANNEL) if "rejected" in json.dumps(m)])
         core.close()
     if undelivered:
         raise RuntimeError(f"{len(undelivered)} message(s) left undelivered")
+    if cards != 2 * (reps + warm):
+        raise RuntimeError(f"{cards} cards show their rejection, not {2 * (reps + warm)}")
     m_ms, b_ms = statistics.median(measured) * 1000, statistics.median(baseline) * 1000
     log(f"outbox: median {m_ms:.2f} ms, p90 {statistics.quantiles(measured, n=10)[-1] * 1000:.2f} ms; "
         f"direct: median {b_ms:.2f} ms, p90 {statistics.quantiles(baseline, n=10)[-1] * 1000:.2f} ms "

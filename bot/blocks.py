@@ -135,9 +135,20 @@ def job_message(job: dict[str, Any], metrics: dict[str, Any] | None = None) -> t
     if job["state"] == "SUCCEEDED":
         blocks.append(context(f"expose it: `/ml expose {job['model']}`"))
     if job["state"] == "FAILED" and job.get("error"):
-        tail, _ = code_sections(job["error"][-2500:], limit_blocks=1)
-        blocks += tail
+        blocks += error_tail(job["error"])
     return f"Training {job['job_id']} {job['state'].lower()}", blocks
+
+
+def error_tail(error: str) -> Blocks:
+    """A failed job's error and log tail (capped by the core at 2,300 characters) in one monospace section."""
+    tail, _ = code_sections(error[-2500:], limit_blocks=1)
+    return tail
+
+
+def said_with_context(shown: plain.Text) -> Blocks:
+    """A text rendering in CHAT style as Block Kit: its first line a section, the others one context each."""
+    head, *rest = shown.lines
+    return [section(escape(head)), *(context(escape(line.strip())) for line in rest[:9])]
 
 
 # ------------------------------------------------------------------ review card
@@ -334,6 +345,21 @@ def render(result: r.Result) -> Rendered:
 @render.register
 def _training(result: r.TrainingMessage) -> Rendered:
     return Rendered(*job_message(dict(result.job), dict(result.metrics) if result.metrics else None))
+
+
+@render.register(r.ReviewSkipped)
+@render.register(r.ScheduleNotStarted)
+@render.register(r.NightlyExposed)
+def _nightly(result: r.Result) -> Rendered:
+    shown = plain.render(result, plain.CHAT)
+    return Rendered(shown.title, said_with_context(shown))
+
+
+@render.register
+def _scheduled_failed(result: r.ScheduledFailed) -> Rendered:
+    job = result.job
+    shown = plain.render(r.ScheduledFailed({**job, "error": None}), plain.CHAT)  # the tail goes in monospace below
+    return Rendered(shown.title, said_with_context(shown) + (error_tail(job["error"]) if job.get("error") else []))
 
 
 @render.register

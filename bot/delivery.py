@@ -3,7 +3,8 @@
 Each message is rendered from its record as it is at delivery (bot.blocks), so pending updates of one message
 collapse into one. One sender at a time works on a message (its lease). A post carries the outbox id in its
 `metadata`; a post that had an attempt before is first looked for in the channel (conversations.history), so a
-post whose reply was lost is not posted twice. Rate limits (Retry-After), Slack's 5xx and time-outs are retried
+post whose reply was lost is not posted twice; a file (a card's full diff in its thread) carries the outbox id in its
+name, and one that had an attempt before is first looked for with files.list. Rate limits (Retry-After), Slack's 5xx and time-outs are retried
 with backoff, the next attempt time kept in the row; a permanent error stops the message, is recorded, and the
 person whose action produced it gets a direct message saying what to do.
 
@@ -29,7 +30,17 @@ from slack_sdk.errors import SlackApiError
 
 from bot import blocks
 from handlers.chat import slack_hint
-from handlers.results import Checkpoint, Failure, ReviewCard, TrainingMessage
+from handlers.results import (
+    Checkpoint,
+    Failure,
+    NightlyExposed,
+    Result,
+    ReviewCard,
+    ReviewSkipped,
+    ScheduledFailed,
+    ScheduleNotStarted,
+    TrainingMessage,
+)
 from model_registry.adapters import outbox as kinds
 from model_registry.config import SlackSettings
 from model_registry.domain.errors import StarchartError
@@ -71,7 +82,9 @@ def _what(message: Claimed) -> str:
     return {kinds.TRAINING: f"the training message of {message.subject}",
             kinds.REVIEW_CARD: f"the review card of promotion request #{message.subject}",
             kinds.CARD_FILE: f"the full diff of promotion request #{message.subject}",
-            kinds.CHECKPOINT: "the audit checkpoint"}.get(message.kind, f"a {message.kind} message")
+            kinds.CHECKPOINT: "the audit checkpoint",
+            kinds.NIGHTLY: f"the nightly retrain's message {message.subject}"}.get(message.kind,
+                                                                                 f"a {message.kind} message")
 
 
 def render(core: Any, message: Claimed) -> blocks.Rendered:
@@ -88,6 +101,8 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
             if not isinstance(checkpoint, dict):
                 raise Undeliverable("malformed_payload", "the checkpoint message carries no checkpoint")
             return blocks.render(Checkpoint(checkpoint, message.channel))
+        if message.kind == kinds.NIGHTLY:
+            return blocks.render(_nightly(core, _payload(message)))
         if message.kind == kinds.NOTICE:
             text, hint = _payload(message).get("message"), _payload(message).get("hint", "")
             if not isinstance(text, str) or not text or not isinstance(hint, str):
@@ -98,6 +113,33 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
     except (ValueError, TypeError) as exc:
         raise Undeliverable("malformed_payload", f"{type(exc).__name__}: {exc}") from None
     raise Undeliverable("malformed_payload", f"unknown message kind {message.kind!r}")
+
+
+def _nightly(core: Any, payload: dict[str, Any]) -> Result:
+    """A nightly retrain's news as its record stands: the job or the version it is about, or what it recorded."""
+    event, model = payload.get("event"), payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise Undeliverable("malformed_payload", "the nightly message names no model")
+    if event == kinds.TRAINING_FAILED:
+        return ScheduledFailed(core.jobs.get(str(payload.get("job_id"))))
+    if event == kinds.EXPOSED:
+        name = payload.get("version")
+        version = next((v for v in core.versions.of_model(model)["versions"] if v["name"] == name), None)
+        if version is None:
+            raise Undeliverable("record_not_found", f"{model} has no version {name!r} any more")
+        return NightlyExposed(model, version)
+    if event == kinds.REVIEW_SKIPPED:
+        gate = payload.get("gate")
+        if not isinstance(gate, dict) or not isinstance(gate.get("metric"), str) or \
+                not isinstance(gate.get("why"), str) or not isinstance(gate.get("min_delta"), (int, float)):
+            raise Undeliverable("malformed_payload", "the skipped review carries no gate")
+        return ReviewSkipped(model, str(payload.get("version")), gate)
+    if event == kinds.NOT_STARTED:
+        error, hint = payload.get("error"), payload.get("hint", "")
+        if not isinstance(error, str) or not isinstance(hint, str):
+            raise Undeliverable("malformed_payload", "the nightly message carries no error")
+        return ScheduleNotStarted(model, error, hint)
+    raise Undeliverable("malformed_payload", f"unknown nightly event {event!r}")
 
 
 def _payload(message: Claimed) -> dict[str, Any]:
@@ -128,6 +170,12 @@ def classify(exc: BaseException) -> tuple[bool, str, float | None]:
     if isinstance(exc, (OSError, http.client.HTTPException, socket.timeout)):  # time-outs, resets, lost replies
         return True, f"{type(exc).__name__}: {exc}"[:300], None
     return False, f"{type(exc).__name__}: {exc}"[:300], None
+
+
+def file_name(filename: str, message_id: int) -> str:
+    """A file's name as the outbox uploads it: with the outbox id, by which a retry finds an earlier upload."""
+    stem, dot, suffix = filename.rpartition(".")
+    return f"{stem}.outbox-{message_id}.{suffix}" if dot and stem else f"{filename}.outbox-{message_id}"
 
 
 def _epoch(at: datetime) -> float:
@@ -261,13 +309,30 @@ class Sender:
         if not isinstance(thread_ts, str) or not thread_ts:
             raise Undeliverable("malformed_payload", "the file message names no thread")
         upload = shown.attachment
-        if upload is not None:  # the card fits Slack's limits now: nothing left for its thread
-            self._check_lease(message)
-            self.client.files_upload_v2(channel=message.channel, thread_ts=thread_ts, filename=upload.filename,
-                                        title=upload.title, initial_comment=FILE_NOTE,
-                                        **({"file": upload.data} if upload.data is not None
-                                           else {"content": upload.content}))
+        if upload is not None:  # else the card fits Slack's limits now: nothing left for its thread
+            name = file_name(upload.filename, message.id)
+            if message.attempts > 1 and self._file_found(message, name):
+                log.info("outbox message #%s was uploaded already (%s): not uploaded again", message.id, name)
+            else:
+                self._check_lease(message)
+                self.client.files_upload_v2(channel=message.channel, thread_ts=thread_ts, filename=name,
+                                            title=upload.title, initial_comment=FILE_NOTE,
+                                            **({"file": upload.data} if upload.data is not None
+                                               else {"content": upload.content}))
         self.core.outbox.delivered(message, self.owner, message.wanted)
+
+    def _file_found(self, message: Claimed, name: str) -> bool:
+        """Whether an earlier attempt's upload was shared in the channel (files.list since shortly before the first
+        attempt, matched by the file name that carries the outbox id)."""
+        ts_from = str(int(_epoch(message.first_attempt_at or utcnow()) - self.lookback))
+        for page in range(1, 21):  # at most 20 pages of 100 files
+            self._check_lease(message)
+            answer = self.client.files_list(channel=message.channel, ts_from=ts_from, count=100, page=page)
+            if any(f.get("name") == name for f in answer.get("files") or []):
+                return True
+            if page >= int((answer.get("paging") or {}).get("pages") or 1):
+                return False
+        return False
 
     def _find(self, message: Claimed) -> tuple[str, str] | None:
         """The message an earlier attempt posted, by the outbox id in its metadata; None when Slack has none."""

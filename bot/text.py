@@ -242,6 +242,60 @@ def _training(result: r.TrainingMessage, style: Style = PLAIN) -> Text:
     return Text(f"Training {job['job_id']} {state.lower()}", lines)
 
 
+def gate_facts(gate: Mapping[str, Any], style: Style = PLAIN) -> str:
+    """What the gate compared: the metric, the candidate's and the default's values, their change, min_delta."""
+    def value(v: Any) -> str:
+        return "missing" if v is None else number(v)
+
+    base = f"default {style.code(gate['base_version'])}" if gate.get("base_version") else "default"
+    said = [f"{style.bold(gate['metric'])}: candidate {value(gate.get('candidate'))}",
+            f"{base} {value(gate.get('base'))}"]
+    if isinstance(gate.get("delta"), (int, float)):
+        said.append(f"change {gate['delta']:+.4f}")
+    better = f", {gate['direction']} is better" if gate.get("direction") else ""
+    said.append(f"gate min_delta {float(gate['min_delta']):+.4f}{better}")
+    return " · ".join(said)
+
+
+@render.register
+def _review_skipped(result: r.ReviewSkipped, style: Style = PLAIN) -> Text:
+    head = (f"{style.emoji('no_entry')}Nightly retrain of {style.bold(result.model)}: {style.code(result.version)} "
+            f"was not put up for review")
+    return Text(head, [head, f"   the gate refused it: {result.gate['why']}", f"   {gate_facts(result.gate, style)}",
+                       f"   review it anyway: {style.code(f'/ml promote {result.model} {result.version}')}"])
+
+
+@render.register
+def _schedule_not_started(result: r.ScheduleNotStarted, style: Style = PLAIN) -> Text:
+    head = f"{style.emoji('warning')}The scheduled training of {style.bold(result.model)} did not start: {result.error}"
+    lines = [head] + ([f"   {result.hint}"] if result.hint else [])
+    return Text(head, lines + [f"   the next firing tries again: {style.code('/ml schedule list')}"])
+
+
+@render.register
+def _scheduled_failed(result: r.ScheduledFailed, style: Style = PLAIN) -> Text:
+    job = result.job
+    head = f"{style.emoji('x')}Scheduled training {style.bold(job['job_id'])} of {style.bold(job['model'])} failed"
+    if job.get("started_at"):
+        head += f" after {elapsed(job.get('started_at'), job.get('ended_at'))}"
+    lines = [head, f"   args: {style.code(' '.join(job.get('args') or []) or '(none)')} · "
+                   f"the whole log: {style.code('/ml logs ' + job['job_id'])}"]
+    return Text(f"Scheduled training {job['job_id']} failed", lines + (job.get("error") or "")[-2500:].splitlines())
+
+
+@render.register
+def _nightly_exposed(result: r.NightlyExposed, style: Style = PLAIN) -> Text:
+    v = result.version
+    head = (f"{style.emoji('package')}Nightly retrain of {style.bold(result.model)}: exposed {style.code(v['name'])} "
+            f"from {style.code(v['job_id'])}")
+    lines = [head]
+    if v.get("metrics"):
+        lines.append("   " + " · ".join(f"{style.bold(k)} {number(m)}" for k, m in v["metrics"].items()))
+    diff = f"/ml diff {result.model} {v['name']}"
+    lines.append(f"   compare it with the default: {style.code(diff)}")
+    return Text(head, lines)
+
+
 @render.register
 def _jobs(result: r.Jobs, style: Style = PLAIN) -> Text:
     return Text(f"Jobs of {result.model}", [table(result.jobs, JOB_COLUMNS)])

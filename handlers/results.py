@@ -397,6 +397,51 @@ class DefaultAt(Result):
         return self.answer
 
 
+# ------------------------------------------------------------------ nightly retrains (their channel's news)
+
+@dataclass(frozen=True)
+class ReviewSkipped(Result):
+    """A nightly retrain not put up for review: the gate refused it (`gate`: services.views.GateRefusal)."""
+
+    model: str
+    version: str
+    gate: Record
+
+    @property
+    def data(self) -> Any:
+        return {"model": self.model, "version": self.version, "gate": dict(self.gate)}
+
+
+@dataclass(frozen=True)
+class ScheduleNotStarted(Result):
+    """A scheduled training that did not start: what was wrong and what to do; the next firing tries again."""
+
+    model: str
+    error: str
+    hint: str = ""
+
+    @property
+    def data(self) -> Any:
+        return {"model": self.model, "error": self.error, "hint": self.hint}
+
+
+@dataclass(frozen=True)
+class ScheduledFailed(JobResult):
+    """A scheduled training that failed: the job, its error ending with the log tail (capped by the core)."""
+
+
+@dataclass(frozen=True)
+class NightlyExposed(Result):
+    """A version a nightly retrain exposed (`version`: its row in the model's version list)."""
+
+    model: str
+    version: Record
+
+    @property
+    def data(self) -> Any:
+        return {"model": self.model, "version": self.version}
+
+
 # ------------------------------------------------------------------ schedules, help, notices, errors
 
 @dataclass(frozen=True)

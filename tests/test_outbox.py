@@ -18,13 +18,14 @@ from typing import Any, Iterator
 import pytest
 from conftest import ROOT, replay_args
 from fakes.slack_fake import SlackFake
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from bot.cli import main
 from bot.delivery import OUTBOX_EVENT, JobWatch, Sender, sender_client
 from model_registry.adapters import outbox
 from model_registry.adapters.records import OutboxMessage, PromotionRequest
 from model_registry.config import SlackSettings
+from model_registry.domain.names import utcnow
 
 CHANNEL, PERSON = "C0MLOUT", "U0ADA"
 
@@ -129,6 +130,35 @@ def test_a_post_whose_reply_was_lost_is_found_and_not_posted_again(make_registry
     assert reg.outbox.get(message_id)["ts"] == posted["ts"]
 
 
+def test_an_update_wanted_where_a_sender_runs_is_handed_to_it_without_a_claim(make_registry: Any, db_url: str,
+                                                                               slack: SlackFake) -> None:
+    reg = make_registry(db_url)
+    idle, busy = _checkpoints(reg, 2)
+    _run_until(_sender(reg, slack).deliver_due, lambda: not reg.outbox.undelivered())
+    with reg.db.unit_of_work() as s:  # another sender holds `busy` (a live lease of its own)
+        s.execute(update(OutboxMessage).where(OutboxMessage.id == busy).values(
+            lease_owner="elsewhere:2", lease_until=utcnow() + timedelta(minutes=5)))
+    sender = _sender(reg, slack, owner="here:1")
+    handed: list[dict[str, Any]] = []
+    reg.db.after_message.append(handed.extend)
+    reg.db.sender = (sender.owner, 60.0)  # as Sender.start() sets it, without its thread
+    subjects = [reg.outbox.get(i)["subject"] for i in (idle, busy)]
+    with reg.db.unit_of_work() as s:
+        assert outbox.want_update(s, outbox.CHECKPOINT, subjects) == 2
+    assert [(m["id"], m["wanted"], m["delivered"], m["attempts"]) for m in handed] == [(idle, 2, 1, 2)]
+    with reg.db.reads() as s:
+        owners = dict(s.execute(select(OutboxMessage.id, OutboxMessage.lease_owner)).all())
+    assert owners == {idle: "here:1", busy: "elsewhere:2"}, "leased in the transaction that wanted the update"
+    sender.wake(handed)
+    claims = []
+    original = reg.outbox.claim
+    reg.outbox.claim = lambda *a, **kw: claims.append(a) or original(*a, **kw)
+    sender.deliver_due()
+    assert reg.outbox.get(idle)["state"] == "delivered" and len(slack.calls_to("chat.update")) == 1
+    assert len(claims) == 1, "the handed update needed no claim (the one claim found nothing due)"
+    assert reg.outbox.get(busy)["state"] == "pending", "left to the sender that holds it"
+
+
 def test_two_senders_deliver_each_message_exactly_once(make_registry: Any, db_url: str, slack: SlackFake,
                                                        tmp_path: Path) -> None:
     first = make_registry(db_url)
@@ -230,14 +260,42 @@ def test_a_scheduled_retrain_card_arrives_once_through_faults(make_registry: Any
     assert one_pass(reg, sender=sender)["reviews"] == 1
     (req,) = reg.promotions.of_model("iris")
     card = _row(reg, "review_card", str(req["id"]))
-    _run_until(lambda: one_pass(reg, sender=sender), lambda: reg.outbox.get(card["id"])["state"] == "delivered")
+    exposed = _row(reg, "nightly", f"exposed:iris/{req['candidate']}")  # recorded first, posted first
+    _run_until(lambda: one_pass(reg, sender=sender), lambda: not reg.outbox.undelivered())
     (posted,) = [m for m in slack.messages_in("C0NIGHTLY") if "Review: iris" in m["text"]]
-    assert len(_posts_of(slack, card["id"])) == 2, "the 500, then the post whose reply was lost; none after it"
+    assert len(slack.messages_in("C0NIGHTLY")) == 2, "the exposed version's message and the card, once each"
+    assert len(_posts_of(slack, exposed["id"])) + len(_posts_of(slack, card["id"])) == 3, \
+        "the 500 and its retry, the post whose reply was lost; none after it"
+    assert slack.calls_to("conversations.history")
     req = reg.promotions.get(req["id"])
     assert (req["channel"], req["message_ts"]) == ("C0NIGHTLY", posted["ts"]), "approvals bind to this card"
     reg.promotions.decide(req["id"], "U_HUMAN", True)
     _run_until(sender.deliver_due, lambda: reg.outbox.get(card["id"])["state"] == "delivered")
     assert "approved" in json.dumps(slack.messages[("C0NIGHTLY", posted["ts"])])
+
+
+@pytest.mark.parametrize("lost", ["files.completeUploadExternal", "upload"])
+def test_a_cards_file_whose_reply_was_lost_is_uploaded_once(make_registry: Any, db_url: str, trained: dict,
+                                                            slack: SlackFake, lost: str) -> None:
+    """The full diff for a card's thread: a completed upload whose answer was lost is found by files.list (its name
+    carries the outbox id) and not uploaded again; bytes whose answer was lost were never shared: uploaded once."""
+    from conftest import train_and_wait
+
+    reg = make_registry(db_url, defaults={"channel": CHANNEL})
+    for src, extra in ((trained["iris_a"], []), (trained["iris_b"], [f"--p{i:02d}={i}" for i in range(12)])):
+        assert train_and_wait(reg, "iris", "U_TRAINER", replay_args(src, *extra))["state"] == "SUCCEEDED"
+    reg.versions.expose("iris", "U_TRAINER")
+    req = reg.promotions.promote("iris", reg.versions.of_model("iris")["versions"][0]["name"], PERSON, card=True)
+    slack.lose_reply_next(lost)
+    _run_until(_sender(reg, slack).deliver_due, lambda: not reg.outbox.undelivered())
+    card, diff = _row(reg, "review_card", str(req["id"])), _row(reg, "card_file", str(req["id"]))
+    assert (diff["state"], diff["attempts"]) == ("delivered", 2)
+    (upload,) = slack.uploads
+    assert upload["filename"] == f"iris-request-{req['id']}-diff.outbox-{diff['id']}.txt"
+    assert upload["thread_ts"] == card["ts"] and b"p11" in upload["content"]
+    (listed,) = slack.calls_to("files.list")
+    assert listed.params["channel"] == CHANNEL and float(listed.params["ts_from"]) < time.time()
+    assert len(slack.calls_to("files.getUploadURLExternal")) == (2 if lost == "upload" else 1)
 
 
 def test_a_sender_killed_while_slack_applies_its_post_does_not_post_twice(

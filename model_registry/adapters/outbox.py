@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Iterable
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from model_registry.adapters.db import HANDED, LOCAL_SENDER, MESSAGE_RECORDED, rows_changed
@@ -15,7 +15,11 @@ from model_registry.domain.names import utcnow
 
 # what a message is about; the sender renders each kind from its record
 TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE = "training", "review_card", "card_file", "checkpoint", "notice"
-KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE)
+NIGHTLY = "nightly"  # a scheduled retrain's news other than its review card (payload `event`: one of NIGHTLY_EVENTS)
+KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE, NIGHTLY)
+# a retrain not put up for review (the gate), one that did not start, one that failed, a version exposed
+REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED = "review_skipped", "not_started", "training_failed", "exposed"
+NIGHTLY_EVENTS = (REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED)
 
 
 def mark_recorded(s: Session) -> None:
@@ -52,11 +56,21 @@ def record(s: Session, kind: str, subject: str, channel: str, *, notify: str | N
     return row
 
 
+def record_nightly(s: Session, event: str, key: str, channel: str | None, payload: dict[str, Any]) -> None:
+    """A nightly retrain's news for the model's channel (none without a channel), once per event and `key`."""
+    if event not in NIGHTLY_EVENTS:
+        raise ValueError(f"unknown nightly event {event!r}")
+    if channel:
+        record(s, NIGHTLY, f"{event}:{key}"[:100], channel, payload={**payload, "event": event}, again=False)
+
+
 def want_update(s: Session, kind: str, subjects: Iterable[str], *, unchanged_since: datetime | None = None) -> int:
     """The messages about these records should show them as they are now (no row: nothing to update).
 
-    A message waiting for its backoff keeps its next attempt time; an idle one is due at once. With
-    `unchanged_since`, only messages last delivered before then (the elapsed time of a running training)."""
+    A message waiting for its backoff keeps its next attempt time; an idle one is due at once — and, in a process
+    whose sender runs, leased to that sender as this commits and handed to it after the commit (no claim), as a new
+    message is. With `unchanged_since`, only messages last delivered before then (a running training's elapsed
+    time)."""
     subjects = list(subjects)
     if not subjects:
         return 0
@@ -64,10 +78,38 @@ def want_update(s: Session, kind: str, subjects: Iterable[str], *, unchanged_sin
     where = [OutboxMessage.kind == kind, OutboxMessage.subject.in_(subjects), OutboxMessage.failed_at.is_(None)]
     if unchanged_since is not None:
         where += [OutboxMessage.delivered >= OutboxMessage.wanted, OutboxMessage.delivered_at < unchanged_since]
+    leased = _lease_idle(s, where, now)
+    if leased:
+        where.append(OutboxMessage.id.not_in(leased))
     changed = rows_changed(s.execute(update(OutboxMessage).where(*where).values(
         wanted=OutboxMessage.wanted + 1,
         next_attempt_at=case((OutboxMessage.delivered >= OutboxMessage.wanted, now),
                              else_=OutboxMessage.next_attempt_at))))
-    if changed:
+    if changed or leased:
         mark_recorded(s)
-    return changed
+    return changed + len(leased)
+
+
+# what a sender needs of a message it holds the lease of (services.outbox.Claimed, without lease_until)
+CLAIMED = (OutboxMessage.id, OutboxMessage.kind, OutboxMessage.subject, OutboxMessage.channel, OutboxMessage.payload,
+           OutboxMessage.notify, OutboxMessage.wanted, OutboxMessage.delivered, OutboxMessage.posted_channel,
+           OutboxMessage.ts, OutboxMessage.attempts, OutboxMessage.first_attempt_at)
+
+
+def _lease_idle(s: Session, where: list[Any], now: datetime) -> list[int]:
+    """Of the messages `where` selects, those delivered and held by no sender: their next revision wanted and
+    leased to this process's sender (if one runs) for its first attempt, handed over after the commit."""
+    sender = s.info.get(LOCAL_SENDER)
+    if sender is None:
+        return []
+    owner, lease = sender
+    until = now + timedelta(seconds=lease)
+    rows = s.execute(update(OutboxMessage).where(
+        *where, OutboxMessage.delivered >= OutboxMessage.wanted,
+        or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now)).values(
+        wanted=OutboxMessage.wanted + 1, next_attempt_at=now, lease_owner=owner, lease_until=until,
+        attempts=OutboxMessage.attempts + 1, first_attempt_at=func.coalesce(OutboxMessage.first_attempt_at, now))
+        .returning(*CLAIMED)).all()
+    s.info.setdefault(HANDED, []).extend({**{column.key: getattr(row, column.key) for column in CLAIMED},
+                                          "lease_until": until} for row in rows)
+    return [row.id for row in rows]

@@ -117,11 +117,11 @@ class Jobs:
                 trainer_env=policy.trainer_env,
             )
             ref = self.backend.submit(spec)
-        except StarchartError as exc:
-            self._finish_job(job.job_id, FAILED, error=f"could not start: {exc}", actor=user)
+        except StarchartError as exc:  # a schedule's caller tells the channel it did not start (no announcement)
+            self._finish_job(job.job_id, FAILED, error=f"could not start: {exc}", actor=user, announce=False)
             raise
         except Exception as exc:
-            self._finish_job(job.job_id, FAILED, error=f"could not start: {exc!r}", actor=user)
+            self._finish_job(job.job_id, FAILED, error=f"could not start: {exc!r}", actor=user, announce=False)
             raise BackendError(f"the {self.backend.name} backend could not start {job.job_id}: {exc}",
                                "see the job's error with `state`; fix the backend and train again") from exc
         with self.db.unit_of_work() as s:
@@ -160,7 +160,9 @@ class Jobs:
 
     def _finish_job(self, job_id: str, state: str, *, error: str | None = None, actor: str = "system",
                     expected: Iterable[str] = (QUEUED, RUNNING), started: datetime | None = None,
-                    ended: datetime | None = None) -> bool:
+                    ended: datetime | None = None, announce: bool = True) -> bool:
+        """Record a job's end once. A scheduled training that failed is announced in its model's channel (with
+        `announce`), in the same transaction."""
         with self.db.unit_of_work() as s:
             values: dict[str, Any] = {"state": state, "error": error, "ended_at": ended or names.utcnow()}
             if started:
@@ -172,6 +174,9 @@ class Jobs:
                 self.audit_log.append(s, f"training.{state.lower()}", actor, model=job.model, job_id=job_id,
                              details={"error": (error or "")[-500:]} if error else {})
                 outbox.want_update(s, outbox.TRAINING, [job_id])
+                if announce and state == FAILED and job.requested_by == f"schedule:{job.model}":
+                    outbox.record_nightly(s, outbox.TRAINING_FAILED, job_id, self.config.policy(job.model).channel,
+                                          {"model": job.model, "job_id": job_id})
             return bool(done)
 
     def refresh(self, model: str | None = None) -> int:

@@ -42,9 +42,7 @@ def _due(now: datetime) -> Any:
             or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
 
 
-_CLAIMED = (OutboxMessage.id, OutboxMessage.kind, OutboxMessage.subject, OutboxMessage.channel,
-            OutboxMessage.payload, OutboxMessage.notify, OutboxMessage.wanted, OutboxMessage.delivered,
-            OutboxMessage.posted_channel, OutboxMessage.ts, OutboxMessage.attempts, OutboxMessage.first_attempt_at)
+_CLAIMED = outbox.CLAIMED
 
 
 def message_view(row: OutboxMessage) -> dict[str, Any]:

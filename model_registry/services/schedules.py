@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 from sqlalchemy import select, update
 
+from model_registry.adapters import outbox
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.db import Database, rows_changed
 from model_registry.adapters.packaging import trainer_dir
@@ -21,7 +22,7 @@ from model_registry.services.catalog import Catalog
 from model_registry.services.jobs import Jobs
 from model_registry.services.promotions import Promotions
 from model_registry.services.versions import Versions
-from model_registry.services.views import JobView, RequestView, ScheduleView, VersionView
+from model_registry.services.views import GateRefusal, JobView, RequestView, ScheduleView, VersionView
 
 CONFIGURED = "starchart.yaml"  # the actor of schedules written by the operators in the configuration
 
@@ -125,10 +126,13 @@ class Schedules:
             try:
                 started.append(self.jobs.train(model, f"schedule:{model}", args=args or None,
                                                configured_args=updated_by == CONFIGURED))
-            except StarchartError as exc:  # recorded; the next firing tries again
+            except StarchartError as exc:  # recorded and told to the model's channel; the next firing tries again
                 with self.db.unit_of_work() as s:
                     self.audit_log.append(s, "schedule.changed", "system", model=model,
                                  details={"cron": cron, "failed_to_start": exc.message})
+                    outbox.record_nightly(s, outbox.NOT_STARTED, f"{model}@{iso(now)}", self.config.policy(model).channel,
+                                          {"model": model, "cron": cron, "timezone": tz, "at": iso(now),
+                                           "error": exc.message, "hint": exc.hint or ""})
         return started
 
     def follow_scheduled(self) -> list[RequestView]:
@@ -145,36 +149,44 @@ class Schedules:
             if not policy.auto_expose:
                 continue
             actor = f"schedule:{model}"
-            result = self.versions.expose(model, actor)
+            result = self.versions.expose(model, actor, message_channel=policy.channel)
             if not policy.auto_review:
                 continue
             for version in result["exposed"]:
                 if version["trained_by"] != actor or self.versions.default(model) == version["name"]:
                     continue
-                why = self._gate_refusal(model, version, policy.gate)
-                if why:
+                refused = self._gate_refusal(model, version, policy.gate)
+                if refused:
                     with self.db.unit_of_work() as s:
                         self.audit_log.append(s, "review.skipped", actor, model=model, version=version["name"],
-                                     details={"why": why})
+                                     details={"why": refused["why"], "gate": refused})
+                        outbox.record_nightly(s, outbox.REVIEW_SKIPPED, f"{model}/{version['name']}", policy.channel,
+                                              {"model": model, "version": version["name"], "gate": refused})
                     continue
                 opened.append(self.promotions.promote(model, version["name"], actor, reason="scheduled retrain",
                                                       card=True))
         return opened
 
-    def _gate_refusal(self, model: str, version: VersionView, gate: Gate | None) -> str | None:
-        """Why a scheduled candidate gets no review (its gate metric fell too far), or None."""
+    def _gate_refusal(self, model: str, version: VersionView, gate: Gate | None) -> GateRefusal | None:
+        """Why a scheduled candidate gets no review (its gate metric is missing, not finite, or fell too far),
+        with the values the gate compared; None when it may be reviewed."""
         if gate is None:
             return None
         diff = self.versions.diff(model, version["name"])
         metric = next((m for m in diff["metrics"] if m["name"] == gate.metric), None)
+        facts: GateRefusal = {
+            "metric": gate.metric, "min_delta": gate.min_delta, "base_version": self.versions.default(model),
+            "candidate": metric["candidate"] if metric else None, "base": metric["base"] if metric else None,
+            "delta": metric["delta"] if metric else None, "direction": metric["direction"] if metric else None,
+            "why": ""}
         if metric is None or metric["candidate"] is None:
-            return f"{gate.metric} is missing from the candidate's metrics"
+            return {**facts, "why": f"{gate.metric} is missing from the candidate's metrics"}
         if isinstance(metric["candidate"], str):  # NaN or Infinity: the run diverged
-            return f"{gate.metric} is {metric['candidate']} (the training diverged)"
+            return {**facts, "why": f"{gate.metric} is {metric['candidate']} (the training diverged)"}
         if metric["delta"] is None:
             return None
         change = metric["delta"] if metric["direction"] == "higher" else -metric["delta"]
         if change < gate.min_delta:
-            return (f"{gate.metric} changed by {metric['delta']:+.4f} "
-                    f"(the gate allows {gate.min_delta:+.4f} in the better direction)")
+            return {**facts, "why": f"{gate.metric} changed by {metric['delta']:+.4f} "
+                                    f"(the gate allows {gate.min_delta:+.4f} in the better direction)"}
         return None

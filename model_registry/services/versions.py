@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from model_registry.adapters import listings
+from model_registry.adapters import listings, outbox
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database, rows_changed
@@ -42,8 +42,9 @@ class Versions:
         self.db, self.audit_log, self.catalog = db, audit_log, catalog
         self.config, self.backend, self.jobs = config, backend, jobs
 
-    def expose(self, model: str, user: str) -> Exposed:
-        """Turn every succeeded, unexposed job into a version. Returns {'exposed': [...], 'errors': [...]}."""
+    def expose(self, model: str, user: str, message_channel: str | None = None) -> Exposed:
+        """Turn every succeeded, unexposed job into a version. Returns {'exposed': [...], 'errors': [...]}.
+        With `message_channel` (a nightly retrain's), each new version is announced there with its exposure."""
         names.validate_model_name(model)
         self.catalog.require_model(model)
         check_operator(self.config.policy(model), user, self.catalog.members_of, "expose", model)
@@ -55,7 +56,7 @@ class Versions:
         errors: list[ExposeError] = []
         for job in jobs:
             try:
-                view = self._expose_job(job, user)
+                view = self._expose_job(job, user, message_channel)
             except StarchartError as exc:
                 errors.append({"job_id": job.job_id, "error": str(exc)})
                 continue
@@ -86,7 +87,7 @@ class Versions:
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return signature, metrics
 
-    def _expose_job(self, job: Job, user: str) -> VersionView | None:
+    def _expose_job(self, job: Job, user: str, message_channel: str | None = None) -> VersionView | None:
         signature, metrics = self._read_artifacts(job)
         version = Version(
             model=job.model, name=names.version_name(job.ts), job_id=job.job_id,
@@ -115,6 +116,8 @@ class Versions:
                 s.add(version)
                 self.audit_log.append(s, "version.exposed", user, model=job.model, version=version.name, job_id=job.job_id,
                              details={"digest": version.digest, "metrics": metrics})
+                outbox.record_nightly(s, outbox.EXPOSED, f"{job.model}/{version.name}", message_channel,
+                                      {"model": job.model, "version": version.name})
                 record = s.get(ModelRecord, job.model, with_for_update=True)
                 if record is None:
                     record = ModelRecord(name=job.model, default_version=None, updated_at=names.utcnow())

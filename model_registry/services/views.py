@@ -120,6 +120,20 @@ class DefaultAt(TypedDict, total=False):
     metrics: dict[str, Any]
 
 
+class GateRefusal(TypedDict):
+    """Why a nightly retrain was not put up for review: the gate's metric, the candidate's and the default's values
+    (numbers, "NaN"/"Infinity" strings, or None when missing), their delta and the gate's min_delta."""
+
+    metric: str
+    min_delta: float
+    base_version: str | None
+    candidate: Any
+    base: Any
+    delta: float | None
+    direction: str | None  # "higher" or "lower" is better
+    why: str
+
+
 class ScheduleView(TypedDict):
     model: str
     cron: str

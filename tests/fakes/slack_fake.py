@@ -280,6 +280,7 @@ class SlackFake:
             "conversations.open": self._conversations_open,
             "files.getUploadURLExternal": self._get_upload_url,
             "files.completeUploadExternal": self._complete_upload,
+            "files.list": self._files_list,
             "apps.connections.open": self._connections_open,
         }
         self.clear()
@@ -463,7 +464,8 @@ class SlackFake:
 
     def lose_reply_next(self, method: str, *, after: float = 0.0, times: int = 1) -> None:
         """Apply the next `times` calls to `method` as usual, but never answer them: after `after` seconds the
-        connection is dropped (a reply lost on the way, or a caller that died waiting)."""
+        connection is dropped (a reply lost on the way, or a caller that died waiting). `method` "upload" is a
+        file's bytes posted to its upload URL (files_upload_v2's second step)."""
         with self._lock:
             self._lost_replies.setdefault(method, []).extend(after for _ in range(times))
 
@@ -636,7 +638,7 @@ class SlackFake:
             with contextlib.suppress(OSError):
                 request.connection.shutdown(socket.SHUT_RDWR)
             return
-        extra = {"X-OAuth-Scopes": "chat:write,commands,files:write,usergroups:read,users:read,channels:read,"
+        extra = {"X-OAuth-Scopes": "chat:write,commands,files:write,files:read,usergroups:read,users:read,channels:read,"
                                    "channels:history,groups:history,im:write"}
         if error is not None:
             result = error.body()
@@ -650,6 +652,14 @@ class SlackFake:
             pending = self._files.get(file_id)
             if pending is not None:
                 pending["content"] = body
+            lost = self._lost_replies.get("upload")
+            hold = lost.pop(0) if (lost and pending is not None) else None
+        if hold is not None:  # the bytes arrived; the answer never does (the upload is not shared until completed)
+            time.sleep(hold)
+            request.close_connection = True
+            with contextlib.suppress(OSError):
+                request.connection.shutdown(socket.SHUT_RDWR)
+            return
         if pending is None:
             request.reply(404, b"file_not_found", "text/plain")
         else:
@@ -864,13 +874,38 @@ class SlackFake:
         for spec, upload in zip(files, pending):
             assert upload is not None
             title = spec.get("title") or upload["filename"]
+            created = int(time.time())
             self._uploads.append({**upload, "title": title, "channel": channels[0] if channels else None,
-                                  "channels": channels, "thread_ts": thread_ts,
+                                  "channels": channels, "thread_ts": thread_ts, "created": created,
+                                  "share_ts": self._next_ts(),
                                   "initial_comment": params.get("initial_comment")})
-            mimetype = mimetypes.guess_type(upload["filename"])[0] or "application/octet-stream"
-            shown.append({"id": upload["id"], "name": upload["filename"], "title": title, "mimetype": mimetype,
-                          "size": len(upload["content"]), "user": BOT_USER_ID, "created": int(time.time()),
-                          "channels": channels,
-                          "url_private": f"{self.root_url}/files/{upload['id']}/{upload['filename']}"})
+            shown.append(self._file_object(self._uploads[-1]))
             del self._files[upload["id"]]
         return {"files": shown}
+
+    def _file_object(self, upload: Mapping[str, Any]) -> dict[str, Any]:
+        """A completed upload as Slack's file object (files.completeUploadExternal, files.list)."""
+        mimetype = mimetypes.guess_type(upload["filename"])[0] or "application/octet-stream"
+        share = {"ts": upload["share_ts"], **({"thread_ts": upload["thread_ts"]} if upload["thread_ts"] else {})}
+        return {"id": upload["id"], "name": upload["filename"], "title": upload["title"], "mimetype": mimetype,
+                "size": len(upload["content"]), "user": BOT_USER_ID, "created": upload["created"],
+                "timestamp": upload["created"], "channels": list(upload["channels"]), "groups": [], "ims": [],
+                "shares": {"public": {c: [share] for c in upload["channels"]}},
+                "url_private": f"{self.root_url}/files/{upload['id']}/{upload['filename']}"}
+
+    def _files_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Files shared in `channel` (all without it), newest first, created in [ts_from, ts_to]; `count` per
+        `page` (Slack's defaults: 100 and 1), with Slack's `paging`."""
+        channel = self._channel(params) if params.get("channel") else None
+        try:
+            ts_from = float(params.get("ts_from") or 0)
+            ts_to = float(params.get("ts_to") or "inf")
+            count = max(1, min(int(params.get("count") or 100), 1000))
+            page = max(1, int(params.get("page") or 1))
+        except ValueError:
+            raise SlackError("invalid_arguments", messages=["ts_from, ts_to, count and page are numbers"]) from None
+        found = [u for u in reversed(self._uploads) if ts_from <= u["created"] <= ts_to
+                 and (channel is None or channel in u["channels"])]
+        pages = max(1, -(-len(found) // count))
+        return {"files": [self._file_object(u) for u in found[(page - 1) * count:page * count]],
+                "paging": {"count": count, "total": len(found), "page": page, "pages": pages}}
