@@ -80,7 +80,8 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
         if message.kind == kinds.TRAINING:
             job = core.jobs.get(message.subject)
             metrics = core.jobs.metrics(job["job_id"]) if job["state"] == "SUCCEEDED" else None
-            return blocks.render(TrainingMessage(job, metrics))
+            progress = core.jobs.progress(job["job_id"]) if job["state"] == "RUNNING" else None
+            return blocks.render(TrainingMessage(job, metrics, progress))
         if message.kind in (kinds.REVIEW_CARD, kinds.CARD_FILE):
             return blocks.render(ReviewCard(core.promotions.get(int(message.subject))))
         if message.kind == kinds.CHECKPOINT:

@@ -75,14 +75,16 @@ class JobCancelled(JobResult):
 
 @dataclass(frozen=True)
 class TrainingMessage(Result):
-    """The message that follows a training in its channel: queued → running → succeeded (metrics) / failed."""
+    """The message that follows a training in its channel: queued → running (epoch k/N, last loss) → succeeded
+    (metrics) / failed."""
 
     job: Record
     metrics: Record | None = None
+    progress: Record | None = None  # while it runs: {"epoch", "planned", "loss"} from its event files
 
     @property
     def data(self) -> Any:
-        return {"job": self.job, "metrics": self.metrics}
+        return {"job": self.job, "metrics": self.metrics, "progress": self.progress}
 
 
 @dataclass(frozen=True)
