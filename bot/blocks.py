@@ -462,6 +462,7 @@ def _failure(result: r.Failure) -> Rendered:
 
 @render.register(r.Notice)
 @render.register(r.Uploaded)
+@render.register(r.Chart)
 @render.register(r.PulledArchive)
 def _text_only(result: r.Result) -> Rendered:
     return Rendered(plain.render(result, plain.CHAT).body)

@@ -311,6 +311,13 @@ def _pulled(result: r.Pulled, style: Style = PLAIN) -> Text:
 
 
 @render.register
+def _chart(result: r.Chart, style: Style = PLAIN) -> Text:
+    c = result.chart
+    head = f"{c['title']}" + (f" written to {c['path']}" if c.get("path") else "")
+    return Text(head, [head, f"  versions: {' '.join(c['versions'])}"])
+
+
+@render.register
 def _archive(result: r.PulledArchive, style: Style = PLAIN) -> Text:
     p = result.pulled
     inputs = ", ".join(sorted(p["signature"].get("inputs") or {})) or "-"

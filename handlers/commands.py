@@ -43,6 +43,8 @@ for _command in (
             versions.predict_arguments),
     Command("pull", "pull MODEL [VERSION]: the SavedModel of a version (default: the default), into a folder "
                     "(CLI) or as a .tar.gz file (chat)", versions.pull, versions.pull_arguments),
+    Command("chart", "chart MODEL [METRIC]: a PNG of the metric across recent versions, the default marked",
+            versions.chart, versions.chart_arguments),
     Command("schedule", 'schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off', schedules.schedule,
             schedules.schedule_arguments),
 ):

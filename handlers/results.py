@@ -287,6 +287,17 @@ class AuditExport(Result):
 
 
 @dataclass(frozen=True)
+class Chart(Result):
+    """chart: a PNG of a metric across a model's versions (written to a file by the CLI, uploaded in chat)."""
+
+    chart: Record
+
+    @property
+    def data(self) -> Any:
+        return {k: v for k, v in self.chart.items() if k != "png"}
+
+
+@dataclass(frozen=True)
 class Uploaded(Result):
     """The answer after a file went to the conversation."""
 

@@ -1,11 +1,11 @@
-"""expose, versions, diff, predict, pull."""
+"""expose, versions, diff, predict, pull, chart."""
 
 from __future__ import annotations
 
 import argparse
 
 from handlers.grammar import model_of
-from handlers.results import Diff, Exposed, Predictions, Pulled, PulledArchive, Result, Versions
+from handlers.results import Chart, Diff, Exposed, Predictions, Pulled, PulledArchive, Result, Versions
 from handlers.table import Invocation, Surface
 
 
@@ -57,3 +57,18 @@ def pull(inv: Invocation) -> Result:
     if inv.surface is Surface.CLI:
         return Pulled(inv.core.predictions.pull(args.model, args.version, args.to))
     return PulledArchive(inv.core.predictions.pull_archive(args.model, args.version))
+
+
+def chart_arguments(p: argparse.ArgumentParser, cli: bool) -> None:
+    p.add_argument("model")
+    p.add_argument("metric", nargs="?", help="a metric of its versions (default: the gate's, else the first)")
+    if cli:
+        p.add_argument("--to", metavar="FILE", default=".",
+                       help="PNG file to write (default: MODEL-METRIC-history.png here)")
+
+
+def chart(inv: Invocation) -> Result:
+    """The CLI writes the PNG to a file; chat gets it as a file in the conversation."""
+    args = inv.args
+    to = args.to if inv.surface is Surface.CLI else None
+    return Chart(inv.core.charts.history(args.model, args.metric, to=to))

@@ -17,6 +17,7 @@ from model_registry.config import ProjectConfig, Settings
 from model_registry.domain.policy import MembersOf
 from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
+from model_registry.services.charts import Charts
 from model_registry.services.jobs import Jobs
 from model_registry.services.outbox import Outbox
 from model_registry.services.predictions import Predictions
@@ -42,6 +43,7 @@ class Core:
     schedules: Schedules
     predictions: Predictions
     outbox: Outbox
+    charts: Charts
 
     @classmethod
     def from_env(cls, members_of: MembersOf | None = None) -> Core:
@@ -82,4 +84,5 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
         versions=versions, promotions=promotions, audit=audit_trail,
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
         predictions=Predictions(db, catalog, backend, config), outbox=Outbox(db),
+        charts=Charts(db, catalog, config, jobs),
     )

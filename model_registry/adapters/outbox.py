@@ -15,7 +15,8 @@ from model_registry.domain.names import utcnow
 
 # what a message is about; the sender renders each kind from its record
 TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE = "training", "review_card", "card_file", "checkpoint", "notice"
-KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE)
+CARD_CHARTS = "card_charts"  # a review card's charts (PNG) in its thread, once the card is posted
+KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CARD_CHARTS, CHECKPOINT, NOTICE)
 
 
 def mark_recorded(s: Session) -> None:
