@@ -57,6 +57,12 @@ def test_a_real_keras_runs_event_files_give_its_curves_and_planned_epochs(traine
     assert curves.progress() == {"epoch": 4, "planned": 4, "loss": curves.last("train", "loss")}
 
 
+def test_the_sentiment_trainers_fit_logs_its_plan_and_epochs(trained_sentiment: Path) -> None:
+    curves = read_log_dir(LocalStorage(), str(trained_sentiment / "logs"))  # Keras fit, --epochs=1
+    assert curves is not None and (curves.planned_epochs, curves.epochs_done) == (1, 1)
+    assert {"loss", "accuracy"} <= set(curves.runs["train"]) and {"loss", "accuracy"} <= set(curves.runs["validation"])
+
+
 def test_a_torn_last_record_is_left_for_the_next_read(trained: dict[str, Path], tmp_path: Path) -> None:
     whole = _event_file(trained["iris_b"] / "logs").read_bytes()
     complete = list(records(whole))
