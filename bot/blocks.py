@@ -119,7 +119,8 @@ def table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple
     return title, out, truncated
 
 
-def job_message(job: dict[str, Any], metrics: dict[str, Any] | None = None) -> tuple[str, Blocks]:
+def job_message(job: dict[str, Any], metrics: dict[str, Any] | None = None,
+                progress: dict[str, Any] | None = None) -> tuple[str, Blocks]:
     icon = {"QUEUED": ":hourglass:", "RUNNING": ":gear:", "SUCCEEDED": ":white_check_mark:",
             "FAILED": ":x:", "CANCELLED": ":no_entry_sign:"}.get(job["state"], ":grey_question:")
     head = f"{icon} Training *{escape(job['job_id'])}* — *{job['state'].lower()}*"
@@ -130,6 +131,8 @@ def job_message(job: dict[str, Any], metrics: dict[str, Any] | None = None) -> t
     blocks: Blocks = [section(head)]
     args = " ".join(job.get("args") or []) or "(none)"
     blocks.append(context(f"requested by <@{escape(job['requested_by'])}>", f"args: `{escape(args)[:500]}`"))
+    if job["state"] == "RUNNING" and progress:
+        blocks.append(section(f"`{plain.progress_line(progress)}`"))
     if metrics:
         blocks.append(section(" · ".join(f"*{escape(k)}* {plain.fmt_number(v)}" for k, v in metrics.items())))
     if job["state"] == "SUCCEEDED":
@@ -344,7 +347,8 @@ def render(result: r.Result) -> Rendered:
 
 @render.register
 def _training(result: r.TrainingMessage) -> Rendered:
-    return Rendered(*job_message(dict(result.job), dict(result.metrics) if result.metrics else None))
+    return Rendered(*job_message(dict(result.job), dict(result.metrics) if result.metrics else None,
+                                 dict(result.progress) if result.progress else None))
 
 
 @render.register(r.ReviewSkipped)
@@ -514,6 +518,7 @@ def _failure(result: r.Failure) -> Rendered:
 
 @render.register(r.Notice)
 @render.register(r.Uploaded)
+@render.register(r.Chart)
 @render.register(r.PulledArchive)
 @render.register(r.PulledLite)
 @render.register(r.SignedUrls)

@@ -50,6 +50,7 @@ from model_registry.services.outbox import Claimed
 log = logging.getLogger("starchart.outbox")
 OUTBOX_EVENT = "starchart_outbox"  # the metadata event type of every message the outbox posts
 FILE_NOTE = "Full diff attached as a file."
+CHARTS_NOTE = "Charts: the metric across recent versions, and the training curves of the candidate and the default."
 # Slack's errors that pass: retried with backoff (429 honours Retry-After); any other error is permanent
 PASSING = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout",
            "team_added_to_org", "timeout"}
@@ -82,6 +83,7 @@ def _what(message: Claimed) -> str:
     return {kinds.TRAINING: f"the training message of {message.subject}",
             kinds.REVIEW_CARD: f"the review card of promotion request #{message.subject}",
             kinds.CARD_FILE: f"the full diff of promotion request #{message.subject}",
+            kinds.CARD_CHARTS: f"the charts of promotion request #{message.subject}",
             kinds.CHECKPOINT: "the audit checkpoint",
             kinds.NIGHTLY: f"the nightly retrain's message {message.subject}"}.get(message.kind,
                                                                                  f"a {message.kind} message")
@@ -93,7 +95,8 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
         if message.kind == kinds.TRAINING:
             job = core.jobs.get(message.subject)
             metrics = core.jobs.metrics(job["job_id"]) if job["state"] == "SUCCEEDED" else None
-            return blocks.render(TrainingMessage(job, metrics))
+            progress = core.jobs.progress(job["job_id"]) if job["state"] == "RUNNING" else None
+            return blocks.render(TrainingMessage(job, metrics, progress))
         if message.kind in (kinds.REVIEW_CARD, kinds.CARD_FILE):
             return blocks.render(ReviewCard(core.promotions.get(int(message.subject))))
         if message.kind == kinds.CHECKPOINT:
@@ -254,12 +257,14 @@ class Sender:
 
     def attempt(self, message: Claimed) -> None:
         try:
-            shown = render(self.core, message)
+            shown = render(self.core, message) if message.kind != kinds.CARD_CHARTS else None
         except Undeliverable as exc:
             self._failed(message, exc.code, exc.detail)
             return
         try:
-            if message.kind == kinds.CARD_FILE:
+            if shown is None:
+                self._charts(message)
+            elif message.kind == kinds.CARD_FILE:
                 self._upload(message, shown)
             elif message.ts is None:
                 self._post(message, shown)
@@ -268,6 +273,12 @@ class Sender:
                 self.core.outbox.delivered(message, self.owner, message.wanted)
         except Undeliverable as exc:
             self._failed(message, exc.code, exc.detail)
+        except _CardNotPosted:
+            self._retry(message, "waiting for the review card to be posted", None)
+        except _CardFailed:  # stopped with its card, whose failure told the person already
+            log.error("outbox message #%s (%s) stopped: its review card was not posted", message.id, _what(message))
+            self.core.outbox.fail(message, self.owner, "card_failed", "the review card was not posted (see its row) "
+                                  "— `starchart outbox --retry` delivers the card, then its charts")
         except _LeaseEnded:
             log.warning("outbox message #%s: the lease ran out before Slack was called; another attempt follows",
                         message.id)
@@ -334,6 +345,26 @@ class Sender:
                 return False
         return False
 
+    def _charts(self, message: Claimed) -> None:
+        """A review card's charts, rendered now (PNG) and uploaded to the card's thread once the card is posted."""
+        card = self.core.outbox.about(kinds.REVIEW_CARD, message.subject)
+        if card is None:
+            raise Undeliverable("record_not_found", "the charts belong to a review card that was never recorded")
+        if card["state"] == "failed" and not card["ts"]:
+            raise _CardFailed()
+        if not card["ts"]:
+            raise _CardNotPosted()
+        try:
+            made = self.core.charts.for_request(int(message.subject))
+        except StarchartError as exc:  # the promotion request no longer exists
+            raise Undeliverable("record_not_found", exc.message) from None
+        if made:
+            self._check_lease(message)
+            self.client.files_upload_v2(
+                channel=card["posted_channel"] or card["channel"], thread_ts=card["ts"], initial_comment=CHARTS_NOTE,
+                file_uploads=[{"file": c["png"], "filename": c["filename"], "title": c["title"]} for c in made])
+        self.core.outbox.delivered(message, self.owner, message.wanted)
+
     def _find(self, message: Claimed) -> tuple[str, str] | None:
         """The message an earlier attempt posted, by the outbox id in its metadata; None when Slack has none."""
         channel = message.channel
@@ -376,6 +407,14 @@ class Sender:
             notice = {"message": f"I could not post {_what(message)} in {where}: {code}", "hint": hint,
                       "about": message.id}
         self.core.outbox.fail(message, self.owner, code, f"{detail} — {hint}", notice)
+
+
+class _CardNotPosted(Exception):
+    """A card's charts wait for the card: their thread does not exist yet."""
+
+
+class _CardFailed(Exception):
+    """A card's charts have no thread to go to: the card failed permanently."""
 
 
 class _LeaseEnded(Exception):

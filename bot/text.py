@@ -125,6 +125,20 @@ def elapsed(start: str | None, end: str | None = None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+BAR_WIDTH = 20
+
+
+def progress_line(progress: Mapping[str, Any]) -> str:
+    """`epoch 3/10 ██████░░░░░░░░░░░░░░ loss 0.4123`; without a planned count, the epochs done."""
+    done, planned, loss = progress["epoch"], progress.get("planned"), progress.get("loss")
+    if planned:
+        filled = round(BAR_WIDTH * min(done, planned) / planned)
+        line = f"epoch {done}/{planned} {'█' * filled}{'░' * (BAR_WIDTH - filled)}"
+    else:
+        line = f"{done} epoch{'' if done == 1 else 's'} done"
+    return line + (f" · loss {fmt_number(loss)}" if loss is not None else "")
+
+
 # ------------------------------------------------------------------ results as text
 
 @dataclass(frozen=True)
@@ -233,6 +247,8 @@ def _training(result: r.TrainingMessage, style: Style = PLAIN) -> Text:
         head += f" after {elapsed(job.get('started_at'), job.get('ended_at'))}"
     lines = [head, f"   requested by {style.who(job['requested_by'])} · args: "
                    f"{style.code(' '.join(job.get('args') or []) or '(none)')}"]
+    if state == "RUNNING" and result.progress:
+        lines.append(f"   {progress_line(result.progress)}")
     if result.metrics:
         lines.append(" · ".join(f"{style.bold(k)} {fmt_number(v)}" for k, v in result.metrics.items()))
     if state == "SUCCEEDED":
@@ -346,6 +362,13 @@ def _pulled(result: r.Pulled, style: Style = PLAIN) -> Text:
     p = result.pulled
     head = f"pulled {p['model']} {p['version']} into {p['path']} ({p['files']} files, {p['bytes']:,} bytes)"
     return Text(head, [head, f"  load it: tf.saved_model.load({p['path']!r}).signatures['serving_default']"])
+
+
+@render.register
+def _chart(result: r.Chart, style: Style = PLAIN) -> Text:
+    c = result.chart
+    head = f"{c['title']}" + (f" written to {c['path']}" if c.get("path") else "")
+    return Text(head, [head, f"  versions: {' '.join(c['versions'])}"])
 
 
 @render.register

@@ -24,6 +24,7 @@ from handlers.results import (
     AuditExport,
     AuditPage,
     CardPosted,
+    Chart,
     Checkpoint,
     CheckpointPosted,
     Decided,
@@ -216,6 +217,12 @@ def _checkpoint(result: Checkpoint, deps: Deps, chat: Chat) -> None:
 def _archive(result: PulledArchive | PulledLite, deps: Deps, chat: Chat) -> None:
     pulled = result.pulled
     chat.out.upload(_where(chat), Upload(pulled["filename"], pulled["filename"], data=pulled["data"], comment=result))
+
+
+@deliver.register
+def _chart(result: Chart, deps: Deps, chat: Chat) -> None:
+    made = result.chart
+    chat.out.upload(_where(chat), Upload(made["filename"], made["title"], data=made["png"], comment=result))
 
 
 @deliver.register(RejectForm)

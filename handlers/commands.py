@@ -45,6 +45,8 @@ for _command in (
     Command("pull", "pull MODEL [VERSION] [--format savedmodel|tflite]: a copy of a version (default: the default), "
                     "into a folder (CLI) or as a file (chat: .tar.gz or .tflite)", versions.pull,
             versions.pull_arguments),
+    Command("chart", "chart MODEL [METRIC]: a PNG of the metric across recent versions, the default marked",
+            versions.chart, versions.chart_arguments),
     Command("schedule", 'schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off', schedules.schedule,
             schedules.schedule_arguments),
 ):

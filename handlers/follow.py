@@ -93,6 +93,7 @@ class Follower:
         due = job["state"] == "RUNNING" and now - f.last_edit >= self.running_update_every
         if job["state"] != f.shown or due:
             metrics = core.jobs.metrics(job["job_id"]) if job["state"] == "SUCCEEDED" else None
-            f.out.update(f.channel, f.ts, TrainingMessage(job, metrics))
+            progress = core.jobs.progress(job["job_id"]) if job["state"] == "RUNNING" else None
+            f.out.update(f.channel, f.ts, TrainingMessage(job, metrics, progress))
             f.shown, f.last_edit = job["state"], now
         return job["state"] in TERMINAL or now >= f.deadline

@@ -75,14 +75,16 @@ class JobCancelled(JobResult):
 
 @dataclass(frozen=True)
 class TrainingMessage(Result):
-    """The message that follows a training in its channel: queued → running → succeeded (metrics) / failed."""
+    """The message that follows a training in its channel: queued → running (epoch k/N, last loss) → succeeded
+    (metrics) / failed."""
 
     job: Record
     metrics: Record | None = None
+    progress: Record | None = None  # while it runs: {"epoch", "planned", "loss"} from its event files
 
     @property
     def data(self) -> Any:
-        return {"job": self.job, "metrics": self.metrics}
+        return {"job": self.job, "metrics": self.metrics, "progress": self.progress}
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,17 @@ class AuditExport(Result):
         for e in self.events:
             writer.writerow([json.dumps(e[c], sort_keys=True) if c == "details" else e[c] for c in AUDIT_CSV_COLUMNS])
         return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Chart(Result):
+    """chart: a PNG of a metric across a model's versions (written to a file by the CLI, uploaded in chat)."""
+
+    chart: Record
+
+    @property
+    def data(self) -> Any:
+        return {k: v for k, v in self.chart.items() if k != "png"}
 
 
 @dataclass(frozen=True)

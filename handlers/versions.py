@@ -1,4 +1,4 @@
-"""expose, versions, diff, predict, pull."""
+"""expose, versions, diff, predict, pull, chart."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 from handlers.grammar import model_of
 from handlers.results import (
+    Chart,
     Compared,
     Diff,
     Exposed,
@@ -85,3 +86,18 @@ def pull(inv: Invocation) -> Result:
     if args.format == "tflite":
         return PulledLite(copies.tflite(args.model, args.version))
     return PulledArchive(copies.pull_archive(args.model, args.version))
+
+
+def chart_arguments(p: argparse.ArgumentParser, cli: bool) -> None:
+    p.add_argument("model")
+    p.add_argument("metric", nargs="?", help="a metric of its versions (default: the gate's, else the first)")
+    if cli:
+        p.add_argument("--to", metavar="FILE", default=".",
+                       help="PNG file to write (default: MODEL-METRIC-history.png here)")
+
+
+def chart(inv: Invocation) -> Result:
+    """The CLI writes the PNG to a file; chat gets it as a file in the conversation."""
+    args = inv.args
+    to = args.to if inv.surface is Surface.CLI else None
+    return Chart(inv.core.charts.history(args.model, args.metric, to=to))

@@ -18,6 +18,7 @@ from model_registry.config import ProjectConfig, Settings
 from model_registry.domain.policy import MembersOf
 from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
+from model_registry.services.charts import Charts
 from model_registry.services.copies import Copies
 from model_registry.services.jobs import Jobs
 from model_registry.services.outbox import Outbox
@@ -45,6 +46,7 @@ class Core:
     predictions: Predictions
     copies: Copies
     outbox: Outbox
+    charts: Charts
 
     @classmethod
     def from_env(cls, members_of: MembersOf | None = None) -> Core:
@@ -86,4 +88,5 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
         predictions=Predictions(db, catalog, backend, config),
         copies=Copies(db, catalog, backend, config, TfliteConverter(settings.trainer_python)), outbox=Outbox(db),
+        charts=Charts(db, catalog, config, jobs),
     )

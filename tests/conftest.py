@@ -86,17 +86,18 @@ def empty_db_url(request: pytest.FixtureRequest) -> str:
 def _train_once(out: Path, trainer: str, args: list[str]) -> Path:
     """Really train one of the shipped models (TensorFlow), outside the platform, to replay later."""
     model_dir = out / "model"
-    env = {**os.environ, "AIP_MODEL_DIR": f"{model_dir}/", "PYTHONPATH": str(ROOT / "trainers" / trainer),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "AIP_MODEL_DIR": f"{model_dir}/", "AIP_TENSORBOARD_LOG_DIR": f"{out / 'logs'}/",
+           "PYTHONPATH": str(ROOT / "trainers" / trainer), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([sys.executable, "-m", "trainer.task", *args], env=env, cwd=out, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (model_dir / "saved_model.pb").exists() and (out / "metrics.json").exists()
+    assert list((out / "logs" / "train").glob("events.out.tfevents.*")), "the trainer wrote no event files"
     return out
 
 
 def _trained_set(factory: pytest.TempPathFactory, plan: dict[str, tuple[str, list[str]]]) -> dict[str, Path]:
-    shared = factory.getbasetemp().parent / "trained-models"
+    shared = factory.getbasetemp().parent / "trained-models-logs"  # with their event files (logs/)
     shared.mkdir(exist_ok=True)
     with open(shared / ".lock", "w") as lock:  # xdist workers share one training of each
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -235,10 +235,13 @@ def test_a_card_whose_request_was_deleted_and_a_malformed_message_are_recorded(
     gone = _row(reg, "review_card", str(req["id"]))
     assert (gone["state"], gone["error"]) == ("failed", "record_not_found")
     assert f"no promotion request #{req['id']}" in gone["last_error"]
+    charts = _row(reg, "card_charts", str(req["id"]))
+    assert (charts["state"], charts["error"]) == ("failed", "card_failed"), "stopped with its card"
     assert reg.outbox.get(broken)["error"] == "malformed_payload"
     assert reg.outbox.get(good)["state"] == "delivered"
     told = json.dumps(slack.messages_in(PERSON))
     assert f"review card of promotion request #{req['id']}" in told and "record it was about is gone" in told
+    assert "charts" not in told, "the card's failure was told once"
 
 
 def test_a_scheduled_retrain_card_arrives_once_through_faults(make_registry: Any, db_url: str, trained: dict,

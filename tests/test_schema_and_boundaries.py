@@ -231,19 +231,23 @@ def _imported_after(statement: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_web_process_never_imports_tensorflow(tmp_path) -> None:
+def test_web_process_never_imports_tensorflow_or_matplotlib(tmp_path) -> None:
     loaded = _imported_after(
         f"import os; os.environ.update(SLACK_BOT_TOKEN='xoxb-t', SLACK_SIGNING_SECRET='s', STARCHART_HOME='{tmp_path}',"
         f" STARCHART_CONFIG='{tmp_path}/none.yaml'); import bot.serve; app = bot.serve.build_wsgi();"
         " app.bot.registry.get(timeout=60)")
     assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
+    # charts are drawn in the background (the outbox's sender, a command after its ack), never on the ack path
+    assert not any(m == "matplotlib" or m.startswith("matplotlib.") for m in loaded)
+    assert "model_registry.services.charts" in loaded
     assert "bot.web" in loaded and "model_registry.bootstrap" in loaded
 
 
 def test_core_and_cli_never_import_tensorflow_slack_or_google() -> None:
     loaded = _imported_after("import bot.cli, bot.demo, model_registry.bootstrap, model_registry.adapters.backends.local, "
-                             "model_registry.adapters.backends.local_serving, model_registry.adapters.tflite_process")
-    assert not any(m == "tensorflow" or m.startswith("tensorflow.") for m in loaded)
+                             "model_registry.adapters.backends.local_serving, model_registry.adapters.tflite_process, "
+                             "model_registry.adapters.event_files")
+    assert not any(m == "tensorflow" or m.startswith("tensorflow.") or m.startswith("matplotlib") for m in loaded)
     assert not any(m.startswith(("slack_bolt", "slack_sdk")) for m in loaded)
     assert "google.cloud.aiplatform" not in loaded and "google.cloud.storage" not in loaded
 

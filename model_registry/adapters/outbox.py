@@ -15,8 +15,9 @@ from model_registry.domain.names import utcnow
 
 # what a message is about; the sender renders each kind from its record
 TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE = "training", "review_card", "card_file", "checkpoint", "notice"
+CARD_CHARTS = "card_charts"  # a review card's charts (PNG) in its thread, once the card is posted
 NIGHTLY = "nightly"  # a scheduled retrain's news other than its review card (payload `event`: one of NIGHTLY_EVENTS)
-KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE, NIGHTLY)
+KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CARD_CHARTS, CHECKPOINT, NOTICE, NIGHTLY)
 # a retrain not put up for review (the gate), one that did not start, one that failed, a version exposed
 REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED = "review_skipped", "not_started", "training_failed", "exposed"
 NIGHTLY_EVENTS = (REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED)

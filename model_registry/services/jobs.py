@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
@@ -11,7 +12,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from model_registry.adapters import listings, outbox
+from model_registry.adapters import event_files, listings, outbox
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend, TrainingSpec
 from model_registry.adapters.db import Database, rows_changed
@@ -32,13 +33,15 @@ from model_registry.config import ProjectConfig, Settings
 from model_registry.domain import names
 from model_registry.domain.errors import BackendError, InvalidInput, NotFound, StarchartError
 from model_registry.domain.policy import check_operator
+from model_registry.domain.progress import ProgressView, TrainingCurves
 from model_registry.domain.trainer_args import check_trainer_args, substitute_train_path
 from model_registry.services.catalog import Catalog
 from model_registry.services.views import JobView, job_view
 
+log = logging.getLogger("starchart.jobs")
 LOG_TAIL_LINES = 20
-RUNNING_MESSAGE_EVERY = timedelta(seconds=15)
-SUBMIT_TAKES_AT_MOST = timedelta(minutes=10)  # staging a package and submitting it  # a running training's message shows its elapsed time this often
+RUNNING_MESSAGE_EVERY = timedelta(seconds=15)  # a running training's message shows its elapsed time and progress this often
+SUBMIT_TAKES_AT_MOST = timedelta(minutes=10)  # staging a package and submitting it
 LOG_TAIL_CHARS = 2300  # with its note, within the failed-training message's 2500-character tail (a section is 3000)
 
 
@@ -254,6 +257,22 @@ class Jobs:
         except (StarchartError, ValueError):
             return {}
         return {k: v for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
+
+    def curves(self, job_id: str) -> TrainingCurves | None:
+        """The per-epoch metrics in the job's TensorBoard event files (<train path>/logs/); None when there are none
+        or they cannot be read: a damaged file costs the progress and the charts, nothing else."""
+        job = self.get(job_id)
+        store = self.backend.storage
+        try:
+            return event_files.read_log_dir(store, store.join(job["train_path"], "logs"))
+        except StarchartError as exc:
+            log.warning("event files of %s not read: %s", job_id, exc)
+            return None
+
+    def progress(self, job_id: str) -> ProgressView | None:
+        """Epochs done of the planned ones and the last loss, as the event files say (None: nothing to show)."""
+        curves = self.curves(job_id)
+        return curves.progress() if curves is not None else None
 
     def logs(self, job_id: str, tail: int = 40) -> str:
         job = self.get(job_id)

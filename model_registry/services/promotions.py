@@ -130,6 +130,7 @@ class Promotions:
             req.channel = channel
         if card and req.channel:
             outbox.record(s, outbox.REVIEW_CARD, str(req.id), req.channel, notify=user)
+            outbox.record(s, outbox.CARD_CHARTS, str(req.id), req.channel, notify=user, again=False)
 
     def _previous_default(self, s: Session, model: str) -> str:
         """Replay applied requests as a stack of defaults: promotions push, rollbacks pop."""

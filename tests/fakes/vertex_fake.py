@@ -982,8 +982,9 @@ class VertexFake:
 def replay_runner(emulator_url: str) -> Callable[[dict[str, Any]], str | None]:
     """A job runner that does what the replay trainer does, on the GCS emulator.
 
-    It reads the job's python_package_spec args: `--source=DIR` (copy DIR/model/ to <base>/model/ and
-    DIR/metrics.json to <base>/metrics.json), `--crash` (fail), `--no-model` (succeed, write nothing).
+    It reads the job's python_package_spec args: `--source=DIR` (copy DIR/model/ to <base>/model/,
+    DIR/metrics.json to <base>/metrics.json and DIR/logs/ to <base>/logs/, where Vertex AI's
+    AIP_TENSORBOARD_LOG_DIR points), `--crash` (fail), `--no-model` (succeed, write nothing).
     Like Vertex AI, it fails when a package URI does not exist.
     """
     client = storage_client(emulator_url)
@@ -1008,9 +1009,11 @@ def replay_runner(emulator_url: str) -> Callable[[dict[str, Any]], str | None]:
             return "replay runner: no --source=DIR in the job's args"
         base = spec["baseOutputDirectory"]["outputUriPrefix"].rstrip("/")
         root = Path(source)
-        for path in sorted((root / "model").rglob("*")):
-            if path.is_file():
-                blob(f"{base}/model/{path.relative_to(root / 'model').as_posix()}").upload_from_filename(str(path))
+        for folder in ("model", "logs"):
+            for path in sorted((root / folder).rglob("*")):
+                if path.is_file():
+                    blob(f"{base}/{folder}/{path.relative_to(root / folder).as_posix()}").upload_from_filename(
+                        str(path))
         if (root / "metrics.json").exists():
             blob(f"{base}/metrics.json").upload_from_filename(str(root / "metrics.json"))
         return None

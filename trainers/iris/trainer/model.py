@@ -114,7 +114,9 @@ class ScalarSummaries:
     ``train/`` and ``validation/`` runs with tags ``epoch_loss`` and
     ``epoch_accuracy``, written with the core ``tf.summary.write`` op so the
     ``tensorboard`` pip package is not needed (tensorflow-cpu does not pull it
-    in); one small write per epoch.
+    in); one small write per epoch.  Before the first epoch, ``planned(n)``
+    writes the scalar ``planned_epochs`` at step 0 of the ``train/`` run, so a
+    reader can show ``epoch k/n`` while the training runs.
     """
 
     def __init__(self, log_dir):
@@ -125,14 +127,20 @@ class ScalarSummaries:
                 plugin_name='scalars')).SerializeToString()
 
     def write(self, run, step, values):
+        for name, value in values.items():
+            self._write(run, step, f'epoch_{name}',
+                        tf.constant(value, tf.float32))
+
+    def planned(self, epochs):
+        self._write('train', 0, 'planned_epochs',
+                    tf.constant(epochs, tf.int64))
+
+    def _write(self, run, step, tag, tensor):
         if run not in self._writers:
             self._writers[run] = tf.summary.create_file_writer(
                 os.path.join(self._log_dir, run))
         with self._writers[run].as_default():
-            for name, value in values.items():
-                tf.summary.write(f'epoch_{name}',
-                                 tf.constant(value, tf.float32), step=step,
-                                 metadata=self._metadata)
+            tf.summary.write(tag, tensor, step=step, metadata=self._metadata)
         self._writers[run].flush()
 
     def close(self):
@@ -257,6 +265,7 @@ def train_and_export(args, paths, environ, log):
             tf.io.gfile.makedirs(paths['checkpoint_dir'])
         if paths['tensorboard_dir']:
             summaries = ScalarSummaries(paths['tensorboard_dir'])
+            summaries.planned(args.epochs)
 
         for epoch in range(args.epochs):
             train_metrics = _run_epoch(train_step, train_ds)

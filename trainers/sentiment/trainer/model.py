@@ -130,7 +130,9 @@ class ScalarSummaries(keras.callbacks.Callback):
     ``train/`` and ``validation/`` runs with tags ``epoch_loss`` and
     ``epoch_accuracy``, written with the core ``tf.summary.write`` op so the
     ``tensorboard`` pip package is not needed (tensorflow-cpu does not pull it
-    in); one small write per epoch.
+    in); one small write per epoch.  When training begins, the scalar
+    ``planned_epochs`` at step 0 of the ``train/`` run says how many epochs
+    ``fit`` was asked for, so a reader can show ``epoch k/n``.
     """
 
     def __init__(self, log_dir):
@@ -141,19 +143,29 @@ class ScalarSummaries(keras.callbacks.Callback):
             plugin_data=tf.compat.v1.SummaryMetadata.PluginData(
                 plugin_name='scalars')).SerializeToString()
 
+    def on_train_begin(self, logs=None):
+        epochs = (self.params or {}).get('epochs')
+        if epochs:
+            self._write('train', 0, 'planned_epochs',
+                        tf.constant(int(epochs), tf.int64))
+        for writer in self._writers.values():
+            writer.flush()
+
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
             run, name = (('validation', key[4:]) if key.startswith('val_')
                          else ('train', key))
-            if run not in self._writers:
-                self._writers[run] = tf.summary.create_file_writer(
-                    os.path.join(self._log_dir, run))
-            with self._writers[run].as_default():
-                tf.summary.write(f'epoch_{name}',
-                                 tf.constant(float(value), tf.float32),
-                                 step=epoch, metadata=self._metadata)
+            self._write(run, epoch, f'epoch_{name}',
+                        tf.constant(float(value), tf.float32))
         for writer in self._writers.values():
             writer.flush()
+
+    def _write(self, run, step, tag, tensor):
+        if run not in self._writers:
+            self._writers[run] = tf.summary.create_file_writer(
+                os.path.join(self._log_dir, run))
+        with self._writers[run].as_default():
+            tf.summary.write(tag, tensor, step=step, metadata=self._metadata)
 
     def on_train_end(self, logs=None):
         for writer in self._writers.values():
