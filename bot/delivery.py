@@ -332,18 +332,22 @@ class Sender:
                                                else {"content": upload.content}))
         self.core.outbox.delivered(message, self.owner, message.wanted)
 
-    def _file_found(self, message: Claimed, name: str) -> bool:
+    def _file_found(self, message: Claimed, name: str, channel: str | None = None) -> bool:
         """Whether an earlier attempt's upload was shared in the channel (files.list since shortly before the first
         attempt, matched by the file name that carries the outbox id)."""
+        return name in self._files_found(message, [name], channel)
+
+    def _files_found(self, message: Claimed, names: list[str], channel: str | None = None) -> set[str]:
+        """Which of `names` an earlier attempt shared in the channel (see _file_found)."""
         ts_from = str(int(_epoch(message.first_attempt_at or utcnow()) - self.lookback))
+        found: set[str] = set()
         for page in range(1, 21):  # at most 20 pages of 100 files
             self._check_lease(message)
-            answer = self.client.files_list(channel=message.channel, ts_from=ts_from, count=100, page=page)
-            if any(f.get("name") == name for f in answer.get("files") or []):
-                return True
-            if page >= int((answer.get("paging") or {}).get("pages") or 1):
-                return False
-        return False
+            answer = self.client.files_list(channel=channel or message.channel, ts_from=ts_from, count=100, page=page)
+            found |= {str(f.get("name")) for f in answer.get("files") or []} & set(names)
+            if found == set(names) or page >= int((answer.get("paging") or {}).get("pages") or 1):
+                break
+        return found
 
     def _charts(self, message: Claimed) -> None:
         """A review card's charts, rendered now (PNG) and uploaded to the card's thread once the card is posted."""
@@ -358,11 +362,18 @@ class Sender:
             made = self.core.charts.for_request(int(message.subject))
         except StarchartError as exc:  # the promotion request no longer exists
             raise Undeliverable("record_not_found", exc.message) from None
-        if made:
+        channel = card["posted_channel"] or card["channel"]
+        named = [(file_name(c["filename"], message.id), c) for c in made]
+        if named and message.attempts > 1:  # an earlier attempt's upload may have landed: only the missing go
+            there = self._files_found(message, [name for name, _ in named], channel)
+            if there:
+                log.info("outbox message #%s: %s uploaded already, not again", message.id, ", ".join(sorted(there)))
+            named = [(name, c) for name, c in named if name not in there]
+        if named:
             self._check_lease(message)
             self.client.files_upload_v2(
-                channel=card["posted_channel"] or card["channel"], thread_ts=card["ts"], initial_comment=CHARTS_NOTE,
-                file_uploads=[{"file": c["png"], "filename": c["filename"], "title": c["title"]} for c in made])
+                channel=channel, thread_ts=card["ts"], initial_comment=CHARTS_NOTE,
+                file_uploads=[{"file": c["png"], "filename": name, "title": c["title"]} for name, c in named])
         self.core.outbox.delivered(message, self.owner, message.wanted)
 
     def _find(self, message: Claimed) -> tuple[str, str] | None:

@@ -105,11 +105,30 @@ def test_a_review_cards_charts_arrive_in_its_thread(two: Any, slack: SlackFake) 
         sender.stop()
     card = two.promotions.get(req["id"])
     assert card["message_ts"] and {u["thread_ts"] for u in uploads} == {card["message_ts"]}
-    assert sorted(u["filename"] for u in uploads) == ["iris-accuracy-history.png", f"iris-{new}-curves.png"]
+    row = two.outbox.about("card_charts", str(req["id"]))
+    history, curves = f"iris-accuracy-history.outbox-{row['id']}.png", f"iris-{new}-curves.outbox-{row['id']}.png"
+    assert sorted(u["filename"] for u in uploads) == [history, curves]
     sizes = {u["filename"]: png_size(u["content"]) for u in uploads}
-    assert sizes == {f"iris-{new}-curves.png": (900, 520), "iris-accuracy-history.png": (900, 450)}
-    assert two.outbox.about("card_charts", str(req["id"]))["state"] == "delivered"
+    assert sizes == {curves: (900, 520), history: (900, 450)}
+    assert row["state"] == "delivered"
     assert len(slack.calls_to("files.completeUploadExternal")) == 1, "both charts in one upload"
+
+
+def test_charts_whose_upload_reply_was_lost_are_not_uploaded_again(two: Any, slack: SlackFake) -> None:
+    new = two.versions.of_model("iris")["versions"][0]["name"]
+    client = sender_client(SlackSettings.from_env({"SLACK_API_URL": slack.base_url, "SLACK_BOT_TOKEN": slack.token}))
+    client.timeout = 2
+    slack.lose_reply_next("files.completeUploadExternal", after=3.0)  # shared in the thread; the answer never comes
+    sender = Sender(two, client, backoff=0.05, poll=0.05).start()
+    try:
+        req = two.promotions.promote("iris", new, PERSON, card=True)
+        slack.wait_for(lambda: (two.outbox.about("card_charts", str(req["id"])) or {}).get("state") == "delivered",
+                       timeout=60)
+    finally:
+        sender.stop()
+    pngs = [u["filename"] for u in slack.uploads if u["filename"].endswith(".png")]
+    assert len(pngs) == 2 and len(set(pngs)) == 2, pngs
+    assert slack.calls_to("files.list"), "the retry looked for the first attempt's files"
 
 
 def test_chart_in_chat_uploads_the_png_and_an_unknown_metric_is_told(two: Any) -> None:
