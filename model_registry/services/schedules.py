@@ -14,6 +14,7 @@ from model_registry.adapters.packaging import trainer_dir
 from model_registry.adapters.records import SUCCEEDED, Job, Schedule
 from model_registry.config import Gate, ProjectConfig
 from model_registry.domain import names
+from model_registry.domain.diffs import metric_fell
 from model_registry.domain.errors import InvalidInput, StarchartError
 from model_registry.domain.names import iso
 from model_registry.domain.policy import check_operator
@@ -165,16 +166,4 @@ class Schedules:
         """Why a scheduled candidate gets no review (its gate metric fell too far), or None."""
         if gate is None:
             return None
-        diff = self.versions.diff(model, version["name"])
-        metric = next((m for m in diff["metrics"] if m["name"] == gate.metric), None)
-        if metric is None or metric["candidate"] is None:
-            return f"{gate.metric} is missing from the candidate's metrics"
-        if isinstance(metric["candidate"], str):  # NaN or Infinity: the run diverged
-            return f"{gate.metric} is {metric['candidate']} (the training diverged)"
-        if metric["delta"] is None:
-            return None
-        change = metric["delta"] if metric["direction"] == "higher" else -metric["delta"]
-        if change < gate.min_delta:
-            return (f"{gate.metric} changed by {metric['delta']:+.4f} "
-                    f"(the gate allows {gate.min_delta:+.4f} in the better direction)")
-        return None
+        return metric_fell(self.versions.diff(model, version["name"]), gate.metric, gate.min_delta)
