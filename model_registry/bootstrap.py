@@ -19,6 +19,7 @@ from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
 from model_registry.services.jobs import Jobs
 from model_registry.services.outbox import Outbox
+from model_registry.services.overview import Overview
 from model_registry.services.predictions import Predictions
 from model_registry.services.promotions import Promotions
 from model_registry.services.schedules import Schedules
@@ -42,6 +43,7 @@ class Core:
     schedules: Schedules
     predictions: Predictions
     outbox: Outbox
+    overview: Overview
 
     @classmethod
     def from_env(cls, members_of: MembersOf | None = None) -> Core:
@@ -82,4 +84,5 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
         versions=versions, promotions=promotions, audit=audit_trail,
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
         predictions=Predictions(db, catalog, backend, config), outbox=Outbox(db),
+        overview=Overview(db, catalog, promotions),
     )

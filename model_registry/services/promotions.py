@@ -169,6 +169,23 @@ class Promotions:
             return [request_view(r, self.catalog.approvals(s, r.id)) for r in
                     s.execute(q.order_by(PromotionRequest.id.desc()).limit(50)).scalars()]
 
+    def waiting_for(self, user: str) -> list[RequestView]:
+        """Open requests that wait for `user`'s decision, oldest first: they may decide on them (the approvers, the
+        rules, self-approval) and have not yet."""
+        now = names.utcnow()
+        with self.db.reads() as s:
+            rows = s.execute(select(PromotionRequest).where(
+                PromotionRequest.state == rules.OPEN, PromotionRequest.expires_at > now)
+                .order_by(PromotionRequest.id)).scalars().all()
+            waiting = []
+            for row in rows:
+                req = self._domain(s, row)
+                trained_by = self.catalog.version(s, row.model, row.candidate_version).trained_by
+                if req.awaits(user, rules.Facts(now=now, trained_by=trained_by), self.config.policy(row.model),
+                              self.catalog.members_of):
+                    waiting.append(request_view(row, self.catalog.approvals(s, row.id)))
+            return waiting
+
     def set_card(self, request_id: int, channel: str, message_ts: str) -> None:
         with self.db.unit_of_work() as s:
             s.execute(update(PromotionRequest).where(PromotionRequest.id == request_id)

@@ -199,3 +199,39 @@ def request_view(r: PromotionRequest, approvals: Iterable[Approval] = ()) -> Req
 def strictest_rule(rules: list[dict[str, Any]] | None) -> dict[str, Any] | None:
     """The stored rule asking the most approvals (the first on a tie): what a card and `show --json` name."""
     return max(rules or [], key=lambda rule: rule["required_approvals"], default=None)
+
+
+class LastTraining(TypedDict):
+    job_id: str
+    state: str
+    created_at: str | None
+    ended_at: str | None
+
+
+class ModelSummary(TypedDict):
+    """A model at a glance: its default version and its last training."""
+
+    model: str
+    default: str | None
+    last_training: LastTraining | None
+
+
+class FailureView(TypedDict):
+    """A failed training or apply: what, of which model, when, why."""
+
+    kind: str  # training | apply
+    model: str
+    subject: str  # the job id, or the promotion request's id (#N)
+    at: str | None
+    error: str | None
+
+
+class HomeView(TypedDict):
+    """One person's Home: the requests waiting for their decision, each model, the failures since `since`."""
+
+    user: str
+    waiting: list[RequestView]
+    waiting_more: int  # waiting requests past the ones listed
+    models: list[ModelSummary]
+    failures: list[FailureView]
+    since: str | None
