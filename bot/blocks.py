@@ -17,6 +17,7 @@ from handlers import results as r
 from handlers.audit import AUDIT_NEXT
 from handlers.output import Upload
 from handlers.reviews import APPROVE, REJECT, REJECT_VIEW, RETRY, TRY, TRY_VIEW, card_value, form_metadata, try_metadata
+from model_registry.domain.policy import is_group
 
 MAX_BLOCKS = 50
 MAX_MODAL_FIELDS = 90  # a modal holds 100 blocks; the rest of a signature's inputs keep their examples
@@ -162,6 +163,19 @@ def _limited(lines: list[str], limit: int = LIST_ITEMS) -> tuple[list[str], bool
     return lines[:limit] + [f"… and {len(lines) - limit} more (full diff in the thread)"], True
 
 
+def mention(ident: str) -> str:
+    """A user id as <@U…>, a user-group id as <!subteam^S…>: Slack shows both as mentions."""
+    return f"<!subteam^{escape(ident)}>" if is_group(ident) else f"<@{escape(ident)}>"
+
+
+def rule_lines(req: Mapping[str, Any]) -> list[str]:
+    """The approval rules a request takes: why each applies, and how many approvals from whom it needs."""
+    return [f"{escape(rule['why'])} — {plain.approvals_text(rule['required_approvals'])} from "
+            + (", ".join(mention(a) for a in rule["approvers"]) or "any approver")
+            + (f" ({len(rule['approved_by'])}/{rule['required_approvals']} so far)" if rule.get("approved_by") else "")
+            for rule in plain.rules_strictest_first(req)]
+
+
 def review_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
     """The review card for an open request; returns (fallback text, blocks, truncated)."""
     diff = req["diff"]
@@ -177,6 +191,11 @@ def review_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
                    else "*Current default*\n(none)"),
         ]},
     ]
+    rules = rule_lines(req)
+    if len(rules) == 1:
+        blocks.append(section(f":lock: *Approval rule:* {rules[0]}"))
+    elif rules:
+        blocks.append(section(":lock: *Approval rules* (each must be met)\n" + "\n".join(f"• {r}" for r in rules)))
     truncated = False
     breaking = diff["signature"]["breaking"]
     if breaking:

@@ -6,9 +6,9 @@ from typing import Any
 
 from slack_sdk import WebClient
 
-from bot import blocks
+from bot import blocks, home
 from handlers.output import Posted, Upload
-from handlers.results import Form, RejectForm, Result
+from handlers.results import Form, HomeTab, RejectForm, Result
 
 
 class SlackOutput:
@@ -51,3 +51,6 @@ class SlackOutput:
     def open_form(self, form: Form) -> None:
         view = blocks.reject_modal(form) if isinstance(form, RejectForm) else blocks.try_modal(form)
         self.client.views_open(trigger_id=self.trigger_id or "", view=view)
+
+    def publish_home(self, user: str, page: HomeTab) -> None:
+        self.client.views_publish(user_id=user, view=home.home_view(page))

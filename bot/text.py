@@ -88,11 +88,34 @@ def diff_lines(diff: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def approvals_text(count: int) -> str:
+    return f"{count} approval{'s' if count != 1 else ''}"
+
+
+def rules_strictest_first(req: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A request's approval rules, the one `show --json` names as `rule` first, the others as configured."""
+    rules = list(req.get("rules") or [])
+    top = req.get("rule")
+    return ([top] + [r for r in rules if r != top]) if top in rules else rules
+
+
+def rule_lines(req: Mapping[str, Any], style: Style) -> list[str]:
+    """`Rule: why — N approvals from @S…`: the approval rules the request takes (several: each must be met)."""
+    lines = [f"{rule['why']} — {approvals_text(rule['required_approvals'])} from "
+             + (", ".join(style.who(a) for a in rule["approvers"]) or "any approver")
+             + (f" ({len(rule['approved_by'])}/{rule['required_approvals']} so far)" if rule.get("approved_by") else "")
+             for rule in rules_strictest_first(req)]
+    if len(lines) <= 1:
+        return [f"Rule: {line}" for line in lines]
+    return ["Rules (each must be met):"] + [f"  {line}" for line in lines]
+
+
 def request_lines(req: Mapping[str, Any]) -> list[str]:
     head = (f"Promotion request #{req['id']} ({req['kind']}): {req['model']} {req['base'] or '(none)'} → "
             f"{req['candidate']} — {req['state']}")
     out = [head, f"Requested by {req['requested_by']}" + (f": {req['reason']}" if req.get("reason") else ""),
            f"Approvals {req['approvals']}/{req['required_approvals']}, expires {req['expires_at']}"]
+    out += rule_lines(req, PLAIN)
     out += [f"  {d['decision'].rstrip('e')}ed by {d['user']} at {d['at']}" + (f": {d['reason']}" if d.get("reason") else "")
             for d in req.get("decisions", [])]
     if req.get("error"):
@@ -488,6 +511,7 @@ def _card(result: r.ReviewCard, style: Style = PLAIN) -> Text:
              f"Candidate {style.code(cand['name'])} trained by {style.who(cand['trained_by'])}",
              f"Current default {style.code(base['name'])} trained by {style.who(base['trained_by'])}" if base
              else "Current default (none)",
+             *rule_lines(req, style),
              *diff_lines(req["diff"])[2:],
              f"   expires {req['expires_at']} · approvals {req['approvals']}/{req['required_approvals']}"]
     value = json.dumps(card_value(req), separators=(",", ":"))

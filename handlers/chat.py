@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from handlers.commands import ACTIONS, TABLE
 from handlers.follow import Follower
 from handlers.grammar import Usage
-from handlers.output import Output, Upload
+from handlers.home import home
+from handlers.output import HomeOutput, Output, Upload
 from handlers.parsing import parse, slack_parser, usage_text
 from handlers.results import (
     AuditExport,
@@ -31,6 +32,7 @@ from handlers.results import (
     DefaultAt,
     Failure,
     Help,
+    HomeTab,
     JobStarted,
     PulledArchive,
     PulledLite,
@@ -84,6 +86,7 @@ class Chat:
     out: Output
     message_ts: str | None = None
     team: str | None = None  # the person's workspace, as Slack sent it
+    home: bool = False  # they acted on their Home tab (which is refreshed afterwards)
 
 
 def require_person(deps: Deps, chat: Chat) -> None:
@@ -102,7 +105,7 @@ def require_person(deps: Deps, chat: Chat) -> None:
 def invocation(deps: Deps, chat: Chat, args: Any = None, trainer_args: list[str] | None = None) -> Invocation:
     return Invocation(core=deps.core, user=chat.user, args=args, trainer_args=trainer_args, surface=Surface.CHAT,
                       progress=lambda result: deliver(result, deps, chat), user_name=deps.user_name,
-                      channel=chat.channel, message_ts=chat.message_ts, outbox=deps.outbox)
+                      channel=chat.channel, message_ts=chat.message_ts, outbox=deps.outbox, home=chat.home)
 
 
 def dispatch(deps: Deps, chat: Chat, text: str) -> Result:
@@ -154,6 +157,28 @@ def _submitted(deps: Deps, chat: Chat, answer: Callable[[Invocation], Result]) -
     chat.channel, chat.message_ts = inv.channel, inv.message_ts
     deliver(result, deps, chat)
     return result
+
+
+def show_home(deps: Deps, chat: Chat, page: HomeOutput, notice: Failure | None = None) -> HomeTab:
+    """The person's Home tab, published as it stands now (when they open it, and after they act on it); `notice`:
+    what went wrong with what they did there."""
+    deps.pace()
+    require_person(deps, chat)
+    result = home(invocation(deps, chat), notice)
+    page.publish_home(chat.user, result)
+    return result
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """What the person is told about an error; an unexpected one is logged with its traceback."""
+    if isinstance(exc, StarchartError):
+        return Failure(exc.message, exc.hint or "")
+    if isinstance(exc, Usage):
+        return Failure(usage_text(str(exc)))
+    log.error("work failed:\n%s", "".join(traceback.format_exception(exc)))
+    slack_error = getattr(getattr(exc, "response", None), "get", lambda _k: None)("error")
+    hint = slack_hint(slack_error) if slack_error else "the error is in the bot's log; try again or ask an admin"
+    return Failure(f"something went wrong: {slack_error or type(exc).__name__}", hint)
 
 
 # ---------------------------------------------------------------- delivery, by result type
@@ -266,15 +291,7 @@ def refresh_card(chat: Chat, req: Record) -> None:
 
 def report_error(out: Output, exc: BaseException) -> None:
     """Tell the person what went wrong; log unexpected errors with their traceback."""
-    if isinstance(exc, StarchartError):
-        failure = Failure(exc.message, exc.hint or "")
-    elif isinstance(exc, Usage):
-        failure = Failure(usage_text(str(exc)))
-    else:
-        log.error("work failed:\n%s", "".join(traceback.format_exception(exc)))
-        slack_error = getattr(getattr(exc, "response", None), "get", lambda _k: None)("error")
-        hint = slack_hint(slack_error) if slack_error else "the error is in the bot's log; try again or ask an admin"
-        failure = Failure(f"something went wrong: {slack_error or type(exc).__name__}", hint)
+    failure = failure_of(exc)
     try:
         out.ephemeral(failure)
     except Exception:  # the reply channel itself failed: the log has it

@@ -1,5 +1,5 @@
-"""The Bolt listeners: `/ml`, every button, the reject and Try forms — plus one middleware that acks and one error
-handler.
+"""The Bolt listeners: `/ml`, every button, the reject and Try forms, the Home tab — plus one middleware that acks
+and one error handler.
 
 Bolt runs each listener on its listener executor after the ack, so a listener is hand-off → run → deliver;
 whatever it raises reaches `report` (@app.error): told to the person, logged with a traceback when unexpected.
@@ -10,25 +10,39 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject, submit_try
-from handlers.output import Output
-from handlers.reviews import REJECT_VIEW, TRY_VIEW, form_card, try_instance
+from handlers.chat import Chat, Deps, click, dispatch, failure_of, report_error, show_home, submit_reject, submit_try
+from handlers.output import HomeOutput, Output
+from handlers.reviews import REJECT_VIEW, TRY_VIEW, form_card, form_home, try_instance
 
 log = logging.getLogger("starchart.handlers")
 SIGNATURE_KEY = "starchart_signature"  # the verified request's signature, put in Bolt's context by the verifier
 SIGNATURE_WINDOW = 2 * 5 * 60.0  # seconds a taken signature is remembered: twice Slack's five-minute tolerance
 
+class Conversation(Output, HomeOutput, Protocol):
+    """The person's conversation and their Home tab (Slack has both)."""
+
+
 # (request body, the WebClient, Bolt's respond or None, channel) -> the person's conversation
-Outputs = Callable[[dict[str, Any], Any, Any, "str | None"], Output]
+Outputs = Callable[[dict[str, Any], Any, Any, "str | None"], Conversation]
+
+
+def on_home(body: dict[str, Any]) -> bool:
+    """Whether a click came from the person's Home tab, or a reject form was opened there."""
+    if body.get("type") == "view_submission":
+        return form_home((body.get("view") or {}).get("private_metadata") or "")
+    view = body.get("view")
+    return isinstance(view, dict) and view.get("type") == "home"
 
 
 def where(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
-    """(user, channel, message ts) of a slash command, a click or a form submission."""
+    """(user, channel, message ts) of a slash command, a click, a form submission or an event (app_home_opened)."""
     container = body.get("container") or {}
-    person = body.get("user")
-    user = str(body.get("user_id") or (person.get("id") if isinstance(person, dict) else "") or "")
+    person, event = body.get("user"), body.get("event")
+    user = str(body.get("user_id") or (person.get("id") if isinstance(person, dict) else "")
+               or (event.get("user") if isinstance(event, dict) and body.get("type") == "event_callback" else "")
+               or "")
     channel = body.get("channel_id") or (body.get("channel") or {}).get("id") or container.get("channel_id")
     if body.get("type") == "view_submission":
         channel, ts = form_card((body.get("view") or {}).get("private_metadata") or "")
@@ -47,10 +61,10 @@ def team_of(body: dict[str, Any]) -> str | None:
 def register(app: Any, deps: Deps, outputs: Outputs) -> None:
     """Attach the listeners to a Bolt app."""
 
-    def chat(body: dict[str, Any], client: Any, respond: Any) -> Chat:
+    def chat(body: dict[str, Any], client: Any, respond: Any) -> tuple[Chat, Conversation]:
         user, channel, ts = where(body)
-        return Chat(user=user, channel=channel, out=outputs(body, client, respond, channel), message_ts=ts,
-                    team=team_of(body))
+        out = outputs(body, client, respond, channel)
+        return Chat(user=user, channel=channel, out=out, message_ts=ts, team=team_of(body), home=on_home(body)), out
 
     def taken(context: dict[str, Any]) -> bool:
         """Whether this signed request was acted on before (a replay, on any replica): then it is dropped.
@@ -78,20 +92,37 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
 
     @app.error
     def report(error: BaseException, body: dict[str, Any], client: Any, respond: Any = None) -> None:
-        report_error(chat(body, client, respond).out, error)
+        person, out = chat(body, client, respond)
+        if not person.home:
+            report_error(out, error)
+            return
+        try:  # the Home tab has no conversation to answer in: it shows what went wrong itself
+            show_home(deps, person, out, notice=failure_of(error))
+        except Exception:
+            log.exception("could not show an error on the Home tab of %s", person.user)
 
     @app.command("/ml")
     def ml_command(body: dict[str, Any], client: Any, respond: Any, context: dict[str, Any]) -> None:
         if taken(context):
             return
-        dispatch(deps, chat(body, client, respond), body.get("text") or "")
+        dispatch(deps, chat(body, client, respond)[0], body.get("text") or "")
 
     @app.action(re.compile(".*"))  # every button: known ones run from the action table, others are refused
     def button(body: dict[str, Any], action: dict[str, Any], client: Any, respond: Any,
                context: dict[str, Any]) -> None:
         if taken(context):
             return
-        click(deps, chat(body, client, respond), action.get("action_id"), action.get("value"))
+        person, out = chat(body, client, respond)
+        click(deps, person, action.get("action_id"), action.get("value"))
+        if person.home:  # a decision on the Home tab: it shows the request gone (or what is left of it)
+            show_home(deps, person, out)
+
+    @app.event("app_home_opened")
+    def home_opened(body: dict[str, Any], event: dict[str, Any], client: Any, context: dict[str, Any]) -> None:
+        if event.get("tab") != "home" or taken(context):  # the Messages tab sends this event too
+            return
+        person, out = chat(body, client, None)
+        show_home(deps, person, out)
 
     @app.view(REJECT_VIEW)
     def reject_view(ack: Any, body: dict[str, Any], view: dict[str, Any], client: Any,
@@ -104,7 +135,10 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
         ack()
         if taken(context):
             return
-        submit_reject(deps, chat(body, client, None), view.get("private_metadata") or "", reason)
+        person, out = chat(body, client, None)
+        submit_reject(deps, person, view.get("private_metadata") or "", reason)
+        if person.home:
+            show_home(deps, person, out)
 
     @app.view(TRY_VIEW)
     def try_view(ack: Any, body: dict[str, Any], view: dict[str, Any], client: Any,
@@ -119,4 +153,4 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
         ack()
         if taken(context):
             return
-        submit_try(deps, chat(body, client, None), metadata, instance)
+        submit_try(deps, chat(body, client, None)[0], metadata, instance)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from handlers.results import Form, Result
+from handlers.results import Form, HomeTab, Result
 
 
 @dataclass(frozen=True)
@@ -48,4 +48,12 @@ class Output(Protocol):
 
     def open_form(self, form: Form) -> None:
         """A form for the person who acted (the reason of a rejection, the instance a Try answers)."""
+        ...
+
+
+class HomeOutput(Protocol):
+    """A person's own page in the chat app (Slack's Home tab)."""
+
+    def publish_home(self, user: str, home: HomeTab) -> None:
+        """Replace what `user` sees on their Home tab."""
         ...

@@ -273,11 +273,13 @@ class Requests(Result):
 
 @dataclass(frozen=True)
 class RejectForm(Result):
-    """The form asking why a request is rejected; `value` names the request and card, `channel`/`ts` the card."""
+    """The form asking why a request is rejected; `value` names the request and card, `channel`/`ts` the card;
+    `home`: Reject was clicked on the person's Home tab (refreshed once the rejection is recorded)."""
 
     value: Record
     channel: str | None
     message_ts: str | None
+    home: bool = False
 
     @property
     def data(self) -> Any:
@@ -512,3 +514,18 @@ class Failure(Result):
     @property
     def exit_code(self) -> int:
         return EXIT_ERROR
+
+
+# ------------------------------------------------------------------ the Home tab
+
+@dataclass(frozen=True)
+class HomeTab(Result):
+    """One person's Home: requests waiting for their decision (with the card's buttons), each model's default and
+    last training, recent failures; `notice`: what went wrong with their last click there."""
+
+    home: Record
+    notice: Failure | None = None
+
+    @property
+    def data(self) -> Any:
+        return self.home

@@ -135,7 +135,7 @@ def on_reject(inv: Invocation, value: str | None) -> Result:
     req = inv.core.promotions.get(request)
     if req["state"] != "open":
         raise Refused(f"promotion request #{request} is already {req['state']}", "nothing left to decide")
-    return RejectForm({"r": request, "m": model, "d": digest}, inv.channel, inv.message_ts)
+    return RejectForm({"r": request, "m": model, "d": digest}, inv.channel, inv.message_ts, home=inv.home)
 
 
 def on_retry(inv: Invocation, value: str | None) -> Result:
@@ -144,8 +144,17 @@ def on_retry(inv: Invocation, value: str | None) -> Result:
 
 
 def form_metadata(form: RejectForm) -> str:
-    """The reject form's private metadata: the button's value plus the card it came from."""
-    return json.dumps({**form.value, "c": form.channel, "t": form.message_ts}, separators=(",", ":"))
+    """The reject form's private metadata: the button's value plus the card it came from (or the Home tab)."""
+    home = {"h": 1} if form.home else {}
+    return json.dumps({**form.value, "c": form.channel, "t": form.message_ts, **home}, separators=(",", ":"))
+
+
+def form_home(metadata: str) -> bool:
+    """Whether a reject form was opened from the Home tab."""
+    try:
+        return bool(json.loads(metadata).get("h"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def form_card(metadata: str) -> tuple[str | None, str | None]:

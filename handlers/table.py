@@ -44,6 +44,7 @@ class Invocation:
     channel: str | None = None  # a click's or a form's card
     message_ts: str | None = None
     outbox: bool = False  # messages to channels are recorded for the outbox (Slack), not shown by the surface
+    home: bool = False  # a click on the person's Home tab (not on a message)
 
 
 Arguments = Callable[[argparse.ArgumentParser, bool], None]

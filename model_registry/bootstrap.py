@@ -22,6 +22,7 @@ from model_registry.services.charts import Charts
 from model_registry.services.copies import Copies
 from model_registry.services.jobs import Jobs
 from model_registry.services.outbox import Outbox
+from model_registry.services.overview import Overview
 from model_registry.services.predictions import Predictions
 from model_registry.services.promotions import Promotions
 from model_registry.services.schedules import Schedules
@@ -47,6 +48,7 @@ class Core:
     copies: Copies
     outbox: Outbox
     charts: Charts
+    overview: Overview
 
     @classmethod
     def from_env(cls, members_of: MembersOf | None = None) -> Core:
@@ -89,4 +91,5 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
         predictions=Predictions(db, catalog, backend, config),
         copies=Copies(db, catalog, backend, config, TfliteConverter(settings.trainer_python)), outbox=Outbox(db),
         charts=Charts(db, catalog, config, jobs),
+        overview=Overview(db, catalog, promotions),
     )

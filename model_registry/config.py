@@ -20,8 +20,11 @@ POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
     "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
     "machine_type", "executor_image", "endpoint", "args_allowed", "data_roots", "trainer_env", "non_finite_inputs",
-    "serving", "evaluation",
+    "serving", "evaluation", "rules",
 }
+RULE_KINDS = ("breaking_signature", "metric_drop", "rollback", "canary")
+_RULE_KEYS = {"when", "required_approvals", "approvers"}
+_METRIC_RULE_KEYS = {"metric", "min_delta"}  # `when: metric_drop` only
 # the bot's own secrets: never handed to a local trainer, even when `trainer_env` lists them
 TRAINER_ENV_FORBIDDEN = frozenset({"SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "DATABASE_URL",
                                    "STARCHART_AUDIT_KEY", "STARCHART_PREDICT_TOKEN"})
@@ -117,6 +120,17 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """A `rules:` entry: when it applies, and the approvals a request then needs (None: the model's own)."""
+
+    when: str  # one of RULE_KINDS
+    required_approvals: int | None = None
+    approvers: tuple[str, ...] | None = None  # replaces the model's approvers for the request
+    metric: str | None = None  # metric_drop: which metric, and how far it may fall
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
 class ModelPolicy:
     """Who may do what to one model, and how it trains by default."""
 
@@ -144,6 +158,7 @@ class ModelPolicy:
     non_finite_inputs: bool = False  # predictions may send NaN and ±Infinity as float inputs
     serving: dict[str, int] | None = None  # the local model server's batching: max_batch_size, batch_timeout_micros
     evaluation: Evaluation | None = None  # evaluation data: e.g. the rows a TensorFlow Lite copy is checked on
+    rules: tuple[Rule, ...] = ()  # approval rules by what changes; a model's list replaces the defaults' list
 
 
 @dataclass(frozen=True)
@@ -183,6 +198,7 @@ class ProjectConfig:
             _args_allowed(defaults.get("args_allowed"))
             _data_roots(defaults.get("data_roots"), path)
             _trainer_env(defaults.get("trainer_env"))
+            _rules(defaults.get("rules"))
         except ValueError as exc:
             raise InvalidInput(f"invalid defaults: {exc}", "check starchart.yaml against the README") from exc
         groups = {str(k): tuple(str(u) for u in v or ()) for k, v in (raw.get("usergroups") or {}).items()}
@@ -228,6 +244,7 @@ class ProjectConfig:
                 trainer_env=_trainer_env(merged.get("trainer_env")),
                 serving=_serving(merged.get("serving")),
                 evaluation=_evaluation(merged.get("evaluation"), self.path),
+                rules=_rules(merged.get("rules")),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc
@@ -266,6 +283,46 @@ def _evaluation(value: Any, config_path: Path | None) -> Evaluation | None:
     if "://" not in data:
         data = str(((config_path.parent if config_path else Path.cwd()) / data).resolve())
     return Evaluation(data=data, label=value["label"], output=value["output"])
+
+
+def _rules(value: Any) -> tuple[Rule, ...]:
+    """`rules: [{when, required_approvals, approvers}, ...]`; metric_drop also takes `metric` and `min_delta`."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError("`rules` must be a list, e.g. [{when: breaking_signature, required_approvals: 2}]")
+    return tuple(_rule(entry, f"rules[{i}]") for i, entry in enumerate(value))
+
+
+def _rule(entry: Any, where: str) -> Rule:
+    if not isinstance(entry, dict):
+        raise ValueError(f"`{where}` must be a mapping such as {{when: breaking_signature, required_approvals: 2}}")
+    when = entry.get("when")
+    if when not in RULE_KINDS:
+        raise ValueError(f"`{where}.when` is {when!r}; it must be one of {', '.join(RULE_KINDS)}")
+    allowed = _RULE_KEYS | (_METRIC_RULE_KEYS if when == "metric_drop" else set())
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ValueError(f"`{where}` (when: {when}) has no key {', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
+    if "required_approvals" not in entry and "approvers" not in entry:
+        raise ValueError(f"`{where}` (when: {when}) changes nothing: give it `required_approvals`, `approvers` or both")
+    count = entry.get("required_approvals")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100):
+        raise ValueError(f"`{where}.required_approvals` must be a whole number from 1 to 100, not {count!r}")
+    approvers = entry.get("approvers")
+    if approvers is not None:
+        approvers = tuple(_strings(approvers, f"{where}.approvers"))
+        if not approvers or not all(a.strip() for a in approvers):
+            raise ValueError(f"`{where}.approvers` lists user or user-group ids (U…, W…, S…); leave it out to keep "
+                             f"the model's approvers")
+    metric, min_delta = entry.get("metric"), entry.get("min_delta", 0.0)
+    if when == "metric_drop":
+        if not isinstance(metric, str) or not metric.strip():
+            raise ValueError(f"`{where}` (when: metric_drop) needs `metric`, the name of a metric in metrics.json")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or min_delta != min_delta:
+            raise ValueError(f"`{where}.min_delta` must be a number such as -0.01, not {min_delta!r}")
+    return Rule(when=when, required_approvals=count, approvers=approvers, metric=metric,
+                min_delta=float(min_delta))
 
 
 def _strings(value: Any, key: str) -> list[str]:

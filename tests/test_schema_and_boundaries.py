@@ -193,8 +193,8 @@ def test_0006_adds_the_outbox_and_takes_it_away_again(empty_db_url: str) -> None
     engine = make_engine(empty_db_url)
     command.upgrade(alembic_config(engine), "0005")
     assert "outbox" not in inspect(engine).get_table_names()
-    migrate(engine)
-    assert current_revision(engine) == SCHEMA_HEAD == "0006"
+    command.upgrade(alembic_config(engine), "0006")  # 0006 itself (0007 adds the requests' approval rules)
+    assert current_revision(engine) == "0006"
     uniques = {tuple(u["column_names"]) for u in inspect(engine).get_unique_constraints("outbox")}
     assert ("kind", "subject") in uniques
     assert ["next_attempt_at"] in [i["column_names"] for i in inspect(engine).get_indexes("outbox")]
@@ -207,6 +207,44 @@ def test_0006_adds_the_outbox_and_takes_it_away_again(empty_db_url: str) -> None
     command.downgrade(alembic_config(engine), "0005")
     tables = set(inspect(engine).get_table_names())
     assert "outbox" not in tables and "seen_requests" in tables
+    engine.dispose()
+
+
+def test_0007_keeps_the_approval_rules_of_a_request_and_takes_them_away_again(empty_db_url: str) -> None:
+    """0007 (after 0006): promotion_requests.rules, JSON, NULL for the requests opened before it (the model's policy
+    decides those); downgrade drops the column and keeps the requests."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import select, text, update
+
+    from model_registry.adapters.db import current_revision
+    from model_registry.adapters.records import PromotionRequest
+
+    engine = make_engine(empty_db_url)
+    command.upgrade(alembic_config(engine), "0006")
+    before = {c["name"] for c in inspect(engine).get_columns("promotion_requests")}
+    assert "rules" not in before
+    at = datetime(2026, 12, 15, 10, 0)
+    with engine.begin() as conn:  # a request a 0006 process opened
+        conn.execute(text(
+            "INSERT INTO promotion_requests (model, kind, candidate_version, base_version, candidate_digest, "
+            "card_digest, diff, requested_by, state, required_approvals, created_at, expires_at) "
+            "VALUES ('iris', 'promote', 'v20261215100000', NULL, 'd', 'c', '{}', 'U1', 'open', 1, :at, :at)"),
+            {"at": at})
+    migrate(engine)
+    assert current_revision(engine) == SCHEMA_HEAD == "0007"
+    assert {c["name"]: c for c in inspect(engine).get_columns("promotion_requests")}["rules"]["nullable"]
+    rule = {"when": "breaking_signature", "why": "breaking change: input `x` removed", "required_approvals": 2,
+            "approvers": ["S0PLATFORM"], "approved_by": []}
+    with engine.begin() as conn:
+        assert conn.execute(select(PromotionRequest.rules)).scalar_one() is None
+        conn.execute(update(PromotionRequest).values(rules=[rule]))
+        assert conn.execute(select(PromotionRequest.rules)).scalar_one() == [rule]
+    command.downgrade(alembic_config(engine), "0006")
+    assert {c["name"] for c in inspect(engine).get_columns("promotion_requests")} == before
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM promotion_requests")).scalar_one() == "open"
     engine.dispose()
 
 

@@ -123,6 +123,8 @@ class PromotionRequest(Base):
     error: Mapped[str | None] = mapped_column(Text)
     channel: Mapped[str | None] = mapped_column(String(40))
     message_ts: Mapped[str | None] = mapped_column(String(40))
+    # the approval rules that applied when it opened (domain.approval_rules.Requirement.as_dict); None: none did
+    rules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class Approval(Base):

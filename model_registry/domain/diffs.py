@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Mapping
 
 LOWER_IS_BETTER = ("loss", "error", "mae", "mse", "rmse", "latency", "perplexity")
@@ -77,17 +78,17 @@ def _diff_tensors(kind: str, old: dict[str, Any], new: dict[str, Any]) -> tuple[
     for r in removed:
         if r in renamed:
             changes.append({"name": r, "change": "renamed", "to": renamed[r], "breaking": True})
-            breaking.append(f"{kind} '{r}' renamed to '{renamed[r]}'")
+            breaking.append(f"{kind} `{r}` renamed to `{renamed[r]}`")
         else:
             changes.append({"name": r, "change": "removed", "base": old[r], "breaking": True})
-            breaking.append(f"{kind} '{r}' removed")
+            breaking.append(f"{kind} `{r}` removed")
     for a in added:
         if a in renamed.values():
             continue
         is_breaking = kind == "input"  # a serving request must supply every input
         changes.append({"name": a, "change": "added", "candidate": new[a], "breaking": is_breaking})
         if is_breaking:
-            breaking.append(f"new required input '{a}'")
+            breaking.append(f"new required input `{a}`")
     for n in old:
         if n not in new:
             continue
@@ -95,14 +96,14 @@ def _diff_tensors(kind: str, old: dict[str, Any], new: dict[str, Any]) -> tuple[
         if o.get("dtype") != c.get("dtype"):
             changes.append({"name": n, "change": "dtype", "base": o.get("dtype"), "candidate": c.get("dtype"),
                             "breaking": True})
-            breaking.append(f"{kind} '{n}' dtype changed: {o.get('dtype')} → {c.get('dtype')}")
+            breaking.append(f"{kind} `{n}` dtype changed: {o.get('dtype')} → {c.get('dtype')}")
         if o.get("shape") != c.get("shape"):
             # inputs may widen (callers' tensors still fit); outputs may narrow (callers still parse them)
             ok = _fits(o.get("shape"), c.get("shape")) if kind == "input" else _fits(c.get("shape"), o.get("shape"))
             changes.append({"name": n, "change": "shape", "base": o.get("shape"), "candidate": c.get("shape"),
                             "breaking": not ok})
             if not ok:
-                breaking.append(f"{kind} '{n}' shape changed: {_shape_text(o.get('shape'))} → "
+                breaking.append(f"{kind} `{n}` shape changed: {_shape_text(o.get('shape'))} → "
                                 f"{_shape_text(c.get('shape'))}")
     return changes, breaking
 
@@ -149,6 +150,25 @@ def diff_versions(candidate: Mapping[str, Any], base: Mapping[str, Any] | None) 
                                        or base_prog.get("module") != cand_prog.get("module")),
         },
     }
+
+
+def metric_fell(diff: Mapping[str, Any], metric: str, min_delta: float) -> str | None:
+    """Why `metric` fell further than `min_delta` allows (the change in its better direction, candidate against the
+    default), or None. A metric the candidate lacks, or reports as NaN or Infinity, has fallen: the run cannot be
+    trusted. With no default, or a default without the metric, there is nothing to fall from."""
+    found = next((m for m in diff.get("metrics") or [] if m["name"] == metric), None)
+    value = found["candidate"] if found else None
+    if value is None:
+        return f"{metric} is missing from the candidate's metrics"
+    if isinstance(value, str) or (isinstance(value, float) and not math.isfinite(value)):
+        return f"{metric} is {value} (the training diverged)"
+    if found is None or found["delta"] is None:
+        return None
+    change = found["delta"] if found["direction"] == "higher" else -found["delta"]
+    if change < min_delta:
+        return (f"{metric} changed by {found['delta']:+.4f} ({found['base']:.4g} → {value:.4g}; "
+                f"{min_delta:+.4f} allowed in the better direction, {found['direction']} is better)")
+    return None
 
 
 def card_digest(candidate_digest: str, base_digest: str | None, diff: dict[str, Any]) -> str:

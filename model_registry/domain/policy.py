@@ -31,16 +31,22 @@ def check_operator(policy: ModelPolicy, user: str, members_of: MembersOf, action
 
 
 def check_approver(
-    policy: ModelPolicy, user: str, members_of: MembersOf, requested_by: str, trained_by: str, model: str
+    policy: ModelPolicy, user: str, members_of: MembersOf, requested_by: str, trained_by: str, model: str,
+    approvers: tuple[str, ...] | None = None, needs: str | None = None,
 ) -> None:
-    """Raise Refused unless `user` may decide on a promotion request of `model`; nobody (an empty id) never may."""
+    """Raise Refused unless `user` may decide on a promotion request of `model`; nobody (an empty id) never may.
+
+    `approvers`: who may decide on this request in place of the model's approvers (its approval rules), with
+    `needs` saying what the rules ask for."""
     if not user.strip():  # an unknown person must not pass a policy that lists no approvers
         raise Refused("a decision needs a known person; this one came without a user id",
                       "decide from Slack or the console as yourself", reason="no_user")
-    if policy.approvers and not is_listed(user, policy.approvers, members_of):
+    listed = policy.approvers if approvers is None else approvers
+    if listed and not is_listed(user, listed, members_of):
         raise Refused(
-            f"{user} is not an approver of {model}",
-            "ask one of: " + ", ".join(policy.approvers),
+            f"{user} is not an approver of {model}" if approvers is None else
+            f"{user} is not an approver of this request: {needs}",
+            "ask one of: " + ", ".join(listed),
             reason="not_approver",
         )
     if not policy.allow_self_approval and user in (requested_by, trained_by):

@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from model_registry.config import ModelPolicy
+from model_registry.domain import approval_rules
+from model_registry.domain.approval_rules import Requirement
 from model_registry.domain.errors import InvalidInput, Refused, StarchartError
 from model_registry.domain.names import iso
 from model_registry.domain.policy import MembersOf, check_approver, is_listed
@@ -127,10 +129,33 @@ class PromotionRequest:
     error: str | None = None
     channel: str | None = None
     message_ts: str | None = None
+    rules: list[Requirement] = field(default_factory=list)  # the approval rules that applied when it opened
 
     @property
     def approvals(self) -> int:
         return sum(1 for d in self.decisions if d.decision == "approve")
+
+    @property
+    def complete(self) -> bool:
+        """Whether the approvals are all there: every rule's, or (with none) the count the request opened with."""
+        if self.rules:
+            return all(r.met for r in self.rules)
+        return self.approvals >= self.required_approvals
+
+    def awaits(self, user: str, facts: Facts, policy: ModelPolicy, members_of: MembersOf) -> bool:
+        """Whether the request waits for `user`'s decision: open, not expired, not decided by them, and they may
+        decide on it (the same checks a click meets, staleness aside: the click finds that out)."""
+        if self.state != OPEN or facts.now > self.expires_at or any(d.approver == user for d in self.decisions):
+            return False
+        try:
+            self._check_approver(user, facts, policy, members_of)
+        except Refused:
+            return False
+        return True
+
+    def _check_approver(self, user: str, facts: Facts, policy: ModelPolicy, members_of: MembersOf) -> None:
+        check_approver(policy, user, members_of, self.requested_by, facts.trained_by, self.model,
+                       approvers=approval_rules.approvers(self.rules), needs=approval_rules.asks(self.rules))
 
     # ------------------------------------------------------------ decisions
 
@@ -154,11 +179,18 @@ class PromotionRequest:
             self.state, self.decided_at = REJECTED, facts.now
             outcome.events.append(Event("promotion.rejected", user, {"reason": reason}, by_person=True))
             return outcome
-        outcome.events.append(Event("approval.granted", user, {"card_digest": self.card_digest}, by_person=True))
-        if self.approvals >= self.required_approvals:
+        counted = [r.when for r in self.rules if r.counts(user, members_of)]
+        self.rules = [r.approved(user) if r.counts(user, members_of) else r for r in self.rules]
+        granted: dict[str, Any] = {"card_digest": self.card_digest}
+        if self.rules:
+            granted["counts_for"] = counted
+        outcome.events.append(Event("approval.granted", user, granted, by_person=True))
+        if self.complete:
             self.state, self.decided_at = APPROVED, facts.now
-            outcome.events.append(Event("promotion.approved", "system", {
-                "approvals": self.approvals, "required": self.required_approvals}))
+            approved: dict[str, Any] = {"approvals": self.approvals, "required": self.required_approvals}
+            if self.rules:
+                approved["rules"] = [{"when": r.when, "approved_by": list(r.approved_by)} for r in self.rules]
+            outcome.events.append(Event("promotion.approved", "system", approved))
         return outcome
 
     def _decision_refusal(self, user: str, facts: Facts, policy: ModelPolicy, members_of: MembersOf, click: Click,
@@ -177,7 +209,7 @@ class PromotionRequest:
             return Refused(f"promotion request #{self.id} expired at {iso(self.expires_at)}",
                            f"open a new one: `promote {self.model} {self.candidate}`", reason="expired")
         try:
-            check_approver(policy, user, members_of, self.requested_by, facts.trained_by, self.model)
+            self._check_approver(user, facts, policy, members_of)
         except Refused as exc:
             return exc
         stale_why = self._stale_why(facts)
@@ -214,7 +246,7 @@ class PromotionRequest:
         the model being applied now (one apply per model at a time)."""
         if self.state not in APPLICABLE:
             return Outcome()  # applied, applying or closed already: nothing to start (double clicks, replicas)
-        if self.approvals < self.required_approvals:
+        if not self.complete:
             return Outcome(refusal=Refused(
                 f"promotion request #{self.id} has {self.approvals} of {self.required_approvals} approvals",
                 "wait for more approvals", reason="not_approved"))
@@ -293,9 +325,11 @@ class PromotionRequest:
         if not user.strip():
             return Refused("a retry needs a known person; this one came without a user id",
                            "retry from Slack or the console as yourself", reason="no_user")
-        if policy.approvers and not is_listed(user, policy.approvers, members_of):
-            return Refused(f"{user} is not an approver of {self.model}", "ask an approver to retry",
-                           reason="not_approver")
+        listed = approval_rules.approvers(self.rules)
+        listed = policy.approvers if listed is None else listed
+        if listed and not is_listed(user, listed, members_of):
+            return Refused(f"{user} is not an approver of {self.model}" + (" for this request" if self.rules else ""),
+                           "ask an approver to retry", reason="not_approver")
         if self.state != FAILED:
             return InvalidInput(f"promotion request #{self.id} is {self.state}, not failed",
                                 "only a failed apply can be retried")

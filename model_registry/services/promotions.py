@@ -28,7 +28,7 @@ from model_registry.adapters.db import Database, rows_changed
 from model_registry.adapters.model_files import marked_default
 from model_registry.adapters.records import Approval, ModelRecord, PromotionRequest
 from model_registry.config import ProjectConfig
-from model_registry.domain import names
+from model_registry.domain import approval_rules, names
 from model_registry.domain import promotion as rules
 from model_registry.domain.diffs import card_digest, diff_versions
 from model_registry.domain.errors import InvalidInput, NotFound, Refused, StarchartError
@@ -81,14 +81,16 @@ class Promotions:
             cand_view = version_view(cand)
             base_view = version_view(self.catalog.version(s, model, base_name)) if base_name else None
             diff = diff_versions(cand_view, base_view)
+            applying_rules = approval_rules.requirements(policy, approval_rules.Opening(kind, diff))
             now = names.utcnow()
             req = PromotionRequest(
                 model=model, kind=kind, candidate_version=version, base_version=base_name,
                 candidate_digest=cand.digest, card_digest=card_digest(cand.digest, base_view["digest"] if base_view else None,
                                                                       diff),
                 diff=diff, requested_by=user, reason=reason, state=rules.OPEN,
-                required_approvals=policy.required_approvals, created_at=now, expires_at=now + policy.request_expiry,
-                channel=policy.channel or channel,
+                required_approvals=approval_rules.required_approvals(applying_rules, policy.required_approvals),
+                created_at=now, expires_at=now + policy.request_expiry, channel=policy.channel or channel,
+                rules=[r.as_dict() for r in applying_rules] or None,
             )
             s.add(req)
             s.flush()
@@ -96,7 +98,9 @@ class Promotions:
             self.audit_log.append(s, "rollback.requested" if kind == "rollback" else "promotion.requested", user, model=model,
                          version=version, request_id=req.id, channel=req.channel,
                          details={"kind": kind, "base": base_name, "reason": reason, "card_digest": req.card_digest,
-                                  "breaking": diff["signature"]["breaking"]})
+                                  "breaking": diff["signature"]["breaking"],
+                                  "rules": [{k: v for k, v in r.as_dict().items() if k != "approved_by"}
+                                            for r in applying_rules]})
             return request_view(req)
 
     def apply(self, model: str, user: str, reason: str | None = None, channel: str | None = None,
@@ -165,6 +169,23 @@ class Promotions:
                 q = q.where(PromotionRequest.state.in_([rules.OPEN, rules.APPROVED, rules.APPLYING, rules.FAILED]))
             return [request_view(r, self.catalog.approvals(s, r.id)) for r in
                     s.execute(q.order_by(PromotionRequest.id.desc()).limit(50)).scalars()]
+
+    def waiting_for(self, user: str) -> list[RequestView]:
+        """Open requests that wait for `user`'s decision, oldest first: they may decide on them (the approvers, the
+        rules, self-approval) and have not yet."""
+        now = names.utcnow()
+        with self.db.reads() as s:
+            rows = s.execute(select(PromotionRequest).where(
+                PromotionRequest.state == rules.OPEN, PromotionRequest.expires_at > now)
+                .order_by(PromotionRequest.id)).scalars().all()
+            waiting = []
+            for row in rows:
+                req = self._domain(s, row)
+                trained_by = self.catalog.version(s, row.model, row.candidate_version).trained_by
+                if req.awaits(user, rules.Facts(now=now, trained_by=trained_by), self.config.policy(row.model),
+                              self.catalog.members_of):
+                    waiting.append(request_view(row, self.catalog.approvals(s, row.id)))
+            return waiting
 
     def set_card(self, request_id: int, channel: str, message_ts: str) -> None:
         with self.db.unit_of_work() as s:
@@ -368,7 +389,8 @@ class Promotions:
                        for a in self.catalog.approvals(s, row.id)],
             decided_at=row.decided_at, apply_started_at=row.apply_started_at, apply_owner=row.apply_owner,
             lease_until=row.apply_lease_until, applied_at=row.applied_at,
-            error=row.error, channel=row.channel, message_ts=row.message_ts)
+            error=row.error, channel=row.channel, message_ts=row.message_ts,
+            rules=[approval_rules.Requirement.from_dict(r) for r in row.rules or []])
 
     def _store(self, s: Session, row: PromotionRequest, req: rules.PromotionRequest, outcome: rules.Outcome,
                person: dict[str, Any] | None = None) -> None:
@@ -376,6 +398,8 @@ class Promotions:
         row.state, row.decided_at, row.error = req.state, req.decided_at, req.error
         row.apply_started_at, row.applied_at = req.apply_started_at, req.applied_at
         row.apply_owner, row.apply_lease_until = req.apply_owner, req.lease_until
+        if req.rules:  # who has approved for each rule changes with the decisions
+            row.rules = [r.as_dict() for r in req.rules]
         if outcome.decision is not None:
             d = outcome.decision
             s.add(Approval(request_id=row.id, approver=d.approver, decision=d.decision, reason=d.reason,

@@ -93,6 +93,8 @@ class RequestView(TypedDict):
     diff: dict[str, Any]
     channel: str | None
     message_ts: str | None
+    rules: list[dict[str, Any]]  # every approval rule that applies: {when, why, required_approvals, approvers, ...}
+    rule: dict[str, Any] | None  # the strictest of them (the most approvals), or None
 
 
 class ApplyView(RequestView):
@@ -261,5 +263,46 @@ def request_view(r: PromotionRequest, approvals: Iterable[Approval] = ()) -> Req
         r.required_approvals, "approvals": sum(1 for d in decisions if d["decision"] == "approve"),
         "decisions": decisions, "created_at": iso(r.created_at), "expires_at": iso(r.expires_at),
         "applied_at": iso(r.applied_at), "error": r.error, "card_digest": r.card_digest, "diff": r.diff,
-        "channel": r.channel, "message_ts": r.message_ts,
+        "channel": r.channel, "message_ts": r.message_ts, "rules": list(r.rules or []), "rule": strictest_rule(r.rules),
     }
+
+
+def strictest_rule(rules: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The stored rule asking the most approvals (the first on a tie): what a card and `show --json` name."""
+    return max(rules or [], key=lambda rule: rule["required_approvals"], default=None)
+
+
+class LastTraining(TypedDict):
+    job_id: str
+    state: str
+    created_at: str | None
+    ended_at: str | None
+
+
+class ModelSummary(TypedDict):
+    """A model at a glance: its default version and its last training."""
+
+    model: str
+    default: str | None
+    last_training: LastTraining | None
+
+
+class FailureView(TypedDict):
+    """A failed training or apply: what, of which model, when, why."""
+
+    kind: str  # training | apply
+    model: str
+    subject: str  # the job id, or the promotion request's id (#N)
+    at: str | None
+    error: str | None
+
+
+class HomeView(TypedDict):
+    """One person's Home: the requests waiting for their decision, each model, the failures since `since`."""
+
+    user: str
+    waiting: list[RequestView]
+    waiting_more: int  # waiting requests past the ones listed
+    models: list[ModelSummary]
+    failures: list[FailureView]
+    since: str | None

@@ -145,6 +145,48 @@ class SlackDriver:
                          "text": {"type": "plain_text", "text": button_text, "emoji": True}, "action_ts": now}],
         }
 
+    def home_action_payload(self, action_id: str, value: str, view: Mapping[str, Any], *,
+                            user_id: str = DEFAULT_USER, trigger_id: str | None = None, block_id: str = "actions",
+                            button_text: str = "Button") -> dict[str, Any]:
+        """A block_actions payload for a button on the person's Home tab: the view instead of a message, and no
+        channel or response_url (Slack sends none from a Home tab)."""
+        return {
+            "type": "block_actions",
+            "user": self._user(user_id),
+            "api_app_id": self.api_app_id,
+            "token": self.verification_token,
+            "container": {"type": "view", "view_id": view.get("id")},
+            "trigger_id": trigger_id or self.trigger_id(),
+            "team": {"id": self.team_id, "domain": self.team_domain},
+            "enterprise": None,
+            "is_enterprise_install": False,
+            "view": dict(view),
+            "state": {"values": {}},
+            "actions": [{"action_id": action_id, "block_id": block_id, "value": value, "type": "button",
+                         "text": {"type": "plain_text", "text": button_text, "emoji": True},
+                         "action_ts": f"{time.time():.6f}"}],
+        }
+
+    def event_body(self, event: Mapping[str, Any]) -> str:
+        """An Events API delivery (event_callback, JSON), as Slack posts it."""
+        now = int(time.time())
+        return json.dumps({
+            "token": self.verification_token, "team_id": self.team_id, "api_app_id": self.api_app_id,
+            "event": {"event_ts": f"{time.time():.6f}", **event}, "type": "event_callback",
+            "event_id": f"Ev0DRIVER{self._next():05d}", "event_time": now,
+            "authorizations": [{"enterprise_id": None, "team_id": self.team_id, "user_id": "U0BOTFAKE1",
+                                "is_bot": True, "is_enterprise_install": False}],
+            "is_ext_shared_channel": False,
+        })
+
+    def home_opened(self, user_id: str = DEFAULT_USER, tab: str = "home",
+                    view: Mapping[str, Any] | None = None) -> DriverResponse:
+        """Send a signed app_home_opened event: `user_id` opened the app's Home (or Messages) tab."""
+        event: dict[str, Any] = {"type": "app_home_opened", "user": user_id, "channel": "D0HOME0001", "tab": tab}
+        if view is not None:
+            event["view"] = dict(view)
+        return self.send_signed(self.event_body(event), "application/json")
+
     def view_submission_payload(self, callback_id: str, private_metadata: str = "",
                                 state_values: Mapping[str, Any] | None = None, *, user_id: str = DEFAULT_USER,
                                 view_id: str | None = None, title: str = "Modal") -> dict[str, Any]:
@@ -238,6 +280,12 @@ class SlackDriver:
         payload = self.block_action_payload(action_id, value, user_id=user_id, channel_id=channel_id,
                                             message_ts=message_ts, response_url=response_url,
                                             trigger_id=trigger_id, block_id=block_id, message=message, **fields)
+        return self.send_signed(self.payload_body(payload))
+
+    def home_action(self, action_id: str, value: str, view: Mapping[str, Any], user_id: str = DEFAULT_USER,
+                    **fields: Any) -> DriverResponse:
+        """Send a signed block_actions payload for a button on a Home tab."""
+        payload = self.home_action_payload(action_id, value, view, user_id=user_id, **fields)
         return self.send_signed(self.payload_body(payload))
 
     def view_submission(self, callback_id: str, private_metadata: str = "",

@@ -273,6 +273,7 @@ class SlackFake:
             "chat.update": self._update,
             "chat.postEphemeral": self._post_ephemeral,
             "views.open": self._views_open,
+            "views.publish": self._views_publish,
             "usergroups.users.list": self._usergroup_users,
             "users.info": self._users_info,
             "conversations.info": self._conversations_info,
@@ -511,6 +512,7 @@ class SlackFake:
             self._messages: dict[tuple[str, str], dict[str, Any]] = {}
             self._ephemerals: list[dict[str, Any]] = []
             self._views: dict[str, dict[str, Any]] = {}
+            self._homes: dict[str, dict[str, Any]] = {}  # user id -> their Home tab as published last
             self._files: dict[str, dict[str, Any]] = {}
             self._uploads: list[dict[str, Any]] = []
             self._responses: list[dict[str, Any]] = []
@@ -548,6 +550,12 @@ class SlackFake:
         """View id -> view opened with views.open."""
         with self._lock:
             return copy.deepcopy(self._views)
+
+    @property
+    def homes(self) -> dict[str, dict[str, Any]]:
+        """User id -> the Home view published for them last (views.publish)."""
+        with self._lock:
+            return copy.deepcopy(self._homes)
 
     @property
     def uploads(self) -> list[dict[str, Any]]:
@@ -799,6 +807,32 @@ class SlackFake:
                   "clear_on_close": False, "notify_on_close": False, **view}
         self._views[view_id] = opened
         return {"view": copy.deepcopy(opened)}
+
+    def _views_publish(self, params: dict[str, Any]) -> dict[str, Any]:
+        user = params.get("user_id")
+        if not user:
+            raise SlackError("invalid_arguments", messages=["missing required field: user_id"])
+        if str(user) not in self._users:
+            raise SlackError("user_not_found")
+        view = params.get("view")
+        if not isinstance(view, dict) or not isinstance(view.get("type"), str):
+            raise SlackError("invalid_arguments", messages=["missing required field: view"])
+        if view["type"] != "home":
+            raise SlackError("invalid_arguments", messages=["must be a home view [json-pointer:/view/type]"])
+        problems = block_problems(view.get("blocks") or [], MAX_VIEW_BLOCKS, base="/view/blocks")
+        if problems:
+            raise SlackError("invalid_arguments", messages=problems)
+        published = self._homes.get(str(user))
+        if params.get("hash") and published is not None and params["hash"] != published["hash"]:
+            raise SlackError("hash_conflict")  # the view changed since the hash the caller read
+        view_id = published["id"] if published else f"V0HOME{next(self._counter):05d}"
+        shown = {"id": view_id, "team_id": TEAM_ID, "app_id": APP_ID, "bot_id": BOT_ID, "root_view_id": view_id,
+                 "previous_view_id": None, "external_id": "", "hash": f"{int(time.time())}.{uuid.uuid4().hex[:8]}",
+                 "state": {"values": {}}, "private_metadata": "", "callback_id": "", "close": None, "submit": None,
+                 "clear_on_close": False, "notify_on_close": False, "title": {"type": "plain_text", "text": "View"},
+                 **view}
+        self._homes[str(user)] = shown
+        return {"view": copy.deepcopy(shown)}
 
     def _usergroup_users(self, params: dict[str, Any]) -> dict[str, Any]:
         members = self._groups.get(str(params.get("usergroup")))
