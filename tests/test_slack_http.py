@@ -283,7 +283,7 @@ def test_large_diff_goes_to_thread_and_file(driver: SlackDriver, slack: SlackFak
     acked(driver.command(f"promote iris {newest}", user_id=REQUESTER, channel_id=CHANNEL))
     (channel, ts), card = message_with(slack, "Review: iris")
     assert "and 4 more" in json.dumps(card)
-    upload = slack.wait_for(lambda: [u for u in slack.uploads if u["filename"].endswith("-diff.txt")], timeout=10)[0]
+    upload = slack.wait_for(lambda: [u for u in slack.uploads if "-diff." in u["filename"] and u["filename"].endswith(".txt")], timeout=10)[0]
     assert upload["thread_ts"] == ts and b"p11" in upload["content"]
 
 

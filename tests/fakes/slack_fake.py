@@ -264,7 +264,8 @@ class SlackFake:
         self._groups: dict[str, list[str]] = {}
         self._channels: dict[str, dict[str, Any]] = {}
         self._failures: dict[str, list[SlackError]] = {}
-        self._lost_replies: dict[str, list[float]] = {}  # method -> seconds each applied call waits, then hangs up
+        # method -> (seconds each applied call waits, then hangs up; which calls: None for the next, whatever it is)
+        self._lost_replies: dict[str, list[tuple[float, Callable[[Any], bool] | None]]] = {}
         self._revoked: set[str] = set()
         self._last_ts = 0.0
         self._handlers: dict[str, Handler] = {
@@ -463,12 +464,23 @@ class SlackFake:
             self._failures.setdefault(method, []).extend(
                 SlackError(error, status=status, headers=headers) for _ in range(times))
 
-    def lose_reply_next(self, method: str, *, after: float = 0.0, times: int = 1) -> None:
+    def lose_reply_next(self, method: str, *, after: float = 0.0, times: int = 1,
+                        when: Callable[[Any], bool] | None = None) -> None:
         """Apply the next `times` calls to `method` as usual, but never answer them: after `after` seconds the
         connection is dropped (a reply lost on the way, or a caller that died waiting). `method` "upload" is a
-        file's bytes posted to its upload URL (files_upload_v2's second step)."""
+        file's bytes posted to its upload URL (files_upload_v2's second step). `when`: only calls whose parameters
+        (for "upload", the pending file: its name and title) it accepts."""
         with self._lock:
-            self._lost_replies.setdefault(method, []).extend(after for _ in range(times))
+            self._lost_replies.setdefault(method, []).extend((after, when) for _ in range(times))
+
+    def _take_lost(self, method: str, about: Any) -> float | None:
+        """The hold of the first lost reply waiting for this call, taken (under the lock)."""
+        waiting = self._lost_replies.get(method) or []
+        for i, (after, when) in enumerate(waiting):
+            if when is None or when(about):
+                del waiting[i]
+                return after
+        return None
 
     def revoke(self, token: str) -> None:
         """Answer every call made with `token` with token_revoked (as Slack does once an app is uninstalled)."""
@@ -638,8 +650,7 @@ class SlackFake:
                 except SlackError as exc:
                     error = exc
         with self._lock:
-            lost = self._lost_replies.get(method)
-            hold = lost.pop(0) if (lost and error is None) else None
+            hold = self._take_lost(method, params) if error is None else None
         if hold is not None:  # applied, but the reply never arrives: the connection is dropped
             time.sleep(hold)
             request.close_connection = True
@@ -660,8 +671,7 @@ class SlackFake:
             pending = self._files.get(file_id)
             if pending is not None:
                 pending["content"] = body
-            lost = self._lost_replies.get("upload")
-            hold = lost.pop(0) if (lost and pending is not None) else None
+            hold = self._take_lost("upload", pending) if pending is not None else None
         if hold is not None:  # the bytes arrived; the answer never does (the upload is not shared until completed)
             time.sleep(hold)
             request.close_connection = True
