@@ -29,7 +29,7 @@ from slack_sdk.errors import SlackApiError
 
 from bot import blocks
 from handlers.chat import slack_hint
-from handlers.results import Checkpoint, Failure, ReviewCard, TrainingMessage
+from handlers.results import CanaryCard, Checkpoint, Failure, ReviewCard, TrainingMessage
 from model_registry.adapters import outbox as kinds
 from model_registry.config import SlackSettings
 from model_registry.domain.errors import StarchartError
@@ -71,6 +71,7 @@ def _what(message: Claimed) -> str:
     return {kinds.TRAINING: f"the training message of {message.subject}",
             kinds.REVIEW_CARD: f"the review card of promotion request #{message.subject}",
             kinds.CARD_FILE: f"the full diff of promotion request #{message.subject}",
+            kinds.CANARY_CARD: f"the canary card of promotion request #{message.subject}",
             kinds.CHECKPOINT: "the audit checkpoint"}.get(message.kind, f"a {message.kind} message")
 
 
@@ -83,6 +84,8 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
             return blocks.render(TrainingMessage(job, metrics))
         if message.kind in (kinds.REVIEW_CARD, kinds.CARD_FILE):
             return blocks.render(ReviewCard(core.promotions.get(int(message.subject))))
+        if message.kind == kinds.CANARY_CARD:
+            return blocks.render(CanaryCard(core.canaries.get(int(message.subject))))
         if message.kind == kinds.CHECKPOINT:
             checkpoint = _payload(message).get("checkpoint")
             if not isinstance(checkpoint, dict):

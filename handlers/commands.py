@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from handlers import audit, reviews, schedules, training, versions
+from handlers import audit, canary, reviews, schedules, training, versions
 from handlers.grammar import model_arg
 from handlers.results import Result
 from handlers.table import Command, Invocation, Table
@@ -45,6 +45,8 @@ for _command in (
     Command("pull", "pull MODEL [VERSION] [--format savedmodel|tflite]: a copy of a version (default: the default), "
                     "into a folder (CLI) or as a file (chat: .tar.gz or .tflite)", versions.pull,
             versions.pull_arguments),
+    Command("canary", "canary MODEL [status|promote|rollback]: the running canary's figures, or promote it to 100% "
+                      "or roll it back", canary.canary, canary.canary_arguments),
     Command("schedule", 'schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off', schedules.schedule,
             schedules.schedule_arguments),
 ):
@@ -58,4 +60,6 @@ ACTIONS: dict[str, Action] = {
     reviews.RETRY: reviews.on_retry,
     reviews.TRY: reviews.on_try,
     audit.AUDIT_NEXT: audit.on_next,
+    canary.PROMOTE: canary.on_promote,
+    canary.ROLLBACK: canary.on_rollback,
 }

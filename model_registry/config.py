@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import yaml
 
 from model_registry.adapters.backends.vertex_settings import EndpointSettings, endpoint_settings
+from model_registry.domain.canary import CanaryPolicy, canary_policy
 from model_registry.domain.errors import InvalidInput
 from model_registry.domain.names import parse_duration, validate_model_name
 
@@ -20,7 +21,7 @@ POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
     "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
     "machine_type", "executor_image", "endpoint", "args_allowed", "data_roots", "trainer_env", "non_finite_inputs",
-    "serving", "evaluation",
+    "serving", "evaluation", "canary",
 }
 # the bot's own secrets: never handed to a local trainer, even when `trainer_env` lists them
 TRAINER_ENV_FORBIDDEN = frozenset({"SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "DATABASE_URL",
@@ -144,6 +145,7 @@ class ModelPolicy:
     non_finite_inputs: bool = False  # predictions may send NaN and ±Infinity as float inputs
     serving: dict[str, int] | None = None  # the local model server's batching: max_batch_size, batch_timeout_micros
     evaluation: Evaluation | None = None  # evaluation data: e.g. the rows a TensorFlow Lite copy is checked on
+    canary: CanaryPolicy = field(default_factory=CanaryPolicy)  # `--canary`'s defaults and the limits it is judged by
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,7 @@ class ProjectConfig:
                 trainer_env=_trainer_env(merged.get("trainer_env")),
                 serving=_serving(merged.get("serving")),
                 evaluation=_evaluation(merged.get("evaluation"), self.path),
+                canary=canary_policy(merged.get("canary")),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc

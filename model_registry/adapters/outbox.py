@@ -15,12 +15,19 @@ from model_registry.domain.names import utcnow
 
 # what a message is about; the sender renders each kind from its record
 TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE = "training", "review_card", "card_file", "checkpoint", "notice"
-KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE)
+CANARY_CARD = "canary_card"
+KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE, CANARY_CARD)
 
 
 def mark_recorded(s: Session) -> None:
     """Wake the senders of this process once the transaction commits."""
     s.info[MESSAGE_RECORDED] = True
+
+
+def exists(s: Session, kind: str, subject: str) -> bool:
+    """Whether a message about this record was recorded."""
+    return s.execute(select(OutboxMessage.id).where(OutboxMessage.kind == kind, OutboxMessage.subject == subject)
+                     ).first() is not None
 
 
 def record(s: Session, kind: str, subject: str, channel: str, *, notify: str | None = None,
