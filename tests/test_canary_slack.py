@@ -6,26 +6,25 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import test_slack_http as http
 from fakes.slack_driver import SlackDriver
 from fakes.slack_fake import SlackFake
-from test_slack_http import (  # noqa: F401 - the fixtures of the Slack tests, shared
+from test_slack_http import (
     APPROVER,
     CHANNEL,
     GROUP_APPROVER,
     MALLORY,
     REQUESTER,
-    _registry_for,
     acked,
-    bot_env,
     buttons,
-    driver,
     message_with,
     registry_from,
     said_to,
-    server,
-    slack,
     train_expose_promote,
 )
+
+# the Slack tests' fixtures, shared: the fake, the bot's environment, `starchart serve`, the driver, the registry
+slack, bot_env, server, driver, _registry_for = http.slack, http.bot_env, http.server, http.driver, http._registry_for
 
 
 def test_a_canary_card_with_its_buttons_through_the_outbox(driver: SlackDriver, slack: SlackFake, trained: dict,

@@ -7,11 +7,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
+import test_vertex_backend as vertex_tests
 from fakes.vertex_fake import VertexFake, fast_backend
-from test_vertex_backend import ENDPOINT, V1, V2, fake, serving, versions_of  # noqa: F401 - `fake` is a fixture
+from test_vertex_backend import ENDPOINT, V1, V2, serving, versions_of
 
 from model_registry.domain import canary as canary_rules
 from model_registry.domain.errors import Refused
+
+fake = vertex_tests.fake  # the Vertex tests' fixture: a fake of Vertex AI's endpoints on a local port
 
 
 def test_a_canary_is_the_endpoints_traffic_split_and_ends_in_one_update(fake: VertexFake) -> None:
