@@ -45,8 +45,8 @@ for _command in (
     Command("pull", "pull MODEL [VERSION] [--format savedmodel|tflite]: a copy of a version (default: the default), "
                     "into a folder (CLI) or as a file (chat: .tar.gz or .tflite)", versions.pull,
             versions.pull_arguments),
-    Command("canary", "canary MODEL [status|promote|rollback]: the running canary's figures, or promote it to 100% "
-                      "or roll it back", canary.canary, canary.canary_arguments),
+    Command("canary", "canary MODEL [status|promote|rollback]: the running canary's figures, or promote it (all "
+                      "the traffic) or roll it back", canary.canary, canary.canary_arguments),
     Command("schedule", 'schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off', schedules.schedule,
             schedules.schedule_arguments),
 ):
