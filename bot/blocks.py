@@ -231,6 +231,11 @@ def review_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
                                                       else " unchanged" if base else ""),
         f"module `{escape(prog['module'])}`", f"expires {req['expires_at']}",
         f"approvals {req['approvals']}/{req['required_approvals']}"))
+    if diff.get("canary"):
+        plan = diff["canary"]
+        blocks.append(section(f":hatching_chick: *Canary*: once approved, {plan['percent']}% of the default's traffic "
+                              f"goes to `{req['candidate']}` for {plan['bake_seconds']}s before it becomes the "
+                              "default"))
     if truncated:
         blocks.append(context(":thread: The full diff is in the thread and attached as a file."))
     blocks.append({"type": "actions", "block_id": f"review-{req['id']}", "elements": [
@@ -268,6 +273,10 @@ def decided_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
         "rejected": ":no_entry: rejected",
         "expired": ":alarm_clock: expired",
         "stale": ":warning: stale — the default or the candidate changed; open a new request",
+        "canary": f":hatching_chick: canary running: {(req.get('canary') or {}).get('percent')}% of the default's "
+                  f"traffic goes to `{req['candidate']}` (see its canary card)",
+        "rolled_back": f":leftwards_arrow_with_hook: canary rolled back: "
+                       f"{escape((req.get('canary') or {}).get('why') or '')[:1000]}",
     }.get(state, state)
     blocks.append(section(f"*Outcome:* {outcome}"))
     if state == "open":
@@ -543,3 +552,6 @@ def _failure(result: r.Failure) -> Rendered:
 @render.register(r.SignedUrls)
 def _text_only(result: r.Result) -> Rendered:
     return Rendered(plain.render(result, plain.CHAT).body)
+
+
+from bot import canary_blocks as _canary_blocks  # noqa: E402,F401 - registers the canary card

@@ -31,6 +31,7 @@ from slack_sdk.errors import SlackApiError
 from bot import blocks
 from handlers.chat import slack_hint
 from handlers.results import (
+    CanaryCard,
     Checkpoint,
     Failure,
     NightlyExposed,
@@ -84,6 +85,7 @@ def _what(message: Claimed) -> str:
             kinds.REVIEW_CARD: f"the review card of promotion request #{message.subject}",
             kinds.CARD_FILE: f"the full diff of promotion request #{message.subject}",
             kinds.CARD_CHARTS: f"the charts of promotion request #{message.subject}",
+            kinds.CANARY_CARD: f"the canary card of promotion request #{message.subject}",
             kinds.CHECKPOINT: "the audit checkpoint",
             kinds.NIGHTLY: f"the nightly retrain's message {message.subject}"}.get(message.kind,
                                                                                  f"a {message.kind} message")
@@ -99,6 +101,8 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
             return blocks.render(TrainingMessage(job, metrics, progress))
         if message.kind in (kinds.REVIEW_CARD, kinds.CARD_FILE):
             return blocks.render(ReviewCard(core.promotions.get(int(message.subject))))
+        if message.kind == kinds.CANARY_CARD:
+            return blocks.render(CanaryCard(core.canaries.get(int(message.subject))))
         if message.kind == kinds.CHECKPOINT:
             checkpoint = _payload(message).get("checkpoint")
             if not isinstance(checkpoint, dict):

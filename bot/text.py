@@ -129,6 +129,10 @@ def default_at_lines(answer: dict[str, Any]) -> list[str]:
            f"(since {answer['since']}, {answer['how']})"]
     out.append(f"  requested by {answer.get('requested_by') or '-'}; approved by "
                f"{', '.join(answer.get('approved_by') or []) or '- (first version of a new model)'}")
+    if answer.get("split"):
+        shares = ", ".join(f"{v} {p}%" for v, p in answer["split"].items())
+        canary = answer.get("canary_request")
+        out.append(f"  traffic: {shares}" + (f" (the canary of promotion request #{canary})" if canary else ""))
     if answer.get("job_id"):
         program = answer.get("program") or {}
         out.append(f"  from job {answer['job_id']} trained by {answer.get('trained_by')}")
@@ -492,6 +496,9 @@ def outcome(req: dict[str, Any], style: Style) -> str:
         "rejected": f"{e('no_entry')}rejected",
         "expired": f"{e('alarm_clock')}expired",
         "stale": f"{e('warning')}stale — the default or the candidate changed; open a new request",
+        "canary": f"{e('hatching_chick')}canary running: {(req.get('canary') or {}).get('percent')}% of the "
+                  f"default's traffic goes to {style.code(req['candidate'])} (see its canary card)",
+        "rolled_back": f"{e('leftwards_arrow_with_hook')}canary rolled back: {(req.get('canary') or {}).get('why')}",
     }.get(req["state"], req["state"])
 
 
@@ -640,3 +647,6 @@ def _notice(result: r.Notice, style: Style = PLAIN) -> Text:
 @render.register
 def _failure(result: r.Failure, style: Style = PLAIN) -> Text:
     return Text(result.message, [f"error: {result.message}"] + ([f"  hint: {result.hint}"] if result.hint else []))
+
+
+from bot import canary_text as _canary_text  # noqa: E402,F401 - registers the canary's renderings

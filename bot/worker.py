@@ -1,4 +1,4 @@
-"""`starchart worker`: keeps the records true while nobody is asking — jobs, interrupted applies, expiry,
+"""`starchart worker`: keeps the records true while nobody is asking — jobs, interrupted applies, canaries, expiry,
 scheduled retrains put up for review, audit checkpoints (`audit_checkpoint`) — and delivers the outbox's messages
 to Slack (bot.delivery). `starchart clock`: starts scheduled trainings. `starchart serve --with-worker` runs both
 passes in the web process (`in_background`)."""
@@ -35,10 +35,11 @@ def record_checkpoint(registry: Any) -> dict[str, Any]:
 
 
 def one_pass(registry: Any, client: Any = None, sender: Any = None) -> dict[str, int]:
-    """Jobs refreshed, interrupted applies settled, requests expired, nightly retrains put up for review (their
-    cards recorded for the outbox), a checkpoint when due; then the due messages delivered (with `sender`, or a
+    """Jobs refreshed, interrupted applies settled, running canaries judged, requests expired, nightly retrains put
+    up for review (their cards recorded for the outbox), a checkpoint when due; then the due messages delivered (with `sender`, or a
     sender on `client`)."""
     done = {"reconciled": len(registry.promotions.reconcile())}  # first: a settled apply should not wait for jobs
+    done["canaries"] = len(registry.canaries.check())  # rolled back or promoted by their figures and bake
     done.update(jobs=registry.jobs.refresh(), expired=registry.promotions.expire(), checkpoints=0)
     opened = registry.schedules.follow_scheduled()
     for req in opened:

@@ -24,6 +24,7 @@ from handlers.parsing import parse, slack_parser, usage_text
 from handlers.results import (
     AuditExport,
     AuditPage,
+    CanaryChanged,
     CardPosted,
     Chart,
     Checkpoint,
@@ -221,6 +222,12 @@ def _decided(result: Decided, deps: Deps, chat: Chat) -> None:
         refresh_card(chat, result.request)
     if result.notice:
         chat.out.ephemeral(RequestState(result.request))
+
+
+@deliver.register
+def _canary_changed(result: CanaryChanged, deps: Deps, chat: Chat) -> None:
+    if result.notice or not deps.outbox:  # a click in Slack shows on the canary card, updated by the outbox
+        chat.out.ephemeral(result)
 
 
 @deliver.register

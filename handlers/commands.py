@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from handlers import audit, reviews, schedules, training, versions
+from handlers import audit, canary, reviews, schedules, training, versions
 from handlers.grammar import model_arg
 from handlers.results import Result
 from handlers.table import Command, Invocation, Table
@@ -47,6 +47,8 @@ for _command in (
             versions.pull_arguments),
     Command("chart", "chart MODEL [METRIC]: a PNG of the metric across recent versions, the default marked",
             versions.chart, versions.chart_arguments),
+    Command("canary", "canary MODEL [status|promote|rollback]: the running canary's figures, or promote it (all "
+                      "the traffic) or roll it back", canary.canary, canary.canary_arguments),
     Command("schedule", 'schedule list | schedule MODEL "CRON" [-- ARGS] | schedule MODEL off', schedules.schedule,
             schedules.schedule_arguments),
 ):
@@ -60,4 +62,6 @@ ACTIONS: dict[str, Action] = {
     reviews.RETRY: reviews.on_retry,
     reviews.TRY: reviews.on_try,
     audit.AUDIT_NEXT: audit.on_next,
+    canary.PROMOTE: canary.on_promote,
+    canary.ROLLBACK: canary.on_rollback,
 }

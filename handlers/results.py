@@ -262,6 +262,32 @@ class RequestState(RequestResult):
 
 
 @dataclass(frozen=True)
+class CanaryResult(Result):
+    canary: Record
+
+    @property
+    def data(self) -> Any:
+        return self.canary
+
+
+@dataclass(frozen=True)
+class CanaryShown(CanaryResult):
+    """canary MODEL status: the split, the bake, both sides' figures and what the rules make of them."""
+
+
+@dataclass(frozen=True)
+class CanaryChanged(CanaryResult):
+    """canary MODEL promote|rollback (command or button); a click shows on the card itself (`notice` off)."""
+
+    notice: bool = True
+
+
+@dataclass(frozen=True)
+class CanaryCard(CanaryResult):
+    """The canary card in the model's channel, delivered by the outbox."""
+
+
+@dataclass(frozen=True)
 class Requests(Result):
     model: str
     requests: Sequence[Record]

@@ -32,6 +32,11 @@ def promote_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
     p.add_argument("model")
     p.add_argument("version")
     p.add_argument("--reason")
+    p.add_argument("--canary", nargs="?", const="", metavar="PCT",
+                   help="once approved, send PCT%% of the default's traffic to the version first (alone: the "
+                        "model's canary.percent)")
+    p.add_argument("--bake", metavar="DURATION", help="how long the canary runs before it is promoted or waits, "
+                                                      "e.g. 30m (default: the model's canary.bake)")
 
 
 def reason_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
@@ -46,7 +51,8 @@ def _card(inv: Invocation) -> dict[str, Any]:
 
 def promote(inv: Invocation) -> Result:
     args = inv.args
-    return RequestOpened(inv.core.promotions.promote(args.model, args.version, inv.user, args.reason, **_card(inv)))
+    return RequestOpened(inv.core.promotions.promote(args.model, args.version, inv.user, args.reason,
+                                                     canary=args.canary, bake=args.bake, **_card(inv)))
 
 
 def apply(inv: Invocation) -> Result:

@@ -17,6 +17,7 @@ from model_registry.adapters.tflite import TfliteConverter
 from model_registry.config import ProjectConfig, Settings
 from model_registry.domain.policy import MembersOf
 from model_registry.services.audit_trail import AuditTrail
+from model_registry.services.canaries import Canaries
 from model_registry.services.catalog import Catalog
 from model_registry.services.charts import Charts
 from model_registry.services.copies import Copies
@@ -42,6 +43,7 @@ class Core:
     jobs: Jobs
     versions: Versions
     promotions: Promotions
+    canaries: Canaries
     audit: AuditTrail
     schedules: Schedules
     predictions: Predictions
@@ -87,6 +89,7 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
     return Core(
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,
+        canaries=Canaries(db, audit_log, catalog, config, backend, promotions),
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
         predictions=Predictions(db, catalog, backend, config),
         copies=Copies(db, catalog, backend, config, TfliteConverter(settings.trainer_python)), outbox=Outbox(db),

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import yaml
 
 from model_registry.adapters.backends.vertex_settings import EndpointSettings, endpoint_settings
+from model_registry.domain.canary import CanaryPolicy, canary_policy
 from model_registry.domain.errors import InvalidInput
 from model_registry.domain.names import parse_duration, validate_model_name
 
@@ -20,7 +21,7 @@ POLICY_KEYS = {
     "channel", "operators", "approvers", "required_approvals", "allow_self_approval", "request_expiry",
     "module", "args", "schedule", "auto_expose", "auto_review", "gate", "region", "scale_tier",
     "machine_type", "executor_image", "endpoint", "args_allowed", "data_roots", "trainer_env", "non_finite_inputs",
-    "serving", "evaluation", "rules",
+    "serving", "evaluation", "rules", "canary",
 }
 RULE_KINDS = ("breaking_signature", "metric_drop", "rollback", "canary")
 _RULE_KEYS = {"when", "required_approvals", "approvers"}
@@ -159,6 +160,7 @@ class ModelPolicy:
     serving: dict[str, int] | None = None  # the local model server's batching: max_batch_size, batch_timeout_micros
     evaluation: Evaluation | None = None  # evaluation data: e.g. the rows a TensorFlow Lite copy is checked on
     rules: tuple[Rule, ...] = ()  # approval rules by what changes; a model's list replaces the defaults' list
+    canary: CanaryPolicy = field(default_factory=CanaryPolicy)  # `--canary`'s defaults and the limits it is judged by
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ class ProjectConfig:
                 serving=_serving(merged.get("serving")),
                 evaluation=_evaluation(merged.get("evaluation"), self.path),
                 rules=_rules(merged.get("rules")),
+                canary=canary_policy(merged.get("canary")),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidInput(f"invalid policy for model {model!r}: {exc}", "check starchart.yaml against the README") from exc

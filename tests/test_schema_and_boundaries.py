@@ -232,8 +232,8 @@ def test_0007_keeps_the_approval_rules_of_a_request_and_takes_them_away_again(em
             "card_digest, diff, requested_by, state, required_approvals, created_at, expires_at) "
             "VALUES ('iris', 'promote', 'v20261215100000', NULL, 'd', 'c', '{}', 'U1', 'open', 1, :at, :at)"),
             {"at": at})
-    migrate(engine)
-    assert current_revision(engine) == SCHEMA_HEAD == "0007"
+    command.upgrade(alembic_config(engine), "0007")  # 0007 itself (0008 adds the canary columns)
+    assert current_revision(engine) == "0007"
     assert {c["name"]: c for c in inspect(engine).get_columns("promotion_requests")}["rules"]["nullable"]
     rule = {"when": "breaking_signature", "why": "breaking change: input `x` removed", "required_approvals": 2,
             "approvers": ["S0PLATFORM"], "approved_by": []}
@@ -242,6 +242,47 @@ def test_0007_keeps_the_approval_rules_of_a_request_and_takes_them_away_again(em
         conn.execute(update(PromotionRequest).values(rules=[rule]))
         assert conn.execute(select(PromotionRequest.rules)).scalar_one() == [rule]
     command.downgrade(alembic_config(engine), "0006")
+    assert {c["name"] for c in inspect(engine).get_columns("promotion_requests")} == before
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM promotion_requests")).scalar_one() == "open"
+    engine.dispose()
+
+
+def test_0008_adds_the_canary_columns_after_0007_and_takes_them_away_again(empty_db_url: str) -> None:
+    """0008 (after 0007): promotion_requests gains the canary columns, empty on the rows it had (no canary);
+    downgrade drops them and keeps the rows."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import select, text, update
+
+    from model_registry.adapters.db import current_revision
+    from model_registry.adapters.records import PromotionRequest
+
+    engine = make_engine(empty_db_url)
+    command.upgrade(alembic_config(engine), "0007")
+    before = {c["name"] for c in inspect(engine).get_columns("promotion_requests")}
+    assert not {c for c in before if c.startswith("canary_")}
+    at = datetime(2026, 12, 20, 10, 0)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO promotion_requests (model, kind, candidate_version, base_version, candidate_digest, "
+            "card_digest, diff, requested_by, state, required_approvals, created_at, expires_at) "
+            "VALUES ('iris', 'promote', 'v20261220100000', 'v20261219100000', 'd', 'c', '{}', 'U1', 'open', 1, "
+            ":at, :at)"), {"at": at})
+    migrate(engine)
+    assert current_revision(engine) == SCHEMA_HEAD == "0008"
+    columns = {c["name"]: c for c in inspect(engine).get_columns("promotion_requests")}
+    added = {"canary_percent", "canary_bake_seconds", "canary_started_at", "canary_ended_at", "canary_ended_by",
+             "canary_why", "canary_figures"}
+    assert added <= set(columns) and all(columns[c]["nullable"] for c in added)
+    with engine.begin() as conn:
+        assert conn.execute(select(PromotionRequest.canary_percent, PromotionRequest.canary_figures)).one() == (
+            None, None)
+        conn.execute(update(PromotionRequest).values(canary_percent=10, canary_bake_seconds=1800,
+                                                     canary_started_at=at, canary_figures={"mirrored": 3}))
+        assert conn.execute(select(PromotionRequest.canary_figures)).scalar_one() == {"mirrored": 3}
+    command.downgrade(alembic_config(engine), "0007")
     assert {c["name"] for c in inspect(engine).get_columns("promotion_requests")} == before
     with engine.connect() as conn:
         assert conn.execute(text("SELECT state FROM promotion_requests")).scalar_one() == "open"

@@ -27,6 +27,7 @@ ACTIONS = (
     "promotion.applying", "promotion.applied", "promotion.failed", "promotion.expired", "promotion.stale",
     "promotion.reconciled", "rollback.requested",
     "schedule.changed", "request.refused", "review.skipped",
+    "canary.started", "canary.promoted", "canary.rolled_back", "canary.refused",
 )
 
 
@@ -213,6 +214,18 @@ class AuditLog:
         ).scalar_one_or_none()
 
 
+_CANARY_ACTIONS = ("canary.started", "canary.promoted", "canary.rolled_back")
+
+
+def canary_event_at(session: Session, model: str, at: datetime) -> AuditEvent | None:
+    """The last canary event of `model` at or before `at` (its details name the traffic split it left)."""
+    return session.execute(
+        select(AuditEvent).where(AuditEvent.model == model, AuditEvent.created_at <= at,
+                                 AuditEvent.action.in_(_CANARY_ACTIONS))
+        .order_by(AuditEvent.created_at.desc(), AuditEvent.seq.desc()).limit(1)
+    ).scalar_one_or_none()
+
+
 def sign_checkpoint(count: int, head: str, at: str, key: bytes | None) -> str | None:
     if not key:
         return None
@@ -239,3 +252,8 @@ def _details(text: str | None) -> dict[str, Any]:
     except ValueError:
         return {"raw": text}
     return value if isinstance(value, dict) else {"value": value}
+
+
+def event_details(event: AuditEvent) -> dict[str, Any]:
+    """An event's details as a mapping (they are stored as canonical JSON text)."""
+    return _details(event.details)

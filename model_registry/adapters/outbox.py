@@ -16,8 +16,9 @@ from model_registry.domain.names import utcnow
 # what a message is about; the sender renders each kind from its record
 TRAINING, REVIEW_CARD, CARD_FILE, CHECKPOINT, NOTICE = "training", "review_card", "card_file", "checkpoint", "notice"
 CARD_CHARTS = "card_charts"  # a review card's charts (PNG) in its thread, once the card is posted
+CANARY_CARD = "canary_card"  # a canary's figures and its Promote / Roll back buttons
 NIGHTLY = "nightly"  # a scheduled retrain's news other than its review card (payload `event`: one of NIGHTLY_EVENTS)
-KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CARD_CHARTS, CHECKPOINT, NOTICE, NIGHTLY)
+KINDS = (TRAINING, REVIEW_CARD, CARD_FILE, CARD_CHARTS, CHECKPOINT, NOTICE, NIGHTLY, CANARY_CARD)
 # a retrain not put up for review (the gate), one that did not start, one that failed, a version exposed
 REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED = "review_skipped", "not_started", "training_failed", "exposed"
 NIGHTLY_EVENTS = (REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED)
@@ -26,6 +27,12 @@ NIGHTLY_EVENTS = (REVIEW_SKIPPED, NOT_STARTED, TRAINING_FAILED, EXPOSED)
 def mark_recorded(s: Session) -> None:
     """Wake the senders of this process once the transaction commits."""
     s.info[MESSAGE_RECORDED] = True
+
+
+def exists(s: Session, kind: str, subject: str) -> bool:
+    """Whether a message about this record was recorded."""
+    return s.execute(select(OutboxMessage.id).where(OutboxMessage.kind == kind, OutboxMessage.subject == subject)
+                     ).first() is not None
 
 
 def record(s: Session, kind: str, subject: str, channel: str, *, notify: str | None = None,

@@ -125,6 +125,14 @@ class PromotionRequest(Base):
     message_ts: Mapped[str | None] = mapped_column(String(40))
     # the approval rules that applied when it opened (domain.approval_rules.Requirement.as_dict); None: none did
     rules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # a canary: its share and bake as asked, when it started and ended, by whom and why, the figures last read
+    canary_percent: Mapped[int | None] = mapped_column(Integer)
+    canary_bake_seconds: Mapped[int | None] = mapped_column(Integer)
+    canary_started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    canary_ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    canary_ended_by: Mapped[str | None] = mapped_column(String(200))
+    canary_why: Mapped[str | None] = mapped_column(Text)
+    canary_figures: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Approval(Base):

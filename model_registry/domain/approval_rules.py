@@ -26,7 +26,7 @@ class Opening:
 
     kind: str
     diff: Mapping[str, Any]
-    canary: bool = False  # a request opened with --canary (none is yet: there are no canary releases)
+    canary: bool = False  # a request opened with --canary
 
 
 @dataclass(frozen=True)

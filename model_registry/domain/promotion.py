@@ -1,7 +1,9 @@
 """A promotion request and its rules, as a plain object: no database, no Slack, no backend.
 
 States: open → approved | rejected | expired | stale; approved → applying → applied | failed; failed → applying
-(retry). An apply in progress belongs to the process running it through a lease that process renews (`Lease`);
+(retry). A request with a canary (`canary_percent`) goes approved → applying → canary (the candidate takes its share
+of the default's traffic, the default is unchanged) → applying → applied (promoted to 100%), or canary →
+rolled_back; a failed promotion to 100% leaves the canary running. An apply in progress belongs to the process running it through a lease that process renews (`Lease`);
 while it is live only the backend's own answer settles the request, once it lapses `settle` does. Each method checks one step against the facts it is given, changes the request, and returns what
 happened: the audit events to record and, when the step is refused, the refusal to tell the person. The service
 layer (model_registry.services.promotions) loads a request, calls one method, persists the request and appends the events
@@ -16,6 +18,7 @@ from typing import Any, Callable
 
 from model_registry.config import ModelPolicy
 from model_registry.domain import approval_rules
+from model_registry.domain import canary as canary_rules
 from model_registry.domain.approval_rules import Requirement
 from model_registry.domain.errors import InvalidInput, Refused, StarchartError
 from model_registry.domain.names import iso
@@ -24,7 +27,9 @@ from model_registry.domain.policy import MembersOf, check_approver, is_listed
 OPEN, APPROVED, APPLYING, APPLIED, FAILED, REJECTED, EXPIRED, STALE = (
     "open", "approved", "applying", "applied", "failed", "rejected", "expired", "stale",
 )
-APPLICABLE = (APPROVED, FAILED)  # the states an apply may start from (a failed one is a retry)
+CANARY, ROLLED_BACK = "canary", "rolled_back"
+# the states an apply may start from (a failed one is a retry; a canary's is its promotion to 100%)
+APPLICABLE = (APPROVED, FAILED, CANARY)
 
 
 def require_reason(approve: bool, reason: str | None) -> None:
@@ -93,6 +98,7 @@ class Seen:
 
     default: str | None
     asked_at: datetime
+    canary: str | None = None  # the version the backend sends a canary's share of the traffic to, if any
 
 
 @dataclass
@@ -130,6 +136,13 @@ class PromotionRequest:
     channel: str | None = None
     message_ts: str | None = None
     rules: list[Requirement] = field(default_factory=list)  # the approval rules that applied when it opened
+    canary_percent: int | None = None  # a canary: the candidate's share of the default's traffic once applied
+    canary_bake: timedelta | None = None
+    canary_started_at: datetime | None = None
+    canary_ended_at: datetime | None = None
+    canary_ended_by: str | None = None
+    canary_why: str | None = None  # why it was promoted or rolled back
+    canary_figures: dict[str, Any] | None = None  # the figures last read from the backend
 
     @property
     def approvals(self) -> int:
@@ -156,6 +169,17 @@ class PromotionRequest:
     def _check_approver(self, user: str, facts: Facts, policy: ModelPolicy, members_of: MembersOf) -> None:
         check_approver(policy, user, members_of, self.requested_by, facts.trained_by, self.model,
                        approvers=approval_rules.approvers(self.rules), needs=approval_rules.asks(self.rules))
+
+    @property
+    def starting_canary(self) -> bool:
+        """An apply of this request starts its canary (rather than switching the default)."""
+        return self.canary_percent is not None and self.canary_started_at is None
+
+    @property
+    def bake_until(self) -> datetime | None:
+        if self.canary_started_at is None or self.canary_bake is None:
+            return None
+        return self.canary_started_at + self.canary_bake
 
     # ------------------------------------------------------------ decisions
 
@@ -240,12 +264,18 @@ class PromotionRequest:
     # ------------------------------------------------------------ applying
 
     def start_apply(self, actor: str, facts: Facts, backend: str, lease: Lease,
-                    busy_with: int | None = None) -> Outcome:
-        """approved (or failed: a retry) → applying, when the approvals are all there and the default is still
-        the base; the apply then belongs to `lease.owner` until its lease lapses. `busy_with`: another request of
-        the model being applied now (one apply per model at a time)."""
+                    busy_with: int | None = None, canary_of: int | None = None, why: str | None = None) -> Outcome:
+        """approved (or failed: a retry; or canary: its promotion to 100%) → applying, when the approvals are all
+        there and the default is still the base; the apply then belongs to `lease.owner` until its lease lapses.
+        `busy_with`: another request of the model being applied now (one apply per model at a time); `canary_of`:
+        another request of the model whose canary runs (its split holds the default's traffic). `why`: why a
+        canary is promoted (a person's click, or the clean bake)."""
         if self.state not in APPLICABLE:
             return Outcome()  # applied, applying or closed already: nothing to start (double clicks, replicas)
+        if canary_of is not None:
+            return Outcome(refusal=Refused(
+                f"promotion request #{canary_of} of {self.model} runs a canary", f"promote it to 100% or roll it "
+                f"back (`canary {self.model} promote|rollback`), then retry #{self.id}", reason="busy"))
         if not self.complete:
             return Outcome(refusal=Refused(
                 f"promotion request #{self.id} has {self.approvals} of {self.required_approvals} approvals",
@@ -256,10 +286,14 @@ class PromotionRequest:
         if busy_with is not None:
             return Outcome(refusal=Refused(f"promotion request #{busy_with} of {self.model} is being applied right "
                                            f"now", f"retry #{self.id} when it has finished", reason="busy"))
+        if self.state == CANARY:
+            self.canary_ended_by, self.canary_why = actor, why or f"promoted to 100% by {actor}"
         self.state, self.apply_started_at, self.error = APPLYING, facts.now, None
         self.apply_owner, self.lease_until = lease.owner, facts.now + lease.length
-        return Outcome([Event("promotion.applying", actor, {"base": self.base, "backend": backend}, on_card=True)],
-                       started=True)
+        details: dict[str, Any] = {"base": self.base, "backend": backend}
+        if self.canary_percent is not None:
+            details["canary"] = "start" if self.starting_canary else "promote"
+        return Outcome([Event("promotion.applying", actor, details, on_card=True)], started=True)
 
     def lease_lapsed(self, at: datetime) -> bool:
         """An apply in progress whose owner has not renewed its lease by `at` (or that has no owner: recorded by
@@ -289,14 +323,68 @@ class PromotionRequest:
             return []  # settled by someone else meanwhile
         if error is not None and owner is not None and self.apply_owner not in (None, owner):
             return []  # a failure of an earlier attempt, reported after a retry took the request over
+        if self.starting_canary:
+            return self._canary_started(actor, now, error)
         if error is None and not switch_default():
             error = "the default moved while this request was being applied"  # refuse rather than guess
         self.apply_owner, self.lease_until = None, None
+        promoting = self.canary_started_at is not None
+        if error is not None:
+            # a canary whose promotion failed keeps running: its split is as it was, the worker keeps judging it
+            self.state, self.error = (CANARY if promoting else FAILED), error
+            return [Event("promotion.failed", actor, {"error": error, **({"canary": "running"} if promoting else {})},
+                          on_card=True)]
+        self.state, self.applied_at, self.error = APPLIED, now, None
+        events = [Event("promotion.applied", actor, {"base": self.base, "kind": self.kind}, on_card=True)]
+        if promoting:
+            self.canary_ended_at = now
+            events.append(Event("canary.promoted", self.canary_ended_by or actor, {
+                "why": self.canary_why, "split": {self.candidate: 100}, "figures": self.canary_figures}))
+        return events
+
+    def _canary_started(self, actor: str, now: datetime, error: str | None) -> list[Event]:
+        """applying → canary: the backend sends the candidate its share; the default stays the base."""
+        self.apply_owner, self.lease_until = None, None
         if error is not None:
             self.state, self.error = FAILED, error
-            return [Event("promotion.failed", actor, {"error": error}, on_card=True)]
-        self.state, self.applied_at, self.error = APPLIED, now, None
-        return [Event("promotion.applied", actor, {"base": self.base, "kind": self.kind}, on_card=True)]
+            return [Event("promotion.failed", actor, {"error": error, "canary": "not started"}, on_card=True)]
+        assert self.canary_percent is not None and self.canary_bake is not None
+        self.state, self.error, self.canary_started_at = CANARY, None, now
+        return [Event("canary.started", actor, {
+            "percent": self.canary_percent, "bake_seconds": int(self.canary_bake.total_seconds()),
+            "bake_until": iso(now + self.canary_bake), "base": self.base,
+            "split": canary_rules.split(self.base, self.candidate, self.canary_percent)}, on_card=True)]
+
+    def roll_back(self, actor: str, now: datetime, why: str) -> Outcome:
+        """canary → rolled_back: the default keeps all its traffic (the service removed the split first)."""
+        if self.state != CANARY:
+            return Outcome(refusal=Refused(f"promotion request #{self.id} is {self.state}, not a running canary",
+                                           "nothing to roll back", reason="closed"))
+        self.state, self.canary_ended_at, self.canary_ended_by, self.canary_why = ROLLED_BACK, now, actor, why
+        return Outcome([Event("canary.rolled_back", actor, {
+            "why": why, "split": {self.base: 100} if self.base else {}, "figures": self.canary_figures},
+            on_card=True)])
+
+    def canary_refusal(self, user: str, promote: bool, policy: ModelPolicy, members_of: MembersOf,
+                       trained_by: str) -> Refused | None:
+        """Why `user` may not promote (or roll back) this canary, or None. Promoting to 100% is an approval and
+        follows the approvals' policy (self-approval included); rolling back only needs an approver."""
+        if self.state != CANARY:
+            return Refused(f"promotion request #{self.id} is {self.state}, not a running canary",
+                           f"see `canary {self.model} status`", reason="closed")
+        if promote:
+            try:
+                check_approver(policy, user, members_of, self.requested_by, trained_by, self.model)
+            except Refused as exc:
+                return exc
+            return None
+        if not user.strip():
+            return Refused("a rollback needs a known person; this one came without a user id",
+                           "roll back from Slack or the console as yourself", reason="no_user")
+        if policy.approvers and not is_listed(user, policy.approvers, members_of):
+            return Refused(f"{user} is not an approver of {self.model}",
+                           "ask one of: " + ", ".join(policy.approvers), reason="not_approver")
+        return None
 
     def settle(self, seen: Seen, now: datetime, switch_default: Callable[[], bool]) -> list[Event]:
         """An apply in progress, settled by any process from what the backend shows (`seen`): applied as soon as
@@ -307,10 +395,12 @@ class PromotionRequest:
         if self.state != APPLYING:
             return []
         owner, lease_until = self.apply_owner, self.lease_until
-        if seen.default == self.candidate:
+        if (seen.canary == self.candidate and seen.default == self.base) if self.starting_canary \
+                else seen.default == self.candidate:
             events = self.finish_apply("system", now, None, switch_default, owner=None)
         elif self.lease_lapsed(seen.asked_at):
-            still = f"the backend's default is still {seen.default or 'unset'}"
+            still = ("the backend sends the candidate no share of the traffic" if self.starting_canary
+                     else f"the backend's default is still {seen.default or 'unset'}")
             why = (f"the process running it ({owner}) stopped before the backend switched the default: its lease "
                    f"lapsed at {iso(lease_until)} and {still}" if owner and lease_until else
                    f"it was interrupted before the backend switched the default ({still})")

@@ -213,6 +213,12 @@ class AuditTrail:
                 answer["requested_by"] = req.requested_by if req else None
                 answer["approved_by"] = [a.approver for a in self.catalog.approvals(s, event.request_id)
                                          if a.decision == "approve"]
+            answer["split"], answer["canary_request"] = {str(event.version): 100}, None
+            canary = audit.canary_event_at(s, model, at)
+            if canary is not None and canary.action == "canary.started" and canary.seq > event.seq:
+                split = audit.event_details(canary).get("split") or {}
+                answer["split"] = {str(k): int(v) for k, v in split.items()}
+                answer["canary_request"] = canary.request_id
             version = s.execute(select(Version).where(Version.model == model, Version.name == event.version)
                                 ).scalar_one_or_none()
             if version is not None:

@@ -29,6 +29,7 @@ from model_registry.adapters.model_files import marked_default
 from model_registry.adapters.records import Approval, ModelRecord, PromotionRequest
 from model_registry.config import ProjectConfig
 from model_registry.domain import approval_rules, names
+from model_registry.domain import canary as canary_rules
 from model_registry.domain import promotion as rules
 from model_registry.domain.diffs import card_digest, diff_versions
 from model_registry.domain.errors import InvalidInput, NotFound, Refused, StarchartError
@@ -58,11 +59,14 @@ class Promotions:
         self.project = project  # GCP_PROJECT_ID: the project a model file's long version names must name
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
-                channel: str | None = None, card: bool = False) -> RequestView:
+                channel: str | None = None, card: bool = False, canary: str | None = None,
+                bake: str | None = None) -> RequestView:
         """Open a promotion request (or find its open twin). With `card`, its review card is recorded with it, for
-        the model's channel (else `channel`): the outbox posts it and updates it after each decision."""
+        the model's channel (else `channel`): the outbox posts it and updates it after each decision. With
+        `canary` (a percent as typed; '' for the configured one) and `bake`, its apply starts a canary."""
         names.validate_model_name(model)
         policy = self.config.policy(model)
+        plan = canary_rules.plan(canary, bake, policy.canary)
         check_operator(policy, user, self.catalog.members_of, "request a promotion of", model)
         with self.db.unit_of_work() as s:
             self.catalog.require_model(model, s)
@@ -71,9 +75,13 @@ class Promotions:
             base_name = record.default_version if record else None
             if base_name == version:
                 raise InvalidInput(f"{version} is already the default of {model}", "nothing to review")
+            if plan is not None:
+                self._check_canary_possible(s, model, base_name)
             existing = s.execute(select(PromotionRequest).where(
                 PromotionRequest.model == model, PromotionRequest.candidate_version == version,
                 PromotionRequest.base_version == base_name, PromotionRequest.state == rules.OPEN,
+                (PromotionRequest.canary_percent.is_(None) if plan is None
+                 else PromotionRequest.canary_percent == plan.percent),
                 PromotionRequest.expires_at > names.utcnow())).scalar_one_or_none()
             if existing is not None:  # a retried command finds the open request instead of a twin
                 self._card(s, existing, card, user, channel)  # its card is brought up to date (or posted, if it had none)
@@ -81,7 +89,9 @@ class Promotions:
             cand_view = version_view(cand)
             base_view = version_view(self.catalog.version(s, model, base_name)) if base_name else None
             diff = diff_versions(cand_view, base_view)
-            applying_rules = approval_rules.requirements(policy, approval_rules.Opening(kind, diff))
+            if plan is not None:  # shown on the card, so part of what an approval binds to
+                diff["canary"] = {"percent": plan.percent, "bake_seconds": int(plan.bake.total_seconds())}
+            applying_rules = approval_rules.requirements(policy, approval_rules.Opening(kind, diff, canary=plan is not None))
             now = names.utcnow()
             req = PromotionRequest(
                 model=model, kind=kind, candidate_version=version, base_version=base_name,
@@ -91,6 +101,8 @@ class Promotions:
                 required_approvals=approval_rules.required_approvals(applying_rules, policy.required_approvals),
                 created_at=now, expires_at=now + policy.request_expiry, channel=policy.channel or channel,
                 rules=[r.as_dict() for r in applying_rules] or None,
+                canary_percent=plan.percent if plan else None,
+                canary_bake_seconds=int(plan.bake.total_seconds()) if plan else None,
             )
             s.add(req)
             s.flush()
@@ -100,8 +112,29 @@ class Promotions:
                          details={"kind": kind, "base": base_name, "reason": reason, "card_digest": req.card_digest,
                                   "breaking": diff["signature"]["breaking"],
                                   "rules": [{k: v for k, v in r.as_dict().items() if k != "approved_by"}
-                                            for r in applying_rules]})
+                                            for r in applying_rules], **({"canary": diff["canary"]} if plan else {})})
             return request_view(req)
+
+    def _check_canary_possible(self, s: Session, model: str, base: str | None) -> None:
+        """A canary splits the default's traffic: the model needs a default, and one canary runs at a time."""
+        if base is None:
+            raise InvalidInput(f"{model} has no default version yet, and a canary splits the default's traffic",
+                               f"promote a first version without --canary: `promote {model} VERSION`")
+        running = self.running_canary(s, model)
+        if running is not None:
+            raise InvalidInput(f"a canary of {model} runs already: promotion request #{running.id} "
+                               f"({running.candidate_version}, {running.canary_percent}% of the traffic)",
+                               f"promote it to 100% or roll it back first: `canary {model} promote` or "
+                               f"`canary {model} rollback`")
+
+    @staticmethod
+    def running_canary(s: Session, model: str) -> PromotionRequest | None:
+        """The model's request whose canary runs (or is being started or promoted), if any."""
+        return s.execute(select(PromotionRequest).where(
+            PromotionRequest.model == model, PromotionRequest.canary_percent.is_not(None),
+            PromotionRequest.canary_ended_at.is_(None),
+            PromotionRequest.state.in_([rules.CANARY, rules.APPLYING]))
+            .order_by(PromotionRequest.id.desc()).limit(1)).scalar_one_or_none()
 
     def apply(self, model: str, user: str, reason: str | None = None, channel: str | None = None,
               card: bool = False) -> ApplyView:
@@ -166,7 +199,8 @@ class Promotions:
             self.catalog.require_model(model, s)
             q = select(PromotionRequest).where(PromotionRequest.model == model)
             if open_only:
-                q = q.where(PromotionRequest.state.in_([rules.OPEN, rules.APPROVED, rules.APPLYING, rules.FAILED]))
+                q = q.where(PromotionRequest.state.in_([rules.OPEN, rules.APPROVED, rules.APPLYING, rules.FAILED,
+                                                        rules.CANARY]))
             return [request_view(r, self.catalog.approvals(s, r.id)) for r in
                     s.execute(q.order_by(PromotionRequest.id.desc()).limit(50)).scalars()]
 
@@ -234,7 +268,7 @@ class Promotions:
             raise refusal
         return self.apply_request(request_id, actor=user)
 
-    def apply_request(self, request_id: int, actor: str = "system") -> RequestView:
+    def apply_request(self, request_id: int, actor: str = "system", why: str | None = None) -> RequestView:
         """Switch the default for an approved request: audit first, then the backend, then the result.
 
         Only one caller wins the approved/failed -> applying transition, with its lease; the others get the request
@@ -251,9 +285,13 @@ class Promotions:
             busy = s.execute(select(PromotionRequest.id).where(
                 PromotionRequest.model == row.model, PromotionRequest.state == rules.APPLYING,
                 PromotionRequest.id != row.id).limit(1)).scalar()
+            canary_of = s.execute(select(PromotionRequest.id).where(
+                PromotionRequest.model == row.model, PromotionRequest.state == rules.CANARY,
+                PromotionRequest.id != row.id).limit(1)).scalar()
+            starting_canary = req.starting_canary
             outcome = req.start_apply(actor, rules.Facts(now=names.utcnow(),
                                                          current_default=self._default_of(s, row.model)),
-                                      self.backend.name, lease, busy_with=busy)
+                                      self.backend.name, lease, busy_with=busy, canary_of=canary_of, why=why)
             self._store(s, row, req, outcome)
             if outcome.refusal is not None:
                 raise outcome.refusal
@@ -263,7 +301,11 @@ class Promotions:
             ref = self.catalog.version(s, model, version).backend_ref
         try:
             with self._renewing(request_id, lease, self.backend.apply_timeout(model)):
-                self.backend.set_default(model, version, ref)
+                if starting_canary:  # the candidate takes its share of the default's traffic; the default stays
+                    self.backend.start_canary(model, version, ref, req.canary_percent or 0,
+                                              self.config.policy(model).canary.mirror)
+                else:
+                    self.backend.set_default(model, version, ref)
         except Exception as exc:  # any backend failure leaves the request failed with the reason, nothing applied
             reason = exc.message if isinstance(exc, StarchartError) else f"{type(exc).__name__}: {exc}"
             self._apply_result(request_id, actor, lease.owner, error=reason)
@@ -331,7 +373,10 @@ class Promotions:
         for request_id, model in applying:
             asked_at = names.utcnow()  # before the backend answers: a lease lapsed by now lapsed before it spoke
             try:
-                seen = rules.Seen(self.backend.current_default(model), asked_at)
+                split = self.backend.canary_split(model)
+                default = self.backend.current_default(model)
+                others = [v for v, share in split.items() if v != default and share]
+                seen = rules.Seen(default, asked_at, canary=others[0] if others else None)
             except StarchartError as exc:
                 log.warning("promotion request #%s stays applying: could not read the default of %s from the "
                             "backend (%s); the next pass asks again", request_id, model, exc.message)
@@ -390,7 +435,10 @@ class Promotions:
             decided_at=row.decided_at, apply_started_at=row.apply_started_at, apply_owner=row.apply_owner,
             lease_until=row.apply_lease_until, applied_at=row.applied_at,
             error=row.error, channel=row.channel, message_ts=row.message_ts,
-            rules=[approval_rules.Requirement.from_dict(r) for r in row.rules or []])
+            rules=[approval_rules.Requirement.from_dict(r) for r in row.rules or []], canary_percent=row.canary_percent,
+            canary_bake=timedelta(seconds=row.canary_bake_seconds) if row.canary_bake_seconds is not None else None,
+            canary_started_at=row.canary_started_at, canary_ended_at=row.canary_ended_at,
+            canary_ended_by=row.canary_ended_by, canary_why=row.canary_why, canary_figures=row.canary_figures)
 
     def _store(self, s: Session, row: PromotionRequest, req: rules.PromotionRequest, outcome: rules.Outcome,
                person: dict[str, Any] | None = None) -> None:
@@ -400,6 +448,10 @@ class Promotions:
         row.apply_owner, row.apply_lease_until = req.apply_owner, req.lease_until
         if req.rules:  # who has approved for each rule changes with the decisions
             row.rules = [r.as_dict() for r in req.rules]
+        row.canary_started_at, row.canary_ended_at = req.canary_started_at, req.canary_ended_at
+        row.canary_ended_by, row.canary_why = req.canary_ended_by, req.canary_why
+        if req.canary_figures != row.canary_figures:
+            row.canary_figures = req.canary_figures
         if outcome.decision is not None:
             d = outcome.decision
             s.add(Approval(request_id=row.id, approver=d.approver, decision=d.decision, reason=d.reason,
@@ -414,3 +466,16 @@ class Promotions:
             self.audit_log.append(s, event.action, event.actor, model=row.model, version=row.candidate_version,
                          request_id=row.id, **where, details=event.details)
         outbox.want_update(s, outbox.REVIEW_CARD, [str(row.id)])  # its card (if it has one) shows the change
+        if any(e.action == "canary.started" for e in outcome.events) and row.channel and outbox.exists(
+                s, outbox.REVIEW_CARD, str(row.id)):  # a request reviewed in Slack gets its canary card there
+            outbox.record(s, outbox.CANARY_CARD, str(row.id), row.channel, notify=row.requested_by)
+        else:
+            outbox.want_update(s, outbox.CANARY_CARD, [str(row.id)])
+
+    # the canaries' use cases (services/canaries.py) persist through the same two steps
+    def rules_of(self, s: Session, row: PromotionRequest) -> rules.PromotionRequest:
+        return self._domain(s, row)
+
+    def store(self, s: Session, row: PromotionRequest, req: rules.PromotionRequest, outcome: rules.Outcome,
+              person: dict[str, Any] | None = None) -> None:
+        self._store(s, row, req, outcome, person)

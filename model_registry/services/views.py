@@ -95,6 +95,33 @@ class RequestView(TypedDict):
     message_ts: str | None
     rules: list[dict[str, Any]]  # every approval rule that applies: {when, why, required_approvals, approvers, ...}
     rule: dict[str, Any] | None  # the strictest of them (the most approvals), or None
+    canary: dict[str, Any] | None  # {percent, bake_seconds, started_at, ended_at} of a request with a canary
+
+
+class CanaryView(TypedDict):
+    """A canary as people see it: the request it belongs to, its split, bake, figures, what the rules make of them."""
+
+    request_id: int
+    model: str
+    candidate: str
+    base: str | None
+    state: str  # the request's: applying, canary, applied (promoted), rolled_back, failed
+    running: bool
+    percent: int
+    bake_seconds: int
+    started_at: str | None
+    bake_until: str | None
+    ended_at: str | None
+    ended_by: str | None
+    why: str | None
+    split: dict[str, int]
+    figures: dict[str, Any] | None
+    verdict: dict[str, str] | None  # {action, why} while it runs: bake, wait, rollback, promote
+    limits: dict[str, Any]
+    backend: str
+    channel: str | None
+    card_digest: str
+    error: str | None
 
 
 class ApplyView(RequestView):
@@ -120,6 +147,8 @@ class DefaultAt(TypedDict, total=False):
     program: dict[str, Any]
     trained_by: str
     metrics: dict[str, Any]
+    split: dict[str, int]  # the default's traffic by version at that time (a canary's share included)
+    canary_request: int | None  # the promotion request whose canary split it, if one did
 
 
 class GateRefusal(TypedDict):
@@ -264,6 +293,9 @@ def request_view(r: PromotionRequest, approvals: Iterable[Approval] = ()) -> Req
         "decisions": decisions, "created_at": iso(r.created_at), "expires_at": iso(r.expires_at),
         "applied_at": iso(r.applied_at), "error": r.error, "card_digest": r.card_digest, "diff": r.diff,
         "channel": r.channel, "message_ts": r.message_ts, "rules": list(r.rules or []), "rule": strictest_rule(r.rules),
+        "canary": None if r.canary_percent is None else {
+            "percent": r.canary_percent, "bake_seconds": r.canary_bake_seconds, "started_at": iso(r.canary_started_at),
+            "ended_at": iso(r.canary_ended_at), "why": r.canary_why},
     }
 
 

@@ -79,6 +79,20 @@ class Backend(Protocol):
         """TF Serving's predict (`body` has "instances" or "inputs") on the default or the given version;
         returns (the version that answered, the answer)."""
 
+    def start_canary(self, model: str, version: str, ref: str | None, percent: int, mirror: float) -> None:
+        """Send `percent`% of the default's traffic to `version` (the default keeps the rest and stays the default);
+        `mirror`: the share of the default's requests the candidate also answers, for agreement (where the backend
+        can). Called only after the approvals are committed. Promoting it is `set_default` (which ends the split)."""
+
+    def end_canary(self, model: str) -> None:
+        """The default takes all its traffic back from a canary; nothing changes when none runs."""
+
+    def canary_split(self, model: str) -> dict[str, int]:
+        """The traffic split of the default's route by version, as the serving side has it now."""
+
+    def canary_figures(self, model: str) -> dict[str, Any] | None:
+        """The running canary's figures (domain/canary.py Figures.as_dict), or None when the backend has none."""
+
     def current_default(self, model: str) -> str | None:
         """The version the serving side uses now: an apply in progress whose candidate it is has happened, and is
         settled as applied whatever became of the process running it."""

@@ -205,7 +205,62 @@ class LocalBackend:
         if port:
             self._warm(port, model, version)
         data["default"] = version
+        data.pop("canary", None)  # a canary promoted: its candidate is the default, with all the traffic
         self._write_pointer(model, data)
+
+    # ---------------------------------------------------------------- canaries (the split is in the pointer file)
+
+    def start_canary(self, model: str, version: str, ref: str | None, percent: int, mirror: float) -> None:
+        """The model server sends `percent`% of the default's requests to `version`, chosen at random per request,
+        once the running server has loaded and warmed it; `mirror` of the default's other requests are answered by
+        it too, off the request's path, and compared. Each canary counts from zero (its own id)."""
+        data = self._read_pointer(model)
+        if version not in data["versions"]:
+            raise BackendError(f"the local server does not know {model} {version}", "expose the version again")
+        if not data.get("default"):
+            raise BackendError(f"{model} has no default on the local server to split", "apply a version first")
+        port = self._server_port()
+        if port:
+            self._warm(port, model, version)
+        data["canary"] = {"version": version, "percent": int(percent), "mirror": float(mirror),
+                          "id": uuid.uuid4().hex[:12]}
+        self._write_pointer(model, data)
+
+    def end_canary(self, model: str) -> None:
+        data = self._read_pointer(model)
+        if data.pop("canary", None) is not None:
+            self._write_pointer(model, data)
+
+    def canary_split(self, model: str) -> dict[str, int]:
+        data = self._read_pointer(model)
+        default, canary = data.get("default"), data.get("canary")
+        if not default:
+            return {}
+        if not canary:
+            return {default: 100}
+        return {default: 100 - int(canary["percent"]), canary["version"]: int(canary["percent"])}
+
+    def canary_figures(self, model: str) -> dict[str, Any] | None:
+        """What the running model server counted for this canary (GET /v1/models/<model>/canary, with the
+        server's secret); all zero when no server runs (a restarted server counts from zero again)."""
+        canary = self._read_pointer(model).get("canary")
+        if not canary:
+            return None
+        empty = {"candidate": {}, "base": {}, "mirrored": 0, "agreed": 0}
+        port = self._server_port()
+        if not port:
+            return empty
+        try:
+            resp = self._pool(port).request("GET", f"/v1/models/{model}/canary", retries=False,
+                                            timeout=urllib3.Timeout(connect=5.0, read=30.0),
+                                            headers=self._server_auth())
+        except urllib3.exceptions.HTTPError as exc:
+            raise BackendError(f"the local model server did not give the canary's figures: {exc}",
+                               f"see {self.serving / 'server.log'}") from exc
+        if resp.status != 200:
+            raise self._refusal(model, resp.status, resp.data, resp.reason)
+        figures = json.loads(resp.data)
+        return figures if figures.get("id") == canary["id"] else empty
 
     def _warm(self, port: int, model: str, version: str) -> None:
         try:

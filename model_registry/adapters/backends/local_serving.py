@@ -6,6 +6,7 @@
     POST /v1/models/<model>/versions/<version>:predict  a given version
     GET  /v1/models/<model>                             status of the default version
     GET  /healthz                                       the versions loaded and their model calls
+    GET  /v1/models/<model>/canary                      the running canary's figures per side (local_canary.py)
     POST /v1/models/<model>/versions/<version>:warm     load a version and answer one prediction (before a
                                                         switch of the default sends it traffic)
 
@@ -55,6 +56,10 @@ try:
 except ImportError:  # run as a file by a Python without this project (STARCHART_TRAINER_PYTHON): a sibling file
     from local_runner import proc_start_time  # type: ignore[no-redef,import-not-found]
 try:
+    from model_registry.adapters.backends.local_canary import Canaries
+except ImportError:  # run as a file by a Python without this project: a sibling file
+    from local_canary import Canaries  # type: ignore[no-redef,import-not-found]
+try:
     from model_registry.domain import instances
 except ImportError:  # the same case: the domain's checks are one stdlib file, loaded by its path in the tree
     _spec = importlib.util.spec_from_file_location(
@@ -74,6 +79,7 @@ IDLE_EXIT = float(os.environ.get("STARCHART_SERVING_IDLE", "1800"))  # seconds w
 _last_request = [time.monotonic()]
 ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})(?:/versions/(?P<version>v\d{14}))?"
                    r"(?P<verb>:predict|:warm)?$")
+CANARY_ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})/canary$")
 
 
 class RequestError(Exception):
@@ -314,6 +320,7 @@ class App:
 
     def __init__(self, models: Models, secret: str) -> None:
         self.models, self.secret = models, secret
+        self.canaries = Canaries(lambda model, version, body: predict(self.models, model, version, body)[1])
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         _last_request[0] = time.monotonic()
@@ -334,7 +341,11 @@ class App:
             return 200, {"ok": True, "pid": os.getpid(), "model_calls": {
                 f"{m}/{v}": b.calls for (m, v), b in list(self.models.loaded.items())}}, None
         m = ROUTE.match(path)
+        canary = CANARY_ROUTE.match(path)
         try:
+            if method in ("GET", "HEAD") and canary:
+                model = canary["model"]
+                return 200, self.canaries.figures(model, self.models.pointer(model).get("canary")), None
             if method == "POST" and m and m["verb"] == ":warm" and m["version"]:
                 return self.warm(m["model"], m["version"])
             if method in ("GET", "HEAD") and m and not m["verb"]:
@@ -375,13 +386,24 @@ class App:
         # logged before TensorFlow runs: if the process dies anyway, the log names the request
         sys.stderr.write(f"request {environ.get('HTTP_X_REQUEST_ID') or '-'}: POST {environ.get('PATH_INFO')}\n")
         sys.stderr.flush()
+        canary = None
+        if version is None:  # the default's route: a running canary takes its share (local_canary.py)
+            version, canary = self.canaries.route(model, self.models.pointer(model))
+        started, ok = time.monotonic(), False
         try:
             name, answer = predict(self.models, model, version, body)
+            ok = True
         except RequestError:
             raise
         except Exception as exc:  # a bug or a broken model: say so, keep serving
             sys.stderr.write(f"predict failed: {exc!r}\n")
             raise RequestError(500, f"prediction failed: {type(exc).__name__}: {exc}"[:500]) from None
+        finally:
+            if canary is not None:
+                side = "candidate" if version is not None else "base"
+                self.canaries.count(model, canary, side, time.monotonic() - started, ok)
+        if canary is not None and version is None:
+            self.canaries.maybe_mirror(model, canary, body, answer)
         return 200, answer, name
 
 

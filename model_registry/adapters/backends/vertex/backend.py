@@ -20,7 +20,7 @@ from model_registry.adapters.backends.vertex.versions import DEFAULT_SERVING_IMA
 from model_registry.adapters.gcs import GcsStorage
 from model_registry.adapters.packaging import Package
 from model_registry.config import Settings
-from model_registry.domain.errors import BackendError, InvalidInput
+from model_registry.domain.errors import BackendError, InvalidInput, Refused
 
 
 class VertexBackend:
@@ -127,6 +127,37 @@ class VertexBackend:
             self.versions.move_alias(model, version, ref)
             return
         self.endpoints.serve_and_move_alias(model, version, ref, settings)
+
+    # ---------------------------------------------------------------- canaries
+
+    def _endpoint_for_canary(self, model: str) -> Any:
+        settings = self.endpoints.settings(model)
+        if settings is None:
+            raise Refused(f"a canary on Vertex AI splits an endpoint's traffic_split, and {model} is not served "
+                          "from an endpoint", f"enable one in starchart.yaml (models.{model}.endpoint: "
+                          "{enabled: true, ...}) and apply a version, or promote without --canary")
+        return settings
+
+    def start_canary(self, model: str, version: str, ref: str | None, percent: int, mirror: float) -> None:
+        """The candidate deployed beside the default with `percent` of the endpoint's traffic (nothing is
+        mirrored: Vertex AI answers each request from one deployment)."""
+        self.endpoints.start_canary(model, version, ref, percent, self._endpoint_for_canary(model))
+
+    def end_canary(self, model: str) -> None:
+        if self.endpoints.settings(model) is None:
+            return
+        self.endpoints.end_canary(model, self.versions.current_default(model))
+
+    def canary_split(self, model: str) -> dict[str, int]:
+        if self.endpoints.settings(model) is None:
+            default = self.versions.current_default(model)
+            return {default: 100} if default else {}
+        return self.endpoints.split(model)
+
+    def canary_figures(self, model: str) -> dict[str, Any] | None:
+        """None: the endpoint gives no per-deployment requests, errors or latency that reach StarChart (Cloud
+        Monitoring would; not read here), so a Vertex AI canary is judged by people, not by its figures."""
+        return None
 
     def apply_timeout(self, model: str) -> float:
         """An upper bound, in seconds, on how long set_default(model, ...) runs: with an endpoint it awaits

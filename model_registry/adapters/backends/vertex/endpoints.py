@@ -104,6 +104,63 @@ class Endpoints:
                                 "traffic and is billed until the next promotion of %s removes it",
                                 version, model, endpoint.name, exc.message, model)
 
+    # ---------------------------------------------------------------- canaries: the endpoint's traffic_split
+
+    def start_canary(self, model: str, version: str, ref: str | None, percent: int,
+                     settings: EndpointSettings) -> None:
+        """Deploy the candidate beside the default (no traffic), then give it `percent` of the traffic in one
+        UpdateEndpoint; a failure in either puts the endpoint back as it was. The `default` alias does not move."""
+        version_name = self.versions.version_name(model, version, ref)
+        endpoint = self.find(model)
+        before = traffic(endpoint) if endpoint is not None else {}
+        if endpoint is None or not before:
+            raise Refused(f"no endpoint serves the default of {model} yet: a canary splits its traffic",
+                          f"apply a version of {model} first (without --canary)")
+        deployed = self._deploy(model, version, version_name, endpoint, settings)
+        others = {k: v for k, v in before.items() if k != deployed}
+        if not others:
+            raise Refused(f"the endpoint of {model} already sends all its traffic to {version}",
+                          "nothing to split: the candidate is what the endpoint serves")
+        base = max(others, key=lambda k: others[k])
+        try:
+            self._set_traffic(endpoint.name, {base: 100 - percent, deployed: percent},
+                              f"give {model} {version} {percent}% of the traffic of endpoint {endpoint.name}")
+        except StarchartError as exc:
+            undo = self._undo_deploy(endpoint.name, deployed, before)
+            if undo:
+                raise type(exc)(f"{exc.message}; {undo}", exc.hint) from exc
+            raise
+
+    def end_canary(self, model: str, default: str | None) -> None:
+        """All the traffic back to the deployment of `default` (one UpdateEndpoint), then the other deployments
+        undeployed (clean-up: a failure is logged, not raised)."""
+        endpoint = self.find(model)
+        if endpoint is None:
+            return
+        keep = [d.id for d in endpoint.deployed_models if d.display_name == default]
+        if not keep:
+            raise NotFound(f"the endpoint of {model} has no deployment of its default {default}",
+                           f"check endpoint {endpoint.name} in the Vertex AI console")
+        if traffic(endpoint) != {keep[0]: 100}:
+            self._set_traffic(endpoint.name, {keep[0]: 100}, f"give all the traffic of endpoint {endpoint.name} "
+                                                             f"back to {model} {default}")
+        for other in endpoint.deployed_models:
+            if other.id != keep[0]:
+                try:
+                    self._undeploy(endpoint.name, other.id, f"undeploy {other.display_name or other.id} from "
+                                                            f"endpoint {endpoint.name}")
+                except StarchartError as exc:
+                    log.warning("the canary of %s ended but %s; that deployment has no traffic and is billed until "
+                                "the next promotion of %s removes it", model, exc.message, model)
+
+    def split(self, model: str) -> dict[str, int]:
+        """The endpoint's traffic split by version (deployments' display names)."""
+        endpoint = self.find(model)
+        if endpoint is None:
+            return {}
+        names = {d.id: d.display_name or d.id for d in endpoint.deployed_models}
+        return {names.get(k, k): v for k, v in traffic(endpoint).items()}
+
     def find(self, model: str) -> aip.Endpoint | None:
         """The endpoint that serves `model` (labelled model=<model>, displayed as the model), oldest first."""
         api = self.api
