@@ -163,3 +163,14 @@ def test_the_console_card_names_the_rules() -> None:
     one = card_request(rules=[card_request()["rules"][0]], decisions=[], approvals=0)
     assert ("Rule: breaking change: input `petal_width` removed — 2 approvals from @S0PLATFORM, @U0LEAD"
             in plain.render(ReviewCard(one), plain.CHAT).lines)
+
+
+def test_a_canary_request_takes_the_canary_rule(make_registry: Any, sqlite_url: str, trained: dict) -> None:
+    reg = make_registry(sqlite_url, defaults={"approvers": ["U0DS1", "U0DS2"], "required_approvals": 1},
+                        models={"iris": {"rules": [{"when": "canary", "required_approvals": 2}]}})
+    new = candidate(reg, trained, trained["iris_b"])
+    plain_request = reg.promotions.promote("iris", new, "U0REQ")
+    canary = reg.promotions.promote("iris", new, "U0REQ", canary="10", bake="30m")
+    assert plain_request["required_approvals"] == 1 and plain_request["rule"] is None
+    assert canary["id"] != plain_request["id"] and canary["required_approvals"] == 2
+    assert canary["rule"]["when"] == "canary" and canary["canary"]["percent"] == 10
