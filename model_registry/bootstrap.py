@@ -20,6 +20,7 @@ from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
 from model_registry.services.charts import Charts
 from model_registry.services.copies import Copies
+from model_registry.services.evaluations import Evaluations
 from model_registry.services.jobs import Jobs
 from model_registry.services.outbox import Outbox
 from model_registry.services.overview import Overview
@@ -42,6 +43,7 @@ class Core:
     jobs: Jobs
     versions: Versions
     promotions: Promotions
+    evaluations: Evaluations
     audit: AuditTrail
     schedules: Schedules
     predictions: Predictions
@@ -87,6 +89,8 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
     return Core(
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,
+        evaluations=Evaluations(db, audit_log, catalog, config, backend, settings.bucket,
+                                settings.home / "cache" / "evaluation"),
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
         predictions=Predictions(db, catalog, backend, config),
         copies=Copies(db, catalog, backend, config, TfliteConverter(settings.trainer_python)), outbox=Outbox(db),

@@ -27,6 +27,7 @@ ACTIONS = (
     "promotion.applying", "promotion.applied", "promotion.failed", "promotion.expired", "promotion.stale",
     "promotion.reconciled", "rollback.requested",
     "schedule.changed", "request.refused", "review.skipped",
+    "evaluation.started", "evaluation.finished", "evaluation.failed",
 )
 
 

@@ -65,7 +65,7 @@ class Version:
         return self.outputs[output]
 
     def answer(self, instances: list[dict[str, Any]], output: str) -> list[Any]:
-        tf, out = self.tf, []
+        tf, out = self.tf, list[Any]()
         for start in range(0, len(instances), BATCH):
             chunk = instances[start:start + BATCH]
             tensors = {name: tf.constant([row[name] for row in chunk], dtype=spec.dtype)

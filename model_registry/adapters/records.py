@@ -125,6 +125,10 @@ class PromotionRequest(Base):
     message_ts: Mapped[str | None] = mapped_column(String(40))
     # the approval rules that applied when it opened (domain.approval_rules.Requirement.as_dict); None: none did
     rules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # the evaluation of candidate and base on the model's evaluation data (services.evaluations): its state, indexed
+    # for the worker that follows it, and what it found (views.EvaluationView); None before 0009
+    evaluation_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Approval(Base):

@@ -106,8 +106,9 @@ def gate_facts(metric: str, result: Mapping[str, Any]) -> dict[str, Any]:
     """The values the gate compares: the metric for both versions, their delta and which way is better."""
     cand = (result.get("candidate") or {}).get(metric)
     base = (result.get("base") or {}).get(metric)
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (cand, base))
-    return {"candidate": cand, "base": base, "delta": float(cand) - float(base) if numbers else None,
+    delta = (float(cand) - float(base) if isinstance(cand, (int, float)) and isinstance(base, (int, float))
+             and not isinstance(cand, bool) and not isinstance(base, bool) else None)
+    return {"candidate": cand, "base": base, "delta": delta,
             "direction": direction(metric)}
 
 
