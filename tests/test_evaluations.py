@@ -282,10 +282,8 @@ def test_on_vertex_a_custom_job_evaluates_the_data_in_cloud_storage(make_registr
 
 
 def test_on_vertex_local_evaluation_data_is_refused_at_once(make_registry: Any, sqlite_url: str) -> None:
-    from model_registry.config import ModelPolicy
+    from model_registry.config import Evaluation, ModelPolicy
     from model_registry.services.evaluations import planned
-
-    from model_registry.config import Evaluation
 
     plan = planned(ModelPolicy(evaluation=Evaluation(str(IRIS_EVAL), "species", "class_ids")), "iris",
                    {"name": "v1", "signature": {}}, None, "vertex")  # type: ignore[typeddict-item]
@@ -298,9 +296,10 @@ def test_on_vertex_local_evaluation_data_is_refused_at_once(make_registry: Any, 
 @pytest.mark.parametrize("min_delta, passes", [(-0.5, True), (0.5, False)])
 def test_the_nightly_gate_decides_on_the_evaluation(make_registry: Any, sqlite_url: str, trained: dict,
                                                     min_delta: float, passes: bool) -> None:
+    from sqlalchemy import select
+
     from model_registry.adapters import outbox
     from model_registry.adapters.records import OutboxMessage
-    from sqlalchemy import select
 
     reg = make_registry(sqlite_url, defaults={"channel": "C0NIGHTLY"}, models={"iris": {
         "auto_expose": True, "auto_review": True, "evaluation": IRIS,
