@@ -176,6 +176,16 @@ def rule_lines(req: Mapping[str, Any]) -> list[str]:
             for rule in plain.rules_strictest_first(req)]
 
 
+def evaluation_section(req: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's evidence: candidate and default on the same data (bot.text.evaluation_lines, in mrkdwn)."""
+    head, *rest = plain.evaluation_lines(req)
+    state = (req.get("evaluation") or {}).get("state")
+    icon = {"done": ":bar_chart:", "failed": ":warning:", "running": ":hourglass_flowing_sand:",
+            "pending": ":hourglass:", "starting": ":hourglass:"}.get(str(state), ":grey_question:")
+    title, _, tail = head.partition(":")
+    return section(f"{icon} *{escape(title)}*:{escape(tail)}" + "".join(f"\n{escape(line)}" for line in rest))
+
+
 def review_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
     """The review card for an open request; returns (fallback text, blocks, truncated)."""
     diff = req["diff"]
@@ -225,6 +235,7 @@ def review_card(req: dict[str, Any]) -> tuple[str, Blocks, bool]:
     lines, cut = _limited(metrics)
     truncated |= cut
     blocks.append(section("*Metrics*\n" + "\n".join(lines) if metrics else "*Metrics* none reported"))
+    blocks.append(evaluation_section(req))
     prog = diff["program"]
     blocks.append(context(
         f"program `{str(prog['candidate'])[:12]}`" + (f" (was `{str(prog['base'])[:12]}`)" if prog["changed"]

@@ -438,7 +438,8 @@ class _LeaseEnded(Exception):
 
 class JobWatch:
     """Follows unfinished jobs on the backend, one loop per process: every `interval` seconds `jobs.refresh()`,
-    whose state changes record their training-message updates."""
+    whose state changes record their training-message updates, and `evaluations.follow()`, which starts the
+    pending evaluations and records their results with their cards' updates."""
 
     def __init__(self, core: Any, interval: float = 2.0) -> None:
         self.core, self.interval = core, interval
@@ -459,6 +460,7 @@ class JobWatch:
         while not self._stop.wait(self.interval):
             try:
                 self.core.jobs.refresh()
+                self.core.evaluations.follow()
             except Exception:  # the backend or the database is away for a moment
                 log.exception("following jobs failed")
 

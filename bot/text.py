@@ -123,6 +123,47 @@ def request_lines(req: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def evaluation_lines(req: Mapping[str, Any], shown: int = 5) -> list[str]:
+    """A request's evaluation: candidate and default on the same data, or why there is none (and what to do)."""
+    ev = req.get("evaluation") or {"state": "not_configured"}
+    state, data = ev.get("state"), ev.get("data")
+    gate = ev.get("gate")
+    gate_line = []
+    if gate:
+        said = {"waiting": "waits for the evaluation", "passed": "passed"}.get(gate.get("state"),
+                                                                             f"refused: {gate.get('why')}")
+        gate_line = [f"Nightly gate on the evaluation ({gate['metric']}, min delta {gate['min_delta']:+.4f}): {said}"]
+    if state == "not_configured":
+        return [f"Evaluation: not evaluated — {ev.get('hint') or 'configure `evaluation:` in starchart.yaml'}"]
+    if state in ("pending", "starting"):
+        return [f"Evaluation: waiting to start on {data}", *gate_line]
+    if state == "running":
+        return [f"Evaluation: running on {data} (job {ev.get('job_id')})…", *gate_line]
+    if state == "failed":
+        return [f"Evaluation failed: {ev.get('error')}" + (f" — {ev['hint']}" if ev.get("hint") else ""),
+                "(the request can still be decided)", *gate_line]
+    cand, base = ev.get("candidate") or {}, ev.get("base")
+    out = [f"Evaluation on {ev.get('rows')} rows of {data} (label {ev.get('label')}, output {ev.get('output')}):"]
+    for name in cand:
+        if base is None:
+            out.append(f"  {name}: {fmt_number(cand[name])}")
+            continue
+        b, c = base.get(name), cand[name]
+        delta = f" ({c - b:+.4f})" if isinstance(b, (int, float)) and isinstance(c, (int, float)) else ""
+        out.append(f"  {name}: {fmt_number(b)} → {fmt_number(c)}{delta}")
+    if ev.get("agreement") is not None:
+        rows = ev.get("rows") or 0
+        alike = round(ev["agreement"] * rows)
+        out.append(f"  agreement: {ev['agreement']:.1%} ({alike} of {rows} rows answered alike)")
+        for d in ev.get("disagreements", [])[:shown]:
+            inputs = json.dumps(d["inputs"], sort_keys=True, ensure_ascii=False)[:200]
+            out.append(f"  line {d['line']}: {inputs} label {json.dumps(d['label'])} · candidate "
+                       f"{json.dumps(d['candidate'])} · default {json.dumps(d['base'])}")
+    elif base is None:
+        out.append("  (no current default to compare with)")
+    return out + gate_line
+
+
 def default_at_lines(answer: dict[str, Any]) -> list[str]:
     """`audit MODEL --at T`: the default then, and the decisions and training behind it."""
     out = [f"At {answer['at']} the default of {answer['model']} was {answer['version']} "
@@ -520,6 +561,7 @@ def _card(result: r.ReviewCard, style: Style = PLAIN) -> Text:
              else "Current default (none)",
              *rule_lines(req, style),
              *diff_lines(req["diff"])[2:],
+             *evaluation_lines(req),
              f"   expires {req['expires_at']} · approvals {req['approvals']}/{req['required_approvals']}"]
     value = json.dumps(card_value(req), separators=(",", ":"))
     ask = [Choice(APPROVE, value, "Approve"), Choice(REJECT, value, "Reject"), Choice(TRY, value, "Try")]

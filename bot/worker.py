@@ -41,6 +41,7 @@ def one_pass(registry: Any, client: Any = None, sender: Any = None) -> dict[str,
     done = {"reconciled": len(registry.promotions.reconcile())}  # first: a settled apply should not wait for jobs
     done["canaries"] = len(registry.canaries.check())  # rolled back or promoted by their figures and bake
     done.update(jobs=registry.jobs.refresh(), expired=registry.promotions.expire(), checkpoints=0)
+    done["evaluations"] = registry.evaluations.follow()  # evaluations started and ended (their cards updated)
     opened = registry.schedules.follow_scheduled()
     for req in opened:
         if not req.get("channel"):

@@ -21,6 +21,7 @@ from model_registry.services.canaries import Canaries
 from model_registry.services.catalog import Catalog
 from model_registry.services.charts import Charts
 from model_registry.services.copies import Copies
+from model_registry.services.evaluations import Evaluations
 from model_registry.services.jobs import Jobs
 from model_registry.services.outbox import Outbox
 from model_registry.services.overview import Overview
@@ -44,6 +45,7 @@ class Core:
     versions: Versions
     promotions: Promotions
     canaries: Canaries
+    evaluations: Evaluations
     audit: AuditTrail
     schedules: Schedules
     predictions: Predictions
@@ -90,6 +92,8 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,
         canaries=Canaries(db, audit_log, catalog, config, backend, promotions),
+        evaluations=Evaluations(db, audit_log, catalog, config, backend, settings.bucket,
+                                settings.home / "cache" / "evaluation"),
         schedules=Schedules(db, audit_log, catalog, config, jobs, versions, promotions),
         predictions=Predictions(db, catalog, backend, config),
         copies=Copies(db, catalog, backend, config, TfliteConverter(settings.trainer_python)), outbox=Outbox(db),

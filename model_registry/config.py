@@ -104,10 +104,18 @@ def _apply_lease(raw: str | None) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+GATE_ON = ("training", "evaluation")  # the metrics a nightly gate compares: metrics.json's, or the evaluation's
+
+
 @dataclass(frozen=True)
 class Gate:
+    """`gate: {metric, min_delta, on}`: a nightly candidate is put up for review only when `metric` did not fall
+    by more than `min_delta` against the default's, in its training metrics or (`on: evaluation`) on the
+    evaluation data."""
+
     metric: str
     min_delta: float
+    on: str = "training"
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,7 @@ class ProjectConfig:
                 auto_expose=bool(merged.get("auto_expose", False)),
                 auto_review=bool(merged.get("auto_review", False)),
                 non_finite_inputs=bool(merged.get("non_finite_inputs", False)),
-                gate=Gate(str(gate["metric"]), float(gate.get("min_delta", 0.0))) if gate else None,
+                gate=_gate(gate),
                 region=merged.get("region"),
                 scale_tier=merged.get("scale_tier"),
                 machine_type=merged.get("machine_type"),
@@ -272,6 +280,18 @@ def _serving(value: Any) -> dict[str, int] | None:
             raise ValueError(f"`serving.{key}` must be a whole number from {low} to {high}, not {raw!r}")
         out[key] = raw
     return out
+
+
+def _gate(value: Any) -> Gate | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or "metric" not in value or set(value) - {"metric", "min_delta", "on"}:
+        raise ValueError("`gate` must be a mapping with the keys metric, min_delta and (optionally) on: "
+                         "{metric: accuracy, min_delta: -0.01, on: evaluation}")
+    on = str(value.get("on", "training"))
+    if on not in GATE_ON:
+        raise ValueError(f"`gate.on` must be one of {', '.join(GATE_ON)}, not {on!r}")
+    return Gate(str(value["metric"]), float(value.get("min_delta", 0.0)), on)
 
 
 def _evaluation(value: Any, config_path: Path | None) -> Evaluation | None:

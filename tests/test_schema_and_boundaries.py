@@ -270,8 +270,8 @@ def test_0008_adds_the_canary_columns_after_0007_and_takes_them_away_again(empty
             "card_digest, diff, requested_by, state, required_approvals, created_at, expires_at) "
             "VALUES ('iris', 'promote', 'v20261220100000', 'v20261219100000', 'd', 'c', '{}', 'U1', 'open', 1, "
             ":at, :at)"), {"at": at})
-    migrate(engine)
-    assert current_revision(engine) == SCHEMA_HEAD == "0008"
+    command.upgrade(alembic_config(engine), "0008")  # 0008 itself (0009 adds the evaluation)
+    assert current_revision(engine) == "0008"
     columns = {c["name"]: c for c in inspect(engine).get_columns("promotion_requests")}
     added = {"canary_percent", "canary_bake_seconds", "canary_started_at", "canary_ended_at", "canary_ended_by",
              "canary_why", "canary_figures"}
@@ -283,6 +283,51 @@ def test_0008_adds_the_canary_columns_after_0007_and_takes_them_away_again(empty
                                                      canary_started_at=at, canary_figures={"mirrored": 3}))
         assert conn.execute(select(PromotionRequest.canary_figures)).scalar_one() == {"mirrored": 3}
     command.downgrade(alembic_config(engine), "0007")
+    assert {c["name"] for c in inspect(engine).get_columns("promotion_requests")} == before
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM promotion_requests")).scalar_one() == "open"
+    engine.dispose()
+
+
+def test_0009_keeps_the_evaluation_of_a_request_and_takes_it_away_again(empty_db_url: str) -> None:
+    """0009 (after 0008): promotion_requests.evaluation_state (indexed) and .evaluation (JSON), NULL for the
+    requests opened before it (their cards say they were not evaluated); downgrade drops both, keeps the requests."""
+    from datetime import datetime
+
+    from alembic import command
+    from sqlalchemy import select, text, update
+
+    from model_registry.adapters.db import current_revision
+    from model_registry.adapters.records import PromotionRequest
+    from model_registry.services.views import evaluation_view
+
+    engine = make_engine(empty_db_url)
+    command.upgrade(alembic_config(engine), "0008")
+    before = {c["name"] for c in inspect(engine).get_columns("promotion_requests")}
+    assert not {"evaluation", "evaluation_state"} & before
+    at = datetime(2026, 12, 20, 10, 0)
+    with engine.begin() as conn:  # a request a 0008 process opened
+        conn.execute(text(
+            "INSERT INTO promotion_requests (model, kind, candidate_version, base_version, candidate_digest, "
+            "card_digest, diff, requested_by, state, required_approvals, created_at, expires_at) "
+            "VALUES ('iris', 'promote', 'v20261220100000', NULL, 'd', 'c', '{}', 'U1', 'open', 1, :at, :at)"),
+            {"at": at})
+    migrate(engine)
+    assert current_revision(engine) == SCHEMA_HEAD == "0009"
+    columns = {c["name"]: c for c in inspect(engine).get_columns("promotion_requests")}
+    assert columns["evaluation"]["nullable"] and columns["evaluation_state"]["nullable"]
+    assert "ix_promotion_requests_evaluation_state" in {i["name"] for i in inspect(engine).get_indexes(
+        "promotion_requests")}
+    done = {"state": "done", "rows": 30, "candidate": {"accuracy": 0.9}, "base": {"accuracy": 0.8},
+            "agreement": 0.9, "disagreements": [{"line": 2, "inputs": {"x": 1.0}, "label": 1, "candidate": 1,
+                                                 "base": 0}]}
+    with engine.begin() as conn:
+        stored = conn.execute(select(PromotionRequest.evaluation_state, PromotionRequest.evaluation)).one()
+        assert tuple(stored) == (None, None)
+        assert evaluation_view(stored[1])["state"] == "not_configured"
+        conn.execute(update(PromotionRequest).values(evaluation_state="done", evaluation=done))
+        assert conn.execute(select(PromotionRequest.evaluation)).scalar_one() == done
+    command.downgrade(alembic_config(engine), "0008")
     assert {c["name"] for c in inspect(engine).get_columns("promotion_requests")} == before
     with engine.connect() as conn:
         assert conn.execute(text("SELECT state FROM promotion_requests")).scalar_one() == "open"
@@ -325,6 +370,7 @@ def test_web_process_never_imports_tensorflow_or_matplotlib(tmp_path) -> None:
 def test_core_and_cli_never_import_tensorflow_slack_or_google() -> None:
     loaded = _imported_after("import bot.cli, bot.demo, model_registry.bootstrap, model_registry.adapters.backends.local, "
                              "model_registry.adapters.backends.local_serving, model_registry.adapters.tflite_process, "
+                             "model_registry.adapters.evaluation_process, model_registry.services.evaluations, "
                              "model_registry.adapters.event_files")
     assert not any(m == "tensorflow" or m.startswith("tensorflow.") or m.startswith("matplotlib") for m in loaded)
     assert not any(m.startswith(("slack_bolt", "slack_sdk")) for m in loaded)
@@ -345,7 +391,7 @@ def test_model_registry_source_has_no_slack_imports() -> None:
         if not google_allowed:
             assert "import google.cloud" not in text and "from google.cloud" not in text, path
         # the local model server and the TensorFlow Lite conversion: TensorFlow processes run by file, never imported
-        if path.name not in ("local_serving.py", "tflite_process.py"):
+        if path.name not in ("local_serving.py", "tflite_process.py", "evaluation_process.py"):
             assert "import tensorflow" not in text, path
             assert "ai_edge_litert" not in text, path
 

@@ -28,6 +28,7 @@ ACTIONS = (
     "promotion.reconciled", "rollback.requested",
     "schedule.changed", "request.refused", "review.skipped",
     "canary.started", "canary.promoted", "canary.rolled_back", "canary.refused",
+    "evaluation.started", "evaluation.finished", "evaluation.failed",
 )
 
 

@@ -22,7 +22,7 @@ from model_registry.domain.errors import InvalidInput, SchemaError
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 # The newest migration's revision, so that a start on an up-to-date database need not load Alembic (0.1 s of every
 # command); tests check it against Alembic's head, and Alembic itself is asked whenever the two differ.
-SCHEMA_HEAD = "0008"
+SCHEMA_HEAD = "0009"
 UPGRADE_HINT = "run `starchart db upgrade` (the Procfile's release: step runs it on every deploy), then start again"
 _PG_MIGRATION_LOCK = 0x5354415243  # "STARC": serialises concurrent first starts
 _JSON = json.JSONDecoder()

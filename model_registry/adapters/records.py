@@ -133,6 +133,10 @@ class PromotionRequest(Base):
     canary_ended_by: Mapped[str | None] = mapped_column(String(200))
     canary_why: Mapped[str | None] = mapped_column(Text)
     canary_figures: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # the evaluation of candidate and base on the model's evaluation data (services.evaluations): its state, indexed
+    # for the worker that follows it, and what it found (views.EvaluationView); None before 0009
+    evaluation_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Approval(Base):

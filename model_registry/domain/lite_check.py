@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from model_registry.domain.errors import InvalidInput
@@ -69,7 +70,8 @@ def probe_instances(inputs: Mapping[str, Any], count: int = PROBES) -> list[dict
     return out
 
 
-def _cell(raw: str, dtype: str, where: str) -> Any:
+def _cell(raw: str, dtype: str, where: str,
+          hint: str = "fix the evaluation data: each column holds values of its input's dtype") -> Any:
     short, text = dtype_name(dtype), raw.strip()
     try:
         if _is_float(short):
@@ -81,14 +83,23 @@ def _cell(raw: str, dtype: str, where: str) -> Any:
         if short.startswith(("int", "uint")):
             return int(text)
     except ValueError:
-        raise InvalidInput(f"{where}: {raw!r} is not a {short} value",
-                           "fix the evaluation data: each column holds values of its input's dtype") from None
+        raise InvalidInput(f"{where}: {raw!r} is not a {short} value", hint) from None
     return raw
 
 
-def csv_instances(text: str, inputs: Mapping[str, Any], label: str, source: str,
-                  limit: int = MAX_ROWS) -> list[dict[str, Any]]:
-    """The first `limit` rows of a CSV with a header naming the signature's inputs and the label, as instances."""
+@dataclass(frozen=True)
+class Rows:
+    """Rows of evaluation data: the instances, their labels (typed as `label_dtype`, when asked) and CSV lines."""
+
+    instances: list[dict[str, Any]]
+    labels: list[Any]
+    lines: list[int]
+
+
+def csv_rows(text: str, inputs: Mapping[str, Any], label: str, source: str, limit: int = MAX_ROWS,
+             label_dtype: str | None = None, output: str | None = None) -> Rows:
+    """The first `limit` rows of a CSV with a header naming the signature's inputs and the label. With
+    `label_dtype` (the dtype of the output the label is compared with, named `output`), the labels too."""
     names = sorted(inputs)
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in [*names, label] if c not in (reader.fieldnames or [])]
@@ -101,15 +112,27 @@ def csv_instances(text: str, inputs: Mapping[str, Any], label: str, source: str,
         raise InvalidInput(f"the inputs {', '.join(nested)} take more than one value per instance, which a CSV "
                            "column cannot hold", "remove `evaluation` for this model: the copy is then checked "
                                                  "with test values built from the signature")
-    rows: list[dict[str, Any]] = []
+    label_hint = (f"the label column {label} holds the answers the output {output} should give "
+                  f"({dtype_name(label_dtype)} values)") if label_dtype else ""
+    out = Rows([], [], [])
     for number, row in enumerate(reader, start=2):  # line 1 is the header
-        if len(rows) == limit:
+        if len(out.instances) == limit:
             break
-        rows.append({n: _cell(row[n] or "", str(inputs[n].get("dtype")), f"{source} line {number}, column {n}")
-                     for n in names})
-    if not rows:
+        out.instances.append({n: _cell(row[n] or "", str(inputs[n].get("dtype")), f"{source} line {number}, column {n}")
+                              for n in names})
+        if label_dtype:
+            out.labels.append(_cell(row[label] or "", label_dtype, f"{source} line {number}, column {label}",
+                                    label_hint))
+        out.lines.append(number)
+    if not out.instances:
         raise InvalidInput(f"the evaluation data {source} has no rows", "add rows below its header")
-    return rows
+    return out
+
+
+def csv_instances(text: str, inputs: Mapping[str, Any], label: str, source: str,
+                  limit: int = MAX_ROWS) -> list[dict[str, Any]]:
+    """The first `limit` rows of a CSV with a header naming the signature's inputs and the label, as instances."""
+    return csv_rows(text, inputs, label, source, limit).instances
 
 
 def _leaves(value: Any) -> list[Any]:

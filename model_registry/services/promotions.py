@@ -27,13 +27,14 @@ from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database, rows_changed
 from model_registry.adapters.model_files import marked_default
 from model_registry.adapters.records import Approval, ModelRecord, PromotionRequest
-from model_registry.config import ProjectConfig
+from model_registry.config import Gate, ProjectConfig
 from model_registry.domain import approval_rules, names
 from model_registry.domain import canary as canary_rules
 from model_registry.domain import promotion as rules
 from model_registry.domain.diffs import card_digest, diff_versions
 from model_registry.domain.errors import InvalidInput, NotFound, Refused, StarchartError
 from model_registry.domain.policy import check_operator
+from model_registry.services import evaluations
 from model_registry.services.audit_trail import AuditTrail
 from model_registry.services.catalog import Catalog
 from model_registry.services.versions import Versions
@@ -60,10 +61,12 @@ class Promotions:
 
     def promote(self, model: str, version: str, user: str, reason: str | None = None, kind: str = "promote",
                 channel: str | None = None, card: bool = False, canary: str | None = None,
-                bake: str | None = None) -> RequestView:
+                bake: str | None = None, gate: Gate | None = None) -> RequestView:
         """Open a promotion request (or find its open twin). With `card`, its review card is recorded with it, for
         the model's channel (else `channel`): the outbox posts it and updates it after each decision. With
-        `canary` (a percent as typed; '' for the configured one) and `bake`, its apply starts a canary."""
+        `canary` (a percent as typed; '' for the configured one) and `bake`, its apply starts a canary. Its
+        evaluation is planned with it (`evaluations.planned`) and run later by the worker. With a nightly `gate` on
+        the evaluation, the card waits for the gate, which decides once the evaluation ends."""
         names.validate_model_name(model)
         policy = self.config.policy(model)
         plan = canary_rules.plan(canary, bake, policy.canary)
@@ -104,15 +107,20 @@ class Promotions:
                 canary_percent=plan.percent if plan else None,
                 canary_bake_seconds=int(plan.bake.total_seconds()) if plan else None,
             )
+            evaluation = evaluations.planned(policy, model, cand_view, base_view, self.backend.name, gate)
+            req.evaluation_state, req.evaluation = evaluation["state"], evaluation
             s.add(req)
             s.flush()
-            self._card(s, req, card, user, channel)
+            if gate is None:
+                self._card(s, req, card, user, channel)
             self.audit_log.append(s, "rollback.requested" if kind == "rollback" else "promotion.requested", user, model=model,
                          version=version, request_id=req.id, channel=req.channel,
                          details={"kind": kind, "base": base_name, "reason": reason, "card_digest": req.card_digest,
                                   "breaking": diff["signature"]["breaking"],
                                   "rules": [{k: v for k, v in r.as_dict().items() if k != "approved_by"}
                                             for r in applying_rules], **({"canary": diff["canary"]} if plan else {})})
+            if gate is not None:  # a problem known at once ended the evaluation: the gate decides now
+                evaluations.decide_gate(s, self.audit_log, policy, req)
             return request_view(req)
 
     def _check_canary_possible(self, s: Session, model: str, base: str | None) -> None:
@@ -240,6 +248,12 @@ class Promotions:
                                   reason="not_found")
                 self.audit_log.append(s, "approval.refused", user, request_id=request_id, **person,
                              details={"reason": "not_found"})
+            elif evaluations.gate_waits(row):
+                refusal = Refused(f"promotion request #{request_id} waits for its evaluation: the nightly gate "
+                                  "decides whether it is put up for review", "decide once its card is posted",
+                                  reason="waiting_for_evaluation")
+                self.audit_log.append(s, "approval.refused", user, model=row.model, request_id=request_id, **person,
+                                      details={"reason": "waiting_for_evaluation"})
             else:
                 req = self._domain(s, row)
                 cand = self.catalog.version(s, row.model, row.candidate_version)

@@ -155,7 +155,9 @@ class Schedules:
             for version in result["exposed"]:
                 if version["trained_by"] != actor or self.versions.default(model) == version["name"]:
                     continue
-                refused = self._gate_refusal(model, version, policy.gate)
+                on_evaluation = policy.gate is not None and policy.gate.on == "evaluation"
+                refused = (self._evaluation_gate_refusal(model, policy.gate) if on_evaluation and policy.gate
+                           else self._gate_refusal(model, version, policy.gate))
                 if refused:
                     with self.db.unit_of_work() as s:
                         self.audit_log.append(s, "review.skipped", actor, model=model, version=version["name"],
@@ -164,8 +166,16 @@ class Schedules:
                                               {"model": model, "version": version["name"], "gate": refused})
                     continue
                 opened.append(self.promotions.promote(model, version["name"], actor, reason="scheduled retrain",
-                                                      card=True))
+                                                      card=True, gate=policy.gate if on_evaluation else None))
         return opened
+
+    def _evaluation_gate_refusal(self, model: str, gate: Gate) -> GateRefusal | None:
+        """A gate on the evaluation needs one: without `evaluation:` it refuses at once (nothing to compare)."""
+        if self.config.policy(model).evaluation is not None:
+            return None  # it decides when the request's evaluation ends (services.evaluations.decide_gate)
+        return {"metric": gate.metric, "min_delta": gate.min_delta, "base_version": self.versions.default(model),
+                "candidate": None, "base": None, "delta": None, "direction": None,
+                "why": f"the gate is on the evaluation, and {model} has no `evaluation:` in starchart.yaml"}
 
     def _gate_refusal(self, model: str, version: VersionView, gate: Gate | None) -> GateRefusal | None:
         """Why a scheduled candidate gets no review (its gate metric is missing, not finite, or fell too far),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, NotRequired, TypedDict
+from typing import Any, Iterable, NotRequired, TypedDict, cast
 
 from model_registry.adapters.records import (
     Approval,
@@ -71,6 +71,32 @@ class DecisionView(TypedDict):
     at: str | None
 
 
+class EvaluationView(TypedDict, total=False):
+    """Candidate and current default on the model's evaluation data, as the card and `show --json` carry it.
+
+    state: not_configured (no `evaluation:`; `hint` says how), pending (waiting for its job), running, done, failed
+    (`error` and `hint` say what is wrong and how to fix it). Once done: rows, each version's metrics, the agreement
+    of their answers and up to five rows they disagree on. `gate`: a nightly request the gate decides on once the
+    evaluation ends (`{metric, min_delta, state: waiting|passed|refused, why}`)."""
+
+    state: str
+    data: str | None
+    label: str | None
+    output: str | None
+    rows: int | None
+    kind: str | None  # class | numeric: how the output is measured
+    candidate: dict[str, Any] | None
+    base: dict[str, Any] | None
+    agreement: float | None
+    disagreements: list[dict[str, Any]]
+    error: str | None
+    hint: str | None
+    job_id: str | None
+    started_at: str | None
+    ended_at: str | None
+    gate: dict[str, Any] | None
+
+
 class RequestView(TypedDict):
     """A promotion request as its card shows it: candidate, base, state, decisions, the diff it binds to."""
 
@@ -95,6 +121,7 @@ class RequestView(TypedDict):
     message_ts: str | None
     rules: list[dict[str, Any]]  # every approval rule that applies: {when, why, required_approvals, approvers, ...}
     rule: dict[str, Any] | None  # the strictest of them (the most approvals), or None
+    evaluation: EvaluationView
     canary: dict[str, Any] | None  # {percent, bake_seconds, started_at, ended_at} of a request with a canary
 
 
@@ -296,7 +323,20 @@ def request_view(r: PromotionRequest, approvals: Iterable[Approval] = ()) -> Req
         "canary": None if r.canary_percent is None else {
             "percent": r.canary_percent, "bake_seconds": r.canary_bake_seconds, "started_at": iso(r.canary_started_at),
             "ended_at": iso(r.canary_ended_at), "why": r.canary_why},
+        "evaluation": evaluation_view(r.evaluation),
     }
+
+
+EVALUATION_KEYS = ("state", "data", "label", "output", "rows", "kind", "candidate", "base", "agreement",
+                   "disagreements", "error", "hint", "job_id", "started_at", "ended_at", "gate")
+
+
+def evaluation_view(stored: dict[str, Any] | None) -> EvaluationView:
+    """A request's stored evaluation with every key present (a request from before evaluations: not evaluated)."""
+    stored = stored or {"state": "not_configured", "hint": "this request was opened before evaluations were kept"}
+    view: dict[str, Any] = {key: stored.get(key) for key in EVALUATION_KEYS}
+    view["disagreements"] = list(stored.get("disagreements") or [])
+    return cast(EvaluationView, view)
 
 
 def strictest_rule(rules: list[dict[str, Any]] | None) -> dict[str, Any] | None:

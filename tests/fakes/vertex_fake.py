@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -1000,6 +1001,8 @@ def replay_runner(emulator_url: str) -> Callable[[dict[str, Any]], str | None]:
             if not blob(uri).exists():
                 return f"Package {uri} could not be downloaded: no such object."
         args = pkg.get("args", [])
+        if pkg.get("pythonModule") == EVALUATION_MODULE:
+            return run_evaluation(client, pkg)
         if "--crash" in args:
             return "The replica workerpool0-0 exited with a non-zero status of 3."
         if "--no-model" in args:
@@ -1019,6 +1022,62 @@ def replay_runner(emulator_url: str) -> Callable[[dict[str, Any]], str | None]:
         return None
 
     return run
+
+
+EVALUATION_MODULE = "starchart_evaluation.task"
+
+
+def run_evaluation(client: Any, pkg: dict[str, Any]) -> str | None:
+    """An evaluation job as Vertex AI runs it, on this machine: the staged sdist is unpacked and its module run
+    with this Python (which has TensorFlow) on the job's args, its gs:// inputs downloaded from the emulator first
+    and its result uploaded after. A gs:// object that does not exist stays a path that does not exist, so the job
+    says so as it would on Vertex AI."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    def split(uri: str) -> tuple[Any, str]:
+        bucket, _, name = uri[len("gs://"):].partition("/")
+        return client.bucket(bucket), name
+
+    with tempfile.TemporaryDirectory(prefix="vertex-fake-eval-") as tmp:
+        work = Path(tmp)
+        bucket, name = split(pkg["packageUris"][0])
+        bucket.blob(name).download_to_filename(str(work / "package.tar.gz"))
+        with tarfile.open(work / "package.tar.gz") as tar:
+            tar.extractall(work / "src", filter="data")
+        src = next((work / "src").iterdir())
+        local_args: list[str] = []
+        result: str | None = None
+        for i, arg in enumerate(pkg.get("args", [])):
+            flag, _, value = arg.partition("=")
+            if value.startswith("gs://") and flag == "--result":
+                result = value
+                value = str(work / "result.json")
+            elif value.startswith("gs://"):
+                bucket, name = split(value)
+                target = work / f"in{i}"
+                blobs = list(bucket.list_blobs(prefix=name.rstrip("/") + "/")) if flag != "--data" else []
+                for b in blobs:  # a SavedModel folder
+                    path = target / b.name[len(name.rstrip("/")) + 1:]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    b.download_to_filename(str(path))
+                if flag == "--data":
+                    target = work / f"in{i}.csv"
+                    if bucket.blob(name).exists():
+                        bucket.blob(name).download_to_filename(str(target))
+                value = str(target)
+            local_args.append(f"{flag}={value}")
+        proc = subprocess.run([sys.executable, "-m", EVALUATION_MODULE, *local_args], cwd=src,
+                              env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True,
+                              text=True, timeout=600)
+        if result is not None and (work / "result.json").exists():
+            bucket, name = split(result)
+            bucket.blob(name).upload_from_filename(str(work / "result.json"))
+        if proc.returncode != 0:
+            return f"The replica workerpool0-0 exited with a non-zero status of {proc.returncode}."
+    return None
 
 
 def fast_backend(fake: VertexFake, bucket: str, **overrides: Any) -> Any:
