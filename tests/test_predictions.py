@@ -264,3 +264,21 @@ def test_a_serving_python_without_tensorflow_is_reported(tmp_path: Path) -> None
         backend.predict("iris", None, {"instances": [FLOWER]})
     assert "TensorFlow is not importable" in exc.value.message and "STARCHART_TRAINER_PYTHON" in exc.value.message
     assert "server.log" in exc.value.hint
+
+
+def test_the_try_example_is_the_first_evaluation_row_when_there_is_one(make_registry: Any, sqlite_url: str,
+                                                                       trained: dict, tmp_path: Path) -> None:
+    data = ROOT / "trainers" / "iris" / "trainer" / "data" / "iris_eval.csv"
+    reg = make_registry(sqlite_url, models={"iris": {"evaluation": {"data": str(data), "label": "species",
+                                                                      "output": "class_ids"}}})
+    assert train_and_wait(reg, "iris", "U_T", replay_args(trained["iris_a"]))["state"] == "SUCCEEDED"
+    reg.versions.expose("iris", "U_T")
+    version = reg.versions.default("iris")
+    assert reg.predictions.example("iris", version) == {"sepal_length": 4.9, "sepal_width": 3.1,
+                                                        "petal_length": 1.5, "petal_width": 0.1}
+    broken = tmp_path / "broken.csv"
+    broken.write_text("sepal_length,species\n1.0,0\n")  # the other inputs are missing: built from the signature
+    reg = make_registry(sqlite_url, models={"iris": {"evaluation": {"data": str(broken), "label": "species",
+                                                                      "output": "class_ids"}}})
+    assert reg.predictions.example("iris", version) == {
+        "sepal_length": 0.0, "sepal_width": 0.0, "petal_length": 0.0, "petal_width": 0.0}

@@ -17,7 +17,7 @@ from model_registry.adapters.db import Database
 from model_registry.adapters.records import ModelRecord
 from model_registry.adapters.storage import LocalStorage, SignsUrls
 from model_registry.adapters.tflite import TfliteConverter
-from model_registry.config import ProjectConfig
+from model_registry.config import Evaluation, ProjectConfig
 from model_registry.domain import lite_check, names
 from model_registry.domain.errors import ArtifactError, InvalidInput, NotFound, Refused
 from model_registry.services.catalog import Catalog
@@ -174,22 +174,7 @@ class Copies:
             raise InvalidInput(f"`evaluation.output` of {model} names {evaluation.output!r}, which the version's "
                                f"signature does not give (its outputs: {', '.join(sorted(outputs)) or 'none'})",
                                "fix `evaluation.output` in starchart.yaml")
-        raw = self._read_data(evaluation.data)
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise InvalidInput(f"the evaluation data {evaluation.data} is not UTF-8 text",
-                               "give a CSV file with a header row") from None
-        return lite_check.csv_instances(text, inputs, evaluation.label, evaluation.data), evaluation.data
-
-    def _read_data(self, uri: str) -> bytes:
-        store = self.backend.storage
-        if "://" not in uri:
-            return LocalStorage().read_bytes(uri)
-        if isinstance(store, LocalStorage):
-            raise InvalidInput(f"the evaluation data {uri} is in cloud storage, which the local backend does not read",
-                               "copy it to this machine and point `evaluation.data` at the local file")
-        return store.read_bytes(uri)
+        return evaluation_instances(evaluation, inputs, self.backend.storage), evaluation.data
 
     # ---------------------------------------------------------------- signed URLs
 
@@ -266,3 +251,21 @@ def _filled(target: Path, fill: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def evaluation_instances(evaluation: Evaluation, inputs: dict[str, Any], storage: Any,
+                         limit: int = lite_check.MAX_ROWS) -> list[dict[str, Any]]:
+    """The first `limit` rows of a model's evaluation data as instances of a signature's inputs."""
+    uri = evaluation.data
+    if "://" not in uri:
+        raw = LocalStorage().read_bytes(uri)
+    elif isinstance(storage, LocalStorage):
+        raise InvalidInput(f"the evaluation data {uri} is in cloud storage, which the local backend does not read",
+                           "copy it to this machine and point `evaluation.data` at the local file")
+    else:
+        raw = storage.read_bytes(uri)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"the evaluation data {uri} is not UTF-8 text", "give a CSV file with a header row") from None
+    return lite_check.csv_instances(text, inputs, evaluation.label, uri, limit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Mapping
 
 from model_registry.adapters.backends.base import Backend
@@ -12,9 +13,11 @@ from model_registry.config import ProjectConfig
 from model_registry.domain import answers, instances, names
 from model_registry.domain.errors import InvalidInput, NotFound, StarchartError
 from model_registry.services.catalog import Catalog
+from model_registry.services.copies import evaluation_instances
 from model_registry.services.views import Compared, Served, Side
 
 MAX_INSTANCES = instances.MAX_INSTANCES
+log = logging.getLogger("starchart.predictions")
 BODY_HINT = ('give instances as JSON: one object {"input": value, ...}, a list of them, '
              'or TF Serving\'s {"instances": [...]} / {"inputs": {...}}')
 
@@ -133,8 +136,19 @@ class Predictions:
         return inputs
 
     def example(self, model: str, version: str) -> dict[str, Any]:
-        """An instance that fits `version`'s signature, to start from (the Try form's first values)."""
-        return instances.example_instance(self.inputs(model, version))
+        """An instance to start from (the Try form's first values): the first row of the model's evaluation data
+        when it is configured and readable, else one built from `version`'s signature."""
+        inputs = self.inputs(model, version)
+        evaluation = self.config.policy(model).evaluation if self.config is not None else None
+        if evaluation is not None:
+            try:
+                rows = evaluation_instances(evaluation, inputs, self.backend.storage, limit=1)
+            except StarchartError as exc:  # the card's evaluation says what is wrong with the data
+                log.info("no example row from %s's evaluation data: %s", model, exc.message)
+            else:
+                if rows:
+                    return rows[0]
+        return instances.example_instance(inputs)
 
     def served(self, model: str, version: str | None = None) -> Served:
         """Which version answers `model`'s predictions: the serving side's default, or `version` if it exists."""
