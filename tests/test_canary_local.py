@@ -79,7 +79,8 @@ def stop_servers() -> Iterator[list[Any]]:
 def test_a_canary_splits_the_traffic_survives_restarts_and_is_promoted_after_a_clean_bake(
         make_registry: Callable[..., Any], db_url: str, trained: dict, stop_servers: list[Any]) -> None:
     reg, (v1, v2) = iris_registry(make_registry, db_url, trained, {
-        "bake": "2s", "min_requests": 10, "auto_promote": True, "mirror": 0.5})
+        # latency on a shared test machine is noise: this bake is judged on errors (the p99 rule has its own tests)
+        "bake": "2s", "min_requests": 10, "auto_promote": True, "mirror": 0.5, "max_p99_ratio": 1000})
     stop_servers.append(reg)
     reg.predictions.predict("iris", {"instances": [FLOWER]})  # the model server runs: the candidate is warmed
     request_id = start_canary(reg, v2, "30", "2s")

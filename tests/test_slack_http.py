@@ -374,7 +374,11 @@ def test_unknown_channel_is_reported_and_nothing_is_lost(driver: SlackDriver, sl
     assert "the channel does not exist" in json.dumps(told)
     job = reg.jobs.state("iris")[0]
     assert job["state"] in ("QUEUED", "RUNNING", "SUCCEEDED"), "the job itself was started and is recorded"
-    (stopped,) = reg.outbox.undelivered()
+    def only_the_failed() -> list[dict[str, Any]] | None:  # the direct message's row is marked delivered once
+        rows = reg.outbox.undelivered()                      # Slack's answer is in, a moment after Slack has it
+        return rows if rows and all(r["state"] == "failed" for r in rows) else None
+
+    (stopped,) = slack.wait_for(only_the_failed, timeout=30)
     assert (stopped["kind"], stopped["subject"], stopped["state"], stopped["error"]) == (
         "training", job["job_id"], "failed", "channel_not_found")
 
@@ -490,7 +494,8 @@ def test_serve_killed_during_a_training_loses_no_update(bot_env: dict, slack: Sl
     again = Server(bot_env, tmp_path / "serve-again.log")
     try:
         slack.wait_for(lambda: "*succeeded*" in json.dumps(slack.messages[key]), timeout=60)
+        # Slack has the update; its row is marked delivered once Slack's answer is in
+        slack.wait_for(lambda: reg.outbox.undelivered() == [], timeout=30)
     finally:
         again.stop()
     assert len([m for m in slack.messages.values() if "--sleep=3" in json.dumps(m)]) == 1, "updated, not reposted"
-    assert reg.outbox.undelivered() == []
