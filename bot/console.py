@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from bot import text
 from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject, submit_try
 from handlers.follow import Follower
 from handlers.output import Posted, Upload
-from handlers.results import Form, RejectForm, Result, TryForm
+from handlers.results import Form, RejectForm, RequestOpened, Result, ReviewCard, TryForm
 from handlers.reviews import form_metadata, try_instance, try_metadata
+from model_registry.services.evaluations import FOLLOWED
 
 CONSOLE_CHANNEL = "CCONSOLE"
 
@@ -92,6 +94,7 @@ class Console:
         self.buttons: list[tuple[str, str, str, str]] = []  # (action id, value, channel, message ts), numbered from 1
         self.pending_form: Form | None = None
         self.results: list[Result] = []  # what each command and click answered, newest last
+        self.follow_interval, self.evaluation_timeout = follow_interval, 600.0
         self.out = TerminalOutput(self)
         # no thread: a training's message is followed to its end before the next prompt
         follower = Follower(lambda: core, interval=follow_interval, running_update_every=10.0, background=False,
@@ -123,7 +126,32 @@ class Console:
             return True
         typed = line[3:] if line.startswith("/ml") else line
         self._reported(lambda: dispatch(self.deps, self.chat(), typed))
+        if self.results and isinstance(self.results[-1], RequestOpened):
+            self._follow_evaluation(self.results[-1].request["id"])
         return True
+
+    def _follow_evaluation(self, request_id: int) -> None:
+        """No worker runs beside a console: a new request's evaluation is run here, in the foreground (as a training
+        is followed), and the card shown again with its result."""
+        core, deadline = self.deps.core, time.monotonic() + self.evaluation_timeout
+        req = core.promotions.get(request_id)
+        if (req.get("evaluation") or {}).get("state") not in FOLLOWED:
+            return
+        self.write("(evaluating the candidate and the default on the same data…)")
+        while (req.get("evaluation") or {}).get("state") in FOLLOWED:
+            if time.monotonic() > deadline:
+                self.write(f"(the evaluation goes on; `show {request_id}` shows it once a worker has finished it)")
+                return
+            try:
+                core.evaluations.follow()
+            except Exception as exc:  # told as any failure is; the card keeps saying where it stands
+                report_error(self.out, exc)
+                return
+            time.sleep(self.follow_interval)
+            req = core.promotions.get(request_id)
+        ts = req.get("message_ts")
+        if ts:
+            self.out.update(req.get("channel") or CONSOLE_CHANNEL, ts, ReviewCard(req))
 
     def press(self, number: int) -> None:
         if not 1 <= number <= len(self.buttons):

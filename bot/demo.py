@@ -32,6 +32,9 @@ def run_demo(home: Path | None = None, epochs: tuple[int, int] = (3, 10)) -> int
         "model_files": "models",
         "defaults": {"approvers": [APPROVER, REQUESTER, TRAINER], "required_approvals": 1,
                      "allow_self_approval": False, "request_expiry": "72h"},
+        # the card's evidence: candidate and default evaluated on the iris trainer's held-out rows
+        "models": {"iris": {"evaluation": {"data": str(PROJECT / "trainers" / "iris" / "trainer" / "data" /
+                                                       "iris_eval.csv"), "label": "species", "output": "class_ids"}}},
     }))
     env = {**os.environ, "STARCHART_HOME": str(home), "STARCHART_CONFIG": str(config_path),
            "STARCHART_BACKEND": "local", "DATABASE_URL": f"sqlite:///{home / 'starchart.db'}"}

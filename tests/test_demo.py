@@ -16,6 +16,7 @@ def test_demo_runs_the_whole_flow(tmp_path) -> None:
     assert out.count("*succeeded*") == 2
     assert out.count("exposed `v") == 2
     assert "== Review: iris" in out and "[1] Approve" in out and "Metrics" in out
+    assert "Evaluation on 30 rows" in out and "agreement" in out, "the card shows both versions on the same data"
     assert "U0REQUESTER requested this promotion and may not approve it" in out
     assert "U0TRAINER trained the candidate and may not approve it" in out
     assert "approved by @U0APPROVER" in out and ":rocket: applied" in out
