@@ -19,7 +19,7 @@ from handlers.results import (
     Versions,
 )
 from handlers.table import Invocation, Surface
-from model_registry.services.copies import FORMATS
+from model_registry.domain.lite_check import FORMATS
 
 
 def expose(inv: Invocation) -> Result:

@@ -446,3 +446,11 @@ def test_unsupported_database_urls_are_refused_clearly() -> None:
         with pytest.raises(InvalidInput) as exc:
             make_engine(url)
         assert words in exc.value.message
+
+
+def test_the_web_process_starts_without_the_database_layer() -> None:
+    """bot.app, bot.web and bot.serve import no SQLAlchemy: the core loads after the process listens (start-up is
+    what a deploy and a crashed worker wait for)."""
+    loaded = _imported_after("import bot.app, bot.web, bot.serve")
+    assert not any(m == "sqlalchemy" or m.startswith("sqlalchemy.") for m in loaded)
+    assert "model_registry.adapters.db" not in loaded

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 from model_registry.domain.errors import InvalidInput
 from model_registry.domain.instances import dtype_name
 
+FORMATS = ("savedmodel", "tflite")  # what `pull --format` makes: the SavedModel, or a checked LiteRT copy
+
 TOLERANCE = 1e-4
 TOLERANCE_TEXT = "max abs difference 1e-4 for float outputs, equal for integer, bool and string outputs"
 PROBES = 16  # instances built from the signature when no evaluation data is configured

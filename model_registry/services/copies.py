@@ -31,7 +31,7 @@ from model_registry.services.views import (
     version_view,
 )
 
-FORMATS = ("savedmodel", "tflite")
+FORMATS = lite_check.FORMATS
 MAX_ARCHIVE = 50 * 1024 * 1024  # bytes of a pulled copy sent as a file (Slack); larger: `starchart pull`
 VERSION_FILE = "starchart-version.json"  # beside a pulled copy: what it is (signature, metrics, program, check)
 URL_LIFETIME = timedelta(hours=1)  # how long a signed URL lets its holder download
