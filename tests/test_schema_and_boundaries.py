@@ -454,3 +454,12 @@ def test_the_web_process_starts_without_the_database_layer() -> None:
     loaded = _imported_after("import bot.app, bot.web, bot.serve")
     assert not any(m == "sqlalchemy" or m.startswith("sqlalchemy.") for m in loaded)
     assert "model_registry.adapters.db" not in loaded
+
+
+def test_charts_are_drawn_in_a_process_of_their_own() -> None:
+    """A chart asked for by a web process's sender is drawn elsewhere: matplotlib never loads beside the acks."""
+    loaded = _imported_after(
+        "from model_registry.adapters import charts; "
+        "png = charts.history_png('iris', 'accuracy', [('v1', 0.9), ('v2', 0.95)], 'v1', 'v2'); "
+        "assert png[:8] == bytes([137, 80, 78, 71, 13, 10, 26, 10]), png[:8]")
+    assert not any(m == "matplotlib" or m.startswith("matplotlib.") for m in loaded)

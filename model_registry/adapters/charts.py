@@ -1,16 +1,22 @@
 """PNG charts with matplotlib's Agg backend: a metric across a model's versions, and training curves side by side.
 
-matplotlib is imported inside the functions that draw, so importing this module costs nothing: a chart is drawn in
-the background (the outbox's sender, a command after its ack), never on the path that answers Slack. Figures are
-made with the object API (`Figure` + `FigureCanvasAgg`), not pyplot, so no global state is shared between threads.
+Each chart is drawn in a process of its own (`python -m model_registry.adapters.charts`, the request as JSON on
+stdin, the PNG on stdout): drawing never holds the GIL of the process that asked (a web process's outbox sender,
+beside the threads that ack Slack), and matplotlib never loads there. Figures are made with the object API
+(`Figure` + `FigureCanvasAgg`), not pyplot.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Sequence
 
+from model_registry.domain.errors import ArtifactError
 from model_registry.domain.progress import TRAIN, VALIDATION, TrainingCurves
 
 DPI = 100
@@ -33,9 +39,50 @@ def _png(figure: Any) -> bytes:
     return out.getvalue()
 
 
+DRAW_TIMEOUT = 120.0  # seconds a drawing process may take (its first matplotlib import included)
+
+
 def history_png(model: str, metric: str, points: Sequence[tuple[str, float]], default: str | None,
                 candidate: str | None = None) -> bytes:
     """`metric` of each version (oldest first), the default and the candidate marked; 900 x 450 pixels."""
+    return _drawn({"chart": "history", "model": model, "metric": metric, "points": [list(p) for p in points],
+                   "default": default, "candidate": candidate})
+
+
+def curves_png(model: str, versions: Sequence[tuple[str, TrainingCurves | None]]) -> bytes:
+    """Per-epoch training (solid) and validation (dashed) values of each metric: one row per metric, one column per
+    version (e.g. candidate, default); a version without event files gets an empty panel saying so."""
+    return _drawn({"chart": "curves", "model": model, "versions": [
+        [label, None if curves is None else {"planned_epochs": curves.planned_epochs, "runs": {
+            run: {metric: [list(point) for point in series] for metric, series in metrics.items()}
+            for run, metrics in curves.runs.items()}}] for label, curves in versions]})
+
+
+def _drawn(request: dict[str, Any]) -> bytes:
+    try:
+        done = subprocess.run([sys.executable, "-m", "model_registry.adapters.charts"], input=json.dumps(request).encode(),
+                              capture_output=True, timeout=DRAW_TIMEOUT, cwd=Path(__file__).resolve().parents[2])
+    except subprocess.TimeoutExpired:
+        raise ArtifactError(f"drawing the {request['chart']} chart of {request['model']} took over {DRAW_TIMEOUT:g}s",
+                            "the chart is left out; try `chart` again later") from None
+    if done.returncode != 0 or not done.stdout.startswith(b"\x89PNG"):
+        why = (done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1][:300]
+        raise ArtifactError(f"the {request['chart']} chart of {request['model']} could not be drawn: {why}",
+                            "check that matplotlib is installed (pip install -e .)")
+    return done.stdout
+
+
+def _curves(data: dict[str, Any] | None) -> TrainingCurves | None:
+    if data is None:
+        return None
+    return TrainingCurves(runs={run: {metric: tuple((int(e), float(v)) for e, v in series)
+                                      for metric, series in metrics.items()}
+                                for run, metrics in data["runs"].items()},
+                          planned_epochs=data.get("planned_epochs"))
+
+
+def _draw_history(model: str, metric: str, points: Sequence[tuple[str, float]], default: str | None,
+                  candidate: str | None = None) -> bytes:
     figure = _figure(*HISTORY_SIZE)
     axes = figure.add_subplot()
     xs = list(range(len(points)))
@@ -56,9 +103,7 @@ def history_png(model: str, metric: str, points: Sequence[tuple[str, float]], de
     return _png(figure)
 
 
-def curves_png(model: str, versions: Sequence[tuple[str, TrainingCurves | None]]) -> bytes:
-    """Per-epoch training (solid) and validation (dashed) values of each metric: one row per metric, one column per
-    version (e.g. candidate, default); a version without event files gets an empty panel saying so."""
+def _draw_curves(model: str, versions: Sequence[tuple[str, TrainingCurves | None]]) -> bytes:
     metrics = sorted({m for _, curves in versions if curves for m in curves.metrics()},
                      key=lambda name: (name != "loss", name))
     rows, cols = max(1, len(metrics)), max(1, len(versions))
@@ -88,3 +133,19 @@ def curves_png(model: str, versions: Sequence[tuple[str, TrainingCurves | None]]
                 axes.text(0.5, 0.5, "no event files" if curves is None else f"no {metric} logged",
                           ha="center", va="center", transform=axes.transAxes, color="grey")
     return _png(figure)
+
+
+def main() -> int:
+    """Draw the chart the JSON on stdin asks for; its PNG on stdout."""
+    request = json.loads(sys.stdin.buffer.read())
+    if request["chart"] == "history":
+        png = _draw_history(request["model"], request["metric"], [(str(n), float(v)) for n, v in request["points"]],
+                            request.get("default"), request.get("candidate"))
+    else:
+        png = _draw_curves(request["model"], [(str(label), _curves(data)) for label, data in request["versions"]])
+    sys.stdout.buffer.write(png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
