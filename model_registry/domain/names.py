@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from datetime import datetime, timedelta, timezone
@@ -71,10 +72,8 @@ def parse_duration(text: str) -> timedelta:
 def parse_time(text: str, now: datetime | None = None) -> datetime:
     """'7d' (that long ago), '2026-11-01', '2026-11-01T12:00', '2026-11-01 12:00:00Z' -> naive UTC."""
     now = now or utcnow()
-    try:
+    with contextlib.suppress(InvalidInput):  # not a duration: a date or a time, below
         return now - parse_duration(text)
-    except InvalidInput:
-        pass
     value = str(text).strip().replace("Z", "+00:00")
     try:
         parsed = datetime.fromisoformat(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -151,10 +152,8 @@ class LocalBackend:
         (job_dir / "cancel").write_text(str(time.time()))
         st = self._read_status(job_dir)
         if st and self._alive(st):
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile: the status says how
                 os.killpg(int(st["pid"]), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str:
         log = self._job_dir(job_id) / "train.log"
