@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import google_crc32c
 
+from model_registry.adapters.signatures import message_class, schema_from_table
 from model_registry.adapters.storage import Storage
 from model_registry.domain.errors import ArtifactError
 from model_registry.domain.progress import Series, TrainingCurves
@@ -84,40 +85,12 @@ _DTYPES = {1: ("<f", "float_val"), 2: ("<d", "double_val"), 3: ("<i", "int_val")
 
 def event_schema() -> Any:
     """The subset as a `google.protobuf.descriptor_pb2.FileDescriptorProto` (TensorFlow's names and numbers)."""
-    from google.protobuf import descriptor_pb2
-
-    kinds = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="starchart/event_subset.proto", package=_PACKAGE,
-                                               syntax="proto3")
-    made: dict[str, Any] = {}
-    for full_name, fields in _MESSAGES.items():  # parents come before their nested messages
-        parent, _, name = full_name.rpartition(".")
-        message = made[full_name] = (made[parent].nested_type if parent else proto.message_type).add(name=name)
-        oneofs: list[str] = []
-        for field, number, kind, *oneof in fields:
-            repeated = kind.startswith("repeated ")
-            kind = kind.removeprefix("repeated ")
-            spec = message.field.add(name=field, number=int(number),
-                                     label=kinds.LABEL_REPEATED if repeated else kinds.LABEL_OPTIONAL)
-            if kind in _SCALARS:
-                spec.type = _SCALARS[kind]
-            else:
-                spec.type, spec.type_name = kinds.TYPE_MESSAGE, f".{_PACKAGE}.{kind}"
-            if oneof:
-                if oneof[0] not in oneofs:
-                    oneofs.append(oneof[0])
-                    message.oneof_decl.add(name=oneof[0])
-                spec.oneof_index = oneofs.index(oneof[0])
-    return proto
+    return schema_from_table("starchart/event_subset.proto", _PACKAGE, _MESSAGES, _SCALARS)
 
 
 @functools.cache
 def _event_class() -> Any:
-    from google.protobuf import descriptor_pool, message_factory
-
-    pool = descriptor_pool.DescriptorPool()  # private: a TF process's own tensorflow.* messages never clash
-    pool.Add(event_schema())
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.Event"))
+    return message_class(event_schema(), f"{_PACKAGE}.Event")
 
 
 def _scalar(value: Any) -> float | None:

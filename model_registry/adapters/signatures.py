@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from model_registry.domain.errors import ArtifactError
 
@@ -112,31 +112,37 @@ _CORRUPT_HINT = (
 
 def saved_model_schema() -> Any:
     """The schema subset as a `google.protobuf.descriptor_pb2.FileDescriptorProto` (TensorFlow's names and numbers)."""
+    return schema_from_table("starchart/saved_model_subset.proto", _PACKAGE, _MESSAGES, _SCALARS,
+                             {"DataType": DATA_TYPES})
+
+
+def schema_from_table(file_name: str, package: str, messages: Mapping[str, Sequence[tuple[Any, ...]]],
+                      scalars: Mapping[str, int], enums: Mapping[str, Mapping[int, str]] | None = None) -> Any:
+    """A FileDescriptorProto from a table `message -> [(field, number, type[, oneof])]` ("repeated " marks a
+    repeated field; other types are the table's messages, or `enums`), parents listed before nested messages."""
     from google.protobuf import descriptor_pb2  # imported on first use: importing this module stays light
 
     field_type = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="starchart/saved_model_subset.proto", package=_PACKAGE, syntax="proto3")
-    enum = proto.enum_type.add(name="DataType")
-    for number, name in sorted(DATA_TYPES.items()):
-        enum.value.add(name=name, number=number)
+    proto = descriptor_pb2.FileDescriptorProto(name=file_name, package=package, syntax="proto3")
+    for enum_name, values in (enums or {}).items():
+        enum = proto.enum_type.add(name=enum_name)
+        for number, name in sorted(values.items()):
+            enum.value.add(name=name, number=number)
     made: dict[str, Any] = {}
-    for full_name, fields in _MESSAGES.items():  # parents come before their nested messages
+    for full_name, fields in messages.items():
         parent, _, name = full_name.rpartition(".")
-        message = (made[parent].nested_type if parent else proto.message_type).add(name=name)
-        made[full_name] = message
+        message = made[full_name] = (made[parent].nested_type if parent else proto.message_type).add(name=name)
         oneofs: list[str] = []
         for field, number, kind, *oneof in fields:
             repeated = kind.startswith("repeated ")
             kind = kind.removeprefix("repeated ")
-            spec = message.field.add(
-                name=field, number=number,
-                label=field_type.LABEL_REPEATED if repeated else field_type.LABEL_OPTIONAL)
-            if kind in _SCALARS:
-                spec.type = _SCALARS[kind]
+            spec = message.field.add(name=field, number=int(number),
+                                     label=field_type.LABEL_REPEATED if repeated else field_type.LABEL_OPTIONAL)
+            if kind in scalars:
+                spec.type = scalars[kind]
             else:
-                spec.type = field_type.TYPE_ENUM if kind == "DataType" else field_type.TYPE_MESSAGE
-                spec.type_name = f".{_PACKAGE}.{kind}"
+                spec.type = field_type.TYPE_ENUM if kind in (enums or {}) else field_type.TYPE_MESSAGE
+                spec.type_name = f".{package}.{kind}"
             if oneof:
                 if oneof[0] not in oneofs:
                     oneofs.append(oneof[0])
@@ -145,14 +151,19 @@ def saved_model_schema() -> Any:
     return proto
 
 
+def message_class(schema: Any, full_name: str) -> Any:
+    """The message class `full_name` of `schema`, in a pool of its own (a TF process's tensorflow.* never clash)."""
+    from google.protobuf import descriptor_pool, message_factory
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
+
+
 @functools.cache
 def _saved_model_class() -> Any:
     """The message class for `tensorflow.SavedModel`, built once from `saved_model_schema()`."""
-    from google.protobuf import descriptor_pool, message_factory
-
-    pool = descriptor_pool.DescriptorPool()  # private: a TF process's own tensorflow.* messages never clash
-    pool.Add(saved_model_schema())
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.SavedModel"))
+    return message_class(saved_model_schema(), f"{_PACKAGE}.SavedModel")
 
 
 # ---------------------------------------------------------------------------------------------
