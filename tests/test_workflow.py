@@ -318,9 +318,12 @@ def test_unknown_names_get_suggestions(two_versions: Any) -> None:
     with pytest.raises(NotFound) as version:
         reg.promotions.promote("iris", "v20990101000000", "U_REQ")
     assert "versions" in version.value.hint
-    newest = reg.versions.of_model("iris")["versions"][0]["name"]
+    names = [v["name"] for v in reg.versions.of_model("iris")["versions"]]
+    newest = names[0]
+    # one digit off the newest, and no version's name (two versions made a second apart can be one digit off)
+    typo_name = next(newest[:-1] + d for d in "0123456789" if newest[:-1] + d not in names)
     with pytest.raises(NotFound) as typo:  # a close name is suggested, and the recent ones are listed all the same
-        reg.promotions.promote("iris", newest[:-1] + ("0" if newest[-1] != "0" else "1"), "U_REQ")
+        reg.promotions.promote("iris", typo_name, "U_REQ")
     assert f"did you mean {newest}?" in typo.value.hint or "did you mean v" in typo.value.hint
     assert "recent versions:" in typo.value.hint
     for bad in ("Iris", "../iris", "a" * 64, "1iris", ""):
