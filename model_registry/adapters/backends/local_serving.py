@@ -46,7 +46,7 @@ import secrets
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -95,12 +95,27 @@ class Models:
         self.serving_dir = serving_dir
         self.loaded: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.lock = threading.Lock()
+        self._pointers: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
     def pointer(self, model: str) -> dict[str, Any]:
+        """The model's pointer file, read again only when it was replaced or changed (a stat per request). The
+        dict returned is shared: callers read it, never change it."""
+        path = self.serving_dir / f"{model}.json"
         try:
-            return json.loads((self.serving_dir / f"{model}.json").read_text())
+            st = os.stat(path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._pointers.get(model)
+            # a file changed within the last second may change again within the file system's clock tick
+            # (the same stamp): read it again until it is older, as git does with racily clean files
+            if cached is not None and cached[0] == stamp and time.time_ns() - st.st_mtime_ns > 1_000_000_000:
+                return cached[1]
+            data = json.loads(path.read_text())
         except (OSError, ValueError):
             raise RequestError(404, f"Servable not found for request: Latest({model})") from None
+        if not isinstance(data, dict):
+            raise RequestError(404, f"Servable not found for request: Latest({model})")
+        self._pointers[model] = (stamp, data)
+        return data
 
     def resolve(self, model: str, version: str | None) -> tuple[str, str]:
         data = self.pointer(model)
@@ -130,17 +145,20 @@ class Models:
                                   batch_timeout_micros=options.get("batch_timeout_micros", BATCH_TIMEOUT_MICROS))
                 self.loaded[key] = batcher
                 while len(self.loaded) > LOADED_VERSIONS:  # requests in flight on it still finish
-                    self.loaded.popitem(last=False)[1].close()
+                    self.loaded.popitem(last=False)
             self.loaded.move_to_end(key)
         return name, batcher
 
 
 class _Call:
-    """One request's tensors, waiting for its share of a model call."""
+    """One request's inputs (NumPy arrays), waiting for its share of a model call."""
 
-    def __init__(self, tensors: dict[str, Any], rows: int | None) -> None:
-        self.tensors, self.rows = tensors, rows  # rows None: not batch-major, runs alone
-        self.done = threading.Event()
+    __slots__ = ("arrays", "rows", "ready", "finished", "outputs", "error")
+
+    def __init__(self, arrays: dict[str, Any], rows: int | None) -> None:
+        self.arrays, self.rows = arrays, rows  # rows None: not batch-major, runs alone
+        self.ready = threading.Event()  # set when answered, or when this request's thread is to run the next batch
+        self.finished = False
         self.outputs: dict[str, Any] | None = None
         self.error: BaseException | None = None
 
@@ -149,90 +167,102 @@ class Batcher:
     """One version's model calls, batched as TF Serving batches: the requests queued while the model is busy run
     as one call of up to `max_batch_size` instances (after waiting up to `batch_timeout_micros` for more when the
     batch is not full), and each request gets its rows of the outputs. A batch the model refuses is run again one
-    request at a time, so only the request at fault gets the error."""
+    request at a time, so only the request at fault gets the error.
+
+    No thread of its own: the request that finds the model idle runs the call on its own thread (a request alone
+    costs no hand-over), and when the call ends the head of the queue is woken to run the next batch. Dropping the
+    batcher (an unloaded version) frees the model once the requests holding it finish."""
 
     def __init__(self, fn: Any, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_timeout_micros: int = BATCH_TIMEOUT_MICROS) -> None:
         self.fn = fn
         self.specs = fn.structured_input_signature[1]
+        self.inputs = signature_inputs(self.specs)  # the signature in the stored form, for the body's checks
         self.max_batch_size = max(1, int(max_batch_size))
         self.timeout = max(0, int(batch_timeout_micros)) / 1e6
         self.calls = 0  # model calls made (read by tests and the benchmark through /healthz)
-        self._queue: list[_Call] = []
+        self._queue: deque[_Call] = deque()
         self._cond = threading.Condition()
-        self._closed = False
-        threading.Thread(target=self._loop, name="batcher", daemon=True).start()
+        self._busy = False  # a request's thread is running (or about to run) a batch
 
-    def __call__(self, tensors: dict[str, Any], rows: int | None) -> dict[str, Any]:
-        call = _Call(tensors, rows)
+    def __call__(self, arrays: dict[str, Any], rows: int | None) -> dict[str, Any]:
+        call = _Call(arrays, rows)
         with self._cond:
-            closed = self._closed
-            if not closed:
-                self._queue.append(call)
-                self._cond.notify()
-        if closed:  # unloaded after this request found it: it runs alone, here
-            self._run([call])
-        call.done.wait()
+            self._queue.append(call)
+            lead = not self._busy
+            self._busy = True
+            if self.timeout:
+                self._cond.notify()  # a leader waiting for a fuller batch counts this one
+        if not lead:
+            call.ready.wait()
+        if not call.finished:  # the model is this thread's: its request heads the queue, so the batch holds it
+            self._lead()
         if call.error is not None:
             raise call.error
         assert call.outputs is not None
         return call.outputs
 
-    def close(self) -> None:
-        """No longer loaded: the queued requests finish, then the thread (and its hold on the model) ends."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    def _loop(self) -> None:
-        while True:
+    def _lead(self) -> None:
+        batch: list[_Call] = []
+        try:
             with self._cond:
-                while not self._queue:
-                    if self._closed:  # the model's memory goes with the last request holding this batcher
-                        return
-                    self._cond.wait()
                 if self.timeout:
                     deadline = time.monotonic() + self.timeout
                     while self._queued_rows() < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                         self._cond.wait(left)
-                batch = [self._queue.pop(0)]
+                batch.append(self._queue.popleft())
                 rows = batch[0].rows or self.max_batch_size
                 while (self._queue and batch[0].rows is not None and self._queue[0].rows is not None
-                       and rows + self._queue[0].rows <= self.max_batch_size):
-                    call = self._queue.pop(0)
+                       and rows + (self._queue[0].rows or 0) <= self.max_batch_size):
+                    call = self._queue.popleft()
                     batch.append(call)
                     rows += call.rows or 0
             self._run(batch)
+        finally:
+            for c in batch:
+                if c.outputs is None and c.error is None:  # not reached by _run: an error of this thread's
+                    c.error = RequestError(500, "the model call was interrupted")
+                c.finished = True
+                c.ready.set()
+            with self._cond:  # hand the model to the next request, or leave it idle
+                if self._queue:
+                    self._queue[0].ready.set()
+                else:
+                    self._busy = False
 
     def _queued_rows(self) -> int:
         return sum(c.rows or self.max_batch_size for c in self._queue)
 
     def _run(self, batch: list[_Call]) -> None:
+        import numpy
         import tensorflow as tf
 
         if len(batch) > 1:
             # a refused batch, or outputs that are not one row per instance: one request at a time below
             with contextlib.suppress(tf.errors.InvalidArgumentError, ValueError, TypeError):
-                joined = {k: tf.concat([c.tensors[k] for c in batch], 0) for k in batch[0].tensors}
-                self.calls += 1
-                outputs = {k: v.numpy() for k, v in self.fn(**joined).items()}
+                outputs = self._call({k: numpy.concatenate([c.arrays[k] for c in batch]) for k in self.specs})
                 total = sum(c.rows or 0 for c in batch)
                 if all(v.ndim >= 1 and v.shape[0] == total for v in outputs.values()):
                     at = 0
                     for c in batch:
                         c.outputs = {k: v[at:at + (c.rows or 0)] for k, v in outputs.items()}
                         at += c.rows or 0
-                        c.done.set()
                     return
         for c in batch:
             try:
-                self.calls += 1
-                c.outputs = {k: v.numpy() for k, v in self.fn(**c.tensors).items()}
+                c.outputs = self._call(c.arrays)
             except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
                 c.error = RequestError(400, f"the model refused the input: {str(exc).splitlines()[0][:500]}")
             except Exception as exc:  # a bug or a broken model: this request's 500, the server keeps serving
                 c.error = exc
-            c.done.set()
+
+    def _call(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        """One model call: the arrays as tensors of the signature's dtypes, the outputs as NumPy arrays."""
+        import tensorflow as tf
+
+        self.calls += 1
+        tensors = {k: tf.constant(v, dtype=self.specs[k].dtype) for k, v in arrays.items()}
+        return {k: v.numpy() for k, v in self.fn(**tensors).items()}
 
 
 def columns(body: Any, specs: dict[str, Any]) -> dict[str, list[Any]]:
@@ -283,28 +313,28 @@ def signature_inputs(specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def predict(models: Models, model: str, version: str | None, body: Any) -> tuple[str, dict[str, Any]]:
-    import tensorflow as tf
+    import numpy
 
     name, batcher = models.signature(model, version)
     specs = batcher.specs
     try:  # the core checked already (with the model's policy on NaN); again here, as TensorFlow aborts on some
-        instances.check_body(body, signature_inputs(specs), allow_non_finite=True)
+        instances.check_body(body, batcher.inputs, allow_non_finite=True)
     except instances.InstancesRefused as exc:
         raise RequestError(400, exc.message) from None
-    tensors = {}
+    arrays = {}  # checked values as NumPy arrays: made tensors once per model call, for the whole batch
     for key, values in columns(body, specs).items():
         spec = specs[key]
         try:
-            tensors[key] = tf.constant(values, dtype=spec.dtype)
-        except (TypeError, ValueError) as exc:
+            arrays[key] = numpy.asarray(values, dtype=spec.dtype.as_numpy_dtype)
+        except (TypeError, ValueError, OverflowError) as exc:
             raise RequestError(400, f"input {key}: expected {spec.dtype.name} values: {exc}") from None
-        if not spec.shape.is_compatible_with(tensors[key].shape):
-            raise RequestError(400, f"input {key}: shape {tensors[key].shape.as_list()} does not fit the "
+        if not spec.shape.is_compatible_with(arrays[key].shape):
+            raise RequestError(400, f"input {key}: shape {list(arrays[key].shape)} does not fit the "
                                     f"signature's {spec.shape}")
-    ranks = {t.shape.rank for t in tensors.values()}
-    sizes = {int(t.shape[0]) for t in tensors.values() if t.shape.rank}
+    ranks = {a.ndim for a in arrays.values()}
+    sizes = {a.shape[0] for a in arrays.values() if a.ndim}
     rows = sizes.pop() if 0 not in ranks and len(sizes) == 1 else None  # batch-major inputs join a batch
-    outputs = {k: _plain(v.tolist()) for k, v in batcher(tensors, rows).items()}
+    outputs = {k: _plain(v.tolist()) for k, v in batcher(arrays, rows).items()}
     if "inputs" in body:
         only = next(iter(outputs.values())) if len(outputs) == 1 else outputs
         return name, {"outputs": only}
