@@ -32,10 +32,21 @@ from model_registry.domain.errors import BackendError, InvalidInput, NotFound
 
 NEVER_STARTED_AFTER = 120.0  # seconds a job may wait for its runner before it is declared lost
 SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it loads TensorFlow lazily)
+SERVER_LOG_MAX = 16 * 1024 * 1024  # bytes of server.log before a new server starts a new one (one old kept)
 PREDICT_TIMEOUT = 120.0  # seconds for one predict, the first load of a SavedModel included
 
 
 log = logging.getLogger("starchart.local")
+
+
+def _last_lines(path: Path, window: int) -> list[str]:
+    """The lines of a log's last `window` bytes (read from its end: the file may be large); none if it is gone."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - window))
+            return fh.read().decode("utf-8", "replace").rstrip().splitlines()
+    except OSError:
+        return []
 LOCAL_SERVING = str(Path(__file__).with_name("local_serving.py"))  # the model server, run by file
 
 
@@ -156,14 +167,7 @@ class LocalBackend:
                 os.killpg(int(st["pid"]), signal.SIGTERM)
 
     def logs(self, job_id: str, ref: str | None, tail: int = 40) -> str:
-        log = self._job_dir(job_id) / "train.log"
-        if not log.exists():
-            return ""
-        with open(log, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 256 * 1024))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
+        lines = _last_lines(self._job_dir(job_id) / "train.log", 256 * 1024)
         return "\n".join(lines[-tail:]) if tail else "\n".join(lines)
 
     def _pointer(self, model: str) -> Path:
@@ -355,10 +359,7 @@ class LocalBackend:
             log.error("the local model server cut off request %s (predict %s) but still runs: %s",
                       request_id, model, exc)
             return False
-        try:
-            tail = (self.serving / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
-        except OSError:
-            tail = []
+        tail = _last_lines(self.serving / "server.log", 16384)[-3:]
         log.error("the local model server stopped during request %s (predict %s): %s; server.log ends: %s",
                   request_id, model, exc, " | ".join(tail) or "(empty)")
         self._forget_server()
@@ -391,7 +392,11 @@ class LocalBackend:
             if port:
                 return port
             self._forget_server()
-            with open(self.serving / "server.log", "ab") as log:
+            log_path = self.serving / "server.log"
+            with contextlib.suppress(OSError):  # one old log kept: the file does not grow without end
+                if log_path.stat().st_size > SERVER_LOG_MAX:
+                    os.replace(log_path, log_path.with_name("server.log.1"))
+            with open(log_path, "ab") as log:
                 proc = subprocess.Popen(  # by file: the serving Python may be another environment (TensorFlow's)
                     [self.python, LOCAL_SERVING, str(self.serving)],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
@@ -406,7 +411,7 @@ class LocalBackend:
                     break
                 time.sleep(0.05)
             proc.kill()
-            lines = (self.serving / "server.log").read_text(errors="replace").strip().splitlines()
+            lines = _last_lines(self.serving / "server.log", 16384)[-1:]
             why = lines[-1] if proc.returncode is not None and lines else "it did not listen in time"
             raise BackendError(f"the local model server did not start: {why}", f"see {self.serving / 'server.log'}")
 

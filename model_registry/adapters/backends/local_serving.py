@@ -37,6 +37,7 @@ share calls.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import hmac
 import importlib.util
 import json
@@ -70,7 +71,7 @@ except ImportError:  # the same case: the domain's checks are one stdlib file, l
 
 MAX_BODY = 8 * 1024 * 1024
 LOADED_VERSIONS = 4  # SavedModels kept in memory, least recently used dropped first
-THREADS = 16  # waitress' request threads (TensorFlow releases the GIL while it computes)
+THREADS = 32  # waitress' request threads: a full default batch of one-instance requests queues while one runs
 BACKLOG = 2048  # connections the kernel holds before any is accepted: bursts are queued, not refused
 CHANNEL_TIMEOUT = 60  # seconds an idle keep-alive connection stays open
 MAX_BATCH_SIZE = 32  # instances per model call, unless the model's `serving:` says otherwise
@@ -413,9 +414,6 @@ class App:
             raise RequestError(400, f"the body is nested more than {instances.MAX_DEPTH} levels deep") from None
         except ValueError as exc:
             raise RequestError(400, f"the body is not JSON: {exc}") from None
-        # logged before TensorFlow runs: if the process dies anyway, the log names the request
-        sys.stderr.write(f"request {environ.get('HTTP_X_REQUEST_ID') or '-'}: POST {environ.get('PATH_INFO')}\n")
-        sys.stderr.flush()
         canary = None
         if version is None:  # the default's route: a running canary takes its share (local_canary.py)
             version, canary = self.canaries.route(model, self.models.pointer(model))
@@ -448,6 +446,9 @@ def main() -> None:
         sys.stderr.write(f"cannot serve: {what} is not importable by {sys.executable} ({exc}); install it there "
                          "(pip install '.[train]') or set STARCHART_TRAINER_PYTHON to a Python that has it\n")
         sys.exit(3)
+    # a fatal signal (TensorFlow aborting on an input no check foresaw) writes every thread's stack to server.log:
+    # the requests in flight are named by the web process, which logs the id of each one cut off
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     secret = secrets.token_urlsafe(32)
     server = waitress.server.create_server(
         # bodies up to 4 x MAX_BODY are read and answered 413 with the reason; longer ones are cut off by waitress
