@@ -33,11 +33,17 @@ def figure_rows(view: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             ("latency p99", _ms(cand["p99_ms"]), _ms(base["p99_ms"]))]
 
 
+VERTEX_AGREEMENT = ("agreement: not measured on Vertex AI (each request is answered by one deployment and none is "
+                    "mirrored to the other)")
+
+
 def agreement_text(view: Mapping[str, Any]) -> str:
     figures = view.get("figures")
+    vertex = view.get("backend") == "vertex"
     if not figures:
-        return ("no figures: this backend gives no per-version requests, errors or latency; a person decides"
-                if view.get("backend") == "vertex" else "no figures read yet")
+        return f"no figures read yet from Cloud Monitoring; {VERTEX_AGREEMENT}" if vertex else "no figures read yet"
+    if vertex and not figures["mirrored"]:
+        return VERTEX_AGREEMENT
     if not figures["mirrored"]:
         return "agreement: no mirrored requests yet"
     return (f"agreement on mirrored requests: {_pct(figures['agreement'])} ({figures['agreed']} of "
@@ -75,6 +81,8 @@ def canary_lines(view: Mapping[str, Any], style: Style = PLAIN) -> list[str]:
         width = max(len(w) for w, _, _ in rows)
         lines.append(f"{'':{width}}  {'candidate':>20}  {'default':>20}")
         lines += [f"{what:{width}}  {cand:>20}  {base:>20}" for what, cand, base in rows]
+    if view.get("figures_unavailable"):
+        lines.append(f"figures unavailable: {view['figures_unavailable']}")
     lines.append(agreement_text(view))
     lines.append(f"limits: max_error_rate {_pct(limits['max_error_rate'])}, max_p99_ratio {limits['max_p99_ratio']:g}, "
                  f"judged after {limits['min_requests']} requests a side, auto_promote "

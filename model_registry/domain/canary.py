@@ -12,6 +12,8 @@ answered by the candidate off the request's path (mirrored) and compared with an
   `max_p99_ratio`;
 - at the end of a clean bake: promoted with `auto_promote`, else left waiting for a person; a bake that ended with
   fewer than `min_requests` requests to the candidate always waits for a person (no evidence is not clean).
+Agreement is shown, never judged: a backend that mirrors nothing (Vertex AI) is judged by the same rules.
+When the backend cannot give the figures at all, `unread`: nothing is decided until it can.
 """
 
 from __future__ import annotations
@@ -224,6 +226,14 @@ def judge(figures: Figures | None, policy: CanaryPolicy, bake_until: datetime, n
         return Verdict(PROMOTE, f"a clean bake: {figures.candidate.requests} requests to the candidate, error rate "
                                 f"{_pct(figures.candidate.error_rate)}, within the limits")
     return Verdict(WAIT, "a clean bake; auto_promote is off, so a person decides: Promote to 100% or Roll back")
+
+
+def unread(reason: str, bake_until: datetime, now: datetime) -> Verdict:
+    """A running canary whose figures the backend could not give this time: nothing is decided on missing
+    figures (neither rolled back nor promoted, whatever the last figures said); it keeps baking, or waits."""
+    why = (f"the figures could not be read ({reason}); nothing is rolled back or promoted on missing figures, the "
+           f"worker reads them again at its next pass")
+    return Verdict(BAKE if now < bake_until else WAIT, why)
 
 
 def split(base: str | None, candidate: str, percent: int) -> dict[str, int]:

@@ -71,9 +71,11 @@ class Canaries:
         policy = self.config.policy(row.model).canary
         figures = canary_rules.Figures.from_dict(row.canary_figures)
         running = row.state == rules.CANARY
+        unavailable = (row.canary_figures or {}).get("unavailable") if running else None
         verdict = None
         if running and req.bake_until is not None:
-            judged = canary_rules.judge(figures, policy, req.bake_until, names.utcnow())
+            judged = (canary_rules.unread(unavailable, req.bake_until, names.utcnow()) if unavailable
+                      else canary_rules.judge(figures, policy, req.bake_until, names.utcnow()))
             verdict = {"action": judged.action, "why": judged.why}
         percent = row.canary_percent or 0
         if row.state == rules.APPLIED:
@@ -88,6 +90,7 @@ class Canaries:
             "started_at": iso(row.canary_started_at), "bake_until": iso(req.bake_until),
             "ended_at": iso(row.canary_ended_at), "ended_by": row.canary_ended_by, "why": row.canary_why,
             "split": split, "figures": figures.as_dict() if figures else None, "verdict": verdict,
+            "figures_unavailable": unavailable,
             "limits": {"max_error_rate": policy.max_error_rate, "max_p99_ratio": policy.max_p99_ratio,
                        "min_requests": policy.min_requests, "auto_promote": policy.auto_promote,
                        "mirror": policy.mirror},
@@ -113,7 +116,7 @@ class Canaries:
         """Promote the running canary to 100% (an approver, under the approvals' policy); a refusal is recorded."""
         names.validate_model_name(model)
         row_id = self._allowed(model, user, True, request_id, channel, message_ts)
-        self._refresh_figures(row_id)
+        self._refresh_figures_for_a_person(row_id)
         self.promotions.apply_request(row_id, actor=user, why=f"promoted to 100% by {user}")
         return self.get(row_id)
 
@@ -122,7 +125,7 @@ class Canaries:
         """Roll the running canary back (an approver); the default keeps all its traffic."""
         names.validate_model_name(model)
         row_id = self._allowed(model, user, False, request_id, channel, message_ts)
-        self._refresh_figures(row_id)
+        self._refresh_figures_for_a_person(row_id)
         why = f"rolled back by {user}" + (f": {reason.strip()}" if reason and reason.strip() else "")
         self._roll_back(row_id, user, why, {"channel": channel, "message_ts": message_ts})
         return self.get(row_id)
@@ -163,14 +166,29 @@ class Canaries:
 
     # ---------------------------------------------------------------- the worker
 
+    def _refresh_figures_for_a_person(self, request_id: int) -> None:
+        """A person promotes or rolls back with the freshest figures there are; figures that cannot be read do not
+        stop them (the card says why they are missing)."""
+        try:
+            self._refresh_figures(request_id)
+        except StarchartError as exc:
+            log.warning("promotion request #%s: the canary's figures could not be read: %s", request_id, exc.message)
+
     def _refresh_figures(self, request_id: int) -> canary_rules.Figures | None:
-        """Read the backend's figures of the request's canary and keep them on the request (its card shows them)."""
+        """Read the backend's figures of the request's canary and keep them on the request (its card shows them).
+
+        A backend that cannot give them raises; the reason is kept on the request first (beside the last figures
+        read), so its card and status say why nothing is decided, until a later read succeeds."""
         with self.db.reads() as s:
             row = s.get_one(PromotionRequest, request_id)
             model, state = row.model, row.state
         if state != rules.CANARY:
             return None
-        raw = self.backend.canary_figures(model)
+        try:
+            raw = self.backend.canary_figures(model)
+        except StarchartError as exc:
+            self._note_unavailable(request_id, f"{exc.message}; {exc.hint}" if exc.hint else exc.message)
+            raise
         if raw is None:
             return None
         figures = canary_rules.Figures(canary_rules.Side.from_dict(raw.get("candidate")),
@@ -185,6 +203,13 @@ class Canaries:
             if _shown(kept) != _shown(after):  # the card shows the change
                 self._keep(s, row, after)
         return figures
+
+    def _note_unavailable(self, request_id: int, reason: str) -> None:
+        with self.db.unit_of_work() as s:
+            row = s.get_one(PromotionRequest, request_id, with_for_update=True)
+            kept = dict(row.canary_figures or {})
+            if row.state == rules.CANARY and kept.get("unavailable") != reason:
+                self._keep(s, row, {**kept, "unavailable": reason})
 
     def _note_verdict(self, request_id: int, action: str) -> None:
         """Keep what the rules made of the canary, so that its card changes when that does (the bake ended)."""

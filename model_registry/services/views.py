@@ -144,6 +144,7 @@ class CanaryView(TypedDict):
     split: dict[str, int]
     figures: dict[str, Any] | None
     verdict: dict[str, str] | None  # {action, why} while it runs: bake, wait, rollback, promote
+    figures_unavailable: str | None  # why the backend's figures could not be read at the last look, if they could not
     limits: dict[str, Any]
     backend: str
     channel: str | None

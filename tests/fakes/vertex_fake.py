@@ -29,11 +29,18 @@ request's `trafficSplit` takes its traffic away, or when it is the last one (the
 emptied). PATCH (UpdateEndpoint) needs an updateMask and changes traffic at once.
 
 Routes: customJobs.create/get/list/cancel, models.upload/get/listVersions/mergeVersionAliases,
-endpoints.create/get/list/patch/deployModel/undeployModel/predict, operations.get.
+endpoints.create/get/list/patch/deployModel/undeployModel/predict, operations.get, entries.list (Cloud
+Logging), timeSeries.list (Cloud Monitoring).
 
-endpoints.predict picks the deployment with the most traffic and, having no model to run, answers each
+endpoints.predict spreads the requests over the deployments by the traffic split, exactly over every 100
+requests (smooth weighted round robin; Vertex AI draws at random) and, having no model to run, answers each
 instance with {"deployedModelId": ID, "instance": INSTANCE}, so tests see which deployment answered and
 that the instances crossed the wire intact; an endpoint that serves nothing answers FAILED_PRECONDITION.
+`answer_as(version, latency_ms=, error=)` sets how a deployment answers (its latency, or an error).
+
+Cloud Monitoring: timeSeries.list (v3) answers Vertex AI's prediction_count, error_count and
+prediction_latencies per deployed model, built from every predict a deployment answered (`served`); see
+monitoring_fake.py for the filters and aggregations it takes.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import json_format
 
 from .gcs_emulator import storage_client
+from .monitoring_fake import LATENCY_BUCKETS, time_series_list
 
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
@@ -98,6 +106,8 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
      "operations.get"),
     # Cloud Logging's v2 API (logging.googleapis.com), where Vertex AI writes a custom job's replica output
     ("POST", re.compile(r"/v2/entries:list$"), "entries.list"),
+    # Cloud Monitoring's v3 API (monitoring.googleapis.com), where Vertex AI publishes what each deployment served
+    ("GET", re.compile(r"/v3/projects/(?P<project>[^/]+)/timeSeries$"), "timeSeries.list"),
 ]
 OPERATION_ROUTES = ("models.upload", "endpoints.create", "endpoints.deployModel", "endpoints.undeployModel")
 OPERATION_CODES = {400: 3, 403: 7, 404: 5, 409: 6, 412: 9, 429: 8, 500: 13, 503: 14}
@@ -148,6 +158,25 @@ class Hold:
 
     def release(self) -> None:
         self.released.set()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How a deployed model answers predict: the latency Monitoring reports, or an error (status, message)."""
+
+    latency_ms: float = 10.0
+    error: tuple[int, str] | None = None
+
+
+@dataclass(frozen=True)
+class Served:
+    """One predict a deployed model answered (or failed), as Vertex AI counts it for Cloud Monitoring."""
+
+    endpoint_id: str
+    deployed_model_id: str
+    at: datetime
+    latency_ms: float
+    error: bool
 
 
 @dataclass
@@ -236,6 +265,10 @@ class VertexFake:
         self.requests: list[Recorded] = []
         self.runner: Callable[[dict[str, Any]], str | None] | None = None
         self.log_entries: list[dict[str, Any]] = []  # Cloud Logging entries (LogEntry, wire format)
+        self.served: list[Served] = []  # every predict a deployment answered: Monitoring's time series
+        self.latency_buckets: dict[str, Any] = dict(LATENCY_BUCKETS)  # Distribution.BucketOptions (wire format)
+        self._answers: dict[str, Answer] = {}  # deployed model id or display name -> how it answers
+        self._rotation: dict[str, dict[str, int]] = {}  # endpoint -> smooth weighted round robin's weights
         self._faults: dict[str, list[Fault]] = {}
         self._operation_faults: dict[str, list[dict[str, Any]]] = {}
         self._holds: dict[str, list[Hold]] = {}  # per route, the holds not yet reached
@@ -323,6 +356,12 @@ class VertexFake:
             self._all_holds.append(hold)
         return hold
 
+    def answer_as(self, deployment: str, *, latency_ms: float = 10.0, error: tuple[int, str] | None = None) -> None:
+        """How a deployed model (by id, or by display name: the version) answers predict from now on: the latency
+        Monitoring reports for it, and an error (status, message) instead of predictions."""
+        with self._lock:
+            self._answers[deployment] = Answer(latency_ms, error)
+
     def clear_faults(self) -> None:
         """Forget the injected errors not yet used."""
         with self._lock:
@@ -399,7 +438,8 @@ class VertexFake:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         split = urlsplit(h.path)
         path = unquote(split.path)
-        query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+        # a repeated key (Monitoring's aggregation.groupByFields) is kept whole, comma-joined
+        query = {k: ",".join(v) if k.endswith("groupByFields") else v[-1] for k, v in parse_qs(split.query).items()}
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
         try:
@@ -583,6 +623,10 @@ class VertexFake:
         if start + size < len(found):
             answer["nextPageToken"] = str(start + size)
         return answer
+
+    def _timeSeries_list(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
+        """Cloud Monitoring's timeSeries.list over what the endpoints' deployments served (monitoring_fake.py)."""
+        return time_series_list(self.served, self.project_number, self.latency_buckets, q, ints)
 
     def _customJobs_get(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
         job = self._job(p)
@@ -847,11 +891,28 @@ class VertexFake:
         if not split:
             raise ApiError(400, f"Endpoint {endpoint['name']} does not have any deployed model with traffic.",
                            status="FAILED_PRECONDITION")
-        chosen = max(split, key=lambda k: (split[k], k))
+        chosen = self._route(endpoint["name"], split)
         deployed = next(d for d in endpoint["deployedModels"] if d["id"] == chosen)
+        answer = self._answers.get(chosen) or self._answers.get(deployed.get("displayName", "")) or Answer()
+        self.served.append(Served(endpoint["name"].rsplit("/", 1)[1], chosen, datetime.now(timezone.utc),
+                                  answer.latency_ms, answer.error is not None))
+        if answer.error is not None:
+            raise ApiError(*answer.error)
         return {"predictions": [{"deployedModelId": chosen, "instance": i} for i in instances],
                 "deployedModelId": chosen, "model": deployed["model"], "modelVersionId": deployed["modelVersionId"],
                 "modelDisplayName": deployed["model"].rsplit("/", 1)[1]}
+
+    def _route(self, endpoint: str, split: dict[str, int]) -> str:
+        """The deployment that answers the next request: the split kept exactly over every 100 requests (smooth
+        weighted round robin), where Vertex AI draws at random; a deployment with all the traffic answers all."""
+        weights = self._rotation.setdefault(endpoint, {})
+        for gone in set(weights) - set(split):
+            del weights[gone]
+        for key, share in split.items():
+            weights[key] = weights.get(key, 0) + share
+        chosen = max(split, key=lambda k: (weights[k], k))
+        weights[chosen] -= sum(split.values())
+        return chosen
 
     def _endpoints_list(self, p: dict[str, str], q: dict[str, str], body: Any, ints: bool) -> dict[str, Any]:
         prefix = f"{self._loc(p['location'])}/endpoints/"

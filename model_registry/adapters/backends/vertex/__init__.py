@@ -6,6 +6,7 @@
     training.py   CustomJobs: build, submit, state, cancel, logs
     versions.py   the Model Registry: register a version, the `default` alias
     endpoints.py  optional per model: deploy, traffic split, the switch (commit point: the alias), predict
+    monitoring.py a canary's figures per deployed model, from Cloud Monitoring's time series
     backend.py    VertexBackend: the Backend protocol over the parts above
 
 and, beside the package, ../vertex_settings.py: the `endpoint:` policy and accelerator names, without any

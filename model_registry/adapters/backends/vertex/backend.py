@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from google.auth.credentials import Credentials
@@ -11,6 +12,7 @@ from google.cloud import aiplatform_v1 as aip
 from model_registry.adapters.backends.base import JobStatus, TrainingSpec
 from model_registry.adapters.backends.vertex.clients import PROJECT_ID, REGION, VertexApi
 from model_registry.adapters.backends.vertex.endpoints import EndpointPolicy, Endpoints
+from model_registry.adapters.backends.vertex.monitoring import Monitoring
 from model_registry.adapters.backends.vertex.training import (
     DEFAULT_EXECUTOR_IMAGE,
     DEFAULT_GPU_EXECUTOR_IMAGE,
@@ -49,6 +51,7 @@ class VertexBackend:
         operation_timeout: float = 1800.0,
         page_size: int = 100,
         endpoints: EndpointPolicy = None,
+        monitoring_endpoint: str | None = None,
     ) -> None:
         self.project, self.region, self.bucket = project, region, bucket.rstrip("/")
         self.storage = storage or GcsStorage(project=project)
@@ -59,6 +62,7 @@ class VertexBackend:
         self.training = Training(self.api, executor_image, gpu_executor_image)
         self.versions = Versions(self.api, serving_image)
         self.endpoints = Endpoints(self.api, self.versions, endpoints)
+        self.monitoring = Monitoring(self.api, monitoring_endpoint)
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> "VertexBackend":
@@ -140,7 +144,8 @@ class VertexBackend:
 
     def start_canary(self, model: str, version: str, ref: str | None, percent: int, mirror: float) -> None:
         """The candidate deployed beside the default with `percent` of the endpoint's traffic (nothing is
-        mirrored: Vertex AI answers each request from one deployment)."""
+        mirrored: Vertex AI answers each request from one deployment, and its Predict cannot be sent to a chosen
+        one; only Explain can, for models deployed with an explanation spec)."""
         self.endpoints.start_canary(model, version, ref, percent, self._endpoint_for_canary(model))
 
     def end_canary(self, model: str) -> None:
@@ -155,9 +160,16 @@ class VertexBackend:
         return self.endpoints.split(model)
 
     def canary_figures(self, model: str) -> dict[str, Any] | None:
-        """None: the endpoint gives no per-deployment requests, errors or latency that reach StarChart (Cloud
-        Monitoring would; not read here), so a Vertex AI canary is judged by people, not by its figures."""
-        return None
+        """Both deployments' requests, errors and latency since the candidate was deployed, from Cloud Monitoring
+        (see monitoring.py; they lag the traffic by Monitoring's sampling delay); no agreement: Vertex AI answers
+        each request from one deployment and mirrors none. None when no canary splits the endpoint; a
+        StarchartError when Monitoring cannot be read (the canary is then left as it is)."""
+        if self.endpoints.settings(model) is None:
+            return None
+        sides = self.endpoints.canary_sides(model, self.versions.current_default(model))
+        if sides is None:
+            return None
+        return self.monitoring.figures(sides, datetime.now(timezone.utc))
 
     def apply_timeout(self, model: str) -> float:
         """An upper bound, in seconds, on how long set_default(model, ...) runs: with an endpoint it awaits

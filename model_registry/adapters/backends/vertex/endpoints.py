@@ -29,6 +29,7 @@ from google.protobuf import field_mask_pb2, json_format, struct_pb2
 
 from model_registry.adapters.backends.vertex.clients import VertexApi, label_value, labels
 from model_registry.adapters.backends.vertex.errors import server_message
+from model_registry.adapters.backends.vertex.monitoring import CanarySides
 from model_registry.adapters.backends.vertex.versions import Versions
 from model_registry.adapters.backends.vertex_settings import (
     ENDPOINT_EXAMPLE,
@@ -160,6 +161,24 @@ class Endpoints:
             return {}
         names = {d.id: d.display_name or d.id for d in endpoint.deployed_models}
         return {names.get(k, k): v for k, v in traffic(endpoint).items()}
+
+    def canary_sides(self, model: str, default: str | None) -> CanarySides | None:
+        """The running canary's deployed models (the default's and the candidate's, the other one with traffic) and
+        when the candidate was deployed; None when the endpoint sends all its traffic to one deployment."""
+        endpoint = self.find(model)
+        split = traffic(endpoint) if endpoint is not None else {}
+        if endpoint is None or len(split) < 2:
+            return None
+        deployed = {d.id: d for d in endpoint.deployed_models}
+        base = [i for i in split if i in deployed and deployed[i].display_name == default]
+        others = [i for i in split if i in deployed and i not in base]
+        if not base or len(others) != 1:
+            raise NotFound(f"the endpoint of {model} splits its traffic as {split}, which is no canary of its "
+                           f"default {default} against one candidate",
+                           f"check endpoint {endpoint.name} in the Vertex AI console")
+        candidate = deployed[others[0]]
+        return CanarySides(endpoint.name.rsplit("/", 1)[1], candidate.display_name or candidate.id, candidate.id,
+                           base[0], candidate.create_time)
 
     def find(self, model: str) -> aip.Endpoint | None:
         """The endpoint that serves `model` (labelled model=<model>, displayed as the model), oldest first."""
