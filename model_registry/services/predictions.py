@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any, Mapping
+
+from cachetools import LRUCache, TTLCache
 
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database
@@ -17,6 +20,7 @@ from model_registry.services.copies import evaluation_instances
 from model_registry.services.views import Compared, Served, Side
 
 MAX_INSTANCES = instances.MAX_INSTANCES
+DEFAULT_TTL = 1.0  # seconds a model's default, as the database names it, is reused by predictions of this process
 log = logging.getLogger("starchart.predictions")
 BODY_HINT = ('give instances as JSON: one object {"input": value, ...}, a list of them, '
              'or TF Serving\'s {"instances": [...]} / {"inputs": {...}}')
@@ -70,6 +74,34 @@ class Predictions:
 
     def __init__(self, db: Database, catalog: Catalog, backend: Backend, config: ProjectConfig | None = None) -> None:
         self.db, self.catalog, self.backend, self.config = db, catalog, backend, config
+        # a prediction's checks without a database read: a version's signature never changes once registered;
+        # the default is read again after DEFAULT_TTL. For that long after a switch made by another process the
+        # instances are checked against the previous default's signature; the version that answers checks them
+        # again against its own (the local model server, Vertex AI's endpoint)
+        self._signatures: LRUCache[tuple[str, str], dict[str, Any]] = LRUCache(maxsize=1024)
+        self._defaults: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=DEFAULT_TTL)
+        self._cache_lock = threading.Lock()
+
+    def _inputs(self, model: str, version: str | None) -> dict[str, Any]:
+        """The signature inputs the instances must fit: `version`'s, or the default's (none without a default)."""
+        with self._cache_lock:
+            name = version or self._defaults.get(model)
+            cached = self._signatures.get((model, name)) if name else None
+        if cached is not None:
+            return cached
+        with self.db.reads() as s:
+            self.catalog.require_model(model, s)
+            if version is None:  # the version that will answer: its signature is what the instances must fit
+                record = s.get(ModelRecord, model)
+                name = record.default_version if record else None
+            target = self.catalog.version(s, model, name) if name else None
+            inputs = dict((target.signature or {}).get("inputs") or {}) if target is not None else {}
+        if target is not None and name:
+            with self._cache_lock:
+                self._signatures[(model, name)] = inputs
+                if version is None:
+                    self._defaults[model] = name
+        return inputs
     def predict(self, model: str, payload: Any, version: str | None = None) -> dict[str, Any]:
         """Predictions of `model`'s default version (or `version`) for the given instances.
 
@@ -78,17 +110,9 @@ class Predictions:
         """
         names.validate_model_name(model)
         body = predict_body(payload)
-        with self.db.reads() as s:
-            self.catalog.require_model(model, s)
-            if version is None:  # the version that will answer: its signature is what the instances must fit
-                record = s.get(ModelRecord, model)
-                default = record.default_version if record else None
-                target = self.catalog.version(s, model, default) if default else None
-            else:
-                target = self.catalog.version(s, model, version)
-            signature = dict(target.signature or {}) if target is not None else {}
+        inputs = self._inputs(model, version)
         non_finite = self.config.policy(model).non_finite_inputs if self.config is not None else False
-        check_instances(body, signature.get("inputs") or {}, non_finite)
+        check_instances(body, inputs, non_finite)
         answered, answer = self.backend.predict(model, version, body)
         return {"model": model, "version": answered, **answer}
 
