@@ -62,3 +62,23 @@ def test_evaluation_quick_prints_the_result_json_last() -> None:
     assert result["benchmark"] == "evaluation" and result["better"] == "lower" and result["unit"] == "s"
     assert result["rows"] == 2000 and result["runs"] == 1
     assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0
+
+
+def test_serving_memory_quick_prints_the_result_json_last() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving_memory.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "serving_memory" and result["better"] == "lower" and result["rounds"] == 1
+    assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0 and result["after_unload_mb"] > 0
+    assert result["server_said"] and result["server_said"][-1].startswith("released ")  # the four were unloaded
+
+
+def test_serving_switch_smoke_prints_the_result_json_last() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving_switch.py"), "--quick", "--switches", "1",
+                           "--clients", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "serving_switch" and result["better"] == "lower" and result["switches"] == 1
+    assert result["failed"] == 0 and len(result["versions_seen"]) == 2 and result["unloads"] == 1
+    assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0

@@ -1,9 +1,14 @@
 """Canaries on the local backend, end to end with real TensorFlow through the model server: the split observed over
 many requests, the figures counted per version and mirrored requests compared, an erroring candidate rolled back
-by the worker, a clean bake promoted, the split kept across restarts, and `audit MODEL --at T` naming it."""
+by the worker, a slow candidate rolled back on its p99 latency, a clean bake promoted, the split kept across restarts, and `audit MODEL --at T` naming it."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,11 +39,11 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0) -> Any:
 
 
 def iris_registry(make_registry: Callable[..., Any], db_url: str, trained: dict, canary: dict[str, Any],
-                  sentiment: Path | None = None) -> tuple[Any, list[str]]:
-    """iris with versions from iris_a (the default), iris_b and, with `sentiment`, a version whose signature takes
-    text (it refuses iris's instances)."""
+                  third: Path | None = None) -> tuple[Any, list[str]]:
+    """iris with versions from iris_a (the default), iris_b and, with `third`, one more from that trained model
+    (e.g. sentiment, whose signature takes text and refuses iris's instances)."""
     reg = make_registry(db_url, models={"iris": {"canary": canary}})
-    sources = [trained["iris_a"], trained["iris_b"]] + ([sentiment] if sentiment else [])
+    sources = [trained["iris_a"], trained["iris_b"]] + ([third] if third else [])
     for src in sources:
         assert train_and_wait(reg, "iris", TRAINER, replay_args(src))["state"] == "SUCCEEDED"
         reg.versions.expose("iris", TRAINER)  # one at a time: the first becomes the default
@@ -66,6 +71,47 @@ def predict_many(reg: Any, n: int) -> tuple[Counter[str], int]:
         except InvalidInput:
             refused += 1
     return answered, refused
+
+
+SLOW_MICROS = 200_000  # how long the slow model's serving function waits in its graph, per call
+SLOW_SCRIPT = textwrap.dedent('''
+    import sys
+    import tensorflow as tf
+    from tensorflow.python.data.experimental.ops.testing import sleep  # a wait in the graph: no CPU spent
+
+    source, out, micros = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    base = tf.saved_model.load(source)
+    fn = base.signatures["serving_default"]
+    specs = fn.structured_input_signature[1]
+    names = sorted(specs)
+
+    class Slow(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+
+        @tf.function(input_signature=[specs[n] for n in names])
+        def serve(self, *inputs):
+            waited = tf.data.Dataset.from_tensors(0).apply(sleep(micros)).reduce(0, lambda a, b: a + b)
+            with tf.control_dependencies([waited]):
+                return fn(**{n: tf.identity(x) for n, x in zip(names, inputs)})
+
+    slow = Slow()
+    tf.saved_model.save(slow, out, signatures={"serving_default": slow.serve})
+''')
+
+
+@pytest.fixture(scope="session")
+def trained_slow(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """iris_a's model behind a serving function that first waits SLOW_MICROS: iris's signature and answers, slowly
+    (a replay trainer's source: model/ and metrics.json)."""
+    out = tmp_path_factory.mktemp("slow-iris")
+    proc = subprocess.run([sys.executable, "-c", SLOW_SCRIPT, str(trained["iris_a"] / "model"), str(out / "model"),
+                           str(SLOW_MICROS)], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.copyfile(trained["iris_a"] / "metrics.json", out / "metrics.json")
+    return out
 
 
 @pytest.fixture
@@ -142,7 +188,7 @@ def test_an_erroring_candidate_is_rolled_back_by_the_worker(make_registry: Calla
                                                             trained: dict, trained_sentiment: Path,
                                                             stop_servers: list[Any]) -> None:
     reg, (v1, _v2, v3) = iris_registry(make_registry, sqlite_url, trained, {"min_requests": 10},
-                                       sentiment=trained_sentiment)
+                                       third=trained_sentiment)
     stop_servers.append(reg)
     request_id = start_canary(reg, v3, "50", "1h")
     answered, refused = predict_many(reg, 60)
@@ -159,6 +205,27 @@ def test_an_erroring_candidate_is_rolled_back_by_the_worker(make_registry: Calla
     assert event["details"]["split"] == {v1: 100}
     card = plain.render(CanaryCard(view)).body
     assert "rolled back at" in card and "error rate 100.0%" in card and "requests" in card
+    assert Counter(predict_many(reg, 10)[0]) == Counter({v1: 10}), "all the traffic is the default's again"
+
+
+def test_a_slow_candidate_is_rolled_back_on_its_p99_by_the_worker(make_registry: Callable[..., Any],
+                                                                  sqlite_url: str, trained: dict, trained_slow: Path,
+                                                                  stop_servers: list[Any]) -> None:
+    reg, (v1, _v2, v3) = iris_registry(make_registry, sqlite_url, trained,
+                                       {"min_requests": 10, "max_p99_ratio": 2, "mirror": 0}, third=trained_slow)
+    stop_servers.append(reg)
+    request_id = start_canary(reg, v3, "50", "1h")
+    # judged once both sides have had min_requests; every answer is a good one, from either version
+    wait_for(lambda: predict_many(reg, 10)[1] == 0 and one_pass(reg)["canaries"], timeout=180)
+    view = reg.canaries.get(request_id)
+    assert view["state"] == "rolled_back" and view["split"] == {v1: 100} and view["ended_by"] == "system"
+    assert "rolled back automatically: the candidate's p99 latency" in view["why"], view["why"]
+    assert "(max_p99_ratio 2)" in view["why"]
+    figures = reg.audit.events(model="iris", action="canary.rolled_back")[0]["details"]["figures"]
+    cand, base = figures["candidate"], figures["base"]
+    assert cand["errors"] == base["errors"] == 0 and cand["requests"] >= 10 and base["requests"] >= 10
+    assert cand["p99_ms"] / base["p99_ms"] > 2, figures  # the rule it was rolled back by, on its own figures
+    assert reg.backend.canary_split("iris") == {v1: 100} and reg.versions.default("iris") == v1
     assert Counter(predict_many(reg, 10)[0]) == Counter({v1: 10}), "all the traffic is the default's again"
 
 

@@ -80,10 +80,15 @@ def test_64_concurrent_keep_alive_clients_are_answered_and_batched(iris: Any) ->
 
 
 def _model_calls(port: int, secret: str) -> int:
+    return sum(_calls_by_version(port, secret).values())
+
+
+def _calls_by_version(port: int, secret: str) -> dict[str, int]:
+    """/healthz's loaded versions of iris, with their model calls."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         conn.request("GET", "/healthz", headers={"Authorization": f"Bearer {secret}"})
-        return sum(json.loads(conn.getresponse().read())["model_calls"].values())
+        return {k.split("/")[1]: v for k, v in json.loads(conn.getresponse().read())["model_calls"].items()}
     finally:
         conn.close()
 
@@ -180,6 +185,9 @@ def test_a_switch_under_load_drops_no_request_and_warms_the_new_version_first(ir
         assert set(versions[:switched]) == {old} and set(versions[switched:]) == {new}, versions
     log = (reg.settings.home / "serving" / "server.log").read_text()
     assert f"warmed iris {new}" in log
+    _wait_until(lambda: set(_calls_by_version(port, secret)) == {new})  # the old one unloaded, once idle
+    assert f"unloaded iris {old}: neither the default nor a canary's candidate" in \
+        (reg.settings.home / "serving" / "server.log").read_text()
 
 
 def _wait_until(condition: Any, timeout: float = 120.0) -> None:

@@ -22,8 +22,9 @@ around the web process's prediction token. Bodies are checked against the versio
 (model_registry/domain/instances.py) before TensorFlow sees them, so no input can end the process.
 
 This is a serving process: it imports TensorFlow (the bot's web process never does, and reaches it over
-HTTP through LocalBackend.predict). It writes SERVING_DIR/server.json once it listens, and
-keeps the few versions it served last loaded.
+HTTP through LocalBackend.predict). It writes SERVING_DIR/server.json once it listens. It keeps loaded the
+versions the pointer files name (default, canary's candidate) and those asked for by name lately, and unloads the
+others, giving their memory back (local_versions.py).
 
 It runs under waitress: one process (so requests for a version can be batched together and each SavedModel is
 in memory once), an I/O loop that reads each request whole before a thread takes it (a slow client holds no
@@ -47,7 +48,7 @@ import secrets
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ try:
 except ImportError:  # run as a file by a Python without this project: a sibling file
     from local_canary import Canaries  # type: ignore[no-redef,import-not-found]
 try:
+    from model_registry.adapters.backends.local_versions import RequestError, Versions
+except ImportError:  # run as a file by a Python without this project: a sibling file
+    from local_versions import RequestError, Versions  # type: ignore[no-redef,import-not-found]
+try:
     from model_registry.domain import instances
 except ImportError:  # the same case: the domain's checks are one stdlib file, loaded by its path in the tree
     _spec = importlib.util.spec_from_file_location(
@@ -70,7 +75,6 @@ except ImportError:  # the same case: the domain's checks are one stdlib file, l
     _spec.loader.exec_module(instances)
 
 MAX_BODY = 8 * 1024 * 1024
-LOADED_VERSIONS = 4  # SavedModels kept in memory, least recently used dropped first
 THREADS = 32  # waitress' request threads: a full default batch of one-instance requests queues while one runs
 BACKLOG = 2048  # connections the kernel holds before any is accepted: bursts are queued, not refused
 CHANNEL_TIMEOUT = 60  # seconds an idle keep-alive connection stays open
@@ -83,72 +87,18 @@ ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})(?:/versions/(?P
 CANARY_ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})/canary$")
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+class Models(Versions):
+    """The versions this server serves (local_versions.py: which stay loaded), each a Batcher of its SavedModel."""
 
+    def load(self, model: str, name: str, uri: str, options: dict[str, Any]) -> Batcher:
+        import tensorflow as tf
 
-class Models:
-    """Versions resolved through the local backend's pointer files, loaded on first use."""
-
-    def __init__(self, serving_dir: Path) -> None:
-        self.serving_dir = serving_dir
-        self.loaded: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self.lock = threading.Lock()
-        self._pointers: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
-
-    def pointer(self, model: str) -> dict[str, Any]:
-        """The model's pointer file, read again only when it was replaced or changed (a stat per request). The
-        dict returned is shared: callers read it, never change it."""
-        path = self.serving_dir / f"{model}.json"
         try:
-            st = os.stat(path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            cached = self._pointers.get(model)
-            # a file changed within the last second may change again within the file system's clock tick
-            # (the same stamp): read it again until it is older, as git does with racily clean files
-            if cached is not None and cached[0] == stamp and time.time_ns() - st.st_mtime_ns > 1_000_000_000:
-                return cached[1]
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise RequestError(404, f"Servable not found for request: Latest({model})") from None
-        if not isinstance(data, dict):
-            raise RequestError(404, f"Servable not found for request: Latest({model})")
-        self._pointers[model] = (stamp, data)
-        return data
-
-    def resolve(self, model: str, version: str | None) -> tuple[str, str]:
-        data = self.pointer(model)
-        name = version or data.get("default")
-        if not name:
-            raise RequestError(404, f"{model} has no default version yet: apply one, or name a version")
-        uri = (data.get("versions") or {}).get(name)
-        if not uri:
-            raise RequestError(404, f"Servable not found for request: Specific({model}, {name})")
-        return name, uri
-
-    def signature(self, model: str, version: str | None) -> tuple[str, Batcher]:
-        """The version that answers (the default unless named) and its model calls, loading it on first use."""
-        name, uri = self.resolve(model, version)
-        key = (model, name)
-        with self.lock:  # one load at a time; a version loads once
-            batcher = self.loaded.get(key)
-            if batcher is None:
-                import tensorflow as tf
-
-                try:
-                    fn = tf.saved_model.load(uri.rstrip("/")).signatures["serving_default"]
-                except Exception as exc:
-                    raise RequestError(404, f"could not load {model} {name} from {uri}: {exc}") from exc
-                options = self.pointer(model).get("serving") or {}
-                batcher = Batcher(fn, max_batch_size=options.get("max_batch_size", MAX_BATCH_SIZE),
-                                  batch_timeout_micros=options.get("batch_timeout_micros", BATCH_TIMEOUT_MICROS))
-                self.loaded[key] = batcher
-                while len(self.loaded) > LOADED_VERSIONS:  # requests in flight on it still finish
-                    self.loaded.popitem(last=False)
-            self.loaded.move_to_end(key)
-        return name, batcher
+            fn = tf.saved_model.load(uri.rstrip("/")).signatures["serving_default"]
+        except Exception as exc:
+            raise RequestError(404, f"could not load {model} {name} from {uri}: {exc}") from exc
+        return Batcher(fn, max_batch_size=options.get("max_batch_size", MAX_BATCH_SIZE),
+                       batch_timeout_micros=options.get("batch_timeout_micros", BATCH_TIMEOUT_MICROS))
 
 
 class _Call:
