@@ -46,7 +46,7 @@ from model_registry.adapters import outbox as kinds
 from model_registry.config import SlackSettings
 from model_registry.domain.errors import StarchartError
 from model_registry.domain.names import utcnow
-from model_registry.services.outbox import Claimed
+from model_registry.services.outbox import Claimed, Settled
 
 log = logging.getLogger("starchart.outbox")
 OUTBOX_EVENT = "starchart_outbox"  # the metadata event type of every message the outbox posts
@@ -99,8 +99,8 @@ def render(core: Any, message: Claimed) -> blocks.Rendered:
             metrics = core.jobs.metrics(job["job_id"]) if job["state"] == "SUCCEEDED" else None
             progress = core.jobs.progress(job["job_id"]) if job["state"] == "RUNNING" else None
             return blocks.render(TrainingMessage(job, metrics, progress))
-        if message.kind in (kinds.REVIEW_CARD, kinds.CARD_FILE):
-            return blocks.render(ReviewCard(core.promotions.get(int(message.subject))))
+        if message.kind in (kinds.REVIEW_CARD, kinds.CARD_FILE):  # read with the lease, else now
+            return blocks.render(ReviewCard(message.record or core.promotions.get(int(message.subject))))
         if message.kind == kinds.CANARY_CARD:
             return blocks.render(CanaryCard(core.canaries.get(int(message.subject))))
         if message.kind == kinds.CHECKPOINT:
@@ -204,6 +204,7 @@ class Sender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._handed: collections.deque[Claimed] = collections.deque()  # new messages this process leased to us
+        self._next: Settled | None = None  # the last outcome's claim of the next message, in its transaction
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ the loop
@@ -246,15 +247,20 @@ class Sender:
             self._wake.wait(wait)
 
     def deliver_due(self) -> datetime | None:
-        """Deliver every message due now, one claim at a time; answers when the next message waiting for its
-        backoff is due (or None)."""
-        while self._handed and not self._stop.is_set():  # leased to us by the commit that recorded them
-            self.attempt(self._handed.popleft())
+        """Deliver every message due now, one claim at a time (each attempt's outcome claims the next in its own
+        transaction); answers when the next message waiting for its backoff is due (or None)."""
+        self._next = None
         while not self._stop.is_set():
-            message = self.core.outbox.claim(self.owner, self.lease)
+            if self._handed:  # leased to us by the commit that recorded them
+                message: Claimed | None = self._handed.popleft()
+            elif self._next is not None and self._next.claimed:
+                message, self._next = self._next.next, None
+            else:
+                message = self.core.outbox.claim(self.owner, self.lease)
             if message is None:
                 break
             self.attempt(message)
+        self._next = None
         return self.core.outbox.next_due()
 
     # ------------------------------------------------------------ one attempt
@@ -274,15 +280,17 @@ class Sender:
                 self._post(message, shown)
             else:
                 self._update(message, message.posted_channel or message.channel, message.ts, shown)
-                self.core.outbox.delivered(message, self.owner, message.wanted)
+                self._settled(self.core.outbox.delivered(message, self.owner, message.wanted,
+                                                         claim_next=self._claim_next()))
         except Undeliverable as exc:
             self._failed(message, exc.code, exc.detail)
         except _CardNotPosted:
             self._retry(message, "waiting for the review card to be posted", None)
         except _CardFailed:  # stopped with its card, whose failure told the person already
             log.error("outbox message #%s (%s) stopped: its review card was not posted", message.id, _what(message))
-            self.core.outbox.fail(message, self.owner, "card_failed", "the review card was not posted (see its row) "
-                                  "— `starchart outbox --retry` delivers the card, then its charts")
+            self._settled(self.core.outbox.fail(
+                message, self.owner, "card_failed", "the review card was not posted (see its row) — `starchart "
+                "outbox --retry` delivers the card, then its charts", claim_next=self._claim_next()))
         except _LeaseEnded:
             log.warning("outbox message #%s: the lease ran out before Slack was called; another attempt follows",
                         message.id)
@@ -313,7 +321,8 @@ class Sender:
                 metadata={"event_type": OUTBOX_EVENT, "event_payload": {"outbox_id": message.id}})
             channel, ts = str(answer["channel"]), str(answer["ts"])
         follow_up: tuple[str, dict[str, Any]] | None = (kinds.CARD_FILE, {}) if message.kind == kinds.REVIEW_CARD and shown.attachment else None
-        self.core.outbox.posted(message, self.owner, channel, ts, message.wanted, follow_up)
+        self._settled(self.core.outbox.posted(message, self.owner, channel, ts, message.wanted, follow_up,
+                                              claim_next=self._claim_next()))
 
     def _update(self, message: Claimed, channel: str, ts: str, shown: blocks.Rendered) -> None:
         self._check_lease(message)
@@ -334,7 +343,7 @@ class Sender:
                                             title=upload.title, initial_comment=FILE_NOTE,
                                             **({"file": upload.data} if upload.data is not None
                                                else {"content": upload.content}))
-        self.core.outbox.delivered(message, self.owner, message.wanted)
+        self._settled(self.core.outbox.delivered(message, self.owner, message.wanted, claim_next=self._claim_next()))
 
     def _file_found(self, message: Claimed, name: str, channel: str | None = None) -> bool:
         """Whether an earlier attempt's upload was shared in the channel (files.list since shortly before the first
@@ -378,7 +387,7 @@ class Sender:
             self.client.files_upload_v2(
                 channel=channel, thread_ts=card["ts"], initial_comment=CHARTS_NOTE,
                 file_uploads=[{"file": c["png"], "filename": name, "title": c["title"]} for name, c in named])
-        self.core.outbox.delivered(message, self.owner, message.wanted)
+        self._settled(self.core.outbox.delivered(message, self.owner, message.wanted, claim_next=self._claim_next()))
 
     def _find(self, message: Claimed) -> tuple[str, str] | None:
         """The message an earlier attempt posted, by the outbox id in its metadata; None when Slack has none."""
@@ -403,12 +412,23 @@ class Sender:
 
     # ------------------------------------------------------------ outcomes
 
+    def _claim_next(self) -> float | None:
+        """The lease to claim the next message with in an outcome's transaction: none while messages handed to us
+        wait (they go first), while an earlier outcome's claim waits, or once stopping (a claim held by a stopped
+        sender waits for its lease to end)."""
+        waiting = self._handed or (self._next is not None and self._next.next is not None)
+        return None if waiting or self._stop.is_set() else self.lease
+
+    def _settled(self, settled: Settled) -> None:
+        if settled.claimed:  # else nothing was claimed: an earlier claim (if any) still waits
+            self._next = settled
+
     def _retry(self, message: Claimed, error: str, retry_after: float | None) -> None:
         delay = retry_after if retry_after is not None else min(self.backoff * 2 ** (message.attempts - 1),
                                                                 self.max_backoff)
         log.warning("outbox message #%s (%s): %s; attempt %d again in %.1fs", message.id, _what(message), error,
                     message.attempts + 1, delay)
-        self.core.outbox.retry_later(message, self.owner, error, delay)
+        self._settled(self.core.outbox.retry_later(message, self.owner, error, delay, claim_next=self._claim_next()))
 
     def _failed(self, message: Claimed, code: str, detail: str) -> None:
         hint = slack_hint(code) if code not in ("record_not_found", "malformed_payload") else (
@@ -421,7 +441,8 @@ class Sender:
             where = f"<@{message.channel}>" if PERSON.match(message.channel) else f"<#{message.channel}>"
             notice = {"message": f"I could not post {_what(message)} in {where}: {code}", "hint": hint,
                       "about": message.id}
-        self.core.outbox.fail(message, self.owner, code, f"{detail} — {hint}", notice)
+        self._settled(self.core.outbox.fail(message, self.owner, code, f"{detail} — {hint}", notice,
+                                            claim_next=self._claim_next()))
 
 
 class _CardNotPosted(Exception):

@@ -74,7 +74,7 @@ class Deps:
     follower: Follower | None = None  # the console's: a training's message followed in the foreground
     outbox: bool = False  # Slack: the messages the bot sends on its own are recorded for the outbox
     user_name: Callable[[str], str | None] = _nobody
-    pace: Callable[[], None] = _go  # called before work that follows an ack: lets other requests be acked first
+    pace: Callable[[], None] = _go  # called before work that follows an ack (the listeners' replay check, a Home tab): lets other requests be acked first
     team_id: str | None = None  # the installed workspace; when set, a person of another one is refused
 
 
@@ -111,7 +111,6 @@ def invocation(deps: Deps, chat: Chat, args: Any = None, trainer_args: list[str]
 
 def dispatch(deps: Deps, chat: Chat, text: str) -> Result:
     """One `/ml` command: parsed, run through the table, delivered. Errors other than usage reach the caller."""
-    deps.pace()
     require_person(deps, chat)
     try:
         args, trainer_args = parse(text)
@@ -127,7 +126,6 @@ def dispatch(deps: Deps, chat: Chat, text: str) -> Result:
 
 def click(deps: Deps, chat: Chat, action_id: str | None, value: str | None) -> Result:
     """A button on one of the bot's messages; an unknown one is refused and recorded."""
-    deps.pace()
     require_person(deps, chat)
     action = ACTIONS.get(action_id or "")
     if action is None:
@@ -151,7 +149,6 @@ def submit_reject(deps: Deps, chat: Chat, metadata: str, reason: str) -> Result:
 
 def _submitted(deps: Deps, chat: Chat, answer: Callable[[Invocation], Result]) -> Result:
     """A form's submission: run for the person who sent it, delivered where the form's card is."""
-    deps.pace()
     require_person(deps, chat)
     inv = invocation(deps, chat)
     result = answer(inv)

@@ -69,8 +69,10 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
     def taken(context: dict[str, Any]) -> bool:
         """Whether this signed request was acted on before (a replay, on any replica): then it is dropped.
 
-        Checked after the ack, in the listener, so that acks never wait for the database (or a core still loading).
+        Checked after the ack, in the listener, so that acks never wait for the database (or a core still loading),
+        and once the requests in flight are acked (`deps.pace`): its write competes with their acks otherwise.
         """
+        deps.pace()
         signature = context.get(SIGNATURE_KEY)
         if not signature:
             return False  # Socket Mode: no signature, and nothing to replay over the socket

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model_registry.adapters import outbox
 from model_registry.adapters.audit_log import AuditLog
 from model_registry.adapters.backends.base import Backend
 from model_registry.adapters.db import Database
@@ -88,6 +89,8 @@ def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None
     versions = Versions(db, audit_log, catalog, config, backend, jobs)
     promotions = Promotions(db, audit_log, catalog, config, backend, versions, audit_trail,
                             apply_lease=settings.apply_lease, project=settings.gcp_project)
+    for kind in (outbox.REVIEW_CARD, outbox.CARD_FILE):  # both render the request: read with their lease
+        db.record_views[kind] = lambda s, subject: promotions.read(s, int(subject))
     return Core(
         settings=settings, config=config, db=db, audit_log=audit_log, backend=backend, catalog=catalog, jobs=jobs,
         versions=versions, promotions=promotions, audit=audit_trail,

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 from conftest import ROOT, replay_args
 from fakes.slack_fake import SlackFake
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, select, update
 
 from bot.cli import main
 from bot.delivery import OUTBOX_EVENT, JobWatch, Sender, sender_client
@@ -335,3 +335,49 @@ def two_versions_of(trained: dict) -> Any:
     from conftest import expose_two_versions
 
     return lambda reg: expose_two_versions(reg, trained)
+
+
+def test_a_decision_hands_its_card_update_with_the_request_read_in_its_transaction(
+        make_registry: Any, db_url: str, slack: SlackFake, two_versions_of: Any) -> None:
+    reg = two_versions_of(make_registry(db_url, defaults={"channel": CHANNEL}))
+    cand = reg.versions.of_model("iris")["versions"][0]["name"]
+    req = reg.promotions.promote("iris", cand, "U0REQ", card=True)
+    _run_until(_sender(reg, slack).deliver_due, lambda: not reg.outbox.undelivered())
+    sender = _sender(reg, slack, owner="here:1")
+    handed: list[dict[str, Any]] = []
+    reg.db.after_message.append(handed.extend)
+    reg.db.sender = (sender.owner, 60.0)  # as Sender.start() sets it, without its thread
+    statements: list[str] = []
+
+    def listen(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        statements.append(" ".join(statement.split()[:2]))
+
+    event.listen(reg.db.engine, "before_cursor_execute", listen)
+    try:
+        reg.promotions.decide(req["id"], PERSON, False, reason="loss is not good enough yet")
+    finally:
+        event.remove(reg.db.engine, "before_cursor_execute", listen)
+    assert statements.count("UPDATE outbox") == 1, "the review card and the canary card wanted in one UPDATE"
+    (card,) = handed
+    assert card["record"] == reg.promotions.get(req["id"]) and card["record"]["state"] == "rejected"
+    reads: list[int] = []
+    original = reg.promotions.get
+    reg.promotions.get = lambda *a, **kw: reads.append(1) or original(*a, **kw)
+    sender.wake(handed)
+    sender.deliver_due()
+    assert reads == [], "the sender rendered the request as the decision's transaction read it"
+    assert reg.outbox.get(card["id"])["state"] == "delivered"
+    assert "loss is not good enough yet" in json.dumps(slack.calls_to("chat.update")[-1].params)
+
+
+def test_each_outcome_claims_the_next_message_in_its_own_transaction(make_registry: Any, db_url: str,
+                                                                    slack: SlackFake) -> None:
+    reg = make_registry(db_url)
+    ids = _checkpoints(reg, 3)
+    transactions: list[int] = []
+    original = reg.db.unit_of_work
+    reg.db.unit_of_work = lambda: transactions.append(1) or original()
+    assert _sender(reg, slack).deliver_due() is None
+    assert [reg.outbox.get(i)["state"] for i in ids] == ["delivered"] * 3
+    assert [len(_posts_of(slack, i)) for i in ids] == [1] * 3
+    assert len(transactions) == 1 + len(ids), "one claim, then each post's outcome claimed the next (the last: none)"

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from model_registry.domain.errors import InvalidInput, SchemaError
+from model_registry.domain.errors import InvalidInput, SchemaError, StarchartError
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 # The newest migration's revision, so that a start on an up-to-date database need not load Alembic (0.1 s of every
@@ -253,6 +253,9 @@ class Database:
         # called after a commit that recorded a message, with the new messages leased to `sender` (as recorded)
         self.after_message: list[Callable[[list[dict[str, Any]]], None]] = []
         self.sender: tuple[str, float] | None = None  # this process's outbox sender: (owner, lease seconds)
+        # per message kind, the record its sender renders (a review card's promotion request), read in the transaction
+        # that leases it a message: its first attempt needs no read of its own (bootstrap fills it)
+        self.record_views: dict[str, Callable[[Session, str], Any]] = {}
 
     @contextmanager
     def unit_of_work(self) -> Iterator[Session]:
@@ -260,10 +263,23 @@ class Database:
         with self.sessions.begin() as session:
             session.info[LOCAL_SENDER] = self.sender
             yield session
+            for message in session.info.get(HANDED, ()):  # as this transaction leaves them, once it has changed all
+                message["record"] = self.record_view(session, message["kind"], message["subject"])
         handed = session.info.pop(HANDED, [])
         if session.info.pop(MESSAGE_RECORDED, False):  # the sender in this process need not wait for its poll
             for wake in list(self.after_message):
                 wake(handed)
+
+    def record_view(self, s: Session, kind: str, subject: str) -> Any:
+        """What the sender renders of a message about `subject`, read in `s`; None when it reads it itself (a kind
+        without a view, a record gone or malformed: its attempt finds out and records why)."""
+        view = self.record_views.get(kind)
+        if view is None:
+            return None
+        try:
+            return view(s, subject)
+        except (StarchartError, ValueError):
+            return None
 
     def dispose(self) -> None:
         self.engine.dispose()

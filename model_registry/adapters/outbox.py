@@ -4,9 +4,9 @@ transaction (so it commits with the state change that causes it, or not at all).
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from model_registry.adapters.db import HANDED, LOCAL_SENDER, MESSAGE_RECORDED, rows_changed
@@ -72,30 +72,34 @@ def record_nightly(s: Session, event: str, key: str, channel: str | None, payloa
         record(s, NIGHTLY, f"{event}:{key}"[:100], channel, payload={**payload, "event": event}, again=False)
 
 
-def want_update(s: Session, kind: str, subjects: Iterable[str], *, unchanged_since: datetime | None = None) -> int:
-    """The messages about these records should show them as they are now (no row: nothing to update).
+def want_update(s: Session, kind: str | tuple[str, ...], subjects: Iterable[str], *,
+                unchanged_since: datetime | None = None) -> int:
+    """The messages about these records should show them as they are now (no row: nothing to update); `kind` is one
+    kind or several (a promotion request's review card and canary card), in one UPDATE.
 
     A message waiting for its backoff keeps its next attempt time; an idle one is due at once — and, in a process
-    whose sender runs, leased to that sender as this commits and handed to it after the commit (no claim), as a new
-    message is. With `unchanged_since`, only messages last delivered before then (a running training's elapsed
+    whose sender runs, leased to that sender by the same UPDATE and handed to it after the commit (no claim), as a
+    new message is. With `unchanged_since`, only messages last delivered before then (a running training's elapsed
     time)."""
     subjects = list(subjects)
     if not subjects:
         return 0
     now = utcnow()
-    where = [OutboxMessage.kind == kind, OutboxMessage.subject.in_(subjects), OutboxMessage.failed_at.is_(None)]
+    where: list[Any] = [OutboxMessage.kind.in_((kind,) if isinstance(kind, str) else kind),
+                        OutboxMessage.subject.in_(subjects), OutboxMessage.failed_at.is_(None)]
     if unchanged_since is not None:
         where += [OutboxMessage.delivered >= OutboxMessage.wanted, OutboxMessage.delivered_at < unchanged_since]
-    leased = _lease_idle(s, where, now)
-    if leased:
-        where.append(OutboxMessage.id.not_in(leased))
-    changed = rows_changed(s.execute(update(OutboxMessage).where(*where).values(
-        wanted=OutboxMessage.wanted + 1,
-        next_attempt_at=case((OutboxMessage.delivered >= OutboxMessage.wanted, now),
-                             else_=OutboxMessage.next_attempt_at))))
-    if changed or leased:
+    idle = OutboxMessage.delivered >= OutboxMessage.wanted  # (SET's expressions see the row as it was)
+    values: dict[str, Any] = {"wanted": OutboxMessage.wanted + 1,
+                              "next_attempt_at": case((idle, now), else_=OutboxMessage.next_attempt_at)}
+    sender = s.info.get(LOCAL_SENDER)
+    if sender is None:
+        changed = rows_changed(s.execute(update(OutboxMessage).where(*where).values(**values)))
+    else:
+        changed = len(_lease_idle(s, where, values, idle, now, sender))
+    if changed:
         mark_recorded(s)
-    return changed + len(leased)
+    return changed
 
 
 # what a sender needs of a message it holds the lease of (services.outbox.Claimed, without lease_until)
@@ -104,20 +108,23 @@ CLAIMED = (OutboxMessage.id, OutboxMessage.kind, OutboxMessage.subject, OutboxMe
            OutboxMessage.ts, OutboxMessage.attempts, OutboxMessage.first_attempt_at)
 
 
-def _lease_idle(s: Session, where: list[Any], now: datetime) -> list[int]:
-    """Of the messages `where` selects, those delivered and held by no sender: their next revision wanted and
-    leased to this process's sender (if one runs) for its first attempt, handed over after the commit."""
-    sender = s.info.get(LOCAL_SENDER)
-    if sender is None:
-        return []
+def _lease_idle(s: Session, where: list[Any], values: dict[str, Any], idle: Any, now: datetime,
+                sender: tuple[str, float]) -> Sequence[Any]:
+    """want_update's UPDATE in a process whose sender runs: the messages it selects that were delivered and held by
+    no sender are also leased to that sender for their first attempt, and handed over after the commit. Returns
+    every row the UPDATE changed."""
     owner, lease = sender
     until = now + timedelta(seconds=lease)
-    rows = s.execute(update(OutboxMessage).where(
-        *where, OutboxMessage.delivered >= OutboxMessage.wanted,
-        or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now)).values(
-        wanted=OutboxMessage.wanted + 1, next_attempt_at=now, lease_owner=owner, lease_until=until,
-        attempts=OutboxMessage.attempts + 1, first_attempt_at=func.coalesce(OutboxMessage.first_attempt_at, now))
-        .returning(*CLAIMED)).all()
+    idle = and_(idle, or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
+    rows = s.execute(update(OutboxMessage).where(*where).values(
+        **values, lease_owner=case((idle, owner), else_=OutboxMessage.lease_owner),
+        lease_until=case((idle, until), else_=OutboxMessage.lease_until),
+        attempts=case((idle, OutboxMessage.attempts + 1), else_=OutboxMessage.attempts),
+        first_attempt_at=case((idle, func.coalesce(OutboxMessage.first_attempt_at, now)),
+                              else_=OutboxMessage.first_attempt_at))
+        .returning(*CLAIMED, OutboxMessage.lease_owner, OutboxMessage.lease_until)).all()
+    # leased by this UPDATE: this sender's lease, ending when this UPDATE made it end
     s.info.setdefault(HANDED, []).extend({**{column.key: getattr(row, column.key) for column in CLAIMED},
-                                          "lease_until": until} for row in rows)
-    return [row.id for row in rows]
+                                          "lease_until": until} for row in rows
+                                         if row.lease_owner == owner and row.lease_until == until)
+    return rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -34,6 +34,16 @@ class Claimed:
     attempts: int  # this attempt included
     first_attempt_at: datetime | None
     lease_until: datetime
+    record: Any = None  # what rendering needs (Database.record_views), read with the lease; None: render reads it
+
+
+class Settled(NamedTuple):
+    """What an outcome did: whether the sender still held the lease (else nothing changed), and, when it was asked
+    to claim the next message, whether it did (`claimed`) and which (`next`, None: none is due)."""
+
+    held: bool
+    claimed: bool
+    next: Claimed | None
 
 
 def _due(now: datetime) -> Any:
@@ -70,28 +80,33 @@ class Outbox:
                                                   else_=OutboxMessage.next_attempt_at))).where(
                 OutboxMessage.failed_at.is_(None), OutboxMessage.delivered < OutboxMessage.wanted)).scalar()
 
-    def claim(self, owner: str, lease_seconds: float, message_id: int | None = None) -> Claimed | None:
+    def claim(self, owner: str, lease_seconds: float, message_id: int | None = None, *,
+              s: Session | None = None) -> Claimed | None:
         """Take the lease of the oldest due message (or of `message_id`, if due) for one attempt; None when no
-        message is due or other senders hold them all.
+        message is due or other senders hold them all. With `s`, in that transaction (an outcome's, below).
 
         One conditional UPDATE decides between senders, on SQLite (whose write transactions are serialised) and on
         PostgreSQL (SKIP LOCKED passes over a row another sender is taking; the due conditions are checked again
         on the row as that sender left it)."""
+        if s is None:
+            with self.db.unit_of_work() as s:
+                return self.claim(owner, lease_seconds, message_id, s=s)
         now = utcnow()
         until = now + timedelta(seconds=lease_seconds)
         pick = select(OutboxMessage.id).where(*_due(now))
         if message_id is not None:
             pick = pick.where(OutboxMessage.id == message_id)
         pick = pick.order_by(OutboxMessage.id).limit(1).with_for_update(skip_locked=True)
-        with self.db.unit_of_work() as s:
-            row = s.execute(update(OutboxMessage).where(OutboxMessage.id == pick.scalar_subquery(), *_due(now))
-                            .values(lease_owner=owner, lease_until=until, attempts=OutboxMessage.attempts + 1,
-                                    first_attempt_at=func.coalesce(OutboxMessage.first_attempt_at, now))
-                            .returning(*_CLAIMED)).one_or_none()
-            if row is None:
-                return None
-            return Claimed(**{column.key: getattr(row, column.key) for column in _CLAIMED},
-                           lease_until=until)
+        row = s.execute(update(OutboxMessage).where(OutboxMessage.id == pick.scalar_subquery(), *_due(now))
+                        .values(lease_owner=owner, lease_until=until, attempts=OutboxMessage.attempts + 1,
+                                first_attempt_at=func.coalesce(OutboxMessage.first_attempt_at, now))
+                        .returning(*_CLAIMED)).one_or_none()
+        if row is None:
+            return None
+        # what rendering needs, read on this connection and consistent with the revision claimed (a change
+        # that wants the next one waits on this row's lock)
+        return Claimed(**{column.key: getattr(row, column.key) for column in _CLAIMED},
+                       lease_until=until, record=self.db.record_view(s, row.kind, row.subject))
 
     @staticmethod
     def _held(s: Session, message: Claimed, owner: str, **values: Any) -> bool:
@@ -99,46 +114,55 @@ class Outbox:
         return bool(rows_changed(s.execute(update(OutboxMessage).where(
             OutboxMessage.id == message.id, OutboxMessage.lease_owner == owner).values(**values))))
 
+    # Each outcome below, with `claim_next` (lease seconds), also claims the sender's next message in its transaction:
+    # one transaction per message delivered, not two.
+
+    def _settled(self, s: Session, held: bool, owner: str, claim_next: float | None) -> Settled:
+        if claim_next is None:
+            return Settled(held, False, None)
+        return Settled(held, True, self.claim(owner, claim_next, s=s))
+
     def posted(self, message: Claimed, owner: str, channel: str, ts: str, revision: int,
-               follow_up: tuple[str, dict[str, Any]] | None = None) -> bool:
+               follow_up: tuple[str, dict[str, Any]] | None = None, *, claim_next: float | None = None) -> Settled:
         """A post landed (or was found in the channel): where it is, which revision it shows. A review card's place
         is recorded on its promotion request too (approvals bind to that card); `follow_up` (kind, payload) is a
         message for its thread."""
         with self.db.unit_of_work() as s:
-            if not self._held(s, message, owner, posted_channel=channel, ts=ts, delivered=revision,
-                              delivered_at=utcnow(), lease_owner=None, lease_until=None, last_error=None):
-                return False
-            if message.kind == outbox.REVIEW_CARD:
+            held = self._held(s, message, owner, posted_channel=channel, ts=ts, delivered=revision,
+                              delivered_at=utcnow(), lease_owner=None, lease_until=None, last_error=None)
+            if held and message.kind == outbox.REVIEW_CARD:
                 s.execute(update(PromotionRequest).where(PromotionRequest.id == int(message.subject))
                           .values(channel=channel, message_ts=ts))
-            if follow_up is not None:
+            if held and follow_up is not None:
                 kind, payload = follow_up
                 outbox.record(s, kind, message.subject, channel, notify=message.notify,
                               payload={**payload, "thread_ts": ts}, again=False)
-            return True
+            return self._settled(s, held, owner, claim_next)
 
-    def delivered(self, message: Claimed, owner: str, revision: int) -> bool:
+    def delivered(self, message: Claimed, owner: str, revision: int, *, claim_next: float | None = None) -> Settled:
         with self.db.unit_of_work() as s:
-            return self._held(s, message, owner, delivered=revision, delivered_at=utcnow(), lease_owner=None,
+            held = self._held(s, message, owner, delivered=revision, delivered_at=utcnow(), lease_owner=None,
                               lease_until=None, last_error=None)
+            return self._settled(s, held, owner, claim_next)
 
-    def retry_later(self, message: Claimed, owner: str, error: str, delay: float) -> bool:
+    def retry_later(self, message: Claimed, owner: str, error: str, delay: float, *,
+                    claim_next: float | None = None) -> Settled:
         """A passing failure (rate limit, Slack's 5xx, a time-out): the next attempt is kept in the row."""
         with self.db.unit_of_work() as s:
-            return self._held(s, message, owner, last_error=error[:2000], lease_owner=None, lease_until=None,
+            held = self._held(s, message, owner, last_error=error[:2000], lease_owner=None, lease_until=None,
                               next_attempt_at=utcnow() + timedelta(seconds=delay))
+            return self._settled(s, held, owner, claim_next)
 
     def fail(self, message: Claimed, owner: str, error: str, detail: str,
-             notice: dict[str, Any] | None = None) -> bool:
+             notice: dict[str, Any] | None = None, *, claim_next: float | None = None) -> Settled:
         """A permanent failure: the message stops, the reason stays in the row; `notice` (what to tell, a payload)
         becomes a direct message to the person whose action produced it."""
         with self.db.unit_of_work() as s:
-            if not self._held(s, message, owner, error=error[:100], last_error=detail[:2000], failed_at=utcnow(),
-                              lease_owner=None, lease_until=None):
-                return False
-            if notice is not None and message.notify and message.kind != outbox.NOTICE:
+            held = self._held(s, message, owner, error=error[:100], last_error=detail[:2000], failed_at=utcnow(),
+                              lease_owner=None, lease_until=None)
+            if held and notice is not None and message.notify and message.kind != outbox.NOTICE:
                 outbox.record(s, outbox.NOTICE, str(message.id), message.notify, payload=notice, again=False)
-            return True
+            return self._settled(s, held, owner, claim_next)
 
     def get(self, message_id: int) -> dict[str, Any]:
         with self.db.reads() as s:

@@ -197,10 +197,14 @@ class Promotions:
 
     def get(self, request_id: int) -> RequestView:
         with self.db.reads() as s:
-            req = s.get(PromotionRequest, request_id)
-            if req is None:
-                raise NotFound(f"no promotion request #{request_id}", "list them with `requests MODEL`")
-            return request_view(req, self.catalog.approvals(s, req.id))
+            return self.read(s, request_id)
+
+    def read(self, s: Session, request_id: int) -> RequestView:
+        """A request as the caller's transaction sees it (e.g. the sender's claim of its card)."""
+        req = s.get(PromotionRequest, request_id)
+        if req is None:
+            raise NotFound(f"no promotion request #{request_id}", "list them with `requests MODEL`")
+        return request_view(req, self.catalog.approvals(s, req.id))
 
     def of_model(self, model: str, open_only: bool = False) -> list[RequestView]:
         with self.db.reads() as s:
@@ -479,12 +483,14 @@ class Promotions:
                 where = {"channel": row.channel, "message_ts": row.message_ts}
             self.audit_log.append(s, event.action, event.actor, model=row.model, version=row.candidate_version,
                          request_id=row.id, **where, details=event.details)
-        outbox.want_update(s, outbox.REVIEW_CARD, [str(row.id)])  # its card (if it has one) shows the change
-        if any(e.action == "canary.started" for e in outcome.events) and row.channel and outbox.exists(
-                s, outbox.REVIEW_CARD, str(row.id)):  # a request reviewed in Slack gets its canary card there
+        # a request reviewed in Slack gets its canary card there as its canary starts
+        canary_card = any(e.action == "canary.started" for e in outcome.events) and bool(row.channel) and \
+            outbox.exists(s, outbox.REVIEW_CARD, str(row.id))
+        # its cards (those it has) show the change: one UPDATE for both
+        outbox.want_update(s, outbox.REVIEW_CARD if canary_card else (outbox.REVIEW_CARD, outbox.CANARY_CARD),
+                           [str(row.id)])
+        if canary_card and row.channel:
             outbox.record(s, outbox.CANARY_CARD, str(row.id), row.channel, notify=row.requested_by)
-        else:
-            outbox.want_update(s, outbox.CANARY_CARD, [str(row.id)])
 
     # the canaries' use cases (services/canaries.py) persist through the same two steps
     def rules_of(self, s: Session, row: PromotionRequest) -> rules.PromotionRequest:
