@@ -32,7 +32,6 @@ from model_registry.domain.errors import BackendError, InvalidInput, NotFound
 
 NEVER_STARTED_AFTER = 120.0  # seconds a job may wait for its runner before it is declared lost
 SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it loads TensorFlow lazily)
-KNOWN_SERVER_RECHECK = 1.0  # seconds a model server seen alive is used without looking at it again
 SERVER_LOG_MAX = 16 * 1024 * 1024  # bytes of server.log before a new server starts a new one (one old kept)
 PREDICT_TIMEOUT = 120.0  # seconds for one predict, the first load of a SavedModel included
 
@@ -68,7 +67,6 @@ class LocalBackend:
         self.python = python or sys.executable
         self.storage = LocalStorage()
         self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
-        self._known_checked = 0.0  # when its process and server.json were last seen to match (monotonic)
         self._pool_lock = threading.Lock()
         self._pool_of_server: urllib3.HTTPConnectionPool | None = None
         self._pool_port: int | None = None
@@ -379,14 +377,10 @@ class LocalBackend:
         """The port of the running model server, starting one if none answers (one per STARCHART_HOME).
 
         A server this process has seen answer is trusted while its process lives and server.json still names
-        it (no health request per prediction; both are looked at again after KNOWN_SERVER_RECHECK seconds); one
-        that stopped answering is forgotten by `predict`, whose first refused connection starts this again.
+        it (no health request per prediction); one that stopped answering is forgotten by `predict`.
         """
         known = self._known_server
-        if known and time.monotonic() - self._known_checked < KNOWN_SERVER_RECHECK:
-            return int(known["port"])
         if known and self._server_info() == known and proc_start_time(int(known["pid"])) == known.get("pid_start"):
-            self._known_checked = time.monotonic()
             return int(known["port"])
         port = self._server_port()
         if port:
@@ -450,7 +444,7 @@ class LocalBackend:
                     return None
         except (OSError, ValueError):
             return None
-        self._known_server, self._known_checked = info, time.monotonic()
+        self._known_server = info
         return int(info["port"])
 
     def _forget_server(self) -> None:
