@@ -101,10 +101,13 @@ def two_versions(core: Any) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="60 measured pairs (300 without)")
+    ap.add_argument("--reps", type=int, help="measured pairs (a few: a smoke run of the script)")
     ap.add_argument("--postgres", action="store_true", help="PostgreSQL at 127.0.0.1:5432 instead of SQLite")
     opts = ap.parse_args()
     reps, warm = (60, 10) if opts.quick else (300, 30)
+    if opts.reps:
+        reps, warm = opts.reps, max(1, min(warm, opts.reps // 6))
 
     from fakes.slack_fake import SlackFake
 

@@ -44,14 +44,14 @@ def test_serving_load_smoke_prints_the_result_json_last() -> None:
     assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0
 
 
-def test_outbox_delivery_quick_prints_the_result_json_last() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "outbox_delivery.py"), "--quick"],
+def test_outbox_delivery_smoke_prints_the_result_json_last() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "outbox_delivery.py"), "--reps", "12"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "outbox_delivery" and result["better"] == "lower" and result["unit"] == "ms"
     assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0
-    assert result["runs"] == 60 and result["database"] == "sqlite"
+    assert result["runs"] == 12 and result["database"] == "sqlite"
 
 
 def test_evaluation_quick_prints_the_result_json_last() -> None:
