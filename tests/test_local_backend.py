@@ -180,3 +180,28 @@ def test_a_runner_that_ends_while_its_status_is_read_is_not_called_killed(tmp_pa
     (job_dir / "status.json").write_text(json.dumps(running))
     gone = backend.status("iris_20261201000000", None)
     assert gone.state == "FAILED" and "stopped without a result" in (gone.error or "")
+
+
+def test_the_model_servers_log_is_read_from_its_end_and_started_anew_when_large(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: server.log was opened in append mode forever and read whole for its last lines (it had a line per
+    request). Now a starting model server finds it over SERVER_LOG_MAX and starts a new one, one old copy kept."""
+    from model_registry.adapters.backends import local
+    from model_registry.adapters.backends.local import LocalBackend
+
+    log = tmp_path / "big.log"
+    log.write_bytes(b"x" * 100_000 + b"\nnext to last\nlast words\n\n")
+    assert local._last_lines(log, 64)[-2:] == ["next to last", "last words"]
+    assert local._last_lines(tmp_path / "gone.log", 64) == []
+
+    backend = LocalBackend(tmp_path / "home")
+    backend.serving.mkdir(parents=True)
+    old = b"an old server's line\n" * 8
+    (backend.serving / "server.log").write_bytes(old)
+    monkeypatch.setattr(local, "SERVER_LOG_MAX", len(old) - 1)
+    try:
+        backend.ensure_server()
+        assert (backend.serving / "server.log.1").read_bytes() == old
+        assert not (backend.serving / "server.log").read_bytes().startswith(b"an old server's line")
+    finally:
+        backend.stop_server()
