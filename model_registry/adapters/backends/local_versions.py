@@ -69,13 +69,21 @@ class Versions(abc.ABC):
 
     def pointer(self, model: str) -> dict[str, Any]:
         """The model's pointer file as last written (shared between requests: do not modify it)."""
+        stat = self._stat(model)  # a system call, which lets other threads run: not while holding the lock
         with self.lock:
-            return self._pointer(model)
+            return self._pointer(model, stat)
 
-    def _pointer(self, model: str) -> dict[str, Any]:  # self.lock held
+    def _stat(self, model: str) -> os.stat_result | None:
+        try:
+            return os.stat(self.serving_dir / f"{model}.json")
+        except OSError:
+            return None
+
+    def _pointer(self, model: str, st: os.stat_result | None) -> dict[str, Any]:  # self.lock held
         path = self.serving_dir / f"{model}.json"
         try:
-            st = os.stat(path)
+            if st is None:
+                raise OSError(f"no {path}")
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             cached = self._pointers.get(model)
             # a file changed within the last second may change again within the file system's clock tick (the same
@@ -110,8 +118,9 @@ class Versions(abc.ABC):
 
     def signature(self, model: str, version: str | None) -> tuple[str, Any]:
         """The version that answers (the default unless named) and its model calls, loading it on first use."""
+        stat = self._stat(model)
         with self.lock:  # the name and what answers from one reading of the pointer file: no unload in between
-            data = self._pointer(model)
+            data = self._pointer(model, stat)
             name, uri = self._resolve(data, model, version)
             key = (model, name)
             if version is not None and name not in self._pinned(model):  # not the warm's or a mirror's
@@ -175,7 +184,7 @@ class Versions(abc.ABC):
         with self.lock:
             for model in {k[0] for k in self.loaded}:
                 try:
-                    data: dict[str, Any] | None = self._pointer(model)
+                    data: dict[str, Any] | None = self._pointer(model, self._stat(model))
                 except RequestError:
                     data = None
                 self._unload_unused(model, data)
