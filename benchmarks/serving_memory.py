@@ -21,7 +21,6 @@ import argparse
 import http.client
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.predict_overhead import FLOWER, prepare  # noqa: E402 - after the path is set
+from model_registry.adapters.backends import local_versions  # noqa: E402
 
 KEEP_NAMED = 2  # seconds a named version stays loaded after its last request, for this benchmark's server
 
@@ -82,8 +82,7 @@ def rss_mb(pid: int) -> float:
     """VmRSS of `pid`, in MB: the median of five reads a tenth of a second apart (settled, not a spike)."""
     reads = []
     for _ in range(5):
-        text = Path(f"/proc/{pid}/status").read_text()
-        reads.append(int(re.search(r"^VmRSS:\s+(\d+)", text, re.M).group(1)) / 1024)  # type: ignore[union-attr]
+        reads.append(local_versions.rss_mb(pid))  # the model server's own reading of it
         time.sleep(0.1)
     return statistics.median(reads)
 
