@@ -37,6 +37,7 @@ from model_registry.domain.errors import ArtifactError
 REPO = Path(__file__).resolve().parents[1]
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
 needs_tf = pytest.mark.skipif(not HAVE_TF, reason="tensorflow is not installed")
+pytestmark = pytest.mark.xdist_group("signatures")  # one worker builds the SavedModels and runs saved_model_cli
 TF_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -227,25 +228,46 @@ def models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_output(models) -> dict[tuple[str, str, str], str]:
-    """saved_model_cli's output for every CLI_CASE, run in parallel (each starts TensorFlow)."""
+    """saved_model_cli's output for every CLI_CASE: one `show --all` per SavedModel, run in parallel (each starts
+    TensorFlow), cut into its signatures."""
     exe = _saved_model_cli()
     procs = {
-        case: subprocess.Popen(
-            [exe, "show", "--dir", str(models / case[0]), "--tag_set", case[1],
-             "--signature_def", case[2]],
-            env=TF_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for case in CLI_CASES
+        model: subprocess.Popen([exe, "show", "--dir", str(models / model), "--all"],
+                                env=TF_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for model in dict.fromkeys(case[0] for case in CLI_CASES)
     }
-    out = {}
-    for case, proc in procs.items():
+    shown: dict[tuple[str, frozenset[str], str], str] = {}
+    for model, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"saved_model_cli {case} failed:\n{stderr[-3000:]}"
-        out[case] = stdout
+        assert proc.returncode == 0, f"saved_model_cli show --all of {model} failed:\n{stderr[-3000:]}"
+        shown.update({(model, *where): text for where, text in signature_sections(stdout).items()})
+    out = {}
+    for case in CLI_CASES:
+        model, tag_set, key = case
+        out[case] = shown.get((model, frozenset(tag_set.split(",")), key), "")
+        assert out[case], f"saved_model_cli show --all of {model} has no signature {key} for tags {tag_set}"
     return out
 
 
+def signature_sections(text: str) -> dict[tuple[frozenset[str], str], str]:
+    """`saved_model_cli show --all` output cut into (tag set, signature key) -> that signature's lines."""
+    sections: dict[tuple[frozenset[str], str], list[str]] = {}
+    tags: frozenset[str] = frozenset()
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if m := re.match(r"^MetaGraphDef with tag-set: '(.*)' contains the following SignatureDefs:$", line):
+            tags, current = frozenset(t.strip() for t in m[1].split(",")), None
+        elif m := re.match(r"^signature_def\['(.*)'\]:$", line):
+            current = sections.setdefault((tags, m[1]), [])
+        elif current is not None:
+            current.append(line)
+            if line.strip().startswith("Method name is:"):
+                current = None  # what follows (the meta graph's ops, concrete functions) is not this signature's
+    return {where: "\n".join(lines) for where, lines in sections.items()}
+
+
 def parse_cli(text: str) -> dict:
-    """Parse `saved_model_cli show --signature_def` output into read_signature's shape."""
+    """Parse one signature of `saved_model_cli show` output into read_signature's shape."""
     sig: dict = {"inputs": {}, "outputs": {}, "method_name": None}
     current = None
     for line in text.splitlines():
@@ -259,7 +281,7 @@ def parse_cli(text: str) -> dict:
                 int(d) for d in text_shape.strip("()").split(",") if d.strip()]
         elif m := re.match(r"^\s*name: ?(.*)$", line):
             current["tensor"] = m[1]
-        elif m := re.match(r"^Method name is: ?(.*)$", line):
+        elif m := re.match(r"^\s*Method name is: ?(.*)$", line):
             sig["method_name"] = m[1]
     assert sig["method_name"] is not None, f"unrecognised saved_model_cli output:\n{text}"
     return sig
