@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterator, cast
 
 from cachetools import TTLCache, cached
 from slack_bolt import App, BoltRequest, BoltResponse
@@ -165,7 +166,9 @@ class AckFirst:
     Work that competes for the GIL delays acks; Slack gives 3 s for an ack and none for the rest. Acks take
     well under a millisecond, so "no request in flight" happens between two requests of a burst: the gap must
     also have lasted `quiet` seconds. A task waits at most `patience` seconds, so a steady stream of requests
-    cannot starve it.
+    cannot starve it. Work whose patience ran out while requests are still in flight runs one task at a time
+    (`turn`): sixteen listener threads taking turns at the GIL with the request threads put each ack behind
+    many switch intervals; one puts it behind at most one.
     """
 
     def __init__(self, patience: float = 1.0, quiet: float = 0.05) -> None:
@@ -173,6 +176,7 @@ class AckFirst:
         self._inflight = 0
         self._last_done = 0.0
         self._idle = threading.Condition()
+        self._impatient = threading.Lock()  # held by the one task that runs while requests are in flight
 
     def request_started(self) -> None:
         with self._idle:
@@ -185,17 +189,27 @@ class AckFirst:
             if self._inflight == 0:
                 self._idle.notify_all()
 
-    def wait_for_gap(self) -> None:
+    def wait_for_gap(self) -> bool:
+        """Wait for a quiet gap; False when the patience ran out first (requests are still coming)."""
         deadline = time.monotonic() + self.patience
         with self._idle:
             while True:
                 now = time.monotonic()
-                if now >= deadline:
-                    return
                 if self._inflight == 0 and now - self._last_done >= self.quiet:
-                    return
+                    return True
+                if now >= deadline:
+                    return False
                 wait = self.quiet - (now - self._last_done) if self._inflight == 0 else deadline - now
                 self._idle.wait(timeout=max(0.001, min(wait, deadline - now)))
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """A listener's work after its ack: in a quiet gap, or one task at a time while requests are in flight."""
+        if self.wait_for_gap():
+            yield
+            return
+        with self._impatient:
+            yield
 
 
 @dataclass
@@ -252,7 +266,7 @@ def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callab
               listener_executor=ThreadPoolExecutor(max_workers=listener_threads, thread_name_prefix="starchart-bolt"))
     gate = AckFirst()  # bot.web counts the Slack requests in flight
     # the lazily loaded core stands in for Core: attribute access waits for it
-    deps = Deps(core=cast(Any, registry), outbox=True, user_name=display_names(client), pace=gate.wait_for_gap,
+    deps = Deps(core=cast(Any, registry), outbox=True, user_name=display_names(client), pace=gate.turn,
                 team_id=slack.team_id)
 
     def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> SlackOutput:

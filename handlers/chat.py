@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import singledispatch
 from typing import TYPE_CHECKING, Any
@@ -62,10 +63,6 @@ def _nobody(_user: str) -> str | None:
     return None
 
 
-def _go() -> None:
-    """Nothing to wait for."""
-
-
 @dataclass
 class Deps:
     """Wired by the composition root (bot.app, bot.console): handlers never construct their collaborators."""
@@ -74,7 +71,8 @@ class Deps:
     follower: Follower | None = None  # the console's: a training's message followed in the foreground
     outbox: bool = False  # Slack: the messages the bot sends on its own are recorded for the outbox
     user_name: Callable[[str], str | None] = _nobody
-    pace: Callable[[], None] = _go  # called before work that follows an ack (the listeners' replay check, a Home tab): lets other requests be acked first
+    # the work that follows an ack runs in it (a listener's whole body): lets other requests be acked first
+    pace: Callable[[], AbstractContextManager[None]] = nullcontext
     team_id: str | None = None  # the installed workspace; when set, a person of another one is refused
 
 
@@ -159,8 +157,7 @@ def _submitted(deps: Deps, chat: Chat, answer: Callable[[Invocation], Result]) -
 
 def show_home(deps: Deps, chat: Chat, page: HomeOutput, notice: Failure | None = None) -> HomeTab:
     """The person's Home tab, published as it stands now (when they open it, and after they act on it); `notice`:
-    what went wrong with what they did there."""
-    deps.pace()
+    what went wrong with what they did there. A listener calls it in its `deps.pace()` turn."""
     require_person(deps, chat)
     result = home(invocation(deps, chat), notice)
     page.publish_home(chat.user, result)

@@ -69,10 +69,9 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
     def taken(context: dict[str, Any]) -> bool:
         """Whether this signed request was acted on before (a replay, on any replica): then it is dropped.
 
-        Checked after the ack, in the listener, so that acks never wait for the database (or a core still loading),
-        and once the requests in flight are acked (`deps.pace`): its write competes with their acks otherwise.
+        Checked after the ack, in the listener's `deps.pace()` turn like the rest of its work, so that acks never
+        wait for the database (or a core still loading): its write competes with their acks otherwise.
         """
-        deps.pace()
         signature = context.get(SIGNATURE_KEY)
         if not signature:
             return False  # Socket Mode: no signature, and nothing to replay over the socket
@@ -99,32 +98,38 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
             report_error(out, error)
             return
         try:  # the Home tab has no conversation to answer in: it shows what went wrong itself
-            show_home(deps, person, out, notice=failure_of(error))
+            with deps.pace():
+                show_home(deps, person, out, notice=failure_of(error))
         except Exception:
             log.exception("could not show an error on the Home tab of %s", person.user)
 
     @app.command("/ml")
     def ml_command(body: dict[str, Any], client: Any, respond: Any, context: dict[str, Any]) -> None:
-        if taken(context):
-            return
-        dispatch(deps, chat(body, client, respond)[0], body.get("text") or "")
+        with deps.pace():
+            if taken(context):
+                return
+            dispatch(deps, chat(body, client, respond)[0], body.get("text") or "")
 
     @app.action(re.compile(".*"))  # every button: known ones run from the action table, others are refused
     def button(body: dict[str, Any], action: dict[str, Any], client: Any, respond: Any,
                context: dict[str, Any]) -> None:
-        if taken(context):
-            return
-        person, out = chat(body, client, respond)
-        click(deps, person, action.get("action_id"), action.get("value"))
-        if person.home:  # a decision on the Home tab: it shows the request gone (or what is left of it)
-            show_home(deps, person, out)
+        with deps.pace():
+            if taken(context):
+                return
+            person, out = chat(body, client, respond)
+            click(deps, person, action.get("action_id"), action.get("value"))
+            if person.home:  # a decision on the Home tab: it shows the request gone (or what is left of it)
+                show_home(deps, person, out)
 
     @app.event("app_home_opened")
     def home_opened(body: dict[str, Any], event: dict[str, Any], client: Any, context: dict[str, Any]) -> None:
-        if event.get("tab") != "home" or taken(context):  # the Messages tab sends this event too
+        if event.get("tab") != "home":  # the Messages tab sends this event too
             return
-        person, out = chat(body, client, None)
-        show_home(deps, person, out)
+        with deps.pace():
+            if taken(context):
+                return
+            person, out = chat(body, client, None)
+            show_home(deps, person, out)
 
     @app.view(REJECT_VIEW)
     def reject_view(ack: Any, body: dict[str, Any], view: dict[str, Any], client: Any,
@@ -135,12 +140,13 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
             ack(response_action="errors", errors={"reason": "Say why you reject it."})
             return
         ack()
-        if taken(context):
-            return
-        person, out = chat(body, client, None)
-        submit_reject(deps, person, view.get("private_metadata") or "", reason)
-        if person.home:
-            show_home(deps, person, out)
+        with deps.pace():
+            if taken(context):
+                return
+            person, out = chat(body, client, None)
+            submit_reject(deps, person, view.get("private_metadata") or "", reason)
+            if person.home:
+                show_home(deps, person, out)
 
     @app.view(TRY_VIEW)
     def try_view(ack: Any, body: dict[str, Any], view: dict[str, Any], client: Any,
@@ -153,6 +159,7 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
             ack(response_action="errors", errors=errors)
             return
         ack()
-        if taken(context):
-            return
-        submit_try(deps, chat(body, client, None)[0], metadata, instance)
+        with deps.pace():
+            if taken(context):
+                return
+            submit_try(deps, chat(body, client, None)[0], metadata, instance)

@@ -44,3 +44,36 @@ def test_a_gap_between_two_requests_of_a_burst_is_not_enough() -> None:
     t0 = time.monotonic()
     gate.wait_for_gap()
     assert 0.2 <= time.monotonic() - t0 < 2.0
+
+
+def _inside_at_once(gate: AckFirst, tasks: int = 3) -> int:
+    """How many of `tasks` listener bodies, each taking 0.2 s in its turn, were running at the same time at most."""
+    inside, most, lock = 0, 0, threading.Lock()
+
+    def work() -> None:
+        nonlocal inside, most
+        with gate.turn():
+            with lock:
+                inside += 1
+                most = max(most, inside)
+            time.sleep(0.2)
+            with lock:
+                inside -= 1
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(tasks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10.0)
+    return most
+
+
+def test_work_past_its_patience_runs_one_task_at_a_time_while_requests_are_in_flight() -> None:
+    gate = AckFirst(patience=0.05)
+    gate.request_started()  # a burst that outlasts the patience
+    assert _inside_at_once(gate) == 1
+
+
+def test_work_in_a_quiet_gap_runs_side_by_side() -> None:
+    gate = AckFirst(patience=5.0, quiet=0.0)
+    assert _inside_at_once(gate) == 3
