@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import test_slack_http as http
 from fakes.slack_driver import SlackDriver
@@ -50,3 +52,19 @@ def test_slacks_retries_are_not_acted_on_twice(driver: SlackDriver, slack: Slack
     slack.wait_for(lambda: slack.responses, timeout=10)
     time.sleep(1.0)
     assert len(slack.responses) == 1, "the retry was acked and dropped; the fresh command was answered"
+
+
+def test_a_replay_is_told_apart_without_garbage_for_the_collector(make_registry: Any, db_url: str) -> None:
+    """A taken signature is a conflict the insert skips, not an IntegrityError: an error's traceback and
+    SQLAlchemy's frames are reference cycles, freed only by the full collections that hold every ack up."""
+    reg = make_registry(db_url)
+    assert reg.audit.first_sight("v0=" + "a" * 64)
+    gc.collect()
+    gc.disable()
+    try:
+        taken = [reg.audit.first_sight("v0=" + "a" * 64) for _ in range(20)]
+        freed = gc.collect()
+    finally:
+        gc.enable()
+    assert taken == [False] * 20
+    assert freed < 300, f"20 replays left {freed} objects in reference cycles"

@@ -37,6 +37,19 @@ def _sqlite_json(text: str) -> Any:
     return _JSON.raw_decode(text)[0]
 
 
+def insert_if_new(session: Session, model: type[Any], **values: Any) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING (SQLite and PostgreSQL have it): whether the row was new.
+
+    A row that is there already is no error: no rollback, and no exception whose traceback and SQLAlchemy's frames
+    make garbage only the collector's full passes free (each of which holds the GIL).
+    """
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    key = list(inspect(model).primary_key)  # a row comes back only when it was inserted (rowcount is -1 on psycopg)
+    return session.execute(insert(model).values(**values).on_conflict_do_nothing().returning(*key)).first() is not None
+
+
 def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)

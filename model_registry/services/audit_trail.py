@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
 
 from model_registry.adapters import audit_log as audit
 from model_registry.adapters import outbox
 from model_registry.adapters.audit_log import AuditLog
-from model_registry.adapters.db import Database
+from model_registry.adapters.db import Database, insert_if_new
 from model_registry.adapters.records import (
     PromotionRequest,
     SeenRequest,
@@ -118,13 +117,9 @@ class AuditTrail:
         """Insert `key` into the marks shared by every replica; False when it is there already. Marks older than
         `window` seconds are dropped on the way."""
         now = utcnow()
-        try:
-            with self.db.unit_of_work() as s:
-                s.execute(delete(SeenRequest).where(SeenRequest.seen_at < now - timedelta(seconds=window)))
-                s.add(SeenRequest(signature=key, seen_at=now))
-        except IntegrityError:
-            return False
-        return True
+        with self.db.unit_of_work() as s:
+            s.execute(delete(SeenRequest).where(SeenRequest.seen_at < now - timedelta(seconds=window)))
+            return insert_if_new(s, SeenRequest, signature=key, seen_at=now)
 
     def checkpoints(self) -> list[dict[str, Any]]:
         """Checkpoints kept outside the database (one JSON object per line)."""
