@@ -37,20 +37,29 @@ def slack_client(slack: SlackSettings) -> WebClient:
     return client
 
 
-def _cached(fetch: Callable[[str], Any], ttl: float, failed: Any) -> Callable[[str], Any]:
+def _cached(fetch: Callable[[str], Any], ttl: float, failed: Any, failed_ttl: float = 0.0) -> Callable[[str], Any]:
     """Slack look-ups kept for `ttl` seconds (the lock makes the cache safe across listener threads).
 
-    A look-up that fails in any way (a Slack error, the network, an answer without the field) answers `failed`
-    and is not cached, so the decision it serves is still made and recorded, and the next one asks again.
+    A look-up that fails in any way (a Slack error, the network, an answer without the field) answers `failed`,
+    so the decision it serves is still made and recorded. The failure is kept `failed_ttl` seconds (none: the
+    next one asks again): a missing scope or a Slack outage then costs one call a key, not one every click.
     """
-    kept = cached(TTLCache(maxsize=4096, ttl=ttl), lock=threading.Lock())(fetch)
+    lock = threading.Lock()
+    kept = cached(TTLCache(maxsize=4096, ttl=ttl), lock=lock)(fetch)
+    misses: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=failed_ttl or 1.0)
 
     def look_up(key: str) -> Any:
+        with lock:
+            if key in misses:
+                return failed
         try:
             return kept(key)
         except Exception as exc:  # noqa: BLE001 - any failure answers `failed`
             error = exc.response.get("error") if isinstance(exc, SlackApiError) else f"{type(exc).__name__}: {exc}"
             log.warning("Slack look-up of %s failed (%s); going on without it", key, error)
+            if failed_ttl:
+                with lock:
+                    misses[key] = True
             return failed
 
     return look_up
@@ -71,7 +80,7 @@ def display_names(client: WebClient) -> Callable[[str], str | None]:
         profile = info.get("profile") or {}
         return profile.get("display_name") or info.get("real_name") or info.get("name")
 
-    return _cached(fetch, ttl=3600.0, failed=None)
+    return _cached(fetch, ttl=3600.0, failed=None, failed_ttl=60.0)
 
 
 class LazyRegistry:

@@ -262,3 +262,16 @@ def test_bolt_view_submission(fake: SlackFake, bolt: SlackDriver) -> None:
     [posted] = fake.wait_for(lambda: fake.calls_to("chat.postMessage"))
     # Bolt's per-request WebClient adds the payload's team_id to every call.
     assert posted.params == {"channel": CHANNEL, "text": "rejected: overfits", "team_id": "T0FAKE0001"}
+
+
+def test_a_failed_name_look_up_is_kept_a_minute_and_a_failed_group_one_is_not(fake: SlackFake,
+                                                                                client: WebClient) -> None:
+    from bot.app import display_names, group_members
+
+    fake.register("users.info", lambda _params: {})  # ok, without the field (a missing scope answers likewise)
+    fake.register("usergroups.users.list", lambda _params: {})
+    name_of, members_of = display_names(client), group_members(client)
+    assert [name_of("U0ADA00001") for _ in range(3)] == [None, None, None]
+    assert len(fake.calls_to("users.info")) == 1
+    assert [members_of(GROUP) for _ in range(2)] == [[], []]  # who may approve is asked again each time
+    assert len(fake.calls_to("usergroups.users.list")) == 2
