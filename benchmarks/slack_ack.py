@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import socket
@@ -26,7 +27,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "bench-signing-secret"
@@ -69,22 +70,24 @@ def signed(body: str) -> dict[str, str]:
             "Content-Type": "application/x-www-form-urlencoded"}
 
 
-def command_body(sink: str) -> str:
+def command_body(sink: str, i: int = 0) -> str:
+    """A slash command; `i` makes each one Slack's own (a trigger_id, so a signature, of its own)."""
     return urllib.parse.urlencode({
         "token": "x", "team_id": "T0BENCH", "team_domain": "bench", "channel_id": "C0BENCH", "channel_name": "b",
         "user_id": "U0BENCH", "user_name": "bench", "command": "/ml", "text": "state iris", "api_app_id": "A0",
-        "response_url": f"{sink}/response", "trigger_id": "1.2.3"})
+        "response_url": f"{sink}/response", "trigger_id": f"1.2.{i}"})
 
 
-def click_body(sink: str) -> str:
+def click_body(sink: str, i: int = 0) -> str:
+    """A click on Approve (of a request that does not exist: the listener looks it up and answers why)."""
     payload = {
         "type": "block_actions", "user": {"id": "U0BENCH", "username": "bench", "team_id": "T0BENCH"},
         "api_app_id": "A0", "token": "x", "team": {"id": "T0BENCH", "domain": "bench"},
         "container": {"type": "message", "message_ts": "1.000001", "channel_id": "C0BENCH", "is_ephemeral": False},
-        "trigger_id": "1.2.3", "channel": {"id": "C0BENCH", "name": "b"},
+        "trigger_id": f"1.2.{i}", "channel": {"id": "C0BENCH", "name": "b"},
         "message": {"ts": "1.000001", "text": "card", "blocks": []}, "response_url": f"{sink}/response",
         "actions": [{"action_id": "review.approve", "block_id": "review-999999", "type": "button",
-                     "value": json.dumps({"r": 999999, "m": "iris", "d": "0" * 64}), "action_ts": "1.2"}],
+                     "value": json.dumps({"r": 999999, "m": "iris", "d": "0" * 64}), "action_ts": f"1.{i}"}],
     }
     return urllib.parse.urlencode({"payload": json.dumps(payload)})
 
@@ -141,10 +144,14 @@ def rss_mb(proc: subprocess.Popen[bytes]) -> float:
     return total / 1024
 
 
-def load(port: int, body: str, n: int, concurrency: int) -> list[float]:
+SENT = itertools.count()  # every request of the run is a distinct one, as Slack's are: none is a replay
+
+
+def load(port: int, make_body: Callable[[str, int], str], sink: str, n: int, concurrency: int) -> list[float]:
     url = f"http://127.0.0.1:{port}/slack/events"
 
     def one(_: int) -> float:
+        body = make_body(sink, next(SENT))
         req = urllib.request.Request(url, data=body.encode(), headers=signed(body), method="POST")
         t0 = time.perf_counter()
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -190,12 +197,12 @@ def main() -> None:
             servers[name] = (proc, port)
             results[name]["startup_s"] = startup
             ready(port)  # latency is measured in steady state; start-up was measured above
-            load(port, command_body(sink_url), 40, 5)  # warm up every worker
+            load(port, command_body, sink_url, 40, 5)  # warm up every worker
         for r in range(rounds):  # alternate the two apps so that noise hits both
             for name in (list(apps) if r % 2 == 0 else list(reversed(apps))):
                 port = servers[name][1]
-                cmd = load(port, command_body(sink_url), n, concurrency)
-                click = load(port, click_body(sink_url), n, concurrency)
+                cmd = load(port, command_body, sink_url, n, concurrency)
+                click = load(port, click_body, sink_url, n, concurrency)
                 results[name]["command"].append(p99(cmd) * 1000)
                 results[name]["click"].append(p99(click) * 1000)
                 results[name]["max_ms"] = max(results[name]["max_ms"], max(cmd + click) * 1000)
