@@ -96,19 +96,26 @@ def _train_once(out: Path, trainer: str, args: list[str]) -> Path:
     return out
 
 
-def _trained_set(factory: pytest.TempPathFactory, plan: dict[str, tuple[str, list[str]]]) -> dict[str, Path]:
-    shared = factory.getbasetemp().parent / "trained-models-logs"  # with their event files (logs/)
+def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """A folder that `make` fills once per test run, whichever xdist worker asks for it first; the others wait for it
+    and share it. (pytest-xdist's loadgroup does not group tests under pytest 9.2: pytest-xdist issue 1386.)"""
+    shared = factory.getbasetemp().parent / "made-once"
     shared.mkdir(exist_ok=True)
-    with open(shared / ".lock", "w") as lock:  # xdist workers share one training of each
+    out = shared / name
+    with open(shared / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for name, (trainer, args) in plan.items():
-            out = shared / name
-            if not (out / ".done").exists():
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir()
-                _train_once(out, trainer, args)
-                (out / ".done").write_text("ok")
-    return {name: shared / name for name in plan}
+        if not (out / ".done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            make(out)
+            (out / ".done").write_text("ok")
+    return out
+
+
+def _trained_set(factory: pytest.TempPathFactory, plan: dict[str, tuple[str, list[str]]]) -> dict[str, Path]:
+    """SavedModels trained once per test run, with their event files (logs/)."""
+    return {name: made_once(factory, f"trained-{name}", lambda out, t=trainer, a=args: _train_once(out, t, a))
+            for name, (trainer, args) in plan.items()}
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import made_once
 
 from model_registry.adapters import signatures
 from model_registry.adapters.signatures import (
@@ -37,7 +38,6 @@ from model_registry.domain.errors import ArtifactError
 REPO = Path(__file__).resolve().parents[1]
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
 needs_tf = pytest.mark.skipif(not HAVE_TF, reason="tensorflow is not installed")
-pytestmark = pytest.mark.xdist_group("signatures")  # one worker builds the SavedModels and runs saved_model_cli
 TF_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -210,12 +210,7 @@ def _saved_model_cli() -> str:
     return found
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    """Build the SavedModels once: real ones with TensorFlow, plus the hand-made one."""
-    if not HAVE_TF:
-        pytest.skip("tensorflow is not installed")
-    root = tmp_path_factory.mktemp("saved_models")
+def _build_models(root: Path) -> None:
     script = root / "build.py"
     script.write_text(BUILD_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(root)], check=False, env=TF_ENV,
@@ -223,24 +218,38 @@ def models(tmp_path_factory) -> Path:
     assert proc.returncode == 0, f"building SavedModels failed:\n{proc.stderr[-4000:]}"
     (root / "synthetic").mkdir()
     (root / "synthetic" / "saved_model.pb").write_bytes(synthetic_saved_model())
-    return root
 
 
 @pytest.fixture(scope="module")
-def cli_output(models) -> dict[tuple[str, str, str], str]:
-    """saved_model_cli's output for every CLI_CASE: one `show --all` per SavedModel, run in parallel (each starts
-    TensorFlow), cut into its signatures."""
-    exe = _saved_model_cli()
+def models(tmp_path_factory) -> Path:
+    """The SavedModels, built once per test run: real ones with TensorFlow, plus the hand-made one."""
+    if not HAVE_TF:
+        pytest.skip("tensorflow is not installed")
+    return made_once(tmp_path_factory, "signature-saved-models", _build_models)
+
+
+def _show_all(models: Path, exe: str, out: Path) -> None:
+    """`saved_model_cli show --all` of each SavedModel, run in parallel (each starts TensorFlow), into out/MODEL."""
     procs = {
         model: subprocess.Popen([exe, "show", "--dir", str(models / model), "--all"],
                                 env=TF_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for model in dict.fromkeys(case[0] for case in CLI_CASES)
     }
-    shown: dict[tuple[str, frozenset[str], str], str] = {}
     for model, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"saved_model_cli show --all of {model} failed:\n{stderr[-3000:]}"
-        shown.update({(model, *where): text for where, text in signature_sections(stdout).items()})
+        (out / model).write_text(stdout)
+
+
+@pytest.fixture(scope="module")
+def cli_output(models, tmp_path_factory) -> dict[tuple[str, str, str], str]:
+    """saved_model_cli's output for every CLI_CASE: one `show --all` per SavedModel (once per test run), cut into
+    its signatures."""
+    exe = _saved_model_cli()
+    shown_dir = made_once(tmp_path_factory, "saved-model-cli-show", lambda out: _show_all(models, exe, out))
+    shown = {(model, *where): text
+             for model in dict.fromkeys(case[0] for case in CLI_CASES)
+             for where, text in signature_sections((shown_dir / model).read_text()).items()}
     out = {}
     for case in CLI_CASES:
         model, tag_set, key = case
