@@ -5,7 +5,6 @@ been asked for a while; a canary's candidate stays while the canary runs. And th
 from __future__ import annotations
 
 import json
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -140,17 +139,3 @@ def test_the_policy_on_fake_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     pointer.unlink()
     with pytest.raises(RequestError, match="Servable not found"):
         fake.pointer("iris")
-
-
-def test_a_load_hands_the_gil_over_more_often_and_the_last_load_out_restores_it() -> None:
-    from model_registry.adapters.backends.local_serving import LOADING, FinerSwitches
-
-    before = sys.getswitchinterval()
-    finer = FinerSwitches(before / 10)
-    with finer:
-        assert sys.getswitchinterval() == pytest.approx(before / 10)
-        with finer:  # a second load overlapping the first
-            pass
-        assert sys.getswitchinterval() == pytest.approx(before / 10), "the first load is still running"
-    assert sys.getswitchinterval() == before
-    assert LOADING.interval < before  # the model server's loads use it

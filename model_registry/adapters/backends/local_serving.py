@@ -87,34 +87,6 @@ ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})(?:/versions/(?P
 CANARY_ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})/canary$")
 
 
-class FinerSwitches:
-    """While a SavedModel loads (Python rebuilding its object graph holds the GIL for most of a second), the
-    interpreter hands the GIL over every `interval` seconds instead of every 5 ms (Python's default), so the
-    requests other versions serve meanwhile wait for it less. Loads may overlap: the last one out restores it."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._inside = 0
-        self._saved = sys.getswitchinterval()
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._inside == 0:
-                self._saved = sys.getswitchinterval()
-                sys.setswitchinterval(self.interval)
-            self._inside += 1
-
-    def __exit__(self, *_exc: object) -> None:
-        with self._lock:
-            self._inside -= 1
-            if self._inside == 0:
-                sys.setswitchinterval(self._saved)
-
-
-LOADING = FinerSwitches(0.0005)
-
-
 class Models(Versions):
     """The versions this server serves (local_versions.py: which stay loaded), each a Batcher of its SavedModel."""
 
@@ -122,8 +94,7 @@ class Models(Versions):
         import tensorflow as tf
 
         try:
-            with LOADING:
-                fn = tf.saved_model.load(uri.rstrip("/")).signatures["serving_default"]
+            fn = tf.saved_model.load(uri.rstrip("/")).signatures["serving_default"]
         except Exception as exc:
             raise RequestError(404, f"could not load {model} {name} from {uri}: {exc}") from exc
         return Batcher(fn, max_batch_size=options.get("max_batch_size", MAX_BATCH_SIZE),
