@@ -22,8 +22,6 @@ import posixpath
 import struct
 from typing import Any, Iterator
 
-import google_crc32c
-
 from model_registry.adapters.signatures import message_class, schema_from_table
 from model_registry.adapters.storage import Storage
 from model_registry.domain.errors import ArtifactError
@@ -41,6 +39,8 @@ class EventFileError(ArtifactError):
 
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's checksum: CRC32C rotated right by 15 bits plus a constant (tensorflow/core/lib/hash/crc32c.h)."""
+    import google_crc32c  # here: only what reads event files loads it
+
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
 from sqlalchemy import select, update
 
 from model_registry.adapters import outbox
@@ -36,6 +35,8 @@ def _zone(name: str) -> ZoneInfo:
 
 def next_run(cron: str, tz: str, after: datetime) -> datetime:
     """The first firing of `cron` (in `tz`) strictly after `after` (naive UTC in, naive UTC out)."""
+    from croniter import croniter  # here: a web process that never schedules does not load it (nor dateutil)
+
     local = after.replace(tzinfo=timezone.utc).astimezone(_zone(tz))
     fire = croniter(cron, local).get_next(datetime)
     return fire.astimezone(timezone.utc).replace(tzinfo=None)
@@ -62,6 +63,8 @@ class Schedules:
         trainer_dir(self.config.trainer_base, model)
         check_operator(self.config.policy(model), user, self.catalog.members_of, "schedule", model)
         self.jobs.check_args(model, args or [], from_person=user != CONFIGURED)
+        from croniter import croniter
+
         if not croniter.is_valid(cron):
             raise InvalidInput(f"invalid cron expression {cron!r}",
                                'use five fields: minute hour day month weekday, e.g. "0 3 * * *"')

@@ -18,9 +18,7 @@ import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-import urllib3
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from model_registry.adapters.backends import local_runner
 from model_registry.adapters.backends.base import JobStatus, TrainingSpec
@@ -29,6 +27,9 @@ from model_registry.adapters.packaging import Package
 from model_registry.adapters.records import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL
 from model_registry.adapters.storage import LocalStorage
 from model_registry.domain.errors import BackendError, InvalidInput, NotFound
+
+if TYPE_CHECKING:  # imported where it is used: a web process that only talks to Slack never loads it
+    import urllib3
 
 NEVER_STARTED_AFTER = 120.0  # seconds a job may wait for its runner before it is declared lost
 SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it loads TensorFlow lazily)
@@ -246,6 +247,8 @@ class LocalBackend:
     def canary_figures(self, model: str) -> dict[str, Any] | None:
         """What the running model server counted for this canary (GET /v1/models/<model>/canary, with the
         server's secret); all zero when no server runs (a restarted server counts from zero again)."""
+        import urllib3
+
         canary = self._read_pointer(model).get("canary")
         if not canary:
             return None
@@ -266,6 +269,8 @@ class LocalBackend:
         return figures if figures.get("id") == canary["id"] else empty
 
     def _warm(self, port: int, model: str, version: str) -> None:
+        import urllib3
+
         try:
             resp = self._pool(port).request(
                 "POST", f"/v1/models/{model}/versions/{version}:warm", retries=False,
@@ -293,6 +298,8 @@ class LocalBackend:
         the server refused is not retried, nor one during which it died: that one is logged with its request id
         and the end of server.log, and a new server is started for the next request.
         """
+        import urllib3
+
         path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
         data = json.dumps(body).encode()
         request_id = uuid.uuid4().hex[:16]
@@ -324,6 +331,8 @@ class LocalBackend:
 
     def _pool(self, port: int) -> urllib3.HTTPConnectionPool:
         """Keep-alive connections to the model server on `port` (one pool per server, shared by threads)."""
+        import urllib3
+
         with self._pool_lock:
             if self._pool_port != port or self._pool_of_server is None:
                 if self._pool_of_server is not None:
