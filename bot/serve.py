@@ -30,7 +30,10 @@ def build_wsgi(with_worker: bool = False) -> Any:
     gunicorn worker of the machine at a time, see bot.worker.in_background)."""
     from bot.app import create_bot
     from bot.web import WebApp
+    from model_registry.adapters.backends.local_versions import limit_arenas
 
+    # before the listener threads start: 27 threads' own heaps cost a worker ~3 MB it never gave back (measured)
+    limit_arenas(2)
     web = WebSettings.from_env()
     bot = create_bot(SlackSettings.from_env(), follow_interval=web.follow_interval)
     if with_worker:

@@ -139,3 +139,11 @@ def test_the_policy_on_fake_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     pointer.unlink()
     with pytest.raises(RequestError, match="Servable not found"):
         fake.pointer("iris")
+
+
+def test_the_malloc_arenas_can_be_limited_on_glibc() -> None:
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert local_versions.limit_arenas(2)

@@ -210,10 +210,26 @@ def rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def malloc_trim() -> bool:
     """Have glibc return the free pages at the top and inside its heaps to the system; False where it is not
     glibc (musl, macOS: freed memory stays with the process until reused)."""
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def limit_arenas(most: int) -> bool:
+    """At most `most` glibc malloc arenas. Threads that allocate at once otherwise get heaps of their own (up to
+    eight per core), each keeping its own free space (MALLOC_ARENA_MAX, as Heroku advises); False where not glibc."""
+    try:
+        return bool(_libc().mallopt(M_ARENA_MAX, most))
     except (OSError, AttributeError):
         return False
