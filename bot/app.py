@@ -46,18 +46,19 @@ def _cached(fetch: Callable[[str], Any], ttl: float, failed: Any, failed_ttl: fl
     """
     lock = threading.Lock()
     kept = cached(TTLCache(maxsize=4096, ttl=ttl), lock=lock)(fetch)
-    misses: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=failed_ttl or 1.0)
+    misses: TTLCache[str, bool] | None = TTLCache(maxsize=4096, ttl=failed_ttl) if failed_ttl else None
 
     def look_up(key: str) -> Any:
-        with lock:
-            if key in misses:
-                return failed
+        if misses is not None:
+            with lock:
+                if key in misses:
+                    return failed
         try:
             return kept(key)
         except Exception as exc:  # noqa: BLE001 - any failure answers `failed`
             error = exc.response.get("error") if isinstance(exc, SlackApiError) else f"{type(exc).__name__}: {exc}"
             log.warning("Slack look-up of %s failed (%s); going on without it", key, error)
-            if failed_ttl:
+            if misses is not None:
                 with lock:
                     misses[key] = True
             return failed
