@@ -201,6 +201,8 @@ CLI_CASES = [
     ("synthetic", ",".join(SYNTHETIC_TAGS), "serving_default"),
 ]
 
+CLI_MODELS = list(dict.fromkeys(case[0] for case in CLI_CASES))  # each SavedModel once, in CLI_CASES' order
+
 
 def _saved_model_cli() -> str:
     local = Path(sys.executable).with_name("saved_model_cli")
@@ -233,7 +235,7 @@ def _show_all(models: Path, exe: str, out: Path) -> None:
     procs = {
         model: subprocess.Popen([exe, "show", "--dir", str(models / model), "--all"],
                                 env=TF_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for model in dict.fromkeys(case[0] for case in CLI_CASES)
+        for model in CLI_MODELS
     }
     for model, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -248,7 +250,7 @@ def cli_output(models, tmp_path_factory) -> dict[tuple[str, str, str], str]:
     exe = _saved_model_cli()
     shown_dir = made_once(tmp_path_factory, "saved-model-cli-show", lambda out: _show_all(models, exe, out))
     shown = {(model, *where): text
-             for model in dict.fromkeys(case[0] for case in CLI_CASES)
+             for model in CLI_MODELS
              for where, text in signature_sections((shown_dir / model).read_text()).items()}
     out = {}
     for case in CLI_CASES:
