@@ -82,3 +82,15 @@ def test_serving_switch_smoke_prints_the_result_json_last() -> None:
     assert result["benchmark"] == "serving_switch" and result["better"] == "lower" and result["switches"] == 1
     assert result["failed"] == 0 and len(result["versions_seen"]) == 2 and result["unloads"] == 1
     assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0
+
+
+def test_slack_ack_smoke_prints_the_result_json_last_and_the_bot_answered_every_request() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "slack_ack.py"), "--requests", "20", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "slack_ack" and result["better"] == "lower" and result["requests"] == 20
+    assert set(result["ratios"]) == {"command_p99", "click_p99", "click_behind_commands_p99", "startup", "rss"}
+    assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0
+    # the sink in its own process saw the bot's answer to each of its 60 requests, and nothing from the bare app
+    assert result["slack_calls"]["starchart"] >= 60 and result["slack_calls"]["bare"] == 0
