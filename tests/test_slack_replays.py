@@ -68,3 +68,14 @@ def test_a_replay_is_told_apart_without_garbage_for_the_collector(make_registry:
         gc.enable()
     assert taken == [False] * 20
     assert freed < 300, f"20 replays left {freed} objects in reference cycles"
+
+
+def test_a_mark_past_its_window_is_dropped_and_the_signature_is_new_again(make_registry: Any, db_url: str) -> None:
+    reg = make_registry(db_url)
+    first, other = "v0=" + "b" * 64, "v0=" + "c" * 64
+    assert reg.audit.first_sight(first, window=600.0)
+    assert not reg.audit.first_sight(first, window=600.0)
+    time.sleep(0.05)
+    assert reg.audit.first_sight(other, window=0.01)  # drops the marks older than 10 ms on the way: `first`'s
+    assert reg.audit.first_sight(first, window=600.0)
+    assert not reg.audit.first_sight(other, window=600.0)  # a mark within its window stays

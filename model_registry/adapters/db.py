@@ -7,12 +7,13 @@ SQLite, the embedded default, is migrated when it is opened; any other database 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, cast
 
-from sqlalchemy import CursorResult, Result, create_engine, event, inspect, text
+from sqlalchemy import CursorResult, Result, Table, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,11 +44,18 @@ def insert_if_new(session: Session, model: type[Any], **values: Any) -> bool:
     A row that is there already is no error: no rollback, and no exception whose traceback and SQLAlchemy's frames
     make garbage only the collector's full passes free (each of which holds the GIL).
     """
+    statement = _insert_ignoring(session.get_bind().dialect.name, cast(Table, model.__table__))
+    return session.execute(statement, values).first() is not None
+
+
+@functools.cache
+def _insert_ignoring(dialect: str, table: Table) -> Any:
+    # Built once per table: building the statement cost twice as much as running it (0.3 ms a Slack request).
     from sqlalchemy.dialects import postgresql, sqlite
 
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    key = list(inspect(model).primary_key)  # a row comes back only when it was inserted (rowcount is -1 on psycopg)
-    return session.execute(insert(model).values(**values).on_conflict_do_nothing().returning(*key)).first() is not None
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    # a row comes back only when it was inserted (rowcount is -1 on psycopg)
+    return insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
 
 
 def make_engine(url: str) -> Engine:
