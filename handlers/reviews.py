@@ -21,6 +21,7 @@ from handlers.results import (
 from handlers.table import Invocation
 from model_registry.domain import instances
 from model_registry.domain.errors import InvalidInput, Refused, StarchartError
+from model_registry.domain.promotion import model_mismatch
 
 APPROVE, REJECT, RETRY, TRY = "review.approve", "review.reject", "review.retry", "review.try"
 REJECT_VIEW, TRY_VIEW = "review.reject_reason", "review.try_instance"
@@ -74,10 +75,10 @@ def reject_arguments(p: argparse.ArgumentParser, cli: bool) -> None:
 
 
 def decide(inv: Invocation, request: int, approve: bool, *, reason: str | None = None,
-           card_digest: str | None = None, notice: bool = True) -> Decided:
+           card_digest: str | None = None, model: str | None = None, notice: bool = True) -> Decided:
     """One decision, then (if it completed the approvals) the application: for every surface, written once."""
     promotions = inv.core.promotions
-    req = promotions.decide(request, inv.user, approve, reason=reason, card_digest=card_digest,
+    req = promotions.decide(request, inv.user, approve, reason=reason, card_digest=card_digest, model=model,
                             channel=inv.channel, message_ts=inv.message_ts, actor_name=inv.user_name(inv.user))
     if req["state"] == "approved":
         inv.progress(RequestChanged(req))  # the card says "applying…" while the backend switches
@@ -111,29 +112,34 @@ def card_value(req: dict[str, Any]) -> dict[str, Any]:
 
 def button_value(inv: Invocation, raw: str | None) -> tuple[int, str, str]:
     """(request id, model, card digest) from a button; a malformed or tampered value is refused and recorded."""
-    audit = inv.core.audit
-    try:
-        value = json.loads(raw or "")
-        request, model, digest = int(value["r"]), str(value["m"]), str(value["d"])
-    except (ValueError, TypeError, KeyError) as exc:
-        audit.record_refusal(inv.user, "malformed_value", f"button value {str(raw)[:200]!r}: {exc}",
-                             channel=inv.channel, message_ts=inv.message_ts)
-        raise InvalidInput("that button's value is malformed", "use the buttons of a card the bot posted") from None
+    request, model, digest = parsed_button(inv, raw)
     try:
         actual = inv.core.promotions.get(request)["model"]
     except StarchartError:
         actual = None
     if actual is not None and actual != model:
-        audit.record_refusal(inv.user, "model_mismatch", f"button names {model} but #{request} is {actual}",
-                             model=actual, request_id=request, channel=inv.channel, message_ts=inv.message_ts)
-        raise Refused(f"that button names {model} but promotion request #{request} is for {actual}",
-                      "use the buttons of the request's own card", reason="model_mismatch")
+        refusal, recorded = model_mismatch(model, request, actual)
+        inv.core.audit.record_refusal(inv.user, "model_mismatch", recorded, model=actual, request_id=request,
+                                      channel=inv.channel, message_ts=inv.message_ts)
+        raise refusal
     return request, model, digest
 
 
+def parsed_button(inv: Invocation, raw: str | None) -> tuple[int, str, str]:
+    """A button's (request id, model, card digest), its model not yet checked against the request's."""
+    try:
+        value = json.loads(raw or "")
+        return int(value["r"]), str(value["m"]), str(value["d"])
+    except (ValueError, TypeError, KeyError) as exc:
+        inv.core.audit.record_refusal(inv.user, "malformed_value", f"button value {str(raw)[:200]!r}: {exc}",
+                                      channel=inv.channel, message_ts=inv.message_ts)
+        raise InvalidInput("that button's value is malformed", "use the buttons of a card the bot posted") from None
+
+
 def on_approve(inv: Invocation, value: str | None) -> Result:
-    request, _model, digest = button_value(inv, value)
-    return decide(inv, request, True, card_digest=digest, notice=False)
+    # the decision's own transaction checks the button's model against the request's (no read of its own)
+    request, model, digest = parsed_button(inv, value)
+    return decide(inv, request, True, card_digest=digest, model=model, notice=False)
 
 
 def on_reject(inv: Invocation, value: str | None) -> Result:

@@ -168,9 +168,16 @@ def test_stale_card_is_refused_when_default_moved(two_versions: Any, trained: di
     with pytest.raises(Refused) as elsewhere:
         reg.promotions.decide(third["id"], "U_OK", True, card_digest=third["card_digest"], channel="C1", message_ts="999.0")
     assert elsewhere.value.reason == "card_mismatch"
+    with pytest.raises(Refused) as other_model:  # a button naming another model than the request's
+        reg.promotions.decide(third["id"], "U_OK", True, card_digest=third["card_digest"], model="sentiment",
+                              channel="C1", message_ts="111.222")
+    assert other_model.value.reason == "model_mismatch" and "names sentiment" in other_model.value.message
+    refused = reg.audit.events(action="request.refused")[0]
+    assert refused["details"] == {"reason": "model_mismatch", "message": f"button names sentiment but #{third['id']} is iris"}
+    assert refused["actor"] == "U_OK" and refused["model"] == "iris" and refused["request_id"] == third["id"]
     assert reg.promotions.get(third["id"])["state"] == "open"
-    assert reg.promotions.decide(third["id"], "U_OK", True, card_digest=third["card_digest"], channel="C1",
-                      message_ts="111.222")["state"] == "approved"
+    assert reg.promotions.decide(third["id"], "U_OK", True, card_digest=third["card_digest"], model="iris",
+                                 channel="C1", message_ts="111.222")["state"] == "approved"
 
 
 def test_apply_from_model_file_and_rollback(two_versions: Any) -> None:

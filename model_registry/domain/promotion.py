@@ -38,6 +38,14 @@ def require_reason(approve: bool, reason: str | None) -> None:
         raise InvalidInput("a rejection needs a reason", "say why, e.g. --reason 'accuracy dropped'")
 
 
+def model_mismatch(model: str, request_id: int, actual: str) -> tuple[Refused, str]:
+    """A button naming another model than its request's (tampered, or from another card): the refusal, and what the
+    audit trail records of it."""
+    return (Refused(f"that button names {model} but promotion request #{request_id} is for {actual}",
+                    "use the buttons of the request's own card", reason="model_mismatch"),
+            f"button names {model} but #{request_id} is {actual}")
+
+
 @dataclass(frozen=True)
 class Event:
     """An audit event a step produced; the service adds the request's model, version and id."""

@@ -239,9 +239,11 @@ class Promotions:
                       .values(channel=channel, message_ts=message_ts))
 
     def decide(self, request_id: int, user: str, approve: bool, *, reason: str | None = None,
-               card_digest: str | None = None, channel: str | None = None, message_ts: str | None = None,
-               actor_name: str | None = None) -> RequestView:
-        """Record one approver's decision. A refusal is recorded in the audit trail, then raised."""
+               card_digest: str | None = None, model: str | None = None, channel: str | None = None,
+               message_ts: str | None = None, actor_name: str | None = None) -> RequestView:
+        """Record one approver's decision. A refusal is recorded in the audit trail, then raised.
+
+        `model`: the one a card's button names, refused unless it is the request's."""
         rules.require_reason(approve, reason)
         person = {"channel": channel, "message_ts": message_ts, "actor_name": actor_name}
         with self.db.unit_of_work() as s:
@@ -252,6 +254,11 @@ class Promotions:
                                   reason="not_found")
                 self.audit_log.append(s, "approval.refused", user, request_id=request_id, **person,
                              details={"reason": "not_found"})
+            elif model is not None and model != row.model:
+                refusal, recorded = rules.model_mismatch(model, request_id, row.model)
+                self.audit_log.append(s, "request.refused", user, model=row.model, request_id=request_id,
+                                      channel=channel, message_ts=message_ts,
+                                      details={"reason": "model_mismatch", "message": recorded})
             elif evaluations.gate_waits(row):
                 refusal = Refused(f"promotion request #{request_id} waits for its evaluation: the nightly gate "
                                   "decides whether it is put up for review", "decide once its card is posted",
