@@ -184,7 +184,7 @@ def test_a_switch_under_load_drops_no_request_and_warms_the_new_version_first(ir
         switched = versions.index(new)
         assert set(versions[:switched]) == {old} and set(versions[switched:]) == {new}, versions
     log = (reg.settings.home / "serving" / "server.log").read_text()
-    assert f"warmed iris {new}" in log
+    assert f"warmed iris {new} with batches of 1 and 2 instances" in log
     _wait_until(lambda: set(_calls_by_version(port, secret)) == {new})  # the old one unloaded, once idle
     assert f"unloaded iris {old}: neither the default nor a canary's candidate" in \
         (reg.settings.home / "serving" / "server.log").read_text()
