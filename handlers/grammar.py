@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from handlers.table import Arguments, Table
 
@@ -29,6 +29,17 @@ class Usage(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise Usage(f"{self.prog}: {message}")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, and arguments it does not know are refused with the command's hint (`unknown_hint`)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            hint = getattr(parsed, UNKNOWN_HINT, None)
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" — {hint}" if hint else ""))
+        return parsed
+
+
+UNKNOWN_HINT = "unknown_hint"  # a command's default: what to say of arguments its grammar does not know
 
 
 def model_arg(p: argparse.ArgumentParser) -> None:

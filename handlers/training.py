@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from handlers.grammar import Usage, model_arg, model_of
+from handlers.grammar import UNKNOWN_HINT, Usage, model_arg, model_of
 from handlers.results import JobCancelled, JobEnded, JobProgress, Jobs, JobStarted, JobSubmitted, Log, Result
 from handlers.table import Invocation, Surface
 
@@ -18,6 +18,7 @@ def train_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--accelerator", help="TYPE:COUNT")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    p.set_defaults(**{UNKNOWN_HINT: "the trainer's own arguments go after `--`, e.g. `train iris -- --epochs=5`"})
 
 
 def train(inv: Invocation) -> Result:

@@ -51,6 +51,13 @@ def test_parse_errors_are_clear() -> None:
     assert "promote" in str(helped.value) and "--reason" in str(helped.value)
     with pytest.raises(Usage):
         parse("")
+    with pytest.raises(Usage) as trainer_flag:  # a trainer's flag typed before `--`: say where it goes
+        parse("train iris --epochs=banana")
+    assert "unrecognized arguments: --epochs=banana" in str(trainer_flag.value)
+    assert "go after `--`, e.g. `train iris -- --epochs=5`" in usage_text(str(trainer_flag.value))
+    with pytest.raises(Usage) as other_flag:
+        parse("versions iris --epochs=5")
+    assert "unrecognized arguments: --epochs=5" in str(other_flag.value) and "after `--`" not in str(other_flag.value)
 
 
 def _sig(n_inputs: int) -> dict[str, Any]:
