@@ -18,7 +18,7 @@ def train_arguments(p: argparse.ArgumentParser, _cli: bool) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--accelerator", help="TYPE:COUNT")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    p.set_defaults(**{UNKNOWN_HINT: "the trainer's own arguments go after `--`, e.g. `train iris -- --epochs=5`"})
+    p.set_defaults(**{UNKNOWN_HINT: "the trainer's own arguments go after --, as in: train iris -- --epochs=5"})
 
 
 def train(inv: Invocation) -> Result:

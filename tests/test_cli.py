@@ -79,7 +79,7 @@ def test_bad_input_gets_message_and_nonzero_exit(cli: Any) -> None:
         (["train", "-m", "irs"], 1, "did you mean iris"),
         (["train", "-m", "iris", "-M", "trainer.missing"], 1, "unknown module"),
         (["state"], 2, "a model is required"),
-        (["train", "-m", "iris", "--bogus"], 2, "unrecognized arguments: --bogus — the trainer's own arguments go after `--`"),
+        (["train", "-m", "iris", "--bogus"], 2, "unrecognized arguments: --bogus — the trainer's own arguments go after --"),
         (["versions", "iris", "--bogus"], 2, "unrecognized arguments: --bogus"),
         (["approve", "abc"], 2, "invalid promotion request id"),
         (["reject", "1"], 2, "--reason"),

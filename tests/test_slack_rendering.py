@@ -54,10 +54,10 @@ def test_parse_errors_are_clear() -> None:
     with pytest.raises(Usage) as trainer_flag:  # a trainer's flag typed before `--`: say where it goes
         parse("train iris --epochs=banana")
     assert "unrecognized arguments: --epochs=banana" in str(trainer_flag.value)
-    assert "go after `--`, e.g. `train iris -- --epochs=5`" in usage_text(str(trainer_flag.value))
+    assert "go after --, as in: train iris -- --epochs=5" in usage_text(str(trainer_flag.value))
     with pytest.raises(Usage) as other_flag:
         parse("versions iris --epochs=5")
-    assert "unrecognized arguments: --epochs=5" in str(other_flag.value) and "after `--`" not in str(other_flag.value)
+    assert "unrecognized arguments: --epochs=5" in str(other_flag.value) and "go after --" not in str(other_flag.value)
 
 
 def _sig(n_inputs: int) -> dict[str, Any]:
