@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from handlers.grammar import model_arg, model_of, request_id
 from handlers.results import (
@@ -20,8 +20,11 @@ from handlers.results import (
 )
 from handlers.table import Invocation
 from model_registry.domain import instances
-from model_registry.domain.errors import InvalidInput, Refused, StarchartError
+from model_registry.domain.errors import InvalidInput, Refused
 from model_registry.domain.promotion import model_mismatch
+
+if TYPE_CHECKING:  # the views' module loads SQLAlchemy, which the web process loads only with the core
+    from model_registry.services.views import RequestView
 
 APPROVE, REJECT, RETRY, TRY = "review.approve", "review.reject", "review.retry", "review.try"
 REJECT_VIEW, TRY_VIEW = "review.reject_reason", "review.try_instance"
@@ -110,19 +113,17 @@ def card_value(req: dict[str, Any]) -> dict[str, Any]:
     return {"r": req["id"], "m": req["model"], "d": req["card_digest"]}
 
 
-def button_value(inv: Invocation, raw: str | None) -> tuple[int, str, str]:
-    """(request id, model, card digest) from a button; a malformed or tampered value is refused and recorded."""
+def button_request(inv: Invocation, raw: str | None) -> tuple[RequestView, str]:
+    """The request a button names, read once, and the card digest it carries; a malformed value, or one naming
+    another model than the request's, is refused and recorded."""
     request, model, digest = parsed_button(inv, raw)
-    try:
-        actual = inv.core.promotions.get(request)["model"]
-    except StarchartError:
-        actual = None
-    if actual is not None and actual != model:
-        refusal, recorded = model_mismatch(model, request, actual)
-        inv.core.audit.record_refusal(inv.user, "model_mismatch", recorded, model=actual, request_id=request,
+    req = inv.core.promotions.get(request)
+    if req["model"] != model:
+        refusal, recorded = model_mismatch(model, request, req["model"])
+        inv.core.audit.record_refusal(inv.user, "model_mismatch", recorded, model=req["model"], request_id=request,
                                       channel=inv.channel, message_ts=inv.message_ts)
         raise refusal
-    return request, model, digest
+    return req, digest
 
 
 def parsed_button(inv: Invocation, raw: str | None) -> tuple[int, str, str]:
@@ -143,16 +144,15 @@ def on_approve(inv: Invocation, value: str | None) -> Result:
 
 
 def on_reject(inv: Invocation, value: str | None) -> Result:
-    request, model, digest = button_value(inv, value)
-    req = inv.core.promotions.get(request)
+    req, digest = button_request(inv, value)
     if req["state"] != "open":
-        raise Refused(f"promotion request #{request} is already {req['state']}", "nothing left to decide")
-    return RejectForm({"r": request, "m": model, "d": digest}, inv.channel, inv.message_ts, home=inv.home)
+        raise Refused(f"promotion request #{req['id']} is already {req['state']}", "nothing left to decide")
+    return RejectForm({"r": req["id"], "m": req["model"], "d": digest}, inv.channel, inv.message_ts, home=inv.home)
 
 
 def on_retry(inv: Invocation, value: str | None) -> Result:
-    request, _model, _digest = button_value(inv, value)
-    return RequestChanged(inv.core.promotions.retry(request, inv.user))
+    req, _digest = button_request(inv, value)
+    return RequestChanged(inv.core.promotions.retry(req["id"], inv.user))
 
 
 def form_metadata(form: RejectForm) -> str:
@@ -200,9 +200,8 @@ def on_reject_reason(inv: Invocation, metadata: str, reason: str) -> Result:
 
 def on_try(inv: Invocation, value: str | None) -> Result:
     """Try: a form with one field per input of the candidate's signature, filled with an example instance."""
-    request, model, digest = button_value(inv, value)
-    req = inv.core.promotions.get(request)
-    candidate = req["candidate"]
+    req, digest = button_request(inv, value)
+    request, model, candidate = req["id"], req["model"], req["candidate"]
     specs = inv.core.predictions.inputs(model, candidate)
     example = inv.core.predictions.example(model, candidate)
     fields = tuple((name, str(specs[name].get("dtype")), specs[name].get("shape"), example[name])

@@ -105,10 +105,17 @@ class AuditTrail:
                 return False
             details = {**(details or {}), "count": count}
         with self.db.unit_of_work() as s:
-            self.audit_log.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
-                         message_ts=message_ts, details={"reason": reason, "message": message[:500],
-                                                         **(details or {})})
+            self.append_refusal(s, actor, reason, message, model=model, request_id=request_id, channel=channel,
+                                message_ts=message_ts, details=details)
         return True
+
+    def append_refusal(self, s: Any, actor: str, reason: str, message: str, *, model: str | None = None,
+                       request_id: int | None = None, channel: str | None = None, message_ts: str | None = None,
+                       details: dict[str, Any] | None = None) -> None:
+        """A `request.refused` event in the caller's transaction (record_refusal opens its own)."""
+        self.audit_log.append(s, "request.refused", actor, model=model, request_id=request_id, channel=channel,
+                              message_ts=message_ts, details={"reason": reason, "message": message[:500],
+                                                              **(details or {})})
 
     def first_sight(self, signature: str, window: float = 600.0) -> bool:
         """Whether a signed request is new: False when its signature was already taken within `window` seconds.

@@ -256,9 +256,8 @@ class Promotions:
                              details={"reason": "not_found"})
             elif model is not None and model != row.model:
                 refusal, recorded = rules.model_mismatch(model, request_id, row.model)
-                self.audit_log.append(s, "request.refused", user, model=row.model, request_id=request_id,
-                                      channel=channel, message_ts=message_ts,
-                                      details={"reason": "model_mismatch", "message": recorded})
+                self.audit.append_refusal(s, user, "model_mismatch", recorded, model=row.model,
+                                          request_id=request_id, channel=channel, message_ts=message_ts)
             elif evaluations.gate_waits(row):
                 refusal = Refused(f"promotion request #{request_id} waits for its evaluation: the nightly gate "
                                   "decides whether it is put up for review", "decide once its card is posted",
