@@ -186,32 +186,34 @@ class AckFirst:
         self.patience, self.quiet = patience, quiet
         self._inflight = 0
         self._last_done = 0.0
-        self._idle = threading.Condition()
+        self._count = threading.Lock()
         self._impatient = threading.Lock()  # held by the one task that runs while requests are in flight
 
     def request_started(self) -> None:
-        with self._idle:
+        with self._count:
             self._inflight += 1
 
     def request_done(self) -> None:
-        with self._idle:
+        with self._count:
             self._inflight -= 1
             self._last_done = time.monotonic()
-            if self._inflight == 0:
-                self._idle.notify_all()
 
     def wait_for_gap(self) -> bool:
-        """Wait for a quiet gap; False when the patience ran out first (requests are still coming)."""
+        """Wait for a quiet gap; False when the patience ran out first (requests are still coming).
+
+        The waiting tasks look again every `quiet` seconds at most; a request that ends wakes none of them (a gap
+        only starts `quiet` seconds later): waking every waiting listener at each ack of a burst took the GIL
+        from the acks."""
         deadline = time.monotonic() + self.patience
-        with self._idle:
-            while True:
-                now = time.monotonic()
-                if self._inflight == 0 and now - self._last_done >= self.quiet:
-                    return True
-                if now >= deadline:
-                    return False
-                wait = self.quiet - (now - self._last_done) if self._inflight == 0 else deadline - now
-                self._idle.wait(timeout=max(0.001, min(wait, deadline - now)))
+        while True:
+            now = time.monotonic()
+            idle = self._inflight == 0
+            if idle and now - self._last_done >= self.quiet:
+                return True
+            if now >= deadline:
+                return False
+            wait = self.quiet - (now - self._last_done) if idle else self.quiet
+            time.sleep(max(0.001, min(wait, deadline - now)))
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Callable
@@ -77,3 +78,38 @@ def test_work_past_its_patience_runs_one_task_at_a_time_while_requests_are_in_fl
 def test_work_in_a_quiet_gap_runs_side_by_side() -> None:
     gate = AckFirst(patience=5.0, quiet=0.0)
     assert _inside_at_once(gate) == 3
+
+
+def test_a_burst_of_requests_does_not_wake_the_waiting_work_at_each_ack() -> None:
+    """Each time a waiting task looks at the gate it takes the GIL from the acks: it looks every `quiet` seconds
+    at most, not once a request (sixteen listeners woken at each ack of a burst held the acks back)."""
+    looks = itertools.count()
+
+    class Watched(AckFirst):
+        @property
+        def _inflight(self) -> int:
+            if threading.current_thread() is not threading.main_thread():
+                next(looks)
+            return self.__dict__["inflight"]
+
+        @_inflight.setter
+        def _inflight(self, value: int) -> None:
+            self.__dict__["inflight"] = value
+
+    gate = Watched(patience=30.0, quiet=0.05)
+    gate.request_started()  # the burst has begun
+    waiters = [threading.Thread(target=gate.wait_for_gap, daemon=True) for _ in range(4)]
+    for t in waiters:
+        t.start()
+    t0 = time.monotonic()
+    for _ in range(400):  # requests a fraction of a millisecond apart, each acked at once
+        time.sleep(0.0002)
+        gate.request_done()
+        time.sleep(0.0002)
+        gate.request_started()
+    gate.request_done()
+    for t in waiters:
+        t.join(10.0)
+    elapsed = time.monotonic() - t0
+    assert not any(t.is_alive() for t in waiters), "the work ran once the burst was over"
+    assert next(looks) <= len(waiters) * (2 * elapsed / gate.quiet + 5), "looked at each ack"
