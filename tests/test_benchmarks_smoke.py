@@ -85,7 +85,8 @@ def test_serving_switch_smoke_prints_the_result_json_last() -> None:
 
 
 def test_slack_ack_smoke_prints_the_result_json_last_and_the_bot_answered_every_request() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "slack_ack.py"), "--requests", "20", "--rounds", "1"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "slack_ack.py"), "--requests", "20", "--rounds", "1",
+                           "--starts", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -94,3 +95,4 @@ def test_slack_ack_smoke_prints_the_result_json_last_and_the_bot_answered_every_
     assert result["measured"] > 0 and result["baseline"] > 0 and result["ratio"] > 0
     # the sink in its own process saw the bot's answer to each of its 60 requests, and nothing from the bare app
     assert result["slack_calls"]["starchart"] >= 60 and result["slack_calls"]["bare"] == 0
+    assert {name: len(times) for name, times in result["startups_s"].items()} == {"bare": 2, "starchart": 2}
