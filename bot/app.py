@@ -19,8 +19,7 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
-from bot.slack_output import SlackOutput
-from handlers.chat import Deps
+from handlers.deps import Deps
 from handlers.listeners import SIGNATURE_KEY, register, where
 from model_registry.config import SlackSettings
 from model_registry.domain.errors import InvalidInput
@@ -264,9 +263,14 @@ def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callab
     background: list[Any] = []
 
     def build_and_deliver() -> Any:
+        core = (build or build_core)()
+        # What the listeners reach once they run: the command table and the renderers, and the outbox's sender.
+        # Loaded here, beside the core, not before the process listens: the acks need none of them (start to
+        # healthy, benchmarks/slack_ack.py)
+        import bot.slack_output  # noqa: F401
+        import handlers.chat  # noqa: F401
         from bot.delivery import start_delivery
 
-        core = (build or build_core)()
         background.extend(w for w in start_delivery(core, slack, follow_interval) if w is not None)
         # What the load made (SQLAlchemy, the core, Bolt) stays for the process's life: out of the collector's
         # full passes, which held the GIL — and every ack waiting for it — 70-140 ms each under a burst (measured)
@@ -286,7 +290,9 @@ def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callab
     deps = Deps(core=cast(Any, registry), outbox=True, user_name=display_names(client), pace=gate.turn,
                 team_id=slack.team_id)
 
-    def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> SlackOutput:
+    def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> Any:
+        from bot.slack_output import SlackOutput  # loaded beside the core (build_and_deliver)
+
         return SlackOutput(web, respond, user=where(body)[0], channel=channel, trigger_id=body.get("trigger_id"))
 
     register(app, deps, outputs)

@@ -15,8 +15,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from bot import text as plain
 from handlers import results as r
 from handlers.audit import AUDIT_NEXT
+from handlers.forms import REJECT_VIEW, TRY_VIEW
 from handlers.output import Upload
-from handlers.reviews import APPROVE, REJECT, REJECT_VIEW, RETRY, TRY, TRY_VIEW, card_value, form_metadata, try_metadata
+from handlers.reviews import APPROVE, REJECT, RETRY, TRY, card_value, form_metadata, try_metadata
 from model_registry.domain.policy import is_group
 
 MAX_BLOCKS = 50

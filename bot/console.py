@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bot import text
-from handlers.chat import Chat, Deps, click, dispatch, report_error, submit_reject, submit_try
+from handlers.chat import Chat, click, dispatch, report_error, submit_reject, submit_try
+from handlers.deps import Deps
 from handlers.follow import Follower
 from handlers.output import Posted, Upload
 from handlers.results import Form, RejectForm, RequestOpened, Result, ReviewCard, TryForm

@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import singledispatch
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from handlers.commands import ACTIONS, TABLE
-from handlers.follow import Follower
+from handlers.deps import Deps
 from handlers.grammar import Usage
 from handlers.home import home
 from handlers.output import HomeOutput, Output, Upload
@@ -53,27 +52,7 @@ from handlers.reviews import on_reject_reason, on_try_submit
 from handlers.table import Invocation, Surface
 from model_registry.domain.errors import InvalidInput, Refused, StarchartError
 
-if TYPE_CHECKING:
-    from model_registry.bootstrap import Core
-
 log = logging.getLogger("starchart.handlers")
-
-
-def _nobody(_user: str) -> str | None:
-    return None
-
-
-@dataclass
-class Deps:
-    """Wired by the composition root (bot.app, bot.console): handlers never construct their collaborators."""
-
-    core: Core
-    follower: Follower | None = None  # the console's: a training's message followed in the foreground
-    outbox: bool = False  # Slack: the messages the bot sends on its own are recorded for the outbox
-    user_name: Callable[[str], str | None] = _nobody
-    # the work that follows an ack runs in it (a listener's whole body): lets other requests be acked first
-    pace: Callable[[], AbstractContextManager[None]] = nullcontext
-    team_id: str | None = None  # the installed workspace; when set, a person of another one is refused
 
 
 @dataclass

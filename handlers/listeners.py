@@ -3,6 +3,8 @@ and one error handler.
 
 Bolt runs each listener on its listener executor after the ack, so a listener is hand-off → run → deliver;
 whatever it raises reaches `report` (@app.error): told to the person, logged with a traceback when unexpected.
+Registering and acking need only this module and the light ones it imports: a listener reaches the command table
+and the renderers (handlers.chat) when it runs, by which time bot.app has loaded them beside the core.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from handlers.chat import Chat, Deps, click, dispatch, failure_of, report_error, show_home, submit_reject, submit_try
+from handlers.deps import Deps
+from handlers.forms import REJECT_VIEW, TRY_VIEW, form_card, form_home
 from handlers.output import HomeOutput, Output
-from handlers.reviews import REJECT_VIEW, TRY_VIEW, form_card, form_home, try_instance
+
+if TYPE_CHECKING:
+    from handlers.chat import Chat
 
 log = logging.getLogger("starchart.handlers")
 SIGNATURE_KEY = "starchart_signature"  # the verified request's signature, put in Bolt's context by the verifier
@@ -62,6 +67,8 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
     """Attach the listeners to a Bolt app."""
 
     def chat(body: dict[str, Any], client: Any, respond: Any) -> tuple[Chat, Conversation]:
+        from handlers.chat import Chat
+
         user, channel, ts = where(body)
         out = outputs(body, client, respond, channel)
         return Chat(user=user, channel=channel, out=out, message_ts=ts, team=team_of(body), home=on_home(body)), out
@@ -93,6 +100,8 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
 
     @app.error
     def report(error: BaseException, body: dict[str, Any], client: Any, respond: Any = None) -> None:
+        from handlers.chat import failure_of, report_error, show_home
+
         person, out = chat(body, client, respond)
         if not person.home:
             report_error(out, error)
@@ -105,6 +114,8 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
 
     @app.command("/ml")
     def ml_command(body: dict[str, Any], client: Any, respond: Any, context: dict[str, Any]) -> None:
+        from handlers.chat import dispatch
+
         with deps.pace():
             if taken(context):
                 return
@@ -113,6 +124,8 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
     @app.action(re.compile(".*"))  # every button: known ones run from the action table, others are refused
     def button(body: dict[str, Any], action: dict[str, Any], client: Any, respond: Any,
                context: dict[str, Any]) -> None:
+        from handlers.chat import click, show_home
+
         with deps.pace():
             if taken(context):
                 return
@@ -123,6 +136,8 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
 
     @app.event("app_home_opened")
     def home_opened(body: dict[str, Any], event: dict[str, Any], client: Any, context: dict[str, Any]) -> None:
+        from handlers.chat import show_home
+
         if event.get("tab") != "home":  # the Messages tab sends this event too
             return
         with deps.pace():
@@ -140,6 +155,8 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
             ack(response_action="errors", errors={"reason": "Say why you reject it."})
             return
         ack()
+        from handlers.chat import show_home, submit_reject
+
         with deps.pace():
             if taken(context):
                 return
@@ -154,6 +171,9 @@ def register(app: Any, deps: Deps, outputs: Outputs) -> None:
         values = (view.get("state") or {}).get("values") or {}
         texts = {block: str((fields.get("value") or {}).get("value") or "") for block, fields in values.items()}
         metadata = view.get("private_metadata") or ""
+        from handlers.chat import submit_try
+        from handlers.reviews import try_instance  # its field errors are said with the ack
+
         instance, errors = try_instance(metadata, texts)
         if errors:  # said in the form, next to the field, before anything runs
             ack(response_action="errors", errors=errors)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from handlers.results import Form, HomeTab, Result
+if TYPE_CHECKING:  # annotations only: the Slack listeners load this before the results' module (bot.app)
+    from handlers.results import Form, HomeTab, Result
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # the views' module loads SQLAlchemy, which the web process l
     from model_registry.services.views import RequestView
 
 APPROVE, REJECT, RETRY, TRY = "review.approve", "review.reject", "review.retry", "review.try"
-REJECT_VIEW, TRY_VIEW = "review.reject_reason", "review.try_instance"
 
 
 # ---------------------------------------------------------------- commands
@@ -159,23 +158,6 @@ def form_metadata(form: RejectForm) -> str:
     """The reject form's private metadata: the button's value plus the card it came from (or the Home tab)."""
     home = {"h": 1} if form.home else {}
     return json.dumps({**form.value, "c": form.channel, "t": form.message_ts, **home}, separators=(",", ":"))
-
-
-def form_home(metadata: str) -> bool:
-    """Whether a reject form was opened from the Home tab."""
-    try:
-        return bool(json.loads(metadata).get("h"))
-    except (ValueError, AttributeError):
-        return False
-
-
-def form_card(metadata: str) -> tuple[str | None, str | None]:
-    """(channel, message ts) of the card a reject form belongs to; (None, None) when unreadable."""
-    try:
-        meta = json.loads(metadata)
-        return meta.get("c"), meta.get("t")
-    except (ValueError, AttributeError):
-        return None, None
 
 
 def form_value(inv: Invocation, metadata: str, form: str, button: str) -> dict[str, Any]:

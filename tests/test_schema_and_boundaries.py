@@ -369,6 +369,20 @@ def test_web_process_never_imports_tensorflow_or_matplotlib(tmp_path) -> None:
     assert not loaded & {"urllib3", "croniter", "google_crc32c"}, loaded & {"urllib3", "croniter", "google_crc32c"}
 
 
+def test_the_web_process_listens_before_the_command_table_and_renderers_load(tmp_path) -> None:
+    """Acking needs Bolt and the listeners only: the command table, the results and the renderers load with the
+    core, in the background (start to healthy, benchmarks/slack_ack.py). Here the core never finishes loading."""
+    loaded = _imported_after(
+        f"import os, threading; os.environ.update(SLACK_BOT_TOKEN='xoxb-t', SLACK_SIGNING_SECRET='s',"
+        f" STARCHART_HOME='{tmp_path}', STARCHART_CONFIG='{tmp_path}/none.yaml'); from bot.app import create_bot;"
+        " from bot.web import WebApp; from model_registry.config import SlackSettings;"
+        " app = WebApp(create_bot(SlackSettings.from_env(), build=threading.Event().wait))")
+    assert "bot.web" in loaded and "handlers.listeners" in loaded
+    late = {"handlers.chat", "handlers.commands", "handlers.results", "bot.slack_output", "bot.blocks", "bot.text",
+            "sqlalchemy"}
+    assert not loaded & late, loaded & late
+
+
 def test_core_and_cli_never_import_tensorflow_slack_or_google() -> None:
     loaded = _imported_after("import bot.cli, bot.demo, model_registry.bootstrap, model_registry.adapters.backends.local, "
                              "model_registry.adapters.backends.local_serving, model_registry.adapters.tflite_process, "
