@@ -10,8 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from model_registry.adapters.backends.vertex_settings import EndpointSettings, endpoint_settings
 from model_registry.domain.canary import CanaryPolicy, canary_policy
 from model_registry.domain.errors import InvalidInput
@@ -185,6 +183,8 @@ class ProjectConfig:
 
     @classmethod
     def load(cls, path: Path) -> "ProjectConfig":
+        import yaml  # here: the web process reads its settings from the environment before it listens, not this file
+
         base = path.parent
         if not path.exists():
             return cls(path=None, trainer_base=(base / "trainers").resolve(), model_files=(base / "models").resolve())

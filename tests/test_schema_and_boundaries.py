@@ -379,7 +379,7 @@ def test_the_web_process_listens_before_the_command_table_and_renderers_load(tmp
         " app = WebApp(create_bot(SlackSettings.from_env(), build=threading.Event().wait))")
     assert "bot.web" in loaded and "handlers.listeners" in loaded
     late = {"handlers.chat", "handlers.commands", "handlers.results", "bot.slack_output", "bot.blocks", "bot.text",
-            "sqlalchemy"}
+            "sqlalchemy", "yaml"}
     assert not loaded & late, loaded & late
 
 
