@@ -10,8 +10,8 @@ them: the collector breaks the SavedModel's reference cycles and glibc's malloc_
 (without it the RSS stays where it was, measured). At most LOADED_VERSIONS are loaded at once.
 
 The pointer file is read again only when it changed (its inode, mtime and size: the backend replaces it whole;
-and while it is less than a second old), so a request costs one stat, and a switch is seen by the first request
-after it (or the sweep, at the latest).
+and until it has been read once RACY_NS after its mtime), so a request costs one stat, and a switch is seen by the
+first request after it (or the sweep, at the latest).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ LOADED_VERSIONS = int(os.environ.get("STARCHART_SERVING_LOADED", "4"))  # SavedM
 KEEP_NAMED = float(os.environ.get("STARCHART_SERVING_KEEP_NAMED", "300"))  # seconds a version asked for by name
 # (neither the default nor a canary's candidate) stays loaded after its last such request
 SWEEP_SECONDS = max(0.2, min(5.0, KEEP_NAMED / 4))  # how often the loaded versions are checked against that
+# A file written again within the file system's clock tick (a few ms; the kernel stamps files from a coarse clock)
+# can keep its stamp: a reading is trusted only when it began this long after the mtime it was read for
+RACY_NS = 100_000_000
 
 
 class RequestError(Exception):
@@ -55,7 +58,8 @@ class Versions(abc.ABC):
         self.lock = threading.Lock()  # guards the dicts below; never held while a model loads
         self._loading: dict[tuple[str, str], threading.Lock] = {}  # one load per version at a time
         self._named: dict[tuple[str, str], float] = {}  # when a version was last asked for by name
-        self._pointers: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}  # by (inode, mtime, size)
+        # by (inode, mtime, size), with when the reading began
+        self._pointers: dict[str, tuple[tuple[int, int, int], dict[str, Any], int]] = {}
         self._unloaded: list[weakref.ref[Any]] = []  # unloaded models, until the collector has freed them
         # what exists now (TensorFlow's modules: the server imports it first) is left out of the collector's
         # full passes, so the one after an unload holds the GIL ~8 ms instead of ~300 ms (measured, iris)
@@ -86,17 +90,20 @@ class Versions(abc.ABC):
                 raise OSError(f"no {path}")
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             cached = self._pointers.get(model)
-            # a file changed within the last second may change again within the file system's clock tick (the same
-            # stamp): it is read again until it is older, as git does with racily clean files
-            if cached is not None and cached[0] == stamp and time.time_ns() - st.st_mtime_ns > 1_000_000_000:
+            # A reading that began within RACY_NS of the mtime may miss a write of the same clock tick (the same
+            # stamp): the file is read again until a reading began later than that, as git does with racily clean
+            # files. Once one has, a later write cannot carry this stamp. (It was "until the file is a second old":
+            # every request of the second after a switch read the file under the lock, and their p99 doubled.)
+            if cached is not None and cached[0] == stamp and cached[2] - st.st_mtime_ns > RACY_NS:
                 return cached[1]
+            began = time.time_ns()
             data = json.loads(path.read_text())  # read after the stat: at worst newer than its stamp, read again
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError):
             self._pointers.pop(model, None)
             raise RequestError(404, f"Servable not found for request: Latest({model})") from None
-        self._pointers[model] = (stamp, data)
+        self._pointers[model] = (stamp, data, began)
         for name in self._pinned(model):  # named by the pointer file now: kept for that reason alone
             self._named.pop((model, name), None)
         self._unload_unused(model, data)
@@ -147,7 +154,7 @@ class Versions(abc.ABC):
         return name, loaded
 
     def _pinned(self, model: str) -> set[str]:  # self.lock held: the versions the pointer file names
-        data = self._pointers.get(model, ((0, 0, 0), {}))[1]
+        data = self._pointers.get(model, ((0, 0, 0), {}, 0))[1]
         canary = data.get("canary")
         return {v for v in (data.get("default"), canary.get("version") if isinstance(canary, dict) else None) if v}
 
