@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 from cachetools import TTLCache, cached
 from slack_bolt import App, BoltRequest, BoltResponse
@@ -23,6 +23,9 @@ from handlers.deps import Deps
 from handlers.listeners import SIGNATURE_KEY, register, where
 from model_registry.config import SlackSettings
 from model_registry.domain.errors import InvalidInput
+
+if TYPE_CHECKING:  # loaded beside the core, not before the process listens (build_and_deliver)
+    from bot.slack_output import SlackOutput
 
 log = logging.getLogger("starchart.bot")
 REPLAY_WINDOW = 5 * 60  # seconds: Slack's tolerance for X-Slack-Request-Timestamp
@@ -290,8 +293,8 @@ def create_bot(slack: SlackSettings, follow_interval: float = 2.0, build: Callab
     deps = Deps(core=cast(Any, registry), outbox=True, user_name=display_names(client), pace=gate.turn,
                 team_id=slack.team_id)
 
-    def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> Any:
-        from bot.slack_output import SlackOutput  # loaded beside the core (build_and_deliver)
+    def outputs(body: dict[str, Any], web: Any, respond: Any, channel: str | None) -> SlackOutput:
+        from bot.slack_output import SlackOutput
 
         return SlackOutput(web, respond, user=where(body)[0], channel=channel, trigger_id=body.get("trigger_id"))
 

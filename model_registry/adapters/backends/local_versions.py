@@ -29,7 +29,7 @@ import time
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 LOADED_VERSIONS = int(os.environ.get("STARCHART_SERVING_LOADED", "4"))  # SavedModels in memory at most
 KEEP_NAMED = float(os.environ.get("STARCHART_SERVING_KEEP_NAMED", "300"))  # seconds a version asked for by name
@@ -38,6 +38,14 @@ SWEEP_SECONDS = max(0.2, min(5.0, KEEP_NAMED / 4))  # how often the loaded versi
 # A file written again within the file system's clock tick (a few ms; the kernel stamps files from a coarse clock)
 # can keep its stamp: a reading is trusted only when it began this long after the mtime it was read for
 RACY_NS = 100_000_000
+
+
+class _Reading(NamedTuple):
+    """A pointer file as read: its stamp (inode, mtime, size), its content, and when the reading began."""
+
+    stamp: tuple[int, int, int]
+    data: dict[str, Any]
+    began: int
 
 
 class RequestError(Exception):
@@ -58,8 +66,7 @@ class Versions(abc.ABC):
         self.lock = threading.Lock()  # guards the dicts below; never held while a model loads
         self._loading: dict[tuple[str, str], threading.Lock] = {}  # one load per version at a time
         self._named: dict[tuple[str, str], float] = {}  # when a version was last asked for by name
-        # by (inode, mtime, size), with when the reading began
-        self._pointers: dict[str, tuple[tuple[int, int, int], dict[str, Any], int]] = {}
+        self._pointers: dict[str, _Reading] = {}  # the pointer files as last read, by model
         self._unloaded: list[weakref.ref[Any]] = []  # unloaded models, until the collector has freed them
         # what exists now (TensorFlow's modules: the server imports it first) is left out of the collector's
         # full passes, so the one after an unload holds the GIL ~8 ms instead of ~300 ms (measured, iris)
@@ -94,8 +101,8 @@ class Versions(abc.ABC):
             # stamp): the file is read again until a reading began later than that, as git does with racily clean
             # files. Once one has, a later write cannot carry this stamp. (It was "until the file is a second old":
             # every request of the second after a switch read the file under the lock, and their p99 doubled.)
-            if cached is not None and cached[0] == stamp and cached[2] - st.st_mtime_ns > RACY_NS:
-                return cached[1]
+            if cached is not None and cached.stamp == stamp and cached.began - st.st_mtime_ns > RACY_NS:
+                return cached.data
             began = time.time_ns()
             data = json.loads(path.read_text())  # read after the stat: at worst newer than its stamp, read again
             if not isinstance(data, dict):
@@ -103,7 +110,7 @@ class Versions(abc.ABC):
         except (OSError, ValueError):
             self._pointers.pop(model, None)
             raise RequestError(404, f"Servable not found for request: Latest({model})") from None
-        self._pointers[model] = (stamp, data, began)
+        self._pointers[model] = _Reading(stamp, data, began)
         for name in self._pinned(model):  # named by the pointer file now: kept for that reason alone
             self._named.pop((model, name), None)
         self._unload_unused(model, data)
@@ -154,7 +161,8 @@ class Versions(abc.ABC):
         return name, loaded
 
     def _pinned(self, model: str) -> set[str]:  # self.lock held: the versions the pointer file names
-        data = self._pointers.get(model, ((0, 0, 0), {}, 0))[1]
+        reading = self._pointers.get(model)
+        data = reading.data if reading is not None else {}
         canary = data.get("canary")
         return {v for v in (data.get("default"), canary.get("version") if isinstance(canary, dict) else None) if v}
 
