@@ -4,9 +4,12 @@ exactly its own rows; a body over the limit is 413; the batching options come fr
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import threading
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -120,6 +123,71 @@ def test_a_bad_instance_in_a_batch_fails_alone_and_big_bodies_get_413(iris: Any)
     conn.close()
 
 
+def _raw(port: int, data: bytes, dribble: bytes = b"", every: float = 0.0, timeout: float = 30.0) -> bytes:
+    """What the model server answers on one connection to `data` (then `dribble`, a byte every `every` seconds,
+    until it answers or closes), read until it closes the connection or `timeout` passes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    answer = b""
+    try:
+        sock.sendall(data)
+        deadline = time.monotonic() + timeout
+        sock.settimeout(every or timeout)
+        sent = 0
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:  # nothing yet: one more byte of the body
+                if sent < len(dribble):
+                    with contextlib.suppress(OSError):
+                        sock.sendall(dribble[sent:sent + 1])
+                    sent += 1
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        sock.close()
+    return answer
+
+
+def test_slow_chunked_and_huge_bodies_are_refused_and_the_connection_closed(make_registry: Any, sqlite_url: str,
+                                                                            trained: dict, monkeypatch: Any) -> None:
+    monkeypatch.setenv("STARCHART_SERVING_BODY_TIMEOUT", "2")  # read by the server the backend starts
+    reg = make_registry(sqlite_url)
+    assert train_and_wait(reg, "iris", "U_T", replay_args(trained["iris_a"]))["state"] == "SUCCEEDED"
+    reg.versions.expose("iris", "U_T")
+    try:
+        reg.predictions.predict("iris", [FLOWERS[0]])
+        port, secret = _server(reg)
+        head = f"POST /v1/models/iris:predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
+        body = json.dumps({"instances": [FLOWERS[1]]}).encode()
+        # a body that arrives a byte a second: 408 once BODY_TIMEOUT has passed, and the connection closed
+        t0 = time.monotonic()
+        answer = _raw(port, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:3], body[3:], every=1.0)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"within 2 seconds" in answer, answer
+        assert b"connection: close" in answer.lower() and 1.5 < time.monotonic() - t0 < 20
+        # a chunked body over the limit: 413 as soon as it is, and closed (the rest is not read)
+        chunk = b"x" * 1024 * 1024
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(9))
+        answer = _raw(port, f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunks)
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer.lower(), answer[:300]
+        # a Content-Length far over the limit: 413 before the body is read, closed
+        answer = _raw(port, f"{head}Content-Length: {40 * 1024 * 1024}\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"over 8388608 bytes" in answer, answer
+        # a chunked body within the limit is a request like any other, answered on a connection kept alive
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/models/iris:predict", body=iter([body[:10], body[10:]]),
+                     headers={"Authorization": f"Bearer {secret}", "Transfer-Encoding": "chunked"}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 200 and "predictions" in json.loads(resp.read())
+        assert _post(conn, secret, body)[0] == 200
+        conn.close()
+    finally:
+        reg.backend.stop_server()
+
+
 def test_batching_options_reach_the_model_server_and_are_checked(iris: Any, make_registry: Any,
                                                                   sqlite_url: str) -> None:
     pointer = json.loads((iris.settings.home / "serving" / "iris.json").read_text())
@@ -174,6 +242,9 @@ def test_a_switch_under_load_drops_no_request_and_warms_the_new_version_first(ir
         assert reg.backend.current_default("iris") == old
         reg.backend.set_default("iris", new, None)  # what an approved apply calls
         marks = [len(s) for s in seen]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)  # sent after the switch: the new one
+        assert _post(conn, secret, json.dumps({"instances": [FLOWERS[0]]}).encode())[2] == new
+        conn.close()
         _wait_until(lambda: all(len(s) >= m + 5 for s, m in zip(seen, marks)))
     finally:
         stop.set()

@@ -121,7 +121,6 @@ def check_tensor(value: Any, dtype: str, dims: list[int] | None, where: str, all
     `dims` are the expected sizes, outermost first (-1: any size); None: any rank up to MAX_DEPTH. `shown` is
     the signature's shape named in a refusal (default `dims`; one instance's dims lack the batch dimension).
     """
-    shape_text = _shape_text(shown if shown is not None else dims)
     if depth(value) > MAX_DEPTH:
         raise InstancesRefused(f"{where}: nested more than {MAX_DEPTH} levels deep")
     rank = len(dims) if dims is not None else None
@@ -141,11 +140,11 @@ def check_tensor(value: Any, dtype: str, dims: list[int] | None, where: str, all
         if len(shape) != rank:
             want = "a single value" if rank == 0 else f"{rank} level(s) of lists"
             raise InstancesRefused(f"{where}: nested {len(shape)} level(s) deep, but the signature wants {want} "
-                                   f"(shape {shape_text})")
+                                   f"(shape {_shape_text(shown if shown is not None else dims)})")
         for i, (got, want_size) in enumerate(zip(shape, dims or [])):
             if want_size >= 0 and got != want_size:
                 raise InstancesRefused(f"{where}: dimension {i + 1} has {got} values, but the signature wants "
-                                       f"{want_size} (shape {shape_text})")
+                                       f"{want_size} (shape {_shape_text(shown if shown is not None else dims)})")
     for item in level:
         check_scalar(item, dtype, where, allow_non_finite)
 
@@ -184,6 +183,7 @@ def _check_rows(instances: Any, inputs: Mapping[str, Any], names: list[str], max
         if depth(instances, MAX_DEPTH + 1) > MAX_DEPTH + 1:
             raise InstancesRefused(f"the instances are nested more than {MAX_DEPTH} levels deep")
         return len(instances)
+    specs = {name: _spec(inputs, name) for name in names}
     for i, inst in enumerate(instances):
         if not isinstance(inst, dict):
             if len(names) != 1:
@@ -197,7 +197,7 @@ def _check_rows(instances: Any, inputs: Mapping[str, Any], names: list[str], max
                 + ([f"unknown input(s) {', '.join(sorted(map(str, extra)))}"] if extra else []))
                 + f" (the signature's inputs: {', '.join(names)})")
         for name in names:
-            dtype, dims = _spec(inputs, name)
+            dtype, dims = specs[name]
             check_tensor(inst[name], dtype, None if dims is None else dims[1:], f"instance {i}, input {name}",
                          allow_non_finite, shown=dims)
     return len(instances)

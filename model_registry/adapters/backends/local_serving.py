@@ -26,10 +26,12 @@ HTTP through LocalBackend.predict). It writes SERVING_DIR/server.json once it li
 versions the pointer files name (default, canary's candidate) and those asked for by name lately, and unloads the
 others, giving their memory back (local_versions.py).
 
-It runs under waitress: one process (so requests for a version can be batched together and each SavedModel is
-in memory once), an I/O loop that reads each request whole before a thread takes it (a slow client holds no
-thread), keep-alive, a listen backlog that holds bursts, and idle connections closed after CHANNEL_TIMEOUT.
-Predictions for one version are batched as TF Serving batches them (`serving: {max_batch_size,
+It runs under uvicorn (httptools' parser, uvloop's event loop where they are importable): one process, so
+requests for a version can be batched together and each SavedModel is in memory once; one event loop reads every
+connection, so a slow client holds no thread; keep-alive, a listen backlog that holds bursts, idle connections
+closed after CHANNEL_TIMEOUT, and a body that does not arrive within BODY_TIMEOUT answered 408. The requests'
+Python work (JSON, the checks) runs on the loop, and the model calls on threads (MODEL_CALLS), where TensorFlow
+releases the GIL. Predictions for one version are batched as TF Serving batches them (`serving: {max_batch_size,
 batch_timeout_micros}` in the pointer file, from starchart.yaml): what is queued while the model is busy runs
 as one call, so a request alone waits for nothing (batch_timeout_micros 0, the default) and concurrent ones
 share calls.
@@ -37,6 +39,7 @@ share calls.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import faulthandler
 import hmac
@@ -45,11 +48,12 @@ import json
 import os
 import re
 import secrets
+import socket
 import sys
 import threading
 import time
 from collections import deque
-from http import HTTPStatus
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +79,11 @@ except ImportError:  # the same case: the domain's checks are one stdlib file, l
     _spec.loader.exec_module(instances)
 
 MAX_BODY = 8 * 1024 * 1024
-THREADS = 32  # waitress' request threads: a full default batch of one-instance requests queues while one runs
+# threads for model calls (one per version at a time: TensorFlow releases the GIL, the loop reads requests meanwhile)
+MODEL_CALLS = ThreadPoolExecutor(8, thread_name_prefix="model-call")
 BACKLOG = 2048  # connections the kernel holds before any is accepted: bursts are queued, not refused
 CHANNEL_TIMEOUT = 60  # seconds an idle keep-alive connection stays open
+BODY_TIMEOUT = float(os.environ.get("STARCHART_SERVING_BODY_TIMEOUT", "30"))  # seconds a request's body may take
 MAX_BATCH_SIZE = 32  # instances per model call, unless the model's `serving:` says otherwise
 # a version is warmed with these batch sizes before it takes traffic: TensorFlow's first call of a batch of more than
 # one instance costs 25-35 ms more once (iris), whatever its size
@@ -93,26 +99,47 @@ CANARY_ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})/canary$"
 class Models(Versions):
     """The versions this server serves (local_versions.py: which stay loaded), each a Batcher of its SavedModel."""
 
+    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, where the batchers queue (App sets it)
+    loop_thread: int | None = None
+    _turn: dict[str, os.stat_result | None] | None = None  # the pointer files' stats taken in this turn of the loop
+
+    def _stat(self, model: str) -> os.stat_result | None:
+        """On the loop, a pointer file's stat is taken once per turn of the loop: every request handled in a turn
+        arrived before the turn began, so a stat taken in it sees any switch made before the request was sent.
+        (A stat per request releases the GIL twice a request; under load the loop then waits for the model
+        call's thread to give it back: a quarter of the loop's time, measured.)"""
+        if self.loop is None or threading.get_ident() != self.loop_thread:
+            return super()._stat(model)
+        if self._turn is None:
+            self._turn = {}
+        elif model in self._turn:
+            return self._turn[model]
+        if not self._turn:  # the first stat of this turn: forgotten at the start of the next one
+            self.loop.call_soon(self._turn.clear)
+        stat = self._turn[model] = super()._stat(model)
+        return stat
+
     def load(self, model: str, name: str, uri: str, options: dict[str, Any]) -> Batcher:
         import tensorflow as tf
+
+        assert self.loop is not None, "versions are loaded for requests, which come through the loop"
 
         try:
             fn = tf.saved_model.load(uri.rstrip("/")).signatures["serving_default"]
         except Exception as exc:
             raise RequestError(404, f"could not load {model} {name} from {uri}: {exc}") from exc
-        return Batcher(fn, max_batch_size=options.get("max_batch_size", MAX_BATCH_SIZE),
+        return Batcher(fn, self.loop, max_batch_size=options.get("max_batch_size", MAX_BATCH_SIZE),
                        batch_timeout_micros=options.get("batch_timeout_micros", BATCH_TIMEOUT_MICROS))
 
 
 class _Call:
-    """One request's inputs (NumPy arrays), waiting for its share of a model call."""
+    """One request's inputs (NumPy arrays), waiting on the server's event loop for its share of a model call."""
 
-    __slots__ = ("arrays", "rows", "ready", "finished", "outputs", "error")
+    __slots__ = ("arrays", "rows", "future", "outputs", "error")
 
-    def __init__(self, arrays: dict[str, Any], rows: int | None) -> None:
+    def __init__(self, arrays: dict[str, Any], rows: int | None, future: asyncio.Future[dict[str, Any]]) -> None:
         self.arrays, self.rows = arrays, rows  # rows None: not batch-major, runs alone
-        self.ready = threading.Event()  # set when answered, or when this request's thread is to run the next batch
-        self.finished = False
+        self.future = future  # resolved on the loop when the call's rows are known
         self.outputs: dict[str, Any] | None = None
         self.error: BaseException | None = None
 
@@ -123,66 +150,84 @@ class Batcher:
     batch is not full), and each request gets its rows of the outputs. A batch the model refuses is run again one
     request at a time, so only the request at fault gets the error.
 
-    No thread of its own: the request that finds the model idle runs the call on its own thread (a request alone
-    costs no hand-over), and when the call ends the head of the queue is woken to run the next batch. Dropping the
-    batcher (an unloaded version) frees the model once the requests holding it finish."""
+    The queue lives on the server's event loop: a request finding the model idle starts the drain, which runs after
+    the requests read in the same turn of the loop have queued too, so they share the call. A model call runs on a
+    thread of MODEL_CALLS (TensorFlow releases the GIL, and the loop reads the next requests meanwhile); one call per
+    version at a time. Dropping the batcher (an unloaded version) frees the model once the requests holding it
+    finish."""
 
-    def __init__(self, fn: Any, max_batch_size: int = MAX_BATCH_SIZE,
+    def __init__(self, fn: Any, loop: asyncio.AbstractEventLoop, max_batch_size: int = MAX_BATCH_SIZE,
                  batch_timeout_micros: int = BATCH_TIMEOUT_MICROS) -> None:
-        self.fn = fn
+        self.fn, self.loop = fn, loop
         self.specs = fn.structured_input_signature[1]
         self.inputs = signature_inputs(self.specs)  # the signature in the stored form, for the body's checks
+        # each input's NumPy dtype and shape (None: any size), for the checks of every request
+        self.dtypes = {k: spec.dtype.as_numpy_dtype for k, spec in self.specs.items()}
+        self.shapes = {k: None if spec.shape.rank is None else tuple(spec.shape.as_list())
+                       for k, spec in self.specs.items()}
         self.max_batch_size = max(1, int(max_batch_size))
         self.timeout = max(0, int(batch_timeout_micros)) / 1e6
         self.calls = 0  # model calls made (read by tests and the benchmark through /healthz)
         self._queue: deque[_Call] = deque()
-        self._cond = threading.Condition()
-        self._busy = False  # a request's thread is running (or about to run) a batch
+        self._drainer: asyncio.Task[None] | None = None  # running while the queue is not empty
+        self._full: asyncio.Event | None = None  # set when a batch waiting for more requests is full
+
+    async def submit(self, arrays: dict[str, Any], rows: int | None) -> dict[str, Any]:
+        """The outputs of one request's rows (on the loop)."""
+        call = _Call(arrays, rows, self.loop.create_future())
+        self._queue.append(call)
+        if self._drainer is None:
+            self._drainer = self.loop.create_task(self._drain())
+        elif self._full is not None and self._queued_rows() >= self.max_batch_size:
+            self._full.set()
+        return await call.future
 
     def __call__(self, arrays: dict[str, Any], rows: int | None) -> dict[str, Any]:
-        call = _Call(arrays, rows)
-        with self._cond:
-            self._queue.append(call)
-            lead = not self._busy
-            self._busy = True
-            if self.timeout:
-                self._cond.notify()  # a leader waiting for a fuller batch counts this one
-        if not lead:
-            call.ready.wait()
-        if not call.finished:  # the model is this thread's: its request heads the queue, so the batch holds it
-            self._lead()
-        if call.error is not None:
-            raise call.error
-        assert call.outputs is not None
-        return call.outputs
+        """The same from a thread other than the loop's (a warm, a mirrored request): queued with the others."""
+        return asyncio.run_coroutine_threadsafe(self.submit(arrays, rows), self.loop).result()
 
-    def _lead(self) -> None:
+    async def _drain(self) -> None:
         batch: list[_Call] = []
         try:
-            with self._cond:
-                if self.timeout:
-                    deadline = time.monotonic() + self.timeout
-                    while self._queued_rows() < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                        self._cond.wait(left)
-                batch.append(self._queue.popleft())
-                rows = batch[0].rows or self.max_batch_size
-                while (self._queue and batch[0].rows is not None and self._queue[0].rows is not None
-                       and rows + (self._queue[0].rows or 0) <= self.max_batch_size):
-                    call = self._queue.popleft()
-                    batch.append(call)
-                    rows += call.rows or 0
-            self._run(batch)
-        finally:
-            for c in batch:
-                if c.outputs is None and c.error is None:  # not reached by _run: an error of this thread's
-                    c.error = RequestError(500, "the model call was interrupted")
-                c.finished = True
-                c.ready.set()
-            with self._cond:  # hand the model to the next request, or leave it idle
-                if self._queue:
-                    self._queue[0].ready.set()
-                else:
-                    self._busy = False
+            while self._queue:
+                if self.timeout and self._queued_rows() < self.max_batch_size:
+                    self._full = asyncio.Event()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._full.wait(), self.timeout)
+                    self._full = None
+                batch = self._take()
+                try:
+                    await self.loop.run_in_executor(MODEL_CALLS, self._run, batch)
+                except Exception as exc:  # not one of the request's errors (_run answers those): each request's 500
+                    for c in batch:
+                        if c.outputs is None and c.error is None:
+                            c.error = exc
+                self._settle(batch)
+                batch = []
+        finally:  # cancelled (the server stops): nobody waits for ever
+            self._drainer = None
+            self._settle(batch + list(self._queue))
+            self._queue.clear()
+
+    def _take(self) -> list[_Call]:
+        batch = [self._queue.popleft()]
+        rows = batch[0].rows or self.max_batch_size
+        while (self._queue and batch[0].rows is not None and self._queue[0].rows is not None
+               and rows + (self._queue[0].rows or 0) <= self.max_batch_size):
+            call = self._queue.popleft()
+            batch.append(call)
+            rows += call.rows or 0
+        return batch
+
+    @staticmethod
+    def _settle(batch: list[_Call]) -> None:
+        for c in batch:
+            if c.future.done():  # its request was cancelled
+                continue
+            if c.outputs is not None:
+                c.future.set_result(c.outputs)
+            else:
+                c.future.set_exception(c.error or RequestError(500, "the model call was interrupted"))
 
     def _queued_rows(self) -> int:
         return sum(c.rows or self.max_batch_size for c in self._queue)
@@ -266,87 +311,137 @@ def signature_inputs(specs: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 else [-1 if d is None else int(d) for d in spec.shape.as_list()]} for k, spec in specs.items()}
 
 
-def predict(models: Models, model: str, version: str | None, body: Any) -> tuple[str, dict[str, Any]]:
+def _inputs(batcher: Batcher, body: Any) -> tuple[dict[str, Any], int | None]:
+    """A request's checked inputs as NumPy arrays (made tensors once per model call, for the whole batch), and its
+    rows when they are batch-major (None: it runs alone)."""
     import numpy
 
-    name, batcher = models.signature(model, version)
     specs = batcher.specs
     try:  # the core checked already (with the model's policy on NaN); again here, as TensorFlow aborts on some
         instances.check_body(body, batcher.inputs, allow_non_finite=True)
     except instances.InstancesRefused as exc:
         raise RequestError(400, exc.message) from None
-    arrays = {}  # checked values as NumPy arrays: made tensors once per model call, for the whole batch
+    arrays = {}
     for key, values in columns(body, specs).items():
-        spec = specs[key]
         try:
-            arrays[key] = numpy.asarray(values, dtype=spec.dtype.as_numpy_dtype)
+            arrays[key] = array = numpy.asarray(values, dtype=batcher.dtypes[key])
         except (TypeError, ValueError, OverflowError) as exc:
-            raise RequestError(400, f"input {key}: expected {spec.dtype.name} values: {exc}") from None
-        if not spec.shape.is_compatible_with(arrays[key].shape):
-            raise RequestError(400, f"input {key}: shape {list(arrays[key].shape)} does not fit the "
-                                    f"signature's {spec.shape}")
+            raise RequestError(400, f"input {key}: expected {specs[key].dtype.name} values: {exc}") from None
+        shape = batcher.shapes[key]
+        if shape is not None and (len(shape) != array.ndim
+                                  or any(d is not None and d != n for d, n in zip(shape, array.shape))):
+            raise RequestError(400, f"input {key}: shape {list(array.shape)} does not fit the "
+                                    f"signature's {specs[key].shape}")
     ranks = {a.ndim for a in arrays.values()}
     sizes = {a.shape[0] for a in arrays.values() if a.ndim}
-    rows = sizes.pop() if 0 not in ranks and len(sizes) == 1 else None  # batch-major inputs join a batch
-    outputs = {k: _plain(v.tolist()) for k, v in batcher(arrays, rows).items()}
+    return arrays, (sizes.pop() if 0 not in ranks and len(sizes) == 1 else None)  # batch-major inputs join a batch
+
+
+def _answer(body: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """TF Serving's answer to `body` (row or columnar format) from its rows of the outputs."""
+    outputs = {k: _plain(v.tolist()) for k, v in result.items()}
     if "inputs" in body:
         only = next(iter(outputs.values())) if len(outputs) == 1 else outputs
-        return name, {"outputs": only}
+        return {"outputs": only}
     keys = sorted(outputs)
     rows = len(next(iter(outputs.values())))
     if len(keys) == 1:
-        return name, {"predictions": outputs[keys[0]]}
-    return name, {"predictions": [{k: outputs[k][i] for k in keys} for i in range(rows)]}
+        return {"predictions": outputs[keys[0]]}
+    return {"predictions": [{k: outputs[k][i] for k in keys} for i in range(rows)]}
+
+
+def predict(models: Models, model: str, version: str | None, body: Any) -> tuple[str, dict[str, Any]]:
+    """A prediction from a thread other than the loop's (a warm, a mirrored request)."""
+    name, batcher = models.signature(model, version)
+    arrays, rows = _inputs(batcher, body)
+    return name, _answer(body, batcher(arrays, rows))
+
+
+async def predict_async(models: Models, model: str, version: str | None, body: Any) -> tuple[str, dict[str, Any]]:
+    """A prediction on the loop: a version not loaded yet is loaded on another thread, so the loop goes on."""
+    found = models.signature_if_loaded(model, version)
+    if found is None:
+        found = await asyncio.get_running_loop().run_in_executor(None, models.signature, model, version)
+    name, batcher = found
+    arrays, rows = _inputs(batcher, body)
+    return name, _answer(body, await batcher.submit(arrays, rows))
+
+
+class _Closing(RequestError):
+    """A refusal after which the connection is closed: the rest of the request is not read."""
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:  # ASGI gives the names in lower case
+        if key == name:
+            return bytes(value)
+    return None
 
 
 class App:
-    """The WSGI application waitress serves: routes, the secret, the body limit, errors as JSON."""
+    """The ASGI application uvicorn serves: routes, the secret, the body limit, errors as JSON."""
 
     def __init__(self, models: Models, secret: str) -> None:
         self.models, self.secret = models, secret
+        self.expected = f"Bearer {secret}".encode()
         self.canaries = Canaries(lambda model, version, body: predict(self.models, model, version, body)[1])
+        self.reading: dict[asyncio.Task[Any], float] = {}  # requests reading their bodies, since when
+        self.late: set[asyncio.Task[Any]] = set()  # of those, the ones the sweep is ending
 
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # no lifespan, no websockets (uvicorn is told so)
+            return
         _last_request[0] = time.monotonic()
-        status, body, version = self.route(environ)
-        data = b"" if environ["REQUEST_METHOD"] == "HEAD" else json.dumps(body).encode()
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+        if self.models.loop is None:
+            self.models.loop, self.models.loop_thread = asyncio.get_running_loop(), threading.get_ident()
+            self.sweep_reads()
+        close = False
+        try:
+            status, body, version = await self.route(scope, receive)
+        except RequestError as exc:
+            status, body, version, close = exc.status, {"error": exc.message}, None, isinstance(exc, _Closing)
+        except Exception as exc:  # a bug: this request's 500, the server keeps serving
+            sys.stderr.write(f"request failed: {exc!r}\n")
+            status, body, version = 500, {"error": f"{type(exc).__name__}: {exc}"[:500]}, None
+        data = b"" if scope["method"] == "HEAD" else json.dumps(body).encode()
+        headers: Headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
         if version:
-            headers.append(("X-Model-Version", version))
-        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
-        return [data]
+            headers.append((b"x-model-version", version.encode()))
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
 
-    def route(self, environ: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
-        given = environ.get("HTTP_AUTHORIZATION") or ""
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.secret}".encode()):
+    async def route(self, scope: dict[str, Any], receive: Any) -> tuple[int, dict[str, Any], str | None]:
+        if not hmac.compare_digest(_header(scope, b"authorization") or b"", self.expected):
             return 401, {"error": "send this server's secret: Authorization: Bearer <secret in server.json>"}, None
-        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/"
+        method, path = scope["method"], scope["path"] or "/"
         if method in ("GET", "HEAD") and path == "/healthz":
             return 200, {"ok": True, "pid": os.getpid(), "model_calls": {
                 f"{m}/{v}": b.calls for (m, v), b in list(self.models.loaded.items())}}, None
         m = ROUTE.match(path)
         canary = CANARY_ROUTE.match(path)
-        try:
-            if method in ("GET", "HEAD") and canary:
-                model = canary["model"]
-                return 200, self.canaries.figures(model, self.models.pointer(model).get("canary")), None
-            if method == "POST" and m and m["verb"] == ":warm" and m["version"]:
-                return self.warm(m["model"], m["version"])
-            if method in ("GET", "HEAD") and m and not m["verb"]:
-                name, _ = self.models.resolve(m["model"], m["version"])
-                return 200, {"model_version_status": [
-                    {"version": name, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}, name
-            if method != "POST" or not m or m["verb"] != ":predict":
-                return 404, {"error": f"no route for {method} {path}"}, None
-            return self.predict(environ, m["model"], m["version"])
-        except RequestError as exc:
-            return exc.status, {"error": exc.message}, None
+        if method in ("GET", "HEAD") and canary:
+            model = canary["model"]
+            return 200, self.canaries.figures(model, self.models.pointer(model).get("canary")), None
+        if method == "POST" and m and m["verb"] == ":warm" and m["version"]:
+            return await asyncio.get_running_loop().run_in_executor(None, self.warm, m["model"], m["version"])
+        if method in ("GET", "HEAD") and m and not m["verb"]:
+            name, _ = self.models.resolve(m["model"], m["version"])
+            return 200, {"model_version_status": [
+                {"version": name, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}, name
+        if method != "POST" or not m or m["verb"] != ":predict":
+            return 404, {"error": f"no route for {method} {path}"}, None
+        return await self.predict(scope, receive, m["model"], m["version"])
 
     def warm(self, model: str, version: str) -> tuple[int, dict[str, Any], str]:
         """Load `version` and run predictions on an instance built from its signature, so that the first
         requests it gets after a switch find it ready: one instance, then two. TensorFlow specialises a signature's
         function again for its first batch of more than one instance (25-35 ms once, iris); unwarmed, that lands on
-        the first batch after the switch and on every request waiting in it."""
+        the first batch after the switch and on every request waiting in it. (On a thread of its own.)"""
         t0 = time.monotonic()
         name, batcher = self.models.signature(model, version)
         instance = instances.example_instance(signature_inputs(batcher.specs))
@@ -358,15 +453,57 @@ class App:
         sys.stderr.flush()
         return 200, {"model": model, "version": name, "seconds": round(took, 3)}, name
 
-    def predict(self, environ: dict[str, Any], model: str, version: str | None) -> tuple[int, dict[str, Any], str]:
+    async def read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
+        """The request's body, of at most MAX_BODY bytes, arriving within BODY_TIMEOUT."""
+        given = _header(scope, b"content-length")
+        if given is not None:  # the parser has checked that it is a number
+            length = int(given)
+            if length > MAX_BODY:
+                # the rest of a body up to 4 x MAX_BODY is read and dropped, so a client that sends it all before
+                # reading gets the reason; a longer one is not read: the connection is closed
+                error = RequestError if length <= 4 * MAX_BODY else _Closing
+                raise error(413, f"request body over {MAX_BODY} bytes")
+        chunks, size, more = [], 0, True
+        task = asyncio.current_task()
+        assert task is not None
+        self.reading[task] = time.monotonic()  # the sweep ends a read that takes longer than BODY_TIMEOUT
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            raise RequestError(400, "Content-Length is not a number") from None
-        if length > MAX_BODY:
-            raise RequestError(413, f"request body over {MAX_BODY} bytes")
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Closing(400, "the client went away before its body arrived")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > MAX_BODY:  # a chunked body: its length is known as it arrives
+                    raise _Closing(413, f"request body over {MAX_BODY} bytes")
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+        except asyncio.CancelledError:
+            if task not in self.late:
+                raise  # the server stops
+            self.late.discard(task)
+            task.uncancel()
+            raise _Closing(408, f"the request's body did not arrive within {BODY_TIMEOUT:g} seconds") from None
+        finally:
+            del self.reading[task]
+        return b"".join(chunks)
+
+    def sweep_reads(self) -> None:
+        """Each second, on the loop: the bodies being read for longer than BODY_TIMEOUT are given up (408). One
+        sweep for all requests: a timer per request costs the loop more than the rest of reading its body."""
+        assert self.models.loop is not None
+        now = time.monotonic()
+        for task, since in list(self.reading.items()):
+            if now - since > BODY_TIMEOUT and task not in self.late:
+                self.late.add(task)
+                task.cancel()  # the task waits in read_body's receive(): only a task reading is in self.reading
+        self.models.loop.call_later(1.0, self.sweep_reads)
+
+    async def predict(self, scope: dict[str, Any], receive: Any, model: str,
+                      version: str | None) -> tuple[int, dict[str, Any], str]:
+        data = await self.read_body(scope, receive)
         try:
-            body = json.loads(environ["wsgi.input"].read(length) or b"null")
+            body = json.loads(data or b"null")
         except RecursionError:
             raise RequestError(400, f"the body is nested more than {instances.MAX_DEPTH} levels deep") from None
         except ValueError as exc:
@@ -376,7 +513,7 @@ class App:
             version, canary = self.canaries.route(model, self.models.pointer(model))
         started, ok = time.monotonic(), False
         try:
-            name, answer = predict(self.models, model, version, body)
+            name, answer = await predict_async(self.models, model, version, body)
             ok = True
         except RequestError:
             raise
@@ -392,14 +529,23 @@ class App:
         return 200, answer, name
 
 
+def listening_socket() -> socket.socket:
+    """A socket on 127.0.0.1 and a free port, listening: its port goes to server.json before the loop starts, and
+    connections made meanwhile wait in the backlog."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(BACKLOG)
+    return sock
+
+
 def main() -> None:
     serving_dir = Path(sys.argv[1])
     serving_dir.mkdir(parents=True, exist_ok=True)
     try:
         import tensorflow  # noqa: F401 - at start: a server that cannot load a model should not listen
-        import waitress.server
+        import uvicorn
     except ImportError as exc:
-        what = {"tensorflow": "TensorFlow", "waitress": "waitress"}.get(exc.name or "", exc.name)
+        what = {"tensorflow": "TensorFlow", "uvicorn": "uvicorn"}.get(exc.name or "", exc.name)
         sys.stderr.write(f"cannot serve: {what} is not importable by {sys.executable} ({exc}); install it there "
                          "(pip install '.[train]') or set STARCHART_TRAINER_PYTHON to a Python that has it\n")
         sys.exit(3)
@@ -407,12 +553,16 @@ def main() -> None:
     # the requests in flight are named by the web process, which logs the id of each one cut off
     faulthandler.enable(file=sys.stderr, all_threads=True)
     secret = secrets.token_urlsafe(32)
-    server = waitress.server.create_server(
-        # bodies up to 4 x MAX_BODY are read and answered 413 with the reason; longer ones are cut off by waitress
-        App(Models(serving_dir), secret), host="127.0.0.1", port=0, threads=THREADS, backlog=BACKLOG,
-        channel_timeout=CHANNEL_TIMEOUT, max_request_body_size=4 * MAX_BODY, connection_limit=4096,
-        ident="starchart-local-serving", clear_untrusted_proxy_headers=True)
-    info = {"pid": os.getpid(), "pid_start": proc_start_time(os.getpid()), "port": server.effective_port,
+    sock = listening_socket()
+    config = uvicorn.Config(
+        App(Models(serving_dir), secret), ws="none", lifespan="off", backlog=BACKLOG,
+        # httptools' parser and uvloop's loop where importable (uvicorn's own choice is the same): h11 and asyncio's
+        # loop answer the same, slower
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        timeout_keep_alive=CHANNEL_TIMEOUT, timeout_graceful_shutdown=5, server_header=False, proxy_headers=False,
+        access_log=False, log_config=None, log_level="warning")
+    info = {"pid": os.getpid(), "pid_start": proc_start_time(os.getpid()), "port": sock.getsockname()[1],
             "secret": secret}
     tmp = serving_dir / f".server.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the secret: readable by this user only
@@ -433,11 +583,11 @@ def main() -> None:
         sys.stderr.write(f"no request for {IDLE_EXIT:.0f}s: exiting\n")
         sys.stderr.flush()
         forget_me()
-        os._exit(0)  # waitress' loop has no stop from another thread; nothing is in flight after the idle time
+        os._exit(0)  # nothing is in flight after the idle time
 
     threading.Thread(target=exit_when_idle, daemon=True).start()
     try:
-        server.run()
+        uvicorn.Server(config).run(sockets=[sock])  # SIGTERM: in-flight requests finish (up to 5 s), then it ends
     finally:
         forget_me()
 

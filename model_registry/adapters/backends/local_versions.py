@@ -67,6 +67,7 @@ class Versions(abc.ABC):
         self._loading: dict[tuple[str, str], threading.Lock] = {}  # one load per version at a time
         self._named: dict[tuple[str, str], float] = {}  # when a version was last asked for by name
         self._pointers: dict[str, _Reading] = {}  # the pointer files as last read, by model
+        self._paths: dict[str, Path] = {}  # the pointer files' paths, by model
         self._unloaded: list[weakref.ref[Any]] = []  # unloaded models, until the collector has freed them
         # what exists now (TensorFlow's modules: the server imports it first) is left out of the collector's
         # full passes, so the one after an unload holds the GIL ~8 ms instead of ~300 ms (measured, iris)
@@ -84,14 +85,20 @@ class Versions(abc.ABC):
         with self.lock:
             return self._pointer(model, stat)
 
+    def _path(self, model: str) -> Path:
+        path = self._paths.get(model)
+        if path is None:  # made once per model: a request costs no path arithmetic
+            path = self._paths[model] = self.serving_dir / f"{model}.json"
+        return path
+
     def _stat(self, model: str) -> os.stat_result | None:
         try:
-            return os.stat(self.serving_dir / f"{model}.json")
+            return os.stat(self._path(model))
         except OSError:
             return None
 
     def _pointer(self, model: str, st: os.stat_result | None) -> dict[str, Any]:  # self.lock held
-        path = self.serving_dir / f"{model}.json"
+        path = self._path(model)
         try:
             if st is None:
                 raise OSError(f"no {path}")
@@ -130,19 +137,23 @@ class Versions(abc.ABC):
             raise RequestError(404, f"Servable not found for request: Specific({model}, {name})")
         return name, uri
 
+    def signature_if_loaded(self, model: str, version: str | None) -> tuple[str, Any] | None:
+        """What `signature` gives when the version is loaded already; None when it would have to load it (which
+        takes seconds: a caller on an event loop does that on another thread)."""
+        stat = self._stat(model)
+        with self.lock:
+            name, loaded, _ = self._look_up(model, version, stat)
+        return None if loaded is None else (name, loaded)
+
     def signature(self, model: str, version: str | None) -> tuple[str, Any]:
         """The version that answers (the default unless named) and its model calls, loading it on first use."""
         stat = self._stat(model)
         with self.lock:  # the name and what answers from one reading of the pointer file: no unload in between
-            data = self._pointer(model, stat)
-            name, uri = self._resolve(data, model, version)
-            key = (model, name)
-            if version is not None and name not in self._pinned(model):  # not the warm's or a mirror's
-                self._named[key] = time.monotonic()
-            loaded = self.loaded.get(key)
+            name, loaded, data = self._look_up(model, version, stat)
             if loaded is not None:
-                self.loaded.move_to_end(key)
                 return name, loaded
+            key = (model, name)
+            uri = self._resolve(data, model, name)[1]
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:  # requests to the versions already loaded go on meanwhile
             with self.lock:
@@ -159,6 +170,19 @@ class Versions(abc.ABC):
                     self._loading.pop(key, None)
                     self._evict()
         return name, loaded
+
+    def _look_up(self, model: str, version: str | None, stat: os.stat_result | None
+                 ) -> tuple[str, Any, dict[str, Any]]:  # self.lock held
+        """The version that answers, its model calls if loaded (else None), and the pointer file read for it."""
+        data = self._pointer(model, stat)
+        name, _ = self._resolve(data, model, version)
+        key = (model, name)
+        if version is not None and name not in self._pinned(model):  # not the warm's or a mirror's
+            self._named[key] = time.monotonic()
+        loaded = self.loaded.get(key)
+        if loaded is not None:
+            self.loaded.move_to_end(key)
+        return name, loaded, data
 
     def _pinned(self, model: str) -> set[str]:  # self.lock held: the versions the pointer file names
         reading = self._pointers.get(model)
