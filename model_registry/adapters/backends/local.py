@@ -68,6 +68,7 @@ class LocalBackend:
         self.python = python or sys.executable
         self.storage = LocalStorage()
         self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
+        self._known_stamp: tuple[int, int, int] | None = None  # server.json's (inode, mtime, size) when it was read
         self._pool_lock = threading.Lock()
         self._pool_of_server: urllib3.HTTPConnectionPool | None = None
         self._pool_port: int | None = None
@@ -385,11 +386,13 @@ class LocalBackend:
     def ensure_server(self) -> int:
         """The port of the running model server, starting one if none answers (one per STARCHART_HOME).
 
-        A server this process has seen answer is trusted while its process lives and server.json still names
-        it (no health request per prediction); one that stopped answering is forgotten by `predict`.
+        A server this process has seen answer is trusted while its process lives and server.json is the file it
+        was read from (its stat; no health request per prediction); one that stopped answering is forgotten by
+        `predict`. (A killed server's pooled connections would be cut off mid-request: its process is checked.)
         """
         known = self._known_server
-        if known and self._server_info() == known and proc_start_time(int(known["pid"])) == known.get("pid_start"):
+        if (known and self._known_stamp is not None and self._info_stamp() == self._known_stamp
+                and proc_start_time(int(known["pid"])) == known.get("pid_start")):
             return int(known["port"])
         port = self._server_port()
         if port:
@@ -439,7 +442,15 @@ class LocalBackend:
         except (OSError, ValueError):
             return None
 
+    def _info_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.serving / "server.json")
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def _server_port(self, pid: int | None = None) -> int | None:
+        stamp = self._info_stamp()  # before the read: a file replaced after it is read again next time
         info = self._server_info()
         if not info or (pid is not None and info.get("pid") != pid):
             return None
@@ -453,7 +464,7 @@ class LocalBackend:
                     return None
         except (OSError, ValueError):
             return None
-        self._known_server = info
+        self._known_server, self._known_stamp = info, stamp
         return int(info["port"])
 
     def _forget_server(self) -> None:
