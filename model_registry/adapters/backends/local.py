@@ -29,7 +29,7 @@ from model_registry.adapters.storage import LocalStorage
 from model_registry.domain.errors import BackendError, InvalidInput, NotFound
 
 if TYPE_CHECKING:  # imported where it is used: a web process that only talks to Slack never loads it
-    import urllib3
+    from model_registry.adapters.backends.local_client import ServerConnections
 
 NEVER_STARTED_AFTER = 120.0  # seconds a job may wait for its runner before it is declared lost
 SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it loads TensorFlow lazily)
@@ -70,8 +70,7 @@ class LocalBackend:
         self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
         self._known_stamp: tuple[int, int, int] | None = None  # server.json's (inode, mtime, size) when it was read
         self._pool_lock = threading.Lock()
-        self._pool_of_server: urllib3.HTTPConnectionPool | None = None
-        self._pool_port: int | None = None
+        self._pool_of_server: ServerConnections | None = None
 
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs / job_id
@@ -248,8 +247,6 @@ class LocalBackend:
     def canary_figures(self, model: str) -> dict[str, Any] | None:
         """What the running model server counted for this canary (GET /v1/models/<model>/canary, with the
         server's secret); all zero when no server runs (a restarted server counts from zero again)."""
-        import urllib3
-
         canary = self._read_pointer(model).get("canary")
         if not canary:
             return None
@@ -258,10 +255,9 @@ class LocalBackend:
         if not port:
             return empty
         try:
-            resp = self._pool(port).request("GET", f"/v1/models/{model}/canary", retries=False,
-                                            timeout=urllib3.Timeout(connect=5.0, read=30.0),
-                                            headers=self._server_auth())
-        except urllib3.exceptions.HTTPError as exc:
+            resp = self._connections(port).request("GET", f"/v1/models/{model}/canary", read_timeout=30.0,
+                                                   headers=self._server_auth())
+        except OSError as exc:
             raise BackendError(f"the local model server did not give the canary's figures: {exc}",
                                f"see {self.serving / 'server.log'}") from exc
         if resp.status != 200:
@@ -270,13 +266,11 @@ class LocalBackend:
         return figures if figures.get("id") == canary["id"] else empty
 
     def _warm(self, port: int, model: str, version: str) -> None:
-        import urllib3
-
         try:
-            resp = self._pool(port).request(
-                "POST", f"/v1/models/{model}/versions/{version}:warm", retries=False,
-                timeout=urllib3.Timeout(connect=5.0, read=PREDICT_TIMEOUT), headers=self._server_auth())
-        except urllib3.exceptions.HTTPError as exc:
+            resp = self._connections(port).request(
+                "POST", f"/v1/models/{model}/versions/{version}:warm", read_timeout=PREDICT_TIMEOUT,
+                headers=self._server_auth())
+        except OSError as exc:
             raise BackendError(f"the local model server could not warm {model} {version}: {exc}",
                                f"see {self.serving / 'server.log'}; the default is unchanged") from exc
         if resp.status != 200:
@@ -299,7 +293,7 @@ class LocalBackend:
         the server refused is not retried, nor one during which it died: that one is logged with its request id
         and the end of server.log, and a new server is started for the next request.
         """
-        import urllib3
+        from model_registry.adapters.backends.local_client import CutOff, NotSent
 
         path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
         data = json.dumps(body).encode()
@@ -309,37 +303,35 @@ class LocalBackend:
             attempt += 1
             port = self.ensure_server()
             try:
-                resp = self._pool(port).request(
-                    "POST", path, body=data, retries=False, preload_content=True,
-                    timeout=urllib3.Timeout(connect=5.0, read=PREDICT_TIMEOUT),
+                resp = self._connections(port).request(
+                    "POST", path, body=data, read_timeout=PREDICT_TIMEOUT,
                     headers={"Content-Type": "application/json", "X-Request-Id": request_id, **self._server_auth()})
-            except urllib3.exceptions.NewConnectionError:  # nothing listened: the request was never sent
+            except NotSent:  # nothing listened: the request was never sent
                 self._forget_server()
                 if attempt == 1:
                     continue
                 raise BackendError("the local model server did not answer: nothing listens on its port",
                                    f"see {self.serving / 'server.log'}") from None
-            except urllib3.exceptions.ProtocolError as exc:  # sent, then cut off
+            except CutOff as exc:  # sent, then cut off
                 what = "stopped while answering" if self._server_died(request_id, model, exc) else "cut off"
                 raise BackendError(f"the local model server {what} this request (request {request_id}); "
                                    "it is not sent again", f"see {self.serving / 'server.log'}") from exc
-            except urllib3.exceptions.HTTPError as exc:  # a time-out, or another transport failure
+            except OSError as exc:  # a time-out, or another transport failure
                 raise BackendError(f"the local model server did not answer: {exc}",
                                    f"see {self.serving / 'server.log'}") from exc
             if resp.status >= 400:
                 raise self._refusal(model, resp.status, resp.data, resp.reason)
-            return resp.headers.get("X-Model-Version") or version or "", json.loads(resp.data)
+            return resp.headers.get("x-model-version") or version or "", json.loads(resp.data)
 
-    def _pool(self, port: int) -> urllib3.HTTPConnectionPool:
-        """Keep-alive connections to the model server on `port` (one pool per server, shared by threads)."""
-        import urllib3
+    def _connections(self, port: int) -> ServerConnections:
+        """Keep-alive connections to the model server on `port` (one set per server, shared by threads)."""
+        from model_registry.adapters.backends.local_client import ServerConnections
 
         with self._pool_lock:
-            if self._pool_port != port or self._pool_of_server is None:
+            if self._pool_of_server is None or self._pool_of_server.port != port:
                 if self._pool_of_server is not None:
                     self._pool_of_server.close()
-                self._pool_of_server = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=64, block=False)
-                self._pool_port = port
+                self._pool_of_server = ServerConnections(port)
             return self._pool_of_server
 
     def _refusal(self, model: str, status: int, data: bytes, reason: str | None) -> Exception:
