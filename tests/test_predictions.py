@@ -101,6 +101,25 @@ def test_the_model_server_is_started_again_when_it_went_away(served: Any) -> Non
     assert json.loads((reg.backend.serving / "server.json").read_text())["pid"] not in (first, second)
 
 
+def test_a_model_server_ended_by_sigterm_removes_its_server_json(served: Any) -> None:
+    import os
+    import signal
+
+    from model_registry.adapters.backends.local_runner import proc_start_time
+
+    reg = served
+    reg.predictions.predict("iris", FLOWER)
+    info = reg.backend.serving / "server.json"
+    pid = json.loads(info.read_text())["pid"]
+    os.kill(pid, signal.SIGTERM)  # as a machine's shutdown sends it, not through stop_server
+    deadline = time.monotonic() + 30
+    while proc_start_time(pid) is not None:
+        assert time.monotonic() < deadline, "the model server did not end on SIGTERM"
+        time.sleep(0.05)
+    assert not info.exists()  # the next process starts a server without trying this one
+    assert _probabilities_ok(reg.predictions.predict("iris", FLOWER)["predictions"][0])
+
+
 def test_cli_and_slack_predict(served: Any) -> None:
     reg = served
     env = {"STARCHART_HOME": str(reg.settings.home), "DATABASE_URL": reg.settings.database_url,

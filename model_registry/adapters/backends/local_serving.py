@@ -48,6 +48,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -596,8 +597,11 @@ def main() -> None:
         os._exit(0)  # nothing is in flight after the idle time
 
     threading.Thread(target=exit_when_idle, daemon=True).start()
+    # uvicorn catches SIGTERM and SIGINT, lets the requests in flight finish (up to 5 s), then raises the signal
+    # again with the handler it found: this one, so that server.json is removed on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.Server(config).run(sockets=[sock])  # SIGTERM: in-flight requests finish (up to 5 s), then it ends
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         forget_me()
 
