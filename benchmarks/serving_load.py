@@ -4,8 +4,9 @@
 
 A real iris model is trained and exposed on a temporary home (local backend, SQLite). The baseline loads its
 SavedModel here and calls its serving signature with one instance per call. The measured side sends the same
-instance as `POST /v1/models/iris:predict` to the model server, from N threads each holding one connection
-and sending a prebuilt request (the client's own cost kept small: it runs on the same cores as the server).
+instance as `POST /v1/models/iris:predict` to the model server, from N threads each holding one connection,
+through the web process's own client (local_client.py: ~0.04 ms of CPU a request; http.client's ~0.4 ms, on the
+cores the server runs on too, set the rate before the server did).
 The ratio is the model server's rate at concurrency 32 over the in-process rate (higher is better); every
 level's rate, p99 latency and failed requests are reported as well.
 
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.predict_overhead import FLOWER, prepare  # noqa: E402 - after the path is set
+from model_registry.adapters.backends.local_client import ServerConnections  # noqa: E402
 
 LEVELS = (1, 8, 32, 64)
 
@@ -54,55 +54,10 @@ def in_process_rate(model_dir: str, calls: int) -> float:
     return calls / (time.perf_counter() - t0)
 
 
-class _Client:
-    """One keep-alive connection that sends the same prebuilt request and reads each answer by its Content-Length:
-    a few tens of microseconds of this process's CPU a request, where http.client takes ~0.4 ms. On two cores the
-    clients share the machine with the server; with http.client they, not the server, set the rate."""
-
-    def __init__(self, port: int, request: bytes) -> None:
-        self.port, self.request = port, request
-        self.sock: socket.socket | None = None
-        self.buffer = b""
-
-    def ask(self) -> bool:
-        """One request; True when it was answered 200 with predictions."""
-        try:
-            if self.sock is None:
-                self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
-                self.buffer = b""
-            self.sock.sendall(self.request)
-            while b"\r\n\r\n" not in self.buffer:
-                self.buffer += self._recv()
-            head, _, rest = self.buffer.partition(b"\r\n\r\n")
-            match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-            length = int(match[1]) if match else 0
-            while len(rest) < length:
-                rest += self._recv()
-            body, self.buffer = rest[:length], rest[length:]
-            return head.startswith(b"HTTP/1.1 200 ") and b"predictions" in body
-        except OSError:
-            self.close()
-            return False
-
-    def _recv(self) -> bytes:
-        assert self.sock is not None
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionResetError("the server closed the connection")
-        return chunk
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
 def served_rate(port: int, secret: str, concurrency: int, total: int) -> dict[str, float]:
     """Requests per second, p99 seconds and failures with `concurrency` keep-alive clients sending `total`."""
     body = json.dumps({"instances": [FLOWER]}).encode()
-    request = (f"POST /v1/models/iris:predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-               f"Authorization: Bearer {secret}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
     per_client = max(1, total // concurrency)
     latencies: list[float] = []
     failures = [0]
@@ -110,12 +65,16 @@ def served_rate(port: int, secret: str, concurrency: int, total: int) -> dict[st
     start = threading.Barrier(concurrency + 1)
 
     def client() -> None:
-        conn = _Client(port, request)
+        conn = ServerConnections(port, keep=1)  # the web process's client: one kept-alive connection each
         mine, failed = [], 0
         start.wait()
         for _ in range(per_client):
             t0 = time.perf_counter()
-            ok = conn.ask()
+            try:
+                answer = conn.request("POST", "/v1/models/iris:predict", body, headers)
+                ok = answer.status == 200 and b"predictions" in answer.data
+            except OSError:  # refused, cut off or timed out: the next request opens a new connection
+                ok = False
             mine.append(time.perf_counter() - t0)
             failed += not ok
         conn.close()

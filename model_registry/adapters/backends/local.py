@@ -69,8 +69,8 @@ class LocalBackend:
         self.storage = LocalStorage()
         self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
         self._known_stamp: tuple[int, int, int] | None = None  # server.json's (inode, mtime, size) when it was read
-        self._pool_lock = threading.Lock()
-        self._pool_of_server: ServerConnections | None = None
+        self._connections_lock = threading.Lock()
+        self._server_connections: ServerConnections | None = None
 
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs / job_id
@@ -327,12 +327,12 @@ class LocalBackend:
         """Keep-alive connections to the model server on `port` (one set per server, shared by threads)."""
         from model_registry.adapters.backends.local_client import ServerConnections
 
-        with self._pool_lock:
-            if self._pool_of_server is None or self._pool_of_server.port != port:
-                if self._pool_of_server is not None:
-                    self._pool_of_server.close()
-                self._pool_of_server = ServerConnections(port)
-            return self._pool_of_server
+        with self._connections_lock:
+            if self._server_connections is None or self._server_connections.port != port:
+                if self._server_connections is not None:
+                    self._server_connections.close()
+                self._server_connections = ServerConnections(port)
+            return self._server_connections
 
     def _refusal(self, model: str, status: int, data: bytes, reason: str | None) -> Exception:
         try:

@@ -88,10 +88,7 @@ class ServerConnections:
                 if not chunk:
                     raise CutOff("the model server closed the connection before it answered")
                 parser.feed_data(chunk)
-        except TimeoutError:
-            sock.close()
-            raise
-        except CutOff:
+        except (TimeoutError, CutOff):
             sock.close()
             raise
         except (OSError, httptools.HttpParserError) as exc:

@@ -104,9 +104,12 @@ CANARY_ROUTE = re.compile(r"^/v1/models/(?P<model>[a-z][a-z0-9_]{0,62})/canary$"
 class Models(Versions):
     """The versions this server serves (local_versions.py: which stay loaded), each a Batcher of its SavedModel."""
 
-    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, where the batchers queue (App sets it)
-    loop_thread: int | None = None
-    _turn: dict[str, os.stat_result | None] | None = None  # the pointer files' stats taken in this turn of the loop
+    def __init__(self, serving_dir: Path) -> None:
+        # the server's event loop, where the batchers queue, and its thread (App sets both at its first request)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread: int | None = None
+        self._turn: dict[str, os.stat_result | None] = {}  # the pointer files' stats taken in this turn of the loop
+        super().__init__(serving_dir)  # last: it starts the sweep's thread, which stats the pointer files
 
     def _stat(self, model: str) -> os.stat_result | None:
         """On the loop, a pointer file's stat is taken once per turn of the loop: every request handled in a turn
@@ -115,9 +118,7 @@ class Models(Versions):
         call's thread to give it back: a quarter of the loop's time, measured.)"""
         if self.loop is None or threading.get_ident() != self.loop_thread:
             return super()._stat(model)
-        if self._turn is None:
-            self._turn = {}
-        elif model in self._turn:
+        if model in self._turn:
             return self._turn[model]
         if not self._turn:  # the first stat of this turn: forgotten at the start of the next one
             self.loop.call_soon(self._turn.clear)
@@ -382,9 +383,6 @@ class _Closing(RequestError):
     """A refusal after which the connection is closed: the rest of the request is not read."""
 
 
-Headers = list[tuple[bytes, bytes]]
-
-
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
     for key, value in scope["headers"]:  # ASGI gives the names in lower case
         if key == name:
@@ -396,8 +394,8 @@ class App:
     """The ASGI application uvicorn serves: routes, the secret, the body limit, errors as JSON."""
 
     def __init__(self, models: Models, secret: str) -> None:
-        self.models, self.secret = models, secret
-        self.expected = f"Bearer {secret}".encode()
+        self.models = models
+        self.expected = f"Bearer {secret}".encode()  # the Authorization header every request must carry
         self.canaries = Canaries(lambda model, version, body: predict(self.models, model, version, body)[1])
         self.reading: dict[asyncio.Task[Any], float] = {}  # requests reading their bodies, since when
         self.late: set[asyncio.Task[Any]] = set()  # of those, the ones the sweep is ending
@@ -418,7 +416,7 @@ class App:
             sys.stderr.write(f"request failed: {exc!r}\n")
             status, body, version = 500, {"error": f"{type(exc).__name__}: {exc}"[:500]}, None
         data = b"" if scope["method"] == "HEAD" else json.dumps(body).encode()
-        headers: Headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+        headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
         if version:
             headers.append((b"x-model-version", version.encode()))
         if close:

@@ -142,18 +142,17 @@ class Versions(abc.ABC):
         takes seconds: a caller on an event loop does that on another thread)."""
         stat = self._stat(model)
         with self.lock:
-            name, loaded, _ = self._look_up(model, version, stat)
+            name, _, loaded, _ = self._look_up(model, version, stat)
         return None if loaded is None else (name, loaded)
 
     def signature(self, model: str, version: str | None) -> tuple[str, Any]:
         """The version that answers (the default unless named) and its model calls, loading it on first use."""
         stat = self._stat(model)
         with self.lock:  # the name and what answers from one reading of the pointer file: no unload in between
-            name, loaded, data = self._look_up(model, version, stat)
+            name, uri, loaded, data = self._look_up(model, version, stat)
             if loaded is not None:
                 return name, loaded
             key = (model, name)
-            uri = self._resolve(data, model, name)[1]
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:  # requests to the versions already loaded go on meanwhile
             with self.lock:
@@ -172,17 +171,18 @@ class Versions(abc.ABC):
         return name, loaded
 
     def _look_up(self, model: str, version: str | None, stat: os.stat_result | None
-                 ) -> tuple[str, Any, dict[str, Any]]:  # self.lock held
-        """The version that answers, its model calls if loaded (else None), and the pointer file read for it."""
+                 ) -> tuple[str, str, Any, dict[str, Any]]:  # self.lock held
+        """The version that answers, its SavedModel's URI, its model calls if loaded (else None), and the pointer
+        file read for it."""
         data = self._pointer(model, stat)
-        name, _ = self._resolve(data, model, version)
+        name, uri = self._resolve(data, model, version)
         key = (model, name)
         if version is not None and name not in self._pinned(model):  # not the warm's or a mirror's
             self._named[key] = time.monotonic()
         loaded = self.loaded.get(key)
         if loaded is not None:
             self.loaded.move_to_end(key)
-        return name, loaded, data
+        return name, uri, loaded, data
 
     def _pinned(self, model: str) -> set[str]:  # self.lock held: the versions the pointer file names
         reading = self._pointers.get(model)
