@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import read_json, replay_args, train_and_wait
 
-from model_registry.adapters.backends.local_runner import proc_start_time
+from model_registry.adapters.backends.local_runner import ProcessWatch, proc_start_time
 from model_registry.domain.errors import InvalidInput, NotFound
 
 
@@ -133,6 +135,34 @@ def test_unknown_model_and_module_are_refused_before_anything_is_written(make_re
 def test_runner_pid_identity_uses_process_start_time() -> None:
     assert proc_start_time(os.getpid()) is not None
     assert proc_start_time(2 ** 22 + 12345) is None
+
+
+@pytest.mark.parametrize("way", ["pidfd", "start-time"])
+def test_a_process_watch_sees_the_end_of_the_process_it_was_made_for(way: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if way == "start-time":
+        monkeypatch.delattr(os, "pidfd_open", raising=False)  # a kernel or Python without pidfds
+    elif not hasattr(os, "pidfd_open"):
+        pytest.skip("this Python has no os.pidfd_open")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        watch = ProcessWatch(proc.pid, proc_start_time(proc.pid))
+        assert watch.uses_pidfd == (way == "pidfd")
+        assert watch.alive() and watch.alive()
+        # the same pid with another start time: a process that reused the pid of one seen before
+        assert not ProcessWatch(proc.pid, "1").alive()
+        assert not ProcessWatch(proc.pid, None).alive()
+        proc.kill()
+        proc.wait()  # reaped: its pid may be given to another process from here on
+        assert not watch.alive()
+        assert not watch.alive()  # and stays so
+        watch.close()
+        assert not watch.alive()
+    finally:
+        proc.kill()
+        proc.wait()
+    gone = ProcessWatch(proc.pid, "1")
+    assert not gone.alive()
 
 
 def _wait_state(reg: Any, job_id: str, state: str, timeout: float = 30) -> None:

@@ -18,11 +18,11 @@ import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 from model_registry.adapters.backends import local_runner
 from model_registry.adapters.backends.base import JobStatus, TrainingSpec
-from model_registry.adapters.backends.local_runner import proc_start_time
+from model_registry.adapters.backends.local_runner import ProcessWatch, proc_start_time
 from model_registry.adapters.packaging import Package
 from model_registry.adapters.records import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL
 from model_registry.adapters.storage import LocalStorage
@@ -51,6 +51,14 @@ def _last_lines(path: Path, window: int) -> list[str]:
 LOCAL_SERVING = str(Path(__file__).with_name("local_serving.py"))  # the model server, run by file
 
 
+class _KnownServer(NamedTuple):
+    """The model server last seen answering: server.json as read, its (inode, mtime, size) then, its process."""
+
+    info: dict[str, Any]
+    stamp: tuple[int, int, int] | None
+    watch: ProcessWatch
+
+
 def _dt(epoch: float | None) -> datetime | None:
     return datetime.fromtimestamp(epoch, timezone.utc).replace(tzinfo=None) if epoch else None
 
@@ -67,8 +75,7 @@ class LocalBackend:
         self.serving = home / "serving"
         self.python = python or sys.executable
         self.storage = LocalStorage()
-        self._known_server: dict[str, Any] | None = None  # the model server last seen answering (ensure_server)
-        self._known_stamp: tuple[int, int, int] | None = None  # server.json's (inode, mtime, size) when it was read
+        self._known: _KnownServer | None = None  # the model server last seen answering (ensure_server)
         self._connections_lock = threading.Lock()
         self._server_connections: ServerConnections | None = None
 
@@ -347,13 +354,13 @@ class LocalBackend:
         return BackendError(f"the local model server failed: {message}", f"see {self.serving / 'server.log'}")
 
     def _server_auth(self) -> dict[str, str]:
-        info = self._known_server or self._server_info() or {}
+        info = (self._known.info if self._known else None) or self._server_info() or {}
         return {"Authorization": f"Bearer {info.get('secret', '')}"}
 
     def _server_died(self, request_id: str, model: str, exc: BaseException) -> bool:
         """Log which request ended the model server and why (server.log's last lines), and start a new one;
         False (and only logged) when the server still runs."""
-        info = self._known_server or self._server_info()
+        info = (self._known.info if self._known else None) or self._server_info()
         deadline = time.monotonic() + 5.0
         while info and proc_start_time(int(info["pid"])) == info.get("pid_start") and time.monotonic() < deadline:
             time.sleep(0.05)  # an aborting process takes a moment to go; its last words reach server.log
@@ -380,12 +387,12 @@ class LocalBackend:
 
         A server this process has seen answer is trusted while its process lives and server.json is the file it
         was read from (its stat; no health request per prediction); one that stopped answering is forgotten by
-        `predict`. (A killed server's pooled connections would be cut off mid-request: its process is checked.)
+        `predict`. (A killed server's pooled connections would be cut off mid-request: its process is watched,
+        local_runner.ProcessWatch.)
         """
-        known = self._known_server
-        if (known and self._known_stamp is not None and self._info_stamp() == self._known_stamp
-                and proc_start_time(int(known["pid"])) == known.get("pid_start")):
-            return int(known["port"])
+        known = self._known
+        if known is not None and self._info_stamp() == known.stamp and known.watch.alive():
+            return int(known.info["port"])
         port = self._server_port()
         if port:
             return port
@@ -456,9 +463,16 @@ class LocalBackend:
                     return None
         except (OSError, ValueError):
             return None
-        self._known_server, self._known_stamp = info, stamp
+        watch = ProcessWatch(int(info["pid"]), info.get("pid_start"))
+        if not watch.alive():  # it ended since the health request
+            return None
+        old, self._known = self._known, _KnownServer(info, stamp, watch)
+        if old is not None:
+            old.watch.close()
         return int(info["port"])
 
     def _forget_server(self) -> None:
-        self._known_server = None
+        old, self._known = self._known, None
+        if old is not None:
+            old.watch.close()
         (self.serving / "server.json").unlink(missing_ok=True)
