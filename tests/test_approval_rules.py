@@ -198,6 +198,21 @@ def test_rules_load_and_a_models_list_replaces_the_defaults(tmp_path: Path) -> N
     assert cfg.policy("quiet").rules == ()
 
 
+def test_a_models_policy_is_built_once_and_the_memo_is_bounded(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import model_registry.config as config
+
+    cfg = load(tmp_path, defaults={"non_finite_inputs": True}, models={"iris": {"required_approvals": 2}})
+    assert cfg.policy("iris") is cfg.policy("iris")  # asked on every prediction: not built again
+    assert cfg.policy("iris").required_approvals == 2 and cfg.policy("iris").non_finite_inputs
+    assert cfg.policy("other").required_approvals == 1
+    assert cfg == load(tmp_path, defaults={"non_finite_inputs": True}, models={"iris": {"required_approvals": 2}})
+    monkeypatch.setattr(config, "POLICIES_KEPT", 3)
+    for i in range(10):  # model names come from requests: they are answered, but not all kept
+        assert cfg.policy(f"m{i}").required_approvals == 1
+    assert len(cfg._policies) == 3
+
+
 @pytest.mark.parametrize(("rule", "words"), [
     ({"when": "metric_fall", "required_approvals": 2}, "`rules[0].when` is 'metric_fall'; it must be one of "
                                                       "breaking_signature, metric_drop, rollback, canary"),
