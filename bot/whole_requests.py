@@ -55,6 +55,16 @@ class WholeRequestWorker(gthread.ThreadWorker):
     """gthread, reading each request without a thread until it is whole; `read_limit` seconds at most."""
 
     read_limit = 10.0
+    # seconds between heartbeats to the arbiter: gthread writes one (a utime of its file) at every turn of its loop,
+    # which is once a request under load; the arbiter's limit is `timeout` (30 s)
+    heartbeat = 1.0
+    _beat_at = float("-inf")
+
+    def notify(self) -> None:
+        now = time.monotonic()
+        if now - self._beat_at >= self.heartbeat:
+            self._beat_at = now
+            super().notify()
 
     def handle(self, conn: Any) -> Any:
         if self.cfg.is_ssl or conn.is_http2:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import requests
 import test_slack_http as http
 from fakes.slack_driver import SlackDriver
@@ -90,6 +91,32 @@ def test_slow_clients_leave_healthz_and_acks_prompt(bot_env: dict, slack: SlackF
     finally:
         driver.close()
         srv.stop()
+
+
+def test_the_worker_tells_the_arbiter_it_lives_once_a_second_not_at_every_turn(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import bot.whole_requests as whole
+
+    beats: list[float] = []
+
+    class Tmp:  # gunicorn's heartbeat file: the arbiter reads its time
+        def notify(self) -> None:
+            beats.append(now[0])
+
+    now = [1000.0]
+    monkeypatch.setattr(whole.time, "monotonic", lambda: now[0])
+    worker = object.__new__(whole.worker_class(10.0))  # its loop calls notify(); nothing else of it is needed here
+    worker.tmp = Tmp()
+    for _ in range(500):  # turns of the loop within one moment: one request each under load
+        worker.notify()
+    assert beats == [1000.0]
+    now[0] += 0.5
+    worker.notify()
+    now[0] += 0.5
+    worker.notify()
+    now[0] += 29.0  # a quiet spell (the loop wakes at least once a second): the next turn beats at once
+    worker.notify()
+    assert beats == [1000.0, 1001.0, 1030.0]
 
 
 def test_what_counts_as_a_whole_request() -> None:
