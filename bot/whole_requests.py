@@ -10,6 +10,13 @@ What could make a thread wait on the client is refused before any thread reads i
 a chunked body (411: Slack and the prediction clients send Content-Length), an announced body over the limit
 (413). `Expect: 100-continue` gets no early 100: such clients send their body after a short wait all the same.
 Bytes of a keep-alive connection's next request that gunicorn read ahead go through the same path.
+
+A connection that is not kept (`Connection: close`, an error) is closed as gunicorn closes it — its write side
+shut, what the client still sends read and dropped until it closes too (RFC 9112, 9.6), so the answer is not cut
+by a reset — but without waiting for the client on the worker's loop: gunicorn's close waits there, blocking, up
+to two seconds per client, and three clients that read their answer and keep their socket open held every other
+request (Slack's acks included) for six seconds. Here the socket goes to the poller until the client closes, the
+drain cap or LINGER is reached.
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ import contextlib
 import json
 import logging
 import re
+import selectors
 import socket
 import time
+from collections import deque
+from functools import partial
 from typing import Any
 
 from gunicorn.workers import gthread
@@ -28,6 +38,9 @@ log = logging.getLogger("starchart.web")
 HEADERS_CAP = 64 * 1024  # more header bytes than this: answered 431 here, never handed to gunicorn's parser
 BODY_CAP = 1024 * 1024  # bot.web's MAX_BODY: a longer announced body is answered 413 before it is read
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*(?=\r\n|$)")
+LINGER = 2.0  # seconds a closed connection's client has to close its side (gunicorn's own close waits as long)
+LINGER_DRAIN = 64 * 1024  # bytes read and dropped from it meanwhile, at most (gunicorn's cap)
+LINGERING_MAX = 512  # connections waiting so at once; beyond, the oldest is closed at once
 WAIT, WHOLE, GONE, LATE = "wait", "whole", "gone", "late"
 REFUSED = {  # what is answered at once, and why, for requests that are never handed on
     "head": (431, "Request Header Fields Too Large", f"the request's headers are over {HEADERS_CAP // 1024} KB"),
@@ -65,6 +78,63 @@ class WholeRequestWorker(gthread.ThreadWorker):
         if now - self._beat_at >= self.heartbeat:
             self._beat_at = now
             super().notify()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # closed connections waiting for their client's close: (until when, socket, bytes drained), oldest first
+        self.lingering: deque[tuple[float, socket.socket, list[int]]] = deque()
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        """On the worker's loop, once a thread is done with a connection: one that is not kept lingers in the
+        poller (see the module's docstring); the others go on as gthread has them."""
+        if not (fs.cancelled() or (fs.exception() is None and fs.result() is False)):
+            return super().finish_request(conn, fs)
+        self.nr_conns -= 1
+        sock = conn.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)  # the answer is followed by a FIN, not a reset
+            sock.setblocking(False)
+        except OSError:  # the client is gone already
+            sock.close()
+            return
+        if len(self.lingering) >= LINGERING_MAX:
+            self._end_linger(self.lingering[0])
+        entry = (time.monotonic() + LINGER, sock, [0])
+        self.lingering.append(entry)
+        self.poller.register(sock, selectors.EVENT_READ, partial(self._lingering_readable, entry))
+
+    def _lingering_readable(self, entry: tuple[float, socket.socket, list[int]], _sock: Any) -> None:
+        _, sock, drained = entry
+        try:
+            while drained[0] < LINGER_DRAIN:
+                chunk = sock.recv(65536)
+                if not chunk:  # the client has closed its side
+                    break
+                drained[0] += len(chunk)
+            else:
+                self._end_linger(entry)  # the client sends on and on: enough
+                return
+        except BlockingIOError:
+            return  # read all there was; more later, or the client's close
+        except OSError:
+            pass
+        self._end_linger(entry)
+
+    def _end_linger(self, entry: tuple[float, socket.socket, list[int]]) -> None:
+        sock = entry[1]
+        with contextlib.suppress(ValueError):
+            self.lingering.remove(entry)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(sock)
+        sock.close()
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        """gthread's sweep of idle keep-alive connections, then of lingering ones past LINGER (each turn of the
+        worker's loop, at least once a second)."""
+        super().murder_keepalived(force)
+        now = time.monotonic()
+        while self.lingering and (force or self.lingering[0][0] <= now):
+            self._end_linger(self.lingering[0])
 
     def handle(self, conn: Any) -> Any:
         if self.cfg.is_ssl or conn.is_http2:

@@ -93,6 +93,51 @@ def test_slow_clients_leave_healthz_and_acks_prompt(bot_env: dict, slack: SlackF
         srv.stop()
 
 
+def _answer(sock: socket.socket) -> bytes:
+    """One whole answer (its headers and its Content-Length of body) read from `sock`."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            if len(body) >= length:
+                return data
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before the whole answer: {data!r}"
+        data += chunk
+
+
+def test_clients_keeping_their_socket_after_a_closing_answer_hold_up_nobody(bot_env: dict, slack: SlackFake,
+                                                                            tmp_path: Path) -> None:
+    """gunicorn's own close waits on the worker's loop for the client to close (two seconds each): eight clients
+    that read their answer and keep their sockets open held every other request there for eight seconds."""
+    srv = Server(bot_env, tmp_path / "serve-linger.log")
+    driver = SlackDriver(srv.url, SECRET, response_urls=slack.response_url)
+    holders = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(8)]
+    try:
+        for i, sock in enumerate(holders):
+            sock.settimeout(20)
+            # one also sends bytes after its request, which the server reads and drops: no reset cuts its answer
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + b"x" * 5000 * (i == 0))
+        assert b'"ok": true' in _answer(holders[0])
+        # the others are answered or about to be; none of the eight closes its socket
+        for _ in range(3):
+            assert requests.get(f"{srv.url}/healthz", timeout=5).json()["ok"]
+        acked = driver.command("help", user_id=TRAINER, channel_id=CHANNEL)
+        assert acked.status == 200 and acked.elapsed < 3.0, "Slack's limit for an ack"
+        said_to(slack, "train")
+        for sock in holders[1:]:
+            assert _answer(sock).startswith(b"HTTP/1.1 200 ")
+        for sock in holders:
+            assert sock.recv(65536) == b"", "the answer is followed by the server's FIN"
+    finally:
+        for sock in holders:
+            sock.close()
+        driver.close()
+        srv.stop()
+
+
 def test_the_worker_tells_the_arbiter_it_lives_once_a_second_not_at_every_turn(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import bot.whole_requests as whole
