@@ -7,7 +7,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from bot.whole_requests import worker_class
+from bot.whole_requests import RESERVED_THREADS, worker_class
 from model_registry.config import SlackSettings, WebSettings
 
 
@@ -59,8 +59,10 @@ def serve(port: int | None = None, workers: int | None = None, with_worker: bool
         "bind": f"0.0.0.0:{port or web.port}",
         "workers": workers or web.workers,
         # gthread, but a thread only for a request that has arrived, within WEB_READ_TIMEOUT: slow clients hold none
-        "worker_class": worker_class(web.read_timeout),
-        "threads": web.threads,
+        # and a prediction only while one of the threads but two is free: a model server that hangs leaves
+        # threads for Slack's acks and /healthz (the others wait in the poller, holding none)
+        "worker_class": worker_class(web.read_timeout, web.predict_wait),
+        "threads": web.threads + RESERVED_THREADS,  # WEB_THREADS for predictions, and two they never take
         "timeout": 30,
         "graceful_timeout": 10,
         "accesslog": "-" if web.access_log else None,

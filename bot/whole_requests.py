@@ -17,6 +17,12 @@ by a reset — but without waiting for the client on the worker's loop: gunicorn
 to two seconds per client, and three clients that read their answer and keep their socket open held every other
 request (Slack's acks included) for six seconds. Here the socket goes to the poller until the client closes, the
 drain cap or LINGER is reached.
+
+Predictions take at most the worker's threads but two (RESERVED_THREADS; `starchart serve` gives a worker
+WEB_THREADS and these two) at once: a model server that hangs holds the predictions' threads until its time-out
+(120 s), and when they held all of them, Slack's acks and /healthz waited as long.
+A prediction finding every slot taken waits in the worker's loop, holding no thread, until one is free, and after
+`predict_wait` seconds is answered 503.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import logging
 import re
 import selectors
 import socket
+import threading
 import time
 from collections import deque
 from functools import partial
@@ -41,6 +48,8 @@ _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*(?=\r\n|$)")
 LINGER = 2.0  # seconds a closed connection's client has to close its side (gunicorn's own close waits as long)
 LINGER_DRAIN = 64 * 1024  # bytes read and dropped from it meanwhile, at most (gunicorn's cap)
 LINGERING_MAX = 512  # connections waiting so at once; beyond, the oldest is closed at once
+RESERVED_THREADS = 2  # threads of a worker that predictions never take: Slack's requests and /healthz have them
+_SLOT = object()  # handle()'s answer for a prediction that must wait for a slot
 WAIT, WHOLE, GONE, LATE = "wait", "whole", "gone", "late"
 REFUSED = {  # what is answered at once, and why, for requests that are never handed on
     "head": (431, "Request Header Fields Too Large", f"the request's headers are over {HEADERS_CAP // 1024} KB"),
@@ -68,6 +77,7 @@ class WholeRequestWorker(gthread.ThreadWorker):
     """gthread, reading each request without a thread until it is whole; `read_limit` seconds at most."""
 
     read_limit = 10.0
+    predict_wait = 30.0  # seconds a prediction may wait for a slot
     # seconds between heartbeats to the arbiter: gthread writes one (a utime of its file) at every turn of its loop,
     # which is once a request under load; the arbiter's limit is `timeout` (30 s)
     heartbeat = 1.0
@@ -83,14 +93,32 @@ class WholeRequestWorker(gthread.ThreadWorker):
         super().__init__(*args, **kwargs)
         # closed connections waiting for their client's close: (until when, socket, bytes drained), oldest first
         self.lingering: deque[tuple[float, socket.socket, list[int]]] = deque()
+        from bot.web import PREDICT_ROUTE  # here, in the worker: the arbiter does not load the app's modules
+
+        self._predict_route = PREDICT_ROUTE
+        self.slots = max(1, self.cfg.threads - RESERVED_THREADS)  # predictions in threads at once, at most
+        self.predicting = 0  # of those, running now (taken and given back on the threads, under the lock)
+        self._slots_lock = threading.Lock()
+        self.waiting: deque[tuple[float, Any]] = deque()  # predictions waiting for a slot: (until when, conn)
 
     def finish_request(self, conn: Any, fs: Any) -> None:
-        """On the worker's loop, once a thread is done with a connection: one that is not kept lingers in the
-        poller (see the module's docstring); the others go on as gthread has them."""
-        if not (fs.cancelled() or (fs.exception() is None and fs.result() is False)):
-            return super().finish_request(conn, fs)
-        self.nr_conns -= 1
-        sock = conn.sock
+        """On the worker's loop, once a thread is done with a connection: a prediction that found no slot waits;
+        one that is not kept lingers in the poller (see the module's docstring); the others go on as gthread has
+        them. Then the predictions waiting take the slots that are free."""
+        result = None if fs.cancelled() or fs.exception() is not None else fs.result()
+        if result is _SLOT:
+            self.waiting.append((time.monotonic() + self.predict_wait, conn))
+        elif result is False or fs.cancelled():
+            self.nr_conns -= 1
+            self._linger(conn.sock)
+        else:
+            super().finish_request(conn, fs)
+        while self.waiting and self._take_slot():  # taken here for it: it is not sent back to wait again
+            waiting = self.waiting.popleft()[1]
+            waiting.slot_held = True
+            self.enqueue_req(waiting)
+
+    def _linger(self, sock: socket.socket) -> None:
         try:
             sock.shutdown(socket.SHUT_WR)  # the answer is followed by a FIN, not a reset
             sock.setblocking(False)
@@ -129,14 +157,52 @@ class WholeRequestWorker(gthread.ThreadWorker):
         sock.close()
 
     def murder_keepalived(self, force: bool = False) -> None:
-        """gthread's sweep of idle keep-alive connections, then of lingering ones past LINGER (each turn of the
-        worker's loop, at least once a second)."""
+        """gthread's sweep of idle keep-alive connections, then of lingering ones past LINGER and of predictions
+        that waited `predict_wait` for a slot (each turn of the worker's loop, at least once a second)."""
         super().murder_keepalived(force)
         now = time.monotonic()
         while self.lingering and (force or self.lingering[0][0] <= now):
             self._end_linger(self.lingering[0])
+        while self.waiting and (force or self.waiting[0][0] <= now):
+            conn = self.waiting.popleft()[1]
+            body = json.dumps({"error": f"every prediction slot of this web worker ({self.slots}) has been busy for "
+                                        f"{self.predict_wait:g}s: the model server answers slowly or not at all; "
+                                        "retry later"}).encode()
+            with contextlib.suppress(OSError):  # a few hundred bytes: they fit the socket's buffer
+                conn.sock.setblocking(False)
+                conn.sock.send(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 5\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            self.nr_conns -= 1
+            self._linger(conn.sock)
+
+    def _is_prediction(self, data: bytes) -> bool:
+        """Whether the request in `data` (whole) is a POST to the prediction route (bot.web.PREDICT_ROUTE)."""
+        method, _, rest = bytes(data[:data.find(b"\r\n")]).partition(b" ")
+        if method != b"POST":
+            return False
+        route = self._predict_route.match(rest.rpartition(b" ")[0].partition(b"?")[0].decode("latin-1"))
+        return route is not None and bool(route["verb"])
+
+    def _take_slot(self) -> bool:
+        with self._slots_lock:
+            if self.predicting >= self.slots:
+                return False
+            self.predicting += 1
+            return True
+
+    def _give_slot(self) -> None:
+        with self._slots_lock:
+            self.predicting -= 1
 
     def handle(self, conn: Any) -> Any:
+        held, conn.slot_held = getattr(conn, "slot_held", False), False  # a slot taken for it by the loop
+        try:
+            return self._handle(conn, held)
+        finally:
+            if held:
+                self._give_slot()
+
+    def _handle(self, conn: Any, held: bool) -> Any:
         if self.cfg.is_ssl or conn.is_http2:
             return super().handle(conn)  # TLS or HTTP/2 (serve configures neither: a router terminates TLS)
         if conn.parser is not None:  # a keep-alive connection: bytes of its next request may be read ahead
@@ -156,11 +222,18 @@ class WholeRequestWorker(gthread.ThreadWorker):
             self._refuse(conn, *REFUSED[state])
         if state != WHOLE:
             return False
-        if conn.parser is None:
-            conn.init()
-        conn.parser.unreader.unread(bytes(conn.early))
-        conn.early, conn.first_byte_at, conn.data_ready = bytearray(), None, True
-        return super().handle(conn)
+        prediction = not held and self._is_prediction(conn.early)
+        if prediction and not self._take_slot():
+            return _SLOT  # it waits in the loop, its request whole in conn.early
+        try:
+            if conn.parser is None:
+                conn.init()
+            conn.parser.unreader.unread(bytes(conn.early))
+            conn.early, conn.first_byte_at, conn.data_ready = bytearray(), None, True
+            return super().handle(conn)
+        finally:
+            if prediction:
+                self._give_slot()
 
     def _read_available(self, conn: Any) -> str:
         """Read what the socket holds now, without blocking, into `conn.early`; say what to do next."""
@@ -206,6 +279,6 @@ class WholeRequestWorker(gthread.ThreadWorker):
             sock.close()
 
 
-def worker_class(read_limit: float) -> type[WholeRequestWorker]:
-    """The worker class for gunicorn's `worker_class` setting, with this time limit."""
-    return type("WholeRequestWorker", (WholeRequestWorker,), {"read_limit": read_limit})
+def worker_class(read_limit: float, predict_wait: float = WholeRequestWorker.predict_wait) -> type[WholeRequestWorker]:
+    """The worker class for gunicorn's `worker_class` setting, with these time limits."""
+    return type("WholeRequestWorker", (WholeRequestWorker,), {"read_limit": read_limit, "predict_wait": predict_wait})

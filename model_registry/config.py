@@ -462,6 +462,9 @@ class WebSettings:
     follow_interval: float = 2.0  # seconds between progress checks of followed training messages
     predict_token: str | None = None
     read_timeout: float = 10.0  # seconds a request's headers and body may take to arrive (slow clients)
+    # seconds a prediction may wait, holding no thread, for one of a worker's `threads` (it has two more, which
+    # predictions never take: Slack's and /healthz's) before it is answered 503
+    predict_wait: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WebSettings":
@@ -471,8 +474,9 @@ class WebSettings:
                        threads=int(env.get("WEB_THREADS") or 8), access_log=bool(env.get("STARCHART_ACCESS_LOG")),
                        follow_interval=float(env.get("STARCHART_FOLLOW_INTERVAL") or 2.0),
                        predict_token=env.get("STARCHART_PREDICT_TOKEN") or None,
-                       read_timeout=float(env.get("WEB_READ_TIMEOUT") or 10.0))
+                       read_timeout=float(env.get("WEB_READ_TIMEOUT") or 10.0),
+                       predict_wait=float(env.get("WEB_PREDICT_WAIT") or 30.0))
         except ValueError as exc:
             raise InvalidInput(f"invalid web setting: {exc}",
-                               "PORT, WEB_CONCURRENCY and WEB_THREADS are integers; STARCHART_FOLLOW_INTERVAL and "
-                               "WEB_READ_TIMEOUT are seconds") from None
+                               "PORT, WEB_CONCURRENCY and WEB_THREADS are integers; STARCHART_FOLLOW_INTERVAL, "
+                               "WEB_READ_TIMEOUT and WEB_PREDICT_WAIT are seconds") from None

@@ -138,6 +138,76 @@ def test_clients_keeping_their_socket_after_a_closing_answer_hold_up_nobody(bot_
         srv.stop()
 
 
+def test_a_hung_model_server_leaves_threads_for_slack_and_loses_no_prediction(bot_env: dict, slack: SlackFake,
+                                                                              trained: dict, tmp_path: Path) -> None:
+    """Predictions that wait on a model server which does not answer hold at most WEB_THREADS threads of a worker;
+    the two more are Slack's and /healthz's. (Before, a dozen such predictions held every thread: /healthz timed
+    out.) The predictions beyond the slots wait holding no thread, and are answered once the server goes on, or
+    503 after WEB_PREDICT_WAIT."""
+    import json
+    import os
+    import signal
+
+    reg = http.registry_from(slack)
+    job = reg.jobs.train("iris", TRAINER, args=[f"--source={trained['iris_a']}"])
+    assert reg.jobs.wait(job["job_id"])["state"] == "SUCCEEDED"
+    reg.versions.expose("iris", TRAINER)
+    flower = {"sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2, "petal_width": 2.3}
+    srv = Server({**bot_env, "WEB_THREADS": "2", "WEB_PREDICT_WAIT": "8"}, tmp_path / "serve-hung.log")
+    driver = SlackDriver(srv.url, SECRET, response_urls=slack.response_url)
+    model_server = None
+
+    def predictions(n: int) -> tuple[list[threading.Thread], list[requests.Response]]:
+        answers: list[requests.Response] = []
+
+        def one() -> None:
+            answers.append(requests.post(f"{srv.url}/v1/models/iris:predict", json={"instances": [flower]},
+                                         timeout=90))
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+        for t in threads:
+            t.start()
+        return threads, answers
+
+    try:
+        assert requests.post(f"{srv.url}/v1/models/iris:predict", json={"instances": [flower]},
+                             timeout=120).status_code == 200  # the model server runs and has the version loaded
+        model_server = json.loads((reg.backend.serving / "server.json").read_text())["pid"]
+        os.kill(model_server, signal.SIGSTOP)  # it answers nothing, its connections stay open
+        threads, answers = predictions(12)  # 2 workers x 2 slots in flight; 8 waiting in the workers' loops
+        time.sleep(1.0)
+        for _ in range(4):
+            assert requests.get(f"{srv.url}/healthz", timeout=5).json()["ok"]
+        acked = driver.command("help", user_id=TRAINER, channel_id=CHANNEL)
+        assert acked.status == 200 and acked.elapsed < 3.0, "Slack's limit for an ack"
+        said_to(slack, "train")
+        os.kill(model_server, signal.SIGCONT)
+        for t in threads:
+            t.join(timeout=60)
+        assert [a.status_code for a in answers] == [200] * 12, "every prediction is answered once the server goes on"
+        assert all(a.headers["X-Model-Version"] == reg.versions.default("iris") for a in answers)
+
+        os.kill(model_server, signal.SIGSTOP)
+        threads, answers = predictions(8)
+        deadline = time.monotonic() + 60
+        while len(answers) < 4:  # the waiting ones, after WEB_PREDICT_WAIT
+            assert time.monotonic() < deadline, [a.status_code for a in answers]
+            time.sleep(0.1)
+        refused = list(answers)
+        assert all(a.status_code == 503 and a.headers["Retry-After"] == "5" and "retry later" in a.json()["error"]
+                   for a in refused), [(a.status_code, a.text) for a in refused]
+        os.kill(model_server, signal.SIGCONT)
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(a.status_code for a in answers) == [200] * (8 - len(refused)) + [503] * len(refused), \
+            "those in flight are answered"
+    finally:
+        if model_server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(model_server, signal.SIGCONT)
+        driver.close()
+        srv.stop()
+
+
 def test_the_worker_tells_the_arbiter_it_lives_once_a_second_not_at_every_turn(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import bot.whole_requests as whole
