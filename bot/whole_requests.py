@@ -47,6 +47,8 @@ BODY_CAP = 1024 * 1024  # bot.web's MAX_BODY: a longer announced body is answere
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*(?=\r\n|$)")
 LINGER = 2.0  # seconds a closed connection's client has to close its side (gunicorn's own close waits as long)
 LINGER_DRAIN = 64 * 1024  # bytes read and dropped from it meanwhile, at most (gunicorn's cap)
+# the same after a refusal (408, 411, 413, 431), whose client may still be sending the rest of a large request
+REFUSED_DRAIN = 8 * BODY_CAP
 LINGERING_MAX = 512  # connections waiting so at once; beyond, the oldest is closed at once
 RESERVED_THREADS = 2  # threads of a worker that predictions never take: Slack's requests and /healthz have them
 _SLOT = object()  # handle()'s answer for a prediction that must wait for a slot
@@ -91,7 +93,8 @@ class WholeRequestWorker(gthread.ThreadWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # closed connections waiting for their client's close: (until when, socket, bytes drained), oldest first
+        # closed connections waiting for their client's close: (until when, socket, [bytes drained, cap]), oldest
+        # first
         self.lingering: deque[tuple[float, socket.socket, list[int]]] = deque()
         from bot.web import PREDICT_ROUTE  # here, in the worker: the arbiter does not load the app's modules
 
@@ -110,7 +113,7 @@ class WholeRequestWorker(gthread.ThreadWorker):
             self.waiting.append((time.monotonic() + self.predict_wait, conn))
         elif result is False or fs.cancelled():
             self.nr_conns -= 1
-            self._linger(conn.sock)
+            self._linger(conn.sock, REFUSED_DRAIN if getattr(conn, "refused", False) else LINGER_DRAIN)
         else:
             super().finish_request(conn, fs)
         while self.waiting and self._take_slot():  # taken here for it: it is not sent back to wait again
@@ -118,7 +121,7 @@ class WholeRequestWorker(gthread.ThreadWorker):
             waiting.slot_held = True
             self.enqueue_req(waiting)
 
-    def _linger(self, sock: socket.socket) -> None:
+    def _linger(self, sock: socket.socket, cap: int = LINGER_DRAIN) -> None:
         try:
             sock.shutdown(socket.SHUT_WR)  # the answer is followed by a FIN, not a reset
             sock.setblocking(False)
@@ -127,21 +130,22 @@ class WholeRequestWorker(gthread.ThreadWorker):
             return
         if len(self.lingering) >= LINGERING_MAX:
             self._end_linger(self.lingering[0])
-        entry = (time.monotonic() + LINGER, sock, [0])
+        entry = (time.monotonic() + LINGER, sock, [0, cap])
         self.lingering.append(entry)
         self.poller.register(sock, selectors.EVENT_READ, partial(self._lingering_readable, entry))
 
     def _lingering_readable(self, entry: tuple[float, socket.socket, list[int]], _sock: Any) -> None:
         _, sock, drained = entry
         try:
-            while drained[0] < LINGER_DRAIN:
+            for _ in range(16):  # at most 1 MB a turn of the loop: a client sending fast does not hold it
                 chunk = sock.recv(65536)
                 if not chunk:  # the client has closed its side
                     break
                 drained[0] += len(chunk)
+                if drained[0] >= drained[1]:
+                    break  # the client sends on and on: enough
             else:
-                self._end_linger(entry)  # the client sends on and on: enough
-                return
+                return  # more later
         except BlockingIOError:
             return  # read all there was; more later, or the client's close
         except OSError:
@@ -260,23 +264,15 @@ class WholeRequestWorker(gthread.ThreadWorker):
         return state
 
     def _refuse(self, conn: Any, status: int, reason: str, why: str) -> None:
-        """An error answer, then closed here in the worker thread: gunicorn's graceful close would linger on its
-        main loop."""
+        """An error answer; then the connection lingers in the poller (finish_request), holding no thread, while
+        what the client still sends is read and dropped (up to REFUSED_DRAIN), so that it reads the answer before
+        a reset."""
         body = json.dumps({"error": why}).encode()  # as bot.web answers its errors
-        sock = conn.sock
-        try:
-            # the client may be gone or still sending: it is closed either way
-            with contextlib.suppress(OSError):
-                sock.sendall(f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-                sock.shutdown(socket.SHUT_WR)
-                # a short drain (at most a second), so the client reads the answer before a reset
-                sock.settimeout(0.25)
-                until = time.monotonic() + 1.0
-                while sock.recv(65536) and time.monotonic() < until:
-                    continue
-        finally:
-            sock.close()
+        conn.refused = True
+        with contextlib.suppress(OSError):  # the client may be gone or still sending: it is closed either way
+            conn.sock.settimeout(1.0)  # a few hundred bytes: they fit the socket's buffer unless the client is gone
+            conn.sock.sendall(f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json"
+                              f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
 
 
 def worker_class(read_limit: float, predict_wait: float = WholeRequestWorker.predict_wait) -> type[WholeRequestWorker]:

@@ -208,6 +208,47 @@ def test_a_hung_model_server_leaves_threads_for_slack_and_loses_no_prediction(bo
         srv.stop()
 
 
+def test_refused_clients_that_send_on_hold_no_thread(bot_env: dict, slack: SlackFake, tmp_path: Path) -> None:
+    """A refusal (here 411) is answered, then what its client still sends is read and dropped while the connection
+    lingers in the poller. The drain ran on a thread for up to a second: forty clients sending on and
+    reconnecting held the three threads of one worker, and an ack waited five seconds behind them (Slack's limit: 3)."""
+    srv = Server({**bot_env, "WEB_THREADS": "1"}, tmp_path / "serve-refused-flood.log", "--workers", "1")
+    driver = SlackDriver(srv.url, SECRET, response_urls=slack.response_url)
+    stop = threading.Event()
+    answers: list[bytes] = []
+
+    def attacker() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                sock.sendall(b"POST /slack/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+                sock.settimeout(0.02)
+                got, until = [b""], time.monotonic() + 5.0
+                try:
+                    while time.monotonic() < until and not stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            got[0] += sock.recv(4096)
+                        sock.sendall(b"x" * 1000)  # on and on, whatever the answer says
+                finally:  # until the server closes the connection, or the test ends
+                    answers.append(got[0])
+
+    attackers = [threading.Thread(target=attacker, daemon=True) for _ in range(40)]
+    try:
+        for t in attackers:
+            t.start()
+        time.sleep(2.0)
+        for _ in range(3):
+            assert requests.get(f"{srv.url}/healthz", timeout=5).json()["ok"]
+            acked = driver.command("help", user_id=TRAINER, channel_id=CHANNEL)
+            assert acked.status == 200 and acked.elapsed < 3.0, "Slack's limit for an ack"
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(timeout=10)
+        driver.close()
+        srv.stop()
+    assert answers and all(a.startswith(b"HTTP/1.1 411 ") for a in answers if a), "each is answered first"
+
+
 def test_the_worker_tells_the_arbiter_it_lives_once_a_second_not_at_every_turn(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import bot.whole_requests as whole
