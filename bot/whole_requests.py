@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -58,6 +59,23 @@ REFUSED = {  # what is answered at once, and why, for requests that are never ha
     "chunked": (411, "Length Required", "send the body with a Content-Length (chunked bodies are not accepted)"),
     "body": (413, "Payload Too Large", f"the request body is over {BODY_CAP // 1024} KB"),
 }
+
+
+def error_answer(status: int, reason: str, why: str, *headers: str) -> bytes:
+    """A whole HTTP answer that closes the connection, its body {"error": why} as bot.web answers its errors."""
+    body = json.dumps({"error": why}).encode()
+    head = "".join(f"{h}\r\n" for h in ("Connection: close", *headers, "Content-Type: application/json"))
+    return f"HTTP/1.1 {status} {reason}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@dataclass(eq=False)
+class _Lingering:
+    """A closed connection waiting for its client's close: until when, and how much it may still send."""
+
+    until: float
+    sock: socket.socket
+    cap: int
+    drained: int = 0
 
 
 def verdict(data: bytes) -> str:
@@ -85,17 +103,9 @@ class WholeRequestWorker(gthread.ThreadWorker):
     heartbeat = 1.0
     _beat_at = float("-inf")
 
-    def notify(self) -> None:
-        now = time.monotonic()
-        if now - self._beat_at >= self.heartbeat:
-            self._beat_at = now
-            super().notify()
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # closed connections waiting for their client's close: (until when, socket, [bytes drained, cap]), oldest
-        # first
-        self.lingering: deque[tuple[float, socket.socket, list[int]]] = deque()
+        self.lingering: deque[_Lingering] = deque()  # closed connections waiting for their client's close, oldest first
         from bot.web import PREDICT_ROUTE  # here, in the worker: the arbiter does not load the app's modules
 
         self._predict_route = PREDICT_ROUTE
@@ -103,6 +113,12 @@ class WholeRequestWorker(gthread.ThreadWorker):
         self.predicting = 0  # of those, running now (taken and given back on the threads, under the lock)
         self._slots_lock = threading.Lock()
         self.waiting: deque[tuple[float, Any]] = deque()  # predictions waiting for a slot: (until when, conn)
+
+    def notify(self) -> None:
+        now = time.monotonic()
+        if now - self._beat_at >= self.heartbeat:
+            self._beat_at = now
+            super().notify()
 
     def finish_request(self, conn: Any, fs: Any) -> None:
         """On the worker's loop, once a thread is done with a connection: a prediction that found no slot waits;
@@ -130,52 +146,48 @@ class WholeRequestWorker(gthread.ThreadWorker):
             return
         if len(self.lingering) >= LINGERING_MAX:
             self._end_linger(self.lingering[0])
-        entry = (time.monotonic() + LINGER, sock, [0, cap])
+        entry = _Lingering(time.monotonic() + LINGER, sock, cap)
         self.lingering.append(entry)
         self.poller.register(sock, selectors.EVENT_READ, partial(self._lingering_readable, entry))
 
-    def _lingering_readable(self, entry: tuple[float, socket.socket, list[int]], _sock: Any) -> None:
-        _, sock, drained = entry
-        try:
-            for _ in range(16):  # at most 1 MB a turn of the loop: a client sending fast does not hold it
-                chunk = sock.recv(65536)
-                if not chunk:  # the client has closed its side
-                    break
-                drained[0] += len(chunk)
-                if drained[0] >= drained[1]:
-                    break  # the client sends on and on: enough
-            else:
-                return  # more later
-        except BlockingIOError:
-            return  # read all there was; more later, or the client's close
-        except OSError:
-            pass
+    def _lingering_readable(self, entry: _Lingering, _sock: Any) -> None:
+        """Read and drop what the client sent; closed once it closes its side, resets, or sent `cap` bytes."""
+        for _ in range(16):  # at most 1 MB a turn of the loop: a client sending fast does not hold it
+            try:
+                chunk = entry.sock.recv(65536)
+            except BlockingIOError:
+                return  # read all there was: more later, or the client's close
+            except OSError:  # reset by the client
+                break
+            entry.drained += len(chunk)
+            if not chunk or entry.drained >= entry.cap:  # closed by the client, or it sends on and on: enough
+                break
+        else:
+            return  # more later
         self._end_linger(entry)
 
-    def _end_linger(self, entry: tuple[float, socket.socket, list[int]]) -> None:
-        sock = entry[1]
+    def _end_linger(self, entry: _Lingering) -> None:
         with contextlib.suppress(ValueError):
             self.lingering.remove(entry)
         with contextlib.suppress(KeyError, ValueError, OSError):
-            self.poller.unregister(sock)
-        sock.close()
+            self.poller.unregister(entry.sock)
+        entry.sock.close()
 
     def murder_keepalived(self, force: bool = False) -> None:
         """gthread's sweep of idle keep-alive connections, then of lingering ones past LINGER and of predictions
         that waited `predict_wait` for a slot (each turn of the worker's loop, at least once a second)."""
         super().murder_keepalived(force)
         now = time.monotonic()
-        while self.lingering and (force or self.lingering[0][0] <= now):
+        while self.lingering and (force or self.lingering[0].until <= now):
             self._end_linger(self.lingering[0])
         while self.waiting and (force or self.waiting[0][0] <= now):
             conn = self.waiting.popleft()[1]
-            body = json.dumps({"error": f"every prediction slot of this web worker ({self.slots}) has been busy for "
-                                        f"{self.predict_wait:g}s: the model server answers slowly or not at all; "
-                                        "retry later"}).encode()
+            answer = error_answer(503, "Service Unavailable", f"every prediction slot of this web worker "
+                                  f"({self.slots}) has been busy for {self.predict_wait:g}s: the model server answers "
+                                  "slowly or not at all; retry later", "Retry-After: 5")
             with contextlib.suppress(OSError):  # a few hundred bytes: they fit the socket's buffer
                 conn.sock.setblocking(False)
-                conn.sock.send(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 5\r\n"
-                               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                conn.sock.send(answer)
             self.nr_conns -= 1
             self._linger(conn.sock)
 
@@ -267,12 +279,10 @@ class WholeRequestWorker(gthread.ThreadWorker):
         """An error answer; then the connection lingers in the poller (finish_request), holding no thread, while
         what the client still sends is read and dropped (up to REFUSED_DRAIN), so that it reads the answer before
         a reset."""
-        body = json.dumps({"error": why}).encode()  # as bot.web answers its errors
         conn.refused = True
         with contextlib.suppress(OSError):  # the client may be gone or still sending: it is closed either way
             conn.sock.settimeout(1.0)  # a few hundred bytes: they fit the socket's buffer unless the client is gone
-            conn.sock.sendall(f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json"
-                              f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            conn.sock.sendall(error_answer(status, reason, why))
 
 
 def worker_class(read_limit: float, predict_wait: float = WholeRequestWorker.predict_wait) -> type[WholeRequestWorker]:

@@ -353,14 +353,19 @@ class LocalBackend:
                                          f"`diff {model}` shows the signature's inputs")
         return BackendError(f"the local model server failed: {message}", f"see {self.serving / 'server.log'}")
 
+    def _known_info(self) -> dict[str, Any] | None:
+        """server.json as read when the server was last seen answering, else as it is now."""
+        known = self._known
+        return (known.info if known else None) or self._server_info()
+
     def _server_auth(self) -> dict[str, str]:
-        info = (self._known.info if self._known else None) or self._server_info() or {}
+        info = self._known_info() or {}
         return {"Authorization": f"Bearer {info.get('secret', '')}"}
 
     def _server_died(self, request_id: str, model: str, exc: BaseException) -> bool:
         """Log which request ended the model server and why (server.log's last lines), and start a new one;
         False (and only logged) when the server still runs."""
-        info = (self._known.info if self._known else None) or self._server_info()
+        info = self._known_info()
         deadline = time.monotonic() + 5.0
         while info and proc_start_time(int(info["pid"])) == info.get("pid_start") and time.monotonic() < deadline:
             time.sleep(0.05)  # an aborting process takes a moment to go; its last words reach server.log
@@ -391,7 +396,7 @@ class LocalBackend:
         local_runner.ProcessWatch.)
         """
         known = self._known
-        if known is not None and self._info_stamp() == known.stamp and known.watch.alive():
+        if known is not None and known.stamp is not None and self._info_stamp() == known.stamp and known.watch.alive():
             return int(known.info["port"])
         port = self._server_port()
         if port:
