@@ -163,3 +163,33 @@ def test_a_try_form_types_each_field_by_its_dtype_and_names_the_wrong_ones() -> 
     _, errors = try_instance(meta, {"x": "nan", "n": "3.5", "v": "[1, 2, 3]", "s": "", "b": "yes"})
     assert set(errors) == {"x", "n", "v", "b"}
     assert "finite" in errors["x"] and "whole number" in errors["n"] and "true or false" in errors["b"]
+
+
+SCALARS = [0, 1, -1, 255, 256, -129, 2 ** 31, 2 ** 63, 2 ** 64, -(2 ** 63) - 1, 10 ** 400, 0.5, -2.5, 1e38, 3.5e38,
+           1e300, 70000.0, math.nan, math.inf, -math.inf, True, False, None, "", "x", [], [1.0], {}, {"a": 1}]
+
+
+@pytest.mark.parametrize("allow_non_finite", [False, True])
+def test_the_quick_scalar_check_takes_only_what_the_full_check_takes(allow_non_finite: bool) -> None:
+    """An instance's scalar input is accepted without the full check only where the full check accepts it too:
+    one check_body, with or without the shortcut, for every dtype and every kind of value."""
+    from model_registry.domain.instances import SUPPORTED, _plain_scalar
+
+    shortcuts = 0
+    for dtype in SUPPORTED:
+        for value in SCALARS:
+            if not _plain_scalar(value, dtype, allow_non_finite):
+                continue
+            shortcuts += 1
+            check_scalar(value, dtype, "here", allow_non_finite)  # raises if the shortcut took what it refuses
+            inputs = {"x": {"dtype": dtype, "shape": [-1]}}
+            assert check_body({"instances": [{"x": value}]}, inputs, allow_non_finite=allow_non_finite) == 1
+    assert shortcuts > len(SUPPORTED), "the shortcut is taken for ordinary values"
+    for dtype in SUPPORTED:  # and whatever the shortcut leaves to the full check is still refused as before
+        for value in (v for v in SCALARS if not isinstance(v, list)):  # (a list: refused for its rank, not here)
+            try:
+                check_scalar(value, dtype, "here", allow_non_finite)
+            except InstancesRefused as exc:
+                assert not _plain_scalar(value, dtype, allow_non_finite), (dtype, value)
+                refused({"instances": [{"x": value}]}, {"x": {"dtype": dtype, "shape": [-1]}},
+                        exc.message.replace("here", "instance 0, input x"), allow_non_finite=allow_non_finite)
