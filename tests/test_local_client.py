@@ -128,3 +128,84 @@ def test_failures_are_named_by_what_happened(server) -> None:
         ServerConnections(port).request("GET", "/healthz", read_timeout=0.5)
     with pytest.raises(ValueError, match="line break"):  # a header cannot smuggle another one in
         ServerConnections(port).request("GET", "/healthz", headers={"X-Request-Id": "1\r\nX-Evil: 1"})
+
+
+def _driven(exchange, seconds: float = 5.0):
+    """Step `exchange` as the web worker's loop does: watch its socket for its events, step it when ready;
+    its answer (or what it raised), then finish it."""
+    import selectors
+
+    poller = selectors.DefaultSelector()
+    deadline = time.monotonic() + seconds
+    try:
+        answer = exchange.step()  # at once, as the worker does: a kept connection is written to without a wait
+        while answer is None:
+            poller.register(exchange.sock, exchange.events)
+            assert poller.select(max(0.0, deadline - time.monotonic())), "the exchange's socket never got ready"
+            poller.unregister(exchange.sock)
+            answer = exchange.step()
+        return answer
+    finally:
+        poller.close()
+        exchange.finish()
+
+
+def test_an_exchange_is_the_same_request_without_blocking_and_shares_the_kept_connections(server) -> None:
+    port, reads = server(lambda conn, reads: _requests(conn, reads, OK))
+    connections = ServerConnections(port)
+    first = connections.exchange("POST", "/v1/models/iris:predict", b'{"instances": [1]}',
+                                 {"Authorization": "Bearer s"})
+    assert first.sock.getblocking() is False
+    answer = _driven(first)
+    assert (answer.status, answer.data, answer.headers["x-model-version"]) == (200, b"{}", "v1")
+    assert len(connections._idle) == 1, "kept for the next request once finished"
+    again = connections.request("POST", "/v1/models/iris:predict", b'{"instances": [1]}',
+                                {"Authorization": "Bearer s"})  # the blocking client takes the same connection
+    assert again.status == 200 and len(connections._idle) == 1
+    assert _driven(connections.exchange("GET", "/healthz")).status == 200
+    assert reads[0] == reads[1], "the same bytes, in one write, whichever client sent them"
+    assert len(reads) == 3 and len(connections._idle) == 1
+
+
+def test_an_exchange_names_its_failures_as_the_blocking_client_does(server) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        free = unused.getsockname()[1]
+    with pytest.raises(NotSent, match="no connection"):  # nothing listens: never sent (told at once or at its step)
+        _driven(ServerConnections(free).exchange("GET", "/healthz"))
+
+    def half(conn: socket.socket, reads: list[bytes]) -> None:
+        reads.append(conn.recv(65536))
+        conn.sendall(OK[:40])
+        conn.close()
+
+    port, _ = server(half)
+    connections = ServerConnections(port)
+    with pytest.raises(CutOff, match="closed the connection before it answered"):
+        _driven(connections.exchange("POST", "/v1/models/iris:predict", b"{}"))
+    assert connections._idle == [], "a connection cut off is not kept"
+
+    def garbage(conn: socket.socket, reads: list[bytes]) -> None:
+        reads.append(conn.recv(65536))
+        conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    port, _ = server(garbage)
+    with pytest.raises(CutOff, match="HttpParserError"):
+        _driven(ServerConnections(port).exchange("GET", "/healthz"))
+
+    closing = OK.replace(b"Content-Length: 2", b"Connection: close\r\nContent-Length: 2")
+    port, _ = server(lambda conn, reads: _requests(conn, reads, closing, most=1))
+    connections = ServerConnections(port)
+    assert _driven(connections.exchange("GET", "/healthz")).status == 200
+    assert connections._idle == [], "an answer that says close closes the connection"
+
+    def silent(conn: socket.socket, reads: list[bytes]) -> None:
+        reads.append(conn.recv(65536))
+        time.sleep(3)
+
+    port, _ = server(silent)
+    connections = ServerConnections(port)
+    exchange = connections.exchange("GET", "/healthz")
+    assert exchange.step() is None and exchange.events & 1, "sent; now it waits to read (EVENT_READ)"
+    exchange.finish()  # given up (the worker's time-out): closed, not kept
+    assert exchange.sock.fileno() == -1 and connections._idle == []
