@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import re
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import unquote_plus
 
 from slack_bolt import BoltRequest, BoltResponse
@@ -23,6 +23,9 @@ from slack_bolt.adapter.wsgi.http_request import WsgiHttpRequest
 from model_registry.config import WebSettings
 from model_registry.domain.errors import InvalidInput, NotFound, Refused, StarchartError
 
+if TYPE_CHECKING:
+    from model_registry.adapters.backends.base import Relay
+
 log = logging.getLogger("starchart.web")
 MAX_BODY = 1024 * 1024
 PREDICT_ROUTE = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<verb>:predict)?$")
@@ -30,14 +33,30 @@ PREDICT_ROUTE = re.compile(r"^/v1/models/(?P<model>[^/:]+)(?:/versions/(?P<versi
 StartResponse = Callable[..., Any]
 
 
-def _reply(start_response: StartResponse, status: str, body: dict[str, Any],
-           version: str | None = None) -> Iterable[bytes]:
-    data = json.dumps(body).encode()
+Answer = tuple[str, list[tuple[str, str]], bytes]  # status, headers, body
+
+
+def _answer(status: str, body: dict[str, Any] | bytes, version: str | None = None) -> Answer:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
     if version:  # which version answered, as the model server (and TF Serving's REST API) says it
         headers.append(("X-Model-Version", version))
+    return status, headers, data
+
+
+def _reply(start_response: StartResponse, status: str, body: dict[str, Any],
+           version: str | None = None) -> Iterable[bytes]:
+    status, headers, data = _answer(status, body, version)
     start_response(status, headers)
     return [data]
+
+
+def _prediction_answer(version: str | None, answer: dict[str, Any]) -> Answer:
+    return _answer("200 OK", {k: v for k, v in answer.items() if k in ("predictions", "outputs")}, version)
+
+
+def _prediction_error(exc: StarchartError) -> Answer:
+    return _answer(_prediction_status(exc), {"error": exc.message + (f" ({exc.hint})" if exc.hint else "")})
 
 
 def _prediction_status(exc: StarchartError) -> str:
@@ -136,10 +155,53 @@ class WebApp:
             body = environ["wsgi.input"].read(length) if length else b""
             answer = self.bot.registry.predictions.predict(model, body, version=version)
         except StarchartError as exc:
-            return _reply(start_response, _prediction_status(exc),
-                          {"error": exc.message + (f" ({exc.hint})" if exc.hint else "")})
-        return _reply(start_response, "200 OK", {k: v for k, v in answer.items() if k in ("predictions", "outputs")},
-                      answer.get("version"))
+            status, headers, data = _prediction_error(exc)
+        else:
+            status, headers, data = _prediction_answer(answer.get("version"), answer)
+        start_response(status, headers)
+        return [data]
+
+    def relay(self, path: str, authorization: str, body: bytes) -> Relay | None:
+        """A prediction (POST to PREDICT_ROUTE, `path` without its query) as the core's Relay, for the worker's
+        loop to send to the model server and wait for holding no thread (bot.whole_requests); None for every
+        request `prediction` must answer: one it refuses (token, body, instances), a core still loading, a
+        backend that cannot relay. Each refusal is said in one place, there."""
+        route = PREDICT_ROUTE.match(path)
+        token = self.settings.predict_token
+        if route is None or not route["verb"] or "%" in path or len(body) > MAX_BODY:  # a quoted name: WSGI's
+            return None
+        if token and not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+            return None
+        registry = self.bot.registry
+        if not getattr(registry, "ready", lambda: True)():
+            return None
+        try:
+            return registry.predictions.relay(route["model"], body, version=route["version"])
+        except (StarchartError, OSError):  # refused (said there), or no connection to the model server: predict's
+            return None
+        except Exception:  # a fault: the WSGI path answers it (500) and the worker's loop goes on
+            log.exception("a prediction for %s could not be relayed", route["model"])
+            return None
+
+    @staticmethod
+    def relayed(relay: Relay, answer: Any) -> Answer:
+        """What `prediction` answers for a relayed prediction's answer from the model server (never raises: it
+        runs on the worker's loop)."""
+        try:
+            version, body = relay.answered(answer)
+        except StarchartError as exc:
+            return _prediction_error(exc)
+        except Exception:
+            log.exception("a relayed prediction's answer could not be read")
+            return _answer("500 Internal Server Error", {"error": "the model server's answer could not be read; "
+                                                                   "see the web process's log"})
+        return _answer("200 OK", body, version)  # TF Serving's JSON as the model server wrote it
+
+    @staticmethod
+    def relay_failed(relay: Relay, exc: OSError) -> Answer:
+        """What `prediction` answers when a relayed prediction's exchange failed after it was sent (this may wait
+        a few seconds for a model server that is stopping: not on the worker's loop)."""
+        return _prediction_error(relay.failed(exc))
 
     def slack_events(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:

@@ -23,11 +23,20 @@ WEB_THREADS and these two) at once: a model server that hangs holds the predicti
 (120 s), and when they held all of them, Slack's acks and /healthz waited as long.
 A prediction finding every slot taken waits in the worker's loop, holding no thread, until one is free, and after
 `predict_wait` seconds is answered 503.
+
+A prediction the core can relay (bot.web.WebApp.relay: the local model server known to answer, the instances
+checked against a signature already known, the body at most RELAY_BODY_MAX) takes no thread at all: the worker's
+loop sends it to the model server and writes its answer, stepping both sockets as they are ready. This saves the
+hand-overs between the loop and a thread and gunicorn's parsing and response, which were most of the web
+process's CPU a prediction. Everything else about a prediction (its refusals, a core still loading, a model
+server to start, an error after it was sent, whose check may wait for a stopping server) goes to a thread as
+before; a relayed prediction holds one of the same slots.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -36,10 +45,13 @@ import socket
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from gunicorn import SERVER
+from gunicorn.util import http_date
 from gunicorn.workers import gthread
 
 log = logging.getLogger("starchart.web")
@@ -52,6 +64,7 @@ LINGER_DRAIN = 64 * 1024  # bytes read and dropped from it meanwhile, at most (g
 REFUSED_DRAIN = 8 * BODY_CAP
 LINGERING_MAX = 512  # connections waiting so at once; beyond, the oldest is closed at once
 RESERVED_THREADS = 2  # threads of a worker that predictions never take: Slack's requests and /healthz have them
+RELAY_BODY_MAX = 64 * 1024  # a prediction with a larger body takes a thread: its JSON is read and checked there
 _SLOT = object()  # handle()'s answer for a prediction that must wait for a slot
 WAIT, WHOLE, GONE, LATE = "wait", "whole", "gone", "late"
 REFUSED = {  # what is answered at once, and why, for requests that are never handed on
@@ -76,6 +89,57 @@ class _Lingering:
     sock: socket.socket
     cap: int
     drained: int = 0
+
+
+@dataclass(eq=False)
+class _Relayed:
+    """A prediction the worker's loop relays: its connection, the core's Relay, the request as it arrived (given
+    back to a thread if nothing was sent), the answer's HTTP version and whether the connection is kept, until
+    when it may take (its answer, then the client's reading of it), and what of it is still to be written."""
+
+    conn: Any
+    relay: Any
+    request: bytes
+    version: str
+    keep: bool
+    until: float
+    exchanging: bool = True  # until the exchange with the model server is finished
+    watched: int = 0  # the events the model server's socket is watched for
+    out: memoryview | None = None
+    writing: bool = False  # the client's socket is watched until it takes the rest of `out`
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """The Date header's value for this second (formatted once a second, not once an answer)."""
+    return http_date(second)
+
+
+def _request_size(data: bytes) -> int:
+    """The length of the whole request at the start of `data` (verdict: WHOLE): its head and announced body."""
+    end = data.find(b"\r\n\r\n")
+    length = _LENGTH.search(bytes(data[:end]).lower())
+    return end + 4 + (int(length[1]) if length else 0)
+
+
+class _Head:
+    """httptools' callbacks for a request's head: its target, its Authorization header, its HTTP version and
+    whether its connection is kept (asked when the message ends: the parser forgets after)."""
+
+    def __init__(self) -> None:
+        self.url, self.authorization = b"", b""
+        self.version, self.keep_alive = "1.1", False
+        self.parser: Any = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"authorization":
+            self.authorization = value
+
+    def on_message_complete(self) -> None:
+        self.version, self.keep_alive = self.parser.get_http_version(), self.parser.should_keep_alive()
 
 
 def verdict(data: bytes) -> str:
@@ -113,6 +177,16 @@ class WholeRequestWorker(gthread.ThreadWorker):
         self.predicting = 0  # of those, running now (taken and given back on the threads, under the lock)
         self._slots_lock = threading.Lock()
         self.waiting: deque[tuple[float, Any]] = deque()  # predictions waiting for a slot: (until when, conn)
+        self.relays: dict[_Relayed, None] = {}  # predictions the loop relays now
+        self._web: Any = None  # the WebApp, once loaded, when predictions may be relayed
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        from bot.web import WebApp
+
+        # relayed answers are written here, not by gunicorn: none where its access log or TLS is wanted
+        relaying = isinstance(self.wsgi, WebApp) and not self.cfg.accesslog and not self.cfg.is_ssl
+        self._web = self.wsgi if relaying else None
 
     def notify(self) -> None:
         now = time.monotonic()
@@ -132,10 +206,166 @@ class WholeRequestWorker(gthread.ThreadWorker):
             self._linger(conn.sock, REFUSED_DRAIN if getattr(conn, "refused", False) else LINGER_DRAIN)
         else:
             super().finish_request(conn, fs)
+        self._serve_waiting()
+
+    def _serve_waiting(self) -> None:
         while self.waiting and self._take_slot():  # taken here for it: it is not sent back to wait again
             waiting = self.waiting.popleft()[1]
             waiting.slot_held = True
             self.enqueue_req(waiting)
+
+    def enqueue_req(self, conn: Any) -> None:
+        if self._web is None or not self._relay_started(conn):
+            super().enqueue_req(conn)
+
+    def _relay_started(self, conn: Any) -> bool:
+        """On the loop: a whole prediction the web app can relay is sent to the model server from here (see the
+        module's docstring), or waits for a slot; False: the connection goes to a thread as gthread has it."""
+        if conn.is_http2:
+            return False
+        self._take_read_ahead(conn)
+        state = self._read_available(conn)
+        if state == WAIT and not conn.early:  # a new connection, its request still on its way: the poller waits
+            deferred: Future[Any] = Future()  # for it, as gthread has a thread's _DEFER (without the thread)
+            deferred.set_result(gthread._DEFER)
+            super().finish_request(conn, deferred)
+            return True
+        if state != WHOLE or not self._is_prediction(conn.early):
+            return False
+        import httptools  # here, not at the top: a worker that only answers Slack never loads it
+
+        size = _request_size(conn.early)
+        request, head = bytes(conn.early[:size]), _Head()
+        parser = head.parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(request)
+        except httptools.HttpParserError:
+            return False  # gunicorn's parser says what is wrong with it
+        body = request[request.find(b"\r\n\r\n") + 4:]
+        if parser.should_upgrade() or len(body) > RELAY_BODY_MAX:
+            return False
+        held, conn.slot_held = getattr(conn, "slot_held", False), False
+        if not held and not self._take_slot():
+            self.waiting.append((time.monotonic() + self.predict_wait, conn))
+            return True
+        path = head.url.partition(b"?")[0].decode("latin-1")
+        relay = self._web.relay(path, head.authorization.decode("latin-1"), body)
+        if relay is None:
+            conn.slot_held = True  # the thread uses the slot taken
+            return False
+        del conn.early[:size]
+        conn.first_byte_at = None
+        relayed = _Relayed(conn, relay, request, head.version, head.keep_alive, time.monotonic() + relay.timeout)
+        self.relays[relayed] = None
+        self._step_relay(relayed)
+        return True
+
+    def _step_relay(self, relayed: _Relayed, _sock: Any = None) -> None:
+        """The model server's socket is ready (or the request is new): go on with the exchange."""
+        exchange = relayed.relay.exchange
+        try:
+            answer = exchange.step()
+        except OSError as exc:
+            from model_registry.adapters.backends.local_client import NotSent
+
+            self._end_exchange(relayed)
+            if isinstance(exc, NotSent):  # nothing was sent: a thread's predict starts a server and sends it
+                del self.relays[relayed]
+                conn = relayed.conn
+                conn.early[:0] = relayed.request
+                conn.slot_held = True
+                super().enqueue_req(conn)
+            else:
+                self._relay_failed(relayed, exc)
+            return
+        if answer is None:
+            if relayed.watched != exchange.events:
+                callback = partial(self._step_relay, relayed)
+                if relayed.watched:
+                    self.poller.modify(exchange.sock, exchange.events, callback)
+                else:
+                    self.poller.register(exchange.sock, exchange.events, callback)
+                relayed.watched = exchange.events
+            return
+        self._end_exchange(relayed)
+        self._answer_relayed(relayed, self._web.relayed(relayed.relay, answer))
+
+    def _end_exchange(self, relayed: _Relayed) -> None:
+        if not relayed.exchanging:
+            return
+        relayed.exchanging = False
+        exchange = relayed.relay.exchange
+        if relayed.watched:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(exchange.sock)
+            relayed.watched = 0
+        exchange.finish()
+
+    def _relay_failed(self, relayed: _Relayed, exc: OSError) -> None:
+        """The prediction was sent and then not answered: its error is found on a thread (it may wait a few
+        seconds for a model server that is stopping), then answered from here."""
+        relayed.until = float("inf")  # the thread's own check has its limit
+        future = self.tpool.submit(self._web.relay_failed, relayed.relay, exc)
+        future.add_done_callback(lambda done: self.method_queue.defer(self._failure_found, relayed, done))
+
+    def _failure_found(self, relayed: _Relayed, done: Any) -> None:
+        if relayed not in self.relays:  # closed meanwhile (the worker stops)
+            return
+        try:
+            answer = done.result()
+        except Exception:  # the error's own check failed: the connection is closed without an answer
+            log.exception("a relayed prediction's failure could not be told to its client")
+            relayed.keep, relayed.out = False, memoryview(b"")
+            self._relay_done(relayed)
+            return
+        self._answer_relayed(relayed, answer)
+
+    def _answer_relayed(self, relayed: _Relayed, answer: tuple[str, list[tuple[str, str]], bytes]) -> None:
+        status, headers, body = answer
+        keep = relayed.keep = relayed.keep and self.alive
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        relayed.out = memoryview(
+            f"HTTP/{relayed.version} {status}\r\nServer: {SERVER}\r\nDate: {_date(int(time.time()))}\r\n"
+            f"Connection: {'keep-alive' if keep else 'close'}\r\n{head}\r\n".encode("latin-1") + body)
+        relayed.until = time.monotonic() + self.read_limit  # for the client to take its answer
+        relayed.conn.sock.setblocking(False)
+        self._write_relayed(relayed)
+
+    def _write_relayed(self, relayed: _Relayed, _sock: Any = None) -> None:
+        sock = relayed.conn.sock
+        try:
+            while relayed.out:
+                relayed.out = relayed.out[sock.send(relayed.out):]
+        except BlockingIOError:
+            if not relayed.writing:
+                self.poller.register(sock, selectors.EVENT_WRITE, partial(self._write_relayed, relayed))
+                relayed.writing = True
+            return
+        except OSError:  # the client is gone
+            relayed.keep = False
+        self._relay_done(relayed)
+
+    def _relay_done(self, relayed: _Relayed) -> None:
+        """The answer is written (or the client is gone): the slot is free, the connection kept or closed."""
+        if relayed not in self.relays:
+            return
+        del self.relays[relayed]
+        conn = relayed.conn
+        if relayed.writing:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(conn.sock)
+            relayed.writing = False
+        self._give_slot()
+        if not relayed.keep:
+            self.nr_conns -= 1
+            self._linger(conn.sock)
+        elif conn.early:  # the client's next request is here already
+            self.enqueue_req(conn)
+        else:  # as gthread keeps a connection for its next request
+            conn.set_timeout()
+            self.keepalived_conns.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
+        self._serve_waiting()
 
     def _linger(self, sock: socket.socket, cap: int = LINGER_DRAIN) -> None:
         try:
@@ -178,6 +408,14 @@ class WholeRequestWorker(gthread.ThreadWorker):
         that waited `predict_wait` for a slot (each turn of the worker's loop, at least once a second)."""
         super().murder_keepalived(force)
         now = time.monotonic()
+        for relayed in [r for r in self.relays if force or r.until <= now]:
+            timed_out = relayed.exchanging and not force  # the model server did not answer in time
+            self._end_exchange(relayed)
+            if timed_out:
+                self._relay_failed(relayed, TimeoutError(f"timed out after {relayed.relay.timeout:g}s"))
+            else:  # the client did not take its answer in time, or the worker stops
+                relayed.keep, relayed.out = False, memoryview(b"")
+                self._relay_done(relayed)
         while self.lingering and (force or self.lingering[0].until <= now):
             self._end_linger(self.lingering[0])
         while self.waiting and (force or self.waiting[0][0] <= now):
@@ -221,12 +459,7 @@ class WholeRequestWorker(gthread.ThreadWorker):
     def _handle(self, conn: Any, held: bool) -> Any:
         if self.cfg.is_ssl or conn.is_http2:
             return super().handle(conn)  # TLS or HTTP/2 (serve configures neither: a router terminates TLS)
-        if conn.parser is not None:  # a keep-alive connection: bytes of its next request may be read ahead
-            ahead = conn.parser.unreader.buf
-            if ahead.getvalue():
-                conn.early = bytearray(ahead.getvalue()) + getattr(conn, "early", b"")
-                ahead.seek(0)
-                ahead.truncate()
+        self._take_read_ahead(conn)
         state = self._read_available(conn)
         if state == WAIT:
             return gthread._DEFER  # back to the poller until more arrives (or its keepalive timeout)
@@ -250,6 +483,15 @@ class WholeRequestWorker(gthread.ThreadWorker):
         finally:
             if prediction:
                 self._give_slot()
+
+    @staticmethod
+    def _take_read_ahead(conn: Any) -> None:
+        if conn.parser is not None:  # a keep-alive connection: bytes of its next request may be read ahead
+            ahead = conn.parser.unreader.buf
+            if ahead.getvalue():
+                conn.early = bytearray(ahead.getvalue()) + getattr(conn, "early", b"")
+                ahead.seek(0)
+                ahead.truncate()
 
     def _read_available(self, conn: Any) -> str:
         """Read what the socket holds now, without blocking, into `conn.early`; say what to do next."""

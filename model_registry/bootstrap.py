@@ -74,7 +74,8 @@ def make_backend(settings: Settings, config: ProjectConfig) -> Backend:
     from model_registry.adapters.backends.local import LocalBackend
 
     return LocalBackend(settings.home, python=settings.trainer_python,
-                        serving_options=lambda model: config.policy(model).serving)
+                        serving_options=lambda model: config.policy(model).serving,
+                        predict_timeout=settings.predict_timeout)
 
 
 def bootstrap(settings: Settings, config: ProjectConfig, backend: Backend | None = None,

@@ -45,6 +45,7 @@ class Settings:
     trainer_python: str | None = None  # STARCHART_TRAINER_PYTHON: runs local trainers and the model server
     audit_key: str | None = None  # signs audit checkpoints (STARCHART_AUDIT_KEY, else the Slack signing secret)
     apply_lease: timedelta = timedelta(seconds=60)  # STARCHART_APPLY_LEASE: an apply's lease, renewed while it runs
+    predict_timeout: float = 120.0  # STARCHART_PREDICT_TIMEOUT: seconds a local prediction's answer may take
     # Vertex AI and Cloud Storage: handed to the vertex backend and GcsStorage (read in from_env's marked block)
     vertex_api_endpoint: str | None = None  # VERTEX_API_ENDPOINT; http://... means REST without TLS (a local fake)
     executor_image: str | None = None  # STARCHART_EXECUTOR_IMAGE: training container (default: the backend's)
@@ -82,24 +83,33 @@ class Settings:
             trainer_python=env.get("STARCHART_TRAINER_PYTHON") or None,
             audit_key=env.get("STARCHART_AUDIT_KEY") or env.get("SLACK_SIGNING_SECRET") or None,
             apply_lease=_apply_lease(env.get("STARCHART_APPLY_LEASE")),
+            predict_timeout=_seconds("STARCHART_PREDICT_TIMEOUT", env.get("STARCHART_PREDICT_TIMEOUT"), 120, 3600,
+                                     "set it to how long a prediction may wait for the local model server, e.g. "
+                                     "120 (the default; a version's first load is in it)"),
             vertex_api_endpoint=vertex_api_endpoint, executor_image=executor_image, serving_image=serving_image,
             storage_emulator_host=storage_emulator_host,
         )
 
 
-def _apply_lease(raw: str | None) -> timedelta:
-    """STARCHART_APPLY_LEASE: seconds (default 60) an apply's owner holds it between two renewals."""
+def _seconds(name: str, raw: str | None, default: float, most: float, hint: str) -> float:
+    """A number of seconds from the environment variable `name`: `default` when unset, else over 0, at most `most`."""
     if raw is None or not raw.strip():
-        return timedelta(seconds=60)
+        return default
     try:
         seconds = float(raw)
     except ValueError:
         seconds = float("nan")
-    if not 0 < seconds <= 24 * 3600:  # NaN fails this too
-        raise InvalidInput(f"STARCHART_APPLY_LEASE {raw!r} is not a number of seconds between 0 and 86400",
-                           "set it to how long an apply's process may go unheard before its apply is settled, "
-                           "e.g. 60 (the default); it is renewed every third of that while the backend works")
-    return timedelta(seconds=seconds)
+    if not 0 < seconds <= most:  # NaN fails this too
+        raise InvalidInput(f"{name} {raw!r} is not a number of seconds between 0 and {most:g}", hint)
+    return seconds
+
+
+def _apply_lease(raw: str | None) -> timedelta:
+    """STARCHART_APPLY_LEASE: seconds (default 60) an apply's owner holds it between two renewals."""
+    return timedelta(seconds=_seconds(
+        "STARCHART_APPLY_LEASE", raw, 60, 24 * 3600,
+        "set it to how long an apply's process may go unheard before its apply is settled, "
+        "e.g. 60 (the default); it is renewed every third of that while the backend works"))
 
 
 GATE_ON = ("training", "evaluation")  # the metrics a nightly gate compares: metrics.json's, or the evaluation's

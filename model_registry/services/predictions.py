@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from cachetools import LRUCache, TTLCache
 
-from model_registry.adapters.backends.base import Backend
+from model_registry.adapters.backends.base import Backend, Relay
 from model_registry.adapters.db import Database
 from model_registry.adapters.records import ModelRecord
 from model_registry.config import ProjectConfig
@@ -82,13 +82,18 @@ class Predictions:
         self._defaults: TTLCache[str, str] = TTLCache(maxsize=1024, ttl=DEFAULT_TTL)
         self._cache_lock = threading.Lock()
 
-    def _inputs(self, model: str, version: str | None) -> dict[str, Any]:
-        """The signature inputs the instances must fit: `version`'s, or the default's (none without a default)."""
+    def _cached_inputs(self, model: str, version: str | None) -> dict[str, Any] | None:
+        """`_inputs` as this process knows them already, or None (not known, or the default's name expired)."""
         with self._cache_lock:
             name = version or self._defaults.get(model)
-            cached = self._signatures.get((model, name)) if name else None
+            return self._signatures.get((model, name)) if name else None
+
+    def _inputs(self, model: str, version: str | None) -> dict[str, Any]:
+        """The signature inputs the instances must fit: `version`'s, or the default's (none without a default)."""
+        cached = self._cached_inputs(model, version)
         if cached is not None:
             return cached
+        name = version
         with self.db.reads() as s:
             self.catalog.require_model(model, s)
             if version is None:  # the version that will answer: its signature is what the instances must fit
@@ -102,6 +107,7 @@ class Predictions:
                 if version is None:
                     self._defaults[model] = name
         return inputs
+
     def predict(self, model: str, payload: Any, version: str | None = None) -> dict[str, Any]:
         """Predictions of `model`'s default version (or `version`) for the given instances.
 
@@ -110,11 +116,25 @@ class Predictions:
         """
         names.validate_model_name(model)
         body = predict_body(payload)
-        inputs = self._inputs(model, version)
-        non_finite = self.config.policy(model).non_finite_inputs if self.config is not None else False
-        check_instances(body, inputs, non_finite)
+        self._check(model, body, self._inputs(model, version))
         answered, answer = self.backend.predict(model, version, body)
         return {"model": model, "version": answered, **answer}
+
+    def relay(self, model: str, payload: Any, version: str | None = None) -> Relay | None:
+        """`predict` as the backend's Relay, for a caller that does its own waiting (the web worker's loop): the
+        same checks, with nothing read from the database; None where that or the backend would have to wait
+        (then `predict`). The Relay's answer is the backend's (version, answer)."""
+        names.validate_model_name(model)
+        body = predict_body(payload)
+        inputs = self._cached_inputs(model, version)
+        if inputs is None:
+            return None
+        self._check(model, body, inputs)
+        return self.backend.relay(model, version, body)
+
+    def _check(self, model: str, body: dict[str, Any], inputs: Mapping[str, Any]) -> None:
+        non_finite = self.config.policy(model).non_finite_inputs if self.config is not None else False
+        check_instances(body, inputs, non_finite)
 
     def compare(self, model: str, payload: Any, version: str) -> Compared:
         """The instances answered by `version` and by the model's default, side by side, with their agreement.

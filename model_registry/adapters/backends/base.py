@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from model_registry.adapters.packaging import Package
 from model_registry.adapters.storage import Storage
+from model_registry.domain.errors import StarchartError
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,33 @@ class JobStatus:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     error: str | None = None
+
+
+class Exchange(Protocol):
+    """A request whose waiting its caller does: watch `sock` for `events` (a selectors mask), then `step()`,
+    which gives the answer once it is whole, else None (watch again); `finish()` once `sock` is no longer
+    watched, whatever the outcome."""
+
+    sock: Any
+    events: int
+
+    def step(self) -> Any: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Relay:
+    """A predict whose I/O its caller drives without blocking (the web worker's loop): `exchange` until it gives
+    an answer, then `answered(answer)` for (the version that answered, TF Serving's answer as JSON text, passed on
+    as it is) or the StarchartError to answer instead; if `exchange` fails, `failed(exc)` is the error to answer
+    (it may wait for a server that stops: call it where waiting is harmless). NotSent from `exchange`: nothing
+    was sent, `predict` may run it."""
+
+    exchange: Exchange
+    answered: Callable[[Any], tuple[str, bytes]]
+    failed: Callable[[OSError], StarchartError]
+    timeout: float  # seconds the answer may take
 
 
 class Backend(Protocol):
@@ -78,6 +106,10 @@ class Backend(Protocol):
     def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """TF Serving's predict (`body` has "instances" or "inputs") on the default or the given version;
         returns (the version that answered, the answer)."""
+
+    def relay(self, model: str, version: str | None, body: dict[str, Any]) -> Relay | None:
+        """The same predict as a Relay, for a caller that waits itself; None where starting it could wait (no
+        server known to answer) or the backend has no such path (Vertex AI): `predict` then."""
 
     def start_canary(self, model: str, version: str, ref: str | None, percent: int, mirror: float) -> None:
         """Send `percent`% of the default's traffic to `version` (the default keeps the rest and stays the default);

@@ -17,11 +17,12 @@ import urllib.error
 import urllib.request
 import uuid
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 from model_registry.adapters.backends import local_runner
-from model_registry.adapters.backends.base import JobStatus, TrainingSpec
+from model_registry.adapters.backends.base import JobStatus, Relay, TrainingSpec
 from model_registry.adapters.backends.local_runner import ProcessWatch, proc_start_time
 from model_registry.adapters.packaging import Package
 from model_registry.adapters.records import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL
@@ -29,12 +30,12 @@ from model_registry.adapters.storage import LocalStorage
 from model_registry.domain.errors import BackendError, InvalidInput, NotFound
 
 if TYPE_CHECKING:  # imported where it is used: a web process that only talks to Slack never loads it
-    from model_registry.adapters.backends.local_client import ServerConnections
+    from model_registry.adapters.backends.local_client import Answer, ServerConnections
 
 NEVER_STARTED_AFTER = 120.0  # seconds a job may wait for its runner before it is declared lost
 SERVER_START_TIMEOUT = 120.0  # seconds the model server may take to listen (it loads TensorFlow lazily)
 SERVER_LOG_MAX = 16 * 1024 * 1024  # bytes of server.log before a new server starts a new one (one old kept)
-PREDICT_TIMEOUT = 120.0  # seconds for one predict, the first load of a SavedModel included
+PREDICT_TIMEOUT = 120.0  # seconds for one predict or warm, the first load of a SavedModel included
 
 
 log = logging.getLogger("starchart.local")
@@ -68,11 +69,14 @@ class LocalBackend:
     poll_interval = (0.05, 0.1)  # a status check is a file read: poll often, finish promptly
 
     def __init__(self, home: Path, python: str | None = None,
-                 serving_options: Callable[[str], Mapping[str, int] | None] | None = None) -> None:
+                 serving_options: Callable[[str], Mapping[str, int] | None] | None = None,
+                 predict_timeout: float = PREDICT_TIMEOUT) -> None:
         self.home = home
+        self.predict_timeout = predict_timeout  # seconds a prediction's answer may take (the first load included)
         self.serving_options = serving_options or (lambda _model: None)  # a model's `serving:` (batching)
         self.jobs = home / "jobs"
         self.serving = home / "serving"
+        self._info_path = str(self.serving / "server.json")  # stat-ed at every prediction: made once
         self.python = python or sys.executable
         self.storage = LocalStorage()
         self._known: _KnownServer | None = None  # the model server last seen answering (ensure_server)
@@ -300,35 +304,66 @@ class LocalBackend:
         the server refused is not retried, nor one during which it died: that one is logged with its request id
         and the end of server.log, and a new server is started for the next request.
         """
-        from model_registry.adapters.backends.local_client import CutOff, NotSent
+        from model_registry.adapters.backends.local_client import NotSent
 
-        path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
-        data = json.dumps(body).encode()
-        request_id = uuid.uuid4().hex[:16]
+        path, data, request_id = self._predict_request(model, version, body)
         attempt = 0
         while True:
             attempt += 1
             port = self.ensure_server()
             try:
-                resp = self._connections(port).request(
-                    "POST", path, body=data, read_timeout=PREDICT_TIMEOUT,
-                    headers={"Content-Type": "application/json", "X-Request-Id": request_id, **self._server_auth()})
+                resp = self._connections(port).request("POST", path, body=data, read_timeout=self.predict_timeout,
+                                                       headers=self._predict_headers(request_id))
             except NotSent:  # nothing listened: the request was never sent
                 self._forget_server()
                 if attempt == 1:
                     continue
                 raise BackendError("the local model server did not answer: nothing listens on its port",
                                    f"see {self.serving / 'server.log'}") from None
-            except CutOff as exc:  # sent, then cut off
-                what = "stopped while answering" if self._server_died(request_id, model, exc) else "cut off"
-                raise BackendError(f"the local model server {what} this request (request {request_id}); "
-                                   "it is not sent again", f"see {self.serving / 'server.log'}") from exc
-            except OSError as exc:  # a time-out, or another transport failure
-                raise BackendError(f"the local model server did not answer: {exc}",
-                                   f"see {self.serving / 'server.log'}") from exc
-            if resp.status >= 400:
-                raise self._refusal(model, resp.status, resp.data, resp.reason)
-            return resp.headers.get("x-model-version") or version or "", json.loads(resp.data)
+            except OSError as exc:
+                raise self._predict_failed(exc, request_id, model) from exc
+            return self._predict_answered(model, version, resp)
+
+    def relay(self, model: str, version: str | None, body: dict[str, Any]) -> Relay | None:
+        """`predict` as a Relay (the web worker's loop sends it and waits for its answer holding no thread), when
+        a server is known to answer; None otherwise (`predict` starts one). A Relay's NotSent is `predict`'s
+        first attempt failing: the caller runs `predict`, which starts a server."""
+        port = self._trusted_port()
+        if port is None:
+            return None
+        path, data, request_id = self._predict_request(model, version, body)
+        exchange = self._connections(port).exchange("POST", path, body=data, headers=self._predict_headers(request_id))
+        return Relay(exchange, partial(self._relay_answered, model, version),
+                     partial(self._predict_failed, request_id=request_id, model=model), self.predict_timeout)
+
+    def _predict_request(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, bytes, str]:
+        path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
+        return path, json.dumps(body).encode(), uuid.uuid4().hex[:16]
+
+    def _predict_headers(self, request_id: str) -> dict[str, str]:
+        return {"Content-Type": "application/json", "X-Request-Id": request_id, **self._server_auth()}
+
+    def _predict_answered(self, model: str, version: str | None, resp: Answer) -> tuple[str, dict[str, Any]]:
+        answered, data = self._relay_answered(model, version, resp)
+        return answered, json.loads(data)
+
+    def _relay_answered(self, model: str, version: str | None, resp: Answer) -> tuple[str, bytes]:
+        """The version that answered and the answer's JSON as the model server wrote it: TF Serving's
+        {"predictions": ...} or {"outputs": ...}, nothing else; a refusal raised as predict raises it."""
+        if resp.status >= 400:
+            raise self._refusal(model, resp.status, resp.data, resp.reason)
+        return resp.headers.get("x-model-version") or version or "", resp.data
+
+    def _predict_failed(self, exc: OSError, request_id: str, model: str) -> BackendError:
+        """The error for a predict sent and then not answered; a server that died meanwhile is started again."""
+        from model_registry.adapters.backends.local_client import CutOff
+
+        if isinstance(exc, CutOff):  # sent, then cut off
+            what = "stopped while answering" if self._server_died(request_id, model, exc) else "cut off"
+            return BackendError(f"the local model server {what} this request (request {request_id}); "
+                                "it is not sent again", f"see {self.serving / 'server.log'}")
+        # a time-out, or another transport failure
+        return BackendError(f"the local model server did not answer: {exc}", f"see {self.serving / 'server.log'}")
 
     def _connections(self, port: int) -> ServerConnections:
         """Keep-alive connections to the model server on `port` (one set per server, shared by threads)."""
@@ -395,9 +430,9 @@ class LocalBackend:
         `predict`. (A killed server's pooled connections would be cut off mid-request: its process is watched,
         local_runner.ProcessWatch.)
         """
-        known = self._known
-        if known is not None and known.stamp is not None and self._info_stamp() == known.stamp and known.watch.alive():
-            return int(known.info["port"])
+        port = self._trusted_port()
+        if port is not None:
+            return port
         port = self._server_port()
         if port:
             return port
@@ -431,6 +466,13 @@ class LocalBackend:
             why = lines[-1] if proc.returncode is not None and lines else "it did not listen in time"
             raise BackendError(f"the local model server did not start: {why}", f"see {self.serving / 'server.log'}")
 
+    def _trusted_port(self) -> int | None:
+        """The port of the server last seen answering while its process lives and server.json is unchanged."""
+        known = self._known
+        if known is not None and known.stamp is not None and self._info_stamp() == known.stamp and known.watch.alive():
+            return int(known.info["port"])
+        return None
+
     def stop_server(self) -> bool:
         """Stop this home's model server, if one runs; True when one was stopped."""
         info = self._server_info()
@@ -448,7 +490,7 @@ class LocalBackend:
 
     def _info_stamp(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self.serving / "server.json")
+            st = os.stat(self._info_path)
         except OSError:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size

@@ -182,6 +182,9 @@ class VertexBackend:
     def predict(self, model: str, version: str | None, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         return self.endpoints.predict(model, version, body)
 
+    def relay(self, model: str, version: str | None, body: dict[str, Any]) -> None:
+        return None  # predictions go through the endpoint's client, which blocks: `predict`
+
     # ---------------------------------------------------------------- checks
 
     def preflight(self) -> None:
