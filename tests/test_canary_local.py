@@ -186,6 +186,26 @@ def _bake_over(reg: Any, request_id: int) -> bool:
     return bool(until) and utcnow().strftime("%Y-%m-%dT%H:%M:%SZ") > until
 
 
+def test_status_reads_the_figures_itself_when_no_worker_has(make_registry: Callable[..., Any], sqlite_url: str,
+                                                            trained: dict, stop_servers: list[Any]) -> None:
+    """On a laptop without `starchart worker`, `canary MODEL status` judges the figures the model server counted,
+    read as it is asked (before, none had been read, and after the bake it said this backend gives none)."""
+    reg, (v1, v2) = iris_registry(make_registry, sqlite_url, trained, {
+        "min_requests": 5, "auto_promote": False, "max_p99_ratio": 1000})
+    stop_servers.append(reg)
+    reg.predictions.predict("iris", {"instances": [FLOWER]})
+    request_id = start_canary(reg, v2, "50", "1s")
+    answered, refused = predict_many(reg, 60)
+    assert refused == 0 and answered[v2] >= 5, answered
+    wait_for(lambda: _bake_over(reg, request_id))
+    view = reg.canaries.status("iris")
+    assert view["figures"]["candidate"]["requests"] == answered[v2]
+    assert view["figures"]["base"]["requests"] == answered[v1]
+    assert view["verdict"] == {"action": "wait", "why": "a clean bake; auto_promote is off, so a person decides: "
+                                                        "Promote to 100% or Roll back"}
+    assert reg.canaries.get(request_id)["figures"] == view["figures"], "kept on the request: its card shows them"
+
+
 def test_an_erroring_candidate_is_rolled_back_by_the_worker(make_registry: Callable[..., Any], sqlite_url: str,
                                                             trained: dict, trained_sentiment: Path,
                                                             stop_servers: list[Any]) -> None:

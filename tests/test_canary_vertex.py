@@ -257,9 +257,10 @@ def test_missing_figures_on_vertex_decide_nothing_and_the_status_says_why(
     assert predict_through(reg, 50) == (40, 10)
     wait_for(lambda: bake_over(reg, request_id))
 
-    # Monitoring refuses the account: a failing candidate after its bake is neither rolled back nor promoted
-    fake.fail_next("timeSeries.list", 403, message="Permission monitoring.timeSeries.list denied (or the resource "
-                                                   "may not exist).")
+    # Monitoring refuses the account: a failing candidate after its bake is neither rolled back nor promoted (the
+    # worker's pass reads the figures, and so does the status a person asks for: both are refused)
+    fake.fail_next("timeSeries.list", 403, times=2, message="Permission monitoring.timeSeries.list denied (or the "
+                                                            "resource may not exist).")
     assert one_pass(reg)["canaries"] == 0
     status = reg.canaries.status("iris")
     assert status["running"] and status["state"] == "canary" and reg.backend.canary_split("iris") == {base: 80,

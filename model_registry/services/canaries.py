@@ -46,10 +46,16 @@ class Canaries:
     # ---------------------------------------------------------------- reading
 
     def status(self, model: str) -> CanaryView:
-        """The model's running canary, else its last one."""
+        """The model's running canary, with the backend's figures read now (a person asks, as for promote and
+        rollback: without a worker running, none would have been read), else its last one."""
         names.validate_model_name(model)
         with self.db.reads() as s:
             self.catalog.require_model(model, s)
+            running = self.promotions.running_canary(s, model)
+            running_id = running.id if running is not None else None
+        if running_id is not None:
+            self._refresh_figures_for_a_person(running_id)
+        with self.db.reads() as s:
             row = self.promotions.running_canary(s, model) or s.execute(
                 select(PromotionRequest).where(PromotionRequest.model == model,
                                                PromotionRequest.canary_started_at.is_not(None))
