@@ -131,6 +131,65 @@ def test_relayed_predictions_answer_kept_pipelined_and_closing_connections(serve
         assert _closed(sock)
 
 
+def test_a_client_slow_to_read_a_large_answer_gets_all_of_it_and_holds_up_nobody(served) -> None:
+    """A large relayed answer to a client that waits before it reads: /healthz is answered meanwhile, and the
+    client gets every byte (on loopback the kernel takes it at once: the write in parts is the next test's)."""
+    srv, _, named = served
+    many = json.dumps({"instances": [FLOWER] * 600}).encode()
+    assert len(many) < 64 * 1024, "relayed: larger bodies take a thread"
+    request = (f"POST {named.removeprefix(srv.url)} HTTP/1.1\r\nHost: starchart\r\nContent-Type: application/json"
+               f"\r\nContent-Length: {len(many)}\r\n\r\n").encode() + many
+    expected = requests.post(named, data=many, timeout=60)
+    assert expected.status_code == 200 and len(expected.content) > 50_000  # several times the client's window
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answer cannot all go at once
+        sock.connect(("127.0.0.1", srv.port))
+        sock.sendall(request)
+        time.sleep(1.0)  # the worker has written what the window took and waits for the rest
+        assert requests.get(f"{srv.url}/healthz", timeout=5).json()["ok"]  # the loop is not held by the reader
+        status, headers, body = _answers(sock, 1)[0]
+    assert status == "HTTP/1.1 200 OK" and body == expected.content
+
+
+def test_an_answer_the_socket_takes_in_parts_waits_in_the_poller_and_the_connection_is_kept() -> None:
+    """The worker's write of a relayed answer on a socket whose buffer takes only part of it at once: the rest
+    is written as the poller finds the socket writable (the loop is never held), then the slot is given back
+    and the connection kept for its next request. The worker's loop parts only, on a real socket pair."""
+    import selectors
+    from collections import deque
+    from types import SimpleNamespace
+
+    from bot.whole_requests import WholeRequestWorker, _Relayed
+
+    worker = WholeRequestWorker.__new__(WholeRequestWorker)  # no arbiter, no gunicorn loop: its state only
+    worker.poller = selectors.DefaultSelector()
+    worker.relays, worker.waiting, worker.keepalived_conns, worker.lingering = {}, deque(), deque(), deque()
+    worker.slots, worker.predicting, worker._slots_lock, worker.nr_conns = 1, 1, threading.Lock(), 1
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        ours.setblocking(False)
+        conn = SimpleNamespace(sock=ours, early=bytearray(), set_timeout=lambda: None)
+        relayed = _Relayed(conn, None, b"", "1.1", True, float("inf"), exchanging=False)
+        answer = bytes(range(256)) * 1000
+        worker.relays[relayed] = None
+        relayed.out = memoryview(answer)
+        worker._write_relayed(relayed)
+        assert relayed.writing and relayed in worker.relays, "part written; the rest waits for the poller"
+        got, turns = b"", 0
+        theirs.settimeout(5)
+        while len(got) < len(answer):
+            got += theirs.recv(65536)  # the client reads a little
+            for key, _ in worker.poller.select(0):
+                key.data(key.fileobj)
+            turns += 1
+        assert got == answer and turns > 1
+        assert relayed not in worker.relays and not relayed.writing and worker.predicting == 0
+        assert list(worker.keepalived_conns) == [conn] and worker.poller.get_key(ours).events == selectors.EVENT_READ
+        worker.poller.close()
+
+
 @pytest.mark.skipif(platform.machine() not in SOCKET_WAITS, reason="system call numbers known for x86_64, aarch64")
 def test_a_prediction_waiting_on_the_model_server_holds_no_thread(served) -> None:
     """While the model server does not answer, no thread of the web worker waits on it: the worker's loop does
