@@ -118,7 +118,9 @@ def test_the_end_of_a_clean_bake_promotes_only_with_auto_promote_and_enough_evid
     assert judge(clean, auto, BAKE_END, BAKE_END).action == canary_rules.PROMOTE
     thin = figures((5, 0, 5.0), (45, 0, 5.0))
     verdict = judge(thin, auto, BAKE_END, BAKE_END)
-    assert verdict.action == canary_rules.WAIT and "fewer than the 20" in verdict.why
+    assert verdict.action == canary_rules.WAIT and "answered 5 requests, fewer than the 20" in verdict.why
+    one = judge(figures((1, 0, 5.0), (45, 0, 5.0)), auto, BAKE_END, BAKE_END)
+    assert "the candidate answered 1 request, fewer than the 20 needed" in one.why
     no_figures = judge(None, auto, BAKE_END, BAKE_END)  # Vertex AI: people decide
     assert no_figures.action == canary_rules.WAIT and "no per-version figures" in no_figures.why
 

@@ -220,8 +220,10 @@ def judge(figures: Figures | None, policy: CanaryPolicy, bake_until: datetime, n
         return Verdict(WAIT, "the bake is over; this backend gives no per-version figures, so a person decides: "
                              "Promote to 100% or Roll back")
     if figures.candidate.requests < policy.min_requests:
-        return Verdict(WAIT, f"the bake is over but the candidate answered {figures.candidate.requests} requests, "
-                             f"fewer than the {policy.min_requests} needed to judge it: a person decides")
+        answered = figures.candidate.requests
+        return Verdict(WAIT, f"the bake is over but the candidate answered {answered} request"
+                             f"{'' if answered == 1 else 's'}, fewer than the {policy.min_requests} needed to judge it: "
+                             "a person decides")
     if policy.auto_promote:
         return Verdict(PROMOTE, f"a clean bake: {figures.candidate.requests} requests to the candidate, error rate "
                                 f"{_pct(figures.candidate.error_rate)}, within the limits")
