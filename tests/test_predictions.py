@@ -72,6 +72,11 @@ def test_bad_prediction_requests_say_what_is_wrong(served: Any) -> None:
         with pytest.raises(InvalidInput) as exc:
             reg.predictions.predict("iris", payload)
         assert expected in exc.value.message, (payload, exc.value.message)
+    with pytest.raises(InvalidInput) as missing:  # the inputs are named once: in the hint, with dtype and shape
+        reg.predictions.predict("iris", {"sepal_length": 5.1})
+    said = f"{missing.value.message} ({missing.value.hint})"
+    assert said.count("sepal_width") == 2 and said.count("the signature's inputs") == 1, said
+    assert "sepal_width (float32, shape [-1])" in missing.value.hint
     with pytest.raises(NotFound) as version:
         reg.predictions.predict("iris", FLOWER, version="v20990101000000")
     assert "recent versions" in version.value.hint

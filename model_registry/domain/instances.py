@@ -32,11 +32,14 @@ SUPPORTED = sorted({*_FLOAT_MAX, *_INT_RANGE, "string", "bool"})
 
 
 class InstancesRefused(ValueError):
-    """A body that does not fit the signature: `message` says what and where, in the user's words."""
+    """A body that does not fit the signature: `message` says what and where, in the user's words; `named`, the
+    signature's inputs it names at its end, which a caller listing them itself (with their dtypes) leaves out
+    (`without_names`)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str, named: list[str] | None = None) -> None:
+        self.without_names = message
+        self.message = message + (f" (the signature's inputs: {', '.join(named)})" if named else "")
+        super().__init__(self.message)
 
 
 def dtype_name(dtype: str) -> str:
@@ -208,8 +211,7 @@ def _check_rows(instances: Any, inputs: Mapping[str, Any], names: list[str], max
         if missing or extra:
             raise InstancesRefused(f"instance {i}: " + "; ".join(
                 ([f"missing input(s) {', '.join(sorted(missing))}"] if missing else [])
-                + ([f"unknown input(s) {', '.join(sorted(map(str, extra)))}"] if extra else []))
-                + f" (the signature's inputs: {', '.join(names)})")
+                + ([f"unknown input(s) {', '.join(sorted(map(str, extra)))}"] if extra else [])), named=names)
         for name in names:
             dtype, dims = specs[name]
             value = inst[name]

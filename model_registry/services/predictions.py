@@ -58,15 +58,17 @@ def check_instances(body: dict[str, Any], inputs: Mapping[str, Any], allow_non_f
     try:
         return instances.check_body(body, inputs, MAX_INSTANCES, allow_non_finite)
     except instances.InstancesRefused as exc:
+        message = exc.message
         if "instances in one request" in exc.message:
             hint = "split them into several requests"
         elif inputs:
             hint = "the signature's inputs: " + ", ".join(
                 f"{name} ({instances.dtype_name(str(spec.get('dtype')))}, shape {spec.get('shape')})"
                 for name, spec in sorted(inputs.items()))
+            message = exc.without_names  # the hint names them, with their dtypes and shapes
         else:
             hint = BODY_HINT
-        raise InvalidInput(exc.message, hint) from None
+        raise InvalidInput(message, hint) from None
 
 
 class Predictions:
