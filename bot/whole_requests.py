@@ -225,8 +225,8 @@ class WholeRequestWorker(gthread.ThreadWorker):
             return False
         self._take_read_ahead(conn)
         state = self._read_available(conn)
-        if state == WAIT and not conn.early:  # a new connection, its request still on its way: the poller waits
-            deferred: Future[Any] = Future()  # for it, as gthread has a thread's _DEFER (without the thread)
+        if state == WAIT:  # the request (or the rest of it) is still on its way: the poller waits for it, as
+            deferred: Future[Any] = Future()  # gthread has a thread's _DEFER, without the thread's round trip
             deferred.set_result(gthread._DEFER)
             super().finish_request(conn, deferred)
             return True
